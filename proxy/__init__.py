@@ -1,0 +1,3 @@
+"""dbproxy: a pooling, multiplexing proxy for PostgreSQL and MySQL/MariaDB."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,184 @@
+"""Configuration schema and loader: one TOML file, validated at start, unknown keys refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxy.errors import ConfigError
+
+PERCENT = re.compile(r"^\s*(\d{1,3})\s*%\s*$")
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are an error, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=True)
+
+
+class PoolMode(StrEnum):
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class ClientAuthMethod(StrEnum):
+    SCRAM_SHA_256 = "scram-sha-256"
+    MD5 = "md5"
+    PASSWORD = "password"  # cleartext, accepted only over TLS
+
+
+class BackendTLSMode(StrEnum):
+    DISABLE = "disable"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_FULL = "verify-full"
+
+
+class ClientTLSMode(StrEnum):
+    DISABLE = "disable"  # SSLRequest answered 'N'
+    ALLOW = "allow"  # TLS offered, plaintext accepted
+    REQUIRE = "require"  # plaintext logins refused
+
+
+class ServerSettings(Strict):
+    """Process-wide settings: where to listen and how long to wait for clients."""
+
+    host: str = "127.0.0.1"
+    log_level: str = "info"
+    log_format: str = Field("text", pattern="^(text|json)$")
+    client_login_timeout: float = Field(15.0, gt=0, description="seconds a client has to finish its login")
+    idle_client_timeout: float = Field(1800.0, gt=0, description="RDS Proxy IdleClientTimeout, seconds")
+    max_client_connections: int = Field(100_000, gt=0)
+    max_message_size: int = Field(
+        1 << 30, gt=1024, description="largest single protocol message accepted from a client, bytes"
+    )
+    shutdown_grace: float = Field(10.0, ge=0)
+
+
+class TLSSettings(Strict):
+    """Client-facing TLS: certificate and key; both empty means a self-signed pair made at start."""
+
+    mode: ClientTLSMode = ClientTLSMode.ALLOW
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class SecretsSettings(Strict):
+    """Where database user passwords come from: a TOML file of `user = "password"` and the environment."""
+
+    file: Path | None = None
+    env_prefix: str = "DBPROXY_PASSWORD_"
+
+
+class PoolSettings(Strict):
+    """RDS Proxy's connection pool knobs, with its meanings and defaults."""
+
+    mode: PoolMode = PoolMode.TRANSACTION
+    max_connections: Annotated[
+        int | str, Field(description="backend connections for this target: a number or a percent of max_connections")
+    ] = "100%"
+    max_idle_connections: Annotated[
+        int | str, Field(description="idle backend connections kept: a number or a percent of max_connections")
+    ] = "50%"
+    connection_borrow_timeout: float = Field(120.0, gt=0, description="seconds a client waits for a backend")
+    max_connection_lifetime: float = Field(86400.0, gt=0, description="seconds before a backend is replaced")
+    idle_connection_timeout: float = Field(600.0, gt=0, description="seconds an idle backend beyond the minimum lives")
+    init_query: str = ""
+    reset_query: str = "DISCARD ALL"
+    reserved_connections: int = Field(3, ge=0, description="backend slots left free when sizing by percent")
+
+    @field_validator("max_connections", "max_idle_connections")
+    @classmethod
+    def _count_or_percent(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("must be at least 1")
+            return value
+        match = PERCENT.match(value)
+        if not match or not 1 <= int(match.group(1)) <= 100:
+            raise ValueError("must be a positive number or a percent such as '50%'")
+        return value
+
+
+def resolve_count(value: int | str, backend_max: int) -> int:
+    """Turn a count-or-percent setting into a number of connections."""
+    if isinstance(value, int):
+        return value
+    match = PERCENT.match(value)
+    assert match is not None
+    return max(1, backend_max * int(match.group(1)) // 100)
+
+
+class PostgresSettings(Strict):
+    """The PostgreSQL listener and its backend target."""
+
+    enabled: bool = True
+    port: int = Field(6432, ge=0, le=65535, description="client-facing port; 0 picks a free one")
+    auth_method: ClientAuthMethod = ClientAuthMethod.SCRAM_SHA_256
+    backend_host: str = "127.0.0.1"
+    backend_port: int = Field(5432, ge=1, le=65535)
+    backend_tls: BackendTLSMode = BackendTLSMode.DISABLE
+    backend_ca_file: Path | None = None
+    backend_connect_timeout: float = Field(10.0, gt=0)
+    server_version: str = Field("", description="server_version shown to clients; empty means the backend's")
+    pool: PoolSettings = PoolSettings()
+
+
+class Config(Strict):
+    """The whole configuration."""
+
+    server: ServerSettings = ServerSettings()
+    tls: TLSSettings = TLSSettings()
+    secrets: SecretsSettings = SecretsSettings()
+    postgresql: PostgresSettings = PostgresSettings()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    return f"'{where}': {error['msg']}"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Make relative file paths in the file relative to the file's folder."""
+    for section, keys in (("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+                          ("postgresql", ("backend_ca_file",))):
+        part = data.get(section)
+        if isinstance(part, dict):
+            for key in keys:
+                value = part.get(key)
+                if isinstance(value, str) and value and not os.path.isabs(value):
+                    part[key] = str(base / value)
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a configuration mapping; errors name each bad key and the source."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read and validate a TOML configuration file (None gives the defaults)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _resolve_paths(data, path.resolve().parent)
+    return parse_config(data, str(path))

@@ -1,0 +1,97 @@
+"""Error tree of the proxy; each error knows its PostgreSQL SQLSTATE and MySQL errno for the wire."""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """An error the proxy reports to a client in the protocol's own form."""
+
+    sqlstate = "58000"  # system_error
+    mysql_errno = 1105  # ER_UNKNOWN_ERROR
+    mysql_sqlstate = "HY000"
+    fatal = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ProtocolViolation(ProxyError):
+    """The peer sent bytes that do not follow the protocol."""
+
+    sqlstate = "08P01"
+    mysql_errno = 1043  # ER_HANDSHAKE_ERROR
+    mysql_sqlstate = "08S01"
+
+
+class AuthenticationFailed(ProxyError):
+    """Wrong password, unknown user, or a method the connection may not use."""
+
+    sqlstate = "28P01"
+    mysql_errno = 1045
+    mysql_sqlstate = "28000"
+
+
+class AuthorizationFailed(ProxyError):
+    """The client may not use this authentication method or database."""
+
+    sqlstate = "28000"
+    mysql_errno = 1045
+    mysql_sqlstate = "28000"
+
+
+class LoginTimeout(ProxyError):
+    """The client did not finish its login in time."""
+
+    sqlstate = "08006"
+    mysql_errno = 1159  # ER_NET_READ_INTERRUPTED
+    mysql_sqlstate = "08S01"
+
+
+class IdleClientTimeout(ProxyError):
+    """The client stayed idle longer than the idle client timeout."""
+
+    sqlstate = "57P05"  # idle_session_timeout
+    mysql_errno = 4031
+    mysql_sqlstate = "HY000"
+
+
+class BorrowTimeout(ProxyError):
+    """No backend connection became free within the connection borrow timeout."""
+
+    sqlstate = "53300"  # too_many_connections
+    mysql_errno = 1040
+    mysql_sqlstate = "08004"
+
+
+class BackendUnavailable(ProxyError):
+    """The proxy could not open or keep a connection to the database."""
+
+    sqlstate = "08006"
+    mysql_errno = 2013
+    mysql_sqlstate = "HY000"
+
+
+class BackendError(ProxyError):
+    """The database refused something the proxy asked of it (login, init query)."""
+
+    sqlstate = "08004"  # sqlserver_rejected_establishment_of_sqlconnection
+    mysql_errno = 1105
+    mysql_sqlstate = "HY000"
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        if sqlstate:
+            self.sqlstate = sqlstate
+
+
+class ShuttingDown(ProxyError):
+    """The proxy is shutting down."""
+
+    sqlstate = "57P01"  # admin_shutdown
+    mysql_errno = 1053
+    mysql_sqlstate = "08S01"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, malformed or holds an unknown or invalid key."""

@@ -1,0 +1,1 @@
+"""Backend connections and the pools that lend them to client sessions."""

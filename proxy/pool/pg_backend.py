@@ -1,0 +1,260 @@
+"""A PostgreSQL backend connection: login with the stored secret, internal queries, and the forwarding hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from proxy.auth.md5 import md5_response
+from proxy.auth.scram import MECHANISM, ScramClient
+from proxy.config import BackendTLSMode, PostgresSettings
+from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
+from proxy.netio import Connection, ConnectionClosed
+from proxy.protocol.pg import messages as pg
+
+if TYPE_CHECKING:
+    from proxy.pool.pool import Pool
+    from proxy.secrets import SecretStore
+    from proxy.session.pg_client import PostgresClient
+
+log = logging.getLogger(__name__)
+
+READY = 0x5A  # 'Z'
+PARAMETER_STATUS = 0x53  # 'S'
+
+
+class PostgresBackend(Connection):
+    """One server connection. While linked to a client, bytes stream through; only headers are read."""
+
+    def __init__(self, pool: Pool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.forgotten = False
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.process_id = 0
+        self.secret_key = 0
+        self.params: dict[str, str] = {}  # current values of settings on this server session
+        self.client: PostgresClient | None = None
+        self.tx_status = pg.IDLE
+        self.synced_to: tuple[int, int] = (0, 0)  # (client session id, its settings version) last applied
+        self._skip = 0  # bytes of the current message still to pass before the next header
+        self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
+
+    def __repr__(self) -> str:
+        return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
+
+    # --- linking to a client ---
+
+    def link(self, client: PostgresClient) -> None:
+        self.client = client
+        self._skip = 0
+        self._partial = b""
+        if self._buffer:  # unsolicited output while idle (a notice): pass it on
+            data = self.take_buffered()
+            self.data_received(data)
+
+    def unlink(self) -> None:
+        self.client = None
+        if self.peer_paused_us:
+            self.peer_paused_us = False
+            self.transport.resume_reading()
+
+    # --- the hot path: server -> client ---
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self._buffer += data
+            self._wake()
+            return
+        scan = self._partial + data if self._partial else data
+        self._partial = b""
+        end = len(scan)
+        pos = self._skip
+        ready = 0
+        while pos < end:
+            if end - pos < 6:
+                self._partial = scan[pos:]
+                pos = end
+                break
+            kind = scan[pos]
+            length = int.from_bytes(scan[pos + 1 : pos + 5], "big")
+            if kind == READY:
+                ready += 1
+                self.tx_status = scan[pos + 5]
+            elif kind == PARAMETER_STATUS:
+                if end - pos < length + 1:
+                    self._partial = scan[pos:]
+                    pos = end
+                    break
+                name, value = pg.parse_parameter_status(scan[pos + 5 : pos + 1 + length])
+                self.params[name] = value
+                client.server_reported(name, value)
+            elif length < 4:
+                self._broken(f"backend sent a message with length {length}")
+                return
+            pos += 1 + length
+        self._skip = pos - end
+        client.transport.write(data)
+        if ready:
+            client.backend_ready(self, ready)
+
+    def _broken(self, reason: str) -> None:
+        log.error("backend %s: %s; closing it", self, reason)
+        self.abort()
+
+    def pause_writing(self) -> None:
+        client = self.client
+        if client is not None and not client.closed:
+            client.peer_paused_us = True
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None and client.peer_paused_us:
+            client.peer_paused_us = False
+            client.transport.resume_reading()
+
+    def on_closed(self, exc: Exception | None) -> None:
+        client = self.client
+        if client is not None:
+            client.backend_lost(self, exc)
+        else:
+            self.pool.discard(self)
+
+    # --- login ---
+
+    async def login(self, settings: PostgresSettings, secrets: SecretStore, tls: ssl.SSLContext | None) -> None:
+        pool = self.pool
+        if settings.backend_tls is not BackendTLSMode.DISABLE:
+            self.write(pg.ssl_request())
+            answer = await self.read_exact(1)
+            if answer == b"S" and tls is not None:
+                hostname = settings.backend_host if settings.backend_tls is BackendTLSMode.VERIFY_FULL else None
+                await self.start_tls(tls, server_side=False, server_hostname=hostname)
+            elif answer == b"N":
+                if settings.backend_tls is not BackendTLSMode.PREFER:
+                    raise BackendUnavailable("the backend does not accept TLS connections")
+            else:
+                raise ProtocolViolation("unexpected answer to SSLRequest from the backend")
+        secret = secrets.get(pool.user)
+        password = secret.password if secret is not None else None
+        self.write(pg.startup_message({"user": pool.user, "database": pool.database}))
+        scram: ScramClient | None = None
+        while True:
+            kind, body = await self.read_typed()
+            if kind == ord("E"):
+                fields = pg.parse_error_fields(body)
+                raise BackendError(f"backend refused the login: {fields.get('M', '')}", fields.get("C"))
+            if kind != ord("R"):
+                raise ProtocolViolation(f"unexpected message {chr(kind)!r} during backend login")
+            code = int.from_bytes(body[:4], "big")
+            if code == pg.AUTH_OK:
+                break
+            if password is None:
+                raise AuthenticationFailed(f"no secret is stored for user {pool.user!r}")
+            if code == pg.AUTH_CLEARTEXT:
+                self.write(pg.password_message(password + b"\x00"))
+            elif code == pg.AUTH_MD5:
+                self.write(pg.password_message(md5_response(pool.user.encode(), password, body[4:8]) + b"\x00"))
+            elif code == pg.AUTH_SASL:
+                if MECHANISM.encode() not in body[4:].split(b"\x00"):
+                    raise BackendError("the backend offers no SASL mechanism the proxy supports")
+                scram = ScramClient(password)
+                self.write(pg.sasl_initial_response(MECHANISM, scram.client_first()))
+            elif code == pg.AUTH_SASL_CONTINUE and scram is not None:
+                self.write(pg.password_message(scram.client_final(body[4:])))
+            elif code == pg.AUTH_SASL_FINAL and scram is not None:
+                scram.verify_server_final(body[4:])
+            else:
+                raise BackendError(f"the backend asks for an unsupported authentication method ({code})")
+        while True:
+            kind, body = await self.read_typed()
+            if kind == ord("S"):
+                name, value = pg.parse_parameter_status(body)
+                self.params[name] = value
+            elif kind == ord("K"):
+                self.process_id, self.secret_key = pg.INT32_PAIR.unpack_from(body)
+            elif kind == ord("Z"):
+                break
+            elif kind == ord("E"):
+                fields = pg.parse_error_fields(body)
+                raise BackendError(f"backend refused the login: {fields.get('M', '')}", fields.get("C"))
+        if not pool.server_params:
+            pool.server_params = dict(self.params)
+        if not pool.target.max_connections:
+            rows = await self.simple_query("SHOW max_connections")
+            pool.target.resolve_limits(int(rows[0][0] or 100))
+        if pool.settings.init_query:
+            await self.simple_query(pool.settings.init_query)
+
+    # --- internal queries (never while linked) ---
+
+    async def simple_query(self, sql: str) -> list[list[str | None]]:
+        """Run SQL the proxy itself needs; returns text rows, raises BackendError on an ErrorResponse."""
+        assert self.client is None
+        self.write(pg.query(sql))
+        rows: list[list[str | None]] = []
+        error: dict[str, str] | None = None
+        while True:
+            kind, body = await self.read_typed()
+            if kind == ord("D"):
+                rows.append(_data_row(body))
+            elif kind == ord("E"):
+                error = pg.parse_error_fields(body)
+            elif kind == ord("S"):
+                name, value = pg.parse_parameter_status(body)
+                self.params[name] = value
+            elif kind == ord("Z"):
+                self.tx_status = body[0]
+                break
+        if error is not None:
+            raise BackendError(error.get("M", "error"), error.get("C"))
+        return rows
+
+
+def _data_row(body: bytes) -> list[str | None]:
+    count = int.from_bytes(body[:2], "big")
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + length].decode())
+            pos += length
+    return values
+
+
+async def open_backend(
+    pool: Pool, settings: PostgresSettings, secrets: SecretStore, tls: ssl.SSLContext | None
+) -> PostgresBackend:
+    """Connect and log in a new backend connection for `pool`."""
+    loop = asyncio.get_running_loop()
+    timeout = settings.backend_connect_timeout
+    try:
+        _, backend = await asyncio.wait_for(
+            loop.create_connection(lambda: PostgresBackend(pool), settings.backend_host, settings.backend_port),
+            timeout,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise BackendUnavailable(
+            f"cannot connect to the database at {settings.backend_host}:{settings.backend_port}: {exc}"
+        ) from None
+    try:
+        await asyncio.wait_for(backend.login(settings, secrets, tls), timeout)
+    except BaseException as exc:
+        backend.forgotten = True  # never counted by the pool as open
+        backend.abort()
+        if isinstance(exc, TimeoutError):
+            raise BackendUnavailable("timed out logging in to the database") from None
+        if isinstance(exc, ConnectionClosed | OSError | ssl.SSLError):
+            raise BackendUnavailable(f"the database closed the connection during login: {exc}") from None
+        raise
+    return backend

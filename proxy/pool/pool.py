@@ -1,0 +1,265 @@
+"""Pools of backend connections per (database, user), sharing one connection budget per database target."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from proxy.config import PoolMode, PoolSettings, resolve_count
+from proxy.errors import BorrowTimeout, ProxyError
+from proxy.stats import PoolStats
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What the pool needs of a backend connection, whatever its engine."""
+
+    closed: bool
+    forgotten: bool  # set by the pool once the backend has left it for good
+    created_at: float
+    idle_since: float
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Target:
+    """A database server and the connection budget every pool on it shares."""
+
+    name: str
+    host: str
+    port: int
+    settings: PoolSettings
+    max_connections: int = 0  # resolved when the backend's own limit is known
+    max_idle: int = 0
+    open_connections: int = 0
+    pools: dict[tuple[str, str], Pool] = field(default_factory=dict)
+
+    def resolve_limits(self, backend_max_connections: int) -> None:
+        """Turn percent settings into counts from the backend's max_connections (once)."""
+        if self.max_connections:
+            return
+        usable = max(1, backend_max_connections - self.settings.reserved_connections)
+        self.max_connections = resolve_count(self.settings.max_connections, usable)
+        self.max_idle = min(self.max_connections, resolve_count(self.settings.max_idle_connections, usable))
+        log.info("target %s: max %d backend connections, %d idle", self.name, self.max_connections, self.max_idle)
+
+    @property
+    def limit(self) -> int:
+        # Before the backend's limit is known, allow one connection to learn it.
+        return self.max_connections or 1
+
+    def idle_count(self) -> int:
+        return sum(len(p.idle) for p in self.pools.values())
+
+    def capacity_freed(self) -> None:
+        """A slot came free: wake the pool that has waited longest."""
+        oldest: Pool | None = None
+        for pool in self.pools.values():
+            if pool.waiters and (oldest is None or pool.waiting_since() < oldest.waiting_since()):
+                oldest = pool
+        if oldest is not None:
+            oldest.wake_one(None)
+
+    def steal_idle(self, exclude: Pool) -> bool:
+        """Close the longest-idle connection of another pool so `exclude` may open one."""
+        victim: Backend | None = None
+        for pool in self.pools.values():
+            if pool is not exclude and pool.idle and (victim is None or pool.idle[0].idle_since < victim.idle_since):
+                victim = pool.idle[0]
+        if victim is None:
+            return False
+        victim.close()  # its pool forgets it in `discard`
+        return True
+
+
+Connector = Callable[["Pool"], Awaitable[Backend]]
+
+
+class Pool:
+    """Idle backends in a LIFO stack; waiters in FIFO order; a backend is handed straight to a waiter."""
+
+    def __init__(self, target: Target, database: str, user: str, connector: Connector) -> None:
+        self.target = target
+        self.database = database
+        self.user = user
+        self.settings = target.settings
+        self.mode = target.settings.mode
+        self.connector = connector
+        self.idle: list[Backend] = []
+        self.busy: set[Backend] = set()
+        self.connecting = 0
+        self.waiters: deque[tuple[float, asyncio.Future[Backend | None]]] = deque()
+        self.stats = PoolStats()
+        self.server_params: dict[str, str] = {}  # what the backend reported at login
+        self.validated_settings: set[tuple[str, str]] = set()
+
+    def __repr__(self) -> str:
+        return f"Pool({self.database}/{self.user}@{self.target.name})"
+
+    @property
+    def name(self) -> str:
+        return f"{self.database}/{self.user}"
+
+    @property
+    def session_mode(self) -> bool:
+        return self.mode is PoolMode.SESSION
+
+    def waiting_since(self) -> float:
+        return self.waiters[0][0] if self.waiters else float("inf")
+
+    def wake_one(self, backend: Backend | None) -> bool:
+        while self.waiters:
+            _, waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(backend)
+                return True
+        return False
+
+    # --- borrowing ---
+
+    async def borrow(self) -> Backend:
+        """A backend for one transaction (or a session); waits at most the borrow timeout."""
+        stats = self.stats
+        stats.borrows += 1
+        backend = self._take_idle()
+        if backend is not None:
+            return backend
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.settings.connection_borrow_timeout
+        while True:
+            backend = self._take_idle()
+            if backend is not None:
+                break
+            target = self.target
+            if target.open_connections < target.limit or (target.max_connections and target.steal_idle(self)):
+                backend = await self._open()
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                stats.borrow_timeouts += 1
+                raise BorrowTimeout(
+                    f"timed out after {self.settings.connection_borrow_timeout:g} s waiting for a backend "
+                    f"connection (pool {self.name}: {len(self.busy)} in use, target limit {target.limit})"
+                )
+            waiter: asyncio.Future[Backend | None] = loop.create_future()
+            self.waiters.append((started, waiter))
+            stats.waits += 1
+            try:
+                handed = await asyncio.wait_for(waiter, remaining)
+            except TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                # A backend handed over just as the borrower gave up must not be lost.
+                if waiter.done() and not waiter.cancelled() and (handed := waiter.result()) is not None:
+                    self.release(handed)
+                raise
+            if handed is not None:
+                if handed.closed:
+                    self.discard(handed)
+                    continue
+                self.busy.add(handed)
+                backend = handed
+                break
+        stats.wait_time += loop.time() - started
+        return backend
+
+    def _take_idle(self) -> Backend | None:
+        idle = self.idle
+        while idle:
+            backend = idle.pop()
+            if backend.closed:
+                self._forget(backend)
+                continue
+            self.busy.add(backend)
+            return backend
+        return None
+
+    async def _open(self) -> Backend:
+        self.target.open_connections += 1
+        self.connecting += 1
+        try:
+            backend = await self.connector(self)
+        except BaseException:
+            self.target.open_connections -= 1
+            self.stats.connect_failures += 1
+            self.target.capacity_freed()
+            raise
+        finally:
+            self.connecting -= 1
+        self.stats.opened += 1
+        self.busy.add(backend)
+        return backend
+
+    # --- giving back ---
+
+    def release(self, backend: Backend) -> None:
+        """Take back a clean, idle backend (ReadyForQuery idle / no transaction open)."""
+        self.busy.discard(backend)
+        if backend.closed:
+            self._forget(backend)
+            return
+        now = time.monotonic()
+        if now - backend.created_at > self.settings.max_connection_lifetime:
+            backend.close()
+            self._forget(backend)
+            return
+        backend.idle_since = now
+        if self.wake_one(backend):
+            self.busy.add(backend)
+            return
+        if self.target.max_connections and self._others_waiting():
+            backend.close()  # give the slot to a pool that waits
+            self._forget(backend)
+            return
+        self.idle.append(backend)
+
+    def _others_waiting(self) -> bool:
+        return any(p.waiters for p in self.target.pools.values() if p is not self)
+
+    def discard(self, backend: Backend) -> None:
+        """Drop a broken or unwanted backend."""
+        backend.close()
+        self.busy.discard(backend)
+        self._forget(backend)
+
+    def _forget(self, backend: Backend) -> None:
+        """Called once per backend when it leaves the pool for good."""
+        if backend.forgotten:
+            return
+        backend.forgotten = True
+        if backend in self.idle:
+            self.idle.remove(backend)
+        self.busy.discard(backend)
+        self.target.open_connections -= 1
+        self.stats.closed += 1
+        self.target.capacity_freed()
+
+    # --- maintenance ---
+
+    def maintain(self, now: float) -> None:
+        """Close idle backends past their lifetime or beyond the idle limit (oldest idle first)."""
+        lifetime = self.settings.max_connection_lifetime
+        for backend in list(self.idle):
+            if backend.closed or now - backend.created_at > lifetime:
+                self.discard(backend)
+        target = self.target
+        excess = target.idle_count() - target.max_idle
+        while excess > 0 and self.idle and now - self.idle[0].idle_since > 1.0:
+            self.discard(self.idle[0])
+            excess -= 1
+
+    def close_all(self) -> None:
+        for backend in list(self.idle) + list(self.busy):
+            self.discard(backend)
+        while self.waiters:
+            _, waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ProxyError("pool closed"))

@@ -1,0 +1,84 @@
+"""The proxy process: listeners, the once-a-second janitor, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from proxy.config import ClientTLSMode, Config
+from proxy.secrets import SecretStore
+from proxy.session.pg_client import PostgresClient
+from proxy.session.pg_service import PostgresService
+from proxy.tls import server_context
+
+log = logging.getLogger(__name__)
+
+JANITOR_INTERVAL = 1.0
+
+
+class ProxyServer:
+    """Owns the listening sockets and the services behind them."""
+
+    def __init__(self, config: Config, secrets: SecretStore | None = None) -> None:
+        self.config = config
+        self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        tls = None if config.tls.mode is ClientTLSMode.DISABLE else server_context(config.tls)
+        self.postgres = PostgresService(config, self.secrets, tls)
+        self.servers: list[asyncio.Server] = []
+        self.pg_clients: set[PostgresClient] = set()
+        self._janitor: asyncio.Task[None] | None = None
+        self.ports: dict[str, int] = {}
+
+    async def start(self, reuse_port: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        settings = self.config.postgresql
+        if settings.enabled:
+            clients = self.pg_clients
+
+            def make_client() -> PostgresClient:
+                client = PostgresClient(self.postgres)
+                clients.add(client)
+                return client
+
+            server = await loop.create_server(
+                make_client, self.config.server.host, settings.port, reuse_port=reuse_port or None,
+                backlog=4096,
+            )
+            for sock in server.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.servers.append(server)
+            self.ports["postgresql"] = server.sockets[0].getsockname()[1]
+            log.info("PostgreSQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host,
+                     self.ports["postgresql"], settings.backend_host, settings.backend_port, settings.pool.mode)
+        self._janitor = loop.create_task(self._run_janitor())
+
+    async def _run_janitor(self) -> None:
+        timeout = self.config.server.idle_client_timeout
+        while True:
+            await asyncio.sleep(JANITOR_INTERVAL)
+            now = time.monotonic()
+            try:
+                self.postgres.maintain(now)
+                for client in list(self.pg_clients):
+                    if client.closed:
+                        self.pg_clients.discard(client)
+                    else:
+                        client.check_idle(now, timeout)
+            except Exception:
+                log.exception("janitor pass failed")
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        if self._janitor is not None:
+            self._janitor.cancel()
+        deadline = time.monotonic() + self.config.server.shutdown_grace
+        while time.monotonic() < deadline and any(c.backend is not None for c in self.pg_clients if not c.closed):
+            await asyncio.sleep(0.05)
+        for client in list(self.pg_clients):
+            client.abort()
+        self.postgres.close()
+        for server in self.servers:
+            await server.wait_closed()

@@ -1,0 +1,1 @@
+"""Client sessions: one driver per protocol, from login to forwarding."""

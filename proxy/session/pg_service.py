@@ -1,0 +1,84 @@
+"""The PostgreSQL listener's shared state: target, pools, secrets, TLS contexts and the cancel registry."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets as random_source
+import ssl
+
+from proxy.config import Config, ServerSettings
+from proxy.pool.pg_backend import PostgresBackend, open_backend
+from proxy.pool.pool import Backend, Pool, Target
+from proxy.protocol.pg import messages as pg
+from proxy.secrets import SecretStore
+from proxy.tls import backend_context
+
+log = logging.getLogger(__name__)
+
+
+class PostgresService:
+    """Everything PostgreSQL client sessions share inside one process."""
+
+    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.server: ServerSettings = config.server
+        self.settings = config.postgresql
+        self.secrets = secrets
+        self.server_tls = server_tls
+        self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
+        self.target = Target(
+            "postgresql", self.settings.backend_host, self.settings.backend_port, self.settings.pool
+        )
+        self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
+        worker = int(os.environ.get("DBPROXY_WORKER", "0"))
+        self._process_ids = itertools.count((worker << 24) + 1)
+
+    def pool_for(self, database: str, user: str) -> Pool:
+        key = (database, user)
+        pool = self.target.pools.get(key)
+        if pool is None:
+            pool = self.target.pools[key] = Pool(self.target, database, user, self._connect)
+        return pool
+
+    async def _connect(self, pool: Pool) -> Backend:
+        return await open_backend(pool, self.settings, self.secrets, self.backend_tls)
+
+    def new_key(self) -> tuple[int, int]:
+        """A BackendKeyData pair for a client: unique process id, random secret."""
+        return next(self._process_ids) & 0x7FFFFFFF, random_source.randbits(32)
+
+    async def cancel(self, process_id: int, secret_key: int) -> None:
+        """Forward a client's CancelRequest to the backend serving that client right now, if any."""
+        from proxy.session.pg_client import PostgresClient
+
+        client = self.clients.get(process_id)
+        if not isinstance(client, PostgresClient) or client.secret_key != secret_key:
+            log.warning("cancel request for an unknown client key %d ignored", process_id)
+            return
+        backend: PostgresBackend | None = client.backend
+        if backend is None or client.pending <= 0:
+            log.info("cancel request for client %d: nothing is running", process_id)
+            return
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.settings.backend_host, self.settings.backend_port),
+                self.settings.backend_connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request for client %d: cannot reach the database: %s", process_id, exc)
+            return
+        writer.write(pg.cancel_request(backend.process_id, backend.secret_key))
+        await writer.drain()
+        writer.close()
+        log.info("cancel request for client %d sent to backend pid %d", process_id, backend.process_id)
+
+    def maintain(self, now: float) -> None:
+        for pool in list(self.target.pools.values()):
+            pool.maintain(now)
+
+    def close(self) -> None:
+        for pool in self.target.pools.values():
+            pool.close_all()
