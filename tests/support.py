@@ -1,0 +1,131 @@
+"""Test helpers: run the proxy as a real subprocess against a throwaway database, and small client utilities."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from proxy.devservers import PostgresInstance, free_port
+
+SECRETS = {"app": "app-secret", "bench": "bench-secret"}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(folder: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write a TOML config (sections may be dotted, e.g. 'postgresql.pool') and a secrets file beside it."""
+    (folder / "secrets.toml").write_text(
+        "[users]\n" + "".join(f"{user} = {_toml_value(pw)}\n" for user, pw in SECRETS.items())
+    )
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    path = folder / "proxy.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class ProxyProcess:
+    """`python -m proxy run -c CONFIG` in a subprocess, with its log captured to a file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log_path = log
+        self.process: subprocess.Popen[str] | None = None
+        self.ports: dict[str, int] = {}
+
+    def start(self, timeout: float = 20.0) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(self.config)],
+            stdout=subprocess.PIPE, stderr=self.log_path.open("w"), text=True, env=env,
+        )
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            if line.startswith("dbproxy ready:"):
+                self.ports = {k: int(v) for k, v in re.findall(r"(\w+) port (\d+)", line)}
+                return
+        self.stop()
+        raise RuntimeError(f"proxy did not start:\n{self.log()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.pid).memory_info().rss)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
+        """Wait until a log line matches `pattern` (regex); returns the line."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in self.log().splitlines():
+                if regex.search(line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line matches {pattern!r}:\n{self.log()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+@contextmanager
+def running_proxy(folder: Path, pg: PostgresInstance, **overrides: dict[str, Any]) -> Iterator[ProxyProcess]:
+    """A proxy in front of `pg` on a free port; `overrides` are extra keys per section."""
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"log_level": "info", "client_login_timeout": 3.0},
+        "secrets": {"file": "secrets.toml"},
+        "postgresql": {"port": free_port(), "backend_port": pg.port},
+        "postgresql.pool": {"max_connections": 10, "connection_borrow_timeout": 30.0},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name.replace("__", "."), {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    proxy = ProxyProcess(write_config(folder, sections), folder / "proxy.log")
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def backend_connections(pg: PostgresInstance, user: str = "app") -> int:
+    """Client backends of `user` on the server right now (from pg_stat_activity)."""
+    out = pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND backend_type = 'client backend'")
+    return int(out.strip())
