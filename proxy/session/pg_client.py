@@ -175,12 +175,17 @@ class PostgresClient(Connection):
         """Give a backend back after its client left: clean at once, cleaned up first, or dropped."""
         pool = backend.pool
         if self.pending > 0 or backend.closed:
-            pool.discard(backend)  # a query is still running: the connection cannot be trusted
+            if not backend.closed:  # a query is still running: stop it, and do not trust the connection
+                log.warning("client %s left while a query was running; cancelling it and dropping %s",
+                            self.peer, backend)
+                self.loop.create_task(self.service.cancel_backend(backend))
+            pool.discard(backend)
             return
         if not self.in_extended and backend.tx_status == pg.IDLE and not pool.session_mode:
             pool.stats.transactions += 1
             pool.release(backend)
             return
+        log.info("client %s left inside a transaction or session; cleaning %s before reuse", self.peer, backend)
         self.loop.create_task(self._clean_up(backend))
 
     async def _clean_up(self, backend: PostgresBackend) -> None:
@@ -223,8 +228,8 @@ class PostgresClient(Connection):
                     raise ProtocolViolation("malformed CancelRequest")
                 PROXY.cancel_requests += 1
                 process_id, secret_key = pg.INT32_PAIR.unpack_from(body, 4)
-                self.close()
                 await service.cancel(process_id, secret_key)
+                self.close()
                 return
             if code >> 16 != 3:
                 raise ProtocolViolation(

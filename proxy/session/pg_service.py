@@ -62,18 +62,22 @@ class PostgresService:
         if backend is None or client.pending <= 0:
             log.info("cancel request for client %d: nothing is running", process_id)
             return
+        await self.cancel_backend(backend)
+        log.info("cancel request for client %d sent to backend pid %d", process_id, backend.process_id)
+
+    async def cancel_backend(self, backend: PostgresBackend) -> None:
+        """Ask the server to cancel whatever `backend` is running."""
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.settings.backend_host, self.settings.backend_port),
                 self.settings.backend_connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            log.warning("cancel request for client %d: cannot reach the database: %s", process_id, exc)
+            log.warning("cancel for backend pid %d: cannot reach the database: %s", backend.process_id, exc)
             return
         writer.write(pg.cancel_request(backend.process_id, backend.secret_key))
         await writer.drain()
         writer.close()
-        log.info("cancel request for client %d sent to backend pid %d", process_id, backend.process_id)
 
     def maintain(self, now: float) -> None:
         for pool in list(self.target.pools.values()):
