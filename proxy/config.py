@@ -88,7 +88,6 @@ class PoolSettings(Strict):
     ] = "50%"
     connection_borrow_timeout: float = Field(120.0, gt=0, description="seconds a client waits for a backend")
     max_connection_lifetime: float = Field(86400.0, gt=0, description="seconds before a backend is replaced")
-    idle_connection_timeout: float = Field(600.0, gt=0, description="seconds an idle backend beyond the minimum lives")
     init_query: str = ""
     reset_query: str = "DISCARD ALL"
     reserved_connections: int = Field(3, ge=0, description="backend slots left free when sizing by percent")

@@ -73,8 +73,9 @@ def _b64decode(value: str) -> bytes:
 class ScramServer:
     """Server side of one SCRAM exchange: client-first in, server-first out, client-final in, server-final out."""
 
-    def __init__(self, keys: ScramKeys) -> None:
+    def __init__(self, keys: ScramKeys, server_nonce: str | None = None) -> None:
         self._keys = keys
+        self._server_nonce = server_nonce or base64.b64encode(os.urandom(NONCE_BYTES)).decode()
         self._nonce = ""
         self._client_first_bare = ""
         self._server_first = ""
@@ -95,7 +96,7 @@ class ScramServer:
         if not client_nonce or "m" in attrs:
             raise ProtocolViolation("malformed SCRAM client-first-message")
         self._client_first_bare = bare
-        self._nonce = client_nonce + base64.b64encode(os.urandom(NONCE_BYTES)).decode()
+        self._nonce = client_nonce + self._server_nonce
         salt = base64.b64encode(self._keys.salt).decode()
         self._server_first = f"r={self._nonce},s={salt},i={self._keys.iterations}"
         return self._server_first.encode()
@@ -127,10 +128,10 @@ class ScramServer:
 class ScramClient:
     """Client side of one SCRAM exchange, used by the proxy to log in to a backend."""
 
-    def __init__(self, password: bytes) -> None:
+    def __init__(self, password: bytes, nonce: str | None = None, username: str = "") -> None:
         self._password = password
-        self._nonce = base64.b64encode(os.urandom(NONCE_BYTES)).decode()
-        self._client_first_bare = f"n=,r={self._nonce}"
+        self._nonce = nonce or base64.b64encode(os.urandom(NONCE_BYTES)).decode()
+        self._client_first_bare = f"n={username},r={self._nonce}"  # PostgreSQL ignores the name here
         self._server_signature = b""
 
     def client_first(self) -> bytes:
