@@ -138,7 +138,7 @@ class Config(Strict):
     postgresql: PostgresSettings = PostgresSettings()
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{where}'"

@@ -7,9 +7,9 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from support import ProxyProcess, running_proxy
 
 from proxy.devservers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
+from support import ProxyProcess, running_proxy
 
 # --- database servers ---
 # Throwaway servers on free 127.0.0.1 ports, started once per session (never the machine's :5432/:3306).

@@ -10,9 +10,9 @@ import asyncpg
 import psycopg
 import pytest
 from psycopg import errors
-from support import ProxyProcess, backend_connections
 
 from proxy.devservers import PostgresInstance
+from support import ProxyProcess, backend_connections
 
 ENV = dict(os.environ, PGPASSWORD="app-secret")
 

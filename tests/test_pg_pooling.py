@@ -12,9 +12,9 @@ import asyncpg
 import psycopg
 import pytest
 from psycopg import errors
-from support import ProxyProcess, backend_connections, running_proxy
 
 from proxy.devservers import PostgresInstance
+from support import ProxyProcess, backend_connections, running_proxy
 
 
 def connect(proxy: ProxyProcess, user: str = "app", **extra: object) -> psycopg.Connection:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install what the test suite needs (Debian tools, the package with its test extras), then run the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+missing=()
+for tool in psql:postgresql-client pgbench:postgresql-contrib pgbouncer:pgbouncer sysbench:sysbench mariadb:mariadb-client; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
+  $apt_get update -qq
+  DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq "${missing[@]}" >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v -i "warning" || true
+exec python3 -m pytest "$@"
