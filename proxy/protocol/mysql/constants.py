@@ -1,0 +1,244 @@
+"""MySQL/MariaDB wire constants: capability, status and command codes, error numbers, charsets."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- framing ---
+HEADER_SIZE: Final = 4
+MAX_PACKET: Final = 0xFFFFFF  # largest payload of one frame; a frame this long is continued by the next
+SCRAMBLE_LENGTH: Final = 20
+PROTOCOL_VERSION: Final = 10
+
+# --- first bytes of server packets ---
+OK_HEADER: Final = 0x00
+AUTH_MORE_DATA_HEADER: Final = 0x01
+AUTH_NEXT_FACTOR_HEADER: Final = 0x02
+LOCAL_INFILE_HEADER: Final = 0xFB
+EOF_HEADER: Final = 0xFE
+AUTH_SWITCH_HEADER: Final = 0xFE
+ERR_HEADER: Final = 0xFF
+
+# --- capability flags (lower 32 bits: MySQL; upper 32: MariaDB extended capabilities) ---
+CLIENT_LONG_PASSWORD: Final = 1 << 0
+CLIENT_MYSQL: Final = 1 << 0  # MariaDB's name: a MariaDB peer clears it to announce extended capabilities
+CLIENT_FOUND_ROWS: Final = 1 << 1
+CLIENT_LONG_FLAG: Final = 1 << 2
+CLIENT_CONNECT_WITH_DB: Final = 1 << 3
+CLIENT_NO_SCHEMA: Final = 1 << 4
+CLIENT_COMPRESS: Final = 1 << 5
+CLIENT_ODBC: Final = 1 << 6
+CLIENT_LOCAL_FILES: Final = 1 << 7
+CLIENT_IGNORE_SPACE: Final = 1 << 8
+CLIENT_PROTOCOL_41: Final = 1 << 9
+CLIENT_INTERACTIVE: Final = 1 << 10
+CLIENT_SSL: Final = 1 << 11
+CLIENT_IGNORE_SIGPIPE: Final = 1 << 12
+CLIENT_TRANSACTIONS: Final = 1 << 13
+CLIENT_RESERVED: Final = 1 << 14
+CLIENT_SECURE_CONNECTION: Final = 1 << 15  # a.k.a. CLIENT_RESERVED2
+CLIENT_MULTI_STATEMENTS: Final = 1 << 16
+CLIENT_MULTI_RESULTS: Final = 1 << 17
+CLIENT_PS_MULTI_RESULTS: Final = 1 << 18
+CLIENT_PLUGIN_AUTH: Final = 1 << 19
+CLIENT_CONNECT_ATTRS: Final = 1 << 20
+CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA: Final = 1 << 21
+CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS: Final = 1 << 22
+CLIENT_SESSION_TRACK: Final = 1 << 23
+CLIENT_DEPRECATE_EOF: Final = 1 << 24
+CLIENT_OPTIONAL_RESULTSET_METADATA: Final = 1 << 25
+CLIENT_ZSTD_COMPRESSION_ALGORITHM: Final = 1 << 26
+CLIENT_QUERY_ATTRIBUTES: Final = 1 << 27
+CLIENT_MULTI_FACTOR_AUTHENTICATION: Final = 1 << 28
+CLIENT_CAPABILITY_EXTENSION: Final = 1 << 29
+CLIENT_SSL_VERIFY_SERVER_CERT: Final = 1 << 30
+CLIENT_REMEMBER_OPTIONS: Final = 1 << 31
+
+MARIADB_CLIENT_PROGRESS: Final = 1 << 32
+MARIADB_CLIENT_COM_MULTI: Final = 1 << 33
+MARIADB_CLIENT_STMT_BULK_OPERATIONS: Final = 1 << 34
+MARIADB_CLIENT_EXTENDED_METADATA: Final = 1 << 35
+MARIADB_CLIENT_CACHE_METADATA: Final = 1 << 36
+MARIADB_CLIENT_BULK_UNIT_RESULTS: Final = 1 << 37
+
+# --- server status flags (OK/EOF packets, handshake) ---
+SERVER_STATUS_IN_TRANS: Final = 0x0001
+SERVER_STATUS_AUTOCOMMIT: Final = 0x0002
+SERVER_MORE_RESULTS_EXISTS: Final = 0x0008
+SERVER_QUERY_NO_GOOD_INDEX_USED: Final = 0x0010
+SERVER_QUERY_NO_INDEX_USED: Final = 0x0020
+SERVER_STATUS_CURSOR_EXISTS: Final = 0x0040
+SERVER_STATUS_LAST_ROW_SENT: Final = 0x0080
+SERVER_STATUS_DB_DROPPED: Final = 0x0100
+SERVER_STATUS_NO_BACKSLASH_ESCAPES: Final = 0x0200
+SERVER_STATUS_METADATA_CHANGED: Final = 0x0400
+SERVER_QUERY_WAS_SLOW: Final = 0x0800
+SERVER_PS_OUT_PARAMS: Final = 0x1000
+SERVER_STATUS_IN_TRANS_READONLY: Final = 0x2000
+SERVER_SESSION_STATE_CHANGED: Final = 0x4000
+
+# --- session state change types (OK packet, CLIENT_SESSION_TRACK) ---
+SESSION_TRACK_SYSTEM_VARIABLES: Final = 0
+SESSION_TRACK_SCHEMA: Final = 1
+SESSION_TRACK_STATE_CHANGE: Final = 2
+SESSION_TRACK_GTIDS: Final = 3
+SESSION_TRACK_TRANSACTION_CHARACTERISTICS: Final = 4
+SESSION_TRACK_TRANSACTION_STATE: Final = 5
+
+# --- commands (first byte of a client command packet) ---
+COM_SLEEP: Final = 0x00
+COM_QUIT: Final = 0x01
+COM_INIT_DB: Final = 0x02
+COM_QUERY: Final = 0x03
+COM_FIELD_LIST: Final = 0x04
+COM_CREATE_DB: Final = 0x05
+COM_DROP_DB: Final = 0x06
+COM_REFRESH: Final = 0x07
+COM_SHUTDOWN: Final = 0x08
+COM_STATISTICS: Final = 0x09
+COM_PROCESS_INFO: Final = 0x0A
+COM_CONNECT: Final = 0x0B
+COM_PROCESS_KILL: Final = 0x0C
+COM_DEBUG: Final = 0x0D
+COM_PING: Final = 0x0E
+COM_TIME: Final = 0x0F
+COM_DELAYED_INSERT: Final = 0x10
+COM_CHANGE_USER: Final = 0x11
+COM_BINLOG_DUMP: Final = 0x12
+COM_TABLE_DUMP: Final = 0x13
+COM_CONNECT_OUT: Final = 0x14
+COM_REGISTER_SLAVE: Final = 0x15
+COM_STMT_PREPARE: Final = 0x16
+COM_STMT_EXECUTE: Final = 0x17
+COM_STMT_SEND_LONG_DATA: Final = 0x18
+COM_STMT_CLOSE: Final = 0x19
+COM_STMT_RESET: Final = 0x1A
+COM_SET_OPTION: Final = 0x1B
+COM_STMT_FETCH: Final = 0x1C
+COM_DAEMON: Final = 0x1D
+COM_BINLOG_DUMP_GTID: Final = 0x1E
+COM_RESET_CONNECTION: Final = 0x1F
+COM_CLONE: Final = 0x20
+COM_STMT_BULK_EXECUTE: Final = 0xFA  # MariaDB
+COM_MULTI: Final = 0xFE  # MariaDB (removed in 10.6)
+
+# COM_SET_OPTION argument
+MYSQL_OPTION_MULTI_STATEMENTS_ON: Final = 0
+MYSQL_OPTION_MULTI_STATEMENTS_OFF: Final = 1
+
+# COM_STMT_EXECUTE flags byte
+CURSOR_TYPE_NO_CURSOR: Final = 0x00
+CURSOR_TYPE_READ_ONLY: Final = 0x01
+CURSOR_TYPE_FOR_UPDATE: Final = 0x02
+CURSOR_TYPE_SCROLLABLE: Final = 0x04
+PARAMETER_COUNT_AVAILABLE: Final = 0x08
+
+# --- error numbers ---
+ER_CON_COUNT_ERROR: Final = 1040  # Too many connections
+ER_HANDSHAKE_ERROR: Final = 1043  # Bad handshake
+ER_DBACCESS_DENIED_ERROR: Final = 1044
+ER_ACCESS_DENIED_ERROR: Final = 1045
+ER_UNKNOWN_COM_ERROR: Final = 1047  # Unknown command
+ER_BAD_DB_ERROR: Final = 1049
+ER_SERVER_SHUTDOWN: Final = 1053
+ER_PARSE_ERROR: Final = 1064
+ER_NO_SUCH_THREAD: Final = 1094  # Unknown thread id
+ER_UNKNOWN_ERROR: Final = 1105
+ER_NOT_ALLOWED_COMMAND: Final = 1148  # e.g. LOAD DATA LOCAL disabled
+ER_NET_PACKET_TOO_LARGE: Final = 1153
+ER_NET_PACKETS_OUT_OF_ORDER: Final = 1156
+ER_NET_READ_ERROR: Final = 1158
+ER_NET_READ_INTERRUPTED: Final = 1159
+ER_NET_WRITE_INTERRUPTED: Final = 1161
+ER_TOO_MANY_USER_CONNECTIONS: Final = 1203
+ER_LOCK_WAIT_TIMEOUT: Final = 1205
+ER_LOCK_DEADLOCK: Final = 1213
+ER_QUERY_INTERRUPTED: Final = 1317
+ER_MALFORMED_PACKET: Final = 1835
+CR_SERVER_GONE_ERROR: Final = 2006
+CR_SERVER_LOST: Final = 2013  # client-side: Lost connection to server during query
+MARIADB_PROGRESS_ERRNO: Final = 0xFFFF  # an ERR packet with this errno is a MariaDB progress report
+
+# SQLSTATE the server sends with each of the errors above.
+SQLSTATES: Final[dict[int, str]] = {
+    ER_CON_COUNT_ERROR: "08004",
+    ER_HANDSHAKE_ERROR: "08S01",
+    ER_DBACCESS_DENIED_ERROR: "42000",
+    ER_ACCESS_DENIED_ERROR: "28000",
+    ER_UNKNOWN_COM_ERROR: "08S01",
+    ER_BAD_DB_ERROR: "42000",
+    ER_SERVER_SHUTDOWN: "08S01",
+    ER_PARSE_ERROR: "42000",
+    ER_NO_SUCH_THREAD: "HY000",
+    ER_UNKNOWN_ERROR: "HY000",
+    ER_NOT_ALLOWED_COMMAND: "42000",
+    ER_NET_PACKET_TOO_LARGE: "08S01",
+    ER_NET_PACKETS_OUT_OF_ORDER: "08S01",
+    ER_NET_READ_ERROR: "08S01",
+    ER_NET_READ_INTERRUPTED: "08S01",
+    ER_NET_WRITE_INTERRUPTED: "08S01",
+    ER_TOO_MANY_USER_CONNECTIONS: "42000",
+    ER_LOCK_WAIT_TIMEOUT: "HY000",
+    ER_LOCK_DEADLOCK: "40001",
+    ER_QUERY_INTERRUPTED: "70100",
+    ER_MALFORMED_PACKET: "HY000",
+    CR_SERVER_GONE_ERROR: "HY000",
+    CR_SERVER_LOST: "HY000",
+}
+
+
+def sqlstate_for(errno: int) -> str:
+    """The SQLSTATE MySQL pairs with an error number, 'HY000' when unknown."""
+    return SQLSTATES.get(errno, "HY000")
+
+
+# --- character sets / collations (handshake charset byte) ---
+LATIN1_SWEDISH_CI: Final = 8
+UTF8MB3_GENERAL_CI: Final = 33
+UTF8MB4_GENERAL_CI: Final = 45
+UTF8MB4_BIN: Final = 46
+BINARY: Final = 63
+UTF8MB4_UNICODE_CI: Final = 224
+UTF8MB4_0900_AI_CI: Final = 255
+
+# --- authentication plugins ---
+MYSQL_NATIVE_PASSWORD: Final = "mysql_native_password"
+CACHING_SHA2_PASSWORD: Final = "caching_sha2_password"
+SHA256_PASSWORD: Final = "sha256_password"
+MYSQL_CLEAR_PASSWORD: Final = "mysql_clear_password"
+MYSQL_OLD_PASSWORD: Final = "mysql_old_password"
+CLIENT_ED25519: Final = "client_ed25519"  # MariaDB
+
+# caching_sha2_password / sha256_password exchange bytes
+CACHING_SHA2_REQUEST_PUBLIC_KEY: Final = 0x02  # client -> server (sha256_password uses 0x01)
+SHA256_REQUEST_PUBLIC_KEY: Final = 0x01
+CACHING_SHA2_FAST_AUTH_SUCCESS: Final = 0x03  # server -> client, inside AuthMoreData
+CACHING_SHA2_PERFORM_FULL_AUTH: Final = 0x04  # server -> client, inside AuthMoreData
+
+# Capabilities the proxy can relay: the codecs here understand every one of them.
+# (Not listed, so to be cleared when negotiating: CLIENT_COMPRESS, CLIENT_ZSTD_COMPRESSION_ALGORITHM,
+# CLIENT_MULTI_FACTOR_AUTHENTICATION, MARIADB_CLIENT_COM_MULTI; CLIENT_SSL is per side.)
+DEFAULT_SERVER_CAPABILITIES: Final = (
+    CLIENT_LONG_PASSWORD
+    | CLIENT_FOUND_ROWS
+    | CLIENT_LONG_FLAG
+    | CLIENT_CONNECT_WITH_DB
+    | CLIENT_NO_SCHEMA
+    | CLIENT_ODBC
+    | CLIENT_LOCAL_FILES
+    | CLIENT_IGNORE_SPACE
+    | CLIENT_PROTOCOL_41
+    | CLIENT_INTERACTIVE
+    | CLIENT_IGNORE_SIGPIPE
+    | CLIENT_TRANSACTIONS
+    | CLIENT_SECURE_CONNECTION
+    | CLIENT_MULTI_STATEMENTS
+    | CLIENT_MULTI_RESULTS
+    | CLIENT_PS_MULTI_RESULTS
+    | CLIENT_PLUGIN_AUTH
+    | CLIENT_CONNECT_ATTRS
+    | CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | CLIENT_CAN_HANDLE_EXPIRED_PASSWORDS
+    | CLIENT_SESSION_TRACK
+    | CLIENT_DEPRECATE_EOF
+)
