@@ -48,7 +48,8 @@ async def serve(config: Config, ready_message: str | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if ready_message:
-        print(ready_message.format(**server.ports), flush=True)
+        listeners = " ".join(f"{name} port {port}" for name, port in server.ports.items())
+        print(ready_message.format(**server.ports, listeners=listeners), flush=True)
     await stop.wait()
     log.info("shutting down")
     await server.stop()
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{config_path}: OK")
         return
     setup_logging(config.server.log_level, config.server.log_format)
-    uvloop.run(serve(config, "dbproxy ready: postgresql port {postgresql}"))
+    uvloop.run(serve(config, "dbproxy ready: {listeners}"))

@@ -129,6 +129,38 @@ class PostgresSettings(Strict):
     pool: PoolSettings = PoolSettings()
 
 
+class MySQLAuthMethod(StrEnum):
+    NATIVE = "mysql_native_password"
+    CACHING_SHA2 = "caching_sha2_password"
+    CLEAR = "mysql_clear_password"  # accepted only over TLS
+
+
+class MySQLPoolSettings(PoolSettings):
+    """The pool knobs for MySQL: a backend is always reset with COM_RESET_CONNECTION; reset_query runs after it."""
+
+    reset_query: str = ""
+
+
+class MySQLSettings(Strict):
+    """The MySQL/MariaDB listener and its backend target."""
+
+    enabled: bool = True
+    port: int = Field(6033, ge=0, le=65535, description="client-facing port; 0 picks a free one")
+    auth_method: MySQLAuthMethod = MySQLAuthMethod.NATIVE
+    caching_sha2_full_auth: bool = Field(
+        False, description="ask caching_sha2_password clients for full authentication (TLS or RSA) every time"
+    )
+    rsa_private_key_file: Path | None = None
+    backend_host: str = "127.0.0.1"
+    backend_port: int = Field(3306, ge=1, le=65535)
+    backend_tls: BackendTLSMode = BackendTLSMode.DISABLE
+    backend_ca_file: Path | None = None
+    backend_connect_timeout: float = Field(10.0, gt=0)
+    server_version: str = Field("", description="version shown to clients; empty means the backend's")
+    local_infile: bool = Field(True, description="pass LOAD DATA LOCAL INFILE through; false refuses it")
+    pool: MySQLPoolSettings = MySQLPoolSettings()
+
+
 class Config(Strict):
     """The whole configuration."""
 
@@ -136,6 +168,7 @@ class Config(Strict):
     tls: TLSSettings = TLSSettings()
     secrets: SecretsSettings = SecretsSettings()
     postgresql: PostgresSettings = PostgresSettings()
+    mysql: MySQLSettings = MySQLSettings()
 
 
 def _describe(error: Any) -> str:
@@ -148,7 +181,8 @@ def _describe(error: Any) -> str:
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative file paths in the file relative to the file's folder."""
     for section, keys in (("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
-                          ("postgresql", ("backend_ca_file",))):
+                          ("postgresql", ("backend_ca_file",)),
+                          ("mysql", ("backend_ca_file", "rsa_private_key_file"))):
         part = data.get(section)
         if isinstance(part, dict):
             for key in keys:

@@ -93,5 +93,58 @@ class ShuttingDown(ProxyError):
     mysql_sqlstate = "08S01"
 
 
+class UnknownCommand(ProxyError):
+    """A MySQL command byte the proxy does not know or does not serve; the connection stays usable."""
+
+    sqlstate = "08P01"
+    mysql_errno = 1047  # ER_UNKNOWN_COM_ERROR
+    mysql_sqlstate = "08S01"
+    fatal = False
+
+
+class CommandNotAllowed(ProxyError):
+    """A statement this proxy is configured to refuse (e.g. LOAD DATA LOCAL INFILE)."""
+
+    sqlstate = "42501"
+    mysql_errno = 1148  # ER_NOT_ALLOWED_COMMAND
+    mysql_sqlstate = "42000"
+    fatal = False
+
+
+class NotSupported(ProxyError):
+    """A statement form the proxy cannot serve yet."""
+
+    sqlstate = "0A000"
+    mysql_errno = 1235  # ER_NOT_SUPPORTED_YET
+    mysql_sqlstate = "42000"
+    fatal = False
+
+
+class NoSuchThread(ProxyError):
+    """KILL named a connection id the proxy does not know."""
+
+    sqlstate = "42704"
+    mysql_errno = 1094  # ER_NO_SUCH_THREAD
+    mysql_sqlstate = "HY000"
+    fatal = False
+
+
+class KillDenied(ProxyError):
+    """KILL named another user's connection."""
+
+    sqlstate = "42501"
+    mysql_errno = 1095  # ER_KILL_DENIED_ERROR
+    mysql_sqlstate = "HY000"
+    fatal = False
+
+
+class ConnectionKilled(ProxyError):
+    """The connection was ended by KILL from another session."""
+
+    sqlstate = "57P01"
+    mysql_errno = 1927  # ER_CONNECTION_KILLED
+    mysql_sqlstate = "70100"
+
+
 class ConfigError(Exception):
     """The configuration file is missing, malformed or holds an unknown or invalid key."""

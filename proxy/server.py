@@ -9,6 +9,8 @@ import time
 
 from proxy.config import ClientTLSMode, Config
 from proxy.secrets import SecretStore
+from proxy.session.mysql_client import MySQLClient
+from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
 from proxy.session.pg_service import PostgresService
 from proxy.tls import server_context
@@ -26,8 +28,10 @@ class ProxyServer:
         self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
         tls = None if config.tls.mode is ClientTLSMode.DISABLE else server_context(config.tls)
         self.postgres = PostgresService(config, self.secrets, tls)
+        self.mysql = MySQLService(config, self.secrets, tls)
         self.servers: list[asyncio.Server] = []
         self.pg_clients: set[PostgresClient] = set()
+        self.mysql_clients: set[MySQLClient] = set()
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
 
@@ -52,6 +56,26 @@ class ProxyServer:
             self.ports["postgresql"] = server.sockets[0].getsockname()[1]
             log.info("PostgreSQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host,
                      self.ports["postgresql"], settings.backend_host, settings.backend_port, settings.pool.mode)
+        my_settings = self.config.mysql
+        if my_settings.enabled:
+            my_clients = self.mysql_clients
+
+            def make_mysql_client() -> MySQLClient:
+                client = MySQLClient(self.mysql)
+                my_clients.add(client)
+                return client
+
+            server = await loop.create_server(
+                make_mysql_client, self.config.server.host, my_settings.port, reuse_port=reuse_port or None,
+                backlog=4096,
+            )
+            for sock in server.sockets:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.servers.append(server)
+            self.ports["mysql"] = server.sockets[0].getsockname()[1]
+            self.mysql.start()
+            log.info("MySQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host, self.ports["mysql"],
+                     my_settings.backend_host, my_settings.backend_port, my_settings.pool.mode)
         self._janitor = loop.create_task(self._run_janitor())
 
     async def _run_janitor(self) -> None:
@@ -66,6 +90,12 @@ class ProxyServer:
                         self.pg_clients.discard(client)
                     else:
                         client.check_idle(now, timeout)
+                self.mysql.maintain(now)
+                for my_client in list(self.mysql_clients):
+                    if my_client.closed:
+                        self.mysql_clients.discard(my_client)
+                    else:
+                        my_client.check_idle(now, timeout)
             except Exception:
                 log.exception("janitor pass failed")
 
@@ -75,10 +105,16 @@ class ProxyServer:
         if self._janitor is not None:
             self._janitor.cancel()
         deadline = time.monotonic() + self.config.server.shutdown_grace
-        while time.monotonic() < deadline and any(c.backend is not None for c in self.pg_clients if not c.closed):
+        while time.monotonic() < deadline and (
+            any(c.backend is not None for c in self.pg_clients if not c.closed)
+            or any(c.backend is not None and not c.backend.idle for c in self.mysql_clients if not c.closed)
+        ):
             await asyncio.sleep(0.05)
         for client in list(self.pg_clients):
             client.abort()
+        for my_client in list(self.mysql_clients):
+            my_client.abort()
         self.postgres.close()
+        self.mysql.close()
         for server in self.servers:
             await server.wait_closed()

@@ -40,7 +40,7 @@ class PostgresBackend(Connection):
         self.params: dict[str, str] = {}  # current values of settings on this server session
         self.client: PostgresClient | None = None
         self.tx_status = pg.IDLE
-        self.synced_to: tuple[int, int] = (0, 0)  # (client session id, its settings version) last applied
+        self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self._skip = 0  # bytes of the current message still to pass before the next header
         self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
 
@@ -186,11 +186,18 @@ class PostgresBackend(Connection):
                 raise BackendError(f"backend refused the login: {fields.get('M', '')}", fields.get("C"))
         if not pool.server_params:
             pool.server_params = dict(self.params)
+        self.params_changed()
         if not pool.target.max_connections:
             rows = await self.simple_query("SHOW max_connections")
             pool.target.resolve_limits(int(rows[0][0] or 100))
         if pool.settings.init_query:
             await self.simple_query(pool.settings.init_query)
+
+    def params_changed(self) -> None:
+        """Recompute the number of this session's settings after they changed outside a client's view."""
+        self.settings_id = self.pool.settings_id(
+            {k: v for k, v in self.params.items() if k not in pg.READ_ONLY_PARAMETERS}
+        )
 
     # --- internal queries (never while linked) ---
 
@@ -212,6 +219,7 @@ class PostgresBackend(Connection):
             elif kind == ord("Z"):
                 self.tx_status = body[0]
                 break
+        self.params_changed()
         if error is not None:
             raise BackendError(error.get("M", "error"), error.get("C"))
         return rows

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,12 +71,13 @@ class Target:
     def steal_idle(self, exclude: Pool) -> bool:
         """Close the longest-idle connection of another pool so `exclude` may open one."""
         victim: Backend | None = None
+        owner: Pool | None = None
         for pool in self.pools.values():
             if pool is not exclude and pool.idle and (victim is None or pool.idle[0].idle_since < victim.idle_since):
-                victim = pool.idle[0]
-        if victim is None:
+                victim, owner = pool.idle[0], pool
+        if victim is None or owner is None:
             return False
-        victim.close()  # its pool forgets it in `discard`
+        owner.discard(victim)  # at once: no second borrower may pick the same victim, and its slot is free now
         return True
 
 
@@ -99,6 +101,8 @@ class Pool:
         self.stats = PoolStats()
         self.server_params: dict[str, str] = {}  # what the backend reported at login
         self.validated_settings: set[tuple[str, str]] = set()
+        self._settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
+        self._next_settings_id = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"Pool({self.database}/{self.user}@{self.target.name})"
@@ -110,6 +114,16 @@ class Pool:
     @property
     def session_mode(self) -> bool:
         return self.mode is PoolMode.SESSION
+
+    def settings_id(self, settings: Mapping[str, str]) -> int:
+        """A number per distinct set of session settings, so a client and a backend compare in one step."""
+        key = tuple(sorted(settings.items()))
+        found = self._settings_ids.get(key)
+        if found is None:
+            if len(self._settings_ids) >= 10_000:  # bounded; numbers are never reused
+                self._settings_ids.clear()
+            found = self._settings_ids[key] = next(self._next_settings_id)
+        return found
 
     def waiting_since(self) -> float:
         return self.waiters[0][0] if self.waiters else float("inf")
@@ -126,21 +140,21 @@ class Pool:
 
     async def borrow(self) -> Backend:
         """A backend for one transaction (or a session); waits at most the borrow timeout."""
-        stats = self.stats
-        stats.borrows += 1
-        backend = self._take_idle()
+        backend = self.borrow_idle()
         if backend is not None:
             return backend
+        stats = self.stats
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.settings.connection_borrow_timeout
         while True:
-            backend = self._take_idle()
+            backend = self.borrow_idle()
             if backend is not None:
                 break
             target = self.target
             if target.open_connections < target.limit or (target.max_connections and target.steal_idle(self)):
                 backend = await self._open()
+                stats.borrows += 1
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -166,12 +180,14 @@ class Pool:
                     self.discard(handed)
                     continue
                 self.busy.add(handed)
+                stats.borrows += 1
                 backend = handed
                 break
         stats.wait_time += loop.time() - started
         return backend
 
-    def _take_idle(self) -> Backend | None:
+    def borrow_idle(self) -> Backend | None:
+        """An idle backend at once, without waiting or connecting; None when there is none (then `borrow`)."""
         idle = self.idle
         while idle:
             backend = idle.pop()
@@ -179,6 +195,7 @@ class Pool:
                 self._forget(backend)
                 continue
             self.busy.add(backend)
+            self.stats.borrows += 1
             return backend
         return None
 
@@ -215,7 +232,8 @@ class Pool:
         if self.wake_one(backend):
             self.busy.add(backend)
             return
-        if self.target.max_connections and self._others_waiting():
+        target = self.target
+        if target.open_connections >= target.max_connections and self._others_waiting():
             backend.close()  # give the slot to a pool that waits
             self._forget(backend)
             return

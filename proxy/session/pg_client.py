@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
 import os
 import re
@@ -17,7 +16,6 @@ from proxy.config import ClientAuthMethod, ClientTLSMode
 from proxy.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
-    BackendError,
     BackendUnavailable,
     IdleClientTimeout,
     LoginTimeout,
@@ -41,15 +39,10 @@ for _kind, _action in (("Q", SYNC_POINT), ("F", SYNC_POINT), ("S", SYNC), ("P", 
                        ("c", COPY), ("f", COPY), ("X", TERMINATE)):
     ACTION[ord(_kind)] = _action
 
-# Settings the server reports that a client cannot change.
-FIXED_PARAMETERS = frozenset(
-    {"server_version", "server_encoding", "integer_datetimes", "is_superuser", "session_authorization",
-     "in_hot_standby", "scram_iterations"}
-)
+FIXED_PARAMETERS = pg.READ_ONLY_PARAMETERS
 STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 HELD_LIMIT = 256 * 1024
-SESSION_IDS = itertools.count(1)
 
 
 class State(IntEnum):
@@ -104,8 +97,7 @@ class PostgresClient(Connection):
         self.pending = 0  # Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back
         self.in_extended = False  # extended-query messages sent since the last Sync
         self.active = True  # data seen since the janitor last looked
-        self.session_id = next(SESSION_IDS)
-        self.settings_version = 0
+        self.settings_id = 0  # the pool's number for this client's settings, to compare with a backend's
         self.idle_since = 0.0
         self._held = bytearray()  # client bytes waiting for a backend
         self._acquiring: asyncio.Task[None] | None = None
@@ -200,6 +192,7 @@ class PostgresClient(Connection):
             if pool.session_mode and pool.settings.reset_query:
                 await backend.simple_query(pool.settings.reset_query)
                 backend.params = dict(pool.server_params)
+                backend.params_changed()
         except (ProxyError, ConnectionClosed, OSError) as exc:
             log.info("backend %s could not be cleaned after its client left (%s); dropping it", backend, exc)
             pool.discard(backend)
@@ -348,6 +341,7 @@ class PostgresClient(Connection):
     def _init_wanted(self, pool: Pool, requested: dict[str, str]) -> None:
         self.wanted = {k: v for k, v in pool.server_params.items() if k not in FIXED_PARAMETERS}
         self.wanted.update(requested)
+        self.settings_id = pool.settings_id(self.wanted)
 
     async def _borrow(self, pool: Pool) -> PostgresBackend:
         self._borrowing = True
@@ -363,7 +357,7 @@ class PostgresClient(Connection):
 
     async def _sync_settings(self, backend: PostgresBackend) -> None:
         """Make the backend's session settings equal to this client's (the difference only)."""
-        if backend.synced_to == (self.session_id, self.settings_version):
+        if backend.settings_id == self.settings_id:
             return
         current = backend.params
         wanted = self.wanted
@@ -374,7 +368,7 @@ class PostgresClient(Connection):
         if statements:
             await backend.simple_query(";".join(statements))
             self._after_sync(backend)
-        backend.synced_to = (self.session_id, self.settings_version)
+        backend.settings_id = self.settings_id
 
     def _after_sync(self, backend: PostgresBackend) -> None:
         wanted = self.wanted
@@ -388,14 +382,15 @@ class PostgresClient(Connection):
                 del backend.params[name]
             else:
                 backend.params[name] = backend.pool.server_params[name]
+        self.settings_id = backend.pool.settings_id(wanted)
 
     def server_reported(self, name: str, value: str) -> None:
         """A ParameterStatus passed through from the backend: the client's session has that setting now."""
         if name not in FIXED_PARAMETERS:
             self.wanted[name] = value
-            self.settings_version += 1
-            if self.backend is not None:  # the reporting backend has it already
-                self.backend.synced_to = (self.session_id, self.settings_version)
+            backend = self.backend
+            if backend is not None:  # the reporting backend has it already
+                self.settings_id = backend.settings_id = backend.pool.settings_id(self.wanted)
 
     # --- the hot path: client -> server ---
 
@@ -480,24 +475,33 @@ class PostgresClient(Connection):
                 if action == SYNC:
                     self.write(pg.READY_FOR_QUERY_IDLE)
                 continue
-            self._acquiring = self.loop.create_task(self._acquire())
+            self._start_work()
             return
 
-    async def _acquire(self) -> None:
+    def _start_work(self) -> None:
+        """Get a backend for the held messages: at once when an idle one already has our settings."""
         pool = self.pool
         assert pool is not None
+        backend = pool.borrow_idle()
+        if backend is not None:
+            assert isinstance(backend, PostgresBackend)
+            if backend.settings_id == self.settings_id and not backend.buffered:
+                self._attach(backend)
+                return
+        self._acquiring = self.loop.create_task(self._acquire(pool, backend))
+
+    async def _acquire(self, pool: Pool, backend: PostgresBackend | None) -> None:
         try:
-            backend = await self._borrow(pool)
+            if backend is None or backend.buffered:
+                if backend is not None:  # the server said something while idle (e.g. it is shutting down)
+                    pool.discard(backend)
+                backend = await self._borrow(pool)
             try:
                 await self._sync_settings(backend)
             except BaseException:
                 pool.discard(backend)
                 raise
-        except BackendError as exc:  # a setting the server refuses now
-            self._acquiring = None
-            self.fail(exc)
-            return
-        except ProxyError as exc:
+        except ProxyError as exc:  # includes a setting the server refuses now
             self._acquiring = None
             self.fail(exc)
             return
@@ -509,6 +513,10 @@ class PostgresClient(Connection):
         if self.closed:
             pool.release(backend)
             return
+        self._attach(backend)
+
+    def _attach(self, backend: PostgresBackend) -> None:
+        """Link a ready backend and send it what the client sent meanwhile."""
         self.backend = backend
         backend.link(self)
         data = bytes(self._held)

@@ -674,6 +674,57 @@ class AuthSwitchRequest:
         return cls(plugin, r.rest())
 
 
+@dataclass(slots=True)
+class ChangeUser:
+    """COM_CHANGE_USER: log in again as another user on the same connection (client -> server)."""
+
+    username: str
+    auth_response: bytes = b""
+    database: str = ""
+    charset: int | None = None
+    auth_plugin_name: str | None = None
+    connect_attrs: dict[str, str] | None = None
+
+    def build(self, capabilities: int) -> bytes:
+        out = bytearray((COM_CHANGE_USER,))
+        out += _cstr(self.username)
+        if capabilities & CLIENT_SECURE_CONNECTION:
+            out.append(len(self.auth_response))
+            out += self.auth_response
+        else:
+            out += self.auth_response + b"\x00"
+        out += _cstr(self.database)
+        if self.charset is not None:
+            out += _U16.pack(self.charset)
+            if capabilities & CLIENT_PLUGIN_AUTH:
+                out += _cstr(self.auth_plugin_name or "")
+            if capabilities & CLIENT_CONNECT_ATTRS and self.connect_attrs is not None:
+                block = b"".join(write_lenenc_str(_bytes(k)) + write_lenenc_str(_bytes(v))
+                                 for k, v in self.connect_attrs.items())
+                out += write_lenenc_str(block)
+        return bytes(out)
+
+    @classmethod
+    def parse(cls, payload: Buffer, capabilities: int) -> ChangeUser:
+        r = _Cursor(payload, "COM_CHANGE_USER")
+        if r.u8("command") != COM_CHANGE_USER:
+            raise r.fail("not COM_CHANGE_USER")
+        username = _text(r.null_str("username"))
+        if capabilities & CLIENT_SECURE_CONNECTION:
+            auth = r.fixed(r.u8("auth response length"), "auth response")
+        else:
+            auth = r.null_str("auth response")
+        database = _text(r.null_str("database", allow_eof=True))
+        charset = plugin = attrs = None
+        if not r.at_end:
+            charset = r.u16("character set")
+        if capabilities & CLIENT_PLUGIN_AUTH and not r.at_end:
+            plugin = _text(r.null_str("auth plugin name", allow_eof=True))
+        if capabilities & CLIENT_CONNECT_ATTRS and not r.at_end:
+            attrs = _parse_attrs(r.lenenc_str("connection attributes"))
+        return cls(username, auth, database, charset, plugin, attrs)
+
+
 def build_auth_more_data(data: Buffer) -> bytes:
     """Server -> client extra auth data (0x01 header): e.g. caching_sha2 fast-auth result, a PEM key."""
     return bytes((AUTH_MORE_DATA_HEADER,)) + data
@@ -899,6 +950,7 @@ class ResponseTracker:
         "result_sets",
         "rows",
         "seen_status",
+        "skip",
         "status_flags",
         "warnings",
     )
@@ -919,6 +971,7 @@ class ResponseTracker:
         self._cont = False
         self._infile_cont = False
         self._expected_seq: int | None = None
+        self.skip = 0  # bytes of a streamed frame still to come (scan with stream=True)
         self._reset_results()
 
     def _reset_results(self) -> None:
@@ -970,6 +1023,7 @@ class ResponseTracker:
         self._cont = False
         self._infile_cont = False
         self._expected_seq = None if seq is None else seq & 0xFF
+        self.skip = 0
         self.done = False
         if command in _RESULT_COMMANDS:
             self._state = _RESULT
@@ -1025,14 +1079,26 @@ class ResponseTracker:
         """One complete (reassembled) response packet; returns True once the response is complete."""
         return self._packet(payload, 0, len(payload))
 
-    def scan(self, buf: Buffer, pos: int = 0, end: int | None = None) -> int:
+    def scan(self, buf: Buffer, pos: int = 0, end: int | None = None, *, stream: bool = False) -> int:
         """Walk raw server frames in buf[pos:end]; returns the offset after the last frame consumed.
 
         Stops at an incomplete frame, right after the frame that completes the response, and right
         after a LOCAL INFILE request; bytes up to the returned offset can be forwarded as they are.
+
+        With stream=True an incomplete data row or continuation frame (known from its header and first
+        byte, whatever its length) counts as consumed: the offset returned is `end`, and `skip` holds the
+        bytes of that frame still to come, which the next scan() passes over before reading a header.
+        So rows of any size are forwarded as they arrive instead of being buffered whole.
         """
         if end is None:
             end = len(buf)
+        skip = self.skip
+        if skip:
+            if end - pos <= skip:
+                self.skip = skip - (end - pos)
+                return end
+            pos += skip
+            self.skip = 0
         cont = self._cont
         expected = self._expected_seq
         term = self._term_limit
@@ -1046,6 +1112,24 @@ class ResponseTracker:
                 length = buf[pos] | (buf[pos + 1] << 8) | (buf[pos + 2] << 16)
                 stop = pos + 4 + length
                 if stop > end:
+                    if stream and end - pos > 4 and (
+                        cont
+                        or (state == _ROWS and ((first := buf[pos + 4]) < EOF_HEADER
+                                                or (first == EOF_HEADER and length >= term)))
+                    ):
+                        last_seq = buf[pos + 3]
+                        if expected is not None:
+                            if last_seq != expected:
+                                raise ProtocolViolation(
+                                    f"response sequence id {last_seq}, expected {expected}",
+                                    ER_NET_PACKETS_OUT_OF_ORDER,
+                                )
+                            expected = (last_seq + 1) & 0xFF
+                        if not cont:
+                            rows += 1
+                        cont = length == MAX_PACKET
+                        self.skip = stop - end
+                        pos = end
                     break
                 last_seq = buf[pos + 3]
                 if expected is not None:

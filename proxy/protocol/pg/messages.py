@@ -30,6 +30,12 @@ FAILED_TRANSACTION = ord("E")
 
 READY_FOR_QUERY_IDLE = b"Z\x00\x00\x00\x05I"
 
+# Settings a server reports (ParameterStatus) that a client cannot change.
+READ_ONLY_PARAMETERS = frozenset(
+    {"server_version", "server_encoding", "integer_datetimes", "is_superuser", "session_authorization",
+     "in_hot_standby", "scram_iterations"}
+)
+
 
 def message(kind: bytes, body: bytes = b"") -> bytes:
     return kind + INT32.pack(len(body) + 4) + body

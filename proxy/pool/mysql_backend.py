@@ -1,0 +1,457 @@
+"""A MySQL/MariaDB backend connection: login with the stored secret, internal commands, and the forwarding hot path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from proxy.auth.mysql import (
+    clear_password_response,
+    rsa_encrypt_password,
+    scramble_caching_sha2,
+    scramble_native_password,
+)
+from proxy.config import BackendTLSMode, MySQLSettings
+from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
+from proxy.netio import Connection, ConnectionClosed
+from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.packets import (
+    AuthSwitchRequest,
+    ErrPacket,
+    HandshakeResponse41,
+    HandshakeV10,
+    ResponseTracker,
+    SSLRequest,
+    frame,
+    read_lenenc_str,
+)
+
+if TYPE_CHECKING:
+    from proxy.pool.pool import Pool
+    from proxy.secrets import SecretStore
+    from proxy.session.mysql_client import MySQLClient
+
+log = logging.getLogger(__name__)
+
+MAX_INTERNAL_PACKET = 64 * 1024 * 1024
+
+# What a backend connection always asks for, when the server offers it (the client's wishes come on top).
+BACKEND_BASE_CAPABILITIES = (
+    my.CLIENT_LONG_PASSWORD
+    | my.CLIENT_PROTOCOL_41
+    | my.CLIENT_SECURE_CONNECTION
+    | my.CLIENT_PLUGIN_AUTH
+    | my.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+    | my.CLIENT_TRANSACTIONS
+    | my.CLIENT_CONNECT_ATTRS
+)
+# The client capabilities that change what the server sends or how it behaves: a backend serves only clients
+# that negotiated the same ones (they are part of the pool's key), so bytes pass through unchanged.
+RELAYED_CAPABILITIES = (
+    my.CLIENT_FOUND_ROWS
+    | my.CLIENT_LONG_FLAG
+    | my.CLIENT_NO_SCHEMA
+    | my.CLIENT_ODBC
+    | my.CLIENT_LOCAL_FILES
+    | my.CLIENT_IGNORE_SPACE
+    | my.CLIENT_INTERACTIVE
+    | my.CLIENT_IGNORE_SIGPIPE
+    | my.CLIENT_MULTI_STATEMENTS
+    | my.CLIENT_MULTI_RESULTS
+    | my.CLIENT_PS_MULTI_RESULTS
+    | my.CLIENT_SESSION_TRACK
+    | my.CLIENT_DEPRECATE_EOF
+    | my.MARIADB_CLIENT_PROGRESS
+    | my.MARIADB_CLIENT_STMT_BULK_OPERATIONS
+    | my.MARIADB_CLIENT_EXTENDED_METADATA
+    | my.MARIADB_CLIENT_CACHE_METADATA
+)
+CONNECT_ATTRS = {"_client_name": "dbproxy", "program_name": "dbproxy"}
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What a backend connection is opened with on behalf of its clients: relayed capabilities and charset."""
+
+    capabilities: int
+    charset: int
+
+
+class MySQLServerError(BackendError):
+    """An ERR packet from the server (login refused, internal command failed), with its own errno."""
+
+    def __init__(self, packet: bytes) -> None:
+        err = ErrPacket.parse(packet)
+        super().__init__(err.message)
+        self.mysql_errno = err.error_code
+        self.mysql_sqlstate = err.sql_state or my.sqlstate_for(err.error_code)
+
+
+class MySQLBackend(Connection):
+    """One server connection. While linked to a client, response bytes stream through; only headers are read."""
+
+    def __init__(self, pool: Pool, profile: Profile) -> None:
+        super().__init__()
+        self.pool = pool
+        self.profile = profile
+        self.forgotten = False
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.thread_id = 0
+        self.capabilities = 0  # negotiated with the server
+        self.deprecate_eof = False
+        self.cache_metadata = False
+        self.client: MySQLClient | None = None
+        self.tracker = ResponseTracker()
+        self.effect: Any = None  # what the client wants done when the tracked response completes
+        self.queue: deque[tuple[int, Any]] = deque()  # pipelined commands whose responses come later
+        self.schema = pool.database  # the server session's default database
+        self.multi_statements = False
+        self.settings: dict[str, bytes] = {}  # session variables set on it (see MySQLClient.settings)
+        self._partial = b""  # an incomplete frame carried to the next read
+
+    def __repr__(self) -> str:
+        return f"MySQLBackend(thread={self.thread_id}, pool={self.pool.name})"
+
+    @property
+    def autocommit(self) -> bool:
+        return bool(self.tracker.status_flags & my.SERVER_STATUS_AUTOCOMMIT)
+
+    @property
+    def idle(self) -> bool:
+        """No response outstanding and nothing half-read."""
+        return self.tracker.done and not self.queue and not self._partial and not self.tracker.skip
+
+    # --- linking to a client ---
+
+    def link(self, client: MySQLClient) -> None:
+        self.client = client
+        self._partial = b""
+
+    def unlink(self) -> None:
+        self.client = None
+        if self.peer_paused_us:
+            self.peer_paused_us = False
+            self.transport.resume_reading()
+
+    def expect(self, command: int, effect: Any) -> None:
+        """The client sent `command`: follow its response (after those still outstanding)."""
+        tracker = self.tracker
+        if not tracker.done or self.queue:
+            self.queue.append((command, effect))
+            return
+        self._start(command, effect)
+
+    def _start(self, command: int, effect: Any) -> bool:
+        """Start tracking `command`; True if it has no response (done at once)."""
+        self.effect = effect
+        tracker = self.tracker
+        if tracker.start(command, self.deprecate_eof,
+                         cache_metadata=self.cache_metadata and command == my.COM_STMT_EXECUTE):
+            self.effect = None
+            if effect is not None and self.client is not None:
+                self.client.command_done(self, effect)
+            return True
+        return False
+
+    # --- the hot path: server -> client ---
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:
+            self._buffer += data
+            self._wake()
+            return
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        tracker = self.tracker
+        end = len(data)
+        pos = 0
+        finished = 0
+        try:
+            while True:
+                pos = tracker.scan(data, pos, end, stream=True)
+                if not tracker.done:
+                    break
+                finished += 1
+                effect = self.effect
+                if effect is not None:
+                    self.effect = None
+                    client.command_done(self, effect)
+                while self.queue:  # the next pipelined command's response follows
+                    command, effect = self.queue.popleft()
+                    if not self._start(command, effect):
+                        break
+                if tracker.done:
+                    break
+        except ProtocolViolation as exc:
+            self._broken(f"malformed response: {exc}")
+            return
+        if pos < end:
+            if tracker.done:
+                self._broken(f"{end - pos} bytes from the server with no command outstanding")
+                return
+            self._partial = data[pos:]
+            data = data[:pos]
+        if data:
+            client.transport.write(data)
+        if finished or tracker.expects_local_infile:
+            client.backend_progress(self)
+
+    def _broken(self, reason: str) -> None:
+        log.error("backend %s: %s; closing it", self, reason)
+        self.abort()
+
+    def pause_writing(self) -> None:
+        client = self.client
+        if client is not None and not client.closed:
+            client.peer_paused_us = True
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None and client.peer_paused_us:
+            client.peer_paused_us = False
+            client.transport.resume_reading()
+
+    def on_closed(self, exc: Exception | None) -> None:
+        client = self.client
+        if client is not None:
+            client.backend_lost(self, exc)
+        else:
+            self.pool.discard(self)
+
+    # --- awaited packets (login, internal commands; never while linked) ---
+
+    async def read_packet(self, limit: int = MAX_INTERNAL_PACKET) -> tuple[int, bytes]:
+        """One logical packet: (sequence id of its last frame, payload)."""
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            header = await self.read_exact(4)
+            length = header[0] | (header[1] << 8) | (header[2] << 16)
+            total += length
+            if total > limit:
+                raise ProtocolViolation(f"server packet of {total} bytes exceeds {limit}")
+            parts.append(await self.read_exact(length))
+            if length < my.MAX_PACKET:
+                return header[3], parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def command(self, payload: bytes) -> list[list[bytes | None]]:
+        """Send a command the proxy itself needs and read its whole response; text rows of a result set.
+
+        Raises MySQLServerError when the server answers with ERR.
+        """
+        assert self.client is None
+        tracker = self.tracker
+        self.write(frame(payload, 0))
+        if tracker.start(payload[0], self.deprecate_eof):
+            return []
+        rows: list[list[bytes | None]] = []
+        seen = 0
+        while True:
+            _, packet = await self.read_packet()
+            done = tracker.feed(packet)
+            if tracker.rows != seen:
+                seen = tracker.rows
+                rows.append(_text_row(packet))
+            if done:
+                break
+        if tracker.error is not None and tracker.error_packet is not None:
+            raise MySQLServerError(tracker.error_packet)
+        return rows
+
+    async def query(self, sql: str) -> list[list[bytes | None]]:
+        return await self.command(bytes((my.COM_QUERY,)) + sql.encode())
+
+    async def reset(self) -> None:
+        """COM_RESET_CONNECTION (rolls back, drops session state), then the pool's reset query and schema."""
+        await self.command(bytes((my.COM_RESET_CONNECTION,)))
+        self.settings = {}
+        pool = self.pool
+        if pool.settings.reset_query:
+            await self.query(pool.settings.reset_query)
+        if self.schema != pool.database and pool.database:
+            await self.command(bytes((my.COM_INIT_DB,)) + pool.database.encode())
+            self.schema = pool.database
+
+    # --- login ---
+
+    async def login(self, settings: MySQLSettings, secrets: SecretStore, tls: ssl.SSLContext | None,
+                    database: str | None = None) -> HandshakeV10:
+        """Log in as the pool's user with the stored secret; returns the server's greeting."""
+        pool = self.pool
+        secret = secrets.get(pool.user)
+        if secret is None:
+            raise AuthenticationFailed(f"no secret is stored for user {pool.user!r}")
+        password = secret.password
+        database = pool.database if database is None else database
+        seq, payload = await self.read_packet(1 << 16)
+        if payload[:1] == b"\xff":
+            raise MySQLServerError(payload)
+        greeting = HandshakeV10.parse(payload)
+        self.thread_id = greeting.connection_id
+        server_caps = greeting.capabilities
+        caps = (BACKEND_BASE_CAPABILITIES | self.profile.capabilities) & server_caps
+        if database:
+            caps |= my.CLIENT_CONNECT_WITH_DB
+        if server_caps & my.CLIENT_MYSQL:
+            caps |= my.CLIENT_MYSQL  # a MySQL server: no MariaDB extended capabilities
+        else:
+            caps &= ~my.CLIENT_MYSQL
+        seq += 1
+        if settings.backend_tls is not BackendTLSMode.DISABLE and tls is not None:
+            if server_caps & my.CLIENT_SSL:
+                self.write(frame(SSLRequest(caps | my.CLIENT_SSL, my.MAX_PACKET, self.profile.charset).build(), seq))
+                seq += 1
+                hostname = settings.backend_host if settings.backend_tls is BackendTLSMode.VERIFY_FULL else None
+                await self.start_tls(tls, server_side=False, server_hostname=hostname)
+                caps |= my.CLIENT_SSL
+            elif settings.backend_tls is not BackendTLSMode.PREFER:
+                raise BackendUnavailable("the backend does not accept TLS connections")
+        self.capabilities = caps
+        self.deprecate_eof = bool(caps & my.CLIENT_DEPRECATE_EOF)
+        self.cache_metadata = bool(caps & my.MARIADB_CLIENT_CACHE_METADATA)
+        self.multi_statements = bool(caps & my.CLIENT_MULTI_STATEMENTS)
+        plugin = greeting.auth_plugin_name or my.MYSQL_NATIVE_PASSWORD
+        nonce = greeting.auth_plugin_data
+        if plugin not in (my.MYSQL_NATIVE_PASSWORD, my.CACHING_SHA2_PASSWORD):
+            plugin = my.MYSQL_NATIVE_PASSWORD  # the server switches us if it wants another one
+        response = HandshakeResponse41(
+            caps, pool.user, _scramble(plugin, password, nonce), database or None, plugin,
+            CONNECT_ATTRS if caps & my.CLIENT_CONNECT_ATTRS else None, my.MAX_PACKET, self.profile.charset,
+        )
+        self.write(frame(response.build(), seq))
+        public_key_requested = False
+        while True:
+            seq, payload = await self.read_packet(1 << 16)
+            seq += 1
+            head = payload[:1]
+            if head == b"\x00":
+                self._login_ok(payload)
+                break
+            if head == b"\xff":
+                raise MySQLServerError(payload)
+            if head == b"\xfe":
+                switch = AuthSwitchRequest.parse(payload)
+                plugin, nonce = switch.plugin_name, switch.scramble
+                if plugin == my.MYSQL_CLEAR_PASSWORD:
+                    if not self.is_tls:
+                        raise BackendError("the backend asks for a clear-text password on a connection without TLS")
+                    answer = clear_password_response(password)
+                elif plugin in (my.MYSQL_NATIVE_PASSWORD, my.CACHING_SHA2_PASSWORD):
+                    answer = _scramble(plugin, password, nonce)
+                else:
+                    raise BackendError(f"the backend asks for an unsupported authentication plugin {plugin!r}")
+                self.write(frame(answer, seq))
+                continue
+            if head == b"\x01" and plugin in (my.CACHING_SHA2_PASSWORD, my.SHA256_PASSWORD):
+                data = payload[1:]
+                if data == bytes((my.CACHING_SHA2_FAST_AUTH_SUCCESS,)):
+                    continue  # OK follows
+                if data == bytes((my.CACHING_SHA2_PERFORM_FULL_AUTH,)):
+                    if self.is_tls:
+                        self.write(frame(clear_password_response(password), seq))
+                    else:
+                        public_key_requested = True
+                        self.write(frame(bytes((my.CACHING_SHA2_REQUEST_PUBLIC_KEY,)), seq))
+                    continue
+                if public_key_requested and data.startswith(b"-----BEGIN"):
+                    self.write(frame(rsa_encrypt_password(password, nonce, data), seq))
+                    continue
+            raise ProtocolViolation(f"unexpected packet 0x{payload[0]:02x} during backend login")
+        return greeting
+
+    def _login_ok(self, payload: bytes) -> None:
+        tracker = self.tracker
+        tracker.start(my.COM_PING, False)
+        tracker.feed(payload)
+
+
+def _scramble(plugin: str, password: bytes, nonce: bytes) -> bytes:
+    if plugin == my.CACHING_SHA2_PASSWORD:
+        return scramble_caching_sha2(password, nonce)
+    return scramble_native_password(password, nonce)
+
+
+def _text_row(packet: bytes) -> list[bytes | None]:
+    values: list[bytes | None] = []
+    pos = 0
+    end = len(packet)
+    while pos < end:
+        if packet[pos] == 0xFB:
+            values.append(None)
+            pos += 1
+        else:
+            value, pos = read_lenenc_str(packet, pos)
+            values.append(value)
+    return values
+
+
+async def open_backend(
+    pool: Pool, profile: Profile, settings: MySQLSettings, secrets: SecretStore, tls: ssl.SSLContext | None,
+    *, database: str | None = None, pooled: bool = True,
+) -> tuple[MySQLBackend, HandshakeV10]:
+    """Connect and log in a new backend connection for `pool` (pooled=False: one the pool never counts)."""
+    loop = asyncio.get_running_loop()
+    timeout = settings.backend_connect_timeout
+    try:
+        _, backend = await asyncio.wait_for(
+            loop.create_connection(lambda: MySQLBackend(pool, profile), settings.backend_host, settings.backend_port),
+            timeout,
+        )
+    except (OSError, TimeoutError) as exc:
+        raise BackendUnavailable(
+            f"cannot connect to the database at {settings.backend_host}:{settings.backend_port}: {exc}"
+        ) from None
+    if not pooled:
+        backend.forgotten = True
+    try:
+        greeting = await asyncio.wait_for(backend.login(settings, secrets, tls, database), timeout)
+        if pooled:
+            if not pool.target.max_connections:
+                rows = await asyncio.wait_for(backend.query("SELECT @@max_connections"), timeout)
+                pool.target.resolve_limits(int(rows[0][0] or 151))
+            if pool.settings.init_query:
+                await asyncio.wait_for(backend.query(pool.settings.init_query), timeout)
+    except BaseException as exc:
+        backend.forgotten = True  # never counted by the pool as open
+        backend.abort()
+        if isinstance(exc, TimeoutError):
+            raise BackendUnavailable("timed out logging in to the database") from None
+        if isinstance(exc, ConnectionClosed | OSError | ssl.SSLError):
+            raise BackendUnavailable(f"the database closed the connection during login: {exc}") from None
+        raise
+    return backend, greeting
+
+
+async def probe_server(settings: MySQLSettings) -> HandshakeV10:
+    """Read the server's greeting (version, capabilities, charset) and hang up."""
+    timeout = settings.backend_connect_timeout
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(settings.backend_host, settings.backend_port), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        raise BackendUnavailable(
+            f"cannot connect to the database at {settings.backend_host}:{settings.backend_port}: {exc}"
+        ) from None
+    try:
+        header = await asyncio.wait_for(reader.readexactly(4), timeout)
+        length = int.from_bytes(header[:3], "little")
+        if length > 1 << 16:
+            raise ProtocolViolation(f"server greeting of {length} bytes")
+        payload = await asyncio.wait_for(reader.readexactly(length), timeout)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        raise BackendUnavailable(f"no greeting from the database: {exc}") from None
+    finally:
+        writer.close()
+    if payload[:1] == b"\xff":
+        raise MySQLServerError(payload)
+    return HandshakeV10.parse(payload)

@@ -1,0 +1,176 @@
+"""The MySQL listener's shared state: target, pools, secrets, TLS contexts, RSA key and the KILL registry."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import ssl
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
+from proxy.config import Config, MySQLAuthMethod, ServerSettings
+from proxy.errors import ConfigError, ConnectionKilled, KillDenied, NoSuchThread, ProxyError
+from proxy.netio import ConnectionClosed
+from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, MySQLBackend, Profile, open_backend, probe_server
+from proxy.pool.pool import Backend, Pool, Target
+from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.packets import HandshakeV10, frame
+from proxy.secrets import SecretStore
+from proxy.tls import backend_context
+
+if TYPE_CHECKING:
+    from proxy.session.mysql_client import MySQLClient
+
+log = logging.getLogger(__name__)
+
+# The proxy's own announcement: what its codecs can relay (DEFAULT_SERVER_CAPABILITIES) plus the MariaDB
+# extensions the forwarder understands, always cut down to what the backend offers.
+ANNOUNCED_CAPABILITIES = my.DEFAULT_SERVER_CAPABILITIES | (RELAYED_CAPABILITIES & ~0xFFFFFFFF)
+
+
+class MySQLService:
+    """Everything MySQL client sessions share inside one process."""
+
+    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.server: ServerSettings = config.server
+        self.settings = config.mysql
+        self.secrets = secrets
+        self.server_tls = server_tls
+        self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
+        self.target = Target("mysql", self.settings.backend_host, self.settings.backend_port, self.settings.pool)
+        self.clients: dict[int, MySQLClient] = {}  # proxy connection id -> client (for KILL)
+        worker = int(os.environ.get("DBPROXY_WORKER", "0"))
+        self._connection_ids = itertools.count((worker << 24) + 1)
+        self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
+        self._probe: asyncio.Task[HandshakeV10] | None = None
+        self.rsa_key: rsa.RSAPrivateKey | None = None
+        self.rsa_public_pem = b""
+        if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:
+            self._load_rsa_key()
+
+    def _load_rsa_key(self) -> None:
+        path = self.settings.rsa_private_key_file
+        if path is None:
+            self.rsa_key, self.rsa_public_pem = generate_rsa_keypair()
+            return
+        try:
+            self.rsa_key = load_private_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot load the RSA private key: {exc}") from None
+        self.rsa_public_pem = public_key_pem(self.rsa_key)
+
+    # --- the backend's greeting ---
+
+    def start(self) -> None:
+        """Learn the backend's version and capabilities in the background."""
+        self._start_probe()
+
+    def _start_probe(self) -> asyncio.Task[HandshakeV10]:
+        if self._probe is None or (self._probe.done() and self.greeting is None):
+            self._probe = asyncio.get_running_loop().create_task(probe_server(self.settings))
+            self._probe.add_done_callback(self._probed)
+        return self._probe
+
+    def _probed(self, task: asyncio.Task[HandshakeV10]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.warning("MySQL backend %s:%d not reachable yet: %s", self.settings.backend_host,
+                        self.settings.backend_port, exc)
+            return
+        if self.greeting is None:
+            self.greeting = task.result()
+            log.info("MySQL backend is %s", self.greeting.server_version)
+
+    async def backend_greeting(self) -> HandshakeV10:
+        if self.greeting is not None:
+            return self.greeting
+        return await asyncio.shield(self._start_probe())
+
+    def announced_capabilities(self, greeting: HandshakeV10) -> int:
+        caps = ANNOUNCED_CAPABILITIES & greeting.capabilities
+        if not self.settings.local_infile:
+            caps &= ~my.CLIENT_LOCAL_FILES
+        if self.server_tls is not None:
+            caps |= my.CLIENT_SSL
+        return caps
+
+    # --- pools ---
+
+    def pool_for(self, database: str, user: str, profile: Profile) -> Pool:
+        key = (database, f"{user}\x00{profile.capabilities:x}/{profile.charset}")
+        pool = self.target.pools.get(key)
+        if pool is None:
+            async def connect(pool: Pool) -> Backend:
+                return await self._connect(pool, profile)
+
+            pool = self.target.pools[key] = Pool(self.target, database, user, connect)
+        return pool
+
+    async def _connect(self, pool: Pool, profile: Profile) -> Backend:
+        backend, greeting = await open_backend(pool, profile, self.settings, self.secrets, self.backend_tls)
+        self.greeting = greeting
+        return backend
+
+    def new_connection_id(self) -> int:
+        return next(self._connection_ids) & 0xFFFFFFFF
+
+    # --- KILL ---
+
+    async def kill(self, killer: MySQLClient, connection_id: int, query_only: bool) -> None:
+        """KILL [QUERY] with the proxy's connection id: act on what that client runs right now, and only that."""
+        target = self.clients.get(connection_id)
+        if target is None or target.closed:
+            raise NoSuchThread(f"Unknown thread id: {connection_id}")
+        if target.user != killer.user:
+            raise KillDenied(f"You are not owner of thread {connection_id}")
+        log.info("client %s: KILL %s%d", killer.peer, "QUERY " if query_only else "", connection_id)
+        if not query_only:
+            target.fail(ConnectionKilled("Connection was killed"))
+            return
+        backend = target.backend
+        if backend is None or backend.tracker.done:
+            log.info("KILL QUERY %d: that client runs nothing right now", connection_id)
+            return
+        target.kills_in_flight += 1  # its backend stays with it until the kill has landed
+        try:
+            await self.kill_query(backend)
+        finally:
+            target.kills_in_flight -= 1
+            target.kill_settled()
+
+    async def kill_query(self, backend: MySQLBackend) -> None:
+        """KILL QUERY the backend thread's statement, from a separate connection the pool never counts."""
+        pool = backend.pool
+        try:
+            conn, _ = await open_backend(pool, backend.profile, self.settings, self.secrets, self.backend_tls,
+                                         database="", pooled=False)
+        except ProxyError as exc:
+            log.warning("KILL QUERY for backend thread %d: cannot connect: %s", backend.thread_id, exc.message)
+            return
+        try:
+            await asyncio.wait_for(conn.query(f"KILL QUERY {backend.thread_id}"), self.settings.backend_connect_timeout)
+            log.info("KILL QUERY sent for backend thread %d", backend.thread_id)
+        except (ProxyError, ConnectionClosed, TimeoutError) as exc:
+            log.warning("KILL QUERY for backend thread %d failed: %s", backend.thread_id, exc)
+        finally:
+            conn.write(frame(bytes((my.COM_QUIT,))))
+            conn.close()
+
+    # --- maintenance ---
+
+    def maintain(self, now: float) -> None:
+        for pool in list(self.target.pools.values()):
+            pool.maintain(now)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        for pool in self.target.pools.values():
+            pool.close_all()
