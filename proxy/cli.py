@@ -61,14 +61,16 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run", help="serve the configuration file")
     run.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
     run.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and serve it on 127.0.0.1:6432")
+    demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and MariaDB and serve them on "
+                                       "127.0.0.1:6432 and 127.0.0.1:6033")
     demo.add_argument("--port", type=int, default=6432)
+    demo.add_argument("--mysql-port", type=int, default=6033)
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         from proxy.demo import run_demo
 
-        run_demo(args.dir, args.port)
+        run_demo(args.dir, args.port, args.mysql_port)
         return
     config_path = getattr(args, "config", None)
     try:

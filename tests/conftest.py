@@ -37,8 +37,9 @@ def pg_md5_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres
 
 @pytest.fixture(scope="session")
 def mariadb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBInstance]:
-    """MariaDB; user/db app (app-secret, mysql_native_password, + PROCESS); root/root."""
-    server = start_mariadb(tmp_path_factory.mktemp("mariadb"), users={"app": "app-secret"})
+    """MariaDB; users/dbs app (app-secret) and bench (bench-secret), mysql_native_password, + PROCESS; root/root."""
+    server = start_mariadb(tmp_path_factory.mktemp("mariadb"), users={"app": "app-secret", "bench": "bench-secret"},
+                           settings={"max_allowed_packet": "256M"})
     yield server
     server.stop()
 
@@ -50,6 +51,13 @@ def mariadb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB
 @pytest.fixture(scope="module")
 def pg_proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance) -> Iterator[ProxyProcess]:
     with running_proxy(tmp_path_factory.mktemp("proxy"), pg_server) as proxy:
+        yield proxy
+
+
+@pytest.fixture(scope="module")
+def mysql_proxy(tmp_path_factory: pytest.TempPathFactory, mariadb_server: MariaDBInstance) -> Iterator[ProxyProcess]:
+    """A proxy subprocess in transaction mode in front of mariadb_server (MySQL listener only)."""
+    with running_proxy(tmp_path_factory.mktemp("myproxy"), mariadb=mariadb_server) as proxy:
         yield proxy
 
 

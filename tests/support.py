@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from proxy.devservers import PostgresInstance, free_port
+from proxy.devservers import MariaDBInstance, PostgresInstance, free_port
 
 SECRETS = {"app": "app-secret", "bench": "bench-secret"}
 
@@ -106,13 +106,16 @@ class ProxyProcess:
 
 
 @contextmanager
-def running_proxy(folder: Path, pg: PostgresInstance, **overrides: dict[str, Any]) -> Iterator[ProxyProcess]:
-    """A proxy in front of `pg` on a free port; `overrides` are extra keys per section."""
+def running_proxy(folder: Path, pg: PostgresInstance | None = None, mariadb: MariaDBInstance | None = None,
+                  **overrides: dict[str, Any]) -> Iterator[ProxyProcess]:
+    """A proxy in front of `pg` and/or `mariadb` on free ports; `overrides` are extra keys per section."""
     sections: dict[str, dict[str, Any]] = {
         "server": {"log_level": "info", "client_login_timeout": 3.0},
         "secrets": {"file": "secrets.toml"},
-        "postgresql": {"port": free_port(), "backend_port": pg.port},
+        "postgresql": {"port": free_port(), "backend_port": pg.port} if pg is not None else {"enabled": False},
         "postgresql.pool": {"max_connections": 10, "connection_borrow_timeout": 30.0},
+        "mysql": {"port": free_port(), "backend_port": mariadb.port} if mariadb is not None else {"enabled": False},
+        "mysql.pool": {"max_connections": 10, "connection_borrow_timeout": 30.0},
     }
     for name, values in overrides.items():
         sections.setdefault(name.replace("__", "."), {}).update(values)
@@ -129,3 +132,8 @@ def backend_connections(pg: PostgresInstance, user: str = "app") -> int:
     """Client backends of `user` on the server right now (from pg_stat_activity)."""
     out = pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND backend_type = 'client backend'")
     return int(out.strip())
+
+
+def mysql_backend_connections(mariadb: MariaDBInstance, user: str = "app") -> int:
+    """Connections of `user` on the MariaDB server right now (from the processlist)."""
+    return int(mariadb.sql(f"SELECT count(*) FROM information_schema.processlist WHERE user = '{user}'"))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from proxy.protocol.mysql import constants as c
 from proxy.protocol.mysql.packets import (
     AuthSwitchRequest,
+    ChangeUser,
     EofPacket,
     ErrPacket,
     HandshakeResponse41,
@@ -830,6 +831,22 @@ def run_scan(tracker: ResponseTracker, packets: Sequence[bytes], chunk: int, seq
     assert not buf
 
 
+def run_scan_stream(tracker: ResponseTracker, packets: Sequence[bytes], chunk: int, seq: int = 1) -> int:
+    """scan(stream=True) as a forwarder uses it; returns the most bytes ever held back."""
+    wire, _ = frame_many(packets, seq)
+    buf = bytearray()
+    fed = forwarded = held = 0
+    while fed < len(wire):
+        buf += wire[fed : fed + chunk]
+        fed += chunk
+        consumed = tracker.scan(buf, stream=True)
+        forwarded += consumed
+        del buf[:consumed]
+        held = max(held, len(buf))
+    assert not buf and tracker.skip == 0 and forwarded == len(wire)
+    return held
+
+
 def check(
     command: int,
     deprecate_eof: bool,
@@ -842,11 +859,14 @@ def check(
 ) -> ResponseTracker:
     """Run the response through feed() and through scan() at several chunk sizes; same outcome each time."""
     results = []
-    for chunk in (None, 1, 3, 7, 64, 100_000):
+    for chunk, stream in ((None, False), (1, False), (3, False), (7, False), (64, False), (100_000, False),
+                          (1, True), (5, True), (64, True)):
         tracker = ResponseTracker()
         assert tracker.start(command, deprecate_eof, seq=None if chunk is None else 1, **options) is False
         if chunk is None:
             run_feed(tracker, packets)
+        elif stream:
+            run_scan_stream(tracker, packets, chunk)
         else:
             run_scan(tracker, packets, chunk)
         assert tracker.done
@@ -1265,3 +1285,36 @@ def test_tracker_scan_matches_feed(deprecate: bool, result_rows: list[list[bytes
     assert scanned.done and not buf
     assert (scanned.rows, scanned.status_flags, scanned.result_sets) == (fed.rows, fed.status_flags, fed.result_sets)
     assert fed.rows == sum(len(r) for r in result_rows)
+
+
+@both
+def test_scan_stream_forwards_huge_rows_without_holding_them(deprecate_eof: bool) -> None:
+    big = text_row(b"x" * (c.MAX_PACKET + 1000), b"y")  # one row in two frames
+    packets = [*metadata(deprecate_eof, "a", "b"), big, text_row(b"1", b"2"), term(deprecate_eof, AC | IN_TRANS)]
+    tracker = ResponseTracker()
+    tracker.start(c.COM_QUERY, deprecate_eof, seq=1)
+    held = run_scan_stream(tracker, packets, 65536)
+    assert tracker.done and tracker.rows == 2 and tracker.in_transaction
+    assert held < 65536 + 4  # never more than one read (plus a header) held back
+
+
+def test_scan_stream_checks_sequence_of_a_streamed_frame() -> None:
+    tracker = ResponseTracker()
+    tracker.start(c.COM_QUERY, False, seq=1)
+    wire, _ = frame_many(metadata(False, "a"), 1)
+    tracker.scan(wire, stream=True)
+    bad = frame(text_row(b"x" * 1000), 9)
+    with pytest.raises(ProtocolViolation):
+        tracker.scan(bad[:100], stream=True)
+
+
+def test_change_user_roundtrip_and_exact_bytes() -> None:
+    caps = c.CLIENT_PROTOCOL_41 | c.CLIENT_SECURE_CONNECTION | c.CLIENT_PLUGIN_AUTH | c.CLIENT_CONNECT_ATTRS
+    packet = ChangeUser("bob", b"\x01\x02", "db1", 45, "mysql_native_password", {"a": "b"})
+    wire = packet.build(caps)
+    assert wire == (b"\x11bob\x00\x02\x01\x02db1\x00\x2d\x00mysql_native_password\x00" + b"\x04\x01a\x01b")
+    assert ChangeUser.parse(wire, caps) == packet
+    short = ChangeUser("bob", b"", "")
+    assert ChangeUser.parse(short.build(caps), caps) == short
+    with pytest.raises(ProtocolViolation):
+        ChangeUser.parse(b"\x11bob", caps)
