@@ -90,6 +90,9 @@ class PoolSettings(Strict):
     max_connection_lifetime: float = Field(86400.0, gt=0, description="seconds before a backend is replaced")
     init_query: str = ""
     reset_query: str = "DISCARD ALL"
+    max_prepared_statements: int = Field(
+        256, ge=1, description="prepared statements kept per backend connection (LRU); clients' own are unlimited"
+    )
     reserved_connections: int = Field(3, ge=0, description="backend slots left free when sizing by percent")
 
     @field_validator("max_connections", "max_idle_connections")

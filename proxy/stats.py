@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(slots=True)
@@ -41,3 +41,20 @@ class ProxyStats:
 
 
 PROXY = ProxyStats()
+
+
+@dataclass(slots=True)
+class PinStats:
+    """Sessions pinned to their backend: how many now, and how often for each reason."""
+
+    current: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    def pinned(self, reason: str) -> None:
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+
+    def unpinned(self) -> None:
+        self.current -= 1
+
+
+PINS = PinStats()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 from proxy.auth.md5 import md5_response
@@ -14,6 +15,7 @@ from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
 from proxy.netio import Connection, ConnectionClosed
 from proxy.protocol.pg import messages as pg
+from proxy.protocol.pg.extended import ENDS, FORWARD, INJECT, SKIPS_TO_SYNC, SWALLOW, SYNC, Expectation
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 READY = 0x5A  # 'Z'
 PARAMETER_STATUS = 0x53  # 'S'
+ERROR = 0x45  # 'E'
+ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
 
 
 class PostgresBackend(Connection):
@@ -42,7 +46,10 @@ class PostgresBackend(Connection):
         self.tx_status = pg.IDLE
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self._skip = 0  # bytes of the current message still to pass before the next header
+        self._dropping = False  # the rest of the current message is dropped, not passed on
         self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
+        self.expect: deque[Expectation] = deque()  # requests sent, in the order their replies will come
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # statement names prepared here, LRU order
 
     def __repr__(self) -> str:
         return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
@@ -52,7 +59,9 @@ class PostgresBackend(Connection):
     def link(self, client: PostgresClient) -> None:
         self.client = client
         self._skip = 0
+        self._dropping = False
         self._partial = b""
+        self.expect.clear()
         if self._buffer:  # unsolicited output while idle (a notice): pass it on
             data = self.take_buffered()
             self.data_received(data)
@@ -75,33 +84,105 @@ class PostgresBackend(Connection):
         self._partial = b""
         end = len(scan)
         pos = self._skip
+        pieces: list[bytes] | None = None  # set once a reply is dropped or one is added
+        run_start = 0  # start of the bytes not yet handed to `pieces`
+        if pos and self._dropping:
+            pieces = []
+            run_start = min(pos, end)
+        expect = self.expect
         ready = 0
+        hold = end  # bytes from here on wait for the rest of their message
         while pos < end:
-            if end - pos < 6:
-                self._partial = scan[pos:]
-                pos = end
+            if end - pos < 5:
+                hold = pos
                 break
             kind = scan[pos]
             length = int.from_bytes(scan[pos + 1 : pos + 5], "big")
+            if length < 4:
+                self._broken(f"backend sent a message with length {length}")
+                return
             if kind == READY:
+                if end - pos < 6:
+                    hold = pos
+                    break
                 ready += 1
                 self.tx_status = scan[pos + 5]
             elif kind == PARAMETER_STATUS:
                 if end - pos < length + 1:
-                    self._partial = scan[pos:]
-                    pos = end
+                    hold = pos
                     break
                 name, value = pg.parse_parameter_status(scan[pos + 5 : pos + 1 + length])
                 self.params[name] = value
                 client.server_reported(name, value)
-            elif length < 4:
-                self._broken(f"backend sent a message with length {length}")
-                return
+                pos += 1 + length
+                continue
+            elif kind in ASYNC_REPLIES:
+                pos += 1 + length
+                continue
+            action = FORWARD
+            if expect:
+                head: Expectation | None = expect[0]
+                if head is not None and head.action == INJECT:
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(scan[run_start:pos])
+                    run_start = pos
+                    pieces.extend(self._pop_injections())
+                    head = expect[0] if expect else None
+                if head is not None:
+                    action = head.action
+                    if kind == ERROR and head.kind in SKIPS_TO_SYNC:
+                        action = FORWARD  # the client must see why its request failed
+                        self._skip_to_sync()
+                    elif kind in ENDS[head.kind]:
+                        expect.popleft()
+            if action == SWALLOW:
+                if pieces is None:
+                    pieces = []
+                pieces.append(scan[run_start:pos])
+                run_start = pos + 1 + length
             pos += 1 + length
-        self._skip = pos - end
-        client.transport.write(data)
+            if expect and expect[0].action == INJECT:
+                if pieces is None:
+                    pieces = []
+                stop = min(pos, end)
+                if run_start < stop:
+                    pieces.append(scan[run_start:stop])
+                    run_start = stop
+                pieces.extend(self._pop_injections())
+        if pos > end:
+            self._skip = pos - end
+            self._dropping = run_start > end
+        else:
+            self._skip = 0
+            self._dropping = False
+        if hold < end:
+            self._partial = scan[hold:]
+        if pieces is None:
+            client.transport.write(scan if hold == end else scan[:hold])
+        else:
+            if run_start < hold:
+                pieces.append(scan[run_start:hold])
+            client.transport.write(b"".join(pieces))
         if ready:
             client.backend_ready(self, ready)
+
+    def _pop_injections(self) -> list[bytes]:
+        out = []
+        expect = self.expect
+        while expect and expect[0].action == INJECT:
+            out.append(expect.popleft().payload)
+        return out
+
+    def _skip_to_sync(self) -> None:
+        """An extended-query request failed: the server skips to the next Sync, and so do the expectations."""
+        expect = self.expect
+        while expect and expect[0].kind != SYNC:
+            failed = expect.popleft()
+            if failed.prepared_name:
+                self.prepared.pop(failed.prepared_name, None)
+                if self.client is not None:
+                    self.client.statement_failed(failed.prepared_name)
 
     def _broken(self, reason: str) -> None:
         log.error("backend %s: %s; closing it", self, reason)

@@ -103,6 +103,8 @@ class Pool:
         self.validated_settings: set[tuple[str, str]] = set()
         self._settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
         self._next_settings_id = itertools.count(1)
+        self._statement_names: dict[bytes, bytes] = {}
+        self._next_statement = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"Pool({self.database}/{self.user}@{self.target.name})"
@@ -124,6 +126,15 @@ class Pool:
                 self._settings_ids.clear()
             found = self._settings_ids[key] = next(self._next_settings_id)
         return found
+
+    def statement_name(self, parse_rest: bytes) -> bytes:
+        """The backend name for a statement (query text and parameter types): shared by every client."""
+        name = self._statement_names.get(parse_rest)
+        if name is None:
+            if len(self._statement_names) >= 100_000:  # bounded; names are never reused
+                self._statement_names.clear()
+            name = self._statement_names[parse_rest] = b"dbproxy_%d" % next(self._next_statement)
+        return name
 
     def waiting_since(self) -> float:
         return self.waiters[0][0] if self.waiters else float("inf")

@@ -25,19 +25,56 @@ from proxy.errors import (
 from proxy.netio import Connection, ConnectionClosed
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
+from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
+from proxy.protocol.pg.extended import (
+    EXPECT_BIND,
+    EXPECT_CLOSE,
+    EXPECT_DESCRIBE_PORTAL,
+    EXPECT_DESCRIBE_STATEMENT,
+    EXPECT_EXECUTE,
+    EXPECT_FUNCTION_CALL,
+    EXPECT_PARSE,
+    EXPECT_QUERY,
+    EXPECT_SYNC,
+)
 from proxy.session.pg_service import PostgresService
-from proxy.stats import PROXY
+from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
 
 # What each client message type means to the forwarder (indexed by the type byte).
-INVALID, SYNC_POINT, SYNC, EXTENDED, COPY, TERMINATE = range(6)
+INVALID, INSPECTED, SYNC, EXTENDED, COPY, TERMINATE = range(6)
 ACTION = bytearray(256)
-for _kind, _action in (("Q", SYNC_POINT), ("F", SYNC_POINT), ("S", SYNC), ("P", EXTENDED), ("B", EXTENDED),
-                       ("D", EXTENDED), ("E", EXTENDED), ("C", EXTENDED), ("H", EXTENDED), ("d", COPY),
+for _kind, _action in (("Q", INSPECTED), ("F", INSPECTED), ("P", INSPECTED), ("B", INSPECTED), ("D", INSPECTED),
+                       ("C", INSPECTED), ("S", SYNC), ("E", EXTENDED), ("H", EXTENDED), ("d", COPY),
                        ("c", COPY), ("f", COPY), ("X", TERMINATE)):
     ACTION[ord(_kind)] = _action
+QUERY_BYTE, FUNCTION_CALL_BYTE, PARSE_BYTE, BIND_BYTE, DESCRIBE_BYTE, EXECUTE_BYTE = b"QFPBDE"
+STATEMENT = ord("S")
+
+# Words that may start or end session state a backend cannot carry to another client (checked in C, per query).
+SESSION_WORDS = re.compile(
+    rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
+    rb"deallocate|close|drop|role|session)\b"
+)
+DEALLOCATE = re.compile(rb'(?is)^\s*deallocate\s+(?:prepare\s+)?"?(?P<name>[^\s";]+)"?\s*;?\s*$')
+DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
+LOAD = re.compile(rb"(?i)^\s*load\s")
+
+# Read back after a transaction that used SESSION_WORDS: settings made in the session, and state that pins.
+SESSION_STATE_QUERY = (
+    "SELECT name, setting FROM pg_settings WHERE source = 'session'"
+    " UNION ALL SELECT '!listen', count(*)::text FROM pg_listening_channels()"
+    " UNION ALL SELECT '!temp', count(*)::text FROM pg_class WHERE relnamespace = pg_my_temp_schema()"
+    " UNION ALL SELECT '!advisory', count(*)::text FROM pg_locks"
+    " WHERE pid = pg_backend_pid() AND locktype = 'advisory'"
+    " UNION ALL SELECT '!hold', count(*)::text FROM pg_cursors WHERE is_holdable"
+    " UNION ALL SELECT '!prepare', count(*)::text FROM pg_prepared_statements WHERE from_sql"
+)
+PIN_REASONS = {"!listen": "LISTEN", "!temp": "temporary table", "!advisory": "session advisory lock",
+               "!hold": "cursor WITH HOLD", "!prepare": "SQL PREPARE"}
+STICKY_PINS = frozenset({"LOAD"})  # no catalog shows it: pinned until the client leaves
 
 FIXED_PARAMETERS = pg.READ_ONLY_PARAMETERS
 STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
@@ -96,6 +133,9 @@ class PostgresClient(Connection):
         self.wanted: dict[str, str] = {}  # the settings this client's session should have on any backend
         self.pending = 0  # Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back
         self.in_extended = False  # extended-query messages sent since the last Sync
+        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (backend name, Parse rest)
+        self.pins: set[str] = set()  # reasons this client keeps its backend between transactions
+        self._state_dirty = False  # a statement may have changed settings or pinned state
         self.active = True  # data seen since the janitor last looked
         self.settings_id = 0  # the pool's number for this client's settings, to compare with a backend's
         self.idle_since = 0.0
@@ -157,6 +197,8 @@ class PostgresClient(Connection):
             self._task.cancel()
         if self._acquiring is not None and self._borrowing:
             self._acquiring.cancel()
+        if self._partial or self._skip:
+            log.warning("client %s left in the middle of a message; the partial message was dropped", self.peer)
         backend = self.backend
         if backend is not None:
             self.backend = None
@@ -361,10 +403,10 @@ class PostgresClient(Connection):
             return
         current = backend.params
         wanted = self.wanted
-        statements = [f"SET {name} TO {_quote(value)}" for name, value in wanted.items()
-                      if current.get(name) != value]
-        statements += [f"RESET {name}" for name in current
-                       if name not in wanted and name not in FIXED_PARAMETERS]
+        changes = [f"set_config({_quote(name)}, {_quote(value)}, false)" for name, value in wanted.items()
+                   if current.get(name) != value]
+        resets = [f"RESET {name}" for name in current if name not in wanted and name not in FIXED_PARAMETERS]
+        statements = (["SELECT " + ", ".join(changes)] if changes else []) + resets
         if statements:
             await backend.simple_query(";".join(statements))
             self._after_sync(backend)
@@ -418,39 +460,197 @@ class PostgresClient(Connection):
         pos = self._skip
         limit = self.max_message
         action_of = ACTION
+        expect = backend.expect
+        pieces: list[bytes] | None = None  # set once a message is rewritten or dropped
+        run_start = 0
+        hold = end
         while pos < end:
             if end - pos < 5:
-                self._partial = scan[pos:]
-                backend.transport.write(scan[:pos])
-                self._skip = 0
-                return
+                hold = pos
+                break
             kind = scan[pos]
             action = action_of[kind]
             length = int.from_bytes(scan[pos + 1 : pos + 5], "big")
-            if action == SYNC_POINT:
-                self.pending += 1
+            if length < 4 or length > limit:
+                hold = pos
+                self._write_pieces(backend, pieces, scan, run_start, hold)
+                self.fail(ProtocolViolation(f"invalid message length {length} for message type {chr(kind)!r}"))
+                return
+            if action == INSPECTED:
+                if end - pos < 1 + length:
+                    hold = pos  # whole message needed: names may be rewritten
+                    break
+                replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
+                if replacement is not None:
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(scan[run_start:pos])
+                    pieces.append(replacement)
+                    run_start = pos + 1 + length
             elif action == SYNC:
                 self.pending += 1
                 self.in_extended = False
+                expect.append(EXPECT_SYNC)
             elif action == EXTENDED:
                 self.in_extended = True
+                if kind == EXECUTE_BYTE:
+                    expect.append(EXPECT_EXECUTE)
             elif action == TERMINATE:
-                backend.transport.write(scan[:pos])
+                self._write_pieces(backend, pieces, scan, run_start, pos)
                 self._terminate()
                 return
             elif action == INVALID:
-                backend.transport.write(scan[:pos])
+                self._write_pieces(backend, pieces, scan, run_start, pos)
                 self.fail(ProtocolViolation(f"invalid frontend message type {kind}"))
                 return
-            if length < 4 or length > limit:
-                backend.transport.write(scan[:pos])
-                self.fail(ProtocolViolation(f"invalid message length {length} for message type {chr(kind)!r}"))
-                return
             pos += 1 + length
-        self._skip = pos - end
-        backend.transport.write(scan)
+        if pos > end:
+            self._skip = pos - end
+        else:
+            self._skip = 0
+        if hold < end:
+            self._partial = scan[hold:]
+        if pieces is None:
+            backend.transport.write(scan if hold == end else scan[:hold])
+        else:
+            self._write_pieces(backend, pieces, scan, run_start, hold)
         if self.pending == 0:
             self._release_if_done(backend)
+
+    @staticmethod
+    def _write_pieces(backend: PostgresBackend, pieces: list[bytes] | None, scan: bytes, start: int,
+                      stop: int) -> None:
+        if pieces is None:
+            backend.transport.write(scan[:stop])
+            return
+        if start < stop:
+            pieces.append(scan[start:stop])
+        backend.transport.write(b"".join(pieces))
+
+    # --- messages that are read whole: queries and named statements ---
+
+    def _inspect(self, kind: int, body: bytes, backend: PostgresBackend) -> bytes | None:
+        """Note what a Query/Parse/Bind/Describe/Close asks; return its replacement bytes, or None to pass it."""
+        expect = backend.expect
+        if kind == QUERY_BYTE:
+            self.pending += 1
+            replacement = self._session_statement(body[:-1], backend) if SESSION_WORDS.search(body) else None
+            expect.append(EXPECT_QUERY)
+            return replacement
+        if kind == FUNCTION_CALL_BYTE:
+            self.pending += 1
+            expect.append(EXPECT_FUNCTION_CALL)
+            return None
+        self.in_extended = True
+        if kind == PARSE_BYTE:
+            name, rest = ext.split_parse(body)
+            if SESSION_WORDS.search(rest):
+                self._note_session_words(ext.parse_query_text(rest))
+            if not name:
+                expect.append(EXPECT_PARSE)
+                return None
+            return self._parse_named(name, rest, backend)
+        if kind == BIND_BYTE:
+            portal, name, rest = ext.split_bind(body)
+            statement = self.statements.get(name) if name else None
+            if statement is None:
+                expect.append(EXPECT_BIND)
+                return None
+            prefix = self._ensure_prepared(backend, *statement)
+            expect.append(EXPECT_BIND)
+            return prefix + ext.build_bind(portal, statement[0], rest)
+        target, name = ext.split_target(body, "Describe" if kind == DESCRIBE_BYTE else "Close")
+        if kind == DESCRIBE_BYTE:
+            if target == STATEMENT and name and name in self.statements:
+                statement = self.statements[name]
+                prefix = self._ensure_prepared(backend, *statement)
+                expect.append(EXPECT_DESCRIBE_STATEMENT)
+                return prefix + ext.build_target(b"D", target, statement[0])
+            expect.append(EXPECT_DESCRIBE_STATEMENT if target == STATEMENT else EXPECT_DESCRIBE_PORTAL)
+            return None
+        if target == STATEMENT and name:  # Close of a named statement: the client's name goes, the backend's stays
+            self.statements.pop(name, None)
+            self._inject(backend, ext.CLOSE_COMPLETE)
+            return b""
+        expect.append(EXPECT_CLOSE)
+        return None
+
+    def _parse_named(self, name: bytes, rest: bytes, backend: PostgresBackend) -> bytes:
+        pool = backend.pool
+        existing = self.statements.get(name)
+        if existing is not None:  # the server itself answers "already exists" (42P05)
+            prefix = self._ensure_prepared(backend, *existing)
+            backend.expect.append(EXPECT_PARSE)
+            return prefix + ext.build_parse(existing[0], rest)
+        proxy_name = pool.statement_name(rest)
+        self.statements[name] = (proxy_name, rest)
+        prepared = backend.prepared
+        if proxy_name in prepared:
+            prepared.move_to_end(proxy_name)
+            self._inject(backend, ext.PARSE_COMPLETE)
+            return b""
+        prefix = self._evict_if_full(backend)
+        prepared[proxy_name] = None
+        backend.expect.append(ext.Expectation(ext.PARSE, ext.FORWARD, prepared_name=proxy_name))
+        return prefix + ext.build_parse(proxy_name, rest)
+
+    def _ensure_prepared(self, backend: PostgresBackend, proxy_name: bytes, rest: bytes) -> bytes:
+        """A Parse to send first (its reply swallowed) when this backend lacks the statement, else nothing."""
+        prepared = backend.prepared
+        if proxy_name in prepared:
+            prepared.move_to_end(proxy_name)
+            return b""
+        prefix = self._evict_if_full(backend)
+        prepared[proxy_name] = None
+        backend.expect.append(ext.Expectation(ext.PARSE, ext.SWALLOW, prepared_name=proxy_name))
+        return prefix + ext.build_parse(proxy_name, rest)
+
+    def _evict_if_full(self, backend: PostgresBackend) -> bytes:
+        prepared = backend.prepared
+        if len(prepared) < self.service.settings.pool.max_prepared_statements:
+            return b""
+        oldest, _ = prepared.popitem(last=False)
+        backend.expect.append(ext.Expectation(ext.CLOSE, ext.SWALLOW))
+        return ext.build_target(b"C", STATEMENT, oldest)
+
+    def _inject(self, backend: PostgresBackend, reply: bytes) -> None:
+        """A reply the proxy gives itself, in its place among the backend's replies."""
+        if backend.expect:
+            backend.expect.append(ext.Expectation(ext.CLOSE, ext.INJECT, reply))
+        else:
+            self.write(reply)
+
+    def statement_failed(self, proxy_name: bytes) -> None:
+        """A Parse of ours failed on the backend: the client's name for it does not exist either."""
+        for name in [n for n, (p, _) in self.statements.items() if p == proxy_name]:
+            del self.statements[name]
+
+    def _session_statement(self, sql: bytes, backend: PostgresBackend) -> bytes | None:
+        """A Query that may change session state: DEALLOCATE is mapped, the rest noted for inspection."""
+        match = DEALLOCATE.match(sql)
+        if match is None:
+            self._note_session_words(sql)
+            return None
+        name = match.group("name")
+        if name.lower() == b"all":
+            self.statements.clear()
+            backend.prepared.clear()
+            return None
+        statement = self.statements.pop(name, None)
+        if statement is None:
+            return None  # an SQL-level PREPAREd statement, or an error the server reports
+        prefix = self._ensure_prepared(backend, *statement)
+        backend.prepared.pop(statement[0], None)
+        return prefix + pg.query(f"DEALLOCATE {statement[0].decode()}")
+
+    def _note_session_words(self, sql: bytes) -> None:
+        self._state_dirty = True
+        if DISCARD_ALL.search(sql):
+            self.statements.clear()
+            if self.backend is not None:
+                self.backend.prepared.clear()
+        if LOAD.match(sql):
+            self._pin("LOAD")
 
     def _dispatch_unlinked(self) -> None:
         """With no backend: answer what needs none (Sync, Flush, Terminate, stray COPY data), else borrow one."""
@@ -540,16 +740,73 @@ class PostgresClient(Connection):
 
     def _release_if_done(self, backend: PostgresBackend) -> None:
         """Transaction mode: back to the pool once nothing is running, pending or half-sent."""
-        if self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial:
+        if self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial or backend.expect:
             return
         self.pending = 0
         pool = backend.pool
-        if pool.session_mode:
+        if self._state_dirty and not pool.session_mode:
+            self._state_dirty = False
+            self.backend = None
+            backend.unlink()
+            self._acquiring = self.loop.create_task(self._inspect_session(backend))
+            return
+        if pool.session_mode or self.pins:
             return
         self.backend = None
         backend.unlink()
         pool.stats.transactions += 1
         pool.release(backend)
+
+    async def _inspect_session(self, backend: PostgresBackend) -> None:
+        """After a transaction that may have changed session state: read it back, then release or pin."""
+        pool = backend.pool
+        try:
+            rows = await backend.simple_query(SESSION_STATE_QUERY)
+        except (ProxyError, ConnectionClosed, OSError) as exc:
+            self._acquiring = None
+            pool.discard(backend)
+            self.fail(BackendUnavailable(f"the database connection failed: {exc}"))
+            return
+        reported = pool.server_params
+        settings = {str(name): value or "" for name, value in rows if name and not name.startswith("!")}
+        for name in [n for n in self.wanted if n not in reported]:
+            del self.wanted[name]
+        for name in [n for n in backend.params if n not in reported]:
+            del backend.params[name]
+        for name, value in settings.items():
+            if name not in reported and name not in FIXED_PARAMETERS:
+                self.wanted[name] = value
+                backend.params[name] = value
+        self.settings_id = backend.settings_id = pool.settings_id(self.wanted)
+        pins = {PIN_REASONS[name] for name, count in rows if name in PIN_REASONS and count not in (None, "0")}
+        pins |= self.pins & STICKY_PINS
+        for reason in pins - self.pins:
+            PINS.pinned(reason)
+            log.info("client %s pinned to backend %s: %s", self.peer, backend, reason)
+        if self.pins and not pins:
+            PINS.unpinned()
+            log.info("client %s unpinned: its session state is gone", self.peer)
+        elif pins and not self.pins:
+            PINS.current += 1
+        self.pins = pins
+        self._acquiring = None
+        if self.closed:
+            self._return_after_client(backend)
+        elif pins:
+            self._attach(backend)
+        else:
+            pool.stats.transactions += 1
+            pool.release(backend)
+            if self._held:
+                self._dispatch_unlinked()
+
+    def _pin(self, reason: str) -> None:
+        if reason not in self.pins:
+            if not self.pins:
+                PINS.current += 1
+            self.pins.add(reason)
+            PINS.pinned(reason)
+            log.info("client %s pinned to its backend: %s", self.peer, reason)
 
     def backend_lost(self, backend: PostgresBackend, exc: Exception | None) -> None:
         backend.pool.discard(backend)

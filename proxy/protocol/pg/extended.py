@@ -1,0 +1,99 @@
+"""Extended-query bookkeeping: statement names in Parse/Bind/Describe/Close, and which reply ends which request."""
+
+from __future__ import annotations
+
+from proxy.errors import ProtocolViolation
+from proxy.protocol.pg.messages import INT32
+
+# Requests whose replies the proxy follows, in the order the backend will answer them.
+QUERY, SYNC, FUNCTION_CALL, PARSE, BIND, DESCRIBE_STATEMENT, DESCRIBE_PORTAL, EXECUTE, CLOSE = range(9)
+# What the proxy does with the replies to one request.
+FORWARD, SWALLOW, INJECT = range(3)
+
+# For each request kind: the reply types that end it (an ErrorResponse also ends extended-query requests).
+ENDS: tuple[frozenset[int], ...] = (
+    frozenset(b"Z"),  # QUERY
+    frozenset(b"Z"),  # SYNC
+    frozenset(b"Z"),  # FUNCTION_CALL
+    frozenset(b"1"),  # PARSE: ParseComplete
+    frozenset(b"2"),  # BIND: BindComplete
+    frozenset(b"Tn"),  # DESCRIBE_STATEMENT: ParameterDescription, then RowDescription or NoData
+    frozenset(b"Tn"),  # DESCRIBE_PORTAL
+    frozenset(b"CIs"),  # EXECUTE: CommandComplete, EmptyQueryResponse, PortalSuspended
+    frozenset(b"3"),  # CLOSE: CloseComplete
+)
+# After an ErrorResponse to one of these, the server skips everything up to the next Sync.
+SKIPS_TO_SYNC = frozenset({PARSE, BIND, DESCRIBE_STATEMENT, DESCRIBE_PORTAL, EXECUTE, CLOSE})
+
+PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+
+
+class Expectation:
+    """One request the backend will answer: its kind, what to do with the replies, and bookkeeping."""
+
+    __slots__ = ("action", "kind", "payload", "prepared_name")
+
+    def __init__(self, kind: int, action: int = FORWARD, payload: bytes = b"", prepared_name: bytes = b"") -> None:
+        self.kind = kind
+        self.action = action
+        self.payload = payload  # bytes to send to the client, for INJECT
+        self.prepared_name = prepared_name  # a statement this Parse creates on the backend (undone on error)
+
+
+# Shared expectations for the common requests (no per-message allocation).
+EXPECT_QUERY = Expectation(QUERY)
+EXPECT_SYNC = Expectation(SYNC)
+EXPECT_FUNCTION_CALL = Expectation(FUNCTION_CALL)
+EXPECT_PARSE = Expectation(PARSE)
+EXPECT_BIND = Expectation(BIND)
+EXPECT_DESCRIBE_STATEMENT = Expectation(DESCRIBE_STATEMENT)
+EXPECT_DESCRIBE_PORTAL = Expectation(DESCRIBE_PORTAL)
+EXPECT_EXECUTE = Expectation(EXECUTE)
+EXPECT_CLOSE = Expectation(CLOSE)
+
+
+def _name_end(body: bytes, start: int, what: str) -> int:
+    end = body.find(b"\x00", start)
+    if end < 0:
+        raise ProtocolViolation(f"{what} has no NUL-terminated name")
+    return end
+
+
+def split_parse(body: bytes) -> tuple[bytes, bytes]:
+    """Parse body -> (statement name, the rest: query, parameter count and types)."""
+    end = _name_end(body, 0, "Parse")
+    return body[:end], body[end + 1 :]
+
+
+def build_parse(name: bytes, rest: bytes) -> bytes:
+    return b"P" + INT32.pack(len(name) + len(rest) + 5) + name + b"\x00" + rest
+
+
+def parse_query_text(rest: bytes) -> bytes:
+    """The SQL text at the start of a Parse body's rest."""
+    end = rest.find(b"\x00")
+    return rest[:end] if end >= 0 else rest
+
+
+def split_bind(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """Bind body -> (portal, statement name, the rest)."""
+    portal_end = _name_end(body, 0, "Bind")
+    statement_end = _name_end(body, portal_end + 1, "Bind")
+    return body[:portal_end], body[portal_end + 1 : statement_end], body[statement_end + 1 :]
+
+
+def build_bind(portal: bytes, statement: bytes, rest: bytes) -> bytes:
+    size = len(portal) + len(statement) + len(rest) + 6
+    return b"B" + INT32.pack(size) + portal + b"\x00" + statement + b"\x00" + rest
+
+
+def split_target(body: bytes, what: str) -> tuple[int, bytes]:
+    """Describe/Close body -> (b'S' or b'P' as int, name)."""
+    if len(body) < 2 or body[0] not in b"SP" or body[-1] != 0:
+        raise ProtocolViolation(f"malformed {what} message")
+    return body[0], body[1:-1]
+
+
+def build_target(kind: bytes, target: int, name: bytes) -> bytes:
+    return kind + INT32.pack(len(name) + 6) + bytes((target,)) + name + b"\x00"
