@@ -7,7 +7,7 @@ import re
 import tomllib
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -59,6 +59,7 @@ class ServerSettings(Strict):
         1 << 30, gt=1024, description="largest single protocol message accepted from a client, bytes"
     )
     shutdown_grace: float = Field(10.0, ge=0)
+    metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus endpoint port; -1 off, 0 a free port")
 
 
 class TLSSettings(Strict):
@@ -129,6 +130,10 @@ class PostgresSettings(Strict):
     backend_ca_file: Path | None = None
     backend_connect_timeout: float = Field(10.0, gt=0)
     server_version: str = Field("", description="server_version shown to clients; empty means the backend's")
+    session_pinning_filters: list[Literal["exclude_variable_sets"]] = Field(
+        default_factory=list,
+        description="RDS Proxy SessionPinningFilters: exclude_variable_sets stops tracking SET statements",
+    )
     pool: PoolSettings = PoolSettings()
 
 

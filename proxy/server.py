@@ -76,6 +76,10 @@ class ProxyServer:
             self.mysql.start()
             log.info("MySQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host, self.ports["mysql"],
                      my_settings.backend_host, my_settings.backend_port, my_settings.pool.mode)
+        if self.config.server.metrics_port >= 0:
+            from proxy.metrics import serve_metrics
+
+            self.ports["metrics"] = serve_metrics(self, self.config.server.host, self.config.server.metrics_port)
         self._janitor = loop.create_task(self._run_janitor())
 
     async def _run_janitor(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import asyncpg
@@ -126,8 +127,8 @@ def test_settings_follow_the_client_and_never_leak(tmp_path: Path, pg_server: Po
 
 
 def test_listen_and_temp_tables_pin_then_unpin(tmp_path: Path, pg_server: PostgresInstance) -> None:
-    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 2,
-                                                             "connection_borrow_timeout": 3.0}) as proxy:
+    with running_proxy(tmp_path, pg_server, server={"metrics_port": 0},
+                       postgresql__pool={"max_connections": 2, "connection_borrow_timeout": 3.0}) as proxy:
         with connect(proxy, prepare_threshold=None) as listener, connect(proxy, prepare_threshold=None) as other:
             listener.execute("LISTEN news")
             proxy.wait_for_log("pinned to backend .*: LISTEN")
@@ -155,3 +156,17 @@ def test_listen_and_temp_tables_pin_then_unpin(tmp_path: Path, pg_server: Postgr
             with connect(proxy, prepare_threshold=None) as third:  # gets the other only if listener let go
                 assert third.execute("SELECT 3").fetchone() == (3,)
             other.execute("COMMIT")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode()
+        assert 'dbproxy_session_pins_total{reason="LISTEN"} 1.0' in metrics
+        assert 'dbproxy_session_pins_total{reason="temporary table"} 1.0' in metrics
+        assert "dbproxy_database_connections_currently_session_pinned 0.0" in metrics
+        assert 'dbproxy_database_connections{database="app",engine="postgresql",user="app"} 2.0' in metrics
+
+
+def test_pinning_filter_exclude_variable_sets(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """With the filter, SETs are not tracked: the documented risk is real, and no read-back happens."""
+    with running_proxy(tmp_path, pg_server, postgresql={"session_pinning_filters": ["exclude_variable_sets"]},
+                       postgresql__pool={"max_connections": 1}) as proxy:
+        with connect(proxy, prepare_threshold=None) as a, connect(proxy, prepare_threshold=None) as b:
+            a.execute("SET work_mem = '9MB'")
+            assert b.execute("SHOW work_mem").fetchone() == ("9MB",)  # leaked, as documented

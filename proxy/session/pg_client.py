@@ -58,6 +58,7 @@ SESSION_WORDS = re.compile(
     rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
     rb"deallocate|close|drop|role|session)\b"
 )
+VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
 DEALLOCATE = re.compile(rb'(?is)^\s*deallocate\s+(?:prepare\s+)?"?(?P<name>[^\s";]+)"?\s*;?\s*$')
 DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
 LOAD = re.compile(rb"(?i)^\s*load\s")
@@ -644,6 +645,10 @@ class PostgresClient(Connection):
         return prefix + pg.query(f"DEALLOCATE {statement[0].decode()}")
 
     def _note_session_words(self, sql: bytes) -> None:
+        if self.service.exclude_variable_sets and all(
+            word.lower() in VARIABLE_WORDS for word in SESSION_WORDS.findall(sql)
+        ):
+            return  # the user chose not to track SETs: they stay on whichever backend ran them
         self._state_dirty = True
         if DISCARD_ALL.search(sql):
             self.statements.clear()

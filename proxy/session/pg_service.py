@@ -32,6 +32,7 @@ class PostgresService:
         self.target = Target(
             "postgresql", self.settings.backend_host, self.settings.backend_port, self.settings.pool
         )
+        self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
         worker = int(os.environ.get("DBPROXY_WORKER", "0"))
         self._process_ids = itertools.count((worker << 24) + 1)
