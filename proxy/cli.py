@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from proxy.errors import ConfigError
 from proxy.server import ProxyServer
 
 log = logging.getLogger("proxy")
+READY_MESSAGE = "dbproxy ready: {listeners}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run", help="serve the configuration file")
     run.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
     run.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes sharing the ports with SO_REUSEPORT (default: [server] workers; 0: cores)")
     demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and MariaDB and serve them on "
                                        "127.0.0.1:6432 and 127.0.0.1:6033")
     demo.add_argument("--port", type=int, default=6432)
@@ -82,4 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{config_path}: OK")
         return
     setup_logging(config.server.log_level, config.server.log_format)
-    uvloop.run(serve(config, "dbproxy ready: {listeners}"))
+    workers = args.workers if args.workers is not None else config.server.workers
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        from proxy.workers import run_supervisor
+
+        run_supervisor(config, workers, READY_MESSAGE)
+        return
+    uvloop.run(serve(config, READY_MESSAGE))

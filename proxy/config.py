@@ -59,6 +59,7 @@ class ServerSettings(Strict):
         1 << 30, gt=1024, description="largest single protocol message accepted from a client, bytes"
     )
     shutdown_grace: float = Field(10.0, ge=0)
+    workers: int = Field(0, ge=0, le=64, description="worker processes sharing the ports; 0 means one per core")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus endpoint port; -1 off, 0 a free port")
 
 

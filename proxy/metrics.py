@@ -1,10 +1,13 @@
-"""Prometheus endpoint: one collector that reads the counters in proxy.stats and the pools at scrape time."""
+"""Prometheus endpoint: snapshots of the counters in proxy.stats and the pools, merged across worker processes."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,79 +16,121 @@ from prometheus_client.registry import Collector
 from proxy.stats import PINS, PROXY
 
 if TYPE_CHECKING:
-    from proxy.pool.pool import Target
     from proxy.server import ProxyServer
 
 log = logging.getLogger(__name__)
 
+Snapshot = dict[str, Any]
 
-class StatsCollector(Collector):
-    """Turns the proxy's counters into metrics named after RDS Proxy's (nothing is counted twice)."""
+PROXY_METRICS = (  # (metric, kind, help, field of ProxyStats)
+    ("client_connections", "gauge", "Client connections open now", "clients_current"),
+    ("client_connections_received", "counter", "Client connections accepted", "clients_accepted"),
+    ("client_connections_setup_succeeded", "counter", "Client logins that succeeded", "logins_ok"),
+    ("client_connections_setup_failed_auth", "counter", "Client logins refused", "logins_failed"),
+    ("protocol_errors", "counter", "Clients closed for protocol violations", "protocol_errors"),
+    ("idle_client_timeouts", "counter", "Clients closed by the idle client timeout", "idle_client_timeouts"),
+    ("login_timeouts", "counter", "Clients closed by the login timeout", "login_timeouts"),
+)
+POOL_METRICS = (  # (metric, help, field of PoolStats)
+    ("database_connection_borrows", "Backend connections lent to clients", "borrows"),
+    ("database_connection_borrow_waits", "Borrows that had to wait", "waits"),
+    ("database_connection_borrow_timeouts", "Borrows that timed out", "borrow_timeouts"),
+    ("database_connections_opened", "Backend connections opened", "opened"),
+    ("database_connections_closed", "Backend connections closed", "closed"),
+    ("database_connection_failures", "Backend connections that failed to open", "connect_failures"),
+    ("transactions", "Transactions (or statements) served", "transactions"),
+)
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
 
-    def targets(self) -> list[tuple[str, Target]]:
-        found = [("postgresql", self.server.postgres.target)]
-        mysql = getattr(self.server, "mysql", None)
-        if mysql is not None:
-            found.append(("mysql", mysql.target))
-        return found
+def snapshot(server: ProxyServer) -> Snapshot:
+    """This process's counters as plain data."""
+    pools = []
+    targets = [("postgresql", server.postgres.target)]
+    mysql = getattr(server, "mysql", None)
+    if mysql is not None:
+        targets.append(("mysql", mysql.target))
+    for engine, target in targets:
+        for pool in list(target.pools.values()):
+            pools.append({"engine": engine, "database": pool.database, "user": pool.user,
+                          "open": len(pool.idle) + len(pool.busy), "borrowed": len(pool.busy),
+                          **pool.stats.as_dict()})
+    return {"proxy": PROXY.as_dict(), "pinned": PINS.current, "pins": dict(PINS.by_reason), "pools": pools}
+
+
+def merge(parts: list[Snapshot]) -> Snapshot:
+    """Add up the snapshots of several workers."""
+    total: Snapshot = {"proxy": {}, "pinned": 0, "pins": {}, "pools": []}
+    pools: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for part in parts:
+        for name, value in part["proxy"].items():
+            total["proxy"][name] = total["proxy"].get(name, 0) + value
+        total["pinned"] += part["pinned"]
+        for reason, count in part["pins"].items():
+            total["pins"][reason] = total["pins"].get(reason, 0) + count
+        for pool in part["pools"]:
+            key = (pool["engine"], pool["database"], pool["user"])
+            merged = pools.setdefault(key, {"engine": key[0], "database": key[1], "user": key[2]})
+            for name, value in pool.items():
+                if isinstance(value, int | float):
+                    merged[name] = merged.get(name, 0) + value
+    total["pools"] = list(pools.values())
+    return total
+
+
+def families(data: Snapshot) -> Iterator[Metric]:
+    """Metric families named after RDS Proxy's metrics."""
+    for name, kind, help_text, field in PROXY_METRICS:
+        make = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+        yield make(f"dbproxy_{name}", help_text, value=data["proxy"].get(field, 0))
+    yield GaugeMetricFamily("dbproxy_database_connections_currently_session_pinned",
+                            "Client sessions pinned to their backend now", value=data["pinned"])
+    pins = CounterMetricFamily("dbproxy_session_pins", "Times a session was pinned, by reason", labels=["reason"])
+    for reason, count in sorted(data["pins"].items()):
+        pins.add_metric([reason], count)
+    yield pins
+    labels = ["engine", "database", "user"]
+    gauges = [GaugeMetricFamily("dbproxy_database_connections", "Backend connections open", labels=labels),
+              GaugeMetricFamily("dbproxy_database_connections_currently_borrowed",
+                                "Backend connections lent to a client now", labels=labels)]
+    counters = [CounterMetricFamily(f"dbproxy_{name}", help_text, labels=labels) for name, help_text, _ in POOL_METRICS]
+    for pool in data["pools"]:
+        key = [pool["engine"], pool["database"], pool["user"]]
+        gauges[0].add_metric(key, pool["open"])
+        gauges[1].add_metric(key, pool["borrowed"])
+        for family, (_, _, field) in zip(counters, POOL_METRICS, strict=True):
+            family.add_metric(key, pool[field])
+    yield from gauges
+    yield from counters
+
+
+class SnapshotCollector(Collector):
+    """Collects whatever `source` returns at scrape time."""
+
+    def __init__(self, source: Callable[[], Snapshot]) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("dbproxy_client_connections", "Client connections open now",
-                                value=PROXY.clients_current)
-        yield CounterMetricFamily("dbproxy_client_connections_received", "Client connections accepted",
-                                  value=PROXY.clients_accepted)
-        yield CounterMetricFamily("dbproxy_client_connections_setup_succeeded", "Client logins that succeeded",
-                                  value=PROXY.logins_ok)
-        yield CounterMetricFamily("dbproxy_client_connections_setup_failed_auth", "Client logins refused",
-                                  value=PROXY.logins_failed)
-        yield CounterMetricFamily("dbproxy_protocol_errors", "Clients closed for protocol violations",
-                                  value=PROXY.protocol_errors)
-        yield CounterMetricFamily("dbproxy_idle_client_timeouts", "Clients closed by the idle client timeout",
-                                  value=PROXY.idle_client_timeouts)
-        yield GaugeMetricFamily("dbproxy_database_connections_currently_session_pinned",
-                                "Client sessions pinned to their backend now", value=PINS.current)
-        pins = CounterMetricFamily("dbproxy_session_pins", "Times a session was pinned, by reason", labels=["reason"])
-        for reason, count in sorted(PINS.by_reason.items()):
-            pins.add_metric([reason], count)
-        yield pins
-        labels = ["engine", "database", "user"]
-        open_now = GaugeMetricFamily("dbproxy_database_connections", "Backend connections open", labels=labels)
-        borrowed = GaugeMetricFamily("dbproxy_database_connections_currently_borrowed",
-                                     "Backend connections lent to a client now", labels=labels)
-        counters = {
-            name: CounterMetricFamily(f"dbproxy_{name}", help_text, labels=labels)
-            for name, help_text in (
-                ("database_connection_borrows", "Backend connections lent to clients"),
-                ("database_connection_borrow_waits", "Borrows that had to wait"),
-                ("database_connection_borrow_timeouts", "Borrows that timed out"),
-                ("database_connections_opened", "Backend connections opened"),
-                ("database_connections_closed", "Backend connections closed"),
-                ("database_connection_failures", "Backend connections that failed to open"),
-                ("transactions", "Transactions (or statements) served"),
-            )
-        }
-        fields = {"database_connection_borrows": "borrows", "database_connection_borrow_waits": "waits",
-                  "database_connection_borrow_timeouts": "borrow_timeouts", "database_connections_opened": "opened",
-                  "database_connections_closed": "closed", "database_connection_failures": "connect_failures",
-                  "transactions": "transactions"}
-        for engine, target in self.targets():
-            for pool in list(target.pools.values()):
-                key = [engine, pool.database, pool.user]
-                open_now.add_metric(key, len(pool.idle) + len(pool.busy))
-                borrowed.add_metric(key, len(pool.busy))
-                for name, family in counters.items():
-                    family.add_metric(key, getattr(pool.stats, fields[name]))
-        yield open_now
-        yield borrowed
-        yield from counters.values()
+        return families(self.source())
 
 
-def serve_metrics(server: ProxyServer, host: str, port: int) -> int:
+def read_worker_snapshot(path: Path) -> Snapshot | None:
+    """Ask one worker for its snapshot over its unix socket (None if it does not answer)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(path))
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return dict(json.loads(b"".join(chunks)))
+    except (OSError, ValueError) as exc:
+        log.warning("metrics: worker at %s did not answer: %s", path, exc)
+        return None
+
+
+def serve_metrics(source: Callable[[], Snapshot], host: str, port: int) -> int:
     """Start the HTTP endpoint in a thread; returns the port it listens on."""
-    REGISTRY.register(StatsCollector(server))
+    REGISTRY.register(SnapshotCollector(source))
     http_server, _ = start_http_server(port, addr=host)
     bound = int(http_server.server_address[1])
     log.info("metrics on http://%s:%d/metrics", host, bound)

@@ -46,6 +46,8 @@ class ProxyServer:
                 clients.add(client)
                 return client
 
+            self.postgres.make_client = make_client
+
             server = await loop.create_server(
                 make_client, self.config.server.host, settings.port, reuse_port=reuse_port or None,
                 backlog=4096,
@@ -77,9 +79,10 @@ class ProxyServer:
             log.info("MySQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host, self.ports["mysql"],
                      my_settings.backend_host, my_settings.backend_port, my_settings.pool.mode)
         if self.config.server.metrics_port >= 0:
-            from proxy.metrics import serve_metrics
+            from proxy.metrics import serve_metrics, snapshot
 
-            self.ports["metrics"] = serve_metrics(self, self.config.server.host, self.config.server.metrics_port)
+            self.ports["metrics"] = serve_metrics(lambda: snapshot(self), self.config.server.host,
+                                                  self.config.server.metrics_port)
         self._janitor = loop.create_task(self._run_janitor())
 
     async def _run_janitor(self) -> None:

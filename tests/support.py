@@ -112,7 +112,7 @@ def running_proxy(folder: Path, pg: PostgresInstance | None = None, mariadb: Mar
                   **overrides: dict[str, Any]) -> Iterator[ProxyProcess]:
     """A proxy in front of `pg` and/or `mariadb` on free ports; `overrides` are extra keys per section."""
     sections: dict[str, dict[str, Any]] = {
-        "server": {"log_level": "info", "client_login_timeout": 3.0},
+        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
         "secrets": {"file": "secrets.toml"},
         "postgresql": {"port": free_port(), "backend_port": pg.port} if pg is not None else {"enabled": False},
         "postgresql.pool": {"max_connections": 10, "connection_borrow_timeout": 30.0},

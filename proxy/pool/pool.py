@@ -13,6 +13,7 @@ from typing import Protocol
 
 from proxy.config import PoolMode, PoolSettings, resolve_count
 from proxy.errors import BorrowTimeout, ProxyError
+from proxy.rundir import worker_count
 from proxy.stats import PoolStats
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,13 @@ class Target:
         if self.max_connections:
             return
         usable = max(1, backend_max_connections - self.settings.reserved_connections)
-        self.max_connections = resolve_count(self.settings.max_connections, usable)
-        self.max_idle = min(self.max_connections, resolve_count(self.settings.max_idle_connections, usable))
-        log.info("target %s: max %d backend connections, %d idle", self.name, self.max_connections, self.max_idle)
+        total = resolve_count(self.settings.max_connections, usable)
+        share = worker_count()  # each worker process gets its part of the budget
+        self.max_connections = max(1, total // share)
+        self.max_idle = min(self.max_connections, max(1, resolve_count(self.settings.max_idle_connections, usable)
+                                                      // share))
+        log.info("target %s: max %d backend connections, %d idle%s", self.name, self.max_connections, self.max_idle,
+                 f" (this worker's share of {total})" if share > 1 else "")
 
     @property
     def limit(self) -> int:
@@ -82,6 +87,7 @@ class Target:
 
 
 Connector = Callable[["Pool"], Awaitable[Backend]]
+
 
 
 class Pool:

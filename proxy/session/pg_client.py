@@ -194,8 +194,8 @@ class PostgresClient(Connection):
         self.state = State.CLOSED
         PROXY.clients_current -= 1
         self.service.clients.pop(self.process_id, None)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        if self._task is not None and not self._task.done() and not self._buffer:
+            self._task.cancel()  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
         if self._acquiring is not None and self._borrowing:
             self._acquiring.cancel()
         if self._partial or self._skip:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import secrets as random_source
 import ssl
+from collections.abc import Callable
 
 from proxy.config import Config, ServerSettings
 from proxy.pool.pg_backend import PostgresBackend, open_backend
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.pg import messages as pg
+from proxy.rundir import run_dir, worker_index, worker_socket
 from proxy.secrets import SecretStore
 from proxy.tls import backend_context
 
@@ -34,8 +35,9 @@ class PostgresService:
         )
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
-        worker = int(os.environ.get("DBPROXY_WORKER", "0"))
-        self._process_ids = itertools.count((worker << 24) + 1)
+        self.worker = worker_index()
+        self._process_ids = itertools.count((self.worker << 24) + 1)
+        self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
 
     def pool_for(self, database: str, user: str) -> Pool:
         key = (database, user)
@@ -55,6 +57,10 @@ class PostgresService:
         """Forward a client's CancelRequest to the backend serving that client right now, if any."""
         from proxy.session.pg_client import PostgresClient
 
+        owner = process_id >> 24
+        if owner != self.worker and run_dir() is not None:
+            await self._forward_cancel(owner, process_id, secret_key)
+            return
         client = self.clients.get(process_id)
         if not isinstance(client, PostgresClient) or client.secret_key != secret_key:
             log.warning("cancel request for an unknown client key %d ignored", process_id)
@@ -65,6 +71,18 @@ class PostgresService:
             return
         await self.cancel_backend(backend)
         log.info("cancel request for client %d sent to backend pid %d", process_id, backend.process_id)
+
+    async def _forward_cancel(self, owner: int, process_id: int, secret_key: int) -> None:
+        """The client lives in another worker process: hand the CancelRequest to it."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(worker_socket("cancel", owner)))
+            writer.write(pg.cancel_request(process_id, secret_key))
+            await asyncio.wait_for(reader.read(), 10)  # like libpq: wait until the owner is done and closes
+            writer.close()
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request for client %d: worker %d unreachable: %s", process_id, owner, exc)
+            return
+        log.info("cancel request for client %d passed to worker %d", process_id, owner)
 
     async def cancel_backend(self, backend: PostgresBackend) -> None:
         """Ask the server to cancel whatever `backend` is running."""
