@@ -89,6 +89,39 @@ class Target:
 Connector = Callable[["Pool"], Awaitable[Backend]]
 
 
+class Waiter(Protocol):
+    """Something waiting for a backend: a client session (called back at once) or an awaiting coroutine."""
+
+    waiting_since: float  # time.monotonic() when it started waiting
+
+    def hand(self, backend: Backend | None) -> bool:
+        """Take `backend` (None: a slot came free, open a connection); False when the waiter is gone."""
+        ...
+
+    def expire(self) -> None:
+        """The borrow timeout passed while waiting."""
+        ...
+
+
+class _FutureWaiter:
+    """The waiter of `Pool.borrow`: a future the coroutine awaits (it handles its own timeout)."""
+
+    __slots__ = ("future", "waiting_since")
+
+    def __init__(self, future: asyncio.Future[Backend | None]) -> None:
+        self.future = future
+        self.waiting_since = time.monotonic()
+
+    def hand(self, backend: Backend | None) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_result(backend)
+        return True
+
+    def expire(self) -> None:
+        """The awaiting coroutine times out by itself."""
+
+
 
 class Pool:
     """Idle backends in a LIFO stack; waiters in FIFO order; a backend is handed straight to a waiter."""
@@ -103,7 +136,7 @@ class Pool:
         self.idle: list[Backend] = []
         self.busy: set[Backend] = set()
         self.connecting = 0
-        self.waiters: deque[tuple[float, asyncio.Future[Backend | None]]] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.stats = PoolStats()
         self.server_params: dict[str, str] = {}  # what the backend reported at login
         self.validated_settings: set[tuple[str, str]] = set()
@@ -143,15 +176,31 @@ class Pool:
         return name
 
     def waiting_since(self) -> float:
-        return self.waiters[0][0] if self.waiters else float("inf")
+        return self.waiters[0].waiting_since if self.waiters else float("inf")
 
     def wake_one(self, backend: Backend | None) -> bool:
-        while self.waiters:
-            _, waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(backend)
+        waiters = self.waiters
+        while waiters:
+            if waiters.popleft().hand(backend):
                 return True
         return False
+
+    def queue(self, waiter: Waiter) -> None:
+        """Wait in line for the next backend given back (or slot freed)."""
+        self.waiters.append(waiter)
+        self.stats.waits += 1
+
+    def can_open(self) -> bool:
+        """Whether a new backend connection may be opened now (perhaps by closing another pool's idle one)."""
+        target = self.target
+        return target.open_connections < target.limit or bool(target.max_connections and target.steal_idle(self))
+
+    def timed_out(self) -> BorrowTimeout:
+        self.stats.borrow_timeouts += 1
+        return BorrowTimeout(
+            f"timed out after {self.settings.connection_borrow_timeout:g} s waiting for a backend "
+            f"connection (pool {self.name}: {len(self.busy)} in use, target limit {self.target.limit})"
+        )
 
     # --- borrowing ---
 
@@ -168,21 +217,15 @@ class Pool:
             backend = self.borrow_idle()
             if backend is not None:
                 break
-            target = self.target
-            if target.open_connections < target.limit or (target.max_connections and target.steal_idle(self)):
+            if self.can_open():
                 backend = await self._open()
                 stats.borrows += 1
                 break
             remaining = deadline - loop.time()
             if remaining <= 0:
-                stats.borrow_timeouts += 1
-                raise BorrowTimeout(
-                    f"timed out after {self.settings.connection_borrow_timeout:g} s waiting for a backend "
-                    f"connection (pool {self.name}: {len(self.busy)} in use, target limit {target.limit})"
-                )
+                raise self.timed_out()
             waiter: asyncio.Future[Backend | None] = loop.create_future()
-            self.waiters.append((started, waiter))
-            stats.waits += 1
+            self.queue(_FutureWaiter(waiter))
             try:
                 handed = await asyncio.wait_for(waiter, remaining)
             except TimeoutError:
@@ -196,8 +239,6 @@ class Pool:
                 if handed.closed:
                     self.discard(handed)
                     continue
-                self.busy.add(handed)
-                stats.borrows += 1
                 backend = handed
                 break
         stats.wait_time += loop.time() - started
@@ -246,9 +287,12 @@ class Pool:
             self._forget(backend)
             return
         backend.idle_since = now
-        if self.wake_one(backend):
-            self.busy.add(backend)
-            return
+        if self.waiters:
+            self.busy.add(backend)  # lent on at once, in line order
+            if self.wake_one(backend):
+                self.stats.borrows += 1
+                return
+            self.busy.discard(backend)
         target = self.target
         if target.open_connections >= target.max_connections and self._others_waiting():
             backend.close()  # give the slot to a pool that waits
@@ -290,11 +334,23 @@ class Pool:
         while excess > 0 and self.idle and now - self.idle[0].idle_since > 1.0:
             self.discard(self.idle[0])
             excess -= 1
+        if self.waiters:
+            self.expire_waiters(now)
+
+    def expire_waiters(self, now: float) -> None:
+        """Tell waiters whose borrow timeout has passed (the janitor calls this once a second)."""
+        limit = now - self.settings.connection_borrow_timeout
+        expired = [w for w in self.waiters if w.waiting_since <= limit]
+        if expired:
+            for waiter in expired:
+                self.waiters.remove(waiter)
+            for waiter in expired:
+                waiter.expire()
 
     def close_all(self) -> None:
         for backend in list(self.idle) + list(self.busy):
             self.discard(backend)
         while self.waiters:
-            _, waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(ProxyError("pool closed"))
+            waiter = self.waiters.popleft()
+            if isinstance(waiter, _FutureWaiter) and not waiter.future.done():
+                waiter.future.set_exception(ProxyError("pool closed"))

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shlex
+import time
 from enum import IntEnum
 
 from proxy.auth.md5 import check_md5_response
@@ -24,7 +25,7 @@ from proxy.errors import (
 )
 from proxy.netio import Connection, ConnectionClosed
 from proxy.pool.pg_backend import PostgresBackend
-from proxy.pool.pool import Pool
+from proxy.pool.pool import Backend, Pool
 from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
@@ -142,6 +143,8 @@ class PostgresClient(Connection):
         self.idle_since = 0.0
         self._held = bytearray()  # client bytes waiting for a backend
         self._acquiring: asyncio.Task[None] | None = None
+        self._queued = False  # waiting in the pool's line for a backend
+        self.waiting_since = 0.0
         self._borrowing = False
         self._skip = 0
         self._partial = b""
@@ -444,9 +447,9 @@ class PostgresClient(Connection):
             return
         self.active = True
         backend = self.backend
-        if backend is None or self._acquiring is not None:
+        if backend is None or self._acquiring is not None or self._queued:
             self._held += data
-            if self._acquiring is None:
+            if self._acquiring is None and not self._queued:
                 self._dispatch_unlinked()
             elif len(self._held) > HELD_LIMIT and not self.peer_paused_us:
                 self.peer_paused_us = True
@@ -684,16 +687,42 @@ class PostgresClient(Connection):
             return
 
     def _start_work(self) -> None:
-        """Get a backend for the held messages: at once when an idle one already has our settings."""
+        """Get a backend for the held messages: at once when one is idle, else wait in line (no task)."""
         pool = self.pool
         assert pool is not None
         backend = pool.borrow_idle()
         if backend is not None:
-            assert isinstance(backend, PostgresBackend)
-            if backend.settings_id == self.settings_id and not backend.buffered:
-                self._attach(backend)
-                return
-        self._acquiring = self.loop.create_task(self._acquire(pool, backend))
+            self._got(backend)  # type: ignore[arg-type]
+        elif pool.can_open():
+            self._acquiring = self.loop.create_task(self._acquire(pool, None))
+        else:
+            self._queued = True
+            self.waiting_since = time.monotonic()
+            pool.queue(self)
+
+    def _got(self, backend: PostgresBackend) -> None:
+        if backend.settings_id == self.settings_id and not backend.buffered:
+            self._attach(backend)
+        else:  # settings to apply first
+            assert self.pool is not None
+            self._acquiring = self.loop.create_task(self._acquire(self.pool, backend))
+
+    def hand(self, backend: Backend | None) -> bool:
+        """The pool's call while this client waits in line: a backend, or a free slot (None)."""
+        if not self._queued or self.closed:
+            return False
+        self._queued = False
+        if backend is None:
+            assert self.pool is not None
+            self._acquiring = self.loop.create_task(self._acquire(self.pool, None))
+        else:
+            self._got(backend)  # type: ignore[arg-type]
+        return True
+
+    def expire(self) -> None:
+        self._queued = False
+        assert self.pool is not None
+        self.fail(self.pool.timed_out())
 
     async def _acquire(self, pool: Pool, backend: PostgresBackend | None) -> None:
         try:
