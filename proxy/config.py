@@ -167,6 +167,11 @@ class MySQLSettings(Strict):
     backend_connect_timeout: float = Field(10.0, gt=0)
     server_version: str = Field("", description="version shown to clients; empty means the backend's")
     local_infile: bool = Field(True, description="pass LOAD DATA LOCAL INFILE through; false refuses it")
+    session_pinning_filters: list[Literal["exclude_variable_sets"]] = Field(
+        default_factory=list,
+        description="RDS Proxy SessionPinningFilters: exclude_variable_sets lets SET statements the proxy cannot "
+        "track run without pinning",
+    )
     pool: MySQLPoolSettings = MySQLPoolSettings()
 
 

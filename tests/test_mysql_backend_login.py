@@ -64,10 +64,13 @@ async def serve_once(full_auth: bool, password: bytes, seen: dict[str, object]) 
             writer.write(frame(ErrPacket(1045, "Access denied").build(), seq + 1))
         else:
             writer.write(frame(OkPacket().build(), seq + 1))
-            seq, payload = await packet()  # SELECT @@max_connections
-            assert payload == b"\x03SELECT @@max_connections"
-            result = [b"\x01", b"\x03def\x00\x00\x00\x11@@max_connections\x00\x0c?\x00\x15\x00\x00\x00\x08\x80\x00\x00"
-                      b"\x00\x00", b"\xfe\x00\x00\x02\x00", b"\x0242", b"\xfe\x00\x00\x02\x00"]
+            seq, payload = await packet()  # the server offers CLIENT_SESSION_TRACK: the proxy turns it on
+            assert payload.startswith(b"\x03SET session_track_system_variables='*'")
+            writer.write(frame(OkPacket().build(), 1))
+            seq, payload = await packet()
+            assert payload == b"\x03SELECT @@max_connections, @@max_prepared_stmt_count"
+            column = b"\x03def\x00\x00\x00\x11@@max_connections\x00\x0c?\x00\x15\x00\x00\x00\x08\x80\x00\x00\x00\x00"
+            result = [b"\x02", column, column, b"\xfe\x00\x00\x02\x00", b"\x0242\x0516382", b"\xfe\x00\x00\x02\x00"]
             for number, item in enumerate(result):
                 writer.write(frame(item, number + 1))
         await writer.drain()

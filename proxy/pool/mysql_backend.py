@@ -29,7 +29,11 @@ from proxy.protocol.mysql.packets import (
     SSLRequest,
     frame,
     read_lenenc_str,
+    strip_session_state,
 )
+from proxy.rundir import worker_count
+from proxy.session.mysql_inspect import INTERNAL, PREPARE
+from proxy.session.mysql_statements import StatementCache
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
@@ -49,6 +53,7 @@ BACKEND_BASE_CAPABILITIES = (
     | my.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
     | my.CLIENT_TRANSACTIONS
     | my.CLIENT_CONNECT_ATTRS
+    | my.CLIENT_SESSION_TRACK  # the server reports session state changes; clients without it get them stripped
 )
 # The client capabilities that change what the server sends or how it behaves: a backend serves only clients
 # that negotiated the same ones (they are part of the pool's key), so bytes pass through unchanged.
@@ -64,7 +69,6 @@ RELAYED_CAPABILITIES = (
     | my.CLIENT_MULTI_STATEMENTS
     | my.CLIENT_MULTI_RESULTS
     | my.CLIENT_PS_MULTI_RESULTS
-    | my.CLIENT_SESSION_TRACK
     | my.CLIENT_DEPRECATE_EOF
     | my.MARIADB_CLIENT_PROGRESS
     | my.MARIADB_CLIENT_STMT_BULK_OPERATIONS
@@ -72,6 +76,12 @@ RELAYED_CAPABILITIES = (
     | my.MARIADB_CLIENT_CACHE_METADATA
 )
 CONNECT_ATTRS = {"_client_name": "dbproxy", "program_name": "dbproxy"}
+# Run on every backend connection the server tracks session state for (again after each reset).
+TRACK_SESSION_STATE = (b"SET session_track_system_variables='*', session_track_schema=ON, "
+                       b"session_track_state_change=ON")
+ENABLE_TRACKING = bytes((my.COM_QUERY,)) + TRACK_SESSION_STATE
+# How the response of the command being followed is forwarded (MySQLBackend.special).
+PLAIN, RELABEL, SWALLOW = range(3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,12 @@ class MySQLBackend(Connection):
         self.schema = pool.database  # the server session's default database
         self.multi_statements = False
         self.settings: dict[str, bytes] = {}  # session variables set on it (see MySQLClient.settings)
+        self.user_vars: dict[bytes, bytes] = {}  # user variables set on it to literals (see MySQLClient.user_vars)
+        self.last_insert_id = 0  # what LAST_INSERT_ID() returns on it, as far as OK packets told
+        self.statements = StatementCache(pool.settings.max_prepared_statements)
+        self.special = PLAIN  # the response followed now: forwarded, relabelled (a client's prepare) or swallowed
+        self.relabel_id = 0  # the client's statement id for the COM_STMT_PREPARE_OK being relabelled
+        self.tracking_all = False  # session_track_system_variables='*' etc. are on (see TRACK_SESSION_STATE)
         self._partial = b""  # an incomplete frame carried to the next read
 
     def __repr__(self) -> str:
@@ -129,12 +145,20 @@ class MySQLBackend(Connection):
 
     # --- linking to a client ---
 
+    @property
+    def tracks_session_state(self) -> bool:
+        """The server reports every session variable, schema and state change (the proxy turned it on)."""
+        return self.tracking_all
+
     def link(self, client: MySQLClient) -> None:
         self.client = client
         self._partial = b""
+        tracker = self.tracker
+        tracker.strip_session_state = tracker.session_track and not client.capabilities & my.CLIENT_SESSION_TRACK
 
     def unlink(self) -> None:
         self.client = None
+        self.tracker.strip_session_state = False
         if self.peer_paused_us:
             self.peer_paused_us = False
             self.transport.resume_reading()
@@ -150,6 +174,17 @@ class MySQLBackend(Connection):
     def _start(self, command: int, effect: Any) -> bool:
         """Start tracking `command`; True if it has no response (done at once)."""
         self.effect = effect
+        if effect is None:
+            self.special = PLAIN
+        else:
+            kind = effect[0]
+            if kind == INTERNAL:
+                self.special = SWALLOW
+            elif kind == PREPARE:
+                self.special = RELABEL
+                self.relabel_id = effect[1].statement_id
+            else:
+                self.special = PLAIN
         tracker = self.tracker
         if tracker.start(command, self.deprecate_eof,
                          cache_metadata=self.cache_metadata and command == my.COM_STMT_EXECUTE):
@@ -174,14 +209,21 @@ class MySQLBackend(Connection):
         end = len(data)
         pos = 0
         finished = 0
+        out: list[bytes] | None = None  # what goes to the client when some bytes must not pass as they are
+        sent = 0  # data[:sent] is accounted for in `out`
         try:
             while True:
+                begin = pos
                 pos = tracker.scan(data, pos, end, stream=True)
+                if self.special or tracker.edits:
+                    if out is None:
+                        out = []
+                    sent = self._edit(data, begin, pos, sent, out)
                 if not tracker.done:
                     break
                 finished += 1
                 effect = self.effect
-                if effect is not None:
+                if effect is not None or tracker.session_state is not None or tracker.last_insert_id:
                     self.effect = None
                     client.command_done(self, effect)
                 while self.queue:  # the next pipelined command's response follows
@@ -198,11 +240,37 @@ class MySQLBackend(Connection):
                 self._broken(f"{end - pos} bytes from the server with no command outstanding")
                 return
             self._partial = data[pos:]
-            data = data[:pos]
-        if data:
-            client.transport.write(data)
+        if out is not None:
+            out.append(data[sent:pos])
+            forward = b"".join(out)
+            if forward:
+                client.transport.write(forward)
+        elif pos:
+            client.transport.write(data[:pos] if pos < end else data)
         if finished or tracker.expects_local_infile:
             client.backend_progress(self)
+
+    def _edit(self, data: bytes, begin: int, pos: int, sent: int, out: list[bytes]) -> int:
+        """Response bytes data[begin:pos] that do not pass unchanged; returns how far `out` now covers data."""
+        tracker = self.tracker
+        edits = tracker.edits
+        if self.special == SWALLOW:  # the proxy's own command: nothing of it reaches the client
+            edits.clear()
+            out.append(data[sent:begin])
+            return pos
+        if self.special == RELABEL and tracker.prepare_ok is not None:
+            at = tracker.prepare_ok_at  # the client sees its own statement id, not this connection's
+            out.append(data[sent : at + 1])
+            out.append(self.relabel_id.to_bytes(4, "little"))
+            sent = at + 5
+            self.special = PLAIN
+        for off, length in edits:  # OK packets with session state, for a client that did not ask for it
+            out.append(data[sent : off - 4])
+            payload = strip_session_state(data[off : off + length])
+            out.append(frame(payload, data[off - 1]))
+            sent = off + length
+        edits.clear()
+        return sent
 
     def _broken(self, reason: str) -> None:
         log.error("backend %s: %s; closing it", self, reason)
@@ -270,10 +338,46 @@ class MySQLBackend(Connection):
     async def query(self, sql: str) -> list[list[bytes | None]]:
         return await self.command(bytes((my.COM_QUERY,)) + sql.encode())
 
+    async def pipeline(self, payloads: list[bytes]) -> None:
+        """Send commands the proxy needs in one write and read all their responses (no rows kept).
+
+        Raises MySQLServerError for the first that failed, after reading them all.
+        """
+        assert self.client is None
+        tracker = self.tracker
+        self.write(b"".join(frame(payload, 0) for payload in payloads))
+        failure: bytes | None = None
+        for payload in payloads:
+            if tracker.start(payload[0], self.deprecate_eof):
+                continue
+            while True:
+                _, packet = await self.read_packet()
+                if tracker.feed(packet):
+                    break
+            if failure is None and tracker.error is not None:
+                failure = tracker.error_packet
+        if failure is not None:
+            raise MySQLServerError(failure)
+
+    def forget_session(self) -> None:
+        """The server session was reset: no settings, user variables or prepared statements any more."""
+        self.settings = {}
+        self.user_vars = {}
+        self.last_insert_id = 0
+        self.statements.clear()
+
+    def reset_commands(self) -> list[bytes]:
+        """COM_RESET_CONNECTION and what puts the proxy's own session settings back afterwards."""
+        if self.tracking_all:
+            return [bytes((my.COM_RESET_CONNECTION,)), ENABLE_TRACKING]
+        return [bytes((my.COM_RESET_CONNECTION,))]
+
     async def reset(self) -> None:
         """COM_RESET_CONNECTION (rolls back, drops session state), then the pool's reset query and schema."""
-        await self.command(bytes((my.COM_RESET_CONNECTION,)))
-        self.settings = {}
+        try:
+            await self.pipeline(self.reset_commands())
+        finally:
+            self.forget_session()
         pool = self.pool
         if pool.settings.reset_query:
             await self.query(pool.settings.reset_query)
@@ -316,6 +420,8 @@ class MySQLBackend(Connection):
             elif settings.backend_tls is not BackendTLSMode.PREFER:
                 raise BackendUnavailable("the backend does not accept TLS connections")
         self.capabilities = caps
+        # OK packets carry session state info (stripped for clients without the capability)
+        self.tracker.session_track = bool(caps & my.CLIENT_SESSION_TRACK)
         self.deprecate_eof = bool(caps & my.CLIENT_DEPRECATE_EOF)
         self.cache_metadata = bool(caps & my.MARIADB_CLIENT_CACHE_METADATA)
         self.multi_statements = bool(caps & my.CLIENT_MULTI_STATEMENTS)
@@ -374,6 +480,19 @@ class MySQLBackend(Connection):
         tracker.feed(payload)
 
 
+STATEMENT_LIMIT = "max_prepared_stmt_count"
+
+
+def statement_cap(pool: Pool) -> int:
+    """Prepared statements one backend connection may keep: the configured number, and never so many that the
+    target's connections (of all worker processes) together could reach the server's max_prepared_stmt_count (a
+    tenth of it is left to prepares in flight and to everyone else)."""
+    server_limit = int(pool.server_params.get(STATEMENT_LIMIT, "16382"))
+    connections = max(1, pool.target.max_connections) * worker_count()  # every worker process has its share
+    share = (server_limit - server_limit // 10) // connections
+    return max(1, min(pool.settings.max_prepared_statements, share))
+
+
 def _scramble(plugin: str, password: bytes, nonce: bytes) -> bytes:
     if plugin == my.CACHING_SHA2_PASSWORD:
         return scramble_caching_sha2(password, nonce)
@@ -415,9 +534,19 @@ async def open_backend(
     try:
         greeting = await asyncio.wait_for(backend.login(settings, secrets, tls, database), timeout)
         if pooled:
-            if not pool.target.max_connections:
-                rows = await asyncio.wait_for(backend.query("SELECT @@max_connections"), timeout)
+            if backend.capabilities & my.CLIENT_SESSION_TRACK:
+                try:
+                    await asyncio.wait_for(backend.command(ENABLE_TRACKING), timeout)
+                except MySQLServerError as exc:
+                    log.warning("backend %s does not track session state (%s)", backend, exc.message)
+                else:
+                    backend.tracking_all = True
+            if not pool.target.max_connections or STATEMENT_LIMIT not in pool.server_params:
+                rows = await asyncio.wait_for(
+                    backend.query("SELECT @@max_connections, @@max_prepared_stmt_count"), timeout)
                 pool.target.resolve_limits(int(rows[0][0] or 151))
+                pool.server_params[STATEMENT_LIMIT] = (rows[0][1] or b"16382").decode()
+            backend.statements.cap = statement_cap(pool)
             if pool.settings.init_query:
                 await asyncio.wait_for(backend.query(pool.settings.init_query), timeout)
     except BaseException as exc:

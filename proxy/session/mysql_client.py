@@ -23,7 +23,6 @@ from proxy.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
     BackendUnavailable,
-    CommandNotAllowed,
     IdleClientTimeout,
     LoginTimeout,
     NotSupported,
@@ -32,7 +31,7 @@ from proxy.errors import (
     UnknownCommand,
 )
 from proxy.netio import WRITE_HIGH_WATER, WRITE_LOW_WATER, Connection, ConnectionClosed
-from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, MySQLBackend, Profile
+from proxy.pool.mysql_backend import ENABLE_TRACKING, RELAYED_CAPABILITIES, STATEMENT_LIMIT, MySQLBackend, Profile
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import (
@@ -45,10 +44,53 @@ from proxy.protocol.mysql.packets import (
     build_auth_more_data,
     frame,
     is_ssl_request,
+    parse_session_state,
+    read_lenenc_str,
 )
 from proxy.protocol.mysql.packets import ProtocolViolation as MySQLProtocolViolation
+from proxy.protocol.mysql.statements import (
+    BULK_FLAGS_AT,
+    BULK_SEND_TYPES,
+    BULK_TYPES_AT,
+    EXECUTE_CURSOR_FLAGS,
+    EXECUTE_FLAGS_AT,
+    LAST_PREPARED,
+    bound_flag_at,
+    head_with_types,
+    relabelled_head,
+    statement_id,
+    unknown_statement,
+)
+from proxy.session.mysql_inspect import (
+    ANSWER_ERR,
+    ANSWER_OK,
+    ANY,
+    CHANGE_USER,
+    EXECUTE,
+    FETCH,
+    FORWARD,
+    FORWARD_PLAIN,
+    FOUND_ROWS,
+    INTERNAL,
+    KILL,
+    NO_NAME,
+    PREPARE,
+    QUERY,
+    QUIT,
+    RESET,
+    SCHEMA,
+    SET_OPTION,
+    STATE_CHANGE,
+    STMT_RESET,
+    TEMPORARY_TABLE,
+    Inspection,
+    QueryEffect,
+    inspect_query,
+    prepared_effect,
+)
 from proxy.session.mysql_service import MySQLService
-from proxy.stats import PROXY
+from proxy.session.mysql_statements import ClientStatement
+from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
 
@@ -56,164 +98,50 @@ INSPECT_LIMIT = 64 * 1024  # bytes of a command looked at before forwarding (the
 LOGIN_PACKET_LIMIT = 64 * 1024
 HELD_LIMIT = 256 * 1024
 SCRAMBLE_CHARS = bytes(range(0x21, 0x7F)).replace(b"$", b"")
-BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS | my.SERVER_STATUS_CURSOR_EXISTS
-
-# What to do with a command (see _inspect).
-FORWARD, ANSWER_OK, ANSWER_ERR, SWALLOW, QUIT, KILL, CHANGE_USER = range(7)
-# Effects applied when a forwarded command's response completes.
-SCHEMA, PREPARE, RESET, SET_OPTION, SETTINGS = range(5)
+BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS  # (open cursors are followed per statement)
 
 FORWARDED_COMMANDS = frozenset({
     my.COM_QUERY, my.COM_INIT_DB, my.COM_FIELD_LIST, my.COM_STATISTICS, my.COM_PROCESS_INFO, my.COM_DEBUG,
-    my.COM_REFRESH, my.COM_PING, my.COM_STMT_PREPARE, my.COM_STMT_EXECUTE, my.COM_STMT_SEND_LONG_DATA,
-    my.COM_STMT_CLOSE, my.COM_STMT_RESET, my.COM_STMT_FETCH, my.COM_SET_OPTION, my.COM_RESET_CONNECTION,
-    my.COM_STMT_BULK_EXECUTE,
+    my.COM_REFRESH, my.COM_PING, my.COM_SET_OPTION, my.COM_RESET_CONNECTION,
 })
-
-# --- COM_QUERY inspection: the first keyword of each statement, and a few session-binding constructs ---
-_SKIP = rb"(?:\s+|\(|/\*(?![!M]).*?\*/|(?:--[ \t]|#)[^\n]*(?:\n|\Z))*"
-FIRST_WORD = re.compile(_SKIP + rb"([A-Za-z_]+)", re.S)
-NEXT_STATEMENT = re.compile(rb";" + _SKIP + rb"([A-Za-z_]+)", re.S)
-ATTENTION = re.compile(rb"[;@]|_lock\s*\(|\btemporary\b", re.I)
-USER_VARIABLE = re.compile(rb"(?:^|[^\w@.$`'\"])@(?!@)[\w$.`'\"]")
-LOCK_FUNCTION = re.compile(rb"\bget_lock\s*\(", re.I)
-TEMPORARY_TABLE = re.compile(rb"\s*CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\b", re.I)
-AUTOCOMMIT_ONLY = re.compile(
-    rb"\s*SET\s+(?:(?:SESSION|LOCAL)\s+|@@(?:SESSION\.|LOCAL\.)?)?autocommit\s*:?=\s*(?:0|1|ON|OFF|TRUE|FALSE)"
-    rb"\s*;?\s*\Z", re.I)
-USE_SCHEMA = re.compile(rb"\s*USE\s+(`(?:[^`]|``)+`|[\w$]+)\s*;?\s*\Z", re.I)
-KILL_STATEMENT = re.compile(rb"\s*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:(CONNECTION|QUERY)\s+)?(\d+)\s*;?\s*\Z", re.I)
-SET_CHARSET = re.compile(rb"\s*SET\s+((?:NAMES|CHARACTER\s+SET|CHARSET)\s+[^,;]+?)\s*;?\s*\Z", re.I | re.S)
-SET_SESSION_TRANSACTION = re.compile(rb"\s*SET\s+(SESSION\s+TRANSACTION\s+[^;]+?)\s*;?\s*\Z", re.I | re.S)
-SET_WITHOUT_STATE = re.compile(
-    rb"\s*SET\s+(?:PASSWORD\b|STATEMENT\s|(?:GLOBAL\s+|@@GLOBAL\.)(?:'[^']*'|[^,'])*\Z)", re.I | re.S)
-SET_BODY = re.compile(rb"\s*SET\s+(.*?)\s*;?\s*\Z", re.I | re.S)
-TOP_LEVEL_ITEM = re.compile(rb"""(?:'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*"|`[^`]*`|\([^()]*\)|[^,'"`()])+""", re.S)
-SESSION_ASSIGNMENT = re.compile(
-    rb"\s*(?:(?:SESSION|LOCAL)\s+|@@(?:SESSION\.|LOCAL\.)?)?([A-Za-z_][A-Za-z0-9_]*)\s*:?=\s*(.+?)\s*\Z", re.I | re.S)
-LOAD_LOCAL = re.compile(rb"\bLOAD\s+(?:DATA|XML)\s+(?:(?:LOW_PRIORITY|CONCURRENT)\s+)?LOCAL\b", re.I)
-PINNING_KEYWORDS = {
-    b"PREPARE": "SQL PREPARE", b"EXECUTE": "SQL PREPARE", b"DEALLOCATE": "SQL PREPARE", b"LOCK": "LOCK TABLES",
-    b"HANDLER": "HANDLER", b"XA": "XA transaction", b"FLUSH": "FLUSH",
+# Binary-protocol statement commands: the statement ids in them are the proxy's (see mysql_statements).
+STATEMENT_COMMANDS = frozenset({
+    my.COM_STMT_PREPARE, my.COM_STMT_EXECUTE, my.COM_STMT_SEND_LONG_DATA, my.COM_STMT_CLOSE, my.COM_STMT_RESET,
+    my.COM_STMT_FETCH, my.COM_STMT_BULK_EXECUTE,
+})
+STATEMENT_COMMAND_NAMES = {
+    my.COM_STMT_EXECUTE: "mysqld_stmt_execute", my.COM_STMT_FETCH: "mysqld_stmt_fetch",
+    my.COM_STMT_RESET: "mysqld_stmt_reset", my.COM_STMT_BULK_EXECUTE: "mysqld_stmt_bulk_execute",
+    my.COM_STMT_SEND_LONG_DATA: "mysqld_stmt_send_long_data",
 }
+INTERNAL_PLAIN = (INTERNAL, None)  # a command of the proxy's own whose response is swallowed
+ER_STMT_HAS_NO_OPEN_CURSOR = 1421
+# Session variables the server reports that are not replayed: followed otherwise, one-shot, or the proxy's own.
+UNTRACKED_VARIABLES = frozenset({
+    b"autocommit", b"insert_id", b"last_insert_id", b"identity", b"rand_seed1", b"rand_seed2", b"timestamp",
+    b"session_track_system_variables", b"session_track_schema", b"session_track_state_change",
+    b"session_track_transaction_info", b"session_track_gtids", b"character_set_database", b"collation_database",
+})
+CHARSET_VARIABLES = frozenset({b"character_set_client", b"character_set_connection", b"character_set_results",
+                               b"collation_connection"})
+NUMBER = re.compile(rb"-?\d+(?:\.\d+)?\Z")
 
 
-def parse_set(text: bytes) -> list[tuple[str, bytes]] | str:
-    """The session settings a single SET statement makes, as (name, statement body) to replay; or why it pins.
-
-    `SET NAMES`/`CHARACTER SET`, `SET SESSION TRANSACTION ...` and assignments of session system variables are
-    tracked (replayed on whichever backend serves the client); user variables, SET TRANSACTION (for the next
-    transaction only), GLOBAL mixed with session assignments and SET ROLE pin the client to its backend.
-    """
-    charset = SET_CHARSET.match(text)
-    if charset is not None:
-        return [("character set", charset.group(1))]
-    if SET_WITHOUT_STATE.match(text):
-        return []
-    session_tx = SET_SESSION_TRANSACTION.match(text)
-    if session_tx is not None:
-        return [("session transaction", session_tx.group(1))]
-    body = SET_BODY.match(text)
-    if body is None:
-        return "SET"
-    items = TOP_LEVEL_ITEM.findall(body.group(1))
-    settings: list[tuple[str, bytes]] = []
-    for item in items:
-        assignment = SESSION_ASSIGNMENT.match(item)
-        if assignment is None:
-            return "SET " + item.strip()[:40].decode("utf-8", "replace")
-        name = assignment.group(1).lower().decode()
-        if name in ("global", "transaction", "role", "names", "character", "charset", "password", "statement"):
-            return "SET " + name.upper()
-        if name != "autocommit":  # autocommit is tracked from the server's status flags
-            settings.append((name, b"@@SESSION." + assignment.group(1) + b"=" + assignment.group(2)))
-    return settings
+def sql_literal(name: bytes, value: bytes) -> bytes:
+    """A session variable's reported value as SQL to assign it again."""
+    if NUMBER.match(value):
+        return value
+    if not value and name in CHARSET_VARIABLES:
+        return b"NULL"
+    if b"\\" in value:
+        return b"0x" + value.hex().encode()
+    return b"'" + value.replace(b"'", b"''") + b"'"
 
 
 class State(IntEnum):
     LOGIN = 0
     READY = 1  # logged in; forwarding
     CLOSED = 2
-
-
-class Inspection:
-    """What the proxy does with one client command (a small value object; FORWARD_PLAIN is shared)."""
-
-    __slots__ = ("action", "effect", "error", "pin")
-
-    def __init__(self, action: int, effect: tuple[int, Any] | None = None, pin: str | None = None,
-                 error: ProxyError | None = None) -> None:
-        self.action = action
-        self.effect = effect
-        self.pin = pin
-        self.error = error
-
-
-FORWARD_PLAIN = Inspection(FORWARD)
-
-
-def inspect_query(text: bytes, local_infile: bool) -> Inspection:
-    """Classify a COM_QUERY statement text (or its first INSPECT_LIMIT bytes)."""
-    match = FIRST_WORD.match(text)
-    if match is None:
-        return Inspection(FORWARD, pin="statement starts with an executable comment")
-    keyword = match.group(1).upper()
-    attention = ATTENTION.search(text, match.end())
-    if attention is None and keyword not in PINNING_KEYWORDS and keyword not in (b"USE", b"KILL", b"LOAD", b"SET"):
-        return FORWARD_PLAIN
-    keywords = [keyword]
-    single = True
-    if b";" in text:
-        for follow in NEXT_STATEMENT.finditer(text, match.end()):
-            keywords.append(follow.group(1).upper())
-            single = False
-    if b"KILL" in keywords:
-        kill = KILL_STATEMENT.match(text) if single else None
-        if kill is None:
-            return Inspection(ANSWER_ERR, error=NotSupported(
-                "through the proxy, KILL takes a connection id (KILL [CONNECTION | QUERY] id) and must be sent alone"))
-        return Inspection(KILL, (int(kill.group(1) is not None and kill.group(1).upper() == b"QUERY"),
-                                 int(kill.group(2))))
-    if b"LOAD" in keywords and not local_infile and LOAD_LOCAL.search(text):
-        return Inspection(ANSWER_ERR, error=CommandNotAllowed(
-            "LOAD DATA LOCAL INFILE is disabled on this proxy (mysql.local_infile = false)"))
-    pin = None
-    effect: tuple[int, Any] | None = None
-    for word in keywords:
-        reason = PINNING_KEYWORDS.get(word)
-        if word == b"SET":
-            if not single:
-                reason = "SET inside a multi-statement query"
-            elif not AUTOCOMMIT_ONLY.match(text):  # autocommit alone: tracked from the server's status flags
-                settings = parse_set(text)
-                if isinstance(settings, str):
-                    reason = settings
-                elif settings:
-                    effect = (SETTINGS, settings)
-        elif word == b"USE":
-            use = USE_SCHEMA.match(text) if single else None
-            if use is None:
-                reason = "USE inside a multi-statement query"
-            else:
-                name = use.group(1)
-                if name.startswith(b"`"):
-                    name = name[1:-1].replace(b"``", b"`")
-                effect = (SCHEMA, name.decode("utf-8", "surrogateescape"))
-        elif word == b"CREATE" and TEMPORARY_TABLE.match(text):
-            reason = "temporary table"
-        if reason is not None:
-            pin = reason
-            break
-    if pin is None and attention is not None:
-        if b"@" in text and USER_VARIABLE.search(text):
-            pin = "user variable"
-        elif LOCK_FUNCTION.search(text):
-            pin = "GET_LOCK"
-        elif not single and TEMPORARY_TABLE.search(text.replace(b";", b" ")):
-            pin = "temporary table"
-    if pin is None and effect is None:
-        return FORWARD_PLAIN
-    return Inspection(FORWARD, effect, pin)
 
 
 def _make_scramble() -> bytes:
@@ -237,9 +165,21 @@ class MySQLClient(Connection):
         self.profile = Profile(0, my.UTF8MB4_GENERAL_CI)
         self.pool: Pool | None = None
         self.backend: MySQLBackend | None = None
-        self.statements: set[int] = set()  # prepared statement ids open on the backend (pins it)
-        self.pin_reason: str | None = None  # other session state that binds the client to its backend
-        self.settings: dict[str, bytes] = {}  # session variables set by the client: name -> SET body to replay
+        self.statements: dict[int, ClientStatement] = {}  # by the proxy's statement id (see mysql_statements)
+        self._next_statement_id = 1
+        self._last_prepared = 0  # the id of the client's last COM_STMT_PREPARE (MariaDB's statement id -1)
+        self.pins: dict[str, set[bytes]] = {}  # state that binds the client to its backend: reason -> names
+        self._pins_logged: set[str] = set()
+        # session variables set by the client: name -> SET body to replay, in the order they were last set
+        self.settings: dict[str, bytes] = {}
+        self._settings_key: bytes | None = b""  # the settings as bytes (part of prepared statement keys)
+        self.user_vars: dict[bytes, bytes] = {}  # user variables set to literals: lowercased name -> literal
+        self.last_insert_id = 0  # what LAST_INSERT_ID() says in this session, as far as OK packets told
+        self.cursors = 0  # statements with a cursor open on the backend (it stays until they are closed)
+        self.long_data = 0  # statements with parameter data sent ahead to the backend (it stays until executed)
+        self._hold_next = 0  # 1: the backend stays for the next statement; 2: that statement was sent
+        self._stalled = False  # client bytes wait in _held until the backend has answered what it was sent
+        self._drop = 0  # bytes of the current client frame to drop (a command answered here)
         self.kills_in_flight = 0
         self.active = True
         self.idle_since = 0.0
@@ -311,6 +251,8 @@ class MySQLClient(Connection):
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
         PROXY.clients_current -= 1
+        if self.pins:
+            PINS.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
         if self._task is not None and not self._task.done():
@@ -336,15 +278,16 @@ class MySQLClient(Connection):
                 self.loop.create_task(self.service.kill_query(backend))
             pool.discard(backend)
             return
-        if (backend.tracker.status_flags & BUSY_FLAGS or self.statements or self.pin_reason
-                or pool.session_mode or backend.schema != pool.database):
+        if (backend.tracker.status_flags & BUSY_FLAGS or self.pins or self.cursors or self.long_data
+                or self._hold_next or pool.session_mode or backend.schema != pool.database):
             log.info("client %s left inside a transaction or session; cleaning %s before reuse", self.peer, backend)
             self.loop.create_task(self._clean_up(backend))
             return
         pool.stats.transactions += 1
-        pool.release(backend)
+        _release(backend)
 
-    async def _clean_up(self, backend: MySQLBackend) -> None:
+    @staticmethod
+    async def _clean_up(backend: MySQLBackend) -> None:
         try:
             await backend.reset()
         except (ProxyError, ConnectionClosed, OSError) as exc:
@@ -529,28 +472,43 @@ class MySQLClient(Connection):
 
     def _in_sync(self, backend: MySQLBackend) -> bool:
         return (backend.schema == self.schema and backend.autocommit == self.autocommit
-                and backend.multi_statements == self.multi_statements and backend.settings == self.settings)
+                and backend.multi_statements == self.multi_statements and backend.settings == self.settings
+                and backend.user_vars == self.user_vars)
 
     async def _sync(self, backend: MySQLBackend) -> None:
-        """Give the backend this client's session variables, default database, autocommit and multi-statements."""
+        """Give the backend this client's session variables, user variables, default database, autocommit and
+        multi-statements, in one round trip (two when it must be reset first)."""
         wanted = self.settings
+        if any(name not in wanted for name in backend.settings):
+            try:  # back to the defaults, then ours
+                await backend.pipeline(backend.reset_commands())
+            finally:
+                backend.forget_session()
+        commands: list[bytes] = []
         if backend.settings != wanted:
-            if any(name not in wanted for name in backend.settings):
-                await backend.command(bytes((my.COM_RESET_CONNECTION,)))  # back to the defaults, then ours
-                backend.settings = {}
             for name, body in wanted.items():
                 if backend.settings.get(name) != body:
-                    await backend.command(bytes((my.COM_QUERY,)) + b"SET " + body)
-            backend.settings = dict(wanted)
+                    commands.append(bytes((my.COM_QUERY,)) + b"SET " + body)
+        if backend.user_vars != self.user_vars:
+            assignments = [b"@" + name + b"=NULL" for name in backend.user_vars if name not in self.user_vars]
+            assignments += [b"@" + name + b"=" + value for name, value in self.user_vars.items()
+                            if backend.user_vars.get(name) != value]
+            commands.append(bytes((my.COM_QUERY,)) + b"SET " + b", ".join(assignments))
         if backend.schema != self.schema and self.schema:
-            await backend.command(bytes((my.COM_INIT_DB,)) + self.schema.encode("utf-8", "surrogateescape"))
-            backend.schema = self.schema
+            commands.append(bytes((my.COM_INIT_DB,)) + self.schema.encode("utf-8", "surrogateescape"))
         if backend.autocommit != self.autocommit:
-            await backend.query(f"SET autocommit={int(self.autocommit)}")
+            commands.append(bytes((my.COM_QUERY,)) + b"SET autocommit=%d" % self.autocommit)
         if backend.multi_statements != self.multi_statements:
             option = my.MYSQL_OPTION_MULTI_STATEMENTS_OFF if not self.multi_statements else 0
-            await backend.command(bytes((my.COM_SET_OPTION, option, 0)))
-            backend.multi_statements = self.multi_statements
+            commands.append(bytes((my.COM_SET_OPTION, option, 0)))
+        if not commands:
+            return
+        await backend.pipeline(commands)
+        backend.settings = dict(wanted)
+        backend.user_vars = dict(self.user_vars)
+        if self.schema:
+            backend.schema = self.schema
+        backend.multi_statements = self.multi_statements
 
     def _link(self, backend: MySQLBackend) -> None:
         self.backend = backend
@@ -616,7 +574,7 @@ class MySQLClient(Connection):
                 super().data_received(data)
             return
         self.active = True
-        if self._busy is not None:
+        if self._busy is not None or self._stalled:
             self._held += data
             if len(self._held) > HELD_LIMIT and not self.peer_paused_us:
                 self.peer_paused_us = True
@@ -632,7 +590,13 @@ class MySQLClient(Connection):
         backend = self.backend
         end = len(scan)
         pos = start = 0
-        if self._skip:
+        if self._drop:  # the rest of a command answered here
+            if self._drop >= end:
+                self._drop -= end
+                return
+            pos = start = self._drop
+            self._drop = 0
+        elif self._skip:
             assert backend is not None
             if self._skip >= end:
                 self._skip -= end
@@ -675,16 +639,51 @@ class MySQLClient(Connection):
             if end - pos - 4 < head:
                 break
             command = scan[pos + 4]
+            if command in STATEMENT_COMMANDS:
+                if command == my.COM_STMT_PREPARE and end - pos - 4 < length:  # the whole text is kept
+                    if length >= my.MAX_PACKET:
+                        self._protocol_error(scan, start, pos, "COM_STMT_PREPARE of 16 MB or more is not supported "
+                                             "through the proxy", my.ER_NET_PACKET_TOO_LARGE)
+                        return
+                    break
+                step = self._statement_command(command, scan, pos, length, head, start)
+                if step is None:
+                    return
+                pos, start = step
+                backend = self.backend
+                continue
             inspection = self._inspect(command, scan, pos, head)
             if inspection.action == FORWARD:
                 if backend is None:
                     self._held += scan[pos:] if pos else scan
                     self._need_backend()
                     return
-                if inspection.pin is not None and self.pin_reason is None:
-                    self.pin_reason = inspection.pin
-                    log.debug("client %s pinned to %s: %s", self.peer, backend, inspection.pin)
-                backend.expect(command, inspection.effect)
+                effect = inspection.effect
+                if effect is not None and effect[0] == QUERY:
+                    query = effect[1]
+                    if query.insert_id and self.last_insert_id != backend.last_insert_id:
+                        backend.transport.write(scan[start:pos] + self._insert_id_for(backend))
+                        start = pos
+                    if (query.retrack and backend.tracks_session_state and length < my.MAX_PACKET
+                            and pos + 4 + length <= end):
+                        stop = pos + 4 + length  # the client changed session_track_*: the proxy needs it all
+                        backend.transport.write(scan[start:stop] + frame(ENABLE_TRACKING))
+                        backend.expect(command, effect)
+                        backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
+                        if self._hold_next == 1:
+                            self._hold_next = 2
+                        pos = start = stop
+                        continue
+                elif command == my.COM_RESET_CONNECTION and backend.tracks_session_state:
+                    stop = pos + 4 + length
+                    backend.transport.write(scan[start:stop] + frame(ENABLE_TRACKING))
+                    backend.expect(command, effect)
+                    backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
+                    pos = start = stop
+                    continue
+                if self._hold_next == 1:
+                    self._hold_next = 2
+                backend.expect(command, effect)
                 self._seq = 1
                 self._cont = length == my.MAX_PACKET
                 available = end - pos - 4
@@ -735,19 +734,260 @@ class MySQLClient(Connection):
         elif pos < end:
             self._partial = scan[pos:]
 
+    # --- binary-protocol statements (virtual: see mysql_statements) ---
+
+    def _statement_command(self, command: int, scan: bytes, pos: int, length: int, head: int,
+                           start: int) -> tuple[int, int] | None:
+        """A statement command at scan[pos]: forward it with the backend's statement id, prepare the statement
+        on the backend first, or answer it here. Returns where the walk goes on (pos, start), or None when it
+        stops (the rest is held, or the client failed)."""
+        backend = self.backend
+        if command == my.COM_STMT_PREPARE:
+            return self._prepare(scan, pos, length, start)
+        if length < 5:
+            self._protocol_error(scan, start, pos, f"Malformed packet: command 0x{command:02x} without a statement id",
+                                 my.ER_MALFORMED_PACKET)
+            return None
+        number = statement_id(scan, pos + 4)
+        if number == LAST_PREPARED and self._last_prepared:
+            number = self._last_prepared
+            if number not in self.statements and backend is not None and not backend.idle:
+                self._stall(scan, pos, start)  # its prepare is still running
+                return None
+        stmt = self.statements.get(number)
+        if command == my.COM_STMT_CLOSE:  # the client's handle goes; the backend keeps the statement (LRU)
+            if backend is not None and start < pos:
+                backend.transport.write(scan[start:pos])
+            stop = pos + 4 + length
+            if stmt is not None:
+                del self.statements[number]
+                if backend is not None and (stmt.cursor or stmt.long_data):
+                    self._reset_on_backend(backend, stmt)
+            return stop, stop
+        if stmt is None:
+            if command == my.COM_STMT_SEND_LONG_DATA:
+                return self._answer_here(scan, pos, length, start, None)
+            return self._answer_here(scan, pos, length, start, unknown_statement(
+                number, STATEMENT_COMMAND_NAMES.get(command, "mysqld_stmt"), self.capabilities))
+        if backend is None:
+            if command == my.COM_STMT_RESET:  # nothing of it lives on a backend now
+                return self._answer_here(scan, pos, length, start, OkPacket(
+                    status_flags=my.SERVER_STATUS_AUTOCOMMIT if self.autocommit else 0).build(self.capabilities))
+            if command == my.COM_STMT_FETCH:
+                return self._answer_here(scan, pos, length, start, _no_cursor(number, self.capabilities))
+            self._held += scan[pos:] if pos else scan
+            self._need_backend()
+            return None
+        statements = backend.statements
+        entry = statements.get(stmt.key)
+        if entry is None:
+            if stmt.failure is not None:  # preparing it here failed: that is the answer
+                failure = stmt.failure
+                if command != my.COM_STMT_SEND_LONG_DATA:
+                    stmt.failure = None
+                return self._answer_here(scan, pos, length, start, None if command == my.COM_STMT_SEND_LONG_DATA
+                                         else failure)
+            if command == my.COM_STMT_FETCH:
+                return self._answer_here(scan, pos, length, start, _no_cursor(number, self.capabilities))
+            if command == my.COM_STMT_RESET:  # nothing to reset on this backend: a PING answers the same OK
+                stop = pos + 4 + length
+                backend.transport.write(scan[start:pos] + frame(bytes((my.COM_PING,))))
+                backend.expect(my.COM_PING, None)
+                return stop, stop
+            self._prepare_here(backend, stmt, scan[start:pos])
+            self._stall(scan, pos, pos)
+            return None
+        new_id = entry.statement_id
+        types: bytes | None = None
+        types_at = 0
+        effect: tuple[int, Any] | None = None
+        params = stmt.params
+        if command == my.COM_STMT_EXECUTE:
+            flags = scan[pos + 4 + EXECUTE_FLAGS_AT] if length > EXECUTE_FLAGS_AT else 0
+            if params:
+                types_at = bound_flag_at(params)
+                if types_at < head:
+                    if scan[pos + 4 + types_at]:
+                        stop = pos + 5 + types_at + 2 * params
+                        entry.types = stmt.types = scan[pos + 5 + types_at : stop] if stop <= pos + 4 + head else None
+                    elif stmt.types is not None and entry.types != stmt.types:
+                        types = entry.types = stmt.types  # sent with an earlier execute, on another backend
+            if flags & EXECUTE_CURSOR_FLAGS or stmt.cursor or stmt.long_data or stmt.effect is not None:
+                effect = (EXECUTE, (stmt, flags))
+        elif command == my.COM_STMT_BULK_EXECUTE:
+            if params and head >= BULK_TYPES_AT:
+                bulk_flags = scan[pos + 4 + BULK_FLAGS_AT] | (scan[pos + 5 + BULK_FLAGS_AT] << 8)
+                if bulk_flags & BULK_SEND_TYPES:
+                    stop = pos + 4 + BULK_TYPES_AT + 2 * params
+                    entry.types = stmt.types = scan[pos + 4 + BULK_TYPES_AT : stop] if stop <= pos + 4 + head else None
+                elif stmt.types is not None and entry.types != stmt.types:
+                    types = entry.types = stmt.types
+                    types_at = BULK_TYPES_AT
+            if stmt.long_data or stmt.effect is not None:
+                effect = (EXECUTE, (stmt, 0))
+        elif command == my.COM_STMT_SEND_LONG_DATA:
+            if not stmt.long_data:
+                stmt.long_data = True
+                self.long_data += 1
+                entry.held += 1
+        elif command == my.COM_STMT_FETCH:
+            effect = (FETCH, stmt)
+        else:  # COM_STMT_RESET
+            effect = (STMT_RESET, stmt)
+        stop = pos + 4 + length
+        if types is None:
+            rewritten = relabelled_head(scan, pos, new_id)
+            rest = pos + 9
+        else:
+            if length + len(types) >= my.MAX_PACKET:
+                entry.types = None
+                return self._answer_here(scan, pos, length, start, ErrPacket(
+                    my.ER_NET_PACKET_TOO_LARGE, "through the proxy, a statement execution of 16 MB or more must send "
+                    "its parameter types").build(self.capabilities))
+            rewritten = head_with_types(scan, pos, length, new_id, types_at, types)
+            rest = pos + 4 + types_at + (1 if command == my.COM_STMT_EXECUTE else 0)
+        if effect is not None and stmt.effect is not None and stmt.effect.insert_id:
+            rewritten = self._insert_id_for(backend) + rewritten
+        end = len(scan)
+        if stop <= end:
+            backend.transport.write(scan[start:pos] + rewritten + scan[rest:stop])
+            next_pos = stop
+        else:
+            backend.transport.write(scan[start:pos] + rewritten + scan[rest:end])
+            self._skip = stop - end
+            next_pos = end
+        if self._hold_next == 1:
+            self._hold_next = 2
+        backend.expect(command, effect)
+        self._seq = 1
+        self._cont = length == my.MAX_PACKET
+        return next_pos, next_pos
+
+    def _prepare(self, scan: bytes, pos: int, length: int, start: int) -> tuple[int, int] | None:
+        """The client's COM_STMT_PREPARE: runs on the linked backend; the client sees an id of the proxy's."""
+        backend = self.backend
+        if backend is None:
+            self._held += scan[pos:] if pos else scan
+            self._need_backend()
+            return None
+        sql = scan[pos + 5 : pos + 4 + length]
+        inspection = inspect_query(sql, self.service.settings.local_infile, backend.tracks_session_state)
+        if inspection.action != FORWARD:
+            error = inspection.error or NotSupported("through the proxy, this statement cannot be prepared")
+            return self._answer_here(scan, pos, length, start, ErrPacket(
+                error.mysql_errno, error.message, error.mysql_sqlstate).build(self.capabilities))
+        limit = int(backend.pool.server_params.get(STATEMENT_LIMIT, "16382"))
+        if len(self.statements) >= limit:  # what the server would say; the client's handles cost the proxy memory
+            return self._answer_here(scan, pos, length, start, ErrPacket(
+                my.ER_MAX_PREPARED_STMT_COUNT_REACHED, "Can't create more than max_prepared_stmt_count statements "
+                f"(current value: {limit})").build(self.capabilities))
+        number = self._next_statement_id
+        self._next_statement_id = number + 1 if number < 0xFFFFFFF0 else 1
+        key = self.service.statement_key(self.schema, self._settings_fingerprint(), sql)
+        stmt = ClientStatement(number, key, sql, self.schema,
+                               prepared_effect(inspection.query_effect, backend.tracks_session_state))
+        statements = backend.statements
+        closes = statements.make_room()
+        statements.preparing += 1
+        if closes:
+            backend.transport.write(scan[start:pos] + closes)
+            start = pos
+        self._last_prepared = number
+        if self._hold_next == 1:
+            self._hold_next = 2
+        backend.expect(my.COM_STMT_PREPARE, (PREPARE, stmt))
+        self._seq = 1
+        self._cont = False
+        return pos + 4 + length, start
+
+    def _insert_id_for(self, backend: MySQLBackend) -> bytes:
+        """LAST_INSERT_ID() reads the session's value: the command giving the backend the client's (or nothing)."""
+        if self.last_insert_id == backend.last_insert_id:
+            return b""
+        backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
+        backend.last_insert_id = self.last_insert_id
+        return frame(b"\x03DO LAST_INSERT_ID(%d)" % self.last_insert_id)
+
+    def _prepare_here(self, backend: MySQLBackend, stmt: ClientStatement, before: bytes) -> None:
+        """Prepare a client's statement on the linked backend (the proxy's own command; its answer is swallowed)."""
+        statements = backend.statements
+        out = before + statements.make_room()
+        statements.preparing += 1
+        switch = stmt.schema != backend.schema and stmt.schema and backend.schema
+        if switch:  # tables without a database name resolve where the client prepared it
+            out += frame(bytes((my.COM_INIT_DB,)) + stmt.schema.encode("utf-8", "surrogateescape"))
+            backend.expect(my.COM_INIT_DB, INTERNAL_PLAIN)
+        out += frame(bytes((my.COM_STMT_PREPARE,)) + stmt.sql)
+        backend.expect(my.COM_STMT_PREPARE, (INTERNAL, stmt))
+        if switch:
+            out += frame(bytes((my.COM_INIT_DB,)) + backend.schema.encode("utf-8", "surrogateescape"))
+            backend.expect(my.COM_INIT_DB, INTERNAL_PLAIN)
+        backend.transport.write(out)
+
+    def _reset_on_backend(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
+        """The client closed a statement with a cursor open or long data sent: reset it on the backend."""
+        entry = backend.statements.entries.get(stmt.key)
+        self._statement_state_ends(stmt, entry)
+        if entry is not None:
+            backend.transport.write(frame(bytes((my.COM_STMT_RESET,)) + entry.statement_id.to_bytes(4, "little")))
+            backend.expect(my.COM_STMT_RESET, INTERNAL_PLAIN)
+
+    def _statement_state_ends(self, stmt: ClientStatement, entry: Any) -> None:
+        """A statement's cursor or long data is gone (executed, fetched to the end, reset or closed)."""
+        if stmt.cursor:
+            stmt.cursor = False
+            self.cursors -= 1
+            if entry is not None:
+                entry.held -= 1
+        if stmt.long_data:
+            stmt.long_data = False
+            self.long_data -= 1
+            if entry is not None:
+                entry.held -= 1
+
+    def _stall(self, scan: bytes, pos: int, start: int) -> None:
+        """Hold scan[pos:] until the backend has answered everything it was sent (then walk it again)."""
+        backend = self.backend
+        if backend is not None and start < pos:
+            backend.transport.write(scan[start:pos])
+        self._held += scan[pos:] if pos else scan
+        self._stalled = True
+
+    def _answer_here(self, scan: bytes, pos: int, length: int, start: int,
+                     answer: bytes | None) -> tuple[int, int] | None:
+        """Answer the command at scan[pos] with `answer` (None: it has no response) and drop its bytes."""
+        backend = self.backend
+        if answer is not None and backend is not None and not backend.idle:
+            self._stall(scan, pos, start)  # after the responses still to come, not before them
+            return None
+        if backend is not None and start < pos:
+            backend.transport.write(scan[start:pos])
+        if answer is not None:
+            self.write(frame(answer, 1))
+        end = len(scan)
+        stop = pos + 4 + length
+        if stop <= end:
+            return stop, stop
+        if length >= my.MAX_PACKET:
+            self.fail(_violation("a statement command of 16 MB or more for an unknown statement",
+                                 my.ER_NET_PACKET_TOO_LARGE))
+            return None
+        self._drop = stop - end
+        return end, end
+
+    def _settings_fingerprint(self) -> bytes:
+        key = self._settings_key
+        if key is None:
+            key = self._settings_key = b"\x00".join(name.encode() + b"\x01" + body
+                                                     for name, body in self.settings.items())
+        return key
+
     def _inspect(self, command: int, scan: bytes, pos: int, head: int) -> Inspection:
         if command == my.COM_QUERY:
-            return inspect_query(scan[pos + 5 : pos + 4 + head], self.service.settings.local_infile)
+            return inspect_query(scan[pos + 5 : pos + 4 + head], self.service.settings.local_infile,
+                                 self.service.session_tracking)
         linked = self.backend is not None
         if command in FORWARDED_COMMANDS:
-            if command == my.COM_STMT_PREPARE:
-                return Inspection(FORWARD, (PREPARE, None))
-            if command == my.COM_STMT_CLOSE:
-                if not linked:
-                    return Inspection(SWALLOW)  # no statement is open: nothing to close, no response
-                if head >= 5:
-                    self.statements.discard(int.from_bytes(scan[pos + 5 : pos + 9], "little"))
-                return FORWARD_PLAIN
             if command == my.COM_INIT_DB:
                 return Inspection(FORWARD, (SCHEMA, scan[pos + 5 : pos + 4 + head].decode("utf-8", "surrogateescape")))
             if command == my.COM_SET_OPTION:
@@ -776,8 +1016,16 @@ class MySQLClient(Connection):
 
     def _forget_session_state(self) -> None:
         self.statements.clear()
-        self.pin_reason = None
+        self._last_prepared = 0
+        if self.pins:
+            self.pins.clear()
+            PINS.unpinned()
+        self._pins_logged.clear()
         self.settings = {}
+        self._settings_key = None
+        self.user_vars = {}
+        self.last_insert_id = 0
+        self.cursors = self.long_data = self._hold_next = 0
         self.autocommit = self._default_autocommit
 
     def _protocol_error(self, scan: bytes, start: int, pos: int, message: str, errno: int) -> None:
@@ -847,29 +1095,201 @@ class MySQLClient(Connection):
 
     # --- events from the linked backend ---
 
-    def command_done(self, backend: MySQLBackend, effect: tuple[int, Any]) -> None:
-        """A forwarded command with an effect on the session has its response."""
-        kind, value = effect
+    def command_done(self, backend: MySQLBackend, effect: tuple[int, Any] | None) -> None:
+        """A forwarded command with an effect on the session (or whose response reports one) is complete."""
         tracker = backend.tracker
-        if tracker.error is not None:
+        insert_id = tracker.last_insert_id
+        if insert_id:
+            backend.last_insert_id = insert_id
+        query: QueryEffect | None = None
+        if effect is not None:
+            kind, value = effect
+            if kind == INTERNAL:
+                if value is not None:
+                    self._prepared_here(backend, value)
+                return  # the proxy's own command: what it reports is not the client's
+            if kind == QUERY:
+                query = value
+                self._query_done(backend, value)
+            elif kind == EXECUTE:
+                stmt, flags = value
+                query = stmt.effect
+                self._executed(backend, stmt, flags)
+            elif kind == PREPARE:
+                self._prepared(backend, value)
+            elif kind == FETCH:
+                if tracker.error is not None or tracker.status_flags & my.SERVER_STATUS_LAST_ROW_SENT:
+                    self._statement_state_ends(value, backend.statements.entries.get(value.key))
+            elif kind == STMT_RESET:
+                self._statement_state_ends(value, backend.statements.entries.get(value.key))
+            elif tracker.error is None:
+                if kind == SCHEMA:
+                    self._schema_changed(backend, str(value))
+                elif kind == RESET:
+                    self._forget_session_state()
+                    self.autocommit = backend.autocommit
+                    backend.forget_session()
+                elif kind == SET_OPTION:
+                    self.multi_statements = backend.multi_statements = bool(value)
+        if insert_id:
+            self.last_insert_id = insert_id
+        if tracker.session_state is not None:
+            self._state_reported(backend, tracker.session_state, query)
+
+    def _prepared(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
+        """The client's COM_STMT_PREPARE is answered (its response went to the client, relabelled)."""
+        statements = backend.statements
+        statements.preparing -= 1
+        ok = backend.tracker.prepare_ok
+        if ok is None:
             return
-        if kind == SCHEMA:
-            self.schema = backend.schema = str(value)
-            self.pool = self._pool_for(self.schema)
-        elif kind == PREPARE:
-            if tracker.prepare_ok is not None:
-                self.statements.add(tracker.prepare_ok.statement_id)
-        elif kind == RESET:
-            self.statements.clear()
-            self.pin_reason = None
-            self.settings = {}
-            backend.settings = {}
-        elif kind == SETTINGS:
-            for name, body in value:
-                self.settings[name] = body
-                backend.settings[name] = body
-        elif kind == SET_OPTION:
-            self.multi_statements = backend.multi_statements = bool(value)
+        stmt.params = ok.num_params
+        stmt.columns = ok.num_columns
+        self.statements[stmt.statement_id] = stmt
+        statements.add(stmt.key, ok.statement_id)
+
+    def _prepared_here(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
+        """The proxy's prepare of a client's statement on this backend is answered; the client may go on."""
+        statements = backend.statements
+        statements.preparing -= 1
+        tracker = backend.tracker
+        ok = tracker.prepare_ok
+        if ok is None:
+            stmt.failure = tracker.error_packet or ErrPacket(my.ER_UNKNOWN_ERROR, "prepare failed").build()
+            log.info("client %s: preparing its statement again on %s failed: %s", self.peer, backend,
+                     ErrPacket.parse(stmt.failure).message)
+            return
+        stmt.failure = None
+        statements.add(stmt.key, ok.statement_id)
+
+    def _executed(self, backend: MySQLBackend, stmt: ClientStatement, flags: int) -> None:
+        tracker = backend.tracker
+        entry = backend.statements.entries.get(stmt.key)
+        self._statement_state_ends(stmt, entry)  # long data was used; an older cursor of it is closed
+        if (flags & EXECUTE_CURSOR_FLAGS and tracker.error is None
+                and tracker.status_flags & my.SERVER_STATUS_CURSOR_EXISTS):
+            stmt.cursor = True
+            self.cursors += 1
+            if entry is not None:
+                entry.held += 1
+        if stmt.effect is not None:
+            self._query_done(backend, stmt.effect)
+
+    def _query_done(self, backend: MySQLBackend, effect: QueryEffect) -> None:
+        """A statement with a session effect has its response: track what it set, pin or unpin."""
+        if backend.tracker.error is not None and effect.single:
+            return
+        if effect.schema is not None:
+            self._schema_changed(backend, effect.schema)
+        if effect.charset:  # SET NAMES / CHARACTER SET override earlier character_set_* settings
+            for name in ("character_set_client", "character_set_connection", "character_set_results",
+                         "collation_connection"):
+                if self.settings.pop(name, None) is not None:
+                    backend.settings.pop(name, None)
+                    self._settings_key = None
+        for name, body, _ in effect.settings:
+            self._setting(backend, name, body)
+        for user_name, value in effect.user_vars:
+            if value.upper() == b"NULL":
+                self.user_vars.pop(user_name, None)
+                backend.user_vars.pop(user_name, None)
+            else:
+                self.user_vars[user_name] = backend.user_vars[user_name] = value
+        if effect.hold_next:
+            self._hold_next = 1
+        for reason, names in effect.unpins:
+            self._unpin(reason, None if names is None else self._qualified(reason, names))
+        if effect.pin is not None:
+            if effect.variable_set and self.service.exclude_variable_sets:
+                log.debug("client %s: not pinned for %s (pinning filter exclude_variable_sets)", self.peer,
+                          effect.detail or effect.pin)
+            else:
+                self._pin(backend, effect.pin, self._qualified(effect.pin, effect.pin_names), effect.detail)
+                if effect.pin == FOUND_ROWS:
+                    self._hold_next = 1
+
+    def _qualified(self, reason: str, names: frozenset[bytes]) -> frozenset[bytes]:
+        """Temporary table names with the default database they belong to."""
+        if reason != TEMPORARY_TABLE:
+            return names
+        prefix = self.schema.encode("utf-8", "surrogateescape") + b"."
+        return frozenset(name if name in (ANY, NO_NAME) or b"." in name else prefix + name for name in names)
+
+    def _setting(self, backend: MySQLBackend, name: str, body: bytes) -> None:
+        """A session variable the client set: replayed (in the order last set) wherever the client goes."""
+        settings = self.settings
+        settings.pop(name, None)
+        settings[name] = body
+        backend.settings.pop(name, None)
+        backend.settings[name] = body
+        self._settings_key = None
+
+    def _schema_changed(self, backend: MySQLBackend, schema: str) -> None:
+        self.schema = backend.schema = schema
+        self.pool = self._pool_for(schema)
+
+    def _state_reported(self, backend: MySQLBackend, reports: list[bytes], query: QueryEffect | None) -> None:
+        """Session state changes the server reported (CLIENT_SESSION_TRACK) for the client's command."""
+        explained = False
+        changed = False
+        exact = {name for name, _, literal in query.settings if literal} if query is not None else set()
+        for report in reports:
+            for kind, payload in parse_session_state(report):
+                if kind == my.SESSION_TRACK_SYSTEM_VARIABLES:
+                    explained = True
+                    name, p = read_lenenc_str(payload, 0)
+                    value, _ = read_lenenc_str(payload, p)
+                    name = name.lower()
+                    if name in UNTRACKED_VARIABLES or (query is not None and (
+                            query.transient or (query.charset and name in CHARSET_VARIABLES))):
+                        continue
+                    text = name.decode("ascii", "replace")
+                    if text in exact:  # the client's own literal says it best (e.g. timestamp = DEFAULT)
+                        continue
+                    self._setting(backend, text, b"@@SESSION." + name + b"=" + sql_literal(name, value))
+                elif kind == my.SESSION_TRACK_SCHEMA:
+                    explained = True
+                    schema, _ = read_lenenc_str(payload, 0)
+                    text = schema.decode("utf-8", "surrogateescape")
+                    if text != self.schema:
+                        self._schema_changed(backend, text)
+                elif kind == my.SESSION_TRACK_STATE_CHANGE:
+                    changed = True
+        if changed and not explained and not (query is not None and query.tracked) and not self.pins:
+            self._pin(backend, STATE_CHANGE, frozenset((ANY,)),
+                      "the server reported a session state change the proxy does not follow")
+
+    # --- pinning ---
+
+    def _pin(self, backend: MySQLBackend, reason: str, names: frozenset[bytes], detail: str) -> None:
+        pins = self.pins
+        held = pins.get(reason)
+        if held is not None:
+            held |= names
+            return
+        if not pins:
+            PINS.current += 1
+        pins[reason] = set(names)
+        PINS.pinned(reason)
+        if reason not in self._pins_logged:
+            self._pins_logged.add(reason)
+            log.info("client %s pinned to %s: %s%s", self.peer, backend, reason, f" ({detail})" if detail else "")
+
+    def _unpin(self, reason: str, names: frozenset[bytes] | None) -> None:
+        pins = self.pins
+        held = pins.get(reason)
+        if held is None:
+            return
+        if names is None:
+            held.clear()
+        else:
+            held -= names
+        if held:
+            return
+        del pins[reason]
+        if not pins:
+            PINS.unpinned()
+            log.info("client %s unpinned: %s ended", self.peer, reason)
 
     def backend_progress(self, backend: MySQLBackend) -> None:
         """Responses completed (or the server asks for a LOCAL INFILE upload)."""
@@ -880,15 +1300,25 @@ class MySQLClient(Connection):
             self._seq = (tracker.last_seq + 1) & 0xFF
             return
         if tracker.seen_status & my.SERVER_STATUS_DB_DROPPED:
-            self.schema = backend.schema = ""
-            self.pool = self._pool_for("")
+            self._schema_changed(backend, "")
+        if self._stalled:
+            if backend.idle:
+                self._stalled = False
+                self._resume()
+            return
         self._release_if_done(backend)
 
     def _release_if_done(self, backend: MySQLBackend) -> None:
         """Transaction mode: back to the pool once nothing runs, no transaction is open and nothing pins it."""
         if (not backend.idle or self._skip or self._cont or self._infile or self._partial or self.kills_in_flight
-                or backend.tracker.status_flags & BUSY_FLAGS or self.statements or self.pin_reason
-                or self.backend is not backend):
+                or self._stalled or self.backend is not backend):
+            return
+        if self._hold_next:
+            if self._hold_next == 1:  # SET TRANSACTION / SQL_CALC_FOUND_ROWS: the next statement runs here too
+                return
+            self._hold_next = 0  # that statement is done
+            self._unpin(FOUND_ROWS, None)
+        if backend.tracker.status_flags & BUSY_FLAGS or self.pins or self.cursors or self.long_data:
             return
         pool = backend.pool
         if pool.session_mode:
@@ -900,7 +1330,7 @@ class MySQLClient(Connection):
         if backend.schema != pool.database:  # a USE moved it: put it back first
             self.loop.create_task(self._clean_up(backend))
             return
-        pool.release(backend)
+        _release(backend)
 
     def kill_settled(self) -> None:
         backend = self.backend
@@ -939,6 +1369,19 @@ class MySQLClient(Connection):
         if now - self.idle_since > timeout:
             PROXY.idle_client_timeouts += 1
             self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
+
+
+def _no_cursor(statement: int, capabilities: int) -> bytes:
+    return ErrPacket(ER_STMT_HAS_NO_OPEN_CURSOR, f"The statement ({statement}) has no open cursor",
+                     "HY000").build(capabilities)
+
+
+def _release(backend: MySQLBackend) -> None:
+    """Back to its pool, after closing the statements it should close (no response: safe while idle)."""
+    closes = backend.statements.take_closes()
+    if closes:
+        backend.write(closes)
+    backend.pool.release(backend)
 
 
 def _violation(message: str, errno: int) -> ProtocolViolation:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import os
@@ -48,6 +49,8 @@ class MySQLService:
         self._connection_ids = itertools.count((worker << 24) + 1)
         self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
         self._probe: asyncio.Task[HandshakeV10] | None = None
+        self.session_tracking = False  # the backends report session state changes (CLIENT_SESSION_TRACK)
+        self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:
@@ -116,7 +119,20 @@ class MySQLService:
     async def _connect(self, pool: Pool, profile: Profile) -> Backend:
         backend, greeting = await open_backend(pool, profile, self.settings, self.secrets, self.backend_tls)
         self.greeting = greeting
+        self.session_tracking = backend.tracks_session_state
         return backend
+
+    @staticmethod
+    def statement_key(schema: str, settings: bytes, sql: bytes) -> bytes:
+        """What names a prepared statement on every backend: a digest of its text, the default database and the
+        session settings it is prepared under. A backend's statement of the same key is the same statement."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(schema.encode("utf-8", "surrogateescape"))
+        digest.update(b"\x00")
+        digest.update(settings)
+        digest.update(b"\x00")
+        digest.update(sql)
+        return digest.digest()
 
     def new_connection_id(self) -> int:
         return next(self._connection_ids) & 0xFFFFFFFF

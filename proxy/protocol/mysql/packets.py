@@ -941,17 +941,22 @@ class ResponseTracker:
         "affected_rows",
         "command",
         "done",
+        "edits",
         "error",
         "error_packet",
         "expects_local_infile",
         "last_insert_id",
         "last_seq",
         "prepare_ok",
+        "prepare_ok_at",
         "result_sets",
         "rows",
         "seen_status",
+        "session_state",
+        "session_track",
         "skip",
         "status_flags",
+        "strip_session_state",
         "warnings",
     )
 
@@ -972,6 +977,12 @@ class ResponseTracker:
         self._infile_cont = False
         self._expected_seq: int | None = None
         self.skip = 0  # bytes of a streamed frame still to come (scan with stream=True)
+        # CLIENT_SESSION_TRACK is on: collect the session state changes OK packets report (session_state)
+        self.session_track = False
+        # and note where OK packets carrying them are (edits: (payload offset, length) in the scanned buffer;
+        # the reader clears the list) so they can be rewritten for a client that did not ask for them
+        self.strip_session_state = False
+        self.edits: list[tuple[int, int]] = []
         self._reset_results()
 
     def _reset_results(self) -> None:
@@ -979,6 +990,8 @@ class ResponseTracker:
         self.error_packet: bytes | None = None
         self.expects_local_infile = False
         self.prepare_ok: PrepareOk | None = None
+        self.prepare_ok_at = -1  # payload offset of the COM_STMT_PREPARE_OK in the buffer scan() read it from
+        self.session_state: list[bytes] | None = None  # raw session state info of each OK packet, when tracked
         self.result_sets = 0
         self.rows = 0
         self.seen_status = 0
@@ -1293,6 +1306,7 @@ class ResponseTracker:
             warnings = buf[off + 10] | (buf[off + 11] << 8) if length >= 12 else 0
             self.warnings = warnings
             self.prepare_ok = PrepareOk(stmt_id, columns, params, warnings)
+            self.prepare_ok_at = off
             metadata = not (self._optional_metadata and length >= 13 and buf[off + 12] == 0)
             self._prep_columns = columns if metadata else 0
             if params and metadata:
@@ -1359,6 +1373,47 @@ class ResponseTracker:
         self.warnings = buf[p + 2] | (buf[p + 3] << 8) if p + 4 <= end else 0
         self.status_flags = status
         self.seen_status |= status
+        if status & SERVER_SESSION_STATE_CHANGED and self.session_track:
+            self._state_changes(buf, off, length, p + 4)
+
+    def _state_changes(self, buf: Buffer, off: int, length: int, p: int) -> None:
+        """An OK packet with session state info (CLIENT_SESSION_TRACK): keep the info; note the packet."""
+        end = off + length
+        if p < end:
+            size, p = _lenenc_at(buf, p, end)  # the human-readable info
+            p += size
+            if p < end:
+                size, p = _lenenc_at(buf, p, end)
+                if p + size > end:
+                    raise ProtocolViolation("truncated session state info")
+                if self.session_state is None:
+                    self.session_state = []
+                self.session_state.append(bytes(buf[p : p + size]))
+        if self.strip_session_state:
+            self.edits.append((off, length))
+
+
+def strip_session_state(payload: Buffer) -> bytes:
+    """An OK packet with CLIENT_SESSION_TRACK content, as a server sends it to a client without that capability.
+
+    The session state info goes, SERVER_SESSION_STATE_CHANGED is cleared; the info text stays (length-encoded,
+    as servers send it either way) when there is one.
+    """
+    end = len(payload)
+    _, p = _lenenc_at(payload, 1, end)
+    _, p = _lenenc_at(payload, p, end)
+    if p + 4 > end:
+        raise ProtocolViolation("OK packet without status flags and warnings")
+    status = (payload[p] | (payload[p + 1] << 8)) & ~SERVER_SESSION_STATE_CHANGED
+    out = bytearray(payload[:p])
+    out += _U16.pack(status)
+    out += payload[p + 2 : p + 4]
+    p += 4
+    if p < end:
+        size, q = _lenenc_at(payload, p, end)
+        if size:
+            out += payload[p : q + size]
+    return bytes(out)
 
 
 def _lenenc_at(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
