@@ -151,9 +151,9 @@ class MySQLPoolSettings(PoolSettings):
 
 
 class MySQLSettings(Strict):
-    """The MySQL/MariaDB listener and its backend target."""
+    """The MySQL/MariaDB listener and its backend target (off unless the configuration turns it on)."""
 
-    enabled: bool = True
+    enabled: bool = False
     port: int = Field(6033, ge=0, le=65535, description="client-facing port; 0 picks a free one")
     auth_method: MySQLAuthMethod = MySQLAuthMethod.NATIVE
     caching_sha2_full_auth: bool = Field(

@@ -38,7 +38,7 @@ def run_demo(folder: Path, port: int, mysql_port: int = 6033) -> None:
     config = parse_config({
         "secrets": {"file": str(secrets_file)},
         "postgresql": {"port": port, "backend_port": database.port, "pool": {"max_connections": 10}},
-        "mysql": {"port": mysql_port, "backend_port": mariadb.port, "pool": {"max_connections": 10}},
+        "mysql": {"enabled": True, "port": mysql_port, "backend_port": mariadb.port, "pool": {"max_connections": 10}},
     }, "demo")
     banner = (
         "\ndbproxy is running: PostgreSQL clients connect to 127.0.0.1:{postgresql}, and their sessions share\n"

@@ -116,7 +116,8 @@ def running_proxy(folder: Path, pg: PostgresInstance | None = None, mariadb: Mar
         "secrets": {"file": "secrets.toml"},
         "postgresql": {"port": free_port(), "backend_port": pg.port} if pg is not None else {"enabled": False},
         "postgresql.pool": {"max_connections": 10, "connection_borrow_timeout": 30.0},
-        "mysql": {"port": free_port(), "backend_port": mariadb.port} if mariadb is not None else {"enabled": False},
+        "mysql": ({"enabled": True, "port": free_port(), "backend_port": mariadb.port} if mariadb is not None
+                  else {"enabled": False}),
         "mysql.pool": {"max_connections": 10, "connection_borrow_timeout": 30.0},
     }
     for name, values in overrides.items():

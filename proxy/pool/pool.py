@@ -102,6 +102,10 @@ class Waiter(Protocol):
         """The borrow timeout passed while waiting."""
         ...
 
+    def waiting(self) -> bool:
+        """Still in line (not gone, not served, not timed out)."""
+        ...
+
 
 class _FutureWaiter:
     """The waiter of `Pool.borrow`: a future the coroutine awaits (it handles its own timeout)."""
@@ -120,6 +124,9 @@ class _FutureWaiter:
 
     def expire(self) -> None:
         """The awaiting coroutine times out by itself."""
+
+    def waiting(self) -> bool:
+        return not self.future.done()
 
 
 
@@ -301,7 +308,15 @@ class Pool:
         self.idle.append(backend)
 
     def _others_waiting(self) -> bool:
-        return any(p.waiters for p in self.target.pools.values() if p is not self)
+        """Whether a live waiter stands in another pool's line (gone ones are dropped from the front)."""
+        for pool in self.target.pools.values():
+            if pool is not self:
+                waiters = pool.waiters
+                while waiters and not waiters[0].waiting():
+                    waiters.popleft()
+                if waiters:
+                    return True
+        return False
 
     def discard(self, backend: Backend) -> None:
         """Drop a broken or unwanted backend."""

@@ -719,6 +719,9 @@ class PostgresClient(Connection):
             self._got(backend)  # type: ignore[arg-type]
         return True
 
+    def waiting(self) -> bool:
+        return self._queued and not self.closed
+
     def expire(self) -> None:
         self._queued = False
         assert self.pool is not None
