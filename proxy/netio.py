@@ -52,6 +52,25 @@ class Connection(asyncio.Protocol):
     def on_closed(self, exc: Exception | None) -> None:
         """Hook for subclasses: the socket is gone."""
 
+    # --- backpressure between linked connections ---
+
+    def linked_peer(self) -> Connection | None:
+        """The connection whose bytes we write (a client's backend, a backend's client), if any."""
+        return None
+
+    def pause_writing(self) -> None:
+        """Our write buffer is full: stop reading from the peer that fills it."""
+        peer = self.linked_peer()
+        if peer is not None and not peer.closed:
+            peer.peer_paused_us = True
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.linked_peer()
+        if peer is not None and peer.peer_paused_us:
+            peer.peer_paused_us = False
+            peer.transport.resume_reading()
+
     # --- awaited reads (setup, internal queries) ---
 
     def _wake(self) -> None:

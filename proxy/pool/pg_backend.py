@@ -188,17 +188,8 @@ class PostgresBackend(Connection):
         log.error("backend %s: %s; closing it", self, reason)
         self.abort()
 
-    def pause_writing(self) -> None:
-        client = self.client
-        if client is not None and not client.closed:
-            client.peer_paused_us = True
-            client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        client = self.client
-        if client is not None and client.peer_paused_us:
-            client.peer_paused_us = False
-            client.transport.resume_reading()
+    def linked_peer(self) -> Connection | None:
+        return self.client
 
     def on_closed(self, exc: Exception | None) -> None:
         client = self.client

@@ -852,17 +852,8 @@ class PostgresClient(Connection):
             log.warning("client %s: backend %s was lost: %s", self.peer, backend, exc or "closed")
             self.fail(BackendUnavailable("the database connection was lost"))
 
-    def pause_writing(self) -> None:
-        backend = self.backend
-        if backend is not None and not backend.closed:
-            backend.peer_paused_us = True
-            backend.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        backend = self.backend
-        if backend is not None and backend.peer_paused_us:
-            backend.peer_paused_us = False
-            backend.transport.resume_reading()
+    def linked_peer(self) -> Connection | None:
+        return self.backend
 
     # --- janitor ---
 
