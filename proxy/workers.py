@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -72,12 +74,22 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
     await server.stop()
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the supervisor dies, so no worker outlives it holding the ports."""
+    supervisor = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PDEATHSIG
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _start_worker(config: Config, index: int, count: int, folder: Path, ready_fd: int) -> int:
     pid = os.fork()
     if pid:
         return pid
     status = 0
     try:
+        _die_with_parent()
         os.environ.update(DBPROXY_WORKER=str(index), DBPROXY_WORKERS=str(count), DBPROXY_RUNDIR=str(folder))
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,0 +1,271 @@
+"""Samplers that run beside a scenario: the middleman's CPU time and peak RSS, and the backend connection count."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+import psutil
+
+from loadtest.targets import BENCH_USER
+from proxy.devservers import MariaDBInstance, PostgresInstance
+
+SAMPLE_INTERVAL = 0.2
+
+
+def _tree(process: psutil.Process) -> list[psutil.Process]:
+    """The process and its children (a future multi-worker proxy forks workers)."""
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU time of the process tree so far."""
+    total = 0.0
+    for proc in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def rss_bytes(process: psutil.Process) -> int:
+    """Resident set size of the process tree now."""
+    total = 0
+    for proc in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total
+
+
+@dataclass
+class ProcessUsage:
+    """What a middleman process used during one scenario."""
+
+    cpu_seconds: float
+    peak_rss_bytes: int
+
+
+class ProcessSampler:
+    """CPU delta over the scenario (psutil cpu_times) and peak RSS (sampled every 0.2 s) of one process tree."""
+
+    def __init__(self, process: psutil.Process | None, interval: float = SAMPLE_INTERVAL) -> None:
+        self.process = process
+        self.interval = interval
+        self._cpu_start = 0.0
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.usage: ProcessUsage | None = None
+
+    def _run(self) -> None:
+        assert self.process is not None
+        while not self._stop.is_set():
+            self._peak = max(self._peak, rss_bytes(self.process))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Self:
+        if self.process is not None:
+            self._cpu_start = cpu_seconds(self.process)
+            self._peak = rss_bytes(self.process)
+            self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.process is None or self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, rss_bytes(self.process))
+        self.usage = ProcessUsage(cpu_seconds(self.process) - self._cpu_start, self._peak)
+
+
+class ConnectionCounter(Protocol):
+    """Lists the client ports of the benchmark user's sessions on a database server."""
+
+    backend_port: int
+
+    def client_ports(self) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class PostgresConnectionCounter:
+    """``pg_stat_activity`` client backends of the benchmark user, over the trusted unix socket as superuser."""
+
+    QUERY = ("SELECT client_port FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend' "
+             "AND client_port IS NOT NULL")
+
+    def __init__(self, server: PostgresInstance) -> None:
+        import psycopg
+
+        self.backend_port = server.port
+        self._conn = psycopg.connect(host=str(server.socket_dir), port=server.port, user=server.superuser,
+                                     dbname="postgres", autocommit=True, connect_timeout=10)
+        self._lock = threading.Lock()
+
+    def client_ports(self) -> list[int]:
+        with self._lock:
+            rows = self._conn.execute(self.QUERY, (BENCH_USER,)).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class MariaDBConnectionCounter:
+    """``information_schema.processlist`` sessions of the benchmark user, over the unix socket as root."""
+
+    QUERY = "SELECT HOST FROM information_schema.PROCESSLIST WHERE USER = %s"
+
+    def __init__(self, server: MariaDBInstance) -> None:
+        import pymysql
+
+        self.backend_port = server.port
+        self._conn = pymysql.connect(unix_socket=str(server.socket_path), user="root", password=server.root_password,
+                                     autocommit=True, connect_timeout=10)
+        self._lock = threading.Lock()
+
+    def client_ports(self) -> list[int]:
+        with self._lock, self._conn.cursor() as cursor:
+            cursor.execute(self.QUERY, (BENCH_USER,))
+            rows = cursor.fetchall()
+        ports = []
+        for (host,) in rows:
+            _, _, port = str(host).rpartition(":")
+            if port.isdigit():
+                ports.append(int(port))
+        return ports
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def ports_towards(process: psutil.Process, backend_port: int) -> set[int]:
+    """Local ports of the process tree's TCP connections to ``backend_port``: its backend connections."""
+    ports: set[int] = set()
+    for proc in _tree(process):
+        with contextlib.suppress(psutil.Error):
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.raddr and conn.raddr.port == backend_port and conn.laddr:
+                    ports.add(conn.laddr.port)
+    return ports
+
+
+class BackendSampler:
+    """Maximum number of database sessions of the benchmark user that belong to one target during a scenario.
+
+    Sessions are matched to their owner by client port: a middleman's (PgBouncer's, the proxy's) are those
+    whose port is the local end of one of its TCP connections to the database; a direct run's are the
+    benchmark user's sessions that belong to no middleman (the other middlemen keep idle pooled ones).
+    """
+
+    def __init__(self, counter: ConnectionCounter | None, owner: psutil.Process | None,
+                 middlemen: list[psutil.Process], interval: float = SAMPLE_INTERVAL) -> None:
+        self.counter = counter
+        self.owner = owner
+        self.middlemen = middlemen
+        self.interval = interval
+        self.maximum = 0
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def count(self) -> int:
+        assert self.counter is not None
+        sessions = set(self.counter.client_ports())
+        if self.owner is not None:
+            return len(sessions & ports_towards(self.owner, self.counter.backend_port))
+        for middleman in self.middlemen:
+            sessions -= ports_towards(middleman, self.counter.backend_port)
+        return len(sessions)
+
+    def _sample(self) -> None:
+        try:
+            self.maximum = max(self.maximum, self.count())
+        except Exception as exc:  # the monitor must never end a run; say what went wrong instead
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Self:
+        if self.counter is not None:
+            self._thread = threading.Thread(target=self._run, name="backend-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def wait_for_sessions_at_most(counter: ConnectionCounter | None, limit: int, timeout: float = 20.0) -> int:
+    """Wait until the benchmark user's sessions drop to ``limit`` (the previous run's clients have gone)."""
+    if counter is None:
+        return 0
+    deadline = time.monotonic() + timeout
+    current = len(counter.client_ports())
+    while current > limit and time.monotonic() < deadline:
+        time.sleep(0.1)
+        current = len(counter.client_ports())
+    return current
+
+
+def _tree_cpu(root: psutil.Process) -> float:
+    """CPU time of a process tree, including the descendants it has already reaped."""
+    total = 0.0
+    for proc in _tree(root):
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def _system_busy() -> float:
+    times = psutil.cpu_times()
+    return float(times.user + times.nice + times.system)
+
+
+class OtherLoad:
+    """CPU time the machine spent during a scenario outside the benchmark's processes (other people's work).
+
+    It is the machine's busy time (user + nice + system, all cores) minus the CPU time of the benchmark's own
+    process trees (this harness and everything it started, and the PostgreSQL postmaster's tree). Kernel work
+    done for our loopback traffic outside our processes counts as "other", so it is an upper bound.
+    """
+
+    def __init__(self, roots: list[int]) -> None:
+        self.roots: list[psutil.Process] = []
+        for pid in roots:
+            with contextlib.suppress(psutil.Error):
+                self.roots.append(psutil.Process(pid))
+        self._start_system = 0.0
+        self._start_ours = 0.0
+        self.cpu_seconds = 0.0
+
+    def _ours(self) -> float:
+        return sum(_tree_cpu(root) for root in self.roots)
+
+    def __enter__(self) -> Self:
+        self._start_ours = self._ours()
+        self._start_system = _system_busy()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        system = _system_busy() - self._start_system
+        ours = self._ours() - self._start_ours
+        self.cpu_seconds = max(0.0, system - ours)

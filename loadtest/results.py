@@ -1,0 +1,58 @@
+"""What one scenario run against one target measured, and how a run's results are saved."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+OK = "ok"
+FAILED = "failed"
+NOT_AVAILABLE = "n/a"
+
+
+@dataclass
+class Result:
+    """One cell of the comparison: a scenario against one target (direct, pgbouncer or proxy)."""
+
+    scenario: str
+    group: str  # scenarios plotted together, e.g. "pgbench -S -M simple"
+    engine: str
+    target: str
+    status: str = OK  # OK, FAILED or NOT_AVAILABLE
+    reason: str = ""  # why it failed / is not available (the tool's own error text)
+    throughput: float = 0.0
+    unit: str = "tps"
+    work: float = 0.0  # transactions processed (MB copied for COPY) during the run
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    latency_samples: int = 0
+    middleman_cpu_s: float | None = None  # user+sys of PgBouncer / the proxy over the scenario
+    middleman_peak_rss: int | None = None  # bytes
+    backend_connections_max: int | None = None
+    other_cpu_s: float | None = None  # CPU used meanwhile by processes outside the benchmark (noise indicator)
+    concurrency: int = 0
+    wall_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def status_text(self) -> str:
+        if self.status == OK:
+            return "ok"
+        if self.status == NOT_AVAILABLE:
+            return self.reason if self.reason.startswith("n/a") else f"n/a ({self.reason})"
+        return f"failed: {self.reason}"
+
+
+def save_results(path: Path, results: list[Result], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+
+
+def load_results(path: Path) -> tuple[list[Result], dict[str, Any]]:
+    data = json.loads(path.read_text())
+    return [Result(**row) for row in data["results"]], data["meta"]

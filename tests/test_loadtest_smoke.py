@@ -1,0 +1,54 @@
+"""Smoke test of the load-test harness: a --quick bench run and a small idle-connection probe, as subprocesses."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NUMBER = re.compile(r"[\d,]+(?:\.\d+)?")
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _results_rows(output: str) -> list[list[str]]:
+    """Rows of the results table (scenario, target, throughput, ...), the first table printed."""
+    rows = []
+    section = output.split("## Results", 1)[-1].split("## Ratios", 1)[0]
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.timeout(200)
+def test_quick_bench_prints_a_table_for_every_target() -> None:
+    done = _run(["loadtest.bench", "--quick", "--no-write"], timeout=150)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    throughput: dict[str, float] = {}
+    for row in _results_rows(done.stdout):
+        scenario, target, cell = row[0], row[1], row[2]
+        if scenario.startswith("`pgbench -S -M simple -c") and not scenario.endswith("-c 1`"):
+            match = NUMBER.match(cell)
+            throughput[target] = float(match.group().replace(",", "")) if match else 0.0
+    assert set(throughput) == {"direct", "pgbouncer", "proxy"}, done.stdout
+    for target, value in throughput.items():
+        assert value > 0, f"{target} had no pgbench simple throughput:\n{done.stdout}"
+    assert "## Targets" in done.stdout
+    assert "| 200 | 200 |" in done.stdout, "the idle probe row is missing"
+
+
+@pytest.mark.timeout(150)
+def test_idle_probe_reports_memory_per_connection() -> None:
+    done = _run(["loadtest.idle_probe", "--counts", "200"], timeout=120)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    match = re.search(r"^\s*200 idle clients: RSS .* ([\d.]+) KiB per connection", done.stdout, re.MULTILINE)
+    assert match, done.stdout
+    assert float(match.group(1)) > 0
