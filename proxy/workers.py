@@ -66,6 +66,9 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
     if server.postgres.make_client is not None:  # CancelRequests passed on by the other workers
         server.servers.append(
             await loop.create_unix_server(server.postgres.make_client, str(worker_socket("cancel", index))))
+    if config.mysql.enabled:  # KILLs for this worker's clients asked on another worker
+        server.servers.append(
+            await asyncio.start_unix_server(server.mysql.serve_forwarded_kill, str(worker_socket("kill", index))))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

@@ -150,3 +150,11 @@ def test_fuzzed_bytes_after_login_never_hurt_others(pg_proxy: ProxyProcess, byst
         client.close()
     still_fine(bystander)
     assert pg_proxy.alive
+
+
+def test_gssenc_request_is_declined_then_login_proceeds(pg_proxy: ProxyProcess) -> None:
+    client = RawClient(pg_proxy.ports["postgresql"])
+    client.send(pg.INT32_PAIR.pack(8, pg.GSSENC_REQUEST_CODE))
+    assert client.sock.recv(1) == b"N"
+    client.login()
+    assert client.query("SELECT 1")[-1][0] == "Z"

@@ -181,3 +181,35 @@ def test_dead_backend_is_dropped_not_handed_out(tmp_path: Path, pg_server: Postg
             time.sleep(0.3)
             for _ in range(5):
                 assert conn.execute("SELECT 5").fetchone() == (5,)
+
+
+def test_max_idle_connections_trims_the_pool(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 6,
+                                                             "max_idle_connections": 2}) as proxy:
+        conns = [connect(proxy, "bench") for _ in range(6)]
+        try:
+            for conn in conns:
+                conn.execute("BEGIN")
+                conn.execute("SELECT 1")
+            assert backend_connections(pg_server, "bench") == 6
+            for conn in conns:
+                conn.execute("COMMIT")
+            deadline = time.monotonic() + 8
+            while backend_connections(pg_server, "bench") > 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert backend_connections(pg_server, "bench") == 2
+            assert conns[0].execute("SELECT 'still served'").fetchone() == ("still served",)
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+def test_trust_backend(tmp_path: Path) -> None:
+    from proxy.devservers import start_postgres
+
+    server = start_postgres(tmp_path / "pg", users={"app": "app-secret"}, auth="trust")
+    try:
+        with running_proxy(tmp_path / "proxy", server) as proxy, connect(proxy) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("app",)
+    finally:
+        server.stop()

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
+import pymysql
 import pytest
 from psycopg import errors
 
-from proxy.devservers import PostgresInstance
+from proxy.devservers import MariaDBInstance, PostgresInstance
 from support import ProxyProcess, backend_connections, running_proxy
 
 
@@ -69,3 +70,34 @@ def test_config_workers_zero_means_one_per_core(tmp_path: Path) -> None:
     from proxy.config import parse_config
 
     assert parse_config({}).server.workers == 0
+
+
+def test_kill_query_reaches_the_worker_that_owns_the_client(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
+    with running_proxy(tmp_path, mariadb=mariadb_server, server={"workers": 2}) as proxy:
+        port = proxy.ports["mysql"]
+
+        def connect() -> pymysql.Connection:
+            return pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-secret", database="app")
+
+        with connect() as killer:
+            for _ in range(8):  # victims land on either worker; the killer on one of them
+                with connect() as victim:
+                    outcome: list[object] = []
+                    thread = threading.Thread(target=lambda v=victim, out=outcome: out.append(_sleep(v)))
+                    started = time.monotonic()
+                    thread.start()
+                    time.sleep(0.4)
+                    with killer.cursor() as cursor:
+                        cursor.execute(f"KILL QUERY {victim.thread_id()}")
+                    thread.join()
+                    assert time.monotonic() - started < 4
+                    assert outcome == [1] or outcome == ["interrupted"], outcome
+
+
+def _sleep(conn: pymysql.Connection) -> object:
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT SLEEP(10)")
+            return cursor.fetchone()[0]  # type: ignore[index]
+    except pymysql.err.OperationalError as exc:
+        return "interrupted" if exc.args[0] in (1317, 1028) else exc

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import logging
 import os
 import ssl
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -20,6 +22,7 @@ from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, MySQLBackend, Profile
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import HandshakeV10, frame
+from proxy.rundir import run_dir, worker_index, worker_socket
 from proxy.secrets import SecretStore
 from proxy.tls import backend_context
 
@@ -31,6 +34,22 @@ log = logging.getLogger(__name__)
 # The proxy's own announcement: what its codecs can relay (DEFAULT_SERVER_CAPABILITIES) plus the MariaDB
 # extensions the forwarder understands, always cut down to what the backend offers.
 ANNOUNCED_CAPABILITIES = my.DEFAULT_SERVER_CAPABILITIES | (RELAYED_CAPABILITIES & ~0xFFFFFFFF)
+
+
+class Killer(Protocol):
+    """Who asks for a KILL: a local client session, or one in another worker."""
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def peer(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RemoteKiller:
+    user: str
+    peer: str
 
 
 class MySQLService:
@@ -139,8 +158,12 @@ class MySQLService:
 
     # --- KILL ---
 
-    async def kill(self, killer: MySQLClient, connection_id: int, query_only: bool) -> None:
+    async def kill(self, killer: Killer, connection_id: int, query_only: bool) -> None:
         """KILL [QUERY] with the proxy's connection id: act on what that client runs right now, and only that."""
+        owner = connection_id >> 24
+        if owner != worker_index() and run_dir() is not None:
+            await self._forward_kill(owner, killer, connection_id, query_only)
+            return
         target = self.clients.get(connection_id)
         if target is None or target.closed:
             raise NoSuchThread(f"Unknown thread id: {connection_id}")
@@ -160,6 +183,39 @@ class MySQLService:
         finally:
             target.kills_in_flight -= 1
             target.kill_settled()
+
+    async def _forward_kill(self, owner: int, killer: Killer, connection_id: int, query_only: bool) -> None:
+        """The client lives in another worker process: ask that worker, and report its answer."""
+        request = {"user": killer.user, "peer": killer.peer, "id": connection_id, "query_only": query_only}
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(worker_socket("kill", owner)))
+            writer.write(json.dumps(request).encode() + b"\n")
+            answer = json.loads(await asyncio.wait_for(reader.readline(), self.settings.backend_connect_timeout))
+            writer.close()
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.warning("KILL %d: worker %d did not answer: %s", connection_id, owner, exc)
+            raise NoSuchThread(f"Unknown thread id: {connection_id}") from None
+        if answer.get("error") == "denied":
+            raise KillDenied(answer["message"])
+        if answer.get("error"):
+            raise NoSuchThread(answer["message"])
+
+    async def serve_forwarded_kill(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The other side of `_forward_kill`: one JSON request, one JSON answer."""
+        try:
+            request = json.loads(await asyncio.wait_for(reader.readline(), 10))
+            killer = RemoteKiller(str(request["user"]), str(request["peer"]))
+            await self.kill(killer, int(request["id"]), bool(request["query_only"]))
+            answer: dict[str, str] = {}
+        except KillDenied as exc:
+            answer = {"error": "denied", "message": exc.message}
+        except ProxyError as exc:
+            answer = {"error": "unknown", "message": exc.message}
+        except (OSError, TimeoutError, ValueError, KeyError):
+            answer = {"error": "unknown", "message": "malformed KILL request"}
+        writer.write(json.dumps(answer).encode() + b"\n")
+        await writer.drain()
+        writer.close()
 
     async def kill_query(self, backend: MySQLBackend) -> None:
         """KILL QUERY the backend thread's statement, from a separate connection the pool never counts."""
