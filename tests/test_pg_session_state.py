@@ -170,3 +170,24 @@ def test_pinning_filter_exclude_variable_sets(tmp_path: Path, pg_server: Postgre
         with connect(proxy, prepare_threshold=None) as a, connect(proxy, prepare_threshold=None) as b:
             a.execute("SET work_mem = '9MB'")
             assert b.execute("SHOW work_mem").fetchone() == ("9MB",)  # leaked, as documented
+
+
+@pytest.mark.parametrize(("start", "use", "stop", "reason"), [
+    ("PREPARE q AS SELECT 41 + 1", "EXECUTE q", "DEALLOCATE q", "SQL PREPARE"),
+    ("SELECT pg_advisory_lock(4242)", "SELECT 1", "SELECT pg_advisory_unlock_all()", "session advisory lock"),
+    ("BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT generate_series(1, 3); COMMIT", "FETCH 1 FROM c", "CLOSE c",
+     "cursor WITH HOLD"),
+])
+def test_other_session_state_pins_until_released(tmp_path: Path, pg_server: PostgresInstance, start: str, use: str,
+                                                 stop: str, reason: str) -> None:
+    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 2}) as proxy, \
+            connect(proxy, prepare_threshold=None) as holder, connect(proxy, prepare_threshold=None) as other:
+        holder.execute(start)
+        proxy.wait_for_log(f"pinned to backend .*: {reason}")
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()
+        for _ in range(3):
+            other.execute("SELECT 1")
+            assert holder.execute(use).fetchone() is not None
+            assert holder.execute("SELECT pg_backend_pid()").fetchone() == pid
+        holder.execute(stop)
+        proxy.wait_for_log("unpinned")

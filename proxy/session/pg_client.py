@@ -57,7 +57,7 @@ STATEMENT = ord("S")
 # Words that may start or end session state a backend cannot carry to another client (checked in C, per query).
 SESSION_WORDS = re.compile(
     rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
-    rb"deallocate|close|drop|role|session)\b"
+    rb"deallocate|close|drop|role|session|pg_advisory_\w*)\b"
 )
 VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
 DEALLOCATE = re.compile(rb'(?is)^\s*deallocate\s+(?:prepare\s+)?"?(?P<name>[^\s";]+)"?\s*;?\s*$')
@@ -631,9 +631,9 @@ class PostgresClient(Connection):
 
     def _session_statement(self, sql: bytes, backend: PostgresBackend) -> bytes | None:
         """A Query that may change session state: DEALLOCATE is mapped, the rest noted for inspection."""
+        self._note_session_words(sql)
         match = DEALLOCATE.match(sql)
         if match is None:
-            self._note_session_words(sql)
             return None
         name = match.group("name")
         if name.lower() == b"all":
