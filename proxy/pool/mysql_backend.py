@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,8 @@ from proxy.auth.mysql import (
 )
 from proxy.config import BackendTLSMode, MySQLSettings
 from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
-from proxy.netio import Connection, ConnectionClosed
+from proxy.netio import ConnectionClosed
+from proxy.pool.backend import BackendConnection
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import (
     AuthSwitchRequest,
@@ -102,16 +102,12 @@ class MySQLServerError(BackendError):
         self.mysql_sqlstate = err.sql_state or my.sqlstate_for(err.error_code)
 
 
-class MySQLBackend(Connection):
+class MySQLBackend(BackendConnection):
     """One server connection. While linked to a client, response bytes stream through; only headers are read."""
 
     def __init__(self, pool: Pool, profile: Profile) -> None:
-        super().__init__()
-        self.pool = pool
+        super().__init__(pool)
         self.profile = profile
-        self.forgotten = False
-        self.created_at = time.monotonic()
-        self.idle_since = self.created_at
         self.thread_id = 0
         self.capabilities = 0  # negotiated with the server
         self.deprecate_eof = False
@@ -271,20 +267,6 @@ class MySQLBackend(Connection):
             sent = off + length
         edits.clear()
         return sent
-
-    def _broken(self, reason: str) -> None:
-        log.error("backend %s: %s; closing it", self, reason)
-        self.abort()
-
-    def linked_peer(self) -> Connection | None:
-        return self.client
-
-    def on_closed(self, exc: Exception | None) -> None:
-        client = self.client
-        if client is not None:
-            client.backend_lost(self, exc)
-        else:
-            self.pool.discard(self)
 
     # --- awaited packets (login, internal commands; never while linked) ---
 

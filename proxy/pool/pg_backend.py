@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,8 @@ from proxy.auth.md5 import md5_response
 from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
-from proxy.netio import Connection, ConnectionClosed
+from proxy.netio import ConnectionClosed
+from proxy.pool.backend import BackendConnection
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import ENDS, FORWARD, INJECT, SKIPS_TO_SYNC, SWALLOW, SYNC, Expectation
 
@@ -30,15 +30,11 @@ ERROR = 0x45  # 'E'
 ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
 
 
-class PostgresBackend(Connection):
+class PostgresBackend(BackendConnection):
     """One server connection. While linked to a client, bytes stream through; only headers are read."""
 
     def __init__(self, pool: Pool) -> None:
-        super().__init__()
-        self.pool = pool
-        self.forgotten = False
-        self.created_at = time.monotonic()
-        self.idle_since = self.created_at
+        super().__init__(pool)
         self.process_id = 0
         self.secret_key = 0
         self.params: dict[str, str] = {}  # current values of settings on this server session
@@ -183,20 +179,6 @@ class PostgresBackend(Connection):
                 self.prepared.pop(failed.prepared_name, None)
                 if self.client is not None:
                     self.client.statement_failed(failed.prepared_name)
-
-    def _broken(self, reason: str) -> None:
-        log.error("backend %s: %s; closing it", self, reason)
-        self.abort()
-
-    def linked_peer(self) -> Connection | None:
-        return self.client
-
-    def on_closed(self, exc: Exception | None) -> None:
-        client = self.client
-        if client is not None:
-            client.backend_lost(self, exc)
-        else:
-            self.pool.discard(self)
 
     # --- login ---
 

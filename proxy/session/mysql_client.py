@@ -61,6 +61,7 @@ from proxy.protocol.mysql.statements import (
     statement_id,
     unknown_statement,
 )
+from proxy.session.client import ClientConnection
 from proxy.session.mysql_inspect import (
     ANSWER_ERR,
     ANSWER_OK,
@@ -148,7 +149,7 @@ def _make_scramble() -> bytes:
     return bytes(SCRAMBLE_CHARS[b % len(SCRAMBLE_CHARS)] for b in os.urandom(my.SCRAMBLE_LENGTH))
 
 
-class MySQLClient(Connection):
+class MySQLClient(ClientConnection):
     """One client connection; owns at most one backend at a time (between transactions in transaction mode)."""
 
     def __init__(self, service: MySQLService) -> None:
@@ -200,14 +201,6 @@ class MySQLClient(Connection):
         return f"MySQLClient({self.peer}, id={self.connection_id}, user={self.user!r})"
 
     # --- lifecycle ---
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        PROXY.clients_accepted += 1
-        PROXY.clients_current += 1
-        self._task = self.loop.create_task(self._login_with_timeout())
 
     async def _login_with_timeout(self) -> None:
         try:

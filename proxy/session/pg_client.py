@@ -39,6 +39,7 @@ from proxy.protocol.pg.extended import (
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
+from proxy.session.client import ClientConnection
 from proxy.session.pg_service import PostgresService
 from proxy.stats import PINS, PROXY
 
@@ -119,7 +120,7 @@ def _options_settings(options: str) -> dict[str, str]:
     return result
 
 
-class PostgresClient(Connection):
+class PostgresClient(ClientConnection):
     """One client connection; owns at most one backend at a time (between transactions in transaction mode)."""
 
     def __init__(self, service: PostgresService) -> None:
@@ -155,14 +156,6 @@ class PostgresClient(Connection):
         return f"PostgresClient({self.peer}, user={self.user!r}, db={self.database!r})"
 
     # --- lifecycle ---
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        PROXY.clients_accepted += 1
-        PROXY.clients_current += 1
-        self._task = self.loop.create_task(self._login_with_timeout())
 
     async def _login_with_timeout(self) -> None:
         try:

@@ -270,24 +270,7 @@ def read_lenenc_int(buf: Buffer, pos: int = 0) -> tuple[int, int]:
 
     0xFB (NULL in a text row) and 0xFF are not integers and raise ProtocolViolation.
     """
-    end = len(buf)
-    if pos >= end:
-        raise ProtocolViolation("truncated length-encoded integer")
-    first = buf[pos]
-    if first < 0xFB:
-        return first, pos + 1
-    if first == 0xFC:
-        size = 2
-    elif first == 0xFD:
-        size = 3
-    elif first == 0xFE:
-        size = 8
-    else:
-        raise ProtocolViolation(f"invalid length-encoded integer prefix 0x{first:02x}")
-    stop = pos + 1 + size
-    if stop > end:
-        raise ProtocolViolation("truncated length-encoded integer")
-    return int.from_bytes(buf[pos + 1 : stop], "little"), stop
+    return _lenenc_at(buf, pos, len(buf))
 
 
 def write_lenenc_int(value: int) -> bytes:
