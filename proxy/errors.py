@@ -64,6 +64,14 @@ class BorrowTimeout(ProxyError):
     mysql_sqlstate = "08004"
 
 
+class TooManyClients(ProxyError):
+    """The proxy already serves max_client_connections clients."""
+
+    sqlstate = "53300"  # too_many_connections
+    mysql_errno = 1040  # ER_CON_COUNT_ERROR
+    mysql_sqlstate = "08004"
+
+
 class BackendUnavailable(ProxyError):
     """The proxy could not open or keep a connection to the database."""
 

@@ -25,6 +25,8 @@ Snapshot = dict[str, Any]
 PROXY_METRICS = (  # (metric, kind, help, field of ProxyStats)
     ("client_connections", "gauge", "Client connections open now", "clients_current"),
     ("client_connections_received", "counter", "Client connections accepted", "clients_accepted"),
+    ("client_connections_refused", "counter", "Client connections refused: max_client_connections reached",
+     "clients_refused"),
     ("client_connections_setup_succeeded", "counter", "Client logins that succeeded", "logins_ok"),
     ("client_connections_setup_failed_auth", "counter", "Client logins refused", "logins_failed"),
     ("protocol_errors", "counter", "Clients closed for protocol violations", "protocol_errors"),

@@ -10,6 +10,7 @@ from proxy.errors import BackendUnavailable, ProtocolViolation
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+SHRINK_AFTER = 1 << 20  # reads at least this large replace the buffer rather than trimming it in place
 
 
 class ConnectionClosed(Exception):
@@ -29,6 +30,8 @@ class Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
         self._close_exc: BaseException | None = None
+        self.buffer_limit = 0  # when set: reading pauses while more than this is buffered and nothing awaits it
+        self._reading_paused = False
 
     # --- asyncio.Protocol ---
 
@@ -38,6 +41,9 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
+        if self.buffer_limit and len(self._buffer) > self.buffer_limit and not self._reading_paused:
+            self._reading_paused = True  # a peer sending ahead of the exchange waits (the socket holds its bytes)
+            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -78,10 +84,17 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _resume_buffering(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if not self.closed:
+                self.transport.resume_reading()
+
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size:
             if self.closed:
                 raise ConnectionClosed(str(self._close_exc or "connection closed"))
+            self._resume_buffering()
             self._waiter = self.loop.create_future()
             try:
                 await self._waiter
@@ -90,8 +103,15 @@ class Connection(asyncio.Protocol):
 
     async def read_exact(self, size: int) -> bytes:
         await self._fill(size)
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        buffer = self._buffer
+        if size == len(buffer):  # the usual case: take the whole buffer, no copy, nothing large left behind
+            self._buffer = bytearray()
+            return bytes(buffer)
+        data = bytes(buffer[:size])
+        if size >= SHRINK_AFTER:  # a bytearray keeps its allocation after `del`: copy the rest instead
+            self._buffer = buffer[size:]
+        else:
+            del buffer[:size]
         return data
 
     async def read_untyped(self) -> bytes:
@@ -102,12 +122,13 @@ class Connection(asyncio.Protocol):
             raise ProtocolViolation(f"invalid startup packet length {length}")
         return (await self.read_exact(length))[4:]
 
-    async def read_typed(self) -> tuple[int, bytes]:
-        """A PostgreSQL typed message: (type byte, body)."""
+    async def read_typed(self, limit: int = 0) -> tuple[int, bytes]:
+        """A PostgreSQL typed message: (type byte, body); a length over `limit` (default max_message) is refused
+        at the header, before any of the body is read."""
         await self._fill(5)
         kind = self._buffer[0]
         length = int.from_bytes(self._buffer[1:5], "big")
-        if length < 4 or length > self.max_message:
+        if length < 4 or length > (limit or self.max_message):
             raise ProtocolViolation(f"invalid message length {length} for message type {chr(kind)!r}")
         data = await self.read_exact(length + 1)
         return kind, data[5:]
@@ -115,7 +136,8 @@ class Connection(asyncio.Protocol):
     def take_buffered(self) -> bytes:
         """Hand over whatever arrived but was not read yet (at the switch to forwarding)."""
         data = bytes(self._buffer)
-        self._buffer.clear()
+        self._buffer = bytearray()
+        self._resume_buffering()
         return data
 
     @property

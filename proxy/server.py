@@ -8,7 +8,9 @@ import socket
 import time
 
 from proxy.config import ClientTLSMode, Config
+from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
+from proxy.session.client import ClientConnection
 from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
@@ -37,6 +39,8 @@ class ProxyServer:
 
     async def start(self, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
+        # Each worker process takes its share of the client limit (as of the backend connection budget).
+        ClientConnection.max_clients = max(1, self.config.server.max_client_connections // worker_count())
         settings = self.config.postgresql
         if settings.enabled:
             clients = self.pg_clients

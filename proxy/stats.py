@@ -29,6 +29,7 @@ class ProxyStats:
 
     clients_accepted: int = 0
     clients_current: int = 0
+    clients_refused: int = 0  # turned away at connect: max_client_connections reached
     logins_ok: int = 0
     logins_failed: int = 0
     protocol_errors: int = 0

@@ -28,6 +28,8 @@ READY = 0x5A  # 'Z'
 PARAMETER_STATUS = 0x53  # 'S'
 ERROR = 0x45  # 'E'
 ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
+# In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
+SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
 
 
 class PostgresBackend(BackendConnection):
@@ -46,6 +48,7 @@ class PostgresBackend(BackendConnection):
         self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
         self.expect: deque[Expectation] = deque()  # requests sent, in the order their replies will come
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # statement names prepared here, LRU order
+        self.ended_by_server = False  # a FATAL ErrorResponse of the server's was passed to the client
 
     def __repr__(self) -> str:
         return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
@@ -115,6 +118,10 @@ class PostgresBackend(BackendConnection):
             elif kind in ASYNC_REPLIES:
                 pos += 1 + length
                 continue
+            elif kind == ERROR and end - pos >= 1 + length:
+                body_end = pos + 1 + length
+                if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
+                    self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
             action = FORWARD
             if expect:
                 head: Expectation | None = expect[0]

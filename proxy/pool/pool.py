@@ -12,11 +12,29 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.config import PoolMode, PoolSettings, resolve_count
-from proxy.errors import BorrowTimeout, ProxyError
+from proxy.errors import BackendError, BackendUnavailable, BorrowTimeout, ProxyError
 from proxy.rundir import worker_count
 from proxy.stats import PoolStats
 
 log = logging.getLogger(__name__)
+
+# A backend connect that fails because the server is away or (re)starting is retried until the borrow timeout,
+# first after RETRY_FIRST seconds, the wait doubling up to RETRY_MAX.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+# Server refusals that mean "not now" rather than "never": starting up or shutting down, admin shutdown, too many
+# connections (PostgreSQL SQLSTATEs; MySQL errnos 1040 too many connections, 1053 server shutdown, 1927 killed).
+RETRY_SQLSTATES = frozenset({"57P01", "57P03", "53300"})
+RETRY_MYSQL_ERRNOS = frozenset({1040, 1053, 1927})
+
+
+def connect_retryable(exc: BaseException) -> bool:
+    """Whether a failed backend connect may work when tried again shortly (the server is away or restarting)."""
+    if isinstance(exc, BackendUnavailable):
+        return True
+    if isinstance(exc, BackendError):
+        return exc.sqlstate in RETRY_SQLSTATES or exc.mysql_errno in RETRY_MYSQL_ERRNOS
+    return False
 
 
 class Backend(Protocol):
@@ -40,8 +58,16 @@ class Target:
     settings: PoolSettings
     max_connections: int = 0  # resolved when the backend's own limit is known
     max_idle: int = 0
-    open_connections: int = 0
     pools: dict[tuple[str, str], Pool] = field(default_factory=dict)
+    # Every backend connection of this target the pools own (idle, lent out, being cleaned), and a placeholder
+    # per connect in progress: the one place the open-connection count comes from. Adding and discarding are
+    # idempotent, so a backend that leaves by two paths at once is still counted out once.
+    owned: set[object] = field(default_factory=set)
+    last_connect_failure: str = ""  # why the latest backend connect failed; empty once one succeeds
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.owned)
 
     def resolve_limits(self, backend_max_connections: int) -> None:
         """Turn percent settings into counts from the backend's max_connections (once)."""
@@ -130,6 +156,12 @@ class _FutureWaiter:
 
 
 
+class _Connecting:
+    """A place in a target's budget held by a backend connect in progress."""
+
+    __slots__ = ()
+
+
 class Pool:
     """Idle backends in a LIFO stack; waiters in FIFO order; a backend is handed straight to a waiter."""
 
@@ -142,7 +174,6 @@ class Pool:
         self.connector = connector
         self.idle: list[Backend] = []
         self.busy: set[Backend] = set()
-        self.connecting = 0
         self.waiters: deque[Waiter] = deque()
         self.stats = PoolStats()
         self.server_params: dict[str, str] = {}  # what the backend reported at login
@@ -204,9 +235,11 @@ class Pool:
 
     def timed_out(self) -> BorrowTimeout:
         self.stats.borrow_timeouts += 1
+        failure = self.target.last_connect_failure
         return BorrowTimeout(
             f"timed out after {self.settings.connection_borrow_timeout:g} s waiting for a backend "
             f"connection (pool {self.name}: {len(self.busy)} in use, target limit {self.target.limit})"
+            + (f"; the last connect attempt failed: {failure}" if failure else "")
         )
 
     # --- borrowing ---
@@ -225,7 +258,7 @@ class Pool:
             if backend is not None:
                 break
             if self.can_open():
-                backend = await self._open()
+                backend = await self._open(deadline)
                 stats.borrows += 1
                 break
             remaining = deadline - loop.time()
@@ -264,18 +297,41 @@ class Pool:
             return backend
         return None
 
-    async def _open(self) -> Backend:
-        self.target.open_connections += 1
-        self.connecting += 1
+    async def _open(self, deadline: float) -> Backend:
+        """Connect a new backend in a slot of the target's budget; while the server is away or restarting, try
+        again with backoff until `deadline` (loop time), then raise the borrow timeout naming the last failure."""
+        target = self.target
+        loop = asyncio.get_running_loop()
+        slot = _Connecting()
+        target.owned.add(slot)
+        delay = RETRY_FIRST
         try:
-            backend = await self.connector(self)
+            while True:
+                try:
+                    backend = await self.connector(self)
+                    if backend.closed or backend.forgotten:
+                        backend.close()
+                        raise BackendUnavailable("the database closed the connection right after login")
+                    break
+                except ProxyError as exc:
+                    self.stats.connect_failures += 1
+                    target.last_connect_failure = exc.message
+                    if not connect_retryable(exc):
+                        raise
+                    if loop.time() + delay >= deadline:
+                        raise self.timed_out() from None
+                    if delay == RETRY_FIRST:
+                        log.warning("pool %s: cannot open a backend connection (%s); retrying until the borrow "
+                                    "timeout", self.name, exc.message)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
         except BaseException:
-            self.target.open_connections -= 1
-            self.stats.connect_failures += 1
-            self.target.capacity_freed()
+            target.owned.discard(slot)
+            target.capacity_freed()
             raise
-        finally:
-            self.connecting -= 1
+        target.owned.discard(slot)
+        target.owned.add(backend)
+        target.last_connect_failure = ""
         self.stats.opened += 1
         self.busy.add(backend)
         return backend
@@ -332,9 +388,11 @@ class Pool:
         if backend in self.idle:
             self.idle.remove(backend)
         self.busy.discard(backend)
-        self.target.open_connections -= 1
-        self.stats.closed += 1
-        self.target.capacity_freed()
+        target = self.target
+        if backend in target.owned:
+            target.owned.discard(backend)
+            self.stats.closed += 1
+            target.capacity_freed()
 
     # --- maintenance ---
 

@@ -1,11 +1,28 @@
-"""What every client session shares, whatever its engine: its peer's name, the counters, the login task."""
+"""What every client session shares, whatever its engine: its peer's name, the counters, the login task, the
+client limit and the bounds that hold before a client has authenticated."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 
-from proxy.netio import Connection
+from proxy.errors import BackendUnavailable, ProxyError, TooManyClients
+from proxy.netio import Connection, ConnectionClosed
+from proxy.rundir import worker_count
 from proxy.stats import PROXY
+
+log = logging.getLogger(__name__)
+
+# Before authentication no message may be larger than this (PostgreSQL allows 10 000 bytes for a startup packet
+# and 64 kB for an authentication token; MySQL login packets are capped at 64 kB separately).
+LOGIN_MESSAGE_LIMIT = 16 * 1024
+# Bytes a client may send ahead of the login exchange before the proxy stops reading from its socket.
+LOGIN_BUFFER_LIMIT = 64 * 1024
+
+
+class TLSHandshakeFailed(ConnectionClosed):
+    """The client's TLS handshake failed (already logged as one warning line)."""
 
 
 class ClientConnection(Connection):
@@ -13,6 +30,7 @@ class ClientConnection(Connection):
 
     peer = "?"
     _task: asyncio.Task[None] | None = None
+    max_clients = 0  # this process's share of max_client_connections (set by the server at start)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -20,7 +38,32 @@ class ClientConnection(Connection):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         PROXY.clients_accepted += 1
         PROXY.clients_current += 1
+        self.buffer_limit = LOGIN_BUFFER_LIMIT
+        if self.max_clients and PROXY.clients_current > self.max_clients:
+            PROXY.clients_refused += 1
+            self.fail(TooManyClients(f"sorry, too many clients already (max_client_connections "
+                                     f"{self.max_clients * worker_count()})"))
+            return
         self._task = self.loop.create_task(self._login_with_timeout())
 
     async def _login_with_timeout(self) -> None:
         raise NotImplementedError
+
+    def fail(self, error: ProxyError) -> None:
+        """Tell the client why in the protocol's own form, log it once and close."""
+        raise NotImplementedError
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        try:
+            await super().start_tls(context, server_side=server_side, server_hostname=server_hostname)
+        except (ssl.SSLError, OSError, ConnectionClosed, BackendUnavailable) as exc:
+            raise self.tls_failed(exc) from None
+
+    def tls_failed(self, exc: BaseException) -> TLSHandshakeFailed:
+        """Log a failed TLS handshake as one warning line, drop the connection, and say so to the login task."""
+        reason = str(exc) or type(exc).__name__
+        log.warning("client %s: TLS handshake failed: %s", self.peer, reason)
+        self.abort()
+        return TLSHandshakeFailed(str(reason))

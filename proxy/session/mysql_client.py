@@ -61,7 +61,7 @@ from proxy.protocol.mysql.statements import (
     statement_id,
     unknown_statement,
 )
-from proxy.session.client import ClientConnection
+from proxy.session.client import ClientConnection, TLSHandshakeFailed
 from proxy.session.mysql_inspect import (
     ANSWER_ERR,
     ANSWER_OK,
@@ -209,6 +209,8 @@ class MySQLClient(ClientConnection):
             PROXY.login_timeouts += 1
             self.fail(LoginTimeout("Got timeout reading communication packets: the client did not complete its "
                                    "login in time"))
+        except TLSHandshakeFailed:
+            pass  # logged and closed where it failed
         except ConnectionClosed:
             log.info("client %s closed the connection during login", self.peer)
             self.close()
@@ -330,7 +332,12 @@ class MySQLClient(ClientConnection):
         if is_ssl_request(payload):
             if service.server_tls is None:
                 raise _violation("Bad handshake: TLS was requested but is not offered", my.ER_HANDSHAKE_ERROR)
-            await self._start_tls(service.server_tls)
+            try:
+                await self._start_tls(service.server_tls)
+            except TLSHandshakeFailed:
+                raise
+            except (ssl.SSLError, OSError, ConnectionClosed, BackendUnavailable) as exc:
+                raise self.tls_failed(exc) from None
             payload = await self._read_login_packet()
         response = HandshakeResponse41.parse(payload)
         self.capabilities = response.capabilities & announced

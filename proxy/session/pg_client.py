@@ -39,7 +39,7 @@ from proxy.protocol.pg.extended import (
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
-from proxy.session.client import ClientConnection
+from proxy.session.client import LOGIN_MESSAGE_LIMIT, ClientConnection, TLSHandshakeFailed
 from proxy.session.pg_service import PostgresService
 from proxy.stats import PINS, PROXY
 
@@ -163,6 +163,8 @@ class PostgresClient(ClientConnection):
         except TimeoutError:
             PROXY.login_timeouts += 1
             self.fail(LoginTimeout("the client did not complete its login in time"))
+        except TLSHandshakeFailed:
+            pass  # logged and closed where it failed
         except ConnectionClosed:
             log.info("client %s closed the connection during login", self.peer)
             self.close()
@@ -316,7 +318,7 @@ class PostgresClient(ClientConnection):
         if method is ClientAuthMethod.SCRAM_SHA_256:
             keys = secret.scram_keys if secret is not None else ScramKeys.derive(os.urandom(16))
             self.write(pg.authentication_sasl([MECHANISM]))
-            kind, body = await self.read_typed()
+            kind, body = await self.read_typed(LOGIN_MESSAGE_LIMIT)
             if kind != ord("p"):
                 raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(kind)!r}")
             mechanism, client_first = pg.parse_sasl_initial_response(body)
@@ -324,7 +326,7 @@ class PostgresClient(ClientConnection):
                 raise ProtocolViolation(f"unsupported SASL mechanism {mechanism!r}")
             exchange = ScramServer(keys)
             self.write(pg.authentication(pg.AUTH_SASL_CONTINUE, exchange.server_first(client_first)))
-            kind, body = await self.read_typed()
+            kind, body = await self.read_typed(LOGIN_MESSAGE_LIMIT)
             if kind != ord("p"):
                 raise ProtocolViolation(f"expected SASLResponse, got message type {chr(kind)!r}")
             try:
@@ -342,7 +344,7 @@ class PostgresClient(ClientConnection):
             self.write(pg.authentication(pg.AUTH_MD5, salt))
         else:
             self.write(pg.authentication(pg.AUTH_CLEARTEXT))
-        kind, body = await self.read_typed()
+        kind, body = await self.read_typed(LOGIN_MESSAGE_LIMIT)
         if kind != ord("p"):
             raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
         answer = pg.parse_password(body)
@@ -842,6 +844,12 @@ class PostgresClient(ClientConnection):
         backend.pool.discard(backend)
         if self.backend is backend:
             self.backend = None
+            if backend.ended_by_server:  # the client has the server's own FATAL: a second one would confuse it
+                log.warning("client %s: the database ended backend %s with an error passed to the client",
+                            self.peer, backend)
+                self.state = State.CLOSED
+                self.close()
+                return
             log.warning("client %s: backend %s was lost: %s", self.peer, backend, exc or "closed")
             self.fail(BackendUnavailable("the database connection was lost"))
 
