@@ -7,7 +7,7 @@ import asyncio
 import logging
 import ssl
 
-from proxy.errors import BackendUnavailable, ProxyError, TooManyClients
+from proxy.errors import BackendUnavailable, TooManyClients
 from proxy.netio import Connection, ConnectionClosed
 from proxy.rundir import worker_count
 from proxy.stats import PROXY
@@ -31,6 +31,7 @@ class ClientConnection(Connection):
     peer = "?"
     _task: asyncio.Task[None] | None = None
     max_clients = 0  # this process's share of max_client_connections (set by the server at start)
+    over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -40,17 +41,12 @@ class ClientConnection(Connection):
         PROXY.clients_current += 1
         self.buffer_limit = LOGIN_BUFFER_LIMIT
         if self.max_clients and PROXY.clients_current > self.max_clients:
-            PROXY.clients_refused += 1
-            self.fail(TooManyClients(f"sorry, too many clients already (max_client_connections "
-                                     f"{self.max_clients * worker_count()})"))
-            return
+            PROXY.clients_refused += 1  # the login says so where the protocol lets the client read it
+            self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
+                                             f"{self.max_clients * worker_count()})")
         self._task = self.loop.create_task(self._login_with_timeout())
 
     async def _login_with_timeout(self) -> None:
-        raise NotImplementedError
-
-    def fail(self, error: ProxyError) -> None:
-        """Tell the client why in the protocol's own form, log it once and close."""
         raise NotImplementedError
 
     async def start_tls(

@@ -313,6 +313,8 @@ class MySQLClient(ClientConnection):
 
     async def _login(self) -> None:
         service = self.service
+        if self.over_limit is not None:  # an ERR in place of the greeting, as the server does
+            raise self.over_limit
         try:
             greeting = await service.backend_greeting()
         except ProxyError as exc:

@@ -272,6 +272,8 @@ class PostgresClient(ClientConnection):
             if code != pg.PROTOCOL_V3:  # a newer 3.x: say what we speak
                 _, params = pg.parse_startup(pg.INT32.pack(pg.PROTOCOL_V3) + body[4:])
             break
+        if self.over_limit is not None:
+            raise self.over_limit
         unknown = [k for k in params if k.startswith("_pq_.")]
         if code != pg.PROTOCOL_V3 or unknown:
             self.write(pg.message(b"v", pg.INT32.pack(pg.PROTOCOL_V3) + pg.INT32.pack(len(unknown))

@@ -1,0 +1,158 @@
+"""Limits: oversize messages refused at their header before and after login, max_client_connections, memory."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pymysql
+import pytest
+
+from proxy.devservers import MariaDBInstance, PostgresInstance
+from proxy.protocol.mysql.packets import ErrPacket
+from proxy.protocol.pg import messages as pg
+from rawmysql import RawClient as RawMySQL
+from rawpg import RawClient as RawPG
+from support import ProxyProcess, running_proxy
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def both_proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance,
+               mariadb_server: MariaDBInstance) -> Iterator[ProxyProcess]:
+    with running_proxy(tmp_path_factory.mktemp("limits"), pg_server, mariadb_server) as proxy:
+        yield proxy
+
+
+def stream(sock: socket.socket, total: int) -> int:
+    """Send up to `total` bytes of filler; returns how many went out before the proxy stopped taking them."""
+    chunk = b"\x00" * MB
+    sent = 0
+    sock.settimeout(3)
+    try:
+        while sent < total:
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except OSError:  # reset, broken pipe, or a proxy that stopped reading (timeout)
+        pass
+    return sent
+
+
+def metric(proxy: ProxyProcess, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode()
+    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+def settle_rss(proxy: ProxyProcess) -> int:
+    time.sleep(0.3)
+    return proxy.rss()
+
+
+# --- before authentication ---
+
+
+def test_pg_900mb_password_of_unknown_user_is_refused_at_the_header(both_proxy: ProxyProcess) -> None:
+    before = settle_rss(both_proxy)
+    client = RawPG(both_proxy.ports["postgresql"])
+    client.send(pg.startup_message({"user": "nobody", "database": "app"}))
+    kind, body = client.recv_message()
+    assert kind == "R" and int.from_bytes(body[:4], "big") == pg.AUTH_SASL
+    client.send(b"p" + (900_000_000 + 4).to_bytes(4, "big"))
+    kind, body = client.recv_message()
+    fields = pg.parse_error_fields(body)
+    assert kind == "E" and fields["C"] == "08P01" and fields["S"] == "FATAL", fields
+    sent = stream(client.sock, 300 * MB)
+    assert sent < 300 * MB
+    assert both_proxy.rss() - before < 20 * MB
+    both_proxy.wait_for_log(r"invalid message length 900000004")
+
+
+def test_pg_oversize_startup_packet_is_refused_at_the_header(both_proxy: ProxyProcess) -> None:
+    before = settle_rss(both_proxy)
+    client = RawPG(both_proxy.ports["postgresql"])
+    client.send((900_000_000).to_bytes(4, "big") + pg.INT32.pack(pg.PROTOCOL_V3))
+    kind, body = client.recv_message()
+    assert kind == "E" and pg.parse_error_fields(body)["C"] == "08P01"
+    assert stream(client.sock, 300 * MB) < 300 * MB
+    assert both_proxy.rss() - before < 20 * MB
+
+
+def test_mysql_oversize_login_packet_is_refused_at_the_header(both_proxy: ProxyProcess) -> None:
+    before = settle_rss(both_proxy)
+    client = RawMySQL(both_proxy.ports["mysql"])
+    client.read_greeting()
+    client.send(b"\xff\xff\xff\x01")  # a 16 MB frame, the first of a login packet of any size
+    _, payload = client.packet()
+    assert payload[0] == 0xFF and ErrPacket.parse(payload).error_code == 1043
+    assert stream(client.sock, 300 * MB) < 300 * MB
+    assert both_proxy.rss() - before < 20 * MB
+
+
+# --- max_client_connections ---
+
+
+def test_max_client_connections_refuses_the_next_client_and_counts_it(
+    tmp_path: Path, pg_server: PostgresInstance, mariadb_server: MariaDBInstance
+) -> None:
+    with running_proxy(tmp_path, pg_server, mariadb_server,
+                       server={"max_client_connections": 3, "metrics_port": 0}) as proxy:
+        pg_port, my_port = proxy.ports["postgresql"], proxy.ports["mysql"]
+        held = [psycopg.connect(host="127.0.0.1", port=pg_port, user="app", password="app-secret", dbname="app")
+                for _ in range(2)]
+        my_held = pymysql.connect(host="127.0.0.1", port=my_port, user="app", password="app-secret", database="app")
+        raw = RawPG(pg_port)
+        raw.send(pg.startup_message({"user": "app", "database": "app"}))
+        kind, body = raw.recv_message()
+        fields = pg.parse_error_fields(body)
+        assert kind == "E" and fields["C"] == "53300" and "too many clients" in fields["M"], fields
+        with pytest.raises(psycopg.OperationalError, match="too many clients"):
+            psycopg.connect(host="127.0.0.1", port=pg_port, user="app", password="app-secret", dbname="app")
+        with pytest.raises(pymysql.err.OperationalError) as refused:
+            pymysql.connect(host="127.0.0.1", port=my_port, user="app", password="app-secret", database="app")
+        assert refused.value.args[0] == 1040
+        refusals = metric(proxy, "dbproxy_client_connections_refused_total")
+        assert refusals >= 3  # (libpq tries again without TLS after the refusal over TLS: one more)
+        for conn in held:  # the clients let in keep working
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            conn.close()
+        with my_held.cursor() as cursor:
+            cursor.execute("SELECT 2")
+            assert cursor.fetchone() == (2,)
+        deadline = time.monotonic() + 5  # a slot frees once the proxy has seen a client leave
+        while True:
+            try:
+                again = psycopg.connect(host="127.0.0.1", port=pg_port, user="app", password="app-secret",
+                                        dbname="app")
+                break
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert again.execute("SELECT 3").fetchone() == (3,)
+        again.close()
+        my_held.close()
+        assert proxy.log().count("too many clients") == refusals  # one line per refusal
+
+
+# --- after authentication ---
+
+
+def test_pg_oversize_message_after_login_is_refused_at_the_header(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    with running_proxy(tmp_path, pg_server, server={"max_message_size": 64 * MB}) as proxy:
+        before = settle_rss(proxy)
+        client = RawPG(proxy.ports["postgresql"])
+        client.login()
+        client.send(b"Q" + (500 * MB).to_bytes(4, "big"))
+        kind, body = client.recv_message()
+        fields = pg.parse_error_fields(body)
+        assert kind == "E" and fields["C"] == "08P01" and "invalid message length" in fields["M"], fields
+        assert stream(client.sock, 300 * MB) < 300 * MB
+        assert proxy.rss() - before < 20 * MB
