@@ -184,6 +184,42 @@ def test_a_utf8mb3_client_is_served_while_utf8mb4_clients_hold_every_backend(sma
     assert elapsed < SMALL_POOL["connection_borrow_timeout"]
 
 
+def test_another_users_client_is_served_while_one_user_holds_every_backend(small_proxy: ProxyProcess) -> None:
+    """Pools of different users share the target's budget: a backend given back goes to whoever waited longest."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            conn = connect(small_proxy, autocommit=True)
+            with conn.cursor() as cur:
+                while not stop.is_set():
+                    cur.execute("SELECT SLEEP(0.3)")
+                    cur.fetchall()
+            conn.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=busy) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(2.0)
+        started = time.monotonic()
+        other = connect(small_proxy, autocommit=True, user="bench", password="bench-secret", database="bench")
+        with other.cursor() as cur:
+            cur.execute("SELECT CURRENT_USER()")
+            assert cur.fetchone() == ("bench@%",)
+        elapsed = time.monotonic() - started
+        other.close()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    assert elapsed < SMALL_POOL["connection_borrow_timeout"] / 2, elapsed
+
+
 def test_a_login_that_cannot_get_a_backend_gets_the_borrow_timeout(tmp_path: Path,
                                                                    mariadb_server: MariaDBInstance) -> None:
     """Session mode, one backend: the second client's login waits for it; it hears 1040, not 1159."""
