@@ -80,6 +80,12 @@ class BackendUnavailable(ProxyError):
     mysql_sqlstate = "HY000"
 
 
+class BackendUnreachable(BackendUnavailable):
+    """No connection to the database could be opened (refused, unreachable, timed out)."""
+
+    mysql_errno = 2003  # CR_CONN_HOST_ERROR, what a client connecting directly would report
+
+
 class BackendError(ProxyError):
     """The database refused something the proxy asked of it (login, init query)."""
 

@@ -16,7 +16,7 @@ from proxy.auth.mysql import (
     scramble_native_password,
 )
 from proxy.config import BackendTLSMode, MySQLSettings
-from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
+from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, BackendUnreachable, ProtocolViolation
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection
 from proxy.protocol.mysql import constants as my
@@ -82,6 +82,10 @@ TRACK_SESSION_STATE = (b"SET session_track_system_variables='*', session_track_s
 ENABLE_TRACKING = bytes((my.COM_QUERY,)) + TRACK_SESSION_STATE
 # How the response of the command being followed is forwarded (MySQLBackend.special).
 PLAIN, RELABEL, SWALLOW = range(3)
+# Errors with which the server ends a session by itself (shutdown, KILL, its own timeouts): a client hears them
+# once, as the server sent them, and nothing more of the proxy when the connection then closes.
+ER_SERVER_SHUTDOWN = 1053
+TERMINATION_ERRORS = frozenset({ER_SERVER_SHUTDOWN, 1152, 1927, 4031})
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +122,8 @@ class MySQLBackend(BackendConnection):
         self.queue: deque[tuple[int, Any]] = deque()  # pipelined commands whose responses come later
         self.schema = pool.database  # the server session's default database
         self.multi_statements = False
+        self.charset = profile.charset  # the collation id the session's character_set_* follow (0: unknown)
+        self.terminated = False  # the server sent an error that ends the session (TERMINATION_ERRORS)
         self.settings: dict[str, bytes] = {}  # session variables set on it (see MySQLClient.settings)
         self.user_vars: dict[bytes, bytes] = {}  # user variables set on it to literals (see MySQLClient.user_vars)
         self.last_insert_id = 0  # what LAST_INSERT_ID() returns on it, as far as OK packets told
@@ -231,11 +237,15 @@ class MySQLBackend(BackendConnection):
         except ProtocolViolation as exc:
             self._broken(f"malformed response: {exc}")
             return
+        ending = b""
         if pos < end:
             if tracker.done:
-                self._broken(f"{end - pos} bytes from the server with no command outstanding")
-                return
-            self._partial = data[pos:]
+                ending = self._termination(data, pos, end)
+                if not ending:
+                    self._broken(f"{end - pos} bytes from the server with no command outstanding")
+                    return
+            else:
+                self._partial = data[pos:]
         if out is not None:
             out.append(data[sent:pos])
             forward = b"".join(out)
@@ -243,8 +253,27 @@ class MySQLBackend(BackendConnection):
                 client.transport.write(forward)
         elif pos:
             client.transport.write(data[:pos] if pos < end else data)
+        if ending:
+            client.transport.write(ending)
         if finished or tracker.expects_local_infile:
             client.backend_progress(self)
+
+    def _termination(self, data: bytes, pos: int, end: int) -> bytes:
+        """Unsolicited bytes that are the server's ERR ending the session (shutdown, kill): that packet, to pass
+        on as sent (b"" when they are something else)."""
+        if end - pos < 7 or data[pos + 4] != 0xFF:
+            return b""
+        stop = pos + 4 + int.from_bytes(data[pos : pos + 3], "little")
+        if stop != end or int.from_bytes(data[pos + 5 : pos + 7], "little") not in TERMINATION_ERRORS:
+            return b""
+        self.terminated = True
+        log.info("backend %s: the server ended the session: %s", self, ErrPacket.parse(data[pos + 4 : stop]).message)
+        return data[pos:stop]
+
+    @property
+    def ended_by_server(self) -> bool:
+        """The last thing the server said was an error ending the session (its client has heard it)."""
+        return self.terminated or (self.tracker.done and self.tracker.error in TERMINATION_ERRORS)
 
     def _edit(self, data: bytes, begin: int, pos: int, sent: int, out: list[bytes]) -> int:
         """Response bytes data[begin:pos] that do not pass unchanged; returns how far `out` now covers data."""
@@ -311,10 +340,11 @@ class MySQLBackend(BackendConnection):
     async def query(self, sql: str) -> list[list[bytes | None]]:
         return await self.command(bytes((my.COM_QUERY,)) + sql.encode())
 
-    async def pipeline(self, payloads: list[bytes]) -> None:
+    async def pipeline(self, payloads: list[bytes], failures: list[bytes | None] | None = None) -> None:
         """Send commands the proxy needs in one write and read all their responses (no rows kept).
 
-        Raises MySQLServerError for the first that failed, after reading them all.
+        Raises MySQLServerError for the first that failed, after reading them all; with `failures`, fills it with
+        each command's ERR packet (None: it succeeded) instead.
         """
         assert self.client is None
         tracker = self.tracker
@@ -322,12 +352,16 @@ class MySQLBackend(BackendConnection):
         failure: bytes | None = None
         for payload in payloads:
             if tracker.start(payload[0], self.deprecate_eof):
+                if failures is not None:
+                    failures.append(None)
                 continue
             while True:
                 _, packet = await self.read_packet()
                 if tracker.feed(packet):
                     break
-            if failure is None and tracker.error is not None:
+            if failures is not None:
+                failures.append(tracker.error_packet if tracker.error is not None else None)
+            elif failure is None and tracker.error is not None:
                 failure = tracker.error_packet
         if failure is not None:
             raise MySQLServerError(failure)
@@ -338,6 +372,8 @@ class MySQLBackend(BackendConnection):
         self.user_vars = {}
         self.last_insert_id = 0
         self.statements.clear()
+        # MariaDB's reset goes back to the character set of the login; whether MySQL's does is not relied on
+        self.charset = self.profile.charset if not self.capabilities & my.CLIENT_MYSQL else 0
 
     def reset_commands(self) -> list[bytes]:
         """COM_RESET_CONNECTION and what puts the proxy's own session settings back afterwards."""
@@ -499,8 +535,8 @@ async def open_backend(
             timeout,
         )
     except (OSError, TimeoutError) as exc:
-        raise BackendUnavailable(
-            f"cannot connect to the database at {settings.backend_host}:{settings.backend_port}: {exc}"
+        raise BackendUnreachable(
+            f"Can't connect to the database at {settings.backend_host}:{settings.backend_port} ({exc or 'timeout'})"
         ) from None
     if not pooled:
         backend.forgotten = True
@@ -541,8 +577,8 @@ async def probe_server(settings: MySQLSettings) -> HandshakeV10:
             asyncio.open_connection(settings.backend_host, settings.backend_port), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise BackendUnavailable(
-            f"cannot connect to the database at {settings.backend_host}:{settings.backend_port}: {exc}"
+        raise BackendUnreachable(
+            f"Can't connect to the database at {settings.backend_host}:{settings.backend_port} ({exc or 'timeout'})"
         ) from None
     try:
         header = await asyncio.wait_for(reader.readexactly(4), timeout)

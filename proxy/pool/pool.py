@@ -350,7 +350,7 @@ class Pool:
             self._forget(backend)
             return
         backend.idle_since = now
-        if self.waiters:
+        if self.waiters and not self._yields_to_another_pool():
             self.busy.add(backend)  # lent on at once, in line order
             if self.wake_one(backend):
                 self.stats.borrows += 1
@@ -362,6 +362,22 @@ class Pool:
             self._forget(backend)
             return
         self.idle.append(backend)
+
+    def _yields_to_another_pool(self) -> bool:
+        """With every slot taken, whether another pool of the target has a live waiter who came before this
+        pool's first one (then the backend is closed below, and the slot goes to the pool that waited longest)."""
+        target = self.target
+        if target.open_connections < target.max_connections:
+            return False
+        mine = self.waiting_since()
+        for pool in self.target.pools.values():
+            if pool is not self and pool.waiters:
+                waiters = pool.waiters
+                while waiters and not waiters[0].waiting():
+                    waiters.popleft()
+                if waiters and waiters[0].waiting_since < mine:
+                    return True
+        return False
 
     def _others_waiting(self) -> bool:
         """Whether a live waiter stands in another pool's line (gone ones are dropped from the front)."""

@@ -31,7 +31,14 @@ from proxy.errors import (
     UnknownCommand,
 )
 from proxy.netio import WRITE_HIGH_WATER, WRITE_LOW_WATER, Connection, ConnectionClosed
-from proxy.pool.mysql_backend import ENABLE_TRACKING, RELAYED_CAPABILITIES, STATEMENT_LIMIT, MySQLBackend, Profile
+from proxy.pool.mysql_backend import (
+    ENABLE_TRACKING,
+    RELAYED_CAPABILITIES,
+    STATEMENT_LIMIT,
+    MySQLBackend,
+    MySQLServerError,
+    Profile,
+)
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import (
@@ -125,6 +132,9 @@ UNTRACKED_VARIABLES = frozenset({
 })
 CHARSET_VARIABLES = frozenset({b"character_set_client", b"character_set_connection", b"character_set_results",
                                b"collation_connection"})
+# SET NAMES / character_set_* settings of the client's, applied over its login's character set
+CHARSET_SETTINGS = ("character set", *(name.decode() for name in CHARSET_VARIABLES))
+ER_INCORRECT_GLOBAL_LOCAL_VAR = 1238  # "Variable '%s' is a read only variable"
 NUMBER = re.compile(rb"-?\d+(?:\.\d+)?\Z")
 
 
@@ -205,6 +215,8 @@ class MySQLClient(ClientConnection):
     async def _login_with_timeout(self) -> None:
         try:
             await asyncio.wait_for(self._login(), self.service.server.client_login_timeout)
+            if self.state is State.LOGIN and not self.closed:
+                await self._login_ready()  # may wait for a backend: the borrow timeout applies, not this one
         except TimeoutError:
             PROXY.login_timeouts += 1
             self.fail(LoginTimeout("Got timeout reading communication packets: the client did not complete its "
@@ -315,11 +327,12 @@ class MySQLClient(ClientConnection):
         service = self.service
         if self.over_limit is not None:  # an ERR in place of the greeting, as the server does
             raise self.over_limit
+        unreachable: ProxyError | None = None
         try:
             greeting = await service.backend_greeting()
-        except ProxyError as exc:
-            self.fail(BackendUnavailable(f"the database is not reachable: {exc.message}"))
-            return
+        except ProxyError as exc:  # the client still gets a greeting, then the reason as an ERR it can show
+            greeting = service.stand_in_greeting()
+            unreachable = exc
         self.connection_id = service.new_connection_id()
         self.scramble = _make_scramble()
         announced = service.announced_capabilities(greeting)
@@ -352,6 +365,12 @@ class MySQLClient(ClientConnection):
         self.profile = Profile(self.capabilities & RELAYED_CAPABILITIES, response.charset)
         self.multi_statements = bool(self.capabilities & my.CLIENT_MULTI_STATEMENTS)
         self.autocommit = self._default_autocommit
+        if unreachable is not None:
+            raise service.unreachable_error(unreachable)
+
+    async def _login_ready(self) -> None:
+        """Authenticated: a pool (and in session mode a backend), then the OK that ends the login."""
+        service = self.service
         await self._prepare_session()
         service.clients[self.connection_id] = self
         self._send_ok(self._seq)
@@ -473,13 +492,16 @@ class MySQLClient(ClientConnection):
             return backend
 
     def _in_sync(self, backend: MySQLBackend) -> bool:
-        return (backend.schema == self.schema and backend.autocommit == self.autocommit
-                and backend.multi_statements == self.multi_statements and backend.settings == self.settings
-                and backend.user_vars == self.user_vars)
+        return (backend.charset == self.profile.charset and backend.schema == self.schema
+                and backend.autocommit == self.autocommit and backend.multi_statements == self.multi_statements
+                and backend.settings == self.settings and backend.user_vars == self.user_vars)
 
     async def _sync(self, backend: MySQLBackend) -> None:
-        """Give the backend this client's session variables, user variables, default database, autocommit and
-        multi-statements, in one round trip (two when it must be reset first)."""
+        """Give the backend this client's character set, session variables, user variables, default database,
+        autocommit and multi-statements, in one round trip (two when it must be reset first).
+
+        A session variable the backend refuses is dropped from the client's session with a log line; any other
+        refusal raises MySQLServerError (the client's command gets it as its answer)."""
         wanted = self.settings
         if any(name not in wanted for name in backend.settings):
             try:  # back to the defaults, then ours
@@ -487,10 +509,18 @@ class MySQLClient(ClientConnection):
             finally:
                 backend.forget_session()
         commands: list[bytes] = []
+        names: list[str | None] = []  # the setting each command gives (None: the character set, or no setting)
+        charset = self.profile.charset
+        if backend.charset != charset:  # the login's character set moves with the client, like any setting
+            commands.append(self.service.charset_command(charset))
+            names.append(None)
+            for name in CHARSET_SETTINGS:  # what the client set over it goes on top again
+                backend.settings.pop(name, None)
         if backend.settings != wanted:
             for name, body in wanted.items():
                 if backend.settings.get(name) != body:
                     commands.append(bytes((my.COM_QUERY,)) + b"SET " + body)
+                    names.append(name)
         if backend.user_vars != self.user_vars:
             assignments = [b"@" + name + b"=NULL" for name in backend.user_vars if name not in self.user_vars]
             assignments += [b"@" + name + b"=" + value for name, value in self.user_vars.items()
@@ -505,12 +535,45 @@ class MySQLClient(ClientConnection):
             commands.append(bytes((my.COM_SET_OPTION, option, 0)))
         if not commands:
             return
-        await backend.pipeline(commands)
-        backend.settings = dict(wanted)
+        failures: list[bytes | None] = []
+        await backend.pipeline(commands, failures)
+        refused: bytes | None = None
+        applied = dict(wanted)
+        for number, failure in enumerate(failures):
+            if failure is None:
+                continue
+            if number >= len(names):
+                refused = refused or failure
+                continue
+            setting = names[number]
+            if setting is None:  # the character set: the backend's is not known any more
+                log.warning("client %s: its character set %d could not be given to %s: %s", self.peer, charset,
+                            backend, ErrPacket.parse(failure).message)
+                charset = 0
+            else:
+                self._setting_refused(backend, setting, failure, applied)
+        backend.charset = charset
+        backend.settings = applied
+        if refused is not None:
+            raise MySQLServerError(refused)
         backend.user_vars = dict(self.user_vars)
         if self.schema:
             backend.schema = self.schema
         backend.multi_statements = self.multi_statements
+
+    def _setting_refused(self, backend: MySQLBackend, name: str, failure: bytes, applied: dict[str, bytes]) -> None:
+        """The backend refused a session variable of the client's: it leaves the client's session (logged)."""
+        error = ErrPacket.parse(failure)
+        log.warning("client %s: session variable %s could not be set again on %s (%d %s); it is dropped from "
+                    "the client's session", self.peer, name, backend, error.error_code, error.message)
+        if error.error_code == ER_INCORRECT_GLOBAL_LOCAL_VAR:  # read only: never followed again on this target
+            self.service.read_only_variables.add(name.encode("ascii", "replace"))
+        self.settings.pop(name, None)
+        self._settings_key = None
+        applied.pop(name, None)
+        before = backend.settings.get(name)
+        if before is not None:  # what the backend still has (the next client resets it)
+            applied[name] = before
 
     def _link(self, backend: MySQLBackend) -> None:
         self.backend = backend
@@ -543,6 +606,10 @@ class MySQLClient(ClientConnection):
             except BaseException:
                 pool.discard(backend)
                 raise
+        except MySQLServerError as exc:  # the server refused the client's session state: its command's answer
+            self._busy = None
+            self._refuse_held(exc)
+            return
         except ProxyError as exc:
             self._busy = None
             self.fail(exc)
@@ -556,6 +623,24 @@ class MySQLClient(ClientConnection):
             pool.release(backend)
             return
         self._link(backend)
+        self._resume()
+
+    def _refuse_held(self, error: ProxyError) -> None:
+        """Answer the held command (it waited for a backend) with `error`, drop it, and go on with the rest."""
+        held = self._held
+        length = held[0] | (held[1] << 8) | (held[2] << 16) if len(held) >= 4 else 0
+        if length >= my.MAX_PACKET or self.closed:
+            self.fail(error)
+            return
+        log.info("client %s: its session could not be prepared for its command: %s [%d]", self.peer, error.message,
+                 error.mysql_errno)
+        self._send_error(error, 1)
+        stop = 4 + length
+        if stop <= len(held):
+            del held[:stop]
+        else:
+            self._drop = stop - len(held)
+            held.clear()
         self._resume()
 
     def _resume(self) -> None:
@@ -980,8 +1065,8 @@ class MySQLClient(ClientConnection):
     def _settings_fingerprint(self) -> bytes:
         key = self._settings_key
         if key is None:
-            key = self._settings_key = b"\x00".join(name.encode() + b"\x01" + body
-                                                     for name, body in self.settings.items())
+            key = self._settings_key = b"%d\x02" % self.profile.charset + b"\x00".join(
+                name.encode() + b"\x01" + body for name, body in self.settings.items())
         return key
 
     def _inspect(self, command: int, scan: bytes, pos: int, head: int) -> Inspection:
@@ -1242,8 +1327,8 @@ class MySQLClient(ClientConnection):
                     name, p = read_lenenc_str(payload, 0)
                     value, _ = read_lenenc_str(payload, p)
                     name = name.lower()
-                    if name in UNTRACKED_VARIABLES or (query is not None and (
-                            query.transient or (query.charset and name in CHARSET_VARIABLES))):
+                    if name in UNTRACKED_VARIABLES or name in self.service.read_only_variables or (
+                            query is not None and (query.transient or (query.charset and name in CHARSET_VARIABLES))):
                         continue
                     text = name.decode("ascii", "replace")
                     if text in exact:  # the client's own literal says it best (e.g. timestamp = DEFAULT)
@@ -1343,6 +1428,11 @@ class MySQLClient(ClientConnection):
         backend.pool.discard(backend)
         if self.backend is backend:
             self.backend = None
+            if backend.ended_by_server:  # the client has the server's own error (e.g. 1053): nothing more
+                log.info("client %s: the server ended the session on %s; closing", self.peer, backend)
+                self.state = State.CLOSED
+                self.close()
+                return
             log.warning("client %s: backend %s was lost: %s", self.peer, backend, exc or "closed")
             self.fail(BackendUnavailable("Lost connection to the database server"))
 
@@ -1371,6 +1461,9 @@ def _no_cursor(statement: int, capabilities: int) -> bytes:
 
 def _release(backend: MySQLBackend) -> None:
     """Back to its pool, after closing the statements it should close (no response: safe while idle)."""
+    if backend.ended_by_server:  # it is closing
+        backend.pool.discard(backend)
+        return
     closes = backend.statements.take_closes()
     if closes:
         backend.write(closes)

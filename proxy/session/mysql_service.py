@@ -16,9 +16,24 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
 from proxy.config import Config, MySQLAuthMethod, ServerSettings
-from proxy.errors import ConfigError, ConnectionKilled, KillDenied, NoSuchThread, ProxyError
+from proxy.errors import (
+    BackendUnavailable,
+    BackendUnreachable,
+    ConfigError,
+    ConnectionKilled,
+    KillDenied,
+    NoSuchThread,
+    ProxyError,
+)
 from proxy.netio import ConnectionClosed
-from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, MySQLBackend, Profile, open_backend, probe_server
+from proxy.pool.mysql_backend import (
+    RELAYED_CAPABILITIES,
+    MySQLBackend,
+    MySQLServerError,
+    Profile,
+    open_backend,
+    probe_server,
+)
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import HandshakeV10, frame
@@ -34,6 +49,16 @@ log = logging.getLogger(__name__)
 # The proxy's own announcement: what its codecs can relay (DEFAULT_SERVER_CAPABILITIES) plus the MariaDB
 # extensions the forwarder understands, always cut down to what the backend offers.
 ANNOUNCED_CAPABILITIES = my.DEFAULT_SERVER_CAPABILITIES | (RELAYED_CAPABILITIES & ~0xFFFFFFFF)
+# The greeting a client gets while the backend cannot be reached (an ERR with the reason follows its login).
+STAND_IN_VERSION = "5.5.5-10.11.0-dbproxy"
+# Session variables servers report that no client can set. On MariaDB the server's own list replaces this one
+# (information_schema.SYSTEM_VARIABLES, READ_ONLY); on MySQL, which has no such table, variables a backend
+# refuses as read-only (1238) are added as they are met.
+READ_ONLY_VARIABLES = frozenset({b"last_gtid", b"in_transaction", b"gtid_executed", b"gtid_owned",
+                                 b"external_user", b"proxy_user", b"warning_count", b"error_count"})
+READ_ONLY_QUERY = ("SELECT LOWER(VARIABLE_NAME) FROM information_schema.SYSTEM_VARIABLES "
+                   "WHERE READ_ONLY = 'YES' AND VARIABLE_SCOPE <> 'GLOBAL'")
+COLLATIONS_QUERY = "SELECT ID FROM information_schema.COLLATIONS"
 
 
 class Killer(Protocol):
@@ -70,6 +95,9 @@ class MySQLService:
         self._probe: asyncio.Task[HandshakeV10] | None = None
         self.session_tracking = False  # the backends report session state changes (CLIENT_SESSION_TRACK)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.read_only_variables: set[bytes] = set(READ_ONLY_VARIABLES)  # reported, never re-applied
+        self.collations: frozenset[int] = frozenset()  # collation ids the server knows (empty: not learned)
+        self._server_learned = False
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:
@@ -115,6 +143,20 @@ class MySQLService:
             return self.greeting
         return await asyncio.shield(self._start_probe())
 
+    def stand_in_greeting(self) -> HandshakeV10:
+        """A greeting of the proxy's own for a client while the backend cannot be reached."""
+        return HandshakeV10(self.settings.server_version or STAND_IN_VERSION, 0, b"\0" * my.SCRAMBLE_LENGTH,
+                            my.DEFAULT_SERVER_CAPABILITIES, my.UTF8MB4_GENERAL_CI, my.SERVER_STATUS_AUTOCOMMIT,
+                            self.settings.auth_method.value)
+
+    def unreachable_error(self, exc: ProxyError) -> ProxyError:
+        """What a client hears after its login when the backend could not be reached: the server's own ERR
+        (e.g. 1040, 1129), or 2003 with the address and the reason."""
+        if isinstance(exc, MySQLServerError | BackendUnreachable):
+            return exc
+        return BackendUnreachable(f"Can't connect to the database at {self.settings.backend_host}:"
+                                  f"{self.settings.backend_port} ({exc.message})")
+
     def announced_capabilities(self, greeting: HandshakeV10) -> int:
         caps = ANNOUNCED_CAPABILITIES & greeting.capabilities
         if not self.settings.local_infile:
@@ -126,7 +168,9 @@ class MySQLService:
     # --- pools ---
 
     def pool_for(self, database: str, user: str, profile: Profile) -> Pool:
-        key = (database, f"{user}\x00{profile.capabilities:x}/{profile.charset}")
+        # The character set is not part of the key: a backend takes the character set of each client it serves
+        # (see MySQLClient._sync), so clients of every character set share the backends and wait in one line.
+        key = (database, f"{user}\x00{profile.capabilities:x}")
         pool = self.target.pools.get(key)
         if pool is None:
             async def connect(pool: Pool) -> Backend:
@@ -139,7 +183,41 @@ class MySQLService:
         backend, greeting = await open_backend(pool, profile, self.settings, self.secrets, self.backend_tls)
         self.greeting = greeting
         self.session_tracking = backend.tracks_session_state
+        if not self._server_learned:
+            try:
+                await asyncio.wait_for(self._learn_server(backend), self.settings.backend_connect_timeout)
+            except BaseException as exc:
+                backend.forgotten = True  # never counted by the pool as open
+                backend.abort()
+                if isinstance(exc, TimeoutError | ConnectionClosed | OSError):
+                    raise BackendUnavailable(f"the database did not answer: {exc or 'timeout'}") from None
+                raise
         return backend
+
+    async def _learn_server(self, backend: MySQLBackend) -> None:
+        """Once per process: the session variables the server reports that are read only, and its collations."""
+        try:
+            rows = await backend.query(READ_ONLY_QUERY)
+        except MySQLServerError as exc:  # MySQL: no such table; learned from refusals instead
+            log.info("MySQL backend: read-only variables not listed (%s); using the built-in list", exc.message)
+        else:
+            self.read_only_variables.update(row[0] for row in rows if row[0])
+        try:
+            rows = await backend.query(COLLATIONS_QUERY)
+        except MySQLServerError as exc:
+            log.info("MySQL backend: collations not listed (%s)", exc.message)
+        else:
+            self.collations = frozenset(int(row[0]) for row in rows if row[0])
+        self._server_learned = True
+
+    def charset_command(self, collation: int) -> bytes:
+        """COM_QUERY giving a session the character set a login with `collation` gets (the server's default for
+        one it does not know, as at login)."""
+        if collation and (not self.collations or collation in self.collations):
+            return b"\x03SET character_set_client=%d, character_set_results=%d, collation_connection=%d" % (
+                collation, collation, collation)
+        return (b"\x03SET character_set_client=@@GLOBAL.character_set_client, character_set_results="
+                b"@@GLOBAL.character_set_results, collation_connection=@@GLOBAL.collation_connection")
 
     @staticmethod
     def statement_key(schema: str, settings: bytes, sql: bytes) -> bytes:
