@@ -82,6 +82,8 @@ TRACK_SESSION_STATE = (b"SET session_track_system_variables='*', session_track_s
 ENABLE_TRACKING = bytes((my.COM_QUERY,)) + TRACK_SESSION_STATE
 # How the response of the command being followed is forwarded (MySQLBackend.special).
 PLAIN, RELABEL, SWALLOW = range(3)
+# The client's commands after which the server's ROW_COUNT() and FOUND_ROWS() are the client's (see mysql_ids).
+ROW_COMMANDS = frozenset({my.COM_QUERY, my.COM_STMT_EXECUTE, my.COM_STMT_BULK_EXECUTE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +220,12 @@ class MySQLBackend(BackendConnection):
                 if not tracker.done:
                     break
                 finished += 1
+                if tracker.command in ROW_COMMANDS and self.special != SWALLOW:  # what ROW_COUNT() etc. now say
+                    if tracker.row_sets:
+                        client.found_rows = tracker.rows
+                        client.row_count = -1
+                    else:
+                        client.row_count = -1 if tracker.error is not None else tracker.affected_rows
                 effect = self.effect
                 if effect is not None or tracker.session_state is not None or tracker.last_insert_id:
                     self.effect = None

@@ -15,6 +15,7 @@ import re
 from typing import Any, Final
 
 from proxy.errors import CommandNotAllowed, NotSupported, ProxyError
+from proxy.session.mysql_ids import function_flags
 
 # --- what to do with a command ---
 FORWARD, ANSWER_OK, ANSWER_ERR, SWALLOW, QUIT, KILL, CHANGE_USER = range(7)
@@ -45,7 +46,9 @@ _SKIP = rb"(?:\s+|\(|/\*(?![!M]).*?\*/|(?:--[ \t]|#)[^\n]*(?:\n|\Z))*"
 FIRST_WORD = re.compile(_SKIP + rb"([A-Za-z_]+)", re.S)
 NEXT_STATEMENT = re.compile(rb";" + _SKIP + rb"([A-Za-z_]+)", re.S)
 # A fast first look (one alternation, no per-word boundaries): may match more than it needs to, never less.
-ATTENTION = re.compile(rb"[;@]|_(?:locks?\s*\(|calc_found_rows\b|insert_id\s*\()|\btemporary\b", re.I)
+# (`_id(`, `_count(`, `_rows(`: CONNECTION_ID(), ROW_COUNT(), FOUND_ROWS(), see mysql_ids)
+ATTENTION = re.compile(rb"[;@]|_(?:locks?\s*\(|calc_found_rows\b|insert_id\s*\(|id\s*\(|count\s*\(|rows\s*\()"
+                       rb"|\btemporary\b", re.I)
 KEYWORDS = frozenset({b"KILL", b"LOAD", b"SET", b"USE", b"CREATE", b"DROP", b"LOCK", b"UNLOCK", b"FLUSH", b"PREPARE",
                       b"DEALLOCATE", b"HANDLER", b"XA"})
 _NAME = rb"(?:`(?:[^`]|``)+`|[\w$]+)"
@@ -107,8 +110,8 @@ NOT_SESSION_VARIABLES = frozenset({"global", "persist", "persist_only", "transac
 class QueryEffect:
     """What one COM_QUERY (or prepared statement) does to the session, applied when its response is complete."""
 
-    __slots__ = ("charset", "detail", "hold_next", "insert_id", "pin", "pin_names", "retrack", "schema", "settings",
-                 "single", "transient", "unpins", "user_vars", "variable_set")
+    __slots__ = ("charset", "detail", "functions", "hold_next", "insert_id", "pin", "pin_names", "retrack", "schema",
+                 "settings", "single", "transient", "unpins", "user_vars", "variable_set")
 
     def __init__(self) -> None:
         # session variables: (name, SET body to replay, whether the body is a literal value rather than an
@@ -125,6 +128,7 @@ class QueryEffect:
         self.transient = False  # SET STATEMENT ... FOR: the variables it reports are for that statement only
         self.variable_set = False  # the pin comes from a SET statement (see pinning filter exclude_variable_sets)
         self.insert_id = False  # reads LAST_INSERT_ID(): the backend must have the client's value
+        self.functions = 0  # calls CONNECTION_ID() / ROW_COUNT() / FOUND_ROWS(): flags from mysql_ids
         self.retrack = False  # sets session_track_*: the proxy's own session state tracking is turned on again after
         self.single = True  # one statement (not a multi-statement query)
 
@@ -375,7 +379,8 @@ def inspect_query(text: bytes, local_infile: bool, tracking: bool = False) -> In
             effect.pinning(FOUND_ROWS)
         if b"last_insert_id" in lowered and LAST_INSERT_ID.search(text):
             effect.insert_id = True
-    if not (effect.tracked or effect.insert_id):
+        effect.functions = function_flags(lowered)
+    if not (effect.tracked or effect.insert_id or effect.functions):
         return FORWARD_PLAIN
     return Inspection(FORWARD, (QUERY, effect))
 
