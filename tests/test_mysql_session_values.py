@@ -62,6 +62,9 @@ async def test_twenty_clients_each_read_their_own_insert_id(tmp_path: Path, mari
                             await conn.commit()
                         assert row is not None
                         seen.append((inserted, int(row[0]), int(row[1])))
+                        await cur.execute("SELECT @@identity")  # the same value, under its other name
+                        (identity,) = await cur.fetchone()
+                        seen.append((inserted, int(identity), owner))
             finally:
                 conn.close()
             return seen
@@ -71,6 +74,31 @@ async def test_twenty_clients_each_read_their_own_insert_id(tmp_path: Path, mari
         for inserted, read_back, row_owner in seen:
             assert read_back == inserted, (owner, seen)
             assert row_owner == owner, (owner, seen)
+
+
+def test_last_insert_id_set_to_an_expression(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
+    """LAST_INSERT_ID(expr) sets the value without an OK packet telling it: the client stays on that backend until
+    an insert reports a value again."""
+    mariadb_server.sql("CREATE TABLE IF NOT EXISTS app.expr_ids (id int AUTO_INCREMENT PRIMARY KEY, v int)")
+    with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 2}) as proxy:
+        with connect(proxy) as a, connect(proxy) as b:
+            for n in range(3):
+                assert one(a, f"SELECT LAST_INSERT_ID({1000 + n})") == (1000 + n,)
+                with b.cursor() as cur:
+                    cur.execute("INSERT INTO expr_ids (v) VALUES (2)")  # B's own id, on some backend
+                b.begin()
+                one(b, "SELECT 1")
+                assert one(a, "SELECT LAST_INSERT_ID(), @@last_insert_id") == (1000 + n, 1000 + n)
+                b.commit()
+            with a.cursor() as cur:
+                cur.execute("INSERT INTO expr_ids (v) VALUES (1)")
+                inserted = cur.lastrowid
+            b.begin()
+            one(b, "SELECT 1")
+            assert one(a, "SELECT LAST_INSERT_ID()") == (inserted,)
+            b.commit()
+        proxy.wait_for_log(r"pinned to .*: LAST_INSERT_ID\(expr\)")
+        proxy.wait_for_log(r"unpinned: LAST_INSERT_ID\(expr\) ended")
 
 
 def test_row_count_and_found_rows_are_the_clients_own(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:

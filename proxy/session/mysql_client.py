@@ -73,6 +73,7 @@ from proxy.session.mysql_inspect import (
     FORWARD,
     FORWARD_PLAIN,
     FOUND_ROWS,
+    INSERT_ID_EXPRESSION,
     INTERNAL,
     KILL,
     NO_NAME,
@@ -1152,6 +1153,8 @@ class MySQLClient(ClientConnection):
                     self.multi_statements = backend.multi_statements = bool(value)
         if insert_id:
             self.last_insert_id = insert_id
+            if INSERT_ID_EXPRESSION in self.pins:  # the value is known again
+                self._unpin(INSERT_ID_EXPRESSION, None)
         if tracker.session_state is not None:
             self._state_reported(backend, tracker.session_state, query)
 
@@ -1218,7 +1221,7 @@ class MySQLClient(ClientConnection):
             self._hold_next = 1
         for reason, names in effect.unpins:
             self._unpin(reason, None if names is None else self._qualified(reason, names))
-        if effect.pin is not None:
+        if effect.pin is not None and not (effect.pin == INSERT_ID_EXPRESSION and backend.tracker.last_insert_id):
             if effect.variable_set and self.service.exclude_variable_sets:
                 log.debug("client %s: not pinned for %s (pinning filter exclude_variable_sets)", self.peer,
                           effect.detail or effect.pin)

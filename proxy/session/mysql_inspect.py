@@ -36,8 +36,10 @@ SET_STATEMENT: Final = "SET statement"
 USE_STATEMENT: Final = "USE statement"
 STATE_CHANGE: Final = "session state change"
 EXECUTABLE_COMMENT: Final = "executable comment"
+INSERT_ID_EXPRESSION: Final = "LAST_INSERT_ID(expr)"  # set to a value no OK packet told (until an insert does)
 PIN_REASONS: Final = (TEMPORARY_TABLE, TABLE_LOCK, GLOBAL_READ_LOCK, NAMED_LOCK, SQL_PREPARE, HANDLER, XA_TRANSACTION,
-                      FOUND_ROWS, USER_VARIABLE, SET_STATEMENT, USE_STATEMENT, STATE_CHANGE, EXECUTABLE_COMMENT)
+                      FOUND_ROWS, USER_VARIABLE, SET_STATEMENT, USE_STATEMENT, STATE_CHANGE, EXECUTABLE_COMMENT,
+                      INSERT_ID_EXPRESSION)
 ANY: Final = b"*"  # the names a pin holds are unknown: only the statement ending them all (or a reset) ends it
 NO_NAME: Final = b""
 
@@ -60,7 +62,9 @@ GET_LOCK = re.compile(rb"\bget_lock\s*\(\s*(?:" + _STRING + rb")?", re.I)
 RELEASE_LOCK = re.compile(rb"\brelease_lock\s*\(\s*(?:" + _STRING + rb")?", re.I)
 RELEASE_ALL_LOCKS = re.compile(rb"\brelease_all_locks\s*\(", re.I)
 CALC_FOUND_ROWS = re.compile(rb"\bsql_calc_found_rows\b", re.I)
-LAST_INSERT_ID = re.compile(rb"\blast_insert_id\s*\(\s*\)", re.I)
+# reads of the session's LAST_INSERT_ID() (also as @@last_insert_id / @@identity), and calls that set it
+LAST_INSERT_ID = re.compile(rb"\blast_insert_id\s*\(\s*\)|@@(?:session\.)?(?:last_insert_id|identity)\b", re.I)
+SET_INSERT_ID = re.compile(rb"\blast_insert_id\s*\(\s*+(?!\))", re.I)
 CREATE_TEMPORARY = re.compile(rb"\s*CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\b", re.I)
 CREATE_TEMPORARY_TABLE = re.compile(
     rb"\s*CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(" + _NAME + rb"(?:\s*\.\s*"
@@ -377,8 +381,11 @@ def inspect_query(text: bytes, local_infile: bool, tracking: bool = False) -> In
                 effect.unpins.append((NAMED_LOCK, None))
         if b"sql_calc_found_rows" in lowered and CALC_FOUND_ROWS.search(text):
             effect.pinning(FOUND_ROWS)
-        if b"last_insert_id" in lowered and LAST_INSERT_ID.search(text):
-            effect.insert_id = True
+        if b"last_insert_id" in lowered or b"@@identity" in lowered or b".identity" in lowered:
+            if LAST_INSERT_ID.search(text):
+                effect.insert_id = True
+            if SET_INSERT_ID.search(text):
+                effect.pinning(INSERT_ID_EXPRESSION, detail="LAST_INSERT_ID() set to an expression")
         effect.functions = function_flags(lowered)
     if not (effect.tracked or effect.insert_id or effect.functions):
         return FORWARD_PLAIN
