@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomysql
 import pymysql
@@ -24,7 +25,7 @@ def connect(proxy: ProxyProcess, user: str = "app", **extra: object) -> pymysql.
     return pymysql.connect(**kwargs)  # type: ignore[arg-type]
 
 
-def one(conn: pymysql.Connection, sql: str) -> tuple[object, ...]:
+def one(conn: pymysql.Connection, sql: str) -> tuple[Any, ...]:
     with conn.cursor() as cur:
         cur.execute(sql)
         row = cur.fetchone()
@@ -158,7 +159,7 @@ def test_connection_id_is_the_greeting_id(tmp_path: Path, mariadb_server: MariaD
                 conn.close()
 
 
-def _processlist(conn: pymysql.Connection) -> list[tuple[object, ...]]:
+def _processlist(conn: pymysql.Connection) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
         cur.execute("SHOW FULL PROCESSLIST")
         return list(cur.fetchall())
@@ -167,7 +168,7 @@ def _processlist(conn: pymysql.Connection) -> list[tuple[object, ...]]:
 def test_kill_with_a_processlist_thread_id(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
     with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 3}) as proxy:
         with connect(proxy) as victim, connect(proxy) as bystander, connect(proxy) as killer:
-            outcome: dict[str, object] = {}
+            outcome: dict[str, Any] = {}
 
             def run_victim() -> None:
                 started = time.monotonic()
@@ -184,14 +185,14 @@ def test_kill_with_a_processlist_thread_id(tmp_path: Path, mariadb_server: Maria
             while runaway is None and time.monotonic() < deadline:
                 for row in _processlist(killer):
                     if "runaway-7" in str(row[7]) and "PROCESSLIST" not in str(row[7]):
-                        runaway = int(row[0])  # type: ignore[call-overload]
+                        runaway = int(row[0])
                 time.sleep(0.1)
             assert runaway is not None
             with killer.cursor() as cur:
                 cur.execute(f"KILL QUERY {runaway}")
             thread.join(15)
             assert outcome["row"] in ((1,), 1317)  # MariaDB: SLEEP returns 1 when killed (or: interrupted)
-            assert outcome["took"] < 10  # type: ignore[operator]
+            assert outcome["took"] < 10
             for conn in (victim, bystander, killer):
                 assert one(conn, "SELECT 7") == (7,)
             with killer.cursor() as cur:
@@ -207,8 +208,8 @@ def test_kill_with_a_processlist_thread_id(tmp_path: Path, mariadb_server: Maria
             # KILL CONNECTION with a thread id: the client that thread serves is closed, no one else
             victim.begin()
             one(victim, "SELECT 1")  # the victim holds a backend now
-            held = {int(row[0]) for row in _processlist(killer) if row[1] == "app"}  # type: ignore[call-overload]
-            victim_thread = int(one(victim, "SELECT @@pseudo_thread_id")[0])  # type: ignore[call-overload]
+            held = {int(row[0]) for row in _processlist(killer) if row[1] == "app"}
+            victim_thread = int(one(victim, "SELECT @@pseudo_thread_id")[0])
             assert victim_thread in held
             with killer.cursor() as cur:
                 cur.execute(f"KILL {victim_thread}")
