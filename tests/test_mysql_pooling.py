@@ -188,11 +188,11 @@ def test_session_mode_resets_the_backend(tmp_path: Path, mariadb_server: MariaDB
             cur.execute("SET @leftover = 'x'")
             cur.execute("CREATE TEMPORARY TABLE scratch (a int)")
             cur.execute("SET autocommit = 0")
-            cur.execute("SELECT CONNECTION_ID()")
+            cur.execute("SELECT @@pseudo_thread_id")
             (thread,) = cur.fetchone()
         with connect(proxy) as second:
             cur = second.cursor()
-            cur.execute("SELECT CONNECTION_ID(), @leftover, @@autocommit")
+            cur.execute("SELECT @@pseudo_thread_id, @leftover, @@autocommit")
             assert cur.fetchone() == (thread, None, 1)  # the same backend, reset
             with pytest.raises(pymysql.err.ProgrammingError):
                 cur.execute("SELECT * FROM scratch")

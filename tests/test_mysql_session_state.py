@@ -190,7 +190,7 @@ def test_settings_follow_the_client_and_never_leak(tmp_path: Path, mariadb_serve
     with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 1}) as proxy:
         with connect(proxy) as a:
             defaults = one(a, "SELECT @@sql_mode, @@time_zone, @@character_set_client, @@wait_timeout")
-            a_thread = one(a, "SELECT CONNECTION_ID()")[0]
+            a_thread = one(a, "SELECT @@pseudo_thread_id")[0]
             with a.cursor() as cur:
                 cur.execute("SET sql_mode = 'ANSI_QUOTES', time_zone = '+03:00'")
                 cur.execute("SET NAMES latin1")
@@ -198,7 +198,7 @@ def test_settings_follow_the_client_and_never_leak(tmp_path: Path, mariadb_serve
             mine = ("ANSI_QUOTES", "+03:00", "latin1", 123)
             assert one(a, "SELECT @@sql_mode, @@time_zone, @@character_set_client, @@wait_timeout") == mine
             with connect(proxy) as b:  # the same single backend, right after A
-                assert one(b, "SELECT CONNECTION_ID()")[0] == a_thread
+                assert one(b, "SELECT @@pseudo_thread_id")[0] == a_thread
                 assert one(b, "SELECT @@sql_mode, @@time_zone, @@character_set_client, @@wait_timeout") == defaults
                 assert one(a, "SELECT @@sql_mode, @@time_zone, @@character_set_client, @@wait_timeout") == mine
                 assert one(b, "SELECT @@sql_mode, @@time_zone, @@character_set_client, @@wait_timeout") == defaults
@@ -212,13 +212,13 @@ def test_settings_follow_the_client_and_never_leak(tmp_path: Path, mariadb_serve
             seen = set()
             for _ in range(6):  # B holds one backend in a transaction now and then: A lands on both
                 b.begin()
-                b_thread = one(b, "SELECT CONNECTION_ID()")[0]
-                a_thread, a_mode, a_zone = one(a, "SELECT CONNECTION_ID(), @@sql_mode, @@time_zone")
+                b_thread = one(b, "SELECT @@pseudo_thread_id")[0]
+                a_thread, a_mode, a_zone = one(a, "SELECT @@pseudo_thread_id, @@sql_mode, @@time_zone")
                 assert (a_mode, a_zone) == (mode, "+03:00") and a_thread != b_thread
                 assert "ANSI_QUOTES" not in str(one(b, "SELECT @@sql_mode")[0])
                 b.commit()
                 seen.add(a_thread)
-                a_thread, a_zone = one(a, "SELECT CONNECTION_ID(), @@time_zone")  # B holds nothing now
+                a_thread, a_zone = one(a, "SELECT @@pseudo_thread_id, @@time_zone")  # B holds nothing now
                 assert a_zone == "+03:00"
                 seen.add(a_thread)
                 assert one(b, "SELECT @@time_zone") == ("SYSTEM",)
@@ -293,7 +293,7 @@ def test_locks_and_found_rows_pin_until_released(tmp_path: Path, mariadb_server:
             proxy.wait_for_log(r"pinned to .*: GET_LOCK")
             for _ in range(3):  # B moves between backends; A keeps its lock on its own
                 assert one(b, "SELECT IS_USED_LOCK('dbproxy-test') IS NOT NULL") == (1,)
-                assert one(a, "SELECT IS_USED_LOCK('dbproxy-test') = CONNECTION_ID()") == (1,)
+                assert one(a, "SELECT IS_USED_LOCK('dbproxy-test') = @@pseudo_thread_id") == (1,)
             assert one(a, "SELECT RELEASE_LOCK('dbproxy-test')") == (1,)
             proxy.wait_for_log("unpinned: GET_LOCK ended")
             with a.cursor() as cur:

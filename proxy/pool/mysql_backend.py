@@ -86,6 +86,8 @@ PLAIN, RELABEL, SWALLOW = range(3)
 # once, as the server sent them, and nothing more of the proxy when the connection then closes.
 ER_SERVER_SHUTDOWN = 1053
 TERMINATION_ERRORS = frozenset({ER_SERVER_SHUTDOWN, 1152, 1927, 4031})
+# The client's commands after which the server's ROW_COUNT() and FOUND_ROWS() are the client's (see mysql_ids).
+ROW_COMMANDS = frozenset({my.COM_QUERY, my.COM_STMT_EXECUTE, my.COM_STMT_BULK_EXECUTE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,12 @@ class MySQLBackend(BackendConnection):
                 if not tracker.done:
                     break
                 finished += 1
+                if tracker.command in ROW_COMMANDS and self.special != SWALLOW:  # what ROW_COUNT() etc. now say
+                    if tracker.row_sets:
+                        client.found_rows = tracker.rows
+                        client.row_count = -1
+                    else:
+                        client.row_count = -1 if tracker.error is not None else tracker.affected_rows
                 effect = self.effect
                 if effect is not None or tracker.session_state is not None or tracker.last_insert_id:
                     self.effect = None

@@ -68,6 +68,7 @@ from proxy.protocol.mysql.statements import (
     statement_id,
     unknown_statement,
 )
+from proxy.session import mysql_ids as ids
 from proxy.session.client import ClientConnection, TLSHandshakeFailed
 from proxy.session.mysql_inspect import (
     ANSWER_ERR,
@@ -79,6 +80,7 @@ from proxy.session.mysql_inspect import (
     FORWARD,
     FORWARD_PLAIN,
     FOUND_ROWS,
+    INSERT_ID_EXPRESSION,
     INTERNAL,
     KILL,
     NO_NAME,
@@ -186,6 +188,9 @@ class MySQLClient(ClientConnection):
         self._settings_key: bytes | None = b""  # the settings as bytes (part of prepared statement keys)
         self.user_vars: dict[bytes, bytes] = {}  # user variables set to literals: lowercased name -> literal
         self.last_insert_id = 0  # what LAST_INSERT_ID() says in this session, as far as OK packets told
+        self.row_count = 0  # what ROW_COUNT() says after the client's last statement (set by the backend)
+        self.found_rows = 0  # what FOUND_ROWS() says: rows of the client's last result set (set by the backend)
+        self._wait_timeout: tuple[bytes | None, float | None] = (None, None)  # (setting body, its seconds)
         self.cursors = 0  # statements with a cursor open on the backend (it stays until they are closed)
         self.long_data = 0  # statements with parameter data sent ahead to the backend (it stays until executed)
         self._hold_next = 0  # 1: the backend stays for the next statement; 2: that statement was sent
@@ -751,6 +756,8 @@ class MySQLClient(ClientConnection):
                     if query.insert_id and self.last_insert_id != backend.last_insert_id:
                         backend.transport.write(scan[start:pos] + self._insert_id_for(backend))
                         start = pos
+                    if query.functions and length < INSPECT_LIMIT:
+                        start = self._with_session_values(backend, query, scan, pos, length, start)
                     if (query.retrack and backend.tracks_session_state and length < my.MAX_PACKET
                             and pos + 4 + length <= end):
                         stop = pos + 4 + length  # the client changed session_track_*: the proxy needs it all
@@ -987,6 +994,26 @@ class MySQLClient(ClientConnection):
         self._cont = False
         return pos + 4 + length, start
 
+    def _with_session_values(self, backend: MySQLBackend, query: QueryEffect, scan: bytes, pos: int, length: int,
+                             start: int) -> int:
+        """Send the statement at scan[pos] (all there) with its CONNECTION_ID(), ROW_COUNT() and FOUND_ROWS() calls
+        replaced by this client's values; returns where the bytes still to forward start."""
+        functions = query.functions
+        values: dict[int, int] = {}
+        if functions & ids.CONNECTION_ID:
+            values[ids.CONNECTION_ID] = self.connection_id
+        if functions & ids.ROW_COUNT:
+            values[ids.ROW_COUNT] = self.row_count
+        if functions & ids.FOUND_ROWS and FOUND_ROWS not in self.pins:  # (pinned: the backend has the true count)
+            values[ids.FOUND_ROWS] = self.found_rows
+        stop = pos + 4 + length
+        text = scan[pos + 5 : stop]
+        rewritten = ids.substitute(text, values, query.single) if values else text
+        if rewritten is text or len(rewritten) >= my.MAX_PACKET:
+            return start
+        backend.transport.write(scan[start:pos] + frame(bytes((my.COM_QUERY,)) + rewritten))
+        return stop
+
     def _insert_id_for(self, backend: MySQLBackend) -> bytes:
         """LAST_INSERT_ID() reads the session's value: the command giving the backend the client's (or nothing)."""
         if self.last_insert_id == backend.last_insert_id:
@@ -1220,6 +1247,8 @@ class MySQLClient(ClientConnection):
                     self.multi_statements = backend.multi_statements = bool(value)
         if insert_id:
             self.last_insert_id = insert_id
+            if INSERT_ID_EXPRESSION in self.pins:  # the value is known again
+                self._unpin(INSERT_ID_EXPRESSION, None)
         if tracker.session_state is not None:
             self._state_reported(backend, tracker.session_state, query)
 
@@ -1286,7 +1315,7 @@ class MySQLClient(ClientConnection):
             self._hold_next = 1
         for reason, names in effect.unpins:
             self._unpin(reason, None if names is None else self._qualified(reason, names))
-        if effect.pin is not None:
+        if effect.pin is not None and not (effect.pin == INSERT_ID_EXPRESSION and backend.tracker.last_insert_id):
             if effect.variable_set and self.service.exclude_variable_sets:
                 log.debug("client %s: not pinned for %s (pinning filter exclude_variable_sets)", self.peer,
                           effect.detail or effect.pin)
@@ -1404,6 +1433,7 @@ class MySQLClient(ClientConnection):
             if self._hold_next == 1:  # SET TRANSACTION / SQL_CALC_FOUND_ROWS: the next statement runs here too
                 return
             self._hold_next = 0  # that statement is done
+        if FOUND_ROWS in self.pins and backend.tracker.row_sets:  # a later result set replaced FOUND_ROWS()
             self._unpin(FOUND_ROWS, None)
         if backend.tracker.status_flags & BUSY_FLAGS or self.pins or self.cursors or self.long_data:
             return
@@ -1442,16 +1472,40 @@ class MySQLClient(ClientConnection):
     # --- janitor ---
 
     def check_idle(self, now: float, timeout: float) -> None:
+        """The janitor's look: close the client after the proxy's idle_client_timeout (outside transactions) or
+        after the wait_timeout the client set in its session (as the server would: silently, in a transaction
+        too)."""
         if self.active or self.state is not State.READY:
             self.active = False
             self.idle_since = now
             return
         backend = self.backend
-        if backend is not None and (not backend.idle or backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS):
-            return  # inside a transaction or a query: not idle in RDS Proxy's sense
-        if now - self.idle_since > timeout:
+        if backend is not None and (not backend.idle or self._skip or self._cont or self._infile or self._partial):
+            self.idle_since = now  # a command runs: the server waits, not the client
+            return
+        idle = now - self.idle_since
+        wait_timeout = self._session_wait_timeout()
+        if wait_timeout is not None and idle > wait_timeout and wait_timeout < timeout:
+            PROXY.idle_client_timeouts += 1
+            log.info("client %s (user %r): closed after %g s of inactivity (its wait_timeout)", self.peer, self.user,
+                     wait_timeout)
+            self.state = State.CLOSED
+            self.close()
+            return
+        if backend is not None and backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS:
+            return  # inside a transaction: not idle in RDS Proxy's sense
+        if idle > timeout:
             PROXY.idle_client_timeouts += 1
             self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
+
+    def _session_wait_timeout(self) -> float | None:
+        """The wait_timeout the client set in its session, in seconds (None: not set, or not a number)."""
+        body = self.settings.get("wait_timeout")
+        known, seconds = self._wait_timeout
+        if body is not known:
+            seconds = ids.session_timeout(body)
+            self._wait_timeout = (body, seconds)
+        return seconds
 
 
 def _no_cursor(statement: int, capabilities: int) -> bytes:

@@ -15,6 +15,7 @@ import re
 from typing import Any, Final
 
 from proxy.errors import CommandNotAllowed, NotSupported, ProxyError
+from proxy.session.mysql_ids import function_flags
 
 # --- what to do with a command ---
 FORWARD, ANSWER_OK, ANSWER_ERR, SWALLOW, QUIT, KILL, CHANGE_USER = range(7)
@@ -35,8 +36,10 @@ SET_STATEMENT: Final = "SET statement"
 USE_STATEMENT: Final = "USE statement"
 STATE_CHANGE: Final = "session state change"
 EXECUTABLE_COMMENT: Final = "executable comment"
+INSERT_ID_EXPRESSION: Final = "LAST_INSERT_ID(expr)"  # set to a value no OK packet told (until an insert does)
 PIN_REASONS: Final = (TEMPORARY_TABLE, TABLE_LOCK, GLOBAL_READ_LOCK, NAMED_LOCK, SQL_PREPARE, HANDLER, XA_TRANSACTION,
-                      FOUND_ROWS, USER_VARIABLE, SET_STATEMENT, USE_STATEMENT, STATE_CHANGE, EXECUTABLE_COMMENT)
+                      FOUND_ROWS, USER_VARIABLE, SET_STATEMENT, USE_STATEMENT, STATE_CHANGE, EXECUTABLE_COMMENT,
+                      INSERT_ID_EXPRESSION)
 ANY: Final = b"*"  # the names a pin holds are unknown: only the statement ending them all (or a reset) ends it
 NO_NAME: Final = b""
 
@@ -45,7 +48,9 @@ _SKIP = rb"(?:\s+|\(|/\*(?![!M]).*?\*/|(?:--[ \t]|#)[^\n]*(?:\n|\Z))*"
 FIRST_WORD = re.compile(_SKIP + rb"([A-Za-z_]+)", re.S)
 NEXT_STATEMENT = re.compile(rb";" + _SKIP + rb"([A-Za-z_]+)", re.S)
 # A fast first look (one alternation, no per-word boundaries): may match more than it needs to, never less.
-ATTENTION = re.compile(rb"[;@]|_(?:locks?\s*\(|calc_found_rows\b|insert_id\s*\()|\btemporary\b", re.I)
+# (`_id(`, `_count(`, `_rows(`: CONNECTION_ID(), ROW_COUNT(), FOUND_ROWS(), see mysql_ids)
+ATTENTION = re.compile(rb"[;@]|_(?:locks?\s*\(|calc_found_rows\b|insert_id\s*\(|id\s*\(|count\s*\(|rows\s*\()"
+                       rb"|\btemporary\b", re.I)
 KEYWORDS = frozenset({b"KILL", b"LOAD", b"SET", b"USE", b"CREATE", b"DROP", b"LOCK", b"UNLOCK", b"FLUSH", b"PREPARE",
                       b"DEALLOCATE", b"HANDLER", b"XA"})
 _NAME = rb"(?:`(?:[^`]|``)+`|[\w$]+)"
@@ -57,7 +62,9 @@ GET_LOCK = re.compile(rb"\bget_lock\s*\(\s*(?:" + _STRING + rb")?", re.I)
 RELEASE_LOCK = re.compile(rb"\brelease_lock\s*\(\s*(?:" + _STRING + rb")?", re.I)
 RELEASE_ALL_LOCKS = re.compile(rb"\brelease_all_locks\s*\(", re.I)
 CALC_FOUND_ROWS = re.compile(rb"\bsql_calc_found_rows\b", re.I)
-LAST_INSERT_ID = re.compile(rb"\blast_insert_id\s*\(\s*\)", re.I)
+# reads of the session's LAST_INSERT_ID() (also as @@last_insert_id / @@identity), and calls that set it
+LAST_INSERT_ID = re.compile(rb"\blast_insert_id\s*\(\s*\)|@@(?:session\.)?(?:last_insert_id|identity)\b", re.I)
+SET_INSERT_ID = re.compile(rb"\blast_insert_id\s*\(\s*+(?!\))", re.I)
 CREATE_TEMPORARY = re.compile(rb"\s*CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\b", re.I)
 CREATE_TEMPORARY_TABLE = re.compile(
     rb"\s*CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?(" + _NAME + rb"(?:\s*\.\s*"
@@ -107,8 +114,8 @@ NOT_SESSION_VARIABLES = frozenset({"global", "persist", "persist_only", "transac
 class QueryEffect:
     """What one COM_QUERY (or prepared statement) does to the session, applied when its response is complete."""
 
-    __slots__ = ("charset", "detail", "hold_next", "insert_id", "pin", "pin_names", "retrack", "schema", "settings",
-                 "single", "transient", "unpins", "user_vars", "variable_set")
+    __slots__ = ("charset", "detail", "functions", "hold_next", "insert_id", "pin", "pin_names", "retrack", "schema",
+                 "settings", "single", "transient", "unpins", "user_vars", "variable_set")
 
     def __init__(self) -> None:
         # session variables: (name, SET body to replay, whether the body is a literal value rather than an
@@ -125,6 +132,7 @@ class QueryEffect:
         self.transient = False  # SET STATEMENT ... FOR: the variables it reports are for that statement only
         self.variable_set = False  # the pin comes from a SET statement (see pinning filter exclude_variable_sets)
         self.insert_id = False  # reads LAST_INSERT_ID(): the backend must have the client's value
+        self.functions = 0  # calls CONNECTION_ID() / ROW_COUNT() / FOUND_ROWS(): flags from mysql_ids
         self.retrack = False  # sets session_track_*: the proxy's own session state tracking is turned on again after
         self.single = True  # one statement (not a multi-statement query)
 
@@ -373,9 +381,13 @@ def inspect_query(text: bytes, local_infile: bool, tracking: bool = False) -> In
                 effect.unpins.append((NAMED_LOCK, None))
         if b"sql_calc_found_rows" in lowered and CALC_FOUND_ROWS.search(text):
             effect.pinning(FOUND_ROWS)
-        if b"last_insert_id" in lowered and LAST_INSERT_ID.search(text):
-            effect.insert_id = True
-    if not (effect.tracked or effect.insert_id):
+        if b"last_insert_id" in lowered or b"@@identity" in lowered or b".identity" in lowered:
+            if LAST_INSERT_ID.search(text):
+                effect.insert_id = True
+            if SET_INSERT_ID.search(text):
+                effect.pinning(INSERT_ID_EXPRESSION, detail="LAST_INSERT_ID() set to an expression")
+        effect.functions = function_flags(lowered)
+    if not (effect.tracked or effect.insert_id or effect.functions):
         return FORWARD_PLAIN
     return Inspection(FORWARD, (QUERY, effect))
 

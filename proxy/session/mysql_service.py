@@ -7,7 +7,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -37,8 +36,9 @@ from proxy.pool.mysql_backend import (
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import HandshakeV10, frame
-from proxy.rundir import run_dir, worker_index, worker_socket
+from proxy.rundir import run_dir, worker_count, worker_index, worker_socket
 from proxy.secrets import SecretStore
+from proxy.session.mysql_ids import is_proxy_id, next_proxy_id, worker_of
 from proxy.tls import backend_context
 
 if TYPE_CHECKING:
@@ -89,8 +89,7 @@ class MySQLService:
         self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
         self.target = Target("mysql", self.settings.backend_host, self.settings.backend_port, self.settings.pool)
         self.clients: dict[int, MySQLClient] = {}  # proxy connection id -> client (for KILL)
-        worker = int(os.environ.get("DBPROXY_WORKER", "0"))
-        self._connection_ids = itertools.count((worker << 24) + 1)
+        self._connection_ids = itertools.count(1)  # see mysql_ids: the proxy's ids, apart from server thread ids
         self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
         self._probe: asyncio.Task[HandshakeV10] | None = None
         self.session_tracking = False  # the backends report session state changes (CLIENT_SESSION_TRACK)
@@ -232,14 +231,19 @@ class MySQLService:
         return digest.digest()
 
     def new_connection_id(self) -> int:
-        return next(self._connection_ids) & 0xFFFFFFFF
+        return next_proxy_id(worker_index(), self._connection_ids, self.clients)
 
     # --- KILL ---
 
-    async def kill(self, killer: Killer, connection_id: int, query_only: bool) -> None:
-        """KILL [QUERY] with the proxy's connection id: act on what that client runs right now, and only that."""
-        owner = connection_id >> 24
-        if owner != worker_index() and run_dir() is not None:
+    async def kill(self, killer: Killer, connection_id: int, query_only: bool, forwarded: bool = False) -> None:
+        """KILL [QUERY] id: a proxy connection id acts on what that client runs right now, and only that; another
+        number is a server thread id (SHOW PROCESSLIST), acted on if it is one of the proxy's backend connections
+        (in any worker). Anything else: 1094 Unknown thread id."""
+        if not is_proxy_id(connection_id):
+            await self._kill_thread(killer, connection_id, query_only, forwarded)
+            return
+        owner = worker_of(connection_id)
+        if owner != worker_index() and run_dir() is not None and not forwarded:
             await self._forward_kill(owner, killer, connection_id, query_only)
             return
         target = self.clients.get(connection_id)
@@ -255,6 +259,9 @@ class MySQLService:
         if backend is None or backend.tracker.done:
             log.info("KILL QUERY %d: that client runs nothing right now", connection_id)
             return
+        await self._kill_clients_query(target, backend)
+
+    async def _kill_clients_query(self, target: MySQLClient, backend: MySQLBackend) -> None:
         target.kills_in_flight += 1  # its backend stays with it until the kill has landed
         try:
             await self.kill_query(backend)
@@ -262,9 +269,51 @@ class MySQLService:
             target.kills_in_flight -= 1
             target.kill_settled()
 
+    def backend_by_thread(self, thread_id: int) -> MySQLBackend | None:
+        """This worker's backend connection with that server thread id (pooled: idle or lent to a client)."""
+        for pool in self.target.pools.values():
+            for backend in itertools.chain(pool.busy, pool.idle):
+                if isinstance(backend, MySQLBackend) and backend.thread_id == thread_id and not backend.closed:
+                    return backend
+        return None
+
+    async def _kill_thread(self, killer: Killer, thread_id: int, query_only: bool, forwarded: bool) -> None:
+        """KILL [QUERY] with a server thread id: that backend connection's query (or session: the client it serves
+        is closed and the connection dropped), if this proxy owns it; never another client."""
+        backend = self.backend_by_thread(thread_id)
+        if backend is None:
+            if not forwarded and run_dir() is not None:
+                for owner in range(worker_count()):
+                    if owner != worker_index():
+                        try:
+                            await self._forward_kill(owner, killer, thread_id, query_only)
+                        except NoSuchThread:
+                            continue
+                        return
+            raise NoSuchThread(f"Unknown thread id: {thread_id}")
+        if backend.pool.user != killer.user:
+            raise KillDenied(f"You are not owner of thread {thread_id}")
+        target = backend.client
+        log.info("client %s: KILL %s%d (a backend thread, serving %s)", killer.peer, "QUERY " if query_only else "",
+                 thread_id, target.peer if target is not None else "no client")
+        if not query_only:
+            if target is not None:
+                target.fail(ConnectionKilled("Connection was killed"))  # drops the backend if a query runs
+            if not backend.closed and backend.client is None:
+                backend.pool.discard(backend)
+            return
+        if backend.tracker.done and not backend.queue:
+            log.info("KILL QUERY %d: that backend thread runs nothing right now", thread_id)
+            return
+        if target is not None:
+            await self._kill_clients_query(target, backend)
+        else:
+            await self.kill_query(backend)
+
     async def _forward_kill(self, owner: int, killer: Killer, connection_id: int, query_only: bool) -> None:
-        """The client lives in another worker process: ask that worker, and report its answer."""
-        request = {"user": killer.user, "peer": killer.peer, "id": connection_id, "query_only": query_only}
+        """The client (or backend thread) may live in another worker process: ask that worker, report its answer."""
+        request = {"user": killer.user, "peer": killer.peer, "id": connection_id, "query_only": query_only,
+                   "forwarded": True}
         try:
             reader, writer = await asyncio.open_unix_connection(str(worker_socket("kill", owner)))
             writer.write(json.dumps(request).encode() + b"\n")
@@ -283,7 +332,7 @@ class MySQLService:
         try:
             request = json.loads(await asyncio.wait_for(reader.readline(), 10))
             killer = RemoteKiller(str(request["user"]), str(request["peer"]))
-            await self.kill(killer, int(request["id"]), bool(request["query_only"]))
+            await self.kill(killer, int(request["id"]), bool(request["query_only"]), bool(request.get("forwarded")))
             answer: dict[str, str] = {}
         except KillDenied as exc:
             answer = {"error": "denied", "message": exc.message}

@@ -933,6 +933,7 @@ class ResponseTracker:
         "prepare_ok",
         "prepare_ok_at",
         "result_sets",
+        "row_sets",
         "rows",
         "seen_status",
         "session_state",
@@ -976,6 +977,7 @@ class ResponseTracker:
         self.prepare_ok_at = -1  # payload offset of the COM_STMT_PREPARE_OK in the buffer scan() read it from
         self.session_state: list[bytes] | None = None  # raw session state info of each OK packet, when tracked
         self.result_sets = 0
+        self.row_sets = 0  # result sets with columns (rows), not OK packets
         self.rows = 0
         self.seen_status = 0
         self.affected_rows = 0
@@ -1253,6 +1255,7 @@ class ResponseTracker:
             end = off + length
             count, p = _lenenc_at(buf, off, end)
             self.result_sets += 1
+            self.row_sets += 1
             metadata = True
             if (self._optional_metadata or self._cache_metadata) and p < end:
                 metadata = buf[p] != 0
