@@ -212,6 +212,12 @@ class PostgresClient(ClientConnection):
                 self.loop.create_task(self.service.cancel_backend(backend))
             pool.discard(backend)
             return
+        if self.pins and not pool.session_mode:  # LISTEN, temporary tables, locks...: no other client may inherit
+            log.info("client %s left with its session pinned (%s); closing %s", self.peer,
+                     ", ".join(sorted(self.pins)), backend)
+            PINS.unpinned()
+            pool.discard(backend)
+            return
         if not self.in_extended and backend.tx_status == pg.IDLE and not pool.session_mode:
             pool.stats.transactions += 1
             pool.release(backend)
@@ -820,6 +826,8 @@ class PostgresClient(ClientConnection):
             PINS.current += 1
         self.pins = pins
         self._acquiring = None
+        if backend.notifications and not self.closed:  # they came while the proxy read the session back
+            self.write(backend.take_notifications(self.process_id))
         if self.closed:
             self._return_after_client(backend)
         elif pins:

@@ -36,7 +36,8 @@ class PostgresService:
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
         self.worker = worker_index()
-        self._process_ids = itertools.count((self.worker << 24) + 1)
+        # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
+        self._process_ids = itertools.count((self.worker << 24) + (1 << 22) + 1)
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
 
     def pool_for(self, database: str, user: str) -> Pool:
