@@ -39,6 +39,7 @@ from proxy.protocol.pg.extended import (
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
+from proxy.secrets import Secret
 from proxy.session.client import ClientConnection
 from proxy.session.pg_service import PostgresService
 from proxy.stats import PINS, PROXY
@@ -118,6 +119,15 @@ def _options_settings(options: str) -> dict[str, str]:
             raise ProtocolViolation(f"startup option {pair!r} has no value")
         result[name.replace("-", "_")] = value
     return result
+
+
+async def _scram_keys(service: PostgresService, user: str, secret: Secret | None) -> ScramKeys:
+    """The keys to check a SCRAM login against: cached, derived off the event loop once, or stable fakes."""
+    if secret is None:
+        return service.secrets.fake_scram_keys(user)  # same salt size and iterations, no PBKDF2
+    if secret.scram_ready:
+        return secret.scram_keys
+    return await asyncio.to_thread(lambda: secret.scram_keys)
 
 
 class PostgresClient(ClientConnection):
@@ -320,7 +330,7 @@ class PostgresClient(ClientConnection):
         secret = service.secrets.get(self.user)
         failure = AuthenticationFailed(f'password authentication failed for user "{self.user}"')
         if method is ClientAuthMethod.SCRAM_SHA_256:
-            keys = secret.scram_keys if secret is not None else ScramKeys.derive(os.urandom(16))
+            keys = await _scram_keys(service, self.user, secret)
             self.write(pg.authentication_sasl([MECHANISM]))
             kind, body = await self.read_typed()
             if kind != ord("p"):
