@@ -30,6 +30,7 @@ ERROR = 0x45  # 'E'
 ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
 # In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
 SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
+NOTIFICATION = 0x41  # 'A': NotificationResponse (process id, channel, payload)
 
 
 class PostgresBackend(BackendConnection):
@@ -49,6 +50,8 @@ class PostgresBackend(BackendConnection):
         self.expect: deque[Expectation] = deque()  # requests sent, in the order their replies will come
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # statement names prepared here, LRU order
         self.ended_by_server = False  # a FATAL ErrorResponse of the server's was passed to the client
+        self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
+        self._own_pid = b""  # this server session's process id as sent in a NotificationResponse
 
     def __repr__(self) -> str:
         return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
@@ -61,6 +64,7 @@ class PostgresBackend(BackendConnection):
         self._dropping = False
         self._partial = b""
         self.expect.clear()
+        self.notifications.clear()  # (not delivered to the session they belonged to: not for this client)
         if self._buffer:  # unsolicited output while idle (a notice): pass it on
             data = self.take_buffered()
             self.data_received(data)
@@ -116,6 +120,16 @@ class PostgresBackend(BackendConnection):
                 pos += 1 + length
                 continue
             elif kind in ASYNC_REPLIES:
+                if kind == NOTIFICATION:
+                    if end - pos < 9:
+                        hold = pos
+                        break
+                    if scan[pos + 5 : pos + 9] == self._own_pid:  # the client's own NOTIFY: its own pid
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(scan[run_start : pos + 5])
+                        pieces.append(pg.INT32.pack(client.process_id))
+                        run_start = pos + 9
                 pos += 1 + length
                 continue
             elif kind == ERROR and end - pos >= 1 + length:
@@ -240,6 +254,7 @@ class PostgresBackend(BackendConnection):
                 self.params[name] = value
             elif kind == ord("K"):
                 self.process_id, self.secret_key = pg.INT32_PAIR.unpack_from(body)
+                self._own_pid = pg.INT32.pack(self.process_id)
             elif kind == ord("Z"):
                 break
             elif kind == ord("E"):
@@ -254,6 +269,16 @@ class PostgresBackend(BackendConnection):
         if pool.settings.init_query:
             await self.simple_query(pool.settings.init_query)
 
+    def take_notifications(self, client_process_id: int) -> bytes:
+        """The notifications read during the proxy's own queries, as messages for the session's client."""
+        out = []
+        for body in self.notifications:
+            if body[:4] == self._own_pid:
+                body = pg.INT32.pack(client_process_id) + body[4:]
+            out.append(pg.message(b"A", body))
+        self.notifications.clear()
+        return b"".join(out)
+
     def params_changed(self) -> None:
         """Recompute the number of this session's settings after they changed outside a client's view."""
         self.settings_id = self.pool.settings_id(
@@ -263,7 +288,10 @@ class PostgresBackend(BackendConnection):
     # --- internal queries (never while linked) ---
 
     async def simple_query(self, sql: str) -> list[list[str | None]]:
-        """Run SQL the proxy itself needs; returns text rows, raises BackendError on an ErrorResponse."""
+        """Run SQL the proxy itself needs; returns text rows, raises BackendError on an ErrorResponse.
+
+        A notification that arrives meanwhile belongs to the session's client: it is kept in `notifications`.
+        """
         assert self.client is None
         self.write(pg.query(sql))
         rows: list[list[str | None]] = []
@@ -277,6 +305,8 @@ class PostgresBackend(BackendConnection):
             elif kind == ord("S"):
                 name, value = pg.parse_parameter_status(body)
                 self.params[name] = value
+            elif kind == NOTIFICATION:
+                self.notifications.append(body)
             elif kind == ord("Z"):
                 self.tx_status = body[0]
                 break

@@ -39,6 +39,7 @@ from proxy.protocol.pg.extended import (
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
+from proxy.secrets import Secret
 from proxy.session.client import LOGIN_MESSAGE_LIMIT, ClientConnection, TLSHandshakeFailed
 from proxy.session.pg_service import PostgresService
 from proxy.stats import PINS, PROXY
@@ -118,6 +119,15 @@ def _options_settings(options: str) -> dict[str, str]:
             raise ProtocolViolation(f"startup option {pair!r} has no value")
         result[name.replace("-", "_")] = value
     return result
+
+
+async def _scram_keys(service: PostgresService, user: str, secret: Secret | None) -> ScramKeys:
+    """The keys to check a SCRAM login against: cached, derived off the event loop once, or stable fakes."""
+    if secret is None:
+        return service.secrets.fake_scram_keys(user)  # same salt size and iterations, no PBKDF2
+    if secret.scram_ready:
+        return secret.scram_keys
+    return await asyncio.to_thread(lambda: secret.scram_keys)
 
 
 class PostgresClient(ClientConnection):
@@ -212,6 +222,12 @@ class PostgresClient(ClientConnection):
                 log.warning("client %s left while a query was running; cancelling it and dropping %s",
                             self.peer, backend)
                 self.loop.create_task(self.service.cancel_backend(backend))
+            pool.discard(backend)
+            return
+        if self.pins and not pool.session_mode:  # LISTEN, temporary tables, locks...: no other client may inherit
+            log.info("client %s left with its session pinned (%s); closing %s", self.peer,
+                     ", ".join(sorted(self.pins)), backend)
+            PINS.unpinned()
             pool.discard(backend)
             return
         if not self.in_extended and backend.tx_status == pg.IDLE and not pool.session_mode:
@@ -318,7 +334,7 @@ class PostgresClient(ClientConnection):
         secret = service.secrets.get(self.user)
         failure = AuthenticationFailed(f'password authentication failed for user "{self.user}"')
         if method is ClientAuthMethod.SCRAM_SHA_256:
-            keys = secret.scram_keys if secret is not None else ScramKeys.derive(os.urandom(16))
+            keys = await _scram_keys(service, self.user, secret)
             self.write(pg.authentication_sasl([MECHANISM]))
             kind, body = await self.read_typed(LOGIN_MESSAGE_LIMIT)
             if kind != ord("p"):
@@ -824,6 +840,8 @@ class PostgresClient(ClientConnection):
             PINS.current += 1
         self.pins = pins
         self._acquiring = None
+        if backend.notifications and not self.closed:  # they came while the proxy read the session back
+            self.write(backend.take_notifications(self.process_id))
         if self.closed:
             self._return_after_client(backend)
         elif pins:

@@ -9,7 +9,7 @@ import secrets as random_source
 import ssl
 from collections.abc import Callable
 
-from proxy.config import Config, ServerSettings
+from proxy.config import ClientAuthMethod, Config, ServerSettings
 from proxy.pool.pg_backend import PostgresBackend, open_backend
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.pg import messages as pg
@@ -36,8 +36,11 @@ class PostgresService:
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
         self.worker = worker_index()
-        self._process_ids = itertools.count((self.worker << 24) + 1)
+        # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
+        self._process_ids = itertools.count((self.worker << 24) + (1 << 22) + 1)
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
+        if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
+            secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
     def pool_for(self, database: str, user: str) -> Pool:
         key = (database, user)
