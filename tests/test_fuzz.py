@@ -1,0 +1,177 @@
+"""Fuzzing both listeners: random, truncated and bit-flipped login packets and, after a valid login, mutated
+protocol messages; a checked bystander client per protocol must see no error and no stall meanwhile, the proxy
+must stay up and log no traceback. The generators are loadtest/fuzzgen.py, shared with `python -m loadtest.fuzz`."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from loadtest.fuzzclient import (
+    STALL_SECONDS,
+    Bystander,
+    LogWatcher,
+    mysql_bystander,
+    pg_bystander,
+    run_case_sync,
+    tracebacks_by_kind,
+)
+from loadtest.fuzzgen import PG_SYNC, Case, frame_raw, pg_describe, preauth_case, session_case
+from proxy.devservers import MariaDBInstance, PostgresInstance
+from proxy.protocol.mysql import constants as my
+from proxy.protocol.pg import messages as pg
+from rawpg import RawClient
+from support import ProxyProcess, running_proxy
+
+pytestmark = pytest.mark.timeout(300)
+
+# Bugs this fuzzer finds in today's code (see the report of the fuzz branch); the helpers named fix them.
+KNOWN_PG = ("PostgreSQL: a SET followed by a partial message, then the client leaving, puts the backend back "
+            "with the setting still on it (next client sees it: pghostile 9.1 cleanup path); malformed "
+            "Bind/Describe/Close met while a backend is being attached raise out of _forward (traceback, "
+            "client left hanging with its backend: stmts/pghostile)")
+KNOWN_MYSQL = "MySQL: a TLS handshake that fails during login logs a traceback (limits 9.6)"
+
+# Enough examples to cover every message kind and mutation many times, within about 20 s per protocol.
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def fuzz_proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance,
+               mariadb_server: MariaDBInstance) -> Iterator[ProxyProcess]:
+    """Both listeners, small pools (3) so fuzzed sessions and the bystanders share backends."""
+    with running_proxy(tmp_path_factory.mktemp("fuzzproxy"), pg_server, mariadb_server,
+                       postgresql__pool={"max_connections": 3}, mysql__pool={"max_connections": 3}) as proxy:
+        yield proxy
+
+
+@dataclass
+class Watch:
+    """The checks after every fuzz case: proxy alive, no new traceback, each bystander fine and not stalled."""
+
+    proxy: ProxyProcess
+    bystanders: list[Bystander]
+    log: LogWatcher
+
+    def __post_init__(self) -> None:
+        self.seen_errors = {b.report.name: len(b.report.errors) for b in self.bystanders}
+        self.seen_stalls = {b.report.name: len(b.report.stalls) for b in self.bystanders}
+
+    def check(self, case: Case) -> None:
+        finished = time.monotonic()
+        problems = []
+        for bystander in self.bystanders:  # each must complete a fresh query after the case
+            if not bystander.wait_cycle_after(finished, timeout=5 * STALL_SECONDS):
+                problems.append(f"{bystander.report.name} bystander stalled (no answer within "
+                                f"{5 * STALL_SECONDS} s)")
+            report = bystander.report
+            errors, stalls = report.errors[self.seen_errors[report.name]:], report.stalls[self.seen_stalls[report.name]:]
+            self.seen_errors[report.name] += len(errors)
+            self.seen_stalls[report.name] += len(stalls)
+            problems += [f"{report.name} bystander: {error}" for error in errors]
+            problems += [f"{report.name} bystander waited {stall} s" for stall in stalls]
+        if not self.proxy.alive:
+            problems.append("the proxy died")
+        tracebacks = tracebacks_by_kind(self.log.new_text())
+        problems += [f"proxy traceback {kind} x{count}" for kind, count in tracebacks.items()]
+        if problems:
+            raise AssertionError("; ".join(problems) + f"\nafter {case.describe()[:3000]}")
+
+
+@pytest.fixture(scope="module")
+def watch(fuzz_proxy: ProxyProcess) -> Iterator[Watch]:
+    bystanders = [pg_bystander(fuzz_proxy.ports["postgresql"]), mysql_bystander(fuzz_proxy.ports["mysql"])]
+    for bystander in bystanders:
+        bystander.start()
+    try:
+        for bystander in bystanders:
+            assert bystander.wait_cycle_after(0.0, timeout=10), f"{bystander.report.name} bystander never ran"
+            assert not bystander.report.errors, bystander.report.errors
+        yield Watch(fuzz_proxy, bystanders, LogWatcher(fuzz_proxy.log_path))
+    finally:
+        for bystander in bystanders:
+            bystander.stop()
+
+
+def fuzz_one(watch: Watch, protocol: str, rng: random.Random, logged_in: bool) -> None:
+    if logged_in:
+        case = session_case(protocol, rng, units=rng.randint(1, 6), mutation_rate=0.3)
+    else:
+        case = preauth_case(protocol, rng)
+    run_case_sync(case, watch.proxy.ports[protocol], idle=0.1, total=0.5)
+    watch.check(case)
+
+
+@pytest.mark.xfail(reason=KNOWN_PG, strict=False)
+@FUZZ
+@given(rng=st.randoms(use_true_random=False), logged_in=st.booleans())
+def test_fuzz_postgresql_listener(watch: Watch, rng: random.Random, logged_in: bool) -> None:
+    fuzz_one(watch, "postgresql", rng, logged_in)
+
+
+@pytest.mark.xfail(reason=KNOWN_MYSQL, strict=False)
+@FUZZ
+@given(rng=st.randoms(use_true_random=False), logged_in=st.booleans())
+def test_fuzz_mysql_listener(watch: Watch, rng: random.Random, logged_in: bool) -> None:
+    fuzz_one(watch, "mysql", rng, logged_in)
+
+
+# --- what the fuzzer found, each as a fixed case ---
+
+@pytest.mark.xfail(reason="a client leaving with a partial message right after a SET hands the backend back with "
+                          "the setting on it (pghostile: cleanup path)", strict=False)
+def test_setting_does_not_follow_backend_when_client_leaves_mid_message(watch: Watch) -> None:
+    port = watch.proxy.ports["postgresql"]
+    client = RawClient(port)
+    client.login()
+    client.send(pg.query("SET search_path = fuzz") + b"Q\x00\x00\x01\x00SELECT")  # the second message stops short
+    client.until("Z")
+    time.sleep(0.2)
+    client.close()
+    for _ in range(6):  # every backend of the pool (3) is seen at least once by someone
+        other = RawClient(port)
+        other.login()
+        rows = [body for kind, body in other.query("SHOW search_path") if kind == "D"]
+        other.close()
+        assert rows == [b'\x00\x01\x00\x00\x00\x0f"$user", public'], rows
+    watch.check(Case("postgresql", "session", [pg.query("SET search_path = fuzz"), b"Q\x00\x00\x01\x00SELECT"]))
+
+
+@pytest.mark.xfail(reason="a malformed Describe/Close forwarded while the backend is attached raises out of "
+                          "_forward: traceback, no 08P01 (stmts / pghostile)", strict=False)
+def test_malformed_describe_while_backend_attaches(watch: Watch) -> None:
+    port = watch.proxy.ports["postgresql"]
+    client = RawClient(port, timeout=3)
+    client.login()
+    bad = pg.message(b"D", b"X")  # neither 'S' nor 'P', no name
+    client.send(bad + PG_SYNC)
+    try:
+        fields = client.error()
+    finally:
+        client.close()
+    assert fields["C"] == "08P01", fields
+    watch.check(Case("postgresql", "session", [bad, PG_SYNC]))
+
+
+def test_mysql_pipelined_commands_after_login(watch: Watch) -> None:
+    """Sanity for the fuzz client itself: unmutated pipelined commands are all answered."""
+    case = Case("mysql", "session", [frame_raw(bytes((my.COM_QUERY,)) + b"SELECT 1", 0),
+                                      frame_raw(bytes((my.COM_PING,)), 0)])
+    outcome = run_case_sync(case, watch.proxy.ports["mysql"], idle=1.0, total=5.0)
+    assert outcome.answered, outcome
+    watch.check(case)
+
+
+def test_postgresql_pipelined_messages_after_login(watch: Watch) -> None:
+    """Sanity for the fuzz client itself: unmutated pipelined messages are all answered."""
+    case = Case("postgresql", "session", [pg.query("SELECT 1"), pg_describe(b"S", ""), PG_SYNC])
+    outcome = run_case_sync(case, watch.proxy.ports["postgresql"], idle=1.0, total=5.0)
+    assert outcome.answered, outcome
+    watch.check(case)
