@@ -218,3 +218,52 @@ def test_run_refuses_an_unreadable_certificate_with_one_line(tmp_path: Path) -> 
     sections["tls"] = {"cert_file": "nocert.pem", "key_file": "nokey.pem"}
     assert_one_clear_line(proxy_command(tmp_path, "run", "-c", str(write_config(tmp_path, sections))), "nocert.pem")
     assert leftover_run_folders(tmp_path) == []
+
+
+# --- the example configuration documents every setting ---
+
+
+def test_example_config_shows_every_setting_with_its_default() -> None:
+    """Each setting of the schema appears in config/dbproxy.toml (commented out when it has no default value),
+    and the value shown is the real default unless its comment says it is not."""
+    import re
+
+    from pydantic import BaseModel
+
+    from proxy.config import Config
+
+    example = Path(SOURCE, "config", "dbproxy.toml").read_text()
+    sections: dict[str, dict[str, str]] = {}
+    current = ""
+    for line in example.splitlines():
+        header = re.match(r"^\[([\w.]+)\]", line)
+        if header:
+            current = header.group(1)
+            continue
+        entry = re.match(r"^#? ?(\w+) = (.*?)\s*(?:#\s*(.*))?$", line)
+        if entry and current:
+            sections.setdefault(current, {})[entry.group(1)] = line
+
+    def walk(model: type[BaseModel], where: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{where}.{name}" if where else name)
+                continue
+            line = sections.get(where, {}).get(name)
+            assert line is not None, f"[{where}] {name} is not in config/dbproxy.toml"
+            default = field.get_default(call_default_factory=True)
+            if default is None:
+                assert line.startswith("#") or "default" in line, line
+                continue
+            shown = tomllib_value(line.split("=", 1)[1])
+            if shown != (default.value if hasattr(default, "value") else default):
+                assert "default" in line, f"{line!r}: the default is {default!r}"
+
+    walk(Config, "")
+
+
+def tomllib_value(text: str) -> object:
+    import tomllib
+
+    return tomllib.loads("value = " + text.split("  #")[0].split(" #")[0].strip())["value"]
