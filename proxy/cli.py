@@ -18,7 +18,7 @@ import uvloop
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.server import ProxyServer
-from proxy.startup import StartupError, check_startup, describe_start_error
+from proxy.startup import StartupError, check_host, check_startup, describe_start_error
 
 log = logging.getLogger("proxy")
 READY_MESSAGE = "dbproxy ready: {listeners}"
@@ -107,7 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
         _exit_on_start_error(supervise)
         return
-    _exit_on_start_error(lambda: uvloop.run(serve(config, READY_MESSAGE)))
+
+    def serve_here() -> None:
+        check_host(config)
+        uvloop.run(serve(config, READY_MESSAGE))
+
+    _exit_on_start_error(serve_here)
 
 
 def _fail(message: str, status: int) -> NoReturn:

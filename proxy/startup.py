@@ -26,15 +26,20 @@ def _quiet_logs() -> Iterator[None]:
         logging.disable(previous)
 
 
-def check_startup(config: Config) -> None:
-    """Load the secrets, certificates and keys exactly as a start does, without listening; ConfigError if one fails."""
-    from proxy.server import ProxyServer  # the server pulls in every session module; only needed here
-
+def check_host(config: Config) -> None:
+    """The listening address must resolve; ConfigError naming it if not."""
     host = config.server.host
     try:
         socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise ConfigError(f"[server] host {host!r}: {exc.strerror or exc}") from None
+
+
+def check_startup(config: Config) -> None:
+    """Load the secrets, certificates and keys exactly as a start does, without listening; ConfigError if one fails."""
+    from proxy.server import ProxyServer  # the server pulls in every session module; only needed here
+
+    check_host(config)
     with _quiet_logs():
         ProxyServer(config)
 

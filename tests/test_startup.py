@@ -267,3 +267,10 @@ def tomllib_value(text: str) -> object:
     import tomllib
 
     return tomllib.loads("value = " + text.split("  #")[0].split(" #")[0].strip())["value"]
+
+
+@pytest.mark.parametrize("mode", ["check", "run"])
+def test_a_listening_host_that_does_not_resolve_is_one_line(tmp_path: Path, mode: str) -> None:
+    config = write_config(tmp_path, base_sections(host="no-such-host.invalid", workers=1))
+    result = proxy_command(tmp_path, "run", "-c", str(config), *(["--check"] if mode == "check" else []))
+    assert_one_clear_line(result, "no-such-host.invalid")
