@@ -9,16 +9,21 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import uvloop
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.server import ProxyServer
+from proxy.startup import StartupError, check_host, check_startup, describe_start_error
 
 log = logging.getLogger("proxy")
 READY_MESSAGE = "dbproxy ready: {listeners}"
+CONFIG_ERROR_STATUS = 2  # exit status for a configuration that cannot work
+START_ERROR_STATUS = 1  # exit status for a start that failed (a port taken, a worker that died)
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,7 +49,10 @@ def setup_logging(level: str, fmt: str) -> None:
 async def serve(config: Config, ready_message: str | None = None) -> None:
     """Run the proxy until SIGINT/SIGTERM."""
     server = ProxyServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # a port taken, an address not on this machine
+        raise StartupError(describe_start_error(exc)) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -74,16 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from proxy.demo import run_demo
 
-        run_demo(args.dir, args.port, args.mysql_port)
+        _exit_on_start_error(lambda: run_demo(args.dir, args.port, args.mysql_port))
         return
     config_path = getattr(args, "config", None)
+    checking = getattr(args, "check", False)
     try:
         config = load_config(config_path)
+        if checking:
+            check_startup(config)
     except ConfigError as exc:
-        print(f"dbproxy: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if getattr(args, "check", False):
-        print(f"{config_path}: OK")
+        _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
+    if checking:
+        print(f"{config_path}: OK" if config_path else "built-in defaults (no -c given, no configuration file): OK")
         return
     setup_logging(config.server.log_level, config.server.log_format)
     workers = args.workers if args.workers is not None else config.server.workers
@@ -91,6 +101,30 @@ def main(argv: list[str] | None = None) -> None:
     if workers > 1:
         from proxy.workers import run_supervisor
 
-        run_supervisor(config, workers, READY_MESSAGE)
+        def supervise() -> None:
+            check_startup(config)  # once, before forking: one line instead of a traceback from every worker
+            run_supervisor(config, workers, READY_MESSAGE)
+
+        _exit_on_start_error(supervise)
         return
-    uvloop.run(serve(config, READY_MESSAGE))
+
+    def serve_here() -> None:
+        check_host(config)
+        uvloop.run(serve(config, READY_MESSAGE))
+
+    _exit_on_start_error(serve_here)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    print(f"dbproxy: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def _exit_on_start_error(start: Callable[[], None]) -> None:
+    """Run `start`; a configuration or start error ends the process with one line on stderr and no traceback."""
+    try:
+        start()
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
+    except StartupError as exc:
+        _fail(f"cannot start: {describe_start_error(exc)}", START_ERROR_STATUS)

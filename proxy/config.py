@@ -50,7 +50,7 @@ class ServerSettings(Strict):
     """Process-wide settings: where to listen and how long to wait for clients."""
 
     host: str = "127.0.0.1"
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: str = Field("text", pattern="^(text|json)$")
     client_login_timeout: float = Field(15.0, gt=0, description="seconds a client has to finish its login")
     idle_client_timeout: float = Field(1800.0, gt=0, description="RDS Proxy IdleClientTimeout, seconds")
@@ -61,6 +61,11 @@ class ServerSettings(Strict):
     shutdown_grace: float = Field(10.0, ge=0)
     workers: int = Field(0, ge=0, le=64, description="worker processes sharing the ports; 0 means one per core")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus endpoint port; -1 off, 0 a free port")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
 
 class TLSSettings(Strict):

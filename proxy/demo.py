@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import secrets as random_source
+import shlex
 import shutil
 from pathlib import Path
 
 import uvloop
 
 from proxy.config import parse_config
-from proxy.devservers import start_mariadb, start_postgres
+from proxy.devservers import DevServerError, start_mariadb, start_postgres
+from proxy.startup import StartupError
 
 log = logging.getLogger(__name__)
+
+NEEDS = (" (the demo needs the PostgreSQL and MariaDB server packages;"
+         " Debian: apt-get install postgresql mariadb-server)")
 
 
 def run_demo(folder: Path, port: int, mysql_port: int = 6033) -> None:
@@ -25,12 +30,18 @@ def run_demo(folder: Path, port: int, mysql_port: int = 6033) -> None:
         shutil.rmtree(folder / name, ignore_errors=True)
         (folder / name).mkdir(parents=True)
     password = random_source.token_urlsafe(12)
+    admin_password = random_source.token_urlsafe(12)
     print("starting a throwaway PostgreSQL and MariaDB for the demo ...", flush=True)
-    database = start_postgres(folder / "db", users={"app": password})
     try:
-        mariadb = start_mariadb(folder / "mariadb", users={"app": password})
-    except BaseException:
+        database = start_postgres(folder / "db", users={"app": password}, superuser_password=admin_password)
+    except DevServerError as exc:
+        raise StartupError(f"the demo's PostgreSQL did not start{NEEDS}: {exc}") from None
+    try:
+        mariadb = start_mariadb(folder / "mariadb", users={"app": password}, root_password=admin_password)
+    except BaseException as exc:
         database.stop()
+        if isinstance(exc, DevServerError):
+            raise StartupError(f"the demo's MariaDB did not start{NEEDS}: {exc}") from None
         raise
     secrets_file = folder / "secrets.toml"
     secrets_file.touch(mode=0o600)
@@ -49,7 +60,12 @@ def run_demo(folder: Path, port: int, mysql_port: int = 6033) -> None:
         "MySQL clients connect to 127.0.0.1:{mysql}, sharing at most 10 connections to the throwaway MariaDB\n"
         f"on 127.0.0.1:{mariadb.port}.\n\n"
         f"  mariadb -h 127.0.0.1 -P {{mysql}} -u app -p{password} app\n\n"
-        "Press Ctrl-C to stop (the throwaway databases go with it)."
+        "Administrators log in to the databases directly, not through the proxy:\n\n"
+        f"  psql \"host=127.0.0.1 port={database.port} user={database.superuser} dbname=postgres "
+        f"password={admin_password}\"\n"
+        f"  mariadb -h 127.0.0.1 -P {mariadb.port} -u root -p{admin_password}\n\n"
+        f"Press Ctrl-C to stop dbproxy and both databases. Their data stays in {folder} until the next\n"
+        f"`dbproxy demo` starts afresh; remove it with: rm -rf {shlex.quote(str(folder))}"
     )
     try:
         uvloop.run(serve(config, banner))

@@ -35,7 +35,14 @@ __all__ = [
 #: Upper bound, in seconds, for every wait (server start, stop, client commands).
 TIMEOUT = 30.0
 
-PG_BIN_DIR = Path(os.environ.get("DBPROXY_PG_BIN_DIR", "/usr/lib/postgresql/15/bin"))
+
+def _newest_pg_bin_dir() -> Path:
+    """Debian's layout, /usr/lib/postgresql/<major>/bin: the newest major version installed (15 if none)."""
+    installed = [path for path in Path("/usr/lib/postgresql").glob("*/bin") if path.parent.name.isdigit()]
+    return max(installed, key=lambda path: int(path.parent.name), default=Path("/usr/lib/postgresql/15/bin"))
+
+
+PG_BIN_DIR = Path(os.environ.get("DBPROXY_PG_BIN_DIR") or _newest_pg_bin_dir())
 #: OS account that owns PostgreSQL data directories when we run as root (initdb refuses root).
 PG_OS_USER = "postgres"
 PG_AUTH_METHODS = ("scram-sha-256", "md5", "password", "trust")

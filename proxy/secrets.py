@@ -98,12 +98,16 @@ class SecretStore:
         secrets: dict[str, str] = {}
         if path is not None:
             try:
-                data = tomllib.loads(Path(path).read_text())
+                data = tomllib.loads(Path(path).read_bytes().decode())
             except OSError as exc:
                 raise ConfigError(f"{path}: cannot read secrets file: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise ConfigError(f"{path}: secrets file is not UTF-8 text") from None
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(f"{path}: secrets file is not valid TOML: {exc}") from None
             users = data.get("users", data)
+            if not isinstance(users, dict):
+                raise ConfigError(f"{path}: [users] must be a table of user = \"password\" lines")
             for user, password in users.items():
                 if not isinstance(password, str):
                     raise ConfigError(f"{path}: the secret for '{user}' must be a string")

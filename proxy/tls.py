@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from proxy.config import BackendTLSMode, TLSSettings
+from proxy.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,29 @@ def self_signed_pair(common_name: str = "dbproxy") -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def _load_certificate(context: ssl.SSLContext, cert_file: Path, key_file: Path | None) -> None:
+    """Load the configured certificate and key (the key may sit in the certificate file), or say which failed."""
+    for path in (cert_file, key_file):
+        if path is not None:
+            try:
+                path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"{path}: cannot read TLS certificate or key: {exc.strerror}") from None
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, ValueError) as exc:
+        files = f"{cert_file} and {key_file}" if key_file else str(cert_file)
+        raise ConfigError(f"{files}: not a usable PEM certificate and matching private key ({exc})") from None
+
+
 def server_context(settings: TLSSettings) -> ssl.SSLContext:
     """The context clients' TLS connections are accepted with."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if settings.cert_file and settings.key_file:
-        context.load_cert_chain(settings.cert_file, settings.key_file)
+    if settings.key_file and not settings.cert_file:
+        raise ConfigError(f"[tls] key_file {settings.key_file} is set but cert_file is not")
+    if settings.cert_file:
+        _load_certificate(context, settings.cert_file, settings.key_file)
         return context
     cert_pem, key_pem = self_signed_pair()
     with tempfile.TemporaryDirectory() as folder:
@@ -69,7 +87,11 @@ def backend_context(mode: BackendTLSMode, ca_file: Path | None) -> ssl.SSLContex
     if mode is BackendTLSMode.DISABLE:
         return None
     if mode is BackendTLSMode.VERIFY_FULL:
-        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        try:
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"{ca_file}: cannot load the backend CA file: {reason}") from None
         context.check_hostname = True
         return context
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
