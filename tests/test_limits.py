@@ -14,8 +14,9 @@ import pymysql
 import pytest
 
 from proxy.devservers import MariaDBInstance, PostgresInstance
-from proxy.protocol.mysql.packets import ErrPacket
+from proxy.protocol.mysql.packets import ErrPacket, SSLRequest, frame
 from proxy.protocol.pg import messages as pg
+from rawmysql import CAPS
 from rawmysql import RawClient as RawMySQL
 from rawpg import RawClient as RawPG
 from support import ProxyProcess, running_proxy
@@ -156,3 +157,39 @@ def test_pg_oversize_message_after_login_is_refused_at_the_header(tmp_path: Path
         assert kind == "E" and fields["C"] == "08P01" and "invalid message length" in fields["M"], fields
         assert stream(client.sock, 300 * MB) < 300 * MB
         assert proxy.rss() - before < 20 * MB
+
+
+# --- TLS ---
+
+
+def _lines_about(proxy: ProxyProcess, peer_port: int) -> list[str]:
+    time.sleep(0.5)
+    text = proxy.log()
+    return [line for line in text.splitlines() if f":{peer_port}" in line]
+
+
+def test_failed_tls_handshakes_log_one_warning_line(both_proxy: ProxyProcess) -> None:
+    client = RawPG(both_proxy.ports["postgresql"])
+    client.send(pg.ssl_request())
+    assert client.sock.recv(1) == b"S"
+    client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a TLS ClientHello
+    with pytest.raises(OSError):
+        while client.sock.recv(65536):
+            pass
+        raise ConnectionError("closed")
+    port = client.sock.getsockname()[1]
+    lines = _lines_about(both_proxy, port)
+    assert len(lines) == 1 and " WARNING " in lines[0] and "TLS handshake failed" in lines[0], lines
+
+    my_client = RawMySQL(both_proxy.ports["mysql"])
+    my_client.read_greeting()
+    my_client.send(frame(SSLRequest(CAPS).build(), 1))
+    my_client.send(b"\x16\x03\x01\x00\x05hello")  # a TLS record header with a broken handshake in it
+    with pytest.raises(OSError):
+        while my_client.sock.recv(65536):
+            pass
+        raise ConnectionError("closed")
+    port = my_client.sock.getsockname()[1]
+    lines = _lines_about(both_proxy, port)
+    assert len(lines) == 1 and " WARNING " in lines[0] and "TLS handshake failed" in lines[0], lines
+    assert "Traceback" not in both_proxy.log()
