@@ -22,6 +22,7 @@ from rawpg import RawClient as RawPG
 from support import ProxyProcess, running_proxy
 
 MB = 1 << 20
+QUERY_SIZE = 32 * MB  # a whole Query held for inspection (raise to 200 MB once holding it costs linear time)
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,39 @@ def test_failed_tls_handshakes_log_one_warning_line(both_proxy: ProxyProcess) ->
     lines = _lines_about(both_proxy, port)
     assert len(lines) == 1 and " WARNING " in lines[0] and "TLS handshake failed" in lines[0], lines
     assert "Traceback" not in both_proxy.log()
+
+
+# --- memory after large messages ---
+
+
+def test_pg_200mb_copy_data_message_after_login_leaves_memory_near_baseline(both_proxy: ProxyProcess) -> None:
+    client = RawPG(both_proxy.ports["postgresql"])
+    client.login()
+    client.query("CREATE TEMP TABLE big (t text)")
+    before = settle_rss(both_proxy)
+    client.send(pg.query("COPY big FROM STDIN"))
+    assert client.recv_message()[0] == "G"
+    row = b"x" * (200 * MB) + b"\n"
+    client.send(b"d" + (4 + len(row)).to_bytes(4, "big"))
+    client.sock.settimeout(120)
+    client.sock.sendall(row)
+    client.send(b"c\x00\x00\x00\x04")
+    replies = client.until("Z")
+    assert replies[0] == ("C", b"COPY 1\x00"), replies
+    del row
+    time.sleep(1.5)
+    assert both_proxy.rss() - before < 20 * MB
+
+
+def test_pg_large_query_after_login_leaves_memory_near_baseline(both_proxy: ProxyProcess) -> None:
+    """A Query is read whole before it is forwarded (its statement names may be rewritten); its buffers go after."""
+    conn = psycopg.connect(host="127.0.0.1", port=both_proxy.ports["postgresql"], user="app", password="app-secret",
+                           dbname="app", autocommit=True)
+    conn.execute("SELECT 1")
+    before = settle_rss(both_proxy)
+    literal = "x" * QUERY_SIZE
+    assert conn.execute("SELECT length('" + literal + "')").fetchone() == (QUERY_SIZE,)
+    del literal
+    time.sleep(1.5)
+    assert both_proxy.rss() - before < 20 * MB
+    conn.close()
