@@ -31,7 +31,7 @@ RETRY_MYSQL_ERRNOS = frozenset({1040, 1053, 1927})
 def connect_retryable(exc: BaseException) -> bool:
     """Whether a failed backend connect may work when tried again shortly (the server is away or restarting)."""
     if isinstance(exc, BackendUnavailable):
-        return True
+        return exc.transient
     if isinstance(exc, BackendError):
         return exc.sqlstate in RETRY_SQLSTATES or exc.mysql_errno in RETRY_MYSQL_ERRNOS
     return False
