@@ -49,8 +49,9 @@ def own_mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBIns
     server.stop()
 
 
-def kill9(pid: int) -> None:
+def kill9(pid: int | None) -> None:
     """SIGKILL a server process and everything it started, and wait until they are gone."""
+    assert pid, "the server is not running"
     root = psutil.Process(pid)
     victims = [root, *root.children(recursive=True)]
     for process in victims:
@@ -201,7 +202,7 @@ def pg_client(proxy: ProxyProcess, user: str = "app", password: str = "app-secre
 
 
 def restart_pg(pg: PostgresInstance) -> float:
-    kill9(pg.pid or 0)
+    kill9(pg.pid)
     time.sleep(1.0)
     pg.start()
     return time.monotonic()
@@ -246,7 +247,7 @@ def test_pg_waiting_and_new_clients_are_served_after_a_restart(tmp_path: Path, o
         waiting = pg_client(proxy, autocommit=True)
         assert idle.execute("SELECT 1").fetchone() == (1,)
         assert waiting.execute("SELECT 1").fetchone() == (1,)
-        kill9(own_pg.pid or 0)
+        kill9(own_pg.pid)
         results: dict[str, Any] = {}
 
         def ask(name: str, connect: Callable[[], Any]) -> None:
@@ -312,16 +313,35 @@ def test_pg_fast_shutdown_error_reaches_the_client_once(tmp_path: Path, own_pg: 
 # --- MariaDB ---
 
 
-def test_mariadb_kill9_and_restart_under_load(tmp_path: Path, own_mariadb: MariaDBInstance) -> None:
-    def connect() -> Any:
-        return pymysql.connect(host="127.0.0.1", port=proxy.ports["mysql"], user="app", password="app-secret",
-                               database="app", connect_timeout=10, read_timeout=60, autocommit=True)
+def my_proxy_for(folder: Path, mariadb: MariaDBInstance) -> contextlib.AbstractContextManager[ProxyProcess]:
+    return running_proxy(folder, mariadb=mariadb, mysql={"backend_connect_timeout": 3.0},
+                         mysql__pool={"max_connections": LIMIT, "connection_borrow_timeout": 30.0})
 
-    with running_proxy(tmp_path, mariadb=own_mariadb, mysql={"backend_connect_timeout": 3.0},
-                       mysql__pool={"max_connections": LIMIT, "connection_borrow_timeout": 30.0}) as proxy, \
-            Load(connect, my_transaction, my_count(own_mariadb)) as load:
+
+def my_client(proxy: ProxyProcess, user: str = "app", password: str = "app-secret") -> Any:
+    return pymysql.connect(host="127.0.0.1", port=proxy.ports["mysql"], user=user, password=password,
+                           database=user, connect_timeout=10, read_timeout=60, autocommit=True)
+
+
+def test_mariadb_refused_backend_logins_do_not_inflate_the_count(tmp_path: Path,
+                                                                 own_mariadb: MariaDBInstance) -> None:
+    with my_proxy_for(tmp_path, own_mariadb) as proxy:
+        for _ in range(12):  # the proxy's secret for bench is not the server's password
+            with pytest.raises(pymysql.err.OperationalError) as refused:
+                my_client(proxy, "bench", "bench-secret")
+            assert refused.value.args[0] == 1045
+        with Load(lambda: my_client(proxy), my_transaction, my_count(own_mariadb)) as load:
+            load.wait_served(time.monotonic(), 30)
+            time.sleep(3)
+        assert not load.wrong
+        assert max(load.samples) <= LIMIT, f"{max(load.samples)} backend connections for a limit of {LIMIT}"
+
+
+def test_mariadb_kill9_and_restart_under_load(tmp_path: Path, own_mariadb: MariaDBInstance) -> None:
+    with my_proxy_for(tmp_path, own_mariadb) as proxy, \
+            Load(lambda: my_client(proxy), my_transaction, my_count(own_mariadb)) as load:
         load.wait_served(time.monotonic(), 30)
-        kill9(own_mariadb.pid or 0)
+        kill9(own_mariadb.pid)
         time.sleep(1.0)
         own_mariadb.start()
         ready = time.monotonic()
