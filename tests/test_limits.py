@@ -13,7 +13,8 @@ import psycopg
 import pymysql
 import pytest
 
-from proxy.devservers import MariaDBInstance, PostgresInstance
+from proxy.auth.scram import MECHANISM, ScramClient
+from proxy.devservers import MariaDBInstance, PostgresInstance, free_port
 from proxy.protocol.mysql.packets import ErrPacket, SSLRequest, frame
 from proxy.protocol.pg import messages as pg
 from rawmysql import CAPS
@@ -85,6 +86,25 @@ def test_pg_oversize_startup_packet_is_refused_at_the_header(both_proxy: ProxyPr
     assert kind == "E" and pg.parse_error_fields(body)["C"] == "08P01"
     assert stream(client.sock, 300 * MB) < 300 * MB
     assert both_proxy.rss() - before < 20 * MB
+
+
+def test_pg_bytes_sent_ahead_during_login_are_not_buffered_without_bound(tmp_path: Path) -> None:
+    """While the proxy waits for the database during a login, a client streaming bytes is paused, not buffered."""
+    nowhere = {"enabled": True, "port": free_port(), "backend_port": free_port()}  # no database listens there
+    with running_proxy(tmp_path, postgresql=nowhere) as proxy:
+        before = settle_rss(proxy)
+        client = RawPG(proxy.ports["postgresql"])
+        client.send(pg.startup_message({"user": "app", "database": "app"}))
+        client.recv_message()  # AuthenticationSASL
+        scram = ScramClient(b"app-secret")
+        client.send(pg.sasl_initial_response(MECHANISM, scram.client_first()))
+        kind, body = client.recv_message()
+        client.send(pg.password_message(scram.client_final(body[4:])))
+        kind, body = client.recv_message()
+        assert kind == "R" and int.from_bytes(body[:4], "big") == pg.AUTH_SASL_FINAL
+        # the proxy now connects to a database that is not there (and retries); the client sends ahead
+        assert stream(client.sock, 300 * MB) < 300 * MB
+        assert proxy.rss() - before < 20 * MB
 
 
 def test_mysql_oversize_login_packet_is_refused_at_the_header(both_proxy: ProxyProcess) -> None:
