@@ -192,7 +192,7 @@ def my_count(mariadb: MariaDBInstance) -> Callable[[], int]:
 
 
 def pg_proxy_for(folder: Path, pg: PostgresInstance) -> contextlib.AbstractContextManager[ProxyProcess]:
-    return running_proxy(folder, pg, postgresql={"backend_connect_timeout": 3.0},
+    return running_proxy(folder, pg, server={"client_login_timeout": 30.0}, postgresql={"backend_connect_timeout": 3.0},
                          postgresql__pool={"max_connections": LIMIT, "connection_borrow_timeout": 30.0})
 
 
@@ -314,7 +314,8 @@ def test_pg_fast_shutdown_error_reaches_the_client_once(tmp_path: Path, own_pg: 
 
 
 def my_proxy_for(folder: Path, mariadb: MariaDBInstance) -> contextlib.AbstractContextManager[ProxyProcess]:
-    return running_proxy(folder, mariadb=mariadb, mysql={"backend_connect_timeout": 3.0},
+    return running_proxy(folder, mariadb=mariadb, server={"client_login_timeout": 30.0},
+                         mysql={"backend_connect_timeout": 3.0},
                          mysql__pool={"max_connections": LIMIT, "connection_borrow_timeout": 30.0})
 
 
