@@ -79,6 +79,10 @@ class BackendUnavailable(ProxyError):
     mysql_errno = 2013
     mysql_sqlstate = "HY000"
 
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient  # False: trying again soon will fail the same way (e.g. a certificate)
+
 
 class BackendUnreachable(BackendUnavailable):
     """No connection to the database could be opened (refused, unreachable, timed out)."""

@@ -13,14 +13,17 @@ import psycopg
 import pymysql
 import pytest
 
-from proxy.devservers import MariaDBInstance, PostgresInstance
-from proxy.protocol.mysql.packets import ErrPacket
+from proxy.auth.scram import MECHANISM, ScramClient
+from proxy.devservers import MariaDBInstance, PostgresInstance, free_port
+from proxy.protocol.mysql.packets import ErrPacket, SSLRequest, frame
 from proxy.protocol.pg import messages as pg
+from rawmysql import CAPS
 from rawmysql import RawClient as RawMySQL
 from rawpg import RawClient as RawPG
 from support import ProxyProcess, running_proxy
 
 MB = 1 << 20
+QUERY_SIZE = 32 * MB  # a whole Query held for inspection (raise to 200 MB once holding it costs linear time)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +86,25 @@ def test_pg_oversize_startup_packet_is_refused_at_the_header(both_proxy: ProxyPr
     assert kind == "E" and pg.parse_error_fields(body)["C"] == "08P01"
     assert stream(client.sock, 300 * MB) < 300 * MB
     assert both_proxy.rss() - before < 20 * MB
+
+
+def test_pg_bytes_sent_ahead_during_login_are_not_buffered_without_bound(tmp_path: Path) -> None:
+    """While the proxy waits for the database during a login, a client streaming bytes is paused, not buffered."""
+    nowhere = {"enabled": True, "port": free_port(), "backend_port": free_port()}  # no database listens there
+    with running_proxy(tmp_path, postgresql=nowhere) as proxy:
+        before = settle_rss(proxy)
+        client = RawPG(proxy.ports["postgresql"])
+        client.send(pg.startup_message({"user": "app", "database": "app"}))
+        client.recv_message()  # AuthenticationSASL
+        scram = ScramClient(b"app-secret")
+        client.send(pg.sasl_initial_response(MECHANISM, scram.client_first()))
+        kind, body = client.recv_message()
+        client.send(pg.password_message(scram.client_final(body[4:])))
+        kind, body = client.recv_message()
+        assert kind == "R" and int.from_bytes(body[:4], "big") == pg.AUTH_SASL_FINAL
+        # the proxy now connects to a database that is not there (and retries); the client sends ahead
+        assert stream(client.sock, 300 * MB) < 300 * MB
+        assert proxy.rss() - before < 20 * MB
 
 
 def test_mysql_oversize_login_packet_is_refused_at_the_header(both_proxy: ProxyProcess) -> None:
@@ -156,3 +178,75 @@ def test_pg_oversize_message_after_login_is_refused_at_the_header(tmp_path: Path
         assert kind == "E" and fields["C"] == "08P01" and "invalid message length" in fields["M"], fields
         assert stream(client.sock, 300 * MB) < 300 * MB
         assert proxy.rss() - before < 20 * MB
+
+
+# --- TLS ---
+
+
+def _lines_about(proxy: ProxyProcess, peer_port: int) -> list[str]:
+    time.sleep(0.5)
+    text = proxy.log()
+    return [line for line in text.splitlines() if f":{peer_port}" in line]
+
+
+def test_failed_tls_handshakes_log_one_warning_line(both_proxy: ProxyProcess) -> None:
+    client = RawPG(both_proxy.ports["postgresql"])
+    client.send(pg.ssl_request())
+    assert client.sock.recv(1) == b"S"
+    client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a TLS ClientHello
+    with pytest.raises(OSError):
+        while client.sock.recv(65536):
+            pass
+        raise ConnectionError("closed")
+    port = client.sock.getsockname()[1]
+    lines = _lines_about(both_proxy, port)
+    assert len(lines) == 1 and " WARNING " in lines[0] and "TLS handshake failed" in lines[0], lines
+
+    my_client = RawMySQL(both_proxy.ports["mysql"])
+    my_client.read_greeting()
+    my_client.send(frame(SSLRequest(CAPS).build(), 1))
+    my_client.send(b"\x16\x03\x01\x00\x05hello")  # a TLS record header with a broken handshake in it
+    with pytest.raises(OSError):
+        while my_client.sock.recv(65536):
+            pass
+        raise ConnectionError("closed")
+    port = my_client.sock.getsockname()[1]
+    lines = _lines_about(both_proxy, port)
+    assert len(lines) == 1 and " WARNING " in lines[0] and "TLS handshake failed" in lines[0], lines
+    assert "Traceback" not in both_proxy.log()
+
+
+# --- memory after large messages ---
+
+
+def test_pg_200mb_copy_data_message_after_login_leaves_memory_near_baseline(both_proxy: ProxyProcess) -> None:
+    client = RawPG(both_proxy.ports["postgresql"])
+    client.login()
+    client.query("CREATE TEMP TABLE big (t text)")
+    before = settle_rss(both_proxy)
+    client.send(pg.query("COPY big FROM STDIN"))
+    assert client.recv_message()[0] == "G"
+    row = b"x" * (200 * MB) + b"\n"
+    client.send(b"d" + (4 + len(row)).to_bytes(4, "big"))
+    client.sock.settimeout(120)
+    client.sock.sendall(row)
+    client.send(b"c\x00\x00\x00\x04")
+    replies = client.until("Z")
+    assert replies[0] == ("C", b"COPY 1\x00"), replies
+    del row
+    time.sleep(1.5)
+    assert both_proxy.rss() - before < 20 * MB
+
+
+def test_pg_large_query_after_login_leaves_memory_near_baseline(both_proxy: ProxyProcess) -> None:
+    """A Query is read whole before it is forwarded (its statement names may be rewritten); its buffers go after."""
+    conn = psycopg.connect(host="127.0.0.1", port=both_proxy.ports["postgresql"], user="app", password="app-secret",
+                           dbname="app", autocommit=True)
+    conn.execute("SELECT 1")
+    before = settle_rss(both_proxy)
+    literal = "x" * QUERY_SIZE
+    assert conn.execute("SELECT length('" + literal + "')").fetchone() == (QUERY_SIZE,)
+    del literal
+    time.sleep(1.5)
+    assert both_proxy.rss() - before < 20 * MB
+    conn.close()

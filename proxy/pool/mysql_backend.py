@@ -435,7 +435,7 @@ class MySQLBackend(BackendConnection):
                 await self.start_tls(tls, server_side=False, server_hostname=hostname)
                 caps |= my.CLIENT_SSL
             elif settings.backend_tls is not BackendTLSMode.PREFER:
-                raise BackendUnavailable("the backend does not accept TLS connections")
+                raise BackendUnavailable("the backend does not accept TLS connections", transient=False)
         self.capabilities = caps
         # OK packets carry session state info (stripped for clients without the capability)
         self.tracker.session_track = bool(caps & my.CLIENT_SESSION_TRACK)
@@ -572,7 +572,8 @@ async def open_backend(
         if isinstance(exc, TimeoutError):
             raise BackendUnavailable("timed out logging in to the database") from None
         if isinstance(exc, ConnectionClosed | OSError | ssl.SSLError):
-            raise BackendUnavailable(f"the database closed the connection during login: {exc}") from None
+            raise BackendUnavailable(f"the database closed the connection during login: {exc}",
+                                     transient=not isinstance(exc, ssl.SSLCertVerificationError)) from None
         raise
     return backend, greeting
 

@@ -213,7 +213,7 @@ class PostgresBackend(BackendConnection):
                 await self.start_tls(tls, server_side=False, server_hostname=hostname)
             elif answer == b"N":
                 if settings.backend_tls is not BackendTLSMode.PREFER:
-                    raise BackendUnavailable("the backend does not accept TLS connections")
+                    raise BackendUnavailable("the backend does not accept TLS connections", transient=False)
             else:
                 raise ProtocolViolation("unexpected answer to SSLRequest from the backend")
         secret = secrets.get(pool.user)
@@ -354,6 +354,7 @@ async def open_backend(
         if isinstance(exc, TimeoutError):
             raise BackendUnavailable("timed out logging in to the database") from None
         if isinstance(exc, ConnectionClosed | OSError | ssl.SSLError):
-            raise BackendUnavailable(f"the database closed the connection during login: {exc}") from None
+            raise BackendUnavailable(f"the database closed the connection during login: {exc}",
+                                     transient=not isinstance(exc, ssl.SSLCertVerificationError)) from None
         raise
     return backend

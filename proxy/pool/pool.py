@@ -31,7 +31,7 @@ RETRY_MYSQL_ERRNOS = frozenset({1040, 1053, 1927})
 def connect_retryable(exc: BaseException) -> bool:
     """Whether a failed backend connect may work when tried again shortly (the server is away or restarting)."""
     if isinstance(exc, BackendUnavailable):
-        return True
+        return exc.transient
     if isinstance(exc, BackendError):
         return exc.sqlstate in RETRY_SQLSTATES or exc.mysql_errno in RETRY_MYSQL_ERRNOS
     return False
@@ -62,7 +62,7 @@ class Target:
     # Every backend connection of this target the pools own (idle, lent out, being cleaned), and a placeholder
     # per connect in progress: the one place the open-connection count comes from. Adding and discarding are
     # idempotent, so a backend that leaves by two paths at once is still counted out once.
-    owned: set[object] = field(default_factory=set)
+    owned: set[object] = field(default_factory=set, repr=False)
     last_connect_failure: str = ""  # why the latest backend connect failed; empty once one succeeds
 
     @property

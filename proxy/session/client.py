@@ -62,4 +62,4 @@ class ClientConnection(Connection):
         reason = str(exc) or type(exc).__name__
         log.warning("client %s: TLS handshake failed: %s", self.peer, reason)
         self.abort()
-        return TLSHandshakeFailed(str(reason))
+        return TLSHandshakeFailed(reason)
