@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomysql
+import mysql.connector
 import pymysql
 import pytest
 
@@ -157,6 +158,27 @@ def test_connection_id_is_the_greeting_id(tmp_path: Path, mariadb_server: MariaD
         finally:
             for conn in clients:
                 conn.close()
+        # binary protocol: a prepared statement says the client's id on every backend it is prepared on
+        first = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["mysql"], user="app",
+                                        password="app-secret", database="app", autocommit=True)
+        second = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["mysql"], user="app",
+                                         password="app-secret", database="app", autocommit=True)
+        try:
+            cur = first.cursor(prepared=True)
+            other = second.cursor()
+            for n in range(4):
+                if n % 2:
+                    second.start_transaction()
+                    other.execute("SELECT 1")  # holds the backend `first` used last: it prepares on the other
+                    other.fetchall()
+                cur.execute("SELECT CONNECTION_ID(), %s", (n,))
+                assert cur.fetchall() == [(first.connection_id, n)]
+                assert cur.column_names == ("CONNECTION_ID()", "?")
+                if n % 2:
+                    second.commit()
+        finally:
+            first.close()
+            second.close()
 
 
 def _processlist(conn: pymysql.Connection) -> list[tuple[Any, ...]]:

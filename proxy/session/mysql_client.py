@@ -883,6 +883,12 @@ class MySQLClient(ClientConnection):
                 f"(current value: {limit})").build(self.capabilities))
         number = self._next_statement_id
         self._next_statement_id = number + 1 if number < 0xFFFFFFF0 else 1
+        query = inspection.query_effect
+        sent = sql
+        if query is not None and query.functions & ids.CONNECTION_ID:  # the statement, wherever it runs, says ours
+            rewritten = ids.substitute(sql, {ids.CONNECTION_ID: self.connection_id}, True)
+            if len(rewritten) < my.MAX_PACKET - 1:
+                sql = rewritten
         key = self.service.statement_key(self.schema, self._settings_fingerprint(), sql)
         stmt = ClientStatement(number, key, sql, self.schema,
                                prepared_effect(inspection.query_effect, backend.tracks_session_state))
@@ -892,6 +898,9 @@ class MySQLClient(ClientConnection):
         if closes:
             backend.transport.write(scan[start:pos] + closes)
             start = pos
+        if sql is not sent:
+            backend.transport.write(scan[start:pos] + frame(bytes((my.COM_STMT_PREPARE,)) + sql))
+            start = pos + 4 + length
         self._last_prepared = number
         if self._hold_next == 1:
             self._hold_next = 2
@@ -1381,8 +1390,10 @@ class MySQLClient(ClientConnection):
             self.idle_since = now
             return
         backend = self.backend
-        if backend is not None and (not backend.idle or self._skip or self._cont or self._infile or self._partial):
-            self.idle_since = now  # a command runs: the server waits, not the client
+        if (self._busy is not None or self._stalled or self._held
+                or (backend is not None and (not backend.idle or self._skip or self._cont or self._infile
+                                            or self._partial))):
+            self.idle_since = now  # a command waits or runs: the proxy or the server works, not the client
             return
         idle = now - self.idle_since
         wait_timeout = self._session_wait_timeout()
