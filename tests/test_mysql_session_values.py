@@ -15,7 +15,7 @@ import pymysql
 import pytest
 
 from proxy.devservers import MariaDBInstance
-from proxy.session.mysql_ids import is_proxy_id
+from proxy.session.mysql_ids import is_proxy_id, worker_of
 from support import ProxyProcess, running_proxy
 
 
@@ -259,3 +259,40 @@ def test_session_wait_timeout_closes_the_idle_client(tmp_path: Path, mariadb_ser
             assert 1.5 < time.monotonic() - started < 8
             assert one(plain, "SELECT 1") == (1,)
     assert "closed after 2 s of inactivity (its wait_timeout)" in proxy.log()
+
+
+def test_kill_with_a_thread_id_reaches_the_worker_that_owns_the_backend(tmp_path: Path,
+                                                                        mariadb_server: MariaDBInstance) -> None:
+    with running_proxy(tmp_path, mariadb=mariadb_server, server={"workers": 2}) as proxy:
+        with connect(proxy) as killer:
+            crossed = 0
+            for attempt in range(20):  # victims land on either worker; the killer on one of them
+                if crossed >= 2:
+                    break
+                with connect(proxy) as victim:
+                    marker = f"victim-{attempt}"
+                    outcome: list[Any] = []
+
+                    def run(conn: pymysql.Connection = victim, out: list[Any] = outcome, tag: str = marker) -> None:
+                        try:
+                            out.append(one(conn, f"SELECT SLEEP(10) /* {tag} */"))
+                        except pymysql.err.OperationalError as exc:
+                            out.append(exc.args[0])
+
+                    thread = threading.Thread(target=run)
+                    started = time.monotonic()
+                    thread.start()
+                    runaway = None
+                    while runaway is None and time.monotonic() - started < 5:
+                        for row in _processlist(killer):
+                            if marker in str(row[7]) and "PROCESSLIST" not in str(row[7]):
+                                runaway = int(row[0])
+                        time.sleep(0.05)
+                    assert runaway is not None
+                    with killer.cursor() as cursor:
+                        cursor.execute(f"KILL QUERY {runaway}")
+                    thread.join()
+                    assert time.monotonic() - started < 8
+                    assert outcome in ([(1,)], [1317]), outcome
+                    crossed += worker_of(victim.thread_id()) != worker_of(killer.thread_id())
+            assert crossed >= 1
