@@ -85,6 +85,10 @@ def test_last_insert_id_set_to_an_expression(tmp_path: Path, mariadb_server: Mar
     with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 2}) as proxy:
         with connect(proxy) as a, connect(proxy) as b:
             for n in range(3):
+                with a.cursor() as cur:
+                    cur.execute("INSERT INTO expr_ids (v) VALUES (1)")
+                with b.cursor() as cur:
+                    cur.execute("INSERT INTO expr_ids (v) VALUES (2)")  # the backend now has B's id, not A's
                 assert one(a, f"SELECT LAST_INSERT_ID({1000 + n})") == (1000 + n,)
                 with b.cursor() as cur:
                     cur.execute("INSERT INTO expr_ids (v) VALUES (2)")  # B's own id, on some backend

@@ -1164,6 +1164,8 @@ class MySQLClient(ClientConnection):
             self.last_insert_id = insert_id
             if INSERT_ID_EXPRESSION in self.pins:  # the value is known again
                 self._unpin(INSERT_ID_EXPRESSION, None)
+        elif INSERT_ID_EXPRESSION in self.pins:  # the value lives on this backend only: never set it there again
+            self.last_insert_id = backend.last_insert_id = -1
         if tracker.session_state is not None:
             self._state_reported(backend, tracker.session_state, query)
 
