@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import pymysql
 import pytest
 
 from proxy.devservers import MariaDBInstance
+from proxy.session import mysql_ids as ids
 from proxy.session.mysql_ids import is_proxy_id, worker_of
 from support import ProxyProcess, running_proxy
 
@@ -300,3 +302,38 @@ def test_kill_with_a_thread_id_reaches_the_worker_that_owns_the_backend(tmp_path
                     assert outcome in ([(1,)], [1317]), outcome
                     crossed += worker_of(victim.thread_id()) != worker_of(killer.thread_id())
             assert crossed >= 1
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (b"SELECT ROW_COUNT()", b"SELECT 5 AS `ROW_COUNT()`"),
+    (b"select distinct connection_id() from t", b"select distinct 1073741825 AS `connection_id()` from t"),
+    (b"SELECT FOUND_ROWS() AS total, 'ROW_COUNT()', `row_count()`", b"SELECT 3 AS total, 'ROW_COUNT()', `row_count()`"),
+    (b"SELECT IF(ROW_COUNT() > 0, 1, 0) /* ROW_COUNT() */", b"SELECT IF(5 > 0, 1, 0) /* ROW_COUNT() */"),
+    (b"INSERT INTO log VALUES (CONNECTION_ID(), ROW_COUNT())", b"INSERT INTO log VALUES (1073741825, 5)"),
+    (b"SELECT ROW_COUNT(); SELECT ROW_COUNT()", b"SELECT 5 AS `ROW_COUNT()`; SELECT ROW_COUNT()"),
+    (b"SELECT my_row_count(), x.found_rows", b"SELECT my_row_count(), x.found_rows"),
+])
+def test_session_functions_are_replaced_outside_quotes(text: bytes, expected: bytes) -> None:
+    values = {ids.CONNECTION_ID: 1073741825, ids.ROW_COUNT: 5, ids.FOUND_ROWS: 3}
+    assert ids.substitute(text, values, whole=b";" not in text) == expected
+
+
+def test_proxy_ids_stay_in_their_worker_and_apart_from_thread_ids() -> None:
+    for worker in (0, 1, 63):
+        first = ids.make_proxy_id(worker, 1)
+        wrapped = ids.make_proxy_id(worker, ids.COUNTER_MASK + 1)
+        last = ids.make_proxy_id(worker, ids.COUNTER_MASK)
+        assert wrapped == first and ids.worker_of(last) == worker and ids.worker_of(first) == worker
+        assert ids.is_proxy_id(first) and ids.is_proxy_id(last) and last < 2**31
+    assert not ids.is_proxy_id(583) and not ids.is_proxy_id(0)
+    counter = itertools.count(1)
+    taken = {ids.make_proxy_id(0, 1), ids.make_proxy_id(0, 2)}
+    assert ids.next_proxy_id(0, counter, taken) == ids.make_proxy_id(0, 3)
+
+
+@pytest.mark.parametrize(("body", "seconds"), [
+    (b"@@SESSION.wait_timeout=2", 2.0), (b"@@SESSION.wait_timeout = 30", 30.0),
+    (b"@@SESSION.wait_timeout=DEFAULT", None), (b"@@SESSION.wait_timeout=@@global.wait_timeout", None), (None, None),
+])
+def test_session_timeout_from_the_tracked_setting(body: bytes | None, seconds: float | None) -> None:
+    assert ids.session_timeout(body) == seconds
