@@ -14,6 +14,7 @@ import aiomysql
 import mysql.connector
 import pymysql
 import pytest
+from pymysql.constants import CLIENT
 
 from proxy.devservers import MariaDBInstance
 from proxy.session import mysql_ids as ids
@@ -250,7 +251,10 @@ def test_kill_with_a_processlist_thread_id(tmp_path: Path, mariadb_server: Maria
 
 def test_session_wait_timeout_closes_the_idle_client(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
     with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 2}) as proxy:
-        with connect(proxy) as sleepy, connect(proxy) as busy, connect(proxy) as plain:
+        with connect(proxy) as sleepy, connect(proxy) as busy, connect(proxy) as plain, \
+                connect(proxy, client_flag=CLIENT.INTERACTIVE) as interactive:
+            with interactive.cursor() as cur:  # as on the server: the session's wait_timeout is what counts
+                cur.execute("SET SESSION interactive_timeout = 1")
             with busy.cursor() as cur:
                 cur.execute("SET @@wait_timeout = 2")
                 cur.execute("SELECT SLEEP(3.5)")  # a long query is not idle time
@@ -264,6 +268,7 @@ def test_session_wait_timeout_closes_the_idle_client(tmp_path: Path, mariadb_ser
             assert sock.recv(100) == b""  # closed by the proxy, without a word (as MariaDB 10.11 does)
             assert 1.5 < time.monotonic() - started < 8
             assert one(plain, "SELECT 1") == (1,)
+            assert one(interactive, "SELECT 2") == (2,)
     assert "closed after 2 s of inactivity (its wait_timeout)" in proxy.log()
 
 
