@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 import threading
 import time
 from pathlib import Path
@@ -15,10 +16,14 @@ import mysql.connector
 import pymysql
 import pytest
 from pymysql.constants import CLIENT
+from test_mysql_session_state import Client, int_rows
 
 from proxy.devservers import MariaDBInstance
+from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.packets import frame
 from proxy.session import mysql_ids as ids
 from proxy.session.mysql_ids import is_proxy_id, worker_of
+from rawmysql import CAPS
 from support import ProxyProcess, running_proxy
 
 
@@ -146,6 +151,32 @@ def test_row_count_and_found_rows_are_the_clients_own(tmp_path: Path, mariadb_se
             assert column_names(a, "SELECT ROW_COUNT(), found_rows() AS total, CONNECTION_ID()") == [
                 "ROW_COUNT()", "total", "CONNECTION_ID()"]
             assert one(a, "SELECT 'ROW_COUNT()', `n` FROM counted WHERE n = 1") == ("ROW_COUNT()", 1)
+
+
+def test_prepared_row_count_pins_while_the_statement_is_open(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
+    """A prepared statement's text cannot carry the client's ROW_COUNT(): the client stays on its backend while it
+    has the statement open."""
+    mariadb_server.sql("CREATE TABLE IF NOT EXISTS app.counted_ps (n int); DELETE FROM app.counted_ps;"
+                       "INSERT INTO app.counted_ps VALUES (1), (2), (3), (4)")
+    with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 2}) as proxy:
+        raw = Client(proxy.ports["mysql"])
+        raw.login_with(CAPS)
+        statement, _ = raw.prepare("SELECT ROW_COUNT(), ? + 1")
+        other = Client(proxy.ports["mysql"])  # the same capabilities: the same pool
+        other.login_with(CAPS)
+        for n in range(3):
+            raw.command(b"\x03UPDATE counted_ps SET n = n + 10 WHERE n <= 3")
+            # another client, on the backend the raw client used last (the pool is LIFO): 1 row
+            other.command(b"\x03UPDATE counted_ps SET n = n + 100 WHERE n = 4")
+            other.command(b"\x03UPDATE counted_ps SET n = n - 100 WHERE n = 104")
+            assert int_rows(raw.execute(statement, [n], types=True)) == [(3, n + 1)]
+            assert int_rows(raw.execute(statement, [n], types=True)) == [(-1, n + 1)]
+            raw.command(b"\x03UPDATE counted_ps SET n = n - 10 WHERE n > 10")
+        other.close()
+        proxy.wait_for_log(r"pinned to .*: prepared ROW_COUNT\(\)/FOUND_ROWS\(\)")
+        raw.send(frame(struct.pack("<BI", my.COM_STMT_CLOSE, statement), 0))  # no response
+        proxy.wait_for_log(r"unpinned: prepared ROW_COUNT\(\)/FOUND_ROWS\(\) ended")
+        raw.close()
 
 
 def test_connection_id_is_the_greeting_id(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:

@@ -78,6 +78,7 @@ from proxy.session.mysql_inspect import (
     KILL,
     NO_NAME,
     PREPARE,
+    PREPARED_ROW_COUNT,
     QUERY,
     QUIT,
     RESET,
@@ -761,6 +762,8 @@ class MySQLClient(ClientConnection):
             stop = pos + 4 + length
             if stmt is not None:
                 del self.statements[number]
+                if PREPARED_ROW_COUNT in self.pins:
+                    self._unpin(PREPARED_ROW_COUNT, frozenset((b"%d" % number,)))
                 if backend is not None and (stmt.cursor or stmt.long_data):
                     self._reset_on_backend(backend, stmt)
             return stop, stop
@@ -1180,6 +1183,9 @@ class MySQLClient(ClientConnection):
         stmt.columns = ok.num_columns
         self.statements[stmt.statement_id] = stmt
         statements.add(stmt.key, ok.statement_id)
+        if stmt.effect is not None and stmt.effect.functions & (ids.ROW_COUNT | ids.FOUND_ROWS):
+            self._pin(backend, PREPARED_ROW_COUNT, frozenset((b"%d" % stmt.statement_id,)),
+                      "a prepared statement reads ROW_COUNT() or FOUND_ROWS()")
 
     def _prepared_here(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
         """The proxy's prepare of a client's statement on this backend is answered; the client may go on."""
