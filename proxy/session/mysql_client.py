@@ -1056,7 +1056,7 @@ class MySQLClient(ClientConnection):
         self.settings = {}
         self._settings_key = None
         self.user_vars = {}
-        self.last_insert_id = 0
+        self.last_insert_id = self.row_count = 0  # (FOUND_ROWS() survives a reset on the server too)
         self.cursors = self.long_data = self._hold_next = 0
         self.autocommit = self._default_autocommit
 
