@@ -404,7 +404,7 @@ def test_parameter_types_follow_the_statement_to_another_backend(tmp_path: Path,
     with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 2}) as proxy:
         raw = Client(proxy.ports["mysql"])
         raw.login_with(CAPS)
-        statement, params = raw.prepare("SELECT ? + 1, CAST(CONNECTION_ID() AS SIGNED)")
+        statement, params = raw.prepare("SELECT ? + 1, CAST(@@pseudo_thread_id AS SIGNED)")
         assert (statement, params) == (1, 1)  # the proxy's own statement ids
         [(value, first)] = int_rows(raw.execute(statement, [41], types=True))
         assert value == 42

@@ -85,6 +85,7 @@ from proxy.session.mysql_inspect import (
     KILL,
     NO_NAME,
     PREPARE,
+    PREPARED_ROW_COUNT,
     QUERY,
     QUIT,
     RESET,
@@ -855,6 +856,8 @@ class MySQLClient(ClientConnection):
             stop = pos + 4 + length
             if stmt is not None:
                 del self.statements[number]
+                if PREPARED_ROW_COUNT in self.pins:
+                    self._unpin(PREPARED_ROW_COUNT, frozenset((b"%d" % number,)))
                 if backend is not None and (stmt.cursor or stmt.long_data):
                     self._reset_on_backend(backend, stmt)
             return stop, stop
@@ -977,6 +980,12 @@ class MySQLClient(ClientConnection):
                 f"(current value: {limit})").build(self.capabilities))
         number = self._next_statement_id
         self._next_statement_id = number + 1 if number < 0xFFFFFFF0 else 1
+        query = inspection.query_effect
+        sent = sql
+        if query is not None and query.functions & ids.CONNECTION_ID:  # the statement, wherever it runs, says ours
+            rewritten = ids.substitute(sql, {ids.CONNECTION_ID: self.connection_id}, True)
+            if len(rewritten) < my.MAX_PACKET - 1:
+                sql = rewritten
         key = self.service.statement_key(self.schema, self._settings_fingerprint(), sql)
         stmt = ClientStatement(number, key, sql, self.schema,
                                prepared_effect(inspection.query_effect, backend.tracks_session_state))
@@ -986,6 +995,9 @@ class MySQLClient(ClientConnection):
         if closes:
             backend.transport.write(scan[start:pos] + closes)
             start = pos
+        if sql is not sent:
+            backend.transport.write(scan[start:pos] + frame(bytes((my.COM_STMT_PREPARE,)) + sql))
+            start = pos + 4 + length
         self._last_prepared = number
         if self._hold_next == 1:
             self._hold_next = 2
@@ -1138,7 +1150,7 @@ class MySQLClient(ClientConnection):
         self.settings = {}
         self._settings_key = None
         self.user_vars = {}
-        self.last_insert_id = 0
+        self.last_insert_id = self.row_count = 0  # (FOUND_ROWS() survives a reset on the server too)
         self.cursors = self.long_data = self._hold_next = 0
         self.autocommit = self._default_autocommit
 
@@ -1249,6 +1261,8 @@ class MySQLClient(ClientConnection):
             self.last_insert_id = insert_id
             if INSERT_ID_EXPRESSION in self.pins:  # the value is known again
                 self._unpin(INSERT_ID_EXPRESSION, None)
+        elif INSERT_ID_EXPRESSION in self.pins:  # the value lives on this backend only: never set it there again
+            self.last_insert_id = backend.last_insert_id = -1
         if tracker.session_state is not None:
             self._state_reported(backend, tracker.session_state, query)
 
@@ -1263,6 +1277,9 @@ class MySQLClient(ClientConnection):
         stmt.columns = ok.num_columns
         self.statements[stmt.statement_id] = stmt
         statements.add(stmt.key, ok.statement_id)
+        if stmt.effect is not None and stmt.effect.functions & (ids.ROW_COUNT | ids.FOUND_ROWS):
+            self._pin(backend, PREPARED_ROW_COUNT, frozenset((b"%d" % stmt.statement_id,)),
+                      "a prepared statement reads ROW_COUNT() or FOUND_ROWS()")
 
     def _prepared_here(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
         """The proxy's prepare of a client's statement on this backend is answered; the client may go on."""
@@ -1480,8 +1497,10 @@ class MySQLClient(ClientConnection):
             self.idle_since = now
             return
         backend = self.backend
-        if backend is not None and (not backend.idle or self._skip or self._cont or self._infile or self._partial):
-            self.idle_since = now  # a command runs: the server waits, not the client
+        if (self._busy is not None or self._stalled or self._held
+                or (backend is not None and (not backend.idle or self._skip or self._cont or self._infile
+                                            or self._partial))):
+            self.idle_since = now  # a command waits or runs: the proxy or the server works, not the client
             return
         idle = now - self.idle_since
         wait_timeout = self._session_wait_timeout()

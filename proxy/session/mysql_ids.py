@@ -5,7 +5,10 @@ Connection ids. The proxy greets each client with an id of its own, in a range M
 reach in practice: PROXY_ID_BASE + (worker << 24) + a per-worker counter (1 .. 2**24 - 1). So a number in
 KILL says what it names: a proxy id is a client of this proxy (in the worker its bits name); any other number
 is a server thread id, as SHOW PROCESSLIST shows them, acted on only if it is one of this proxy's backend
-connections.
+connections (KILL QUERY: the statement that backend runs; KILL: also the client it serves is closed and the
+connection dropped), in whichever worker owns it; else 1094 Unknown thread id. SHOW PROCESSLIST and
+information_schema.PROCESSLIST are the server's: they list backend connections (Id: the server thread id, User:
+the pool's user, Host: the proxy's address, Info: the statement a client runs on it now), not the proxy's clients.
 
 Session functions. CONNECTION_ID(), ROW_COUNT() and FOUND_ROWS() read per-connection values of the server. With
 backends shared between clients, the backend that runs a statement is not the one that ran the client's previous
@@ -27,7 +30,7 @@ PROXY_ID_END = PROXY_ID_BASE + (64 << WORKER_SHIFT)  # workers <= 64 (config)
 # function flags (QueryEffect.functions)
 CONNECTION_ID, ROW_COUNT, FOUND_ROWS = 1, 2, 4
 FUNCTION_FLAGS = {b"connection_id": CONNECTION_ID, b"row_count": ROW_COUNT, b"found_rows": FOUND_ROWS}
-# Words the inspector's fast first look must catch (all start with an underscore-joined name).
+# Calls of them (the inspector's ATTENTION pattern catches their `_id(`, `_count(`, `_rows(` first).
 FUNCTION_CALL = re.compile(rb"\b(connection_id|row_count|found_rows)\s*\(\s*\)", re.I)
 
 # What may stand around a call: quoted text and comments (skipped), parentheses (nesting), the call itself.

@@ -37,9 +37,11 @@ USE_STATEMENT: Final = "USE statement"
 STATE_CHANGE: Final = "session state change"
 EXECUTABLE_COMMENT: Final = "executable comment"
 INSERT_ID_EXPRESSION: Final = "LAST_INSERT_ID(expr)"  # set to a value no OK packet told (until an insert does)
+# a prepared statement reads ROW_COUNT() / FOUND_ROWS() (its text cannot carry the client's values): while it is open
+PREPARED_ROW_COUNT: Final = "prepared ROW_COUNT()/FOUND_ROWS()"
 PIN_REASONS: Final = (TEMPORARY_TABLE, TABLE_LOCK, GLOBAL_READ_LOCK, NAMED_LOCK, SQL_PREPARE, HANDLER, XA_TRANSACTION,
                       FOUND_ROWS, USER_VARIABLE, SET_STATEMENT, USE_STATEMENT, STATE_CHANGE, EXECUTABLE_COMMENT,
-                      INSERT_ID_EXPRESSION)
+                      INSERT_ID_EXPRESSION, PREPARED_ROW_COUNT)
 ANY: Final = b"*"  # the names a pin holds are unknown: only the statement ending them all (or a reset) ends it
 NO_NAME: Final = b""
 
