@@ -14,7 +14,7 @@ from loadtest.big_query import MB, bystander, measure
 from proxy.devservers import PostgresInstance
 from proxy.protocol.pg import messages as pg
 from rawpg import RawClient
-from support import backend_connections, running_proxy
+from support import ProxyProcess, backend_connections, running_proxy
 
 POOL_OF_ONE = {"max_connections": 1, "connection_borrow_timeout": 5.0}
 
@@ -234,3 +234,18 @@ def test_256mb_query_is_cheaper_for_the_proxy_than_for_the_server(tmp_path: Path
         assert round_trips[len(round_trips) * 99 // 100] < 0.05, round_trips[-10:]
         assert round_trips[-1] < 0.25, round_trips[-10:]
         assert psutil.Process(proxy.pid).memory_info().rss < 200 * MB  # streamed, not gathered whole
+
+
+def test_stray_copy_data_without_a_backend_is_dropped_as_it_arrives(pg_proxy: ProxyProcess) -> None:
+    client = RawClient(pg_proxy.ports["postgresql"], timeout=30)
+    client.login()
+    baseline = pg_proxy.rss()
+    size = 128 * MB
+    client.send(b"d" + (size + 4).to_bytes(4, "big"))
+    block = b"y" * (1 << 20)
+    peak = baseline
+    for _ in range(size // len(block)):
+        client.send(block)
+        peak = max(peak, pg_proxy.rss())
+    assert answer_of(client.query("SELECT 'after'")) == [b"after"]  # a CopyData outside COPY is ignored
+    assert peak - baseline < 32 * MB, (baseline, peak)

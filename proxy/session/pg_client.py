@@ -171,6 +171,7 @@ class PostgresClient(ClientConnection):
         self._scanning = False  # the bytes being skipped are a streamed Query's text, scanned for session words
         self._scan_tail = b""  # the end of the previous part of that text
         self._yielding = False  # reading paused until the event loop's next turn
+        self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
         self._task: asyncio.Task[None] | None = None
         self.peer = "?"
 
@@ -222,9 +223,13 @@ class PostgresClient(ClientConnection):
             backend.unlink()
             self._return_after_client(backend)
 
+    def _mid_message_on_backend(self) -> bool:
+        """Part of a message has reached the linked backend (or is held for it) and the rest has not come."""
+        return bool(self._skip or self._partial or self._message is not None)
+
     def mid_message(self) -> bool:
         """The client has sent part of a message and not the rest."""
-        if self._skip or self._partial or self._message is not None:
+        if self._mid_message_on_backend() or self._dropping:
             return True
         return self.backend is None and bool(self._held) and self._acquiring is None and not self._queued
 
@@ -236,9 +241,10 @@ class PostgresClient(ClientConnection):
         which must never come from another client)."""
         pool = backend.pool
         running = self.pending > 0 or bool(backend.expect)
-        if running or backend.closed or self.mid_message() or not backend.at_boundary:
+        mid_message = self._mid_message_on_backend()
+        if running or backend.closed or mid_message or not backend.at_boundary:
             if not backend.closed:
-                if self.mid_message():
+                if mid_message:
                     log.warning("client %s left in the middle of a message; closing %s (never reused)",
                                 self.peer, backend)
                 else:
@@ -746,6 +752,10 @@ class PostgresClient(ClientConnection):
     def _dispatch_unlinked(self) -> None:
         """With no backend: answer what needs none (Sync, Flush, Terminate, stray COPY data), else borrow one."""
         held = self._held
+        if self._dropping:
+            dropped = min(self._dropping, len(held))
+            del held[:dropped]
+            self._dropping -= dropped
         while len(held) >= 5:
             kind = held[0]
             action = ACTION[kind]
@@ -761,6 +771,9 @@ class PostgresClient(ClientConnection):
                 return
             if action == COPY or kind == ord("H") or (action == SYNC and not self.in_extended):
                 if len(held) < length + 1:
+                    if action == COPY:  # dropped as it arrives, never gathered
+                        self._dropping = length + 1 - len(held)
+                        held.clear()
                     return
                 del held[: length + 1]
                 if action == SYNC:
