@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 
 from loadtest.big_query import MB, bystander, measure
@@ -162,6 +163,32 @@ def test_internal_wait_on_a_backend_has_a_deadline(tmp_path: Path, pg_server: Po
             time.sleep(0.1)
         assert pg_server.psql(
             "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)'").strip() == "0"
+
+
+def test_settings_read_back_has_a_deadline(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """The read-back after a SET waits on a catalog another session locks: past the deadline the client gets an
+    error, the backend is closed and the slot is free again."""
+    with running_proxy(tmp_path, pg_server, postgresql__pool={
+        "max_connections": 1, "connection_borrow_timeout": 10.0, "internal_query_timeout": 1.0,
+    }) as proxy:
+        port = proxy.ports["postgresql"]
+        client = RawClient(port)
+        client.login()
+        client.query("SELECT 1")  # the pool's backend is open and warm
+        with psycopg.connect(pg_server.dsn("postgres", db="app"), autocommit=True) as locker:
+            locker.execute("BEGIN")
+            locker.execute("LOCK TABLE pg_catalog.pg_class IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            client.send(pg.query("SET application_name = 'read back'"))
+            fields = client.error()
+            assert time.monotonic() - started < 5
+            assert fields["C"] == "08006" and "did not answer within 1 s" in fields["M"], fields
+            locker.execute("ROLLBACK")
+        proxy.wait_for_log(r"did not answer within")
+        other = RawClient(port)
+        other.login()
+        assert answer_of(other.query("SELECT 'slot is free'")) == [b"slot is free"]
+        other.close()
 
 
 @pytest.mark.parametrize("partial", [b"Q" + (100).to_bytes(4, "big") + b"SELECT", b"Q\x00", b"d\x00\x00\x00\x20ab"])

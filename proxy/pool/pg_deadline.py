@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from proxy.errors import BackendUnavailable
@@ -48,7 +48,7 @@ def cancel_in_background(backend: PostgresBackend) -> None:
 
 def internal_deadline(
     method: Callable[Concatenate[PostgresBackend, P], Coroutine[Any, Any, R]],
-) -> Callable[Concatenate[PostgresBackend, P], Awaitable[R]]:
+) -> Callable[Concatenate[PostgresBackend, P], Coroutine[Any, Any, R]]:
     """Bound a backend coroutine by the pool's internal_query_timeout: past it the backend is closed
     (and what it runs cancelled), and BackendUnavailable is raised, so its slot comes free."""
 
