@@ -54,6 +54,9 @@ class ServerSettings(Strict):
     log_format: str = Field("text", pattern="^(text|json)$")
     client_login_timeout: float = Field(15.0, gt=0, description="seconds a client has to finish its login")
     idle_client_timeout: float = Field(1800.0, gt=0, description="RDS Proxy IdleClientTimeout, seconds")
+    client_message_timeout: float = Field(
+        10.0, gt=0, description="seconds a client may stop in the middle of a message before it is disconnected"
+    )
     max_client_connections: int = Field(100_000, gt=0)
     max_message_size: int = Field(
         1 << 30, gt=1024, description="largest single protocol message accepted from a client, bytes"
@@ -101,6 +104,10 @@ class PoolSettings(Strict):
         256, ge=1, description="prepared statements kept per backend connection (LRU); clients' own are unlimited"
     )
     reserved_connections: int = Field(3, ge=0, description="backend slots left free when sizing by percent")
+    internal_query_timeout: float = Field(
+        10.0, gt=0, description="seconds the proxy waits on a backend for its own work (session read-back, "
+        "settings, reset, cleanup after a client) before it closes that backend"
+    )
 
     @field_validator("max_connections", "max_idle_connections")
     @classmethod

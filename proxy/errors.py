@@ -56,6 +56,12 @@ class IdleClientTimeout(ProxyError):
     mysql_sqlstate = "HY000"
 
 
+class ClientMessageTimeout(ProtocolViolation):
+    """The client stopped in the middle of a message for longer than the client message timeout."""
+
+    mysql_errno = 1159  # ER_NET_READ_INTERRUPTED
+
+
 class BorrowTimeout(ProxyError):
     """No backend connection became free within the connection borrow timeout."""
 

@@ -14,6 +14,7 @@ from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection
+from proxy.pool.pg_deadline import internal_deadline
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import ENDS, FORWARD, INJECT, SKIPS_TO_SYNC, SWALLOW, SYNC, Expectation
 
@@ -74,6 +75,11 @@ class PostgresBackend(BackendConnection):
         if self.peer_paused_us:
             self.peer_paused_us = False
             self.transport.resume_reading()
+
+    @property
+    def at_boundary(self) -> bool:
+        """What the server sent so far ends at a message boundary (nothing half-passed to a client)."""
+        return not self._skip and not self._partial
 
     # --- the hot path: server -> client ---
 
@@ -287,6 +293,7 @@ class PostgresBackend(BackendConnection):
 
     # --- internal queries (never while linked) ---
 
+    @internal_deadline
     async def simple_query(self, sql: str) -> list[list[str | None]]:
         """Run SQL the proxy itself needs; returns text rows, raises BackendError on an ErrorResponse.
 

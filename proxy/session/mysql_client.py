@@ -23,6 +23,7 @@ from proxy.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
     BackendUnavailable,
+    ClientMessageTimeout,
     IdleClientTimeout,
     LoginTimeout,
     NotSupported,
@@ -1495,6 +1496,11 @@ class MySQLClient(ClientConnection):
         if self.active or self.state is not State.READY:
             self.active = False
             self.idle_since = now
+            return
+        message_timeout = self.service.server.client_message_timeout
+        if now - self.idle_since > message_timeout and (self._skip or self._cont or self._partial or self._drop):
+            self.fail(ClientMessageTimeout(f"Got timeout reading communication packets: the client stopped in the "
+                                           f"middle of a packet for more than {message_timeout:g} s"))
             return
         backend = self.backend
         if (self._busy is not None or self._stalled or self._held

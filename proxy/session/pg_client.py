@@ -18,6 +18,7 @@ from proxy.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
     BackendUnavailable,
+    ClientMessageTimeout,
     IdleClientTimeout,
     LoginTimeout,
     ProtocolViolation,
@@ -25,6 +26,7 @@ from proxy.errors import (
 )
 from proxy.netio import Connection, ConnectionClosed
 from proxy.pool.pg_backend import PostgresBackend
+from proxy.pool.pg_deadline import cancel_in_background, expire
 from proxy.pool.pool import Backend, Pool
 from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
@@ -84,6 +86,21 @@ FIXED_PARAMETERS = pg.READ_ONLY_PARAMETERS
 STARTUP_ONLY = frozenset({"user", "database", "options", "replication"})
 SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 HELD_LIMIT = 256 * 1024
+
+# A Query at least this long that arrives in parts streams through (scanned for SESSION_WORDS as it passes)
+# instead of being held whole; other inspected messages are gathered in a growing buffer.
+STREAM_QUERY_MIN = 256 * 1024
+# Session words found in a streamed Query: the text lowercased, non-word bytes made spaces, then this pattern
+# (a leading literal lets the regex engine skip fast). Derived from SESSION_WORDS so the two cannot drift.
+WORD_BYTES = bytes(
+    c + 32 if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122 or c == 95) else 32 for c in range(256)
+)
+_WORDS_BODY = SESSION_WORDS.pattern.removeprefix(rb"(?i)\b")
+STREAMED_WORDS = re.compile(rb" " + _WORDS_BODY) if SESSION_WORDS.pattern != _WORDS_BODY else SESSION_WORDS
+SCAN_OVERLAP = 32  # bytes of one part kept to find a word cut by the next part
+# After a read this large, the client's next read waits for the event loop's next turn, so that a client
+# streaming a huge message takes one read per turn and every other connection gets its turn in between.
+TURN_BYTES = 128 * 1024
 
 
 class State(IntEnum):
@@ -157,8 +174,14 @@ class PostgresClient(ClientConnection):
         self._queued = False  # waiting in the pool's line for a backend
         self.waiting_since = 0.0
         self._borrowing = False
-        self._skip = 0
-        self._partial = b""
+        self._skip = 0  # bytes of the current message still to pass before the next header
+        self._partial = b""  # an incomplete header (under 5 bytes) carried to the next read
+        self._message: bytearray | None = None  # an inspected message arriving in parts, gathered
+        self._message_size = 0  # its full size
+        self._scanning = False  # the bytes being skipped are a streamed Query's text, scanned for session words
+        self._scan_tail = b""  # the end of the previous part of that text
+        self._yielding = False  # reading paused until the event loop's next turn
+        self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
         self._task: asyncio.Task[None] | None = None
         self.peer = "?"
 
@@ -206,22 +229,41 @@ class PostgresClient(ClientConnection):
             self._task.cancel()  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
         if self._acquiring is not None and self._borrowing:
             self._acquiring.cancel()
-        if self._partial or self._skip:
-            log.warning("client %s left in the middle of a message; the partial message was dropped", self.peer)
         backend = self.backend
         if backend is not None:
             self.backend = None
             backend.unlink()
             self._return_after_client(backend)
 
+    def _mid_message_on_backend(self) -> bool:
+        """Part of a message has reached the linked backend (or is held for it) and the rest has not come."""
+        return bool(self._skip or self._partial or self._message is not None)
+
+    def mid_message(self) -> bool:
+        """The client has sent part of a message and not the rest."""
+        if self._mid_message_on_backend() or self._dropping:
+            return True
+        return self.backend is None and bool(self._held) and self._acquiring is None and not self._queued
+
     def _return_after_client(self, backend: PostgresBackend) -> None:
-        """Give a backend back after its client left: clean at once, cleaned up first, or dropped."""
+        """Give a backend back after its client left: clean at once, cleaned up first, or dropped.
+
+        A backend is reused only when the server is known to be at a message boundary both ways and idle:
+        a client that left in the middle of a message costs its backend (the server still waits for the rest,
+        which must never come from another client)."""
         pool = backend.pool
-        if self.pending > 0 or backend.closed:
-            if not backend.closed:  # a query is still running: stop it, and do not trust the connection
-                log.warning("client %s left while a query was running; cancelling it and dropping %s",
-                            self.peer, backend)
-                self.loop.create_task(self.service.cancel_backend(backend))
+        running = self.pending > 0 or bool(backend.expect)
+        mid_message = self._mid_message_on_backend()
+        if running or backend.closed or mid_message or not backend.at_boundary:
+            if not backend.closed:
+                if mid_message:
+                    log.warning("client %s left in the middle of a message; closing %s (never reused)",
+                                self.peer, backend)
+                else:
+                    log.warning("client %s left while a query was running; cancelling it and dropping %s",
+                                self.peer, backend)
+                if running:
+                    cancel_in_background(backend)
             pool.discard(backend)
             return
         if self.pins and not pool.session_mode:  # LISTEN, temporary tables, locks...: no other client may inherit
@@ -239,17 +281,23 @@ class PostgresClient(ClientConnection):
 
     async def _clean_up(self, backend: PostgresBackend) -> None:
         pool = backend.pool
+        timeout = pool.settings.internal_query_timeout
         try:
-            if self.in_extended:
-                backend.write(pg.message(b"S"))
-                while (await backend.read_typed())[0] != ord("Z"):
-                    pass
-            if backend.tx_status != pg.IDLE or self.in_extended:
-                await backend.simple_query("ROLLBACK")
-            if pool.session_mode and pool.settings.reset_query:
-                await backend.simple_query(pool.settings.reset_query)
-                backend.params = dict(pool.server_params)
-                backend.params_changed()
+            async with asyncio.timeout(timeout):  # each query has this deadline too; this bounds the whole
+                if self.in_extended:
+                    backend.write(pg.message(b"S"))
+                    while (await backend.read_typed())[0] != ord("Z"):
+                        pass
+                if backend.tx_status != pg.IDLE or self.in_extended:
+                    await backend.simple_query("ROLLBACK")
+                if pool.session_mode and pool.settings.reset_query:
+                    await backend.simple_query(pool.settings.reset_query)
+                    backend.params = dict(pool.server_params)
+                    backend.params_changed()
+        except TimeoutError:
+            expire(backend, timeout)
+            pool.discard(backend)
+            return
         except (ProxyError, ConnectionClosed, OSError) as exc:
             log.info("backend %s could not be cleaned after its client left (%s); dropping it", backend, exc)
             pool.discard(backend)
@@ -469,18 +517,44 @@ class PostgresClient(ClientConnection):
                 self.transport.pause_reading()
             return
         self._forward(data, backend)
+        if len(data) >= TURN_BYTES and not self._yielding and not self.peer_paused_us and not self.closed:
+            self._yielding = True
+            self.transport.pause_reading()
+            self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._yielding = False
+        if not self.peer_paused_us and not self.closed:
+            self.transport.resume_reading()
 
     def _forward(self, data: bytes, backend: PostgresBackend) -> None:
+        message = self._message
+        if message is not None:  # an inspected message arriving in parts: it grows in place, never re-copied
+            missing = self._message_size - len(message)
+            if len(data) < missing:
+                message += data
+                return
+            message += memoryview(data)[:missing]
+            self._message = None
+            self._forward(bytes(message), backend)
+            if len(data) > missing and not self.closed:
+                self.data_received(data[missing:])  # the backend may have gone back to the pool meanwhile
+            return
         scan = self._partial + data if self._partial else data
         self._partial = b""
         end = len(scan)
         pos = self._skip
+        self._skip = 0
+        if pos and self._scanning:
+            self._scan_streamed_query(scan if pos >= end else scan[:pos], first=False)
+            self._scanning = pos > end
         limit = self.max_message
         action_of = ACTION
         expect = backend.expect
         pieces: list[bytes] | None = None  # set once a message is rewritten or dropped
         run_start = 0
         hold = end
+        gather = 0  # size of an inspected message that starts at `hold` and is not complete yet
         while pos < end:
             if end - pos < 5:
                 hold = pos
@@ -494,16 +568,20 @@ class PostgresClient(ClientConnection):
                 self.fail(ProtocolViolation(f"invalid message length {length} for message type {chr(kind)!r}"))
                 return
             if action == INSPECTED:
-                if end - pos < 1 + length:
+                if end - pos >= 1 + length:
+                    replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
+                    if replacement is not None:
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(scan[run_start:pos])
+                        pieces.append(replacement)
+                        run_start = pos + 1 + length
+                elif kind == QUERY_BYTE and length >= STREAM_QUERY_MIN:
+                    self._stream_query(scan[pos + 5 : end], backend)  # passes through like COPY data
+                else:
                     hold = pos  # whole message needed: names may be rewritten
+                    gather = 1 + length
                     break
-                replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
-                if replacement is not None:
-                    if pieces is None:
-                        pieces = []
-                    pieces.append(scan[run_start:pos])
-                    pieces.append(replacement)
-                    run_start = pos + 1 + length
             elif action == SYNC:
                 self.pending += 1
                 self.in_extended = False
@@ -523,16 +601,34 @@ class PostgresClient(ClientConnection):
             pos += 1 + length
         if pos > end:
             self._skip = pos - end
-        else:
-            self._skip = 0
         if hold < end:
-            self._partial = scan[hold:]
+            if gather:
+                self._message = bytearray(memoryview(scan)[hold:])
+                self._message_size = gather
+            else:
+                self._partial = scan[hold:]
         if pieces is None:
             backend.transport.write(scan if hold == end else scan[:hold])
         else:
             self._write_pieces(backend, pieces, scan, run_start, hold)
         if self.pending == 0:
             self._release_if_done(backend)
+
+    def _stream_query(self, head: bytes, backend: PostgresBackend) -> None:
+        """A large Query passes through as it arrives; only its text is scanned for session words on the way."""
+        self.pending += 1
+        backend.expect.append(EXPECT_QUERY)
+        self._scanning = True
+        self._scan_streamed_query(head, first=True)
+
+    def _scan_streamed_query(self, part: bytes, first: bool) -> None:
+        """Note session words in one part of a streamed Query's text (with the end of the previous part)."""
+        window = b";" + part if first else self._scan_tail + part
+        self._scan_tail = window[-SCAN_OVERLAP:]
+        if STREAMED_WORDS.search(window.translate(WORD_BYTES)) is None:
+            return
+        # The first part starts the text (LOAD is only recognised there); later ones are joined after a `;`.
+        self._note_session_words(window[1:] if first else b";" + window)
 
     @staticmethod
     def _write_pieces(backend: PostgresBackend, pieces: list[bytes] | None, scan: bytes, start: int,
@@ -676,6 +772,10 @@ class PostgresClient(ClientConnection):
     def _dispatch_unlinked(self) -> None:
         """With no backend: answer what needs none (Sync, Flush, Terminate, stray COPY data), else borrow one."""
         held = self._held
+        if self._dropping:
+            dropped = min(self._dropping, len(held))
+            del held[:dropped]
+            self._dropping -= dropped
         while len(held) >= 5:
             kind = held[0]
             action = ACTION[kind]
@@ -691,6 +791,9 @@ class PostgresClient(ClientConnection):
                 return
             if action == COPY or kind == ord("H") or (action == SYNC and not self.in_extended):
                 if len(held) < length + 1:
+                    if action == COPY:  # dropped as it arrives, never gathered
+                        self._dropping = length + 1 - len(held)
+                        held.clear()
                     return
                 del held[: length + 1]
                 if action == SYNC:
@@ -790,7 +893,8 @@ class PostgresClient(ClientConnection):
 
     def _release_if_done(self, backend: PostgresBackend) -> None:
         """Transaction mode: back to the pool once nothing is running, pending or half-sent."""
-        if self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial or backend.expect:
+        if (self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial or backend.expect
+                or self._message is not None or not backend.at_boundary):
             return
         self.pending = 0
         pool = backend.pool
@@ -882,6 +986,11 @@ class PostgresClient(ClientConnection):
         if self.active or self.state is not State.READY:
             self.active = False
             self.idle_since = now
+            return
+        message_timeout = self.service.server.client_message_timeout
+        if now - self.idle_since > message_timeout and self.mid_message():
+            self.fail(ClientMessageTimeout(f"closing the connection: the client stopped in the middle of a message "
+                                           f"for more than {message_timeout:g} s"))
             return
         if self.backend is not None and (self.pending or self.backend.tx_status != pg.IDLE):
             return  # inside a transaction or a query: not idle in RDS Proxy's sense

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from proxy.config import ClientAuthMethod, Config, ServerSettings
 from proxy.pool.pg_backend import PostgresBackend, open_backend
+from proxy.pool.pg_deadline import send_cancel_request
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.pg import messages as pg
 from proxy.rundir import run_dir, worker_index, worker_socket
@@ -88,18 +89,9 @@ class PostgresService:
         log.info("cancel request for client %d passed to worker %d", process_id, owner)
 
     async def cancel_backend(self, backend: PostgresBackend) -> None:
-        """Ask the server to cancel whatever `backend` is running."""
-        try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.settings.backend_host, self.settings.backend_port),
-                self.settings.backend_connect_timeout,
-            )
-        except (OSError, TimeoutError) as exc:
-            log.warning("cancel for backend pid %d: cannot reach the database: %s", backend.process_id, exc)
-            return
-        writer.write(pg.cancel_request(backend.process_id, backend.secret_key))
-        await writer.drain()
-        writer.close()
+        """Ask the server to cancel whatever `backend` is running (connect, send and close within a deadline)."""
+        await send_cancel_request(self.settings.backend_host, self.settings.backend_port, backend.process_id,
+                                  backend.secret_key, self.settings.backend_connect_timeout)
 
     def maintain(self, now: float) -> None:
         for pool in list(self.target.pools.values()):
