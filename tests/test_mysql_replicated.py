@@ -4,6 +4,7 @@ read-only variables the server reports, character sets sharing one budget, an un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pymysql
 import pytest
 
 from proxy.auth.mysql import scramble_native_password
-from proxy.devservers import MariaDBInstance, free_port, start_mariadb
+from proxy.devservers import DevServerError, MariaDBInstance, free_port, start_mariadb
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, HandshakeResponse41, HandshakeV10, OkPacket, PacketReader, frame
 from rawmysql import CAPS, RawClient
@@ -76,6 +77,33 @@ def test_pymysql_autocommit_off_after_another_clients_commit(small_proxy: ProxyP
         for conn in clients:
             conn.close()
     assert "read only variable" not in small_proxy.log()
+
+
+def test_a_setting_the_server_refuses_to_reapply_is_dropped_not_the_client(
+        small_proxy: ProxyProcess, mariadb_server: MariaDBInstance) -> None:
+    """sql_log_bin was set while the user could; on a new backend after a REVOKE the re-apply fails (1227): the
+    setting leaves the session with a log line, the client's statement runs and the client stays."""
+    mariadb_server.sql("GRANT BINLOG ADMIN ON *.* TO 'bench'@'%'")
+    client = connect(small_proxy, autocommit=True, user="bench", password="bench-secret", database="bench")
+    try:
+        with client.cursor() as cur:
+            cur.execute("SET SESSION sql_log_bin = 0")
+            cur.execute("SELECT @@SESSION.sql_log_bin")
+            assert cur.fetchone() == (0,)
+        mariadb_server.sql("REVOKE BINLOG ADMIN ON *.* FROM 'bench'@'%'")
+        threads = mariadb_server.sql("SELECT id FROM information_schema.processlist WHERE user = 'bench'")
+        mariadb_server.sql("".join(f"KILL {thread};" for thread in threads.split()))
+        time.sleep(0.5)
+        with client.cursor() as cur:
+            cur.execute("SELECT @@SESSION.sql_log_bin, 1 + 1")
+            assert cur.fetchone() == (1, 2)
+            cur.execute("SELECT 3")
+            assert cur.fetchone() == (3,)
+    finally:
+        client.close()
+        with contextlib.suppress(DevServerError):  # (already revoked when the test got that far)
+            mariadb_server.sql("REVOKE BINLOG ADMIN ON *.* FROM 'bench'@'%'")
+    small_proxy.wait_for_log(r"session variable sql_log_bin could not be set again")
 
 
 def _schema_change_workload(port: int, table: str) -> None:
