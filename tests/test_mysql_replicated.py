@@ -42,13 +42,6 @@ def connect(proxy: ProxyProcess, **extra: Any) -> pymysql.Connection:
     return pymysql.connect(**kwargs)
 
 
-def test_the_test_server_has_a_binary_log_and_gtids(mariadb_server: MariaDBInstance) -> None:
-    log_bin, strict, have_ssl = mariadb_server.sql("SELECT @@log_bin, @@gtid_strict_mode, @@have_ssl").split("\t")
-    assert (log_bin, strict, have_ssl) == ("1", "1", "YES")
-    mariadb_server.sql("CREATE TABLE IF NOT EXISTS app.gtid_probe (a INT); INSERT INTO app.gtid_probe VALUES (1)")
-    assert mariadb_server.sql("SELECT @@gtid_binlog_pos").startswith("0-1-")
-
-
 # --- 8.2: read-only variables the server reports are not re-applied ---
 
 
