@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pymysql
 import pytest
 
 from proxy.auth.mysql import scramble_native_password
-from proxy.devservers import DevServerError, MariaDBInstance, free_port, start_mariadb
+from proxy.devservers import MARIADB_CLIENT, DevServerError, MariaDBInstance, free_port, start_mariadb
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, HandshakeResponse41, HandshakeV10, OkPacket, PacketReader, frame
 from rawmysql import CAPS, RawClient
@@ -295,18 +296,37 @@ def test_unreachable_backend_pymysql_sees_2003(unreachable_proxy: tuple[ProxyPro
     assert f"127.0.0.1:{port}" in info.value.args[1]
 
 
+def test_unreachable_backend_mariadb_cli_shows_the_reason(unreachable_proxy: tuple[ProxyProcess, int]) -> None:
+    """The issue's symptom was the CLI's `Received malformed packet`: it must show the proxy's reason. (libmariadb
+    takes any errno of the client range, 2003 included, from a server for a malformed packet: it gets 1429.)"""
+    proxy, port = unreachable_proxy
+    result = subprocess.run(
+        [MARIADB_CLIENT, "--no-defaults", "--protocol=TCP", "-h", "127.0.0.1", "-P", str(proxy.ports["mysql"]),
+         "-u", "app", "-papp-secret", "-e", "SELECT 1"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "ERROR 1429 (08S01)" in result.stderr, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "malformed" not in result.stderr
+
+
 def test_mariadb_stopping_mid_query_gives_one_error(tmp_path: Path) -> None:
-    """MariaDB closes its sessions without an error of its own when it stops: the client hears one (the proxy's)."""
+    """MariaDB closes its sessions without an error of its own when it stops: the client hears one (the proxy's:
+    2013, or 1158 for the C library, which takes a server's ERR with a client errno for a malformed packet)."""
     server = start_mariadb(tmp_path / "db", users={"app": "app-secret"})
     try:
         with running_proxy(tmp_path / "proxy", mariadb=server) as proxy:
             raw = RawClient(proxy.ports["mysql"], timeout=30)
             raw.login()
             raw.send(frame(b"\x03SELECT SLEEP(20)", 0))
-            time.sleep(0.5)
+            cli = subprocess.Popen(
+                [MARIADB_CLIENT, "--no-defaults", "--protocol=TCP", "-h", "127.0.0.1", "-P", str(proxy.ports["mysql"]),
+                 "-u", "app", "-papp-secret", "-e", "SELECT SLEEP(20)"], stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)
             server.stop()
             assert _error_codes(raw) == [2013]
             raw.close()
+            _, cli_errors = cli.communicate(timeout=30)
+            assert "ERROR 1158 (08S01)" in cli_errors and "malformed" not in cli_errors, cli_errors
     finally:
         server.stop()
 
