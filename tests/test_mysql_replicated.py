@@ -206,6 +206,36 @@ def test_a_utf8mb3_client_is_served_while_utf8mb4_clients_hold_every_backend(sma
     assert elapsed < SMALL_POOL["connection_borrow_timeout"]
 
 
+def _raw_login(port: int, charset: int) -> RawClient:
+    """A raw client logged in as app with the given collation id (CAPS: one pool for all of them)."""
+    raw = RawClient(port)
+    greeting = raw.read_greeting()
+    scramble = scramble_native_password(b"app-secret", greeting.auth_plugin_data)
+    raw.send(frame(HandshakeResponse41(CAPS, "app", scramble, "app", my.MYSQL_NATIVE_PASSWORD,
+                                       charset=charset).build(), 1))
+    assert raw.packet()[1][:1] == b"\x00"
+    return raw
+
+
+def test_a_reset_keeps_the_clients_character_set(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
+    """COM_RESET_CONNECTION goes back to the login's character set: the client's, not the backend's."""
+    with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 1}) as proxy:
+        opener = _raw_login(proxy.ports["mysql"], 45)  # the backend logs in as utf8mb4_general_ci
+        other = _raw_login(proxy.ports["mysql"], 33)  # utf8mb3_general_ci
+        try:
+            assert opener.query("SELECT 1")[-2] == b"\x011"
+            assert other.query("BEGIN")[0][:1] == b"\x00"  # linked to the one backend
+            query = b"\x03SELECT @@character_set_client, @@collation_connection"
+            other.send(frame(bytes((my.COM_RESET_CONNECTION,)), 0) + frame(query, 0))  # on the same backend
+            assert other.packet()[1][:1] == b"\x00"
+            packets = [other.packet()[1] for _ in range(6)]  # count, 2 columns, EOF, row, EOF
+            assert packets[4] == b"\x07utf8mb3\x12utf8mb3_general_ci", packets
+            assert opener.query("SELECT @@character_set_client")[-2] == b"\x07utf8mb4"
+        finally:
+            other.close()
+            opener.close()
+
+
 def test_another_users_client_is_served_while_one_user_holds_every_backend(small_proxy: ProxyProcess) -> None:
     """Pools of different users share the target's budget: a backend given back goes to whoever waited longest."""
     stop = threading.Event()

@@ -767,9 +767,15 @@ class MySQLClient(ClientConnection):
                         continue
                 elif command == my.COM_RESET_CONNECTION and backend.tracks_session_state:
                     stop = pos + 4 + length
-                    backend.transport.write(scan[start:stop] + frame(ENABLE_TRACKING))
+                    after = frame(ENABLE_TRACKING)
+                    restore = not backend.reset_keeps(self.profile.charset)
+                    if restore:  # the reset goes back to the backend's login character set, not the client's
+                        after += frame(self.service.charset_command(self.profile.charset))
+                    backend.transport.write(scan[start:stop] + after)
                     backend.expect(command, effect)
                     backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
+                    if restore:
+                        backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
                     pos = start = stop
                     continue
                 if self._hold_next == 1:
@@ -1220,6 +1226,8 @@ class MySQLClient(ClientConnection):
                     self._forget_session_state()
                     self.autocommit = backend.autocommit
                     backend.forget_session()
+                    if backend.tracks_session_state:  # the client's character set follows the reset (see _walk)
+                        backend.charset = self.profile.charset
                 elif kind == SET_OPTION:
                     self.multi_statements = backend.multi_statements = bool(value)
         if insert_id:
