@@ -4,6 +4,8 @@ read-only variables the server reports, character sets sharing one budget, an un
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import pymysql
 import pytest
 
 from proxy.auth.mysql import scramble_native_password
-from proxy.devservers import MariaDBInstance, free_port, start_mariadb
+from proxy.devservers import MARIADB_CLIENT, DevServerError, MariaDBInstance, free_port, start_mariadb
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, HandshakeResponse41, HandshakeV10, OkPacket, PacketReader, frame
 from rawmysql import CAPS, RawClient
@@ -39,13 +41,6 @@ def connect(proxy: ProxyProcess, **extra: Any) -> pymysql.Connection:
                               "read_timeout": 60}
     kwargs.update(extra)
     return pymysql.connect(**kwargs)
-
-
-def test_the_test_server_has_a_binary_log_and_gtids(mariadb_server: MariaDBInstance) -> None:
-    log_bin, strict, have_ssl = mariadb_server.sql("SELECT @@log_bin, @@gtid_strict_mode, @@have_ssl").split("\t")
-    assert (log_bin, strict, have_ssl) == ("1", "1", "YES")
-    mariadb_server.sql("CREATE TABLE IF NOT EXISTS app.gtid_probe (a INT); INSERT INTO app.gtid_probe VALUES (1)")
-    assert mariadb_server.sql("SELECT @@gtid_binlog_pos").startswith("0-1-")
 
 
 # --- 8.2: read-only variables the server reports are not re-applied ---
@@ -76,6 +71,33 @@ def test_pymysql_autocommit_off_after_another_clients_commit(small_proxy: ProxyP
         for conn in clients:
             conn.close()
     assert "read only variable" not in small_proxy.log()
+
+
+def test_a_setting_the_server_refuses_to_reapply_is_dropped_not_the_client(
+        small_proxy: ProxyProcess, mariadb_server: MariaDBInstance) -> None:
+    """sql_log_bin was set while the user could; on a new backend after a REVOKE the re-apply fails (1227): the
+    setting leaves the session with a log line, the client's statement runs and the client stays."""
+    mariadb_server.sql("GRANT BINLOG ADMIN ON *.* TO 'bench'@'%'")
+    client = connect(small_proxy, autocommit=True, user="bench", password="bench-secret", database="bench")
+    try:
+        with client.cursor() as cur:
+            cur.execute("SET SESSION sql_log_bin = 0")
+            cur.execute("SELECT @@SESSION.sql_log_bin")
+            assert cur.fetchone() == (0,)
+        mariadb_server.sql("REVOKE BINLOG ADMIN ON *.* FROM 'bench'@'%'")
+        threads = mariadb_server.sql("SELECT id FROM information_schema.processlist WHERE user = 'bench'")
+        mariadb_server.sql("".join(f"KILL {thread};" for thread in threads.split()))
+        time.sleep(0.5)
+        with client.cursor() as cur:
+            cur.execute("SELECT @@SESSION.sql_log_bin, 1 + 1")
+            assert cur.fetchone() == (1, 2)
+            cur.execute("SELECT 3")
+            assert cur.fetchone() == (3,)
+    finally:
+        client.close()
+        with contextlib.suppress(DevServerError):  # (already revoked when the test got that far)
+            mariadb_server.sql("REVOKE BINLOG ADMIN ON *.* FROM 'bench'@'%'")
+    small_proxy.wait_for_log(r"session variable sql_log_bin could not be set again")
 
 
 def _schema_change_workload(port: int, table: str) -> None:
@@ -184,6 +206,36 @@ def test_a_utf8mb3_client_is_served_while_utf8mb4_clients_hold_every_backend(sma
     assert elapsed < SMALL_POOL["connection_borrow_timeout"]
 
 
+def _raw_login(port: int, charset: int) -> RawClient:
+    """A raw client logged in as app with the given collation id (CAPS: one pool for all of them)."""
+    raw = RawClient(port)
+    greeting = raw.read_greeting()
+    scramble = scramble_native_password(b"app-secret", greeting.auth_plugin_data)
+    raw.send(frame(HandshakeResponse41(CAPS, "app", scramble, "app", my.MYSQL_NATIVE_PASSWORD,
+                                       charset=charset).build(), 1))
+    assert raw.packet()[1][:1] == b"\x00"
+    return raw
+
+
+def test_a_reset_keeps_the_clients_character_set(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
+    """COM_RESET_CONNECTION goes back to the login's character set: the client's, not the backend's."""
+    with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={"max_connections": 1}) as proxy:
+        opener = _raw_login(proxy.ports["mysql"], 45)  # the backend logs in as utf8mb4_general_ci
+        other = _raw_login(proxy.ports["mysql"], 33)  # utf8mb3_general_ci
+        try:
+            assert opener.query("SELECT 1")[-2] == b"\x011"
+            assert other.query("BEGIN")[0][:1] == b"\x00"  # linked to the one backend
+            query = b"\x03SELECT @@character_set_client, @@collation_connection"
+            other.send(frame(bytes((my.COM_RESET_CONNECTION,)), 0) + frame(query, 0))  # on the same backend
+            assert other.packet()[1][:1] == b"\x00"
+            packets = [other.packet()[1] for _ in range(6)]  # count, 2 columns, EOF, row, EOF
+            assert packets[4] == b"\x07utf8mb3\x12utf8mb3_general_ci", packets
+            assert opener.query("SELECT @@character_set_client")[-2] == b"\x07utf8mb4"
+        finally:
+            other.close()
+            opener.close()
+
+
 def test_another_users_client_is_served_while_one_user_holds_every_backend(small_proxy: ProxyProcess) -> None:
     """Pools of different users share the target's budget: a backend given back goes to whoever waited longest."""
     stop = threading.Event()
@@ -274,18 +326,37 @@ def test_unreachable_backend_pymysql_sees_2003(unreachable_proxy: tuple[ProxyPro
     assert f"127.0.0.1:{port}" in info.value.args[1]
 
 
+def test_unreachable_backend_mariadb_cli_shows_the_reason(unreachable_proxy: tuple[ProxyProcess, int]) -> None:
+    """The issue's symptom was the CLI's `Received malformed packet`: it must show the proxy's reason. (libmariadb
+    takes any errno of the client range, 2003 included, from a server for a malformed packet: it gets 1429.)"""
+    proxy, port = unreachable_proxy
+    result = subprocess.run(
+        [MARIADB_CLIENT, "--no-defaults", "--protocol=TCP", "-h", "127.0.0.1", "-P", str(proxy.ports["mysql"]),
+         "-u", "app", "-papp-secret", "-e", "SELECT 1"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "ERROR 1429 (08S01)" in result.stderr, result.stderr
+    assert f"127.0.0.1:{port}" in result.stderr and "malformed" not in result.stderr
+
+
 def test_mariadb_stopping_mid_query_gives_one_error(tmp_path: Path) -> None:
-    """MariaDB closes its sessions without an error of its own when it stops: the client hears one (the proxy's)."""
+    """MariaDB closes its sessions without an error of its own when it stops: the client hears one (the proxy's:
+    2013, or 1158 for the C library, which takes a server's ERR with a client errno for a malformed packet)."""
     server = start_mariadb(tmp_path / "db", users={"app": "app-secret"})
     try:
         with running_proxy(tmp_path / "proxy", mariadb=server) as proxy:
             raw = RawClient(proxy.ports["mysql"], timeout=30)
             raw.login()
             raw.send(frame(b"\x03SELECT SLEEP(20)", 0))
-            time.sleep(0.5)
+            cli = subprocess.Popen(
+                [MARIADB_CLIENT, "--no-defaults", "--protocol=TCP", "-h", "127.0.0.1", "-P", str(proxy.ports["mysql"]),
+                 "-u", "app", "-papp-secret", "-e", "SELECT SLEEP(20)"], stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)
             server.stop()
             assert _error_codes(raw) == [2013]
             raw.close()
+            _, cli_errors = cli.communicate(timeout=30)
+            assert "ERROR 1158 (08S01)" in cli_errors and "malformed" not in cli_errors, cli_errors
     finally:
         server.stop()
 

@@ -381,7 +381,12 @@ class MySQLBackend(BackendConnection):
         self.last_insert_id = 0
         self.statements.clear()
         # MariaDB's reset goes back to the character set of the login; whether MySQL's does is not relied on
-        self.charset = self.profile.charset if not self.capabilities & my.CLIENT_MYSQL else 0
+        self.charset = self.profile.charset if self.reset_keeps(self.profile.charset) else 0
+
+    def reset_keeps(self, charset: int) -> bool:
+        """Whether a COM_RESET_CONNECTION leaves the session in character set `charset` (MariaDB's goes back to
+        the login's)."""
+        return charset == self.profile.charset and not self.capabilities & my.CLIENT_MYSQL
 
     def reset_commands(self) -> list[bytes]:
         """COM_RESET_CONNECTION and what puts the proxy's own session settings back afterwards."""

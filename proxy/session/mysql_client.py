@@ -139,6 +139,14 @@ CHARSET_VARIABLES = frozenset({b"character_set_client", b"character_set_connecti
 # SET NAMES / character_set_* settings of the client's, applied over its login's character set
 CHARSET_SETTINGS = ("character set", *(name.decode() for name in CHARSET_VARIABLES))
 ER_INCORRECT_GLOBAL_LOCAL_VAR = 1238  # "Variable '%s' is a read only variable"
+# The C client libraries take an ERR from the server with an errno of their own range (CR_*, 2000-2999, e.g. 2003
+# can't connect, 2013 lost connection) for a malformed packet ("ERROR 2027"): they get the nearest server errno.
+C_LIBRARIES = frozenset({"libmariadb", "libmysql"})
+CLIENT_ERRNO_FIRST, CLIENT_ERRNO_LAST = 2000, 2999
+ER_NET_READ_ERROR = 1158  # "Got an error reading communication packets"
+ER_CONNECT_TO_FOREIGN_DATA_SOURCE = 1429  # "Unable to connect to foreign data source"
+C_LIBRARY_ERRNOS = {2002: (ER_CONNECT_TO_FOREIGN_DATA_SOURCE, "08S01"),
+                    2003: (ER_CONNECT_TO_FOREIGN_DATA_SOURCE, "08S01")}
 NUMBER = re.compile(rb"-?\d+(?:\.\d+)?\Z")
 
 
@@ -177,6 +185,7 @@ class MySQLClient(ClientConnection):
         self.autocommit = True
         self.multi_statements = False
         self.capabilities = 0  # negotiated with this client
+        self.c_library = False  # libmariadb / libmysqlclient: no client-range errno in an ERR (see _send_error)
         self.profile = Profile(0, my.UTF8MB4_GENERAL_CI)
         self.pool: Pool | None = None
         self.backend: MySQLBackend | None = None
@@ -255,7 +264,10 @@ class MySQLClient(ClientConnection):
         self.close()
 
     def _send_error(self, error: ProxyError, seq: int) -> None:
-        packet = ErrPacket(error.mysql_errno, error.message, error.mysql_sqlstate)
+        errno, sqlstate = error.mysql_errno, error.mysql_sqlstate
+        if self.c_library and CLIENT_ERRNO_FIRST <= errno <= CLIENT_ERRNO_LAST:
+            errno, sqlstate = C_LIBRARY_ERRNOS.get(errno, (ER_NET_READ_ERROR, "08S01"))
+        packet = ErrPacket(errno, error.message, sqlstate)
         self.write(frame(packet.build(self.capabilities or my.CLIENT_PROTOCOL_41), seq))
 
     def _send_ok(self, seq: int = 1) -> None:
@@ -363,6 +375,7 @@ class MySQLClient(ClientConnection):
             payload = await self._read_login_packet()
         response = HandshakeResponse41.parse(payload)
         self.capabilities = response.capabilities & announced
+        self.c_library = (response.connect_attrs or {}).get("_client_name") in C_LIBRARIES
         self.user = response.username
         if service.config.tls.mode is ClientTLSMode.REQUIRE and not self.is_tls:
             raise AuthorizationFailed("Connections using insecure transport are prohibited: the proxy requires TLS")
@@ -772,9 +785,15 @@ class MySQLClient(ClientConnection):
                         continue
                 elif command == my.COM_RESET_CONNECTION and backend.tracks_session_state:
                     stop = pos + 4 + length
-                    backend.transport.write(scan[start:stop] + frame(ENABLE_TRACKING))
+                    after = frame(ENABLE_TRACKING)
+                    restore = not backend.reset_keeps(self.profile.charset)
+                    if restore:  # the reset goes back to the backend's login character set, not the client's
+                        after += frame(self.service.charset_command(self.profile.charset))
+                    backend.transport.write(scan[start:stop] + after)
                     backend.expect(command, effect)
                     backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
+                    if restore:
+                        backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
                     pos = start = stop
                     continue
                 if self._hold_next == 1:
@@ -1256,6 +1275,8 @@ class MySQLClient(ClientConnection):
                     self._forget_session_state()
                     self.autocommit = backend.autocommit
                     backend.forget_session()
+                    if backend.tracks_session_state:  # the client's character set follows the reset (see _walk)
+                        backend.charset = self.profile.charset
                 elif kind == SET_OPTION:
                     self.multi_statements = backend.multi_statements = bool(value)
         if insert_id:
