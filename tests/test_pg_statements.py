@@ -301,6 +301,119 @@ async def test_new_client_after_alter_type_is_not_told_plan_invalid(one: ProxyPr
         await old.close()
 
 
+def test_statement_whose_table_is_gone_on_the_other_backend(two: ProxyProcess, pg_server: PostgresInstance,
+                                                             int_table: str) -> None:
+    client = raw(two)
+    mover = Mover(two)
+    try:
+        client.query("BEGIN")
+        client.send(parse("s1", f"SELECT v FROM {int_table}") + parse("s2", "SELECT 7") + SYNC)
+        assert kinds(client.until("Z")) == "11Z"
+        mover.hold_other()
+        client.query("COMMIT")
+        mover.swap()
+        superuser(pg_server, f"DROP TABLE {int_table}")
+        client.send(bind("s1"))  # the rest comes later: held while the proxy checks s1 on this backend
+        client.send(EXECUTE + bind("s2") + EXECUTE)
+        client.send(SYNC)
+        replies = client.until("Z")
+        error = error_of(replies)
+        assert error is not None and error["C"] == "42P01", replies  # as a direct revalidation reports it
+        assert kinds(replies) == "EZ" and replies[-1] == ("Z", b"I")
+        client.send(bind("s2") + EXECUTE + SYNC)
+        assert row_values(client.until("Z")) == [b"7"]
+        mover.done()
+    finally:
+        mover.close()
+        client.close()
+
+
+def test_described_unnamed_statement_after_alter_on_the_other_backend(two: ProxyProcess, pg_server: PostgresInstance,
+                                                                      int_table: str) -> None:
+    client = raw(two)
+    mover = Mover(two)
+    try:
+        client.send(parse("", f"SELECT v FROM {int_table}") + describe("S", "") + SYNC)
+        assert kinds(client.until("Z")) == "1tTZ"
+        client.send(bind("", binary_results=True) + EXECUTE + SYNC)  # same round trip pattern, another trip
+        assert row_values(client.until("Z")) == [struct.pack("!i", 2)]
+        client.query("BEGIN")
+        mover.hold_other()
+        client.query("COMMIT")  # a simple query ends the unnamed statement: prepare it again
+        client.send(parse("", f"SELECT v FROM {int_table}") + describe("S", "") + SYNC)
+        assert kinds(client.until("Z")) == "1tTZ"
+        mover.swap()
+        superuser(pg_server, f"ALTER TABLE {int_table} ALTER COLUMN v TYPE real")
+        client.send(bind("", binary_results=True) + EXECUTE + SYNC)
+        replies = client.until("Z")
+        assert row_values(replies) == []
+        error = error_of(replies)
+        assert error is not None and error["C"] == "0A000", replies
+        mover.done()
+    finally:
+        mover.close()
+        client.close()
+
+
+def test_two_names_for_one_text_and_sql_deallocate_elsewhere(two: ProxyProcess) -> None:
+    client = raw(two)
+    mover = Mover(two)
+    try:
+        client.query("BEGIN")
+        client.send(parse("a", "SELECT 1 + $1::int") + parse("b", "SELECT 1 + $1::int") + SYNC)
+        assert kinds(client.until("Z")) == "11Z"
+        error = error_of([*client.query("SELECT 1")])
+        assert error is None
+        client.send(parse("a", "SELECT 2") + SYNC)
+        error = error_of(client.until("Z"))
+        assert error is not None and error["C"] == "42P05" and '"a"' in error["M"]
+        client.query("ROLLBACK")
+        client.query("BEGIN")
+        client.query("SELECT 1")
+        mover.hold_other()
+        client.query("COMMIT")
+        mover.swap()
+        assert kinds(client.query("DEALLOCATE a"))[-2:] == "CZ"  # on a backend that never had it
+        client.send(bind("a", (b"1",)) + EXECUTE + SYNC)
+        assert error_of(client.until("Z"))["C"] == "26000"  # type: ignore[index]
+        client.send(bind("b", (b"1",)) + EXECUTE + SYNC)
+        assert row_values(client.until("Z")) == [b"2"]
+        mover.done()
+    finally:
+        mover.close()
+        client.close()
+
+
+def test_sql_execute_after_alter_on_the_other_backend(two: ProxyProcess, pg_server: PostgresInstance,
+                                                      int_table: str) -> None:
+    client = raw(two)
+    mover = Mover(two)
+    try:
+        client.query("BEGIN")
+        client.send(parse("p", f"SELECT v FROM {int_table}") + SYNC)
+        assert kinds(client.until("Z")) == "1Z"
+        assert row_values(client.query("EXECUTE p")) == [b"2"]
+        mover.hold_other()
+        client.query("COMMIT")
+        mover.swap()
+        superuser(pg_server, f"ALTER TABLE {int_table} ALTER COLUMN v TYPE text")
+        client.query("BEGIN")
+        replies = client.query("EXECUTE p")
+        error = error_of(replies)
+        assert error is not None and error["C"] == "0A000" and replies[-1] == ("Z", b"E"), replies
+        client.query("ROLLBACK")
+        superuser(pg_server, f"DROP TABLE {int_table}")
+        mover.done()
+        mover.hold_other()  # whichever backend the client gets, p must be checked there
+        replies = client.query("EXECUTE p")
+        error = error_of(replies)
+        assert error is not None and error["C"] in ("0A000", "42P01") and replies[-1] == ("Z", b"I"), replies
+        mover.first.execute("COMMIT")
+    finally:
+        mover.close()
+        client.close()
+
+
 # --- unnamed statements ---
 
 
@@ -393,11 +506,17 @@ def test_malformed_extended_message_gets_08p01(two: ProxyProcess, message: bytes
     bystander.execute("SELECT 1", prepare=True)
     client = raw(two)
     try:
-        client.send(parse("ok", "SELECT 1") + message + SYNC)
-        fields = client.error()
-        assert fields["C"] == "08P01" and fields["S"] == "FATAL", fields
-        assert client.closed_by_peer()
-        two.wait_for_log(r"WARNING.*(malformed|NUL|invalid).*\[08P01\]")
+        client.query("BEGIN")
+        client.send(parse("ok", "SELECT 1") + message + bind("ok") + EXECUTE + SYNC)
+        replies = client.until("Z")
+        assert kinds(replies) == "1EZ", replies  # as PostgreSQL: an ERROR, the rest skipped up to Sync
+        fields = error_of(replies)
+        assert fields is not None and fields["C"] == "08P01" and fields["S"] == "ERROR", fields
+        assert "malformed" in fields["M"] or "NUL" in fields["M"], fields
+        assert replies[-1] == ("Z", b"E")  # the transaction block failed, as directly
+        client.query("ROLLBACK")
+        assert row_values(client.query("SELECT 'still here'")) == [b"still here"]
+        two.wait_for_log(r"WARNING.*(malformed|NUL).*\[08P01\]")
         assert bystander.execute("SELECT 'fine'", prepare=True).fetchone() == ("fine",)
         bystander.execute("COMMIT")
         assert "Traceback" not in two.log()

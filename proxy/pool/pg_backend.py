@@ -18,6 +18,8 @@ from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
     DESCRIBE_STATEMENT,
     ENDS,
+    EXPECT_PARSE_RESENT,
+    EXPECT_PARSE_UNNAMED,
     FORWARD,
     INJECT,
     PARSE,
@@ -27,7 +29,6 @@ from proxy.protocol.pg.extended import (
     SKIPS_TO_SYNC,
     SWALLOW,
     SYNC,
-    TRACK,
     Expectation,
     Prepared,
 )
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from proxy.pool.pool import Pool
     from proxy.secrets import SecretStore
     from proxy.session.pg_client import PostgresClient
+    from proxy.session.pg_statements import Statements
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,8 @@ class PostgresBackend(BackendConnection):
         self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
         self.expect: deque[Expectation] = deque()  # requests sent, in the order their replies will come
         self.prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
-        self.unnamed: Prepared | None = None  # the client statement last sent as this session's unnamed one
+        self.unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
+        self.unnamed_serial = 0  # and which of that client's unnamed Parses
 
     def __repr__(self) -> str:
         return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
@@ -217,16 +220,18 @@ class PostgresBackend(BackendConnection):
             record = failed.record
             if record is not None:
                 if failed.kind == PARSE:
-                    if failed.prepared_name and self.prepared.get(failed.prepared_name) is record:
+                    if not failed.prepared_name:
+                        self.unnamed_owner = None  # whatever the server holds now, the proxy re-sends before use
+                    elif self.prepared.get(failed.prepared_name) is record:
                         del self.prepared[failed.prepared_name]
-                    if record is self.unnamed:
-                        self.unnamed = None  # whatever the server holds now, the proxy re-sends before use
                 if record.description is None and record.error is None:
                     record.error = error if failing else SKIPPED
                 if statements is not None:
                     statements.failed(failed, failing)
-            elif failed.prepared_name:
-                self.prepared.pop(failed.prepared_name, None)
+            elif failed is EXPECT_PARSE_UNNAMED or failed is EXPECT_PARSE_RESENT:
+                self.unnamed_owner = None
+                if failed is EXPECT_PARSE_UNNAMED and statements is not None:
+                    statements.unnamed_failed()
             resume = resume or failed.resume
             failing = False
         return resume
@@ -237,8 +242,6 @@ class PostgresBackend(BackendConnection):
         assert record is not None
         if head.kind == DESCRIBE_STATEMENT:
             record.description = record.parameters + reply
-        elif head.kind == PARSE and head.action == TRACK and self.client is not None:
-            self.client.statements.confirmed(record)
 
     # --- login ---
 
@@ -318,7 +321,7 @@ class PostgresBackend(BackendConnection):
     async def simple_query(self, sql: str) -> list[list[str | None]]:
         """Run SQL the proxy itself needs; returns text rows, raises BackendError on an ErrorResponse."""
         assert self.client is None
-        self.unnamed = None  # a simple Query ends the unnamed statement
+        self.unnamed_owner = None  # a simple Query ends the unnamed statement
         self.write(pg.query(sql))
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None

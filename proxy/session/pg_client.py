@@ -490,10 +490,10 @@ class PostgresClient(ClientConnection):
                     break
                 try:
                     replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
-                except ProtocolViolation as exc:
-                    self._write_pieces(backend, pieces, scan, run_start, pos)
-                    self.fail(exc)
-                    return
+                except ProtocolViolation as exc:  # as PostgreSQL does: ERROR 08P01, skip to Sync, carry on
+                    log.warning("client %s (user %r): %s [%s]", self.peer, self.user, exc.message, exc.sqlstate)
+                    PROXY.protocol_errors += 1
+                    replacement = self.statements.reject(backend, exc)
                 if replacement is HOLD:
                     self._write_pieces(backend, pieces, scan, run_start, pos)
                     backend.transport.write(self.statements.take_check())

@@ -27,10 +27,13 @@ No shared statement needs dropping when the server itself reports a cached plan 
 bound to a backend copy whose description equals the one it was shown, so the server's 0A000 is then exactly the
 direct answer, and the client's next Parse prepares the statement afresh.
 
-Unnamed statements. The proxy remembers the client's last unnamed Parse the server confirmed, and the last one it
-sent. A Bind or Describe of the unnamed statement on a backend whose unnamed statement is not the client's own
-re-sends the client's Parse first (checked as above if the client was shown its description); a client that has
-no unnamed statement gets `26000 unnamed prepared statement does not exist`, never another client's leftover.
+Unnamed statements. The proxy remembers the client's last unnamed Parse (text and a serial number; no allocation
+on this hot path) and which client's Parse each backend's unnamed statement is. A Bind or Describe of the unnamed
+statement on a backend whose unnamed statement is not the client's latest re-sends the client's Parse first
+(checked as above when the client was shown its description); a client that has no unnamed statement gets
+`26000 unnamed prepared statement does not exist`, never another client's leftover. A simple Query or a Close
+ends it, as on the server. After an unnamed Parse fails or is skipped the proxy forgets the client's unnamed
+statement (a later Bind of it gets 26000, never a statement the server did not prepare).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from proxy.errors import ProxyError
 from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
@@ -47,6 +51,8 @@ from proxy.protocol.pg.extended import (
     EXPECT_CLOSE_SWALLOW,
     EXPECT_DESCRIBE_STATEMENT,
     EXPECT_PARSE_QUIET,
+    EXPECT_PARSE_RESENT,
+    EXPECT_PARSE_UNNAMED,
     EXPECT_QUERY,
     EXPECT_SYNC,
     EXPECT_SYNC_QUIET,
@@ -121,8 +127,11 @@ class Statements:
     def __init__(self, client: PostgresClient) -> None:
         self.client = client
         self.named: dict[bytes, ClientStatement] = {}
-        self.unnamed: Prepared | None = None  # the client's unnamed statement, as the server confirmed it
-        self.unnamed_sent: Prepared | None = None  # the client's latest unnamed Parse sent (maybe unanswered)
+        self.unnamed_rest: bytes | None = None  # the client's unnamed statement (its Parse rest), if it has one
+        self.unnamed_serial = 0  # counts the client's unnamed Parses; a backend notes the one it holds
+        self.unnamed_words = False  # its text may change session state
+        self.unnamed_shown: Prepared | None = None  # its description, once the client asked for it
+        self.unnamed_stale = False  # it no longer matches the schema: 0A000 on every use, as directly
         self.check: Prepared | None = None  # a backend copy prepared to check, while the client's bytes are held
         self.check_bytes = b""  # what to send the backend for that check
         self.check_in_query = False  # the check is for a simple Query (ends with its own Sync)
@@ -154,23 +163,25 @@ class Statements:
         return self._prepare(backend, backend_name, record, FORWARD)
 
     def parse_unnamed(self, rest: bytes, backend: PostgresBackend, session_words: bool) -> None:
-        record = Prepared(rest, session_words)
-        self.unnamed_sent = backend.unnamed = record
-        backend.expect.append(Expectation(PARSE, TRACK, record=record))
+        serial = self.unnamed_serial + 1
+        self.unnamed_serial = backend.unnamed_serial = serial
+        backend.unnamed_owner = self
+        self.unnamed_rest = rest
+        self.unnamed_words = session_words
+        self.unnamed_shown = None
+        self.unnamed_stale = False
+        backend.expect.append(EXPECT_PARSE_UNNAMED)
 
-    def confirmed(self, record: Prepared) -> None:
-        """The server answered the client's unnamed Parse: that is the client's unnamed statement now."""
-        self.unnamed = record
+    def unnamed_failed(self) -> None:
+        """A client's unnamed Parse failed or was skipped: forget its unnamed statement (see the docstring)."""
+        self.unnamed_rest = None
 
     def failed(self, expectation: Expectation, failing: bool) -> None:
         """A request with a record failed (`failing`) or was skipped after an earlier error."""
         record = expectation.record
-        if expectation.kind == PARSE:
-            if expectation.action == FORWARD:  # the client's own Parse: its name does not exist
-                for name in [n for n, s in self.named.items() if s.origin is record]:
-                    del self.named[name]
-            elif expectation.action == TRACK and failing:
-                self.unnamed = None  # a failed unnamed Parse leaves no unnamed statement
+        if expectation.kind == PARSE and expectation.action == FORWARD:  # the client's Parse: no such name
+            for name in [n for n, s in self.named.items() if s.origin is record]:
+                del self.named[name]
         if expectation.resume and record is self.check and not self.check_in_query:
             self.check = None
             self.discarding = True
@@ -193,9 +204,8 @@ class Statements:
         answer = self._use_unnamed(backend)
         if answer is not None:
             return answer
-        own = self.unnamed_sent
-        if own is not None and own.session_words:
-            self.client.note_session_words(ext.parse_query_text(own.rest))
+        if self.unnamed_words and self.unnamed_rest is not None:
+            self.client.note_session_words(ext.parse_query_text(self.unnamed_rest))
         backend.expect.append(EXPECT_BIND)
         return None
 
@@ -213,9 +223,12 @@ class Statements:
         answer = self._use_unnamed(backend)
         if answer is not None:
             return answer
-        sent = self.unnamed_sent
-        assert sent is not None
-        backend.expect.append(Expectation(DESCRIBE_STATEMENT, TRACK, record=sent))  # what the client is shown
+        shown = self.unnamed_shown
+        if shown is None:  # what the client is shown: kept to check the statement on other backends
+            shown = self.unnamed_shown = Prepared(b"")
+            backend.expect.append(Expectation(DESCRIBE_STATEMENT, TRACK, record=shown))
+        else:
+            backend.expect.append(EXPECT_DESCRIBE_STATEMENT)
         return None
 
     def close_named(self, name: bytes) -> None:
@@ -224,7 +237,8 @@ class Statements:
 
     def forget_unnamed(self, backend: PostgresBackend) -> None:
         """A simple Query or Close of the unnamed statement: the session has no unnamed statement."""
-        self.unnamed = self.unnamed_sent = backend.unnamed = None
+        self.unnamed_rest = None
+        backend.unnamed_owner = None
 
     def forget_all(self, backend: PostgresBackend | None) -> None:
         """DEALLOCATE ALL / DISCARD ALL: every named statement of the session goes."""
@@ -292,28 +306,26 @@ class Statements:
 
     def _use_unnamed(self, backend: PostgresBackend) -> bytes | None:
         check = self.check
+        shown = self.unnamed_shown
         if check is not None:
             self.check = None
-            own = self.unnamed
-            if own is None or check.description != own.description:
-                if own is not None:
-                    own.stale = True
+            if shown is None or check.description != shown.description:
+                self.unnamed_stale = True
                 return self._fail(backend, CACHED_PLAN_CHANGED, False)
             return None
-        sent = self.unnamed_sent
-        if sent is not None and backend.unnamed is sent:
+        if backend.unnamed_owner is self and backend.unnamed_serial == self.unnamed_serial:
             return None
-        own = self.unnamed
-        if own is None:
+        rest = self.unnamed_rest
+        if rest is None:
             return self._fail(backend, UNNAMED_MISSING, False)
-        if own.stale:
+        if self.unnamed_stale:
             return self._fail(backend, CACHED_PLAN_CHANGED, False)
-        if own.description is None:  # never described to the client: re-send its Parse, nothing to compare
-            record = Prepared(own.rest, own.session_words)
-            self.unnamed_sent = backend.unnamed = record
-            backend.expect.append(Expectation(PARSE, SWALLOW, record=record))
-            return ext.build_parse(b"", own.rest)
-        return self._start_check(backend, b"", own, False)
+        backend.unnamed_owner = self
+        backend.unnamed_serial = self.unnamed_serial
+        if shown is None or shown.description is None:  # never described to the client: nothing to compare
+            backend.expect.append(EXPECT_PARSE_RESENT)
+            return ext.build_parse(b"", rest)
+        return self._start_check(backend, b"", Prepared(rest, self.unnamed_words), False)
 
     def _start_check(self, backend: PostgresBackend, backend_name: bytes, source: Prepared, in_query: bool) -> bytes:
         rest = source.rest
@@ -322,8 +334,7 @@ class Statements:
         self.check_in_query = in_query
         if backend_name:
             data = self._prepare(backend, backend_name, record, QUIET if in_query else SWALLOW, resume=True)
-        else:
-            self.unnamed_sent = backend.unnamed = record
+        else:  # the unnamed statement (its owner is already noted on the backend)
             backend.expect.append(Expectation(PARSE, SWALLOW, record=record))
             backend.expect.append(Expectation(DESCRIBE_STATEMENT, SWALLOW, record=record, resume=True))
             data = ext.build_parse(b"", rest) + _describe(b"")
@@ -355,6 +366,10 @@ class Statements:
         expect.append(Expectation(PARSE, parse_action, prepared_name=backend_name, record=record))
         expect.append(Expectation(DESCRIBE_STATEMENT, QUIET if quiet else SWALLOW, record=record, resume=resume))
         return prefix + _close(backend_name) + ext.build_parse(backend_name, record.rest) + _describe(backend_name)
+
+    def reject(self, backend: PostgresBackend, error: ProxyError) -> bytes:
+        """A malformed extended-query message: the client gets `error` where the server would have failed."""
+        return self._fail(backend, pg.error_response(error.sqlstate, error.message))
 
     def _fail(self, backend: PostgresBackend, error: bytes, in_query: bool = False) -> bytes:
         """Make the server fail here (a Describe of a statement nobody has) and give the client `error` instead."""

@@ -80,6 +80,8 @@ EXPECT_CLOSE = Expectation(CLOSE)
 EXPECT_CLOSE_SWALLOW = Expectation(CLOSE, SWALLOW)
 EXPECT_CLOSE_QUIET = Expectation(CLOSE, QUIET)
 EXPECT_PARSE_QUIET = Expectation(PARSE, QUIET)
+EXPECT_PARSE_UNNAMED = Expectation(PARSE)  # a client's own unnamed Parse (told apart by identity when it fails)
+EXPECT_PARSE_RESENT = Expectation(PARSE, SWALLOW)  # the proxy re-sends a client's unnamed Parse
 EXPECT_SYNC_QUIET = Expectation(SYNC, QUIET)
 
 
