@@ -45,6 +45,7 @@ READY = 0x5A  # 'Z'
 PARAMETER_STATUS = 0x53  # 'S'
 ERROR = 0x45  # 'E'
 PARAMETER_DESCRIPTION = 0x74  # 't'
+DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does not see
 ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
 
 
@@ -165,7 +166,7 @@ class PostgresBackend(BackendConnection):
                             resume = head.resume or resume
                     elif action != FORWARD and head.record is not None and kind == PARAMETER_DESCRIPTION:
                         head.record.parameters = scan[pos : pos + 1 + length]
-            if action in (SWALLOW, QUIET) or (action == REPLACE and kind == ERROR):
+            if action != FORWARD and (action in DROPPED or (action == REPLACE and kind == ERROR)):
                 if pieces is None:
                     pieces = []
                 pieces.append(scan[run_start:pos])

@@ -29,6 +29,7 @@ from proxy.pool.pool import Backend, Pool
 from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
+    EXPECT_BIND,
     EXPECT_CLOSE,
     EXPECT_DESCRIBE_PORTAL,
     EXPECT_EXECUTE,
@@ -603,6 +604,10 @@ class PostgresClient(ClientConnection):
             return statements.parse_named(name, rest, backend, session_words)
         if kind == BIND_BYTE:
             portal, name, rest = ext.split_bind(body)
+            if (not name and backend.unnamed_owner is statements and backend.unnamed_serial == statements.unnamed_serial
+                    and statements.check is None and not statements.unnamed_words):
+                expect.append(EXPECT_BIND)  # the client's own unnamed statement, parsed on this backend
+                return None
             return statements.bind(portal, name, rest, backend)
         target, name = ext.split_target(body, "Describe" if kind == DESCRIBE_BYTE else "Close")
         if kind == DESCRIBE_BYTE:

@@ -93,14 +93,12 @@ def _name_end(body: bytes, start: int, what: str) -> int:
 
 
 def split_parse(body: bytes) -> tuple[bytes, bytes]:
-    """Parse body -> (statement name, the rest: query, parameter count and types), checked whole."""
-    end = _name_end(body, 0, "Parse")
-    query_end = body.find(b"\x00", end + 1)
-    if query_end < 0 or len(body) < query_end + 3:
-        raise ProtocolViolation("malformed Parse message: no NUL-terminated query and parameter count")
-    count = int.from_bytes(body[query_end + 1 : query_end + 3], "big", signed=True)
-    if count < 0 or len(body) != query_end + 3 + 4 * count:
-        raise ProtocolViolation(f"malformed Parse message: {count} parameter types do not fit the message")
+    """Parse body -> (statement name, the rest: query, parameter count and types), its layout checked."""
+    end = body.find(b"\x00")
+    query_end = body.find(b"\x00", end + 1) if end >= 0 else -1
+    tail = len(body) - query_end - 3  # after the query's NUL and the parameter count: 4 bytes per type
+    if query_end < 0 or tail < 0 or tail != (body[query_end + 1] << 10 | body[query_end + 2] << 2):
+        raise ProtocolViolation("malformed Parse message: expected a name, a query and its parameter types")
     return body[:end], body[end + 1 :]
 
 
