@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import struct
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -167,6 +170,46 @@ async def test_asyncpg_alter_type_on_another_backend(two: ProxyProcess, pg_serve
     finally:
         mover.close()
         await conn.close()
+
+
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
+JAVA_DRIVER = Path(__file__).parent / "java" / "StatementDriver.java"
+
+
+@pytest.mark.skipif(shutil.which("java") is None or not JDBC_JAR.exists(),
+                    reason="needs java and PgJDBC (apt-get install libpostgresql-jdbc-java)")
+def test_pgjdbc_prepare_threshold_after_alter_type(two: ProxyProcess, pg_server: PostgresInstance,
+                                                   int_table: str) -> None:
+    url = f"jdbc:postgresql://127.0.0.1:{two.ports['postgresql']}/app?prepareThreshold=1&sslmode=disable"
+    java = subprocess.Popen(["java", "-cp", str(JDBC_JAR), str(JAVA_DRIVER), url, "app", "app-secret",
+                             f"SELECT v FROM {int_table}"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert java.stdin is not None and java.stdout is not None
+    mover = Mover(two)
+
+    def say(command: str) -> str:
+        assert java.stdin is not None and java.stdout is not None
+        java.stdin.write(command + "\n")
+        java.stdin.flush()
+        return java.stdout.readline().strip()
+
+    try:
+        assert java.stdout.readline().strip() == "ready"
+        assert say("begin") == "ok"
+        assert say("query") == "value Integer 2"
+        assert say("query") == "value Integer 2"  # a named server-side statement from here on, binary results
+        mover.hold_other()
+        assert say("commit") == "ok"
+        mover.swap()
+        superuser(pg_server, f"ALTER TABLE {int_table} ALTER COLUMN v TYPE real")
+        first = say("query")
+        assert first in ("value Float 2.0", "error 0A000 ERROR: cached plan must not change result type"), first
+        assert say("query") == "value Float 2.0"  # PgJDBC re-prepares, as it does directly
+        mover.done()
+    finally:
+        mover.close()
+        java.stdin.close()
+        java.wait(30)
 
 
 def test_raw_alter_type_gets_cached_plan_error(two: ProxyProcess, pg_server: PostgresInstance,
