@@ -371,6 +371,30 @@ def test_statement_whose_table_is_gone_on_the_other_backend(two: ProxyProcess, p
         client.close()
 
 
+def test_table_recreated_with_the_same_shape_keeps_working(two: ProxyProcess, pg_server: PostgresInstance,
+                                                            int_table: str) -> None:
+    """The server compares result types, not which table they come from: neither does the proxy."""
+    client = raw(two)
+    mover = Mover(two)
+    try:
+        client.query("BEGIN")
+        client.send(parse("s1", f"SELECT v FROM {int_table}") + describe("S", "s1") + SYNC)
+        assert kinds(client.until("Z")) == "1tTZ"
+        mover.hold_other()
+        client.query("COMMIT")
+        mover.swap()
+        superuser(pg_server, f"DROP TABLE {int_table}; CREATE TABLE {int_table}(v int); "
+                             f"INSERT INTO {int_table} VALUES (5); GRANT ALL ON {int_table} TO app")
+        client.send(bind("s1", binary_results=True) + EXECUTE + SYNC)
+        replies = client.until("Z")
+        assert error_of(replies) is None, replies
+        assert row_values(replies) == [struct.pack("!i", 5)]
+        mover.done()
+    finally:
+        mover.close()
+        client.close()
+
+
 def test_described_unnamed_statement_after_alter_on_the_other_backend(two: ProxyProcess, pg_server: PostgresInstance,
                                                                       int_table: str) -> None:
     client = raw(two)

@@ -31,6 +31,7 @@ from proxy.protocol.pg.extended import (
     SYNC,
     Expectation,
     Prepared,
+    result_shape,
 )
 
 if TYPE_CHECKING:
@@ -242,7 +243,7 @@ class PostgresBackend(BackendConnection):
         record = head.record
         assert record is not None
         if head.kind == DESCRIBE_STATEMENT:
-            record.description = record.parameters + reply
+            record.description = record.parameters + result_shape(reply)
 
     # --- login ---
 

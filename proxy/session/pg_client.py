@@ -554,8 +554,10 @@ class PostgresClient(ClientConnection):
             self.transport.resume_reading()
         if data:
             self._forward(data, backend)
-        elif self.pending == 0:
-            self._release_if_done(backend)
+        if not self._checking:
+            statements.check = None  # consumed by the held message; never applies to another
+            if not data and self.pending == 0:
+                self._release_if_done(backend)
 
     @staticmethod
     def _write_pieces(backend: PostgresBackend, pieces: list[bytes] | None, scan: bytes, start: int,

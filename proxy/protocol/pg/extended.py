@@ -85,6 +85,24 @@ EXPECT_PARSE_RESENT = Expectation(PARSE, SWALLOW)  # the proxy re-sends a client
 EXPECT_SYNC_QUIET = Expectation(SYNC, QUIET)
 
 
+def result_shape(reply: bytes) -> bytes:
+    """A RowDescription (or NoData) reduced to what fixes a statement's result type, as the server compares it:
+    column names, types, type modifiers; not the table and column a value came from."""
+    if not reply or reply[0] != ord("T"):
+        return reply
+    count = int.from_bytes(reply[5:7], "big")
+    pos = 7
+    out = [reply[5:7]]
+    for _ in range(count):
+        end = reply.find(b"\x00", pos)
+        if end < 0 or end + 19 > len(reply):
+            return reply  # malformed: compared as sent
+        out.append(reply[pos : end + 1])  # name
+        out.append(reply[end + 7 : end + 19])  # type, size, modifier, format (skipping table and column)
+        pos = end + 19
+    return b"".join(out)
+
+
 def _name_end(body: bytes, start: int, what: str) -> int:
     end = body.find(b"\x00", start)
     if end < 0:
