@@ -130,8 +130,7 @@ class Statements:
         self.unnamed_rest: bytes | None = None  # the client's unnamed statement (its Parse rest), if it has one
         self.unnamed_serial = 0  # counts the client's unnamed Parses; a backend notes the one it holds
         self.unnamed_words = False  # its text may change session state
-        self.unnamed_shown: Prepared | None = None  # its description, once the client asked for it
-        self.unnamed_stale = False  # it no longer matches the schema: 0A000 on every use, as directly
+        self.unnamed_shown: Prepared | None = None  # its description, once the client asked for it (and .stale)
         self.check: Prepared | None = None  # a backend copy prepared to check, while the client's bytes are held
         self.check_bytes = b""  # what to send the backend for that check
         self.check_in_query = False  # the check is for a simple Query (ends with its own Sync)
@@ -169,7 +168,6 @@ class Statements:
         self.unnamed_rest = rest
         self.unnamed_words = session_words
         self.unnamed_shown = None
-        self.unnamed_stale = False
         backend.expect.append(EXPECT_PARSE_UNNAMED)
 
     def unnamed_failed(self) -> None:
@@ -310,7 +308,8 @@ class Statements:
         if check is not None:
             self.check = None
             if shown is None or check.description != shown.description:
-                self.unnamed_stale = True
+                if shown is not None:
+                    shown.stale = True  # it no longer matches the schema: 0A000 on every use, as directly
                 return self._fail(backend, CACHED_PLAN_CHANGED, False)
             return None
         if backend.unnamed_owner is self and backend.unnamed_serial == self.unnamed_serial:
@@ -318,7 +317,7 @@ class Statements:
         rest = self.unnamed_rest
         if rest is None:
             return self._fail(backend, UNNAMED_MISSING, False)
-        if self.unnamed_stale:
+        if shown is not None and shown.stale:
             return self._fail(backend, CACHED_PLAN_CHANGED, False)
         backend.unnamed_owner = self
         backend.unnamed_serial = self.unnamed_serial
