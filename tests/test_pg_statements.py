@@ -608,3 +608,39 @@ def test_many_clients_share_few_backends_with_prepared_statements(two: ProxyProc
 
     asyncio.run(run())
     assert "Traceback" not in two.log()
+
+
+async def test_concurrent_clients_through_repeated_type_changes(two: ProxyProcess, pg_server: PostgresInstance,
+                                                               int_table: str) -> None:
+    """Six asyncpg clients on two backends while the column's type keeps changing: a value is 2 in whatever type
+    the column has, or the driver's cached-plan error; never the bytes of one type read as another."""
+    port = two.ports["postgresql"]
+    stop = asyncio.Event()
+    seen: list[object] = []
+
+    async def client() -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                     database="app", ssl=False)
+        try:
+            for _ in range(400):
+                if stop.is_set():
+                    break
+                try:
+                    seen.append(await conn.fetchval(f"SELECT v FROM {int_table}"))
+                except (asyncpg.exceptions.InvalidCachedStatementError,
+                        asyncpg.exceptions.FeatureNotSupportedError) as exc:
+                    assert "cached" in str(exc)
+        finally:
+            await conn.close()
+
+    async def alter() -> None:
+        for kind in ("real", "bigint", "double precision", "int", "numeric", "smallint", "real"):
+            await asyncio.sleep(0.15)
+            await asyncio.to_thread(superuser, pg_server, f"ALTER TABLE {int_table} ALTER COLUMN v TYPE {kind}")
+        await asyncio.sleep(0.5)  # the last type (real) for a while: every client reads floats
+        stop.set()
+
+    await asyncio.gather(alter(), *(client() for _ in range(6)))
+    assert seen and all(value == 2 for value in seen), [v for v in seen if v != 2][:5]
+    assert {type(value).__name__ for value in seen} >= {"int", "float"}
+    assert "Traceback" not in two.log()
