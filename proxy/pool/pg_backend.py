@@ -16,18 +16,38 @@ from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection
 from proxy.pool.pg_deadline import internal_deadline
 from proxy.protocol.pg import messages as pg
-from proxy.protocol.pg.extended import ENDS, FORWARD, INJECT, SKIPS_TO_SYNC, SWALLOW, SYNC, Expectation
+from proxy.protocol.pg.extended import (
+    DESCRIBE_STATEMENT,
+    ENDS,
+    EXPECT_PARSE_RESENT,
+    EXPECT_PARSE_UNNAMED,
+    FORWARD,
+    INJECT,
+    PARSE,
+    QUIET,
+    REPLACE,
+    SKIPPED,
+    SKIPS_TO_SYNC,
+    SWALLOW,
+    SYNC,
+    Expectation,
+    Prepared,
+    result_shape,
+)
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
     from proxy.secrets import SecretStore
     from proxy.session.pg_client import PostgresClient
+    from proxy.session.pg_statements import Statements
 
 log = logging.getLogger(__name__)
 
 READY = 0x5A  # 'Z'
 PARAMETER_STATUS = 0x53  # 'S'
 ERROR = 0x45  # 'E'
+PARAMETER_DESCRIPTION = 0x74  # 't'
+DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does not see
 ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
 # In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
 SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
@@ -49,7 +69,9 @@ class PostgresBackend(BackendConnection):
         self._dropping = False  # the rest of the current message is dropped, not passed on
         self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
         self.expect: deque[Expectation] = deque()  # requests sent, in the order their replies will come
-        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # statement names prepared here, LRU order
+        self.prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
+        self.unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
+        self.unnamed_serial = 0  # and which of that client's unnamed Parses
         self.ended_by_server = False  # a FATAL ErrorResponse of the server's was passed to the client
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
         self._own_pid = b""  # this server session's process id as sent in a NotificationResponse
@@ -100,6 +122,7 @@ class PostgresBackend(BackendConnection):
             run_start = min(pos, end)
         expect = self.expect
         ready = 0
+        resume = False  # a statement check the client waits for has ended
         hold = end  # bytes from here on wait for the rest of their message
         while pos < end:
             if end - pos < 5:
@@ -154,15 +177,29 @@ class PostgresBackend(BackendConnection):
                     head = expect[0] if expect else None
                 if head is not None:
                     action = head.action
+                    if action != FORWARD and head.record is not None and end - pos < length + 1:
+                        hold = pos  # a reply the statement book records: wait for all of it
+                        break
                     if kind == ERROR and head.kind in SKIPS_TO_SYNC:
-                        action = FORWARD  # the client must see why its request failed
-                        self._skip_to_sync()
+                        if action != QUIET and action != REPLACE:
+                            action = FORWARD  # the client must see why its request failed
+                        resume = self._skip_to_sync(scan[pos : pos + 1 + length]) or resume
                     elif kind in ENDS[head.kind]:
                         expect.popleft()
-            if action == SWALLOW:
+                        if action != FORWARD:
+                            if kind == READY and action == QUIET:
+                                ready -= 1  # a Sync of the proxy's own
+                            if head.record is not None:
+                                self._settled(head, scan[pos : pos + 1 + length])
+                            resume = head.resume or resume
+                    elif action != FORWARD and head.record is not None and kind == PARAMETER_DESCRIPTION:
+                        head.record.parameters = scan[pos : pos + 1 + length]
+            if action != FORWARD and (action in DROPPED or (action == REPLACE and kind == ERROR)):
                 if pieces is None:
                     pieces = []
                 pieces.append(scan[run_start:pos])
+                if action == REPLACE:
+                    pieces.append(head.payload)  # type: ignore[union-attr]
                 run_start = pos + 1 + length
             pos += 1 + length
             if expect and expect[0].action == INJECT:
@@ -187,7 +224,9 @@ class PostgresBackend(BackendConnection):
             if run_start < hold:
                 pieces.append(scan[run_start:hold])
             client.transport.write(b"".join(pieces))
-        if ready:
+        if resume:
+            client.resume_held(self)
+        if ready and self.client is client:
             client.backend_ready(self, ready)
 
     def _pop_injections(self) -> list[bytes]:
@@ -197,15 +236,41 @@ class PostgresBackend(BackendConnection):
             out.append(expect.popleft().payload)
         return out
 
-    def _skip_to_sync(self) -> None:
-        """An extended-query request failed: the server skips to the next Sync, and so do the expectations."""
+    def _skip_to_sync(self, error: bytes) -> bool:
+        """An extended-query request failed: the server skips everything up to the next Sync, so do we.
+
+        Returns whether the client holds bytes waiting for one of the requests skipped."""
         expect = self.expect
+        statements = self.client.statements if self.client is not None else None
+        failing = True
+        resume = False
         while expect and expect[0].kind != SYNC:
             failed = expect.popleft()
-            if failed.prepared_name:
-                self.prepared.pop(failed.prepared_name, None)
-                if self.client is not None:
-                    self.client.statement_failed(failed.prepared_name)
+            record = failed.record
+            if record is not None:
+                if failed.kind == PARSE:
+                    if not failed.prepared_name:
+                        self.unnamed_owner = None  # whatever the server holds now, the proxy re-sends before use
+                    elif self.prepared.get(failed.prepared_name) is record:
+                        del self.prepared[failed.prepared_name]
+                if record.description is None and record.error is None:
+                    record.error = error if failing else SKIPPED
+                if statements is not None:
+                    statements.failed(failed, failing)
+            elif failed is EXPECT_PARSE_UNNAMED or failed is EXPECT_PARSE_RESENT:
+                self.unnamed_owner = None
+                if failed is EXPECT_PARSE_UNNAMED and statements is not None:
+                    statements.unnamed_failed()
+            resume = resume or failed.resume
+            failing = False
+        return resume
+
+    def _settled(self, head: Expectation, reply: bytes) -> None:
+        """A request the statement book follows ended: a Describe's reply is recorded, a Parse confirmed."""
+        record = head.record
+        assert record is not None
+        if head.kind == DESCRIBE_STATEMENT:
+            record.description = record.parameters + result_shape(reply)
 
     # --- login ---
 
@@ -300,6 +365,7 @@ class PostgresBackend(BackendConnection):
         A notification that arrives meanwhile belongs to the session's client: it is kept in `notifications`.
         """
         assert self.client is None
+        self.unnamed_owner = None  # a simple Query ends the unnamed statement
         self.write(pg.query(sql))
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None

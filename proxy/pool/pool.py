@@ -180,7 +180,7 @@ class Pool:
         self.validated_settings: set[tuple[str, str]] = set()
         self._settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
         self._next_settings_id = itertools.count(1)
-        self._statement_names: dict[bytes, bytes] = {}
+        self._statement_names: dict[tuple[bytes, int], bytes] = {}
         self._next_statement = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -204,13 +204,15 @@ class Pool:
             found = self._settings_ids[key] = next(self._next_settings_id)
         return found
 
-    def statement_name(self, parse_rest: bytes) -> bytes:
-        """The backend name for a statement (query text and parameter types): shared by every client."""
-        name = self._statement_names.get(parse_rest)
+    def statement_name(self, parse_rest: bytes, context: int = 0) -> bytes:
+        """The backend name for a statement: shared by every client that prepares the same text and parameter
+        types under the same name-resolution settings (`context`, a settings_id of those settings)."""
+        key = (parse_rest, context)
+        name = self._statement_names.get(key)
         if name is None:
             if len(self._statement_names) >= 100_000:  # bounded; names are never reused
                 self._statement_names.clear()
-            name = self._statement_names[parse_rest] = b"dbproxy_%d" % next(self._next_statement)
+            name = self._statement_names[key] = b"dbproxy_%d" % next(self._next_statement)
         return name
 
     def waiting_since(self) -> float:

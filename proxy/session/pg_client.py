@@ -34,16 +34,15 @@ from proxy.protocol.pg.extended import (
     EXPECT_BIND,
     EXPECT_CLOSE,
     EXPECT_DESCRIBE_PORTAL,
-    EXPECT_DESCRIBE_STATEMENT,
     EXPECT_EXECUTE,
     EXPECT_FUNCTION_CALL,
-    EXPECT_PARSE,
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
 from proxy.secrets import Secret
 from proxy.session.client import LOGIN_MESSAGE_LIMIT, ClientConnection, TLSHandshakeFailed
 from proxy.session.pg_service import PostgresService
+from proxy.session.pg_statements import HOLD, Statements
 from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ SESSION_WORDS = re.compile(
     rb"deallocate|close|drop|role|session|pg_advisory_\w*)\b"
 )
 VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
-DEALLOCATE = re.compile(rb'(?is)^\s*deallocate\s+(?:prepare\s+)?"?(?P<name>[^\s";]+)"?\s*;?\s*$')
+EXECUTE_WORD = re.compile(rb"(?i)\s*execute\s")
 DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
 LOAD = re.compile(rb"(?i)^\s*load\s")
 
@@ -163,7 +162,8 @@ class PostgresClient(ClientConnection):
         self.wanted: dict[str, str] = {}  # the settings this client's session should have on any backend
         self.pending = 0  # Query/Sync/FunctionCall messages sent whose ReadyForQuery has not come back
         self.in_extended = False  # extended-query messages sent since the last Sync
-        self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (backend name, Parse rest)
+        self.statements = Statements(self)  # named and unnamed prepared statements (pg_statements)
+        self._checking = False  # a statement check is out: the client's bytes wait in _held for its reply
         self.pins: set[str] = set()  # reasons this client keeps its backend between transactions
         self._state_dirty = False  # a statement may have changed settings or pinned state
         self.active = True  # data seen since the janitor last looked
@@ -252,6 +252,10 @@ class PostgresClient(ClientConnection):
         a client that left in the middle of a message costs its backend (the server still waits for the rest,
         which must never come from another client)."""
         pool = backend.pool
+        if self._checking and not backend.closed:  # replies to a statement check are on their way: not reusable
+            log.info("client %s left during a statement check; dropping %s", self.peer, backend)
+            pool.discard(backend)
+            return
         running = self.pending > 0 or bool(backend.expect)
         mid_message = self._mid_message_on_backend()
         if running or backend.closed or mid_message or not backend.at_boundary:
@@ -473,6 +477,9 @@ class PostgresClient(ClientConnection):
         resets = [f"RESET {name}" for name in current if name not in wanted and name not in FIXED_PARAMETERS]
         statements = (["SELECT " + ", ".join(changes)] if changes else []) + resets
         if statements:
+            for name, value in wanted.items():  # only the server's own reports (its spelling) may refill these
+                if current.get(name) != value:
+                    current.pop(name, None)
             await backend.simple_query(";".join(statements))
             self._after_sync(backend)
         backend.settings_id = self.settings_id
@@ -508,11 +515,16 @@ class PostgresClient(ClientConnection):
             return
         self.active = True
         backend = self.backend
-        if backend is None or self._acquiring is not None or self._queued:
+        if backend is None or self._acquiring is not None or self._queued or self._checking:
             self._held += data
-            if self._acquiring is None and not self._queued:
+            if self._checking:
+                if self.statements.discarding and backend is not None:
+                    self.resume_held(backend)
+                    return
+            elif self._acquiring is None and not self._queued:
                 self._dispatch_unlinked()
-            elif len(self._held) > HELD_LIMIT and not self.peer_paused_us:
+                return
+            if len(self._held) > HELD_LIMIT and not self.peer_paused_us:
                 self.peer_paused_us = True
                 self.transport.pause_reading()
             return
@@ -569,7 +581,18 @@ class PostgresClient(ClientConnection):
                 return
             if action == INSPECTED:
                 if end - pos >= 1 + length:
-                    replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
+                    try:
+                        replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
+                    except ProtocolViolation as exc:  # as PostgreSQL does: ERROR 08P01, skip to Sync, carry on
+                        log.warning("client %s (user %r): %s [%s]", self.peer, self.user, exc.message, exc.sqlstate)
+                        PROXY.protocol_errors += 1
+                        replacement = self.statements.reject(backend, exc)
+                    if replacement is HOLD:
+                        self._write_pieces(backend, pieces, scan, run_start, pos)
+                        backend.transport.write(self.statements.take_check())
+                        self._checking = True
+                        self._held += scan[pos:]
+                        return
                     if replacement is not None:
                         if pieces is None:
                             pieces = []
@@ -630,6 +653,27 @@ class PostgresClient(ClientConnection):
         # The first part starts the text (LOAD is only recognised there); later ones are joined after a `;`.
         self._note_session_words(window[1:] if first else b";" + window)
 
+    def resume_held(self, backend: PostgresBackend) -> None:
+        """A statement check ended (the backend's call): forward what the client sent meanwhile."""
+        data = bytes(self._held)
+        self._held.clear()
+        statements = self.statements
+        if statements.discarding:
+            data, reached = statements.discard_until_sync(data, self.max_message)
+            if not reached:
+                self._held += data
+                return
+        self._checking = False
+        if self.peer_paused_us:
+            self.peer_paused_us = False
+            self.transport.resume_reading()
+        if data:
+            self._forward(data, backend)
+        if not self._checking:
+            statements.check = None  # consumed by the held message; never applies to another
+            if not data and self.pending == 0:
+                self._release_if_done(backend)
+
     @staticmethod
     def _write_pieces(backend: PostgresBackend, pieces: list[bytes] | None, scan: bytes, start: int,
                       stop: int) -> None:
@@ -643,10 +687,21 @@ class PostgresClient(ClientConnection):
     # --- messages that are read whole: queries and named statements ---
 
     def _inspect(self, kind: int, body: bytes, backend: PostgresBackend) -> bytes | None:
-        """Note what a Query/Parse/Bind/Describe/Close asks; return its replacement bytes, or None to pass it."""
+        """Note what a Query/Parse/Bind/Describe/Close asks; return its replacement bytes, or None to pass it.
+
+        HOLD means a statement check went out first: the client's bytes from this message on wait for its reply."""
         expect = backend.expect
+        statements = self.statements
         if kind == QUERY_BYTE:
+            if statements.named and EXECUTE_WORD.match(body):
+                replacement = statements.execute_sql(body[:-1], backend)
+                if replacement is not None:
+                    if replacement is not HOLD:
+                        self.pending += 1
+                        statements.forget_unnamed(backend)
+                    return replacement
             self.pending += 1
+            statements.forget_unnamed(backend)
             replacement = self._session_statement(body[:-1], backend) if SESSION_WORDS.search(body) else None
             expect.append(EXPECT_QUERY)
             return replacement
@@ -657,74 +712,34 @@ class PostgresClient(ClientConnection):
         self.in_extended = True
         if kind == PARSE_BYTE:
             name, rest = ext.split_parse(body)
-            if SESSION_WORDS.search(rest):
+            session_words = SESSION_WORDS.search(rest) is not None
+            if session_words:
                 self._note_session_words(ext.parse_query_text(rest))
             if not name:
-                expect.append(EXPECT_PARSE)
+                statements.parse_unnamed(rest, backend, session_words)
                 return None
-            return self._parse_named(name, rest, backend)
+            return statements.parse_named(name, rest, backend, session_words)
         if kind == BIND_BYTE:
             portal, name, rest = ext.split_bind(body)
-            statement = self.statements.get(name) if name else None
-            if statement is None:
-                expect.append(EXPECT_BIND)
+            if (not name and backend.unnamed_owner is statements and backend.unnamed_serial == statements.unnamed_serial
+                    and statements.check is None and not statements.unnamed_words):
+                expect.append(EXPECT_BIND)  # the client's own unnamed statement, parsed on this backend
                 return None
-            prefix = self._ensure_prepared(backend, *statement)
-            expect.append(EXPECT_BIND)
-            return prefix + ext.build_bind(portal, statement[0], rest)
+            return statements.bind(portal, name, rest, backend)
         target, name = ext.split_target(body, "Describe" if kind == DESCRIBE_BYTE else "Close")
         if kind == DESCRIBE_BYTE:
-            if target == STATEMENT and name and name in self.statements:
-                statement = self.statements[name]
-                prefix = self._ensure_prepared(backend, *statement)
-                expect.append(EXPECT_DESCRIBE_STATEMENT)
-                return prefix + ext.build_target(b"D", target, statement[0])
-            expect.append(EXPECT_DESCRIBE_STATEMENT if target == STATEMENT else EXPECT_DESCRIBE_PORTAL)
+            if target == STATEMENT:
+                return statements.describe(name, backend)
+            expect.append(EXPECT_DESCRIBE_PORTAL)
             return None
-        if target == STATEMENT and name:  # Close of a named statement: the client's name goes, the backend's stays
-            self.statements.pop(name, None)
-            self._inject(backend, ext.CLOSE_COMPLETE)
-            return b""
+        if target == STATEMENT:
+            if name:  # Close of a named statement: the client's name goes, the backend's stays
+                statements.close_named(name)
+                self._inject(backend, ext.CLOSE_COMPLETE)
+                return b""
+            statements.forget_unnamed(backend)
         expect.append(EXPECT_CLOSE)
         return None
-
-    def _parse_named(self, name: bytes, rest: bytes, backend: PostgresBackend) -> bytes:
-        pool = backend.pool
-        existing = self.statements.get(name)
-        if existing is not None:  # the server itself answers "already exists" (42P05)
-            prefix = self._ensure_prepared(backend, *existing)
-            backend.expect.append(EXPECT_PARSE)
-            return prefix + ext.build_parse(existing[0], rest)
-        proxy_name = pool.statement_name(rest)
-        self.statements[name] = (proxy_name, rest)
-        prepared = backend.prepared
-        if proxy_name in prepared:
-            prepared.move_to_end(proxy_name)
-            self._inject(backend, ext.PARSE_COMPLETE)
-            return b""
-        prefix = self._evict_if_full(backend)
-        prepared[proxy_name] = None
-        backend.expect.append(ext.Expectation(ext.PARSE, ext.FORWARD, prepared_name=proxy_name))
-        return prefix + ext.build_parse(proxy_name, rest)
-
-    def _ensure_prepared(self, backend: PostgresBackend, proxy_name: bytes, rest: bytes) -> bytes:
-        """A Parse to send first (its reply swallowed) when this backend lacks the statement, else nothing."""
-        prepared = backend.prepared
-        if proxy_name in prepared:
-            prepared.move_to_end(proxy_name)
-            return b""
-        prefix = self._evict_if_full(backend)
-        prepared[proxy_name] = None
-        backend.expect.append(ext.Expectation(ext.PARSE, ext.SWALLOW, prepared_name=proxy_name))
-        return prefix + ext.build_parse(proxy_name, rest)
-
-    def _evict_if_full(self, backend: PostgresBackend) -> bytes:
-        prepared = backend.prepared
-        if len(prepared) < self.service.settings.pool.max_prepared_statements:
-            return b""
-        oldest, _ = prepared.popitem(last=False)
-        backend.expect.append(ext.Expectation(ext.CLOSE, ext.SWALLOW))
-        return ext.build_target(b"C", STATEMENT, oldest)
 
     def _inject(self, backend: PostgresBackend, reply: bytes) -> None:
         """A reply the proxy gives itself, in its place among the backend's replies."""
@@ -733,28 +748,14 @@ class PostgresClient(ClientConnection):
         else:
             self.write(reply)
 
-    def statement_failed(self, proxy_name: bytes) -> None:
-        """A Parse of ours failed on the backend: the client's name for it does not exist either."""
-        for name in [n for n, (p, _) in self.statements.items() if p == proxy_name]:
-            del self.statements[name]
-
     def _session_statement(self, sql: bytes, backend: PostgresBackend) -> bytes | None:
         """A Query that may change session state: DEALLOCATE is mapped, the rest noted for inspection."""
         self._note_session_words(sql)
-        match = DEALLOCATE.match(sql)
-        if match is None:
-            return None
-        name = match.group("name")
-        if name.lower() == b"all":
-            self.statements.clear()
-            backend.prepared.clear()
-            return None
-        statement = self.statements.pop(name, None)
-        if statement is None:
-            return None  # an SQL-level PREPAREd statement, or an error the server reports
-        prefix = self._ensure_prepared(backend, *statement)
-        backend.prepared.pop(statement[0], None)
-        return prefix + pg.query(f"DEALLOCATE {statement[0].decode()}")
+        return self.statements.deallocate_sql(sql, backend)
+
+    def note_session_words(self, sql: bytes) -> None:
+        """A statement whose text may change session state runs (again): read the state back afterwards."""
+        self._note_session_words(sql)
 
     def _note_session_words(self, sql: bytes) -> None:
         if self.service.exclude_variable_sets and all(
@@ -763,9 +764,7 @@ class PostgresClient(ClientConnection):
             return  # the user chose not to track SETs: they stay on whichever backend ran them
         self._state_dirty = True
         if DISCARD_ALL.search(sql):
-            self.statements.clear()
-            if self.backend is not None:
-                self.backend.prepared.clear()
+            self.statements.forget_all(self.backend)
         if LOAD.match(sql):
             self._pin("LOAD")
 
@@ -894,7 +893,7 @@ class PostgresClient(ClientConnection):
     def _release_if_done(self, backend: PostgresBackend) -> None:
         """Transaction mode: back to the pool once nothing is running, pending or half-sent."""
         if (self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial or backend.expect
-                or self._message is not None or not backend.at_boundary):
+                or self._message is not None or not backend.at_boundary or self._checking):
             return
         self.pending = 0
         pool = backend.pool
