@@ -58,3 +58,23 @@ def test_client_stalled_mid_packet_is_disconnected(tmp_path: Path, mariadb_serve
         assert stalled.closed_by_peer()
         assert rows_of(idle.query("SELECT 'idle is fine'")) == [b"idle is fine"]
         proxy.wait_for_log(r"middle of a packet")
+
+
+def test_internal_wait_on_a_backend_has_a_deadline(tmp_path: Path, mariadb_server: MariaDBInstance) -> None:
+    """Session mode, a reset query that never ends: the backend is closed at the deadline and its slot freed."""
+    with running_proxy(tmp_path, mariadb=mariadb_server, mysql__pool={
+        "max_connections": 1, "connection_borrow_timeout": 20.0, "mode": "session",
+        "reset_query": "SELECT SLEEP(600)", "internal_query_timeout": 1.0,
+    }) as proxy:
+        port = proxy.ports["mysql"]
+        first = RawClient(port)
+        first.login()
+        first.query("BEGIN")  # left inside a transaction: reset, then the reset query runs
+        first.close()
+        started = time.monotonic()
+        second = RawClient(port, timeout=20)
+        second.login()
+        assert rows_of(second.query("SELECT 'next'")) == [b"next"]
+        assert time.monotonic() - started < 8
+        second.close()
+        proxy.wait_for_log(r"did not answer within")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -321,6 +323,19 @@ class MySQLBackend(BackendConnection):
             if length < my.MAX_PACKET:
                 return header[3], parts[0] if len(parts) == 1 else b"".join(parts)
 
+    @contextlib.asynccontextmanager
+    async def _internal_deadline(self) -> AsyncIterator[None]:
+        """Bound a wait the proxy starts itself by the pool's internal_query_timeout: past it the backend is
+        closed (its slot comes free) and BackendUnavailable is raised."""
+        timeout = self.pool.settings.internal_query_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except TimeoutError:
+            log.warning("backend %s did not answer within %g s; closing it", self, timeout)
+            self.abort()
+            raise BackendUnavailable(f"the database did not answer within {timeout:g} s") from None
+
     async def command(self, payload: bytes) -> list[list[bytes | None]]:
         """Send a command the proxy itself needs and read its whole response; text rows of a result set.
 
@@ -333,14 +348,15 @@ class MySQLBackend(BackendConnection):
             return []
         rows: list[list[bytes | None]] = []
         seen = 0
-        while True:
-            _, packet = await self.read_packet()
-            done = tracker.feed(packet)
-            if tracker.rows != seen:
-                seen = tracker.rows
-                rows.append(_text_row(packet))
-            if done:
-                break
+        async with self._internal_deadline():
+            while True:
+                _, packet = await self.read_packet()
+                done = tracker.feed(packet)
+                if tracker.rows != seen:
+                    seen = tracker.rows
+                    rows.append(_text_row(packet))
+                if done:
+                    break
         if tracker.error is not None and tracker.error_packet is not None:
             raise MySQLServerError(tracker.error_packet)
         return rows
@@ -358,19 +374,20 @@ class MySQLBackend(BackendConnection):
         tracker = self.tracker
         self.write(b"".join(frame(payload, 0) for payload in payloads))
         failure: bytes | None = None
-        for payload in payloads:
-            if tracker.start(payload[0], self.deprecate_eof):
+        async with self._internal_deadline():
+            for payload in payloads:
+                if tracker.start(payload[0], self.deprecate_eof):
+                    if failures is not None:
+                        failures.append(None)
+                    continue
+                while True:
+                    _, packet = await self.read_packet()
+                    if tracker.feed(packet):
+                        break
                 if failures is not None:
-                    failures.append(None)
-                continue
-            while True:
-                _, packet = await self.read_packet()
-                if tracker.feed(packet):
-                    break
-            if failures is not None:
-                failures.append(tracker.error_packet if tracker.error is not None else None)
-            elif failure is None and tracker.error is not None:
-                failure = tracker.error_packet
+                    failures.append(tracker.error_packet if tracker.error is not None else None)
+                elif failure is None and tracker.error is not None:
+                    failure = tracker.error_packet
         if failure is not None:
             raise MySQLServerError(failure)
 
