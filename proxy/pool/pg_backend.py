@@ -49,6 +49,8 @@ class PostgresBackend(BackendConnection):
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # statement names prepared here, LRU order
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
         self._own_pid = b""  # this server session's process id as sent in a NotificationResponse
+        self.uses = 0  # transactions started here by clients (see proxy.session.pg_sequences)
+        self.seq_owner = 0  # the client whose sequence values this session holds (0: none yet, -1: several)
 
     def __repr__(self) -> str:
         return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
@@ -147,6 +149,8 @@ class PostgresBackend(BackendConnection):
                     elif kind in ENDS[head.kind]:
                         expect.popleft()
             if action == SWALLOW:
+                if kind == READY:
+                    ready -= 1  # the end of the proxy's own query, not of one the client sent
                 if pieces is None:
                     pieces = []
                 pieces.append(scan[run_start:pos])

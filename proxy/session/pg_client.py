@@ -40,7 +40,9 @@ from proxy.protocol.pg.extended import (
     EXPECT_SYNC,
 )
 from proxy.secrets import Secret
+from proxy.session import pg_sequences as seq
 from proxy.session.client import ClientConnection
+from proxy.session.pg_databases import close_idle_backends, database_ddl_target
 from proxy.session.pg_service import PostgresService
 from proxy.stats import PINS, PROXY
 
@@ -59,7 +61,7 @@ STATEMENT = ord("S")
 # Words that may start or end session state a backend cannot carry to another client (checked in C, per query).
 SESSION_WORDS = re.compile(
     rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
-    rb"deallocate|close|drop|role|session|pg_advisory_\w*)\b"
+    rb"deallocate|close|drop|rename|role|session|pg_advisory_\w*|" + seq.SEQUENCE_WORDS_PATTERN + rb")\b"
 )
 VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
 DEALLOCATE = re.compile(rb'(?is)^\s*deallocate\s+(?:prepare\s+)?"?(?P<name>[^\s";]+)"?\s*;?\s*$')
@@ -149,6 +151,11 @@ class PostgresClient(ClientConnection):
         self.statements: dict[bytes, tuple[bytes, bytes]] = {}  # client name -> (backend name, Parse rest)
         self.pins: set[str] = set()  # reasons this client keeps its backend between transactions
         self._state_dirty = False  # a statement may have changed settings or pinned state
+        self._seq_hold = False  # this transaction may have set a sequence value it did not return
+        self._seq_holding: asyncio.TimerHandle | None = None  # keeping the backend for lastval()/currval()
+        self._seq_hold_over = False  # the hold's time is up: the backend goes back at the transaction's end
+        self.seq_backend: PostgresBackend | None = None  # the backend of this client's latest transaction
+        self.seq_use = 0  # its use count then (see pg_sequences)
         self.active = True  # data seen since the janitor last looked
         self.settings_id = 0  # the pool's number for this client's settings, to compare with a backend's
         self.idle_since = 0.0
@@ -657,9 +664,19 @@ class PostgresClient(ClientConnection):
         return prefix + pg.query(f"DEALLOCATE {statement[0].decode()}")
 
     def _note_session_words(self, sql: bytes) -> None:
-        if self.service.exclude_variable_sets and all(
-            word.lower() in VARIABLE_WORDS for word in SESSION_WORDS.findall(sql)
-        ):
+        """Note what a statement may change (settings, pinned state, sequence values)."""
+        database = database_ddl_target(sql)
+        if database is not None:  # the server refuses while the pool keeps idle sessions on that database
+            close_idle_backends(self.service.target.pools.values(), database)
+        words = {word.lower() for word in SESSION_WORDS.findall(sql)}
+        sequences = words & seq.SEQUENCE_WORDS
+        if sequences:
+            if seq.writes_without_returning(sequences):
+                self._seq_hold = True
+            words -= sequences
+            if not words:
+                return
+        if self.service.exclude_variable_sets and words <= VARIABLE_WORDS:
             return  # the user chose not to track SETs: they stay on whichever backend ran them
         self._state_dirty = True
         if DISCARD_ALL.search(sql):
@@ -699,9 +716,18 @@ class PostgresClient(ClientConnection):
         """Get a backend for the held messages: at once when one is idle, else wait in line (no task)."""
         pool = self.pool
         assert pool is not None
-        backend = pool.borrow_idle()
+        backend = None
+        if self.seq_backend is not None and any(  # lastval()/currval(): where they are
+            seq.READS.search(text) for text in seq.statement_texts(self._held, self.statements)
+        ):
+            backend = seq.take_if_unused(pool, self.seq_backend, self.seq_use)
+            if backend is None:
+                log.info("client %s: the backend of its previous transaction has served another client since; "
+                         "lastval()/currval() will report no value", self.peer)
+        if backend is None:
+            backend = pool.borrow_idle()  # type: ignore[assignment]
         if backend is not None:
-            self._got(backend)  # type: ignore[arg-type]
+            self._got(backend)
         elif pool.can_open():
             self._acquiring = self.loop.create_task(self._acquire(pool, None))
         else:
@@ -767,6 +793,16 @@ class PostgresClient(ClientConnection):
         backend.link(self)
         data = bytes(self._held)
         self._held.clear()
+        if not backend.pool.session_mode:  # sequence values: only this client's on this session from now on
+            discard = seq.attach(backend, self.process_id)
+            if discard:
+                backend.transport.write(discard)
+            self.seq_backend, self.seq_use = backend, backend.uses
+            if self.statements and any(  # (a Bind of a named statement shows no SQL to _note_session_words)
+                seq.WRITES.search(text) and not seq.RETURNING.search(text)
+                for text in seq.statement_texts(data, self.statements)
+            ):
+                self._seq_hold = True
         if self.peer_paused_us:
             self.peer_paused_us = False
             self.transport.resume_reading()
@@ -792,11 +828,14 @@ class PostgresClient(ClientConnection):
         pool = backend.pool
         if self._state_dirty and not pool.session_mode:
             self._state_dirty = False
+            self._hold_for_sequences(backend, allowed=False)
             self.backend = None
             backend.unlink()
             self._acquiring = self.loop.create_task(self._inspect_session(backend))
             return
         if pool.session_mode or self.pins:
+            return
+        if self._hold_for_sequences(backend, allowed=True):
             return
         self.backend = None
         backend.unlink()
@@ -847,6 +886,46 @@ class PostgresClient(ClientConnection):
             pool.release(backend)
             if self._held:
                 self._dispatch_unlinked()
+
+    def _hold_for_sequences(self, backend: PostgresBackend, allowed: bool) -> bool:
+        """At a transaction's end: whether the client keeps its backend because it may read a sequence value
+        (lastval()/currval() live in the server session) it may just have set."""
+        wanted, self._seq_hold = self._seq_hold, False
+        holding = self._seq_holding is not None or self._seq_hold_over
+        if allowed and wanted:  # (re)start the hold
+            if self._seq_holding is not None:
+                self._seq_holding.cancel()
+            elif not self._seq_hold_over:
+                PINS.current += 1
+                PINS.pinned(seq.HOLD_REASON)
+            self._seq_hold_over = False
+            self._seq_holding = self.loop.call_later(seq.HOLD_SECONDS, self._sequence_hold_over, backend)
+            return True
+        if allowed and self._seq_holding is not None:
+            return True  # within the hold's time: the next transaction may read the value
+        if holding:
+            if self._seq_holding is not None:
+                self._seq_holding.cancel()
+                self._seq_holding = None
+            self._seq_hold_over = False
+            PINS.unpinned()
+        return False
+
+    def _sequence_hold_over(self, backend: PostgresBackend) -> None:
+        """The hold's time is up: the backend goes back to the pool now if the client is idle on it."""
+        self._seq_holding = None
+        if self.closed or self.backend is not backend or self.pins or self._acquiring is not None:
+            PINS.unpinned()
+            return
+        if self.pending or self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial \
+                or backend.expect:
+            self._seq_hold_over = True  # its next transaction is under way: the backend goes back at its end
+            return
+        PINS.unpinned()
+        self.backend = None
+        backend.unlink()
+        backend.pool.stats.transactions += 1
+        backend.pool.release(backend)
 
     def _pin(self, reason: str) -> None:
         if reason not in self.pins:

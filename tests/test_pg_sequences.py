@@ -1,0 +1,114 @@
+"""lastval()/currval() through a pool smaller than the clients: each client reads its own ids, never another's."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import asyncpg
+import psycopg
+import pytest
+from psycopg import errors
+
+from proxy.devservers import PostgresInstance
+from support import ProxyProcess, running_proxy
+
+CLIENTS = 20
+ROUNDS = 8
+
+
+@pytest.fixture(scope="module")
+def seq_proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance) -> Iterator[ProxyProcess]:
+    pg_server.psql("CREATE TABLE IF NOT EXISTS seq_t (id serial PRIMARY KEY, who int NOT NULL)", user="app",
+                   db="app")
+    with running_proxy(tmp_path_factory.mktemp("seq"), pg_server, postgresql__pool={"max_connections": 5}) as proxy:
+        yield proxy
+
+
+def owner_of(pg: PostgresInstance, ids: list[int]) -> dict[int, int]:
+    rows = pg.psql(f"SELECT id, who FROM seq_t WHERE id IN ({','.join(map(str, ids))})", user="app", db="app")
+    return {int(i): int(w) for i, w in (line.split("|") for line in rows.split())}
+
+
+async def test_asyncpg_clients_read_their_own_lastval_and_currval(seq_proxy: ProxyProcess,
+                                                                  pg_server: PostgresInstance) -> None:
+    """20 clients, pool of 5: INSERT into a serial table, then lastval()/currval() in the next transaction."""
+    port = seq_proxy.ports["postgresql"]
+
+    async def client(who: int) -> list[int]:
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                     database="app", ssl=False, statement_cache_size=0)
+        seen = []
+        try:
+            for i in range(ROUNDS):
+                await conn.execute("INSERT INTO seq_t (who) VALUES ($1)", who)
+                query = "SELECT lastval()" if i % 2 == 0 else "SELECT currval('seq_t_id_seq')"
+                seen.append(await conn.fetchval(query))
+        finally:
+            await conn.close()
+        return seen
+
+    results = await asyncio.gather(*(client(who) for who in range(CLIENTS)))
+    owners = owner_of(pg_server, [i for ids in results for i in ids])
+    for who, ids in enumerate(results):
+        assert [owners[i] for i in ids] == [who] * ROUNDS
+
+
+def test_psycopg_clients_read_their_own_lastval(seq_proxy: ProxyProcess, pg_server: PostgresInstance) -> None:
+    results: dict[int, list[int]] = {}
+    failures: list[BaseException] = []
+
+    def client(who: int) -> None:
+        try:
+            with psycopg.connect(host="127.0.0.1", port=seq_proxy.ports["postgresql"], user="app",
+                                 password="app-secret", dbname="app", sslmode="disable", autocommit=True) as conn:
+                seen = []
+                for i in range(ROUNDS):
+                    # simple-query protocol (no parameters, ClientCursor) and extended, alternately
+                    cursor = psycopg.ClientCursor(conn) if i % 2 else conn.cursor()
+                    cursor.execute(f"INSERT INTO seq_t (who) VALUES ({who})")
+                    row = cursor.execute("SELECT lastval()").fetchone()
+                    assert row is not None
+                    seen.append(row[0])
+                results[who] = seen
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(who,)) for who in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures, failures[0]
+    owners = owner_of(pg_server, [i for ids in results.values() for i in ids])
+    for who, ids in results.items():
+        assert [owners[i] for i in ids] == [who] * ROUNDS
+
+
+def test_never_another_clients_value(seq_proxy: ProxyProcess) -> None:
+    """A client that never called nextval() gets "not yet defined", whatever its backend did for others."""
+    stop = threading.Event()
+
+    def inserter() -> None:
+        with psycopg.connect(host="127.0.0.1", port=seq_proxy.ports["postgresql"], user="app",
+                             password="app-secret", dbname="app", sslmode="disable", autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO seq_t (who) VALUES (-1)")
+
+    threads = [threading.Thread(target=inserter, daemon=True) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        with psycopg.connect(host="127.0.0.1", port=seq_proxy.ports["postgresql"], user="app",
+                             password="app-secret", dbname="app", sslmode="disable", autocommit=True) as reader:
+            for _ in range(30):
+                with pytest.raises(errors.ObjectNotInPrerequisiteState):
+                    reader.execute("SELECT lastval()")
+                with pytest.raises(errors.ObjectNotInPrerequisiteState):
+                    reader.execute("SELECT currval('seq_t_id_seq')")
+                reader.execute("SELECT 1")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
