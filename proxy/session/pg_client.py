@@ -154,6 +154,7 @@ class PostgresClient(ClientConnection):
         self._seq_hold = False  # this transaction may have set a sequence value it did not return
         self._seq_holding: asyncio.TimerHandle | None = None  # keeping the backend for lastval()/currval()
         self._seq_hold_over = False  # the hold's time is up: the backend goes back at the transaction's end
+        self._seq_unowned = False  # a sequence statement came while the backend's values may be another's
         self.seq_backend: PostgresBackend | None = None  # the backend of this client's latest transaction
         self.seq_use = 0  # its use count then (see pg_sequences)
         self.active = True  # data seen since the janitor last looked
@@ -650,7 +651,11 @@ class PostgresClient(ClientConnection):
         self._note_session_words(sql)
         match = DEALLOCATE.match(sql)
         if match is None:
+            if self._seq_unowned:  # the backend's sequence values may be another client's: drop them first
+                self._seq_unowned = False
+                return seq.discard_now(backend, self.process_id) + pg.message(b"Q", sql + b"\x00")
             return None
+        self._seq_unowned = False
         name = match.group("name")
         if name.lower() == b"all":
             self.statements.clear()
@@ -673,6 +678,8 @@ class PostgresClient(ClientConnection):
         if sequences:
             if seq.writes_without_returning(sequences):
                 self._seq_hold = True
+            if self.backend is not None and self.backend.seq_owner != self.process_id:
+                self._seq_unowned = True
             words -= sequences
             if not words:
                 return
@@ -717,9 +724,7 @@ class PostgresClient(ClientConnection):
         pool = self.pool
         assert pool is not None
         backend = None
-        if self.seq_backend is not None and any(  # lastval()/currval(): where they are
-            seq.READS.search(text) for text in seq.statement_texts(self._held, self.statements)
-        ):
+        if self.seq_backend is not None and seq.reads_values(self._held, self.statements):  # where they are
             backend = seq.take_if_unused(pool, self.seq_backend, self.seq_use)
             if backend is None:
                 log.info("client %s: the backend of its previous transaction has served another client since; "
@@ -794,15 +799,12 @@ class PostgresClient(ClientConnection):
         data = bytes(self._held)
         self._held.clear()
         if not backend.pool.session_mode:  # sequence values: only this client's on this session from now on
-            discard = seq.attach(backend, self.process_id)
+            discard, hold = seq.attach(backend, self.process_id, data, self.statements)
             if discard:
                 backend.transport.write(discard)
-            self.seq_backend, self.seq_use = backend, backend.uses
-            if self.statements and any(  # (a Bind of a named statement shows no SQL to _note_session_words)
-                seq.WRITES.search(text) and not seq.RETURNING.search(text)
-                for text in seq.statement_texts(data, self.statements)
-            ):
+            if hold:  # (a Bind of a named statement shows no SQL to _note_session_words)
                 self._seq_hold = True
+            self.seq_backend, self.seq_use = backend, backend.uses
         if self.peer_paused_us:
             self.peer_paused_us = False
             self.transport.resume_reading()
@@ -891,6 +893,10 @@ class PostgresClient(ClientConnection):
         """At a transaction's end: whether the client keeps its backend because it may read a sequence value
         (lastval()/currval() live in the server session) it may just have set."""
         wanted, self._seq_hold = self._seq_hold, False
+        if self._seq_unowned:  # (an extended-protocol statement: no DISCARD could go before it)
+            self._seq_unowned = False
+            seq.make_strict(backend.pool)
+        wanted = wanted and backend.seq_owner == self.process_id
         holding = self._seq_holding is not None or self._seq_hold_over
         if allowed and wanted:  # (re)start the hold
             if self._seq_holding is not None:

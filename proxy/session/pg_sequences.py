@@ -1,22 +1,26 @@
 """lastval()/currval() through a pool: a client reads its own sequence values or none, never another client's.
 
 PostgreSQL keeps them per server session; only nextval() sets them (often implicitly, in a serial or identity
-default, a trigger or a function), so the proxy can neither see every change nor carry the values elsewhere.
-- A backend that starts a transaction for a client other than the one whose sequence values it holds first runs
-  `DISCARD SEQUENCES` (pipelined ahead of the client's messages, its replies swallowed): a server session's
-  values are only ever its current client's, whatever statement or function reads them.
-- After a transaction with a statement that may call nextval() (INSERT, COPY, MERGE, nextval, setval) and does
-  not fetch the value with RETURNING, the client keeps its backend for up to HOLD_SECONDS of its following
-  transactions (counted as pins with reason "sequence value"), so that `INSERT ...` then `SELECT lastval()`
-  works under contention.
-- A later transaction that reads lastval()/currval() goes back to the backend of the client's previous
-  transaction when nobody has used it since; anywhere else the server says the value is not yet defined (55000).
+default), so the proxy can neither carry them to another backend nor see every change. Instead:
+- Before statements that name a sequence function, INSERT, COPY or MERGE run on a backend whose sequence
+  values may be another client's, `DISCARD SEQUENCES` goes ahead of them (pipelined, its replies swallowed):
+  what those statements read or set is then only this client's. Where no DISCARD can go first (such statements
+  inside an extended-protocol transaction), the pool learns to discard at every hand-over between clients.
+- After a transaction that may have called nextval() without fetching the value (no RETURNING), the client keeps
+  its backend for up to HOLD_SECONDS of its following transactions (pin reason "sequence value"), so that
+  `INSERT ...` then `SELECT lastval()` works under contention.
+- A transaction that reads lastval()/currval() goes back to the backend of the client's previous transaction
+  when nobody has used it since; anywhere else the server says the value is not yet defined (55000).
+Statements that reach sequences only inside functions or triggers are not seen: their values stay with the
+backend (as with any server-side function that reads them).
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Mapping
 
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
@@ -28,13 +32,17 @@ SEQUENCE_WORDS_PATTERN = rb"nextval|setval|lastval|currval|insert|copy|merge|ret
 READ_WORDS = frozenset({b"lastval", b"currval"})
 WRITE_WORDS = frozenset({b"nextval", b"setval", b"insert", b"copy", b"merge"})
 SEQUENCE_WORDS = READ_WORDS | WRITE_WORDS | {b"returning"}
+ANY_WORD = re.compile(rb"(?i)\b(?:" + SEQUENCE_WORDS_PATTERN + rb")\b")
 READS = re.compile(rb"(?i)\b(?:lastval|currval)\b")
 WRITES = re.compile(rb"(?i)\b(?:nextval|setval|insert|copy|merge)\b")
 RETURNING = re.compile(rb"(?i)\breturning\b")
 DISCARD_SEQUENCES = pg.query("DISCARD SEQUENCES")
 HOLD_REASON = "sequence value"
 HOLD_SECONDS = 0.1  # how long a client keeps its backend after a statement that may have set a sequence value
-NOBODY = 0  # Backend.seq_owner of a new session
+NOBODY, SHARED = 0, -1  # Backend.seq_owner: a new session / values possibly from several clients
+STRICT_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()  # pools whose backends discard at every hand-over
+
+log = logging.getLogger(__name__)
 
 
 def writes_without_returning(words: set[bytes]) -> bool:
@@ -42,38 +50,63 @@ def writes_without_returning(words: set[bytes]) -> bool:
     return bool(words & WRITE_WORDS) and b"returning" not in words
 
 
-def attach(backend: PostgresBackend, client_id: int) -> bytes:
-    """A client starts a transaction on the backend: count the use; returns a `DISCARD SEQUENCES` to send
-    first (its replies swallowed) when the session's sequence values may be another client's."""
+def bound_statement_texts(held: bytes | bytearray, statements: Mapping[bytes, tuple[bytes, bytes]]
+                          ) -> list[bytes]:
+    """The SQL of the named statements the Bind messages in `held` execute (their text is not in `held`)."""
+    texts = []
+    pos, end = 0, len(held)
+    while end - pos >= 5:
+        stop = pos + 1 + int.from_bytes(held[pos + 1 : pos + 5], "big")
+        if held[pos] == 0x42 and stop <= end:  # 'B': portal name, statement name
+            name_start = held.find(b"\x00", pos + 5) + 1
+            statement = statements.get(bytes(held[name_start : held.find(b"\x00", name_start)]))
+            if statement is not None:
+                texts.append(ext.parse_query_text(statement[1]))
+        pos = stop
+    return texts
+
+
+def reads_values(held: bytes | bytearray, statements: Mapping[bytes, tuple[bytes, bytes]]) -> bool:
+    """Whether the statements in `held` call lastval() or currval() by name."""
+    return READS.search(held) is not None or (
+        bool(statements) and any(READS.search(text) for text in bound_statement_texts(held, statements))
+    )
+
+
+def attach(backend: PostgresBackend, client_id: int, held: bytes, statements: Mapping[bytes, tuple[bytes, bytes]]
+           ) -> tuple[bytes, bool]:
+    """A client starts a transaction on the backend with `held`: count the use and return what to send first
+    (`DISCARD SEQUENCES`, its replies swallowed, when the statements use sequences and the session's values may
+    be another client's), and whether a named statement the client binds may set a value it does not see."""
     backend.uses += 1
+    bound = bound_statement_texts(held, statements) if statements else []
+    hold = any(WRITES.search(text) and not RETURNING.search(text) for text in bound)
     owner = backend.seq_owner
+    if owner == client_id:
+        return b"", hold
+    if owner == NOBODY:
+        backend.seq_owner = client_id
+        return b"", hold
+    if backend.pool in STRICT_POOLS or ANY_WORD.search(held) or any(ANY_WORD.search(text) for text in bound):
+        return discard_now(backend, client_id), hold
+    backend.seq_owner = SHARED
+    return b"", hold
+
+
+def discard_now(backend: PostgresBackend, client_id: int) -> bytes:
+    """`DISCARD SEQUENCES` to send next (its replies swallowed): the session's values become the client's."""
     backend.seq_owner = client_id
-    if owner in (NOBODY, client_id):
-        return b""
     backend.expect.append(ext.Expectation(ext.QUERY, ext.SWALLOW))
     return DISCARD_SEQUENCES
 
 
-def statement_texts(held: bytes | bytearray, statements: Mapping[bytes, tuple[bytes, bytes]]
-                    ) -> Iterator[bytes | bytearray]:
-    """The SQL of the Query, Parse and Bind (by its statement's name) messages in `held`."""
-    pos, end = 0, len(held)
-    while end - pos >= 5:
-        kind = held[pos]
-        stop = pos + 1 + int.from_bytes(held[pos + 1 : pos + 5], "big")
-        if stop > end:
-            stop = end  # (a message still arriving: what there is of it)
-        body = held[pos + 5 : stop]
-        if kind == 0x51:  # 'Q'
-            yield body
-        elif kind == 0x50:  # 'P': name, then the query
-            yield ext.parse_query_text(bytes(body[body.find(b"\x00") + 1 :]))
-        elif kind == 0x42 and statements:  # 'B': portal, statement name
-            name_start = body.find(b"\x00") + 1
-            statement = statements.get(bytes(body[name_start : body.find(b"\x00", name_start)]))
-            if statement is not None:
-                yield ext.parse_query_text(statement[1])
-        pos = stop
+def make_strict(pool: Pool) -> None:
+    """Sequence statements ran where no DISCARD could go before them (extended protocol, mid-transaction):
+    from now on every hand-over of this pool's backends between clients discards first."""
+    if pool not in STRICT_POOLS:
+        STRICT_POOLS.add(pool)
+        log.info("pool %s: sequence statements inside extended-protocol transactions; backends now run "
+                 "DISCARD SEQUENCES whenever they change clients", pool.name)
 
 
 def take_if_unused(pool: Pool, backend: PostgresBackend | None, use: int) -> PostgresBackend | None:
