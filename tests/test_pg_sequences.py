@@ -96,7 +96,7 @@ def test_never_another_clients_value(seq_proxy: ProxyProcess) -> None:
             while not stop.is_set():
                 conn.execute("INSERT INTO seq_t (who) VALUES (-1)")
 
-    threads = [threading.Thread(target=inserter, daemon=True) for _ in range(4)]
+    threads = [threading.Thread(target=inserter, daemon=True) for _ in range(8)]  # more than the pool
     for thread in threads:
         thread.start()
     try:
@@ -112,3 +112,54 @@ def test_never_another_clients_value(seq_proxy: ProxyProcess) -> None:
         stop.set()
         for thread in threads:
             thread.join(10)
+
+
+def test_never_another_clients_value_inside_a_transaction(seq_proxy: ProxyProcess) -> None:
+    """BEGIN on its own, then currval() in a later round trip (extended protocol): still not another's value."""
+    stop = threading.Event()
+
+    def inserter() -> None:
+        with psycopg.connect(host="127.0.0.1", port=seq_proxy.ports["postgresql"], user="app",
+                             password="app-secret", dbname="app", sslmode="disable", autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("INSERT INTO seq_t (who) VALUES (-2)")
+
+    threads = [threading.Thread(target=inserter, daemon=True) for _ in range(8)]  # more than the pool
+    for thread in threads:
+        thread.start()
+    try:
+        with psycopg.connect(host="127.0.0.1", port=seq_proxy.ports["postgresql"], user="app",
+                             password="app-secret", dbname="app", sslmode="disable") as reader:
+            for _ in range(20):
+                with pytest.raises(errors.ObjectNotInPrerequisiteState):
+                    with reader.transaction():
+                        reader.execute("SELECT 1")
+                        reader.execute("SELECT currval('seq_t_id_seq')")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+@pytest.mark.parametrize("begin", ["BEGIN", "START TRANSACTION"])
+async def test_transaction_block_after_another_clients_insert(seq_proxy: ProxyProcess, begin: str) -> None:
+    """The backend another client just inserted on; then BEGIN alone and currval() in a later round trip
+    (asyncpg: simple protocol for BEGIN, extended for the query, where no DISCARD can go first)."""
+    port = seq_proxy.ports["postgresql"]
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                     database="app", ssl=False)
+
+    reader = await connect()
+    try:
+        for _ in range(5):
+            other = await connect()
+            await other.execute("INSERT INTO seq_t (who) VALUES (-3)")
+            await other.close()
+            await reader.execute(begin)
+            with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):
+                await reader.fetchval("SELECT currval('seq_t_id_seq')")
+            await reader.execute("ROLLBACK")
+    finally:
+        await reader.close()

@@ -898,6 +898,8 @@ class PostgresClient(ClientConnection):
             seq.make_strict(backend.pool)
         wanted = wanted and backend.seq_owner == self.process_id
         holding = self._seq_holding is not None or self._seq_hold_over
+        if holding and backend.pool.waiters:
+            wanted = False  # one transaction per hold while others wait: no client keeps a backend for good
         if allowed and wanted:  # (re)start the hold
             if self._seq_holding is not None:
                 self._seq_holding.cancel()
@@ -907,8 +909,6 @@ class PostgresClient(ClientConnection):
             self._seq_hold_over = False
             self._seq_holding = self.loop.call_later(seq.HOLD_SECONDS, self._sequence_hold_over, backend)
             return True
-        if allowed and self._seq_holding is not None:
-            return True  # within the hold's time: the next transaction may read the value
         if holding:
             if self._seq_holding is not None:
                 self._seq_holding.cancel()

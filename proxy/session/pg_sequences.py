@@ -2,13 +2,15 @@
 
 PostgreSQL keeps them per server session; only nextval() sets them (often implicitly, in a serial or identity
 default), so the proxy can neither carry them to another backend nor see every change. Instead:
-- Before statements that name a sequence function, INSERT, COPY or MERGE run on a backend whose sequence
-  values may be another client's, `DISCARD SEQUENCES` goes ahead of them (pipelined, its replies swallowed):
-  what those statements read or set is then only this client's. Where no DISCARD can go first (such statements
-  inside an extended-protocol transaction), the pool learns to discard at every hand-over between clients.
+- Before statements that name a sequence function, INSERT, COPY or MERGE, or a transaction block, run on a
+  backend whose sequence values may be another client's, `DISCARD SEQUENCES` goes ahead of them (pipelined, its
+  replies swallowed): what they read or set is then only this client's. Should such statements still come where
+  no DISCARD can go first (extended protocol inside a transaction the proxy did not see begin), the pool learns
+  to discard at every hand-over between clients.
 - After a transaction that may have called nextval() without fetching the value (no RETURNING), the client keeps
-  its backend for up to HOLD_SECONDS of its following transactions (pin reason "sequence value"), so that
-  `INSERT ...` then `SELECT lastval()` works under contention.
+  its backend for its next transaction if that starts within HOLD_SECONDS (pin reason "sequence value"), so that
+  `INSERT ...` then `SELECT lastval()` works under contention; while others wait for a backend, a transaction
+  run in a hold does not start another one.
 - A transaction that reads lastval()/currval() goes back to the backend of the client's previous transaction
   when nobody has used it since; anywhere else the server says the value is not yet defined (55000).
 Statements that reach sequences only inside functions or triggers are not seen: their values stay with the
@@ -36,6 +38,8 @@ ANY_WORD = re.compile(rb"(?i)\b(?:" + SEQUENCE_WORDS_PATTERN + rb")\b")
 READS = re.compile(rb"(?i)\b(?:lastval|currval)\b")
 WRITES = re.compile(rb"(?i)\b(?:nextval|setval|insert|copy|merge)\b")
 RETURNING = re.compile(rb"(?i)\breturning\b")
+# A transaction block: its later statements come after the backend was chosen, where no DISCARD can go first.
+TRANSACTION_START = re.compile(rb"(?i)\b(?:begin|start\s+transaction)\b")
 DISCARD_SEQUENCES = pg.query("DISCARD SEQUENCES")
 HOLD_REASON = "sequence value"
 HOLD_SECONDS = 0.1  # how long a client keeps its backend after a statement that may have set a sequence value
@@ -87,7 +91,8 @@ def attach(backend: PostgresBackend, client_id: int, held: bytes, statements: Ma
     if owner == NOBODY:
         backend.seq_owner = client_id
         return b"", hold
-    if backend.pool in STRICT_POOLS or ANY_WORD.search(held) or any(ANY_WORD.search(text) for text in bound):
+    if (backend.pool in STRICT_POOLS or ANY_WORD.search(held) or TRANSACTION_START.search(held)
+            or any(ANY_WORD.search(text) for text in bound)):
         return discard_now(backend, client_id), hold
     backend.seq_owner = SHARED
     return b"", hold
