@@ -61,7 +61,7 @@ STATEMENT = ord("S")
 # Words that may start or end session state a backend cannot carry to another client (checked in C, per query).
 SESSION_WORDS = re.compile(
     rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
-    rb"deallocate|close|drop|rename|role|session|pg_advisory_\w*|" + seq.SEQUENCE_WORDS_PATTERN + rb")\b"
+    rb"deallocate|close|drop|rename|role|session|pg_advisory_\w*)\b"
 )
 VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
 DEALLOCATE = re.compile(rb'(?is)^\s*deallocate\s+(?:prepare\s+)?"?(?P<name>[^\s";]+)"?\s*;?\s*$')
@@ -154,9 +154,11 @@ class PostgresClient(ClientConnection):
         self._seq_hold = False  # this transaction may have set a sequence value it did not return
         self._seq_holding: asyncio.TimerHandle | None = None  # keeping the backend for lastval()/currval()
         self._seq_hold_over = False  # the hold's time is up: the backend goes back at the transaction's end
-        self._seq_unowned = False  # a sequence statement came while the backend's values may be another's
+        self._seq_hold_since = 0.0
+        self._reserved: PostgresBackend | None = None  # held for this client between its transactions
         self.seq_backend: PostgresBackend | None = None  # the backend of this client's latest transaction
         self.seq_use = 0  # its use count then (see pg_sequences)
+        self._seq_words: set[bytes] = set()  # sequence-related words of the transaction being started
         self.active = True  # data seen since the janitor last looked
         self.settings_id = 0  # the pool's number for this client's settings, to compare with a backend's
         self.idle_since = 0.0
@@ -651,11 +653,7 @@ class PostgresClient(ClientConnection):
         self._note_session_words(sql)
         match = DEALLOCATE.match(sql)
         if match is None:
-            if self._seq_unowned:  # the backend's sequence values may be another client's: drop them first
-                self._seq_unowned = False
-                return seq.discard_now(backend, self.process_id) + pg.message(b"Q", sql + b"\x00")
             return None
-        self._seq_unowned = False
         name = match.group("name")
         if name.lower() == b"all":
             self.statements.clear()
@@ -669,21 +667,12 @@ class PostgresClient(ClientConnection):
         return prefix + pg.query(f"DEALLOCATE {statement[0].decode()}")
 
     def _note_session_words(self, sql: bytes) -> None:
-        """Note what a statement may change (settings, pinned state, sequence values)."""
         database = database_ddl_target(sql)
         if database is not None:  # the server refuses while the pool keeps idle sessions on that database
             close_idle_backends(self.service.target.pools.values(), database)
-        words = {word.lower() for word in SESSION_WORDS.findall(sql)}
-        sequences = words & seq.SEQUENCE_WORDS
-        if sequences:
-            if seq.writes_without_returning(sequences):
-                self._seq_hold = True
-            if self.backend is not None and self.backend.seq_owner != self.process_id:
-                self._seq_unowned = True
-            words -= sequences
-            if not words:
-                return
-        if self.service.exclude_variable_sets and words <= VARIABLE_WORDS:
+        if self.service.exclude_variable_sets and all(
+            word.lower() in VARIABLE_WORDS for word in SESSION_WORDS.findall(sql)
+        ):
             return  # the user chose not to track SETs: they stay on whichever backend ran them
         self._state_dirty = True
         if DISCARD_ALL.search(sql):
@@ -724,7 +713,12 @@ class PostgresClient(ClientConnection):
         pool = self.pool
         assert pool is not None
         backend = None
-        if self.seq_backend is not None and seq.reads_values(self._held, self.statements):  # where they are
+        if not pool.session_mode:
+            self._seq_words = seq.words_in(self._held, self.statements)
+        reserved, self._reserved = self._reserved, None
+        if reserved is not None and not reserved.closed:
+            backend = reserved  # kept for this client's sequence values
+        elif self.seq_backend is not None and seq.reads_values(self._seq_words):  # lastval()/currval(): go back
             backend = seq.take_if_unused(pool, self.seq_backend, self.seq_use)
             if backend is None:
                 log.info("client %s: the backend of its previous transaction has served another client since; "
@@ -799,11 +793,11 @@ class PostgresClient(ClientConnection):
         data = bytes(self._held)
         self._held.clear()
         if not backend.pool.session_mode:  # sequence values: only this client's on this session from now on
-            discard, hold = seq.attach(backend, self.process_id, data, self.statements)
+            discard, hold = seq.attach(backend, self.process_id, self._seq_words)
+            self._seq_words = set()
             if discard:
                 backend.transport.write(discard)
-            if hold:  # (a Bind of a named statement shows no SQL to _note_session_words)
-                self._seq_hold = True
+            self._seq_hold = hold
             self.seq_backend, self.seq_use = backend, backend.uses
         if self.peer_paused_us:
             self.peer_paused_us = False
@@ -890,26 +884,29 @@ class PostgresClient(ClientConnection):
                 self._dispatch_unlinked()
 
     def _hold_for_sequences(self, backend: PostgresBackend, allowed: bool) -> bool:
-        """At a transaction's end: whether the client keeps its backend because it may read a sequence value
-        (lastval()/currval() live in the server session) it may just have set."""
-        wanted, self._seq_hold = self._seq_hold, False
-        if self._seq_unowned:  # (an extended-protocol statement: no DISCARD could go before it)
-            self._seq_unowned = False
-            seq.make_strict(backend.pool)
-        wanted = wanted and backend.seq_owner == self.process_id
-        holding = self._seq_holding is not None or self._seq_hold_over
-        if holding and backend.pool.waiters:
-            wanted = False  # one transaction per hold while others wait: no client keeps a backend for good
-        if allowed and wanted:  # (re)start the hold
-            if self._seq_holding is not None:
-                self._seq_holding.cancel()
-            elif not self._seq_hold_over:
+        """At a transaction's end: whether the client keeps its backend (reserved, unlinked) because its next
+        transaction may read a sequence value (lastval()/currval() live in the server session)."""
+        writer = self._seq_hold and backend.seq_owner == self.process_id
+        self._seq_hold = False
+        active = self._seq_holding is not None or self._seq_hold_over
+        now = self.loop.time()
+        if writer and active and backend.pool.waiters and now - self._seq_hold_since > seq.HOLD_LIMIT_SECONDS:
+            writer = False  # others wait: the hold is not renewed any more
+        if allowed and (writer or self._seq_holding is not None):
+            if not active:
                 PINS.current += 1
                 PINS.pinned(seq.HOLD_REASON)
-            self._seq_hold_over = False
-            self._seq_holding = self.loop.call_later(seq.HOLD_SECONDS, self._sequence_hold_over, backend)
+                self._seq_hold_since = now
+            if writer:
+                if self._seq_holding is not None:
+                    self._seq_holding.cancel()
+                self._seq_hold_over = False
+                self._seq_holding = self.loop.call_later(seq.HOLD_SECONDS, self._sequence_hold_over, backend)
+            self.backend = None
+            backend.unlink()
+            self._reserved = backend
             return True
-        if holding:
+        if active:
             if self._seq_holding is not None:
                 self._seq_holding.cancel()
                 self._seq_holding = None
@@ -918,20 +915,17 @@ class PostgresClient(ClientConnection):
         return False
 
     def _sequence_hold_over(self, backend: PostgresBackend) -> None:
-        """The hold's time is up: the backend goes back to the pool now if the client is idle on it."""
+        """The hold's time is up: a reserved backend goes back to the pool, a busy one at its transaction's end."""
         self._seq_holding = None
-        if self.closed or self.backend is not backend or self.pins or self._acquiring is not None:
+        if self._reserved is backend:
+            self._reserved = None
             PINS.unpinned()
-            return
-        if self.pending or self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial \
-                or backend.expect:
-            self._seq_hold_over = True  # its next transaction is under way: the backend goes back at its end
-            return
-        PINS.unpinned()
-        self.backend = None
-        backend.unlink()
-        backend.pool.stats.transactions += 1
-        backend.pool.release(backend)
+            backend.pool.stats.transactions += 1
+            backend.pool.release(backend)
+        elif self.backend is backend and not self.closed:
+            self._seq_hold_over = True
+        else:
+            PINS.unpinned()
 
     def _pin(self, reason: str) -> None:
         if reason not in self.pins:
