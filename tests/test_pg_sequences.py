@@ -163,3 +163,29 @@ async def test_transaction_block_after_another_clients_insert(seq_proxy: ProxyPr
             await reader.execute("ROLLBACK")
     finally:
         await reader.close()
+
+
+def test_sequence_words_and_discard_decisions() -> None:
+    """Unit: the words seen in a first batch (named statements resolved) and when DISCARD SEQUENCES goes first."""
+    from proxy.protocol.pg import extended as ext
+    from proxy.protocol.pg import messages as pg
+    from proxy.session import pg_sequences as seq
+
+    statements = {b"s1": (b"dbproxy_1", b"INSERT INTO t (x) VALUES ($1)\x00\x00\x00")}
+    bind = b"B" + pg.INT32.pack(4 + 1 + 3 + 4) + b"\x00s1\x00" + b"\x00" * 4
+    assert seq.words_in(bind, statements) == {b"insert"}
+    assert seq.words_in(pg.query("SELECT LastVal()"), {}) == {b"lastval"}
+    assert seq.words_in(pg.query("SELECT inserted_at, copy_count FROM t"), {}) == set()
+
+    class FakeBackend:
+        uses = 0
+        seq_owner = seq.NOBODY
+        expect: list[ext.Expectation] = []
+
+    backend = FakeBackend()
+    assert seq.attach(backend, 7, {b"insert"}) == (b"", True)  # type: ignore[arg-type]  # a new session
+    assert seq.attach(backend, 8, set()) == (b"", False)  # type: ignore[arg-type]  # nothing to discard for
+    assert backend.seq_owner == seq.SHARED
+    assert seq.attach(backend, 8, {b"insert", b"returning"}) == (seq.DISCARD_SEQUENCES, False)  # type: ignore[arg-type]
+    assert seq.attach(backend, 8, {b"lastval"}) == (b"", False)  # type: ignore[arg-type]  # its own values
+    assert backend.uses == 4 and len(backend.expect) == 1
