@@ -886,6 +886,8 @@ class PostgresClient(ClientConnection):
     def _hold_for_sequences(self, backend: PostgresBackend, allowed: bool) -> bool:
         """At a transaction's end: whether the client keeps its backend (reserved, unlinked) because its next
         transaction may read a sequence value (lastval()/currval() live in the server session)."""
+        if not self._seq_hold and self._seq_holding is None and not self._seq_hold_over:
+            return False  # (the common case, at once)
         writer = self._seq_hold and backend.seq_owner == self.process_id
         self._seq_hold = False
         active = self._seq_holding is not None or self._seq_hold_over
