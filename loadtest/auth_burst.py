@@ -1,6 +1,6 @@
 """Login latency of good clients while a burst of failed SCRAM logins for unknown users hits the proxy.
 
-    python -m loadtest.auth_burst [--before REV] [--attempts 1000] [--logins 300]
+    python -m loadtest.auth_burst [--before REV] [--attempts 1000] [--rate 500] [--logins 300]
 
 Starts a throwaway PostgreSQL and, per code version, a one-worker proxy; measures good clients' login
 p50/p99 quietly and during the burst, and the proxy's CPU time per failed attempt. With --before, the same is
@@ -60,18 +60,22 @@ async def _failed_login(port: int, user: str) -> None:
         writer.close()
 
 
-async def _burst(port: int, attempts: int) -> None:
+async def _burst(port: int, attempts: int, rate: float) -> None:
+    """`attempts` failed logins started at `rate` per second (at most BURST_CONCURRENCY at once)."""
     gate = asyncio.Semaphore(BURST_CONCURRENCY)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
 
     async def one(index: int) -> None:
+        await asyncio.sleep(max(0.0, started + index / rate - loop.time()))
         async with gate:
             await _failed_login(port, f"nobody_{index}")
 
     await asyncio.gather(*(one(i) for i in range(attempts)))
 
 
-def _burst_process(port: int, attempts: int) -> None:
-    asyncio.run(_burst(port, attempts))
+def _burst_process(port: int, attempts: int, rate: float) -> None:
+    asyncio.run(_burst(port, attempts, rate))
 
 
 async def _good_logins(port: int, count: int, stop: multiprocessing.synchronize.Event | None = None) -> list[float]:
@@ -88,11 +92,12 @@ async def _good_logins(port: int, count: int, stop: multiprocessing.synchronize.
 
 def _summary(times: list[float]) -> str:
     ordered = sorted(times)
-    return (f"n={len(ordered):4d}  p50 {percentile(ordered, 0.50):7.2f} ms  "
-            f"p99 {percentile(ordered, 0.99):7.2f} ms")
+    return (f"n={len(ordered):4d}  p50 {percentile(ordered, 50):7.2f} ms  "
+            f"p99 {percentile(ordered, 99):7.2f} ms")
 
 
-def measure(label: str, code_dir: Path, workdir: Path, postgres: object, attempts: int, logins: int) -> None:
+def measure(label: str, code_dir: Path, workdir: Path, postgres: object, attempts: int, logins: int,
+            rate: float) -> None:
     proxy = ProxyProcess(workdir, postgres, None, pool_size=5, code_dir=code_dir, workers=1)  # type: ignore[arg-type]
     proxy.start()
     try:
@@ -101,7 +106,7 @@ def measure(label: str, code_dir: Path, workdir: Path, postgres: object, attempt
         quiet = asyncio.run(_good_logins(port, logins))
         process = psutil.Process(proxy.pid)
         cpu_before = cpu_seconds(process)
-        burst = multiprocessing.Process(target=_burst_process, args=(port, attempts))
+        burst = multiprocessing.Process(target=_burst_process, args=(port, attempts, rate))
         started = time.perf_counter()
         burst.start()
         during: list[float] = []
@@ -110,10 +115,11 @@ def measure(label: str, code_dir: Path, workdir: Path, postgres: object, attempt
         burst.join()
         elapsed = time.perf_counter() - started
         cpu_burst = cpu_seconds(process) - cpu_before
-        ratio = percentile(sorted(during), 0.99) / percentile(sorted(quiet), 0.99)
+        ratio = percentile(sorted(during), 99) / percentile(sorted(quiet), 99)
         print(f"[{label}] quiet        {_summary(quiet)}")
         print(f"[{label}] during burst {_summary(during)}   p99 ratio {ratio:.2f}x")
-        print(f"[{label}] burst: {attempts} failed logins in {elapsed:.2f} s; proxy CPU {cpu_burst:.2f} s "
+        print(f"[{label}] burst: {attempts} failed logins (paced at {rate:g}/s) in {elapsed:.2f} s; "
+              f"proxy CPU {cpu_burst:.2f} s "
               f"(includes the good logins meanwhile)")
     finally:
         proxy.stop()
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", help="git revision to measure first, side by side")
     parser.add_argument("--attempts", type=int, default=1000, help="failed logins in the burst")
     parser.add_argument("--logins", type=int, default=300, help="good logins measured while quiet")
+    parser.add_argument("--rate", type=float, default=500.0, help="failed logins started per second")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="auth_burst-") as folder:
         root = Path(folder)
@@ -142,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.before:
                 measure(f"before {args.before}", _export(args.before, root / "before"), root / "proxy-before",
-                        postgres, args.attempts, args.logins)
-            measure("this tree", REPO_ROOT, root / "proxy-now", postgres, args.attempts, args.logins)
+                        postgres, args.attempts, args.logins, args.rate)
+            measure("this tree", REPO_ROOT, root / "proxy-now", postgres, args.attempts, args.logins, args.rate)
         finally:
             postgres.stop()
     return 0

@@ -75,6 +75,8 @@ class PostgresBackend(BackendConnection):
         self.ended_by_server = False  # a FATAL ErrorResponse of the server's was passed to the client
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
         self._own_pid = b""  # this server session's process id as sent in a NotificationResponse
+        self.uses = 0  # transactions started here by clients (see proxy.session.pg_sequences)
+        self.seq_owner = 0  # the client whose sequence values this session holds (0: none yet, -1: several)
 
     def __repr__(self) -> str:
         return f"PostgresBackend(pid={self.process_id}, pool={self.pool.name})"
@@ -187,8 +189,8 @@ class PostgresBackend(BackendConnection):
                     elif kind in ENDS[head.kind]:
                         expect.popleft()
                         if action != FORWARD:
-                            if kind == READY and action == QUIET:
-                                ready -= 1  # a Sync of the proxy's own
+                            if kind == READY and action in DROPPED:
+                                ready -= 1  # the end of a query or Sync of the proxy's own
                             if head.record is not None:
                                 self._settled(head, scan[pos : pos + 1 + length])
                             resume = head.resume or resume

@@ -40,7 +40,9 @@ from proxy.protocol.pg.extended import (
     EXPECT_SYNC,
 )
 from proxy.secrets import Secret
+from proxy.session import pg_sequences as seq
 from proxy.session.client import LOGIN_MESSAGE_LIMIT, ClientConnection, TLSHandshakeFailed
+from proxy.session.pg_databases import close_idle_backends, database_ddl_target
 from proxy.session.pg_service import PostgresService
 from proxy.session.pg_statements import HOLD, Statements
 from proxy.stats import PINS, PROXY
@@ -60,7 +62,7 @@ STATEMENT = ord("S")
 # Words that may start or end session state a backend cannot carry to another client (checked in C, per query).
 SESSION_WORDS = re.compile(
     rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
-    rb"deallocate|close|drop|role|session|pg_advisory_\w*)\b"
+    rb"deallocate|close|drop|rename|role|session|pg_advisory_\w*)\b"
 )
 VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
 EXECUTE_WORD = re.compile(rb"(?i)\s*execute\s")
@@ -166,6 +168,14 @@ class PostgresClient(ClientConnection):
         self._checking = False  # a statement check is out: the client's bytes wait in _held for its reply
         self.pins: set[str] = set()  # reasons this client keeps its backend between transactions
         self._state_dirty = False  # a statement may have changed settings or pinned state
+        self._seq_hold = False  # this transaction may have set a sequence value it did not return
+        self._seq_holding: asyncio.TimerHandle | None = None  # keeping the backend for lastval()/currval()
+        self._seq_hold_over = False  # the hold's time is up: the backend goes back at the transaction's end
+        self._seq_hold_since = 0.0
+        self._reserved: PostgresBackend | None = None  # held for this client between its transactions
+        self.seq_backend: PostgresBackend | None = None  # the backend of this client's latest transaction
+        self.seq_use = 0  # its use count then (see pg_sequences)
+        self._seq_words: set[bytes] = set()  # sequence-related words of the transaction being started
         self.active = True  # data seen since the janitor last looked
         self.settings_id = 0  # the pool's number for this client's settings, to compare with a backend's
         self.idle_since = 0.0
@@ -758,6 +768,9 @@ class PostgresClient(ClientConnection):
         self._note_session_words(sql)
 
     def _note_session_words(self, sql: bytes) -> None:
+        database = database_ddl_target(sql)
+        if database is not None:  # the server refuses while the pool keeps idle sessions on that database
+            close_idle_backends(self.service.target.pools.values(), database)
         if self.service.exclude_variable_sets and all(
             word.lower() in VARIABLE_WORDS for word in SESSION_WORDS.findall(sql)
         ):
@@ -805,9 +818,21 @@ class PostgresClient(ClientConnection):
         """Get a backend for the held messages: at once when one is idle, else wait in line (no task)."""
         pool = self.pool
         assert pool is not None
-        backend = pool.borrow_idle()
+        backend = None
+        if not pool.session_mode:
+            self._seq_words = seq.words_in(self._held, self.statements.named)
+        reserved, self._reserved = self._reserved, None
+        if reserved is not None and not reserved.closed:
+            backend = reserved  # kept for this client's sequence values
+        elif self.seq_backend is not None and seq.reads_values(self._seq_words):  # lastval()/currval(): go back
+            backend = seq.take_if_unused(pool, self.seq_backend, self.seq_use)
+            if backend is None:
+                log.info("client %s: the backend of its previous transaction has served another client since; "
+                         "lastval()/currval() will report no value", self.peer)
+        if backend is None:
+            backend = pool.borrow_idle()  # type: ignore[assignment]
         if backend is not None:
-            self._got(backend)  # type: ignore[arg-type]
+            self._got(backend)
         elif pool.can_open():
             self._acquiring = self.loop.create_task(self._acquire(pool, None))
         else:
@@ -873,6 +898,13 @@ class PostgresClient(ClientConnection):
         backend.link(self)
         data = bytes(self._held)
         self._held.clear()
+        if not backend.pool.session_mode:  # sequence values: only this client's on this session from now on
+            discard, hold = seq.attach(backend, self.process_id, self._seq_words)
+            self._seq_words = set()
+            if discard:
+                backend.transport.write(discard)
+            self._seq_hold = hold
+            self.seq_backend, self.seq_use = backend, backend.uses
         if self.peer_paused_us:
             self.peer_paused_us = False
             self.transport.resume_reading()
@@ -899,11 +931,14 @@ class PostgresClient(ClientConnection):
         pool = backend.pool
         if self._state_dirty and not pool.session_mode:
             self._state_dirty = False
+            self._hold_for_sequences(backend, allowed=False)
             self.backend = None
             backend.unlink()
             self._acquiring = self.loop.create_task(self._inspect_session(backend))
             return
         if pool.session_mode or self.pins:
+            return
+        if self._hold_for_sequences(backend, allowed=True):
             return
         self.backend = None
         backend.unlink()
@@ -954,6 +989,52 @@ class PostgresClient(ClientConnection):
             pool.release(backend)
             if self._held:
                 self._dispatch_unlinked()
+
+    def _hold_for_sequences(self, backend: PostgresBackend, allowed: bool) -> bool:
+        """At a transaction's end: whether the client keeps its backend (reserved, unlinked) because its next
+        transaction may read a sequence value (lastval()/currval() live in the server session)."""
+        if not self._seq_hold and self._seq_holding is None and not self._seq_hold_over:
+            return False  # (the common case, at once)
+        writer = self._seq_hold and backend.seq_owner == self.process_id
+        self._seq_hold = False
+        active = self._seq_holding is not None or self._seq_hold_over
+        now = self.loop.time()
+        if writer and active and backend.pool.waiters and now - self._seq_hold_since > seq.HOLD_LIMIT_SECONDS:
+            writer = False  # others wait: the hold is not renewed any more
+        if allowed and (writer or self._seq_holding is not None):
+            if not active:
+                PINS.current += 1
+                PINS.pinned(seq.HOLD_REASON)
+                self._seq_hold_since = now
+            if writer:
+                if self._seq_holding is not None:
+                    self._seq_holding.cancel()
+                self._seq_hold_over = False
+                self._seq_holding = self.loop.call_later(seq.HOLD_SECONDS, self._sequence_hold_over, backend)
+            self.backend = None
+            backend.unlink()
+            self._reserved = backend
+            return True
+        if active:
+            if self._seq_holding is not None:
+                self._seq_holding.cancel()
+                self._seq_holding = None
+            self._seq_hold_over = False
+            PINS.unpinned()
+        return False
+
+    def _sequence_hold_over(self, backend: PostgresBackend) -> None:
+        """The hold's time is up: a reserved backend goes back to the pool, a busy one at its transaction's end."""
+        self._seq_holding = None
+        if self._reserved is backend:
+            self._reserved = None
+            PINS.unpinned()
+            backend.pool.stats.transactions += 1
+            backend.pool.release(backend)
+        elif self.backend is backend and not self.closed:
+            self._seq_hold_over = True
+        else:
+            PINS.unpinned()
 
     def _pin(self, reason: str) -> None:
         if reason not in self.pins:
