@@ -259,7 +259,8 @@ def pg_preauth_case(rng: random.Random) -> Case:
     """Bytes before or during the login: random, truncated, bit-flipped or lying startup/handshake packets."""
     kind = rng.random()
     if kind < 0.005:  # a big first packet: must be refused at its header, not buffered
-        return Case("postgresql", "raw", [U32.pack(rng.choice((1 << 24, 1 << 30))) + rng.randbytes(1 << 20)], mutated=1)
+        header = U32.pack(rng.choice((1 << 24, 1 << 30)))
+        return Case("postgresql", "raw", [header + rng.randbytes(64) * (1 << 14)], mutated=1)
     if kind < 0.15:
         return Case("postgresql", "raw", [random_bytes(rng)], mutated=1)
     if kind < 0.5:
@@ -385,7 +386,7 @@ def mysql_preauth_case(rng: random.Random) -> Case:
     """Bytes before or during the login: random, truncated, bit-flipped or lying handshake packets."""
     kind = rng.random()
     if kind < 0.005:  # a big login packet: must be refused at its header, not buffered
-        return Case("mysql", "greeting", [b"\xff\xff\xff\x01" + rng.randbytes(1 << 20)], mutated=1)
+        return Case("mysql", "greeting", [b"\xff\xff\xff\x01" + rng.randbytes(64) * (1 << 14)], mutated=1)
     if kind < 0.15:
         return Case("mysql", rng.choice(("raw", "greeting")), [random_bytes(rng)], mutated=1)
     if kind < 0.3:
