@@ -98,7 +98,15 @@ def mutate_pg(rng: random.Random, message: bytes) -> bytes:
 
 
 def mutate_mysql(rng: random.Random, packet: bytes) -> bytes:
-    """A framed MySQL packet (3-byte length, sequence id, payload) with one defect."""
+    """A framed MySQL packet (3-byte length, sequence id, payload) with one defect; never a COM_PROCESS_KILL
+    (a mutated COM_STMT_FETCH 1 becomes KILL 1, and killing another client of the same user is allowed)."""
+    mutated = _mutate_mysql(rng, packet)
+    if len(mutated) > 4 and mutated[4] == my.COM_PROCESS_KILL:
+        mutated = mutated[:4] + bytes((my.COM_PING,)) + mutated[5:]
+    return mutated
+
+
+def _mutate_mysql(rng: random.Random, packet: bytes) -> bytes:
     seq, payload = packet[3], packet[4:]
     choice = rng.random()
     if choice < 0.6:
