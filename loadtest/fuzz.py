@@ -59,6 +59,19 @@ def proxy_config(folder: Path, pg_port: int | None, mysql_port: int | None, pool
     return path
 
 
+# PostgreSQL: "server process (PID n) was terminated by signal 11"; MariaDB: "mysqld got signal 11".
+DB_CRASH_MARKS = ("was terminated by signal", "was terminated by exception", "got signal")
+
+
+def server_crashes(server: Any) -> int:
+    """Server processes that crashed (from the database server's own log): their fault, not the proxy's."""
+    try:
+        text = Path(server.log_file).read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(text.count(mark) for mark in DB_CRASH_MARKS)
+
+
 class Proxy:
     """The proxy under test as a subprocess; its log goes to a file."""
 
@@ -148,7 +161,10 @@ class Run:
                 case = preauth_case(protocol, rng)
             began = time.monotonic()
             try:
-                outcome = await asyncio.wait_for(run_case(case, self.ports[protocol], idle=0.15, total=1.0), 15)
+                # most read the answers; the rest leave as soon as their bytes are out (mid-stream departures)
+                linger = rng.random() < 0.7
+                outcome = await asyncio.wait_for(
+                    run_case(case, self.ports[protocol], idle=0.1, total=1.0, linger=linger), 15)
             except (ConnectionRefusedError, ConnectionResetError):
                 await asyncio.sleep(0.2)  # the listener is gone or busy: the monitor tells which
                 continue
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     servers: list[Any] = []
     bystanders: list[Bystander] = []
+    controls: list[Bystander] = []
     proxy: Proxy | None = None
     try:
         pg_server = mariadb = None
@@ -267,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         proxy.start()
         log = LogWatcher(proxy.log)
         ports = {p: proxy.ports[p] for p in protocols}
-        for protocol in protocols:
+        for protocol in protocols:  # through the proxy, and a control straight to the database
             maker = pg_bystander if protocol == "postgresql" else mysql_bystander
             bystanders.append(maker(ports[protocol]))
-        for bystander in bystanders:
+            server = pg_server if protocol == "postgresql" else mariadb
+            assert server is not None
+            controls.append(maker(server.port, f"{protocol} (control, straight to the database)"))
+        for bystander in bystanders + controls:
             bystander.start()
         time.sleep(1.0)
         assert proxy.process is not None
@@ -279,11 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         alive = proxy.alive
         time.sleep(2.0)  # let closed sessions be cleaned up before measuring
         rss_after = tree_rss(proxy.process.pid) if alive else 0
-        for bystander in bystanders:
+        in_flight = {b.report.name: round(time.monotonic() - since, 1) for b in bystanders + controls
+                     if (since := b.in_flight_since) is not None}
+        for bystander in bystanders + controls:
             bystander.stop()
         tracebacks = result["tracebacks"] + tracebacks_by_kind(log.new_text())
         report = {
             "seed": args.seed, "seconds": result["seconds"], "proxy_alive_at_end": alive,
+            "database_server_crashes": {type(srv).__name__: server_crashes(srv) for srv in servers},
             "crashes": result["crashes"], "tracebacks": dict(tracebacks.most_common()),
             "tracebacks_total": sum(tracebacks.values()),
             "rss_before_mib": round(rss_before / 2**20, 1), "rss_warm_mib": round(result["rss_warm"] / 2**20, 1),
@@ -295,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "first_errors": b.report.errors[:10], "stalls": b.report.stalls[:20],
                                            "stall_count": len(b.report.stalls),
                                            "max_latency_s": round(b.report.max_latency, 3),
-                                           "still_in_flight": b.in_flight_since is not None}
-                           for b in bystanders},
+                                           "in_flight_at_end_s": in_flight.get(b.report.name)}
+                           for b in bystanders + controls},
             "proxy_log": str(proxy.log),
         }
         text = json.dumps(report, indent=2, default=str)
@@ -304,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(text)
         failed = (report["crashes"] or report["tracebacks_total"] or not alive
-                  or any(b.report.errors or b.report.stalls for b in bystanders))
+                  or any(b.report.errors or b.report.stalls or in_flight.get(b.report.name, 0) > STALL_SECONDS
+                         for b in bystanders))
         return 1 if failed else 0
     finally:
-        for bystander in bystanders:
+        for bystander in bystanders + controls:
             if bystander.is_alive():
                 bystander.stop()
         if proxy is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 
-from loadtest.fuzzgen import PG_SYNC, Case, frame_raw, mutate_mysql, mutate_pg
+from loadtest.fuzzgen import CHANGE_USER_SCRAMBLE, PG_SYNC, Case, frame_raw, mutate_mysql, mutate_pg
 from proxy.auth.mysql import scramble_native_password
 from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.protocol.mysql import constants as my
@@ -140,9 +140,9 @@ async def _read_until(reader: asyncio.StreamReader, token: bytes | None, outcome
                 return
 
 
-async def run_case(case: Case, port: int, idle: float = 0.15, total: float = 1.0) -> Outcome:
+async def run_case(case: Case, port: int, idle: float = 0.15, total: float = 1.0, linger: bool = True) -> Outcome:
     """Connect, log in as far as `case.stage` says, send its packets pipelined (plus a sentinel query after a
-    full login), read answers for a short while and close."""
+    full login), read answers for a short while (unless not `linger`: then leave at once) and close."""
     outcome = Outcome()
     token: bytes | None = None
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -166,7 +166,8 @@ async def run_case(case: Case, port: int, idle: float = 0.15, total: float = 1.0
         except TimeoutError:
             return outcome
         outcome.sent += len(packets)
-        await _read_until(reader, token, outcome, idle, total)
+        if linger:
+            await _read_until(reader, token, outcome, idle, total)
     except LoginFailed as exc:
         outcome.login_error = str(exc)
     except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError):
@@ -200,7 +201,11 @@ async def _pg_prelude(case: Case, reader: asyncio.StreamReader, writer: asyncio.
 async def _my_prelude(case: Case, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                       packets: list[bytes]) -> bytes:
     if case.stage == "session":
-        await mysql_login(reader, writer)
+        greeting = await mysql_login(reader, writer)
+        scramble = scramble_native_password(PASSWORD.encode(), greeting.auth_plugin_data)
+        for index, packet in enumerate(packets):
+            if CHANGE_USER_SCRAMBLE in packet:
+                packets[index] = packet.replace(CHANGE_USER_SCRAMBLE, scramble)
     elif case.stage in ("greeting", "handshake"):
         _, payload = await _read_my(reader)
         if case.stage == "handshake":
@@ -286,7 +291,7 @@ class Bystander(threading.Thread):
         self.join(10)
 
 
-def pg_bystander(port: int) -> Bystander:
+def pg_bystander(port: int, name: str = "postgresql") -> Bystander:
     import psycopg
 
     def connect() -> Any:
@@ -307,10 +312,10 @@ def pg_bystander(port: int) -> Bystander:
         assert row is not None
         return tuple(row)
 
-    return Bystander("postgresql", connect, check)
+    return Bystander(name, connect, check)
 
 
-def mysql_bystander(port: int) -> Bystander:
+def mysql_bystander(port: int, name: str = "mysql") -> Bystander:
     import pymysql
 
     def connect() -> Any:
@@ -325,7 +330,7 @@ def mysql_bystander(port: int) -> Bystander:
         assert row is not None
         return tuple(row)
 
-    return Bystander("mysql", connect, check)
+    return Bystander(name, connect, check)
 
 
 # --- the proxy's log and memory ---

@@ -98,7 +98,15 @@ def mutate_pg(rng: random.Random, message: bytes) -> bytes:
 
 
 def mutate_mysql(rng: random.Random, packet: bytes) -> bytes:
-    """A framed MySQL packet (3-byte length, sequence id, payload) with one defect."""
+    """A framed MySQL packet (3-byte length, sequence id, payload) with one defect; never a COM_PROCESS_KILL
+    (a mutated COM_STMT_FETCH 1 becomes KILL 1, and killing another client of the same user is allowed)."""
+    mutated = _mutate_mysql(rng, packet)
+    if len(mutated) > 4 and mutated[4] == my.COM_PROCESS_KILL:
+        mutated = mutated[:4] + bytes((my.COM_PING,)) + mutated[5:]
+    return mutated
+
+
+def _mutate_mysql(rng: random.Random, packet: bytes) -> bytes:
     seq, payload = packet[3], packet[4:]
     choice = rng.random()
     if choice < 0.6:
@@ -212,7 +220,7 @@ def pg_unit(rng: random.Random) -> list[bytes]:
         return unit
     if kind < 0.7:
         unit = [pg.query("CREATE TEMP TABLE IF NOT EXISTS fz (t text)"), pg.query("COPY fz FROM STDIN")]
-        unit += [pg.message(b"d", rng.choice((b"a\n", b"b\tc\n", b"\\N\n", b"x" * 100 + b"\n")))
+        unit += [pg.message(b"d", rng.choice((b"a\n", b"b c\n", b"\\N\n", b"x" * 100 + b"\n")))
                  for _ in range(rng.randint(0, 4))]
         unit.append(pg.message(b"c") if rng.random() < 0.7 else pg.message(b"f", _cstr("fuzz gave up")))
         return unit
@@ -223,7 +231,8 @@ def pg_unit(rng: random.Random) -> list[bytes]:
     return [rng.choice((
         PG_SYNC, PG_FLUSH, pg.message(b"d", b"stray\n"), pg.message(b"c"), pg.message(b"f", _cstr("no copy")),
         pg_describe(b"S", _pg_name(rng)), pg_describe(b"P", ""), pg_execute("", 1), pg_close(b"S", _pg_name(rng)),
-        pg_bind("", "nope", ()), pg_parse("", "SELECT 1"), pg.password_message(b"late"),
+        pg_bind("", "nope", ()), pg_parse("", "SELECT 1"),
+        *([pg.password_message(b"late")] if rng.random() < 0.05 else []),
     ))]
 
 
@@ -257,6 +266,9 @@ def pg_startup_params(rng: random.Random) -> dict[str, str]:
 def pg_preauth_case(rng: random.Random) -> Case:
     """Bytes before or during the login: random, truncated, bit-flipped or lying startup/handshake packets."""
     kind = rng.random()
+    if kind < 0.005:  # a big first packet: must be refused at its header, not buffered
+        header = U32.pack(rng.choice((1 << 24, 1 << 30)))
+        return Case("postgresql", "raw", [header + rng.randbytes(64) * (1 << 14)], mutated=1)
     if kind < 0.15:
         return Case("postgresql", "raw", [random_bytes(rng)], mutated=1)
     if kind < 0.5:
@@ -308,6 +320,10 @@ def my_stmt_execute(stmt_id: int, params: tuple[bytes | None, ...], cursor: bool
     return my_command(my.COM_STMT_EXECUTE, body)
 
 
+# Stands for the scramble of a valid COM_CHANGE_USER; the fuzz client replaces it once it knows the greeting's nonce.
+CHANGE_USER_SCRAMBLE = b"@fuzz:change-user:20"
+
+
 def my_change_user(username: str, scramble: bytes, database: str = "app") -> bytes:
     body = username.encode() + b"\x00" + bytes((len(scramble),)) + scramble + database.encode() + b"\x00"
     body += my.UTF8MB4_GENERAL_CI.to_bytes(2, "little") + my.MYSQL_NATIVE_PASSWORD.encode() + b"\x00"
@@ -345,9 +361,11 @@ def my_unit(rng: random.Random, state: dict[str, int]) -> list[bytes]:
         return [my_command(my.COM_STMT_SEND_LONG_DATA, stmt_id().to_bytes(4, "little") + b"\x00\x00" + b"z" * 50)]
     if kind < 0.82:
         return [my_command(my.COM_STMT_EXECUTE, stmt_id().to_bytes(4, "little") + b"\x00\x01\x00\x00\x00")]
-    if kind < 0.9:
-        scramble = bytes(rng.getrandbits(8) for _ in range(20)) if rng.random() < 0.5 else b""
-        return [my_change_user(rng.choice(("app", "app", "nobody", "")), scramble)]
+    if kind < 0.84:  # mostly a valid one (the client puts the real scramble in), else wrong credentials
+        if rng.random() < 0.6:
+            return [my_change_user("app", CHANGE_USER_SCRAMBLE)]
+        scramble = rng.randbytes(20) if rng.random() < 0.5 else b""
+        return [my_change_user(rng.choice(("app", "nobody", "")), scramble)]
     return [rng.choice((
         my_command(my.COM_PING), my_command(my.COM_INIT_DB, b"app"), my_command(my.COM_RESET_CONNECTION),
         my_command(my.COM_SET_OPTION, b"\x00\x00"), my_command(my.COM_SET_OPTION, b"\x01\x00"),
@@ -375,6 +393,8 @@ def mysql_session_case(rng: random.Random, units: int, mutation_rate: float) -> 
 def mysql_preauth_case(rng: random.Random) -> Case:
     """Bytes before or during the login: random, truncated, bit-flipped or lying handshake packets."""
     kind = rng.random()
+    if kind < 0.005:  # a big login packet: must be refused at its header, not buffered
+        return Case("mysql", "greeting", [b"\xff\xff\xff\x01" + rng.randbytes(64) * (1 << 14)], mutated=1)
     if kind < 0.15:
         return Case("mysql", rng.choice(("raw", "greeting")), [random_bytes(rng)], mutated=1)
     if kind < 0.3:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -32,24 +34,20 @@ from support import ProxyProcess, running_proxy
 pytestmark = pytest.mark.timeout(300)
 
 # Bugs this fuzzer finds in today's code (see the report of the fuzz branch); the helpers named fix them.
-KNOWN_PG = ("PostgreSQL: a SET followed by a partial message, then the client leaving, puts the backend back "
-            "with the setting still on it (next client sees it: pghostile 9.1 cleanup path); malformed "
-            "Bind/Describe/Close met while a backend is being attached raise out of _forward (traceback, "
-            "client left hanging with its backend: stmts/pghostile)")
-KNOWN_MYSQL = "MySQL: a TLS handshake that fails during login logs a traceback (limits 9.6)"
+KNOWN_PG = ("PostgreSQL: a backend goes back to the pool while it still waits for the rest of a message the "
+            "leaving client started (e.g. a CopyData cut short): the next client's bytes complete it, so that client "
+            "hangs or its backend fails with 'invalid frontend message type' (pghostile 9.1); a SET followed by a "
+            "partial message, then the client leaving, hands the backend on with the setting (pghostile: cleanup "
+            "path); malformed Bind/Describe/Close met in _forward raise out of it: traceback instead of 08P01 (stmts)")
+KNOWN_MYSQL = ("MySQL: a TLS handshake that fails during login logs a traceback (limits 9.6); a login refused by "
+               "the backend (1044, no access to the database) leaves its login task's exception unretrieved: "
+               "'Task exception was never retrieved' traceback (limits: login task)")
 
-# Enough examples to cover every message kind and mutation many times, within about 20 s per protocol.
+# Enough examples to cover every message kind and mutation many times, within about 20 s per protocol; on a
+# slow machine the time budget ends the run first (the examples left pass at once).
+SECONDS_PER_PROTOCOL = 20.0
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-
-
-@pytest.fixture(scope="module")
-def fuzz_proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance,
-               mariadb_server: MariaDBInstance) -> Iterator[ProxyProcess]:
-    """Both listeners, small pools (3) so fuzzed sessions and the bystanders share backends."""
-    with running_proxy(tmp_path_factory.mktemp("fuzzproxy"), pg_server, mariadb_server,
-                       postgresql__pool={"max_connections": 3}, mysql__pool={"max_connections": 3}) as proxy:
-        yield proxy
 
 
 @dataclass
@@ -72,11 +70,15 @@ class Watch:
                 problems.append(f"{bystander.report.name} bystander stalled (no answer within "
                                 f"{5 * STALL_SECONDS} s)")
             report = bystander.report
-            errors, stalls = report.errors[self.seen_errors[report.name]:], report.stalls[self.seen_stalls[report.name]:]
+            errors = report.errors[self.seen_errors[report.name]:]
+            stalls = report.stalls[self.seen_stalls[report.name]:]
             self.seen_errors[report.name] += len(errors)
             self.seen_stalls[report.name] += len(stalls)
-            problems += [f"{report.name} bystander: {error}" for error in errors]
-            problems += [f"{report.name} bystander waited {stall} s" for stall in stalls]
+            distinct = Counter(error.split(" ", 1)[-1] for error in errors)  # without the time stamp
+            problems += [f"{report.name} bystander (x{count}): {error}" for error, count in distinct.items()]
+            if stalls:
+                problems.append(f"{report.name} bystander waited {max(stalls)} s ({len(stalls)} queries over "
+                                f"{STALL_SECONDS} s)")
         if not self.proxy.alive:
             problems.append("the proxy died")
         tracebacks = tracebacks_by_kind(self.log.new_text())
@@ -85,42 +87,61 @@ class Watch:
             raise AssertionError("; ".join(problems) + f"\nafter {case.describe()[:3000]}")
 
 
-@pytest.fixture(scope="module")
-def watch(fuzz_proxy: ProxyProcess) -> Iterator[Watch]:
-    bystanders = [pg_bystander(fuzz_proxy.ports["postgresql"]), mysql_bystander(fuzz_proxy.ports["mysql"])]
-    for bystander in bystanders:
-        bystander.start()
-    try:
-        for bystander in bystanders:
-            assert bystander.wait_cycle_after(0.0, timeout=10), f"{bystander.report.name} bystander never ran"
-            assert not bystander.report.errors, bystander.report.errors
-        yield Watch(fuzz_proxy, bystanders, LogWatcher(fuzz_proxy.log_path))
-    finally:
-        for bystander in bystanders:
-            bystander.stop()
+SANITY = (
+    Case("postgresql", "session", [pg.query("SELECT 1"), pg_describe(b"S", ""), PG_SYNC]),
+    Case("mysql", "session", [frame_raw(bytes((my.COM_QUERY,)) + b"SELECT 1", 0), frame_raw(bytes((my.COM_PING,)), 0)]),
+)
 
 
-def fuzz_one(watch: Watch, protocol: str, rng: random.Random, logged_in: bool) -> None:
+@pytest.fixture
+def watch(tmp_path: Path, pg_server: PostgresInstance, mariadb_server: MariaDBInstance) -> Iterator[Watch]:
+    """A proxy of its own for each test (both listeners, pools of 3 so fuzzed sessions and the bystanders share
+    backends) and a running bystander per protocol."""
+    with running_proxy(tmp_path, pg_server, mariadb_server, postgresql__pool={"max_connections": 3},
+                       mysql__pool={"max_connections": 3}) as proxy:
+        bystanders = [pg_bystander(proxy.ports["postgresql"]), mysql_bystander(proxy.ports["mysql"])]
+        for bystander in bystanders:
+            bystander.start()
+        try:
+            for bystander in bystanders:
+                assert bystander.wait_cycle_after(0.0, timeout=10), f"{bystander.report.name} bystander never ran"
+                assert not bystander.report.errors, bystander.report.errors
+            for case in SANITY:  # the fuzz client itself works: unmutated pipelined messages are all answered
+                outcome = run_case_sync(case, proxy.ports[case.protocol], idle=2.0, total=5.0)
+                assert outcome.answered, (case.describe(), outcome)
+            yield Watch(proxy, bystanders, LogWatcher(proxy.log_path))
+        finally:
+            for bystander in bystanders:
+                bystander.stop()
+
+
+_started: dict[str, float] = {}
+
+
+def fuzz_one(watch: Watch, protocol: str, seed: int, logged_in: bool) -> None:
+    rng = random.Random(seed)  # (hypothesis' own Random is too slow for the many draws of a case)
     if logged_in:
         case = session_case(protocol, rng, units=rng.randint(1, 6), mutation_rate=0.3)
     else:
         case = preauth_case(protocol, rng)
+    if time.monotonic() - _started.setdefault(protocol, time.monotonic()) > SECONDS_PER_PROTOCOL:
+        return
     run_case_sync(case, watch.proxy.ports[protocol], idle=0.1, total=0.5)
     watch.check(case)
 
 
 @pytest.mark.xfail(reason=KNOWN_PG, strict=False)
 @FUZZ
-@given(rng=st.randoms(use_true_random=False), logged_in=st.booleans())
-def test_fuzz_postgresql_listener(watch: Watch, rng: random.Random, logged_in: bool) -> None:
-    fuzz_one(watch, "postgresql", rng, logged_in)
+@given(seed=st.integers(0, 2**64 - 1), logged_in=st.booleans())
+def test_fuzz_postgresql_listener(watch: Watch, seed: int, logged_in: bool) -> None:
+    fuzz_one(watch, "postgresql", seed, logged_in)
 
 
 @pytest.mark.xfail(reason=KNOWN_MYSQL, strict=False)
 @FUZZ
-@given(rng=st.randoms(use_true_random=False), logged_in=st.booleans())
-def test_fuzz_mysql_listener(watch: Watch, rng: random.Random, logged_in: bool) -> None:
-    fuzz_one(watch, "mysql", rng, logged_in)
+@given(seed=st.integers(0, 2**64 - 1), logged_in=st.booleans())
+def test_fuzz_mysql_listener(watch: Watch, seed: int, logged_in: bool) -> None:
+    fuzz_one(watch, "mysql", seed, logged_in)
 
 
 # --- what the fuzzer found, each as a fixed case ---
@@ -160,18 +181,43 @@ def test_malformed_describe_while_backend_attaches(watch: Watch) -> None:
     watch.check(Case("postgresql", "session", [bad, PG_SYNC]))
 
 
-def test_mysql_pipelined_commands_after_login(watch: Watch) -> None:
-    """Sanity for the fuzz client itself: unmutated pipelined commands are all answered."""
-    case = Case("mysql", "session", [frame_raw(bytes((my.COM_QUERY,)) + b"SELECT 1", 0),
-                                      frame_raw(bytes((my.COM_PING,)), 0)])
-    outcome = run_case_sync(case, watch.proxy.ports["mysql"], idle=1.0, total=5.0)
-    assert outcome.answered, outcome
-    watch.check(case)
+@pytest.mark.xfail(reason="a pinned client (temporary table, LISTEN, SQL PREPARE, WITH HOLD cursor, advisory lock) "
+                          "that leaves in transaction mode hands its backend on without a reset: the next client "
+                          "sees all of it (pghostile: cleanup path)", strict=False)
+def test_pinned_session_state_does_not_reach_next_client(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    state = ("SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()),"
+             " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'),"
+             " (SELECT count(*) FROM pg_listening_channels()),"
+             " (SELECT count(*) FROM pg_prepared_statements WHERE from_sql), (SELECT count(*) FROM pg_cursors)")
+    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 1}) as proxy:
+        client = RawClient(proxy.ports["postgresql"])
+        client.login()
+        client.query("CREATE TEMP TABLE fz (t text); SELECT pg_advisory_lock(7); LISTEN fz; "
+                      "PREPARE fzp AS SELECT 1; DECLARE c CURSOR WITH HOLD FOR SELECT 1")
+        client.close()
+        time.sleep(0.5)
+        other = RawClient(proxy.ports["postgresql"])
+        other.login()
+        rows = [body for kind, body in other.query(state) if kind == "D"]
+        other.close()
+    assert rows == [b"\x00\x05" + b"\x00\x00\x00\x010" * 5], rows
 
 
-def test_postgresql_pipelined_messages_after_login(watch: Watch) -> None:
-    """Sanity for the fuzz client itself: unmutated pipelined messages are all answered."""
-    case = Case("postgresql", "session", [pg.query("SELECT 1"), pg_describe(b"S", ""), PG_SYNC])
-    outcome = run_case_sync(case, watch.proxy.ports["postgresql"], idle=1.0, total=5.0)
-    assert outcome.answered, outcome
-    watch.check(case)
+@pytest.mark.xfail(reason="the start of a long message goes to the backend, its client leaves, and the backend is "
+                          "handed on still waiting for the rest: the next client's query disappears into it "
+                          "(pghostile 9.1/9.2)", strict=False)
+def test_next_client_not_swallowed_by_unfinished_message(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    with running_proxy(tmp_path, pg_server,
+                       postgresql__pool={"max_connections": 1, "connection_borrow_timeout": 4.0}) as proxy:
+        client = RawClient(proxy.ports["postgresql"])
+        client.login()
+        # a failed COPY, then a CopyData whose header promises 6.5 MB and that stops after 3 kB
+        client.send(pg.query("COPY no_such_table FROM STDIN") + b"d" + (0x640000).to_bytes(4, "big") + b"x" * 3000)
+        time.sleep(0.5)
+        client.close()
+        time.sleep(0.5)
+        other = RawClient(proxy.ports["postgresql"], timeout=5)
+        other.login()
+        rows = [body for kind, body in other.query("SELECT 42") if kind == "D"]
+        other.close()
+    assert rows == [b"\x00\x01\x00\x00\x00\x0242"], rows
