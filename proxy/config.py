@@ -143,6 +143,10 @@ class PostgresSettings(Strict):
     backend_ca_file: Path | None = None
     backend_connect_timeout: float = Field(10.0, gt=0)
     server_version: str = Field("", description="server_version shown to clients; empty means the backend's")
+    sequence_hold: float = Field(
+        0.2, ge=0, le=10, description="seconds a client keeps its backend after a transaction that may have set a "
+        "sequence value it did not fetch (so a later lastval()/currval() is its own); 0 turns the hold off"
+    )
     session_pinning_filters: list[Literal["exclude_variable_sets"]] = Field(
         default_factory=list,
         description="RDS Proxy SessionPinningFilters: exclude_variable_sets stops tracking SET statements",

@@ -171,7 +171,10 @@ def test_sequence_words_and_discard_decisions() -> None:
     from proxy.protocol.pg import messages as pg
     from proxy.session import pg_sequences as seq
 
-    statements = {b"s1": (b"dbproxy_1", b"INSERT INTO t (x) VALUES ($1)\x00\x00\x00")}
+    class Named:
+        rest = b"INSERT INTO t (x) VALUES ($1)\x00\x00\x00"
+
+    statements = {b"s1": Named()}
     bind = b"B" + pg.INT32.pack(4 + 1 + 3 + 4) + b"\x00s1\x00" + b"\x00" * 4
     assert seq.words_in(bind, statements) == {b"insert"}
     assert seq.words_in(pg.query("SELECT LastVal()"), {}) == {b"lastval"}

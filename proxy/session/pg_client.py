@@ -903,7 +903,7 @@ class PostgresClient(ClientConnection):
             self._seq_words = set()
             if discard:
                 backend.transport.write(discard)
-            self._seq_hold = hold
+            self._seq_hold = hold and self.service.settings.sequence_hold > 0
             self.seq_backend, self.seq_use = backend, backend.uses
         if self.peer_paused_us:
             self.peer_paused_us = False
@@ -1010,7 +1010,8 @@ class PostgresClient(ClientConnection):
                 if self._seq_holding is not None:
                     self._seq_holding.cancel()
                 self._seq_hold_over = False
-                self._seq_holding = self.loop.call_later(seq.HOLD_SECONDS, self._sequence_hold_over, backend)
+                self._seq_holding = self.loop.call_later(self.service.settings.sequence_hold, self._sequence_hold_over,
+                                                           backend)
             self.backend = None
             backend.unlink()
             self._reserved = backend

@@ -7,9 +7,9 @@ statements a client sends at the start of each transaction (its first batch, loo
   sequence values may be another client's, `DISCARD SEQUENCES` goes ahead of them (pipelined, its replies
   swallowed): whatever the transaction reads or sets is then this client's alone.
 - After a transaction whose first batch may call nextval() without fetching the value (no RETURNING), the client
-  keeps its backend reserved for HOLD_SECONDS (renewed by each such transaction; pin reason "sequence value"),
-  so that `INSERT ...` then `SELECT lastval()` works under contention; while others wait for a backend, a hold
-  is not renewed after HOLD_LIMIT_SECONDS.
+  keeps its backend reserved for `sequence_hold` seconds (0.2 by default, 0 for none; renewed by each such
+  transaction; pin reason "sequence value"), so that `INSERT ...` then `SELECT lastval()` works under contention;
+  while others wait for a backend, a hold is not renewed after HOLD_LIMIT_SECONDS.
 - A transaction that reads lastval()/currval() goes back to the backend of the client's previous transaction
   when nobody has used it since; anywhere else the server says the value is not yet defined (55000).
 Not seen: sequences reached only inside functions or triggers, and statements of an implicit transaction that
@@ -33,7 +33,6 @@ READ_WORDS = frozenset({b"lastval", b"currval"})
 WRITE_WORDS = frozenset({b"nextval", b"setval", b"insert", b"copy", b"merge"})
 DISCARD_SEQUENCES = pg.query("DISCARD SEQUENCES")
 HOLD_REASON = "sequence value"
-HOLD_SECONDS = 0.2  # how long a client keeps its backend after a statement that may have set a sequence value
 HOLD_LIMIT_SECONDS = 0.5  # while others wait, a hold is not renewed after this long
 NOBODY, SHARED = 0, -1  # Backend.seq_owner: a new session / values possibly from several clients
 
