@@ -6,6 +6,7 @@ missing=()
 for tool in psql:postgresql-client pgbench:postgresql-contrib pgbouncer:pgbouncer sysbench:sysbench mariadb:mariadb-client; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || missing+=("${tool##*:}")
 done
+[ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)  # PgJDBC, for the driver tests
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; else apt_get="sudo apt-get"; fi
