@@ -43,9 +43,9 @@ KNOWN_MYSQL = ("MySQL: a TLS handshake that fails during login logs a traceback 
                "the backend (1044, no access to the database) leaves its login task's exception unretrieved: "
                "'Task exception was never retrieved' traceback (limits: login task)")
 
-# Enough examples to cover every message kind and mutation many times, within about 20 s per protocol; on a
+# Enough examples to cover every message kind and mutation many times, within about 18 s per protocol; on a
 # slow machine the time budget ends the run first (the examples left pass at once).
-SECONDS_PER_PROTOCOL = 20.0
+SECONDS_PER_PROTOCOL = 18.0
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
 
