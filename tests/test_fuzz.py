@@ -33,16 +33,6 @@ from support import ProxyProcess, running_proxy
 
 pytestmark = pytest.mark.timeout(300)
 
-# Bugs this fuzzer finds in today's code (see the report of the fuzz branch); the helpers named fix them.
-KNOWN_PG = ("PostgreSQL: a backend goes back to the pool while it still waits for the rest of a message the "
-            "leaving client started (e.g. a CopyData cut short): the next client's bytes complete it, so that client "
-            "hangs or its backend fails with 'invalid frontend message type' (pghostile 9.1); a SET followed by a "
-            "partial message, then the client leaving, hands the backend on with the setting (pghostile: cleanup "
-            "path); malformed Bind/Describe/Close met in _forward raise out of it: traceback instead of 08P01 (stmts)")
-KNOWN_MYSQL = ("MySQL: a TLS handshake that fails during login logs a traceback (limits 9.6); a login refused by "
-               "the backend (1044, no access to the database) leaves its login task's exception unretrieved: "
-               "'Task exception was never retrieved' traceback (limits: login task)")
-
 # Enough examples to cover every message kind and mutation many times, within about 18 s per protocol; on a
 # slow machine the time budget ends the run first (the examples left pass at once).
 SECONDS_PER_PROTOCOL = 18.0
@@ -130,14 +120,12 @@ def fuzz_one(watch: Watch, protocol: str, seed: int, logged_in: bool) -> None:
     watch.check(case)
 
 
-@pytest.mark.xfail(reason=KNOWN_PG, strict=False)
 @FUZZ
 @given(seed=st.integers(0, 2**64 - 1), logged_in=st.booleans())
 def test_fuzz_postgresql_listener(watch: Watch, seed: int, logged_in: bool) -> None:
     fuzz_one(watch, "postgresql", seed, logged_in)
 
 
-@pytest.mark.xfail(reason=KNOWN_MYSQL, strict=False)
 @FUZZ
 @given(seed=st.integers(0, 2**64 - 1), logged_in=st.booleans())
 def test_fuzz_mysql_listener(watch: Watch, seed: int, logged_in: bool) -> None:
@@ -146,8 +134,6 @@ def test_fuzz_mysql_listener(watch: Watch, seed: int, logged_in: bool) -> None:
 
 # --- what the fuzzer found, each as a fixed case ---
 
-@pytest.mark.xfail(reason="a client leaving with a partial message right after a SET hands the backend back with "
-                          "the setting on it (pghostile: cleanup path)", strict=False)
 def test_setting_does_not_follow_backend_when_client_leaves_mid_message(watch: Watch) -> None:
     port = watch.proxy.ports["postgresql"]
     client = RawClient(port)
@@ -165,8 +151,6 @@ def test_setting_does_not_follow_backend_when_client_leaves_mid_message(watch: W
     watch.check(Case("postgresql", "session", [pg.query("SET search_path = fuzz"), b"Q\x00\x00\x01\x00SELECT"]))
 
 
-@pytest.mark.xfail(reason="a malformed Describe/Close forwarded while the backend is attached raises out of "
-                          "_forward: traceback, no 08P01 (stmts / pghostile)", strict=False)
 def test_malformed_describe_while_backend_attaches(watch: Watch) -> None:
     port = watch.proxy.ports["postgresql"]
     client = RawClient(port, timeout=3)
@@ -181,9 +165,6 @@ def test_malformed_describe_while_backend_attaches(watch: Watch) -> None:
     watch.check(Case("postgresql", "session", [bad, PG_SYNC]))
 
 
-@pytest.mark.xfail(reason="a pinned client (temporary table, LISTEN, SQL PREPARE, WITH HOLD cursor, advisory lock) "
-                          "that leaves in transaction mode hands its backend on without a reset: the next client "
-                          "sees all of it (pghostile: cleanup path)", strict=False)
 def test_pinned_session_state_does_not_reach_next_client(tmp_path: Path, pg_server: PostgresInstance) -> None:
     state = ("SELECT (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()),"
              " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'),"
@@ -203,9 +184,6 @@ def test_pinned_session_state_does_not_reach_next_client(tmp_path: Path, pg_serv
     assert rows == [b"\x00\x05" + b"\x00\x00\x00\x010" * 5], rows
 
 
-@pytest.mark.xfail(reason="the start of a long message goes to the backend, its client leaves, and the backend is "
-                          "handed on still waiting for the rest: the next client's query disappears into it "
-                          "(pghostile 9.1/9.2)", strict=False)
 def test_next_client_not_swallowed_by_unfinished_message(tmp_path: Path, pg_server: PostgresInstance) -> None:
     with running_proxy(tmp_path, pg_server,
                        postgresql__pool={"max_connections": 1, "connection_borrow_timeout": 4.0}) as proxy:
