@@ -276,3 +276,47 @@ def test_stray_copy_data_without_a_backend_is_dropped_as_it_arrives(pg_proxy: Pr
         peak = max(peak, pg_proxy.rss())
     assert answer_of(client.query("SELECT 'after'")) == [b"after"]  # a CopyData outside COPY is ignored
     assert peak - baseline < 32 * MB, (baseline, peak)
+
+
+def columns_of(data_row: bytes) -> list[bytes | None]:
+    """The values of a DataRow body."""
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(struct.unpack_from("!h", data_row)[0]):
+        (size,) = struct.unpack_from("!i", data_row, pos)
+        pos += 4
+        values.append(None if size < 0 else data_row[pos : pos + size])
+        pos += max(size, 0)
+    return values
+
+
+STATE_OF_SESSION = ("SELECT current_setting('search_path'), current_setting('statement_timeout'),"
+                    " (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()),"
+                    " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory')")
+
+
+@pytest.mark.parametrize("leaving", [
+    pg.query("SET search_path = leaked; SET statement_timeout = 1") + pg.query("BEGIN"),  # leaves in a transaction
+    pg.query("CREATE TEMP TABLE leaked (t text); SELECT pg_advisory_lock(7)") + pg.query("BEGIN"),
+    pg.query("SET search_path = leaked") + _message(b"P", b"\x00SELECT 1\x00\x00\x00"),  # and an unsynced Parse
+], ids=["settings-then-begin", "temp-table-and-lock-then-begin", "settings-then-unsynced-parse"])
+def test_session_state_of_a_client_leaving_mid_transaction_reaches_nobody(tmp_path: Path,
+                                                                          pg_server: PostgresInstance,
+                                                                          leaving: bytes) -> None:
+    """A client that changed its session and left inside a transaction (or an unsynced extended sequence): the
+    backend is cleaned with its transaction rolled back and its session reset before anyone else gets it."""
+    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 1}) as proxy:
+        port = proxy.ports["postgresql"]
+        leaver = RawClient(port)
+        leaver.login()
+        leaver.send(leaving)
+        for _ in range(leaving.count(b"Q\x00")):
+            leaver.until("Z")
+        time.sleep(0.2)
+        leaver.close()
+        for _ in range(2):
+            other = RawClient(port)
+            other.login()
+            rows = [columns_of(body) for kind, body in other.query(STATE_OF_SESSION) if kind == "D"]
+            other.close()
+            assert rows == [[b'"$user", public', b"0", b"0", b"0"]], rows

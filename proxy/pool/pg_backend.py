@@ -352,6 +352,16 @@ class PostgresBackend(BackendConnection):
         self.notifications.clear()
         return b"".join(out)
 
+    def session_reset(self) -> None:
+        """The server session was reset (DISCARD ALL or the pool's reset query): back to the login's settings,
+        with no statements of the proxy's and no sequence values."""
+        self.params = dict(self.pool.server_params)
+        self.params_changed()
+        self.prepared.clear()  # (a statement the server still has is closed before it is parsed again)
+        self.unnamed_owner = None
+        self.seq_owner = 0
+        self.notifications.clear()
+
     def params_changed(self) -> None:
         """Recompute the number of this session's settings after they changed outside a client's view."""
         self.settings_id = self.pool.settings_id(

@@ -286,7 +286,7 @@ class PostgresClient(ClientConnection):
             PINS.unpinned()
             pool.discard(backend)
             return
-        if not self.in_extended and backend.tx_status == pg.IDLE and not pool.session_mode:
+        if not self.in_extended and backend.tx_status == pg.IDLE and not pool.session_mode and not self._state_dirty:
             pool.stats.transactions += 1
             pool.release(backend)
             return
@@ -306,8 +306,10 @@ class PostgresClient(ClientConnection):
                     await backend.simple_query("ROLLBACK")
                 if pool.session_mode and pool.settings.reset_query:
                     await backend.simple_query(pool.settings.reset_query)
-                    backend.params = dict(pool.server_params)
-                    backend.params_changed()
+                    backend.session_reset()
+                elif self._state_dirty:  # its SETs, temporary tables or locks must reach no other client
+                    await backend.simple_query("DISCARD ALL")
+                    backend.session_reset()
         except TimeoutError:
             expire(backend, timeout)
             pool.discard(backend)
