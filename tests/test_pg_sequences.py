@@ -173,6 +173,7 @@ def test_sequence_words_and_discard_decisions() -> None:
 
     class Named:
         rest = b"INSERT INTO t (x) VALUES ($1)\x00\x00\x00"
+        seq_words: frozenset[bytes] | None = None
 
     statements = {b"s1": Named()}
     bind = b"B" + pg.INT32.pack(4 + 1 + 3 + 4) + b"\x00s1\x00" + b"\x00" * 4

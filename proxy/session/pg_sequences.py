@@ -27,8 +27,8 @@ from proxy.pool.pool import Pool
 from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
 
-# Looked for in the lower-cased first batch of each transaction (one pass of one pattern).
-WORDS = re.compile(rb"\b(?:nextval|setval|lastval|currval|insert|copy|merge|returning|begin|start\s+transaction)\b")
+# Looked for in the first batch of each transaction (one pass of one pattern, any case).
+WORDS = re.compile(rb"(?i)\b(?:nextval|setval|lastval|currval|insert|copy|merge|returning|begin|start\s+transaction)\b")
 READ_WORDS = frozenset({b"lastval", b"currval"})
 WRITE_WORDS = frozenset({b"nextval", b"setval", b"insert", b"copy", b"merge"})
 DISCARD_SEQUENCES = pg.query("DISCARD SEQUENCES")
@@ -38,14 +38,20 @@ NOBODY, SHARED = 0, -1  # Backend.seq_owner: a new session / values possibly fro
 
 
 class NamedStatement(Protocol):
-    """A client's named statement: its Parse body after the name."""
+    """A client's named statement: its Parse body after the name, and the words above in it (found once)."""
 
     rest: bytes
+    seq_words: frozenset[bytes] | None
+
+
+def _found(text: bytes | bytearray) -> set[bytes]:
+    found = WORDS.findall(text)
+    return {word.lower() for word in found} if found else set()
 
 
 def words_in(held: bytes | bytearray, statements: Mapping[bytes, NamedStatement]) -> set[bytes]:
     """The words above in `held`, and in the named statements its Bind messages execute (their SQL is not in it)."""
-    found = set(WORDS.findall(bytes(held).lower()))
+    found = _found(held)
     if not statements:
         return found
     pos, end = 0, len(held)
@@ -55,7 +61,10 @@ def words_in(held: bytes | bytearray, statements: Mapping[bytes, NamedStatement]
             name_start = held.find(b"\x00", pos + 5) + 1
             statement = statements.get(bytes(held[name_start : held.find(b"\x00", name_start)]))
             if statement is not None:
-                found.update(WORDS.findall(ext.parse_query_text(statement.rest).lower()))
+                words = statement.seq_words
+                if words is None:
+                    words = statement.seq_words = frozenset(_found(ext.parse_query_text(statement.rest)))
+                found |= words
         pos = stop
     return found
 

@@ -112,11 +112,12 @@ def _describe(name: bytes) -> bytes:
 class ClientStatement:
     """A client's named statement: the shared backend name, its Parse, and the Parse the client was shown."""
 
-    __slots__ = ("backend_name", "origin", "rest", "stale")
+    __slots__ = ("backend_name", "origin", "rest", "seq_words", "stale")
 
     def __init__(self, backend_name: bytes, rest: bytes, origin: Prepared) -> None:
         self.backend_name = backend_name
         self.rest = rest
+        self.seq_words: frozenset[bytes] | None = None  # sequence words in its text (see pg_sequences), once
         self.origin = origin  # its description is the one the client's statement has
         self.stale = False  # the schema changed under it: every use gets 0A000, as directly
 
