@@ -109,6 +109,9 @@ log = logging.getLogger(__name__)
 INSPECT_LIMIT = 64 * 1024  # bytes of a command looked at before forwarding (the whole command if shorter)
 LOGIN_PACKET_LIMIT = 64 * 1024
 HELD_LIMIT = 256 * 1024
+# After a read this large, the client's next read waits for the event loop's next turn, so that a client
+# streaming a huge packet takes one read per turn and every other connection gets its turn in between.
+TURN_BYTES = 128 * 1024
 SCRAMBLE_CHARS = bytes(range(0x21, 0x7F)).replace(b"$", b"")
 BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS  # (open cursors are followed per statement)
 
@@ -217,7 +220,10 @@ class MySQLClient(ClientConnection):
         self._skip = 0  # bytes of the current client frame still to pass through
         self._cont = False  # the next frame continues the current packet (or the LOCAL INFILE upload)
         self._infile = False  # the client is uploading a LOCAL INFILE file
-        self._partial = b""  # an incomplete frame head carried to the next read
+        self._partial = bytearray()  # an incomplete frame head (or inspected command) growing until it is whole
+        self._partial_need = 0  # the length _partial must reach before it is walked
+        self._size = 0  # bytes of the current logical packet so far (its frames of 16 MB - 1 add up)
+        self._yielding = False  # reading waits for the event loop's next turn (see TURN_BYTES)
         self._held = bytearray()  # client bytes arriving while a backend is borrowed or a command handled here
         self._busy: asyncio.Task[None] | None = None
         self._borrowing = False
@@ -687,10 +693,28 @@ class MySQLClient(ClientConnection):
                 self.peer_paused_us = True
                 self.transport.pause_reading()
             return
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
+        partial = self._partial
+        if partial:  # grows in place, never re-copied; walked once whole
+            partial += data
+            if len(partial) < self._partial_need:
+                return
+            data = bytes(partial)
+            self._partial = bytearray()
         self._walk(data)
+        if len(data) >= TURN_BYTES and not self._yielding and not self.peer_paused_us and not self.closed:
+            self._yielding = True
+            self.transport.pause_reading()
+            self.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._yielding = False
+        if not self.peer_paused_us and not self.closed:
+            self.transport.resume_reading()
+
+    def _too_large(self, scan: bytes, start: int, pos: int, size: int) -> None:
+        """The packet at scan[pos] makes a logical packet over max_message_size: refused at its header."""
+        self._protocol_error(scan, start, pos, f"Got a packet bigger than the proxy's max_message_size "
+                             f"({self.max_message} bytes): at least {size} bytes", my.ER_NET_PACKET_TOO_LARGE)
 
     def _walk(self, scan: bytes) -> None:
         """Forward whole commands to the linked backend; answer what needs none; borrow a backend when needed."""
@@ -711,8 +735,10 @@ class MySQLClient(ClientConnection):
                 return
             pos = self._skip
             self._skip = 0
+        need = 4  # bytes from pos the walk needs before it can go on
         while pos < end:
             if end - pos < 4:
+                need = 4
                 break
             length = scan[pos] | (scan[pos + 1] << 8) | (scan[pos + 2] << 16)
             seq = scan[pos + 3]
@@ -722,6 +748,11 @@ class MySQLClient(ClientConnection):
                     self._protocol_error(scan, start, pos, f"Got packets out of order: sequence id {seq}, "
                                          f"expected {self._seq}", my.ER_NET_PACKETS_OUT_OF_ORDER)
                     return
+                size = self._size + length if self._cont else length
+                if size > self.max_message:
+                    self._too_large(scan, start, pos, size)
+                    return
+                self._size = size
                 self._seq = (seq + 1) & 0xFF
                 if self._infile and not self._cont and length == 0:
                     self._infile = False
@@ -742,8 +773,13 @@ class MySQLClient(ClientConnection):
             if length == 0:
                 self._protocol_error(scan, start, pos, "Malformed packet: an empty command", my.ER_MALFORMED_PACKET)
                 return
+            if length > self.max_message:
+                self._too_large(scan, start, pos, length)
+                return
+            self._size = length
             head = length if length < INSPECT_LIMIT else INSPECT_LIMIT
             if end - pos - 4 < head:
+                need = 4 + head
                 break
             command = scan[pos + 4]
             if command in STATEMENT_COMMANDS:
@@ -752,6 +788,7 @@ class MySQLClient(ClientConnection):
                         self._protocol_error(scan, start, pos, "COM_STMT_PREPARE of 16 MB or more is not supported "
                                              "through the proxy", my.ER_NET_PACKET_TOO_LARGE)
                         return
+                    need = 4 + length
                     break
                 step = self._statement_command(command, scan, pos, length, head, start)
                 if step is None:
@@ -814,6 +851,7 @@ class MySQLClient(ClientConnection):
                     self._protocol_error(scan, start, pos, f"Got a packet bigger than allowed: {length} bytes "
                                          f"for command 0x{command:02x}", my.ER_NET_PACKET_TOO_LARGE)
                     return
+                need = 4 + length
                 break
             if backend is not None and start < pos:
                 backend.transport.write(scan[start:pos])
@@ -843,11 +881,16 @@ class MySQLClient(ClientConnection):
             if start < pos:
                 backend.transport.write(scan[start:pos] if start or pos < end else scan)
             if pos < end:
-                self._partial = scan[pos:]
+                self._keep_partial(scan, pos, need)
             elif backend.idle and self.backend is backend:
                 self._release_if_done(backend)  # a command without a response (STMT_CLOSE, SEND_LONG_DATA)
         elif pos < end:
-            self._partial = scan[pos:]
+            self._keep_partial(scan, pos, need)
+
+    def _keep_partial(self, scan: bytes, pos: int, need: int) -> None:
+        """scan[pos:] is the start of what the walk needs `need` bytes of: kept, to grow until it is whole."""
+        self._partial = bytearray(memoryview(scan)[pos:])
+        self._partial_need = need
 
     # --- binary-protocol statements (virtual: see mysql_statements) ---
 
