@@ -320,3 +320,19 @@ def test_session_state_of_a_client_leaving_mid_transaction_reaches_nobody(tmp_pa
             rows = [columns_of(body) for kind, body in other.query(STATE_OF_SESSION) if kind == "D"]
             other.close()
             assert rows == [[b'"$user", public', b"0", b"0", b"0"]], rows
+
+
+def test_a_short_statement_timeout_left_on_a_backend_does_not_cancel_the_next_clients_sync(
+        tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """One client sets statement_timeout = 1 ms and leaves; the proxy knows the backend has it and resets it for
+    the next client, whose settings sync (a few hundred settings here) must not be cancelled by that timeout."""
+    options = " ".join(f"-c dbproxy_test.v{i}={i}" for i in range(300))
+    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 1}) as proxy:
+        dsn = dict(host="127.0.0.1", port=proxy.ports["postgresql"], user="app", password="app-secret",
+                   dbname="app", autocommit=True)
+        for _ in range(5):
+            with psycopg.connect(**dsn) as short:  # type: ignore[arg-type]
+                short.execute("SET statement_timeout = 1")
+            with psycopg.connect(**dsn, options=options) as other:  # type: ignore[arg-type]
+                assert other.execute("SELECT current_setting('dbproxy_test.v299')").fetchone() == ("299",)
+                assert other.execute("SHOW statement_timeout").fetchone() == ("0",)

@@ -69,6 +69,10 @@ EXECUTE_WORD = re.compile(rb"(?i)\s*execute\s")
 DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
 LOAD = re.compile(rb"(?i)^\s*load\s")
 
+# The settings sync runs free of the statement_timeout the backend's previous client left (for its implicit
+# transaction only): a short timeout someone else set must not cancel the next client's sync. (The read-back
+# below cannot do the same: pg_settings would then show the local value as the session's.)
+UNTIMED = "SET LOCAL statement_timeout = 0;"
 # Read back after a transaction that used SESSION_WORDS: settings made in the session, and state that pins.
 SESSION_STATE_QUERY = (
     "SELECT name, setting FROM pg_settings WHERE source = 'session'"
@@ -487,12 +491,12 @@ class PostgresClient(ClientConnection):
         changes = [f"set_config({_quote(name)}, {_quote(value)}, false)" for name, value in wanted.items()
                    if current.get(name) != value]
         resets = [f"RESET {name}" for name in current if name not in wanted and name not in FIXED_PARAMETERS]
-        statements = (["SELECT " + ", ".join(changes)] if changes else []) + resets
+        statements = resets + (["SELECT " + ", ".join(changes)] if changes else [])  # a new timeout comes last
         if statements:
             for name, value in wanted.items():  # only the server's own reports (its spelling) may refill these
                 if current.get(name) != value:
                     current.pop(name, None)
-            await backend.simple_query(";".join(statements))
+            await backend.simple_query(UNTIMED + ";".join(statements))
             self._after_sync(backend)
         backend.settings_id = self.settings_id
 
