@@ -293,8 +293,9 @@ class MySQLClient(ClientConnection):
             del self.service.clients[self.connection_id]
         # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
         # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
+        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead.
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        if task is not None and not task.done() and self._waiter is None:
             task.cancel()
         if self._busy is not None and self._borrowing:
             self._busy.cancel()
