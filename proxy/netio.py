@@ -29,7 +29,9 @@ class Connection(asyncio.Protocol):
         self.peer_paused_us = False  # our reading is paused because the peer's write buffer is full
         self._buffer = bytearray()
         self._waiter: asyncio.Future[None] | None = None
-        self._close_exc: BaseException | None = None
+        # why the connection closed, as text: the exception itself would hold its traceback's frames (and through
+        # them this connection) in a reference cycle that only a full garbage collection frees
+        self._close_reason = "connection closed"
         self.buffer_limit = 0  # when set: reading pauses while more than this is buffered and nothing awaits it
         self._reading_paused = False
 
@@ -51,7 +53,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._close_exc = exc
+        if exc is not None:
+            self._close_reason = str(exc)
         self._wake()
         self.on_closed(exc)
 
@@ -93,7 +96,7 @@ class Connection(asyncio.Protocol):
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size:
             if self.closed:
-                raise ConnectionClosed(str(self._close_exc or "connection closed"))
+                raise ConnectionClosed(self._close_reason)
             self._resume_buffering()
             self._waiter = self.loop.create_future()
             try:

@@ -236,7 +236,11 @@ class MySQLClient(ClientConnection):
 
     async def _login_with_timeout(self) -> None:
         try:
-            await asyncio.wait_for(self._login(), self.service.server.client_login_timeout)
+            # In this task, not a wait_for task: a failed login's exception would hold that task in a reference
+            # cycle (its traceback's wait_for frame -> the task -> the exception), keeping this client and its
+            # transport's TLS state alive until a full garbage collection.
+            async with asyncio.timeout(self.service.server.client_login_timeout):
+                await self._login()
             if self.state is State.LOGIN and not self.closed:
                 await self._login_ready()  # may wait for a backend: the borrow timeout applies, not this one
         except TimeoutError:
@@ -287,8 +291,12 @@ class MySQLClient(ClientConnection):
             PINS.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
+        # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
+        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead.
+        task, self._task = self._task, None
+        if task is not None and not task.done() and self._waiter is None:
+            task.cancel()
         if self._busy is not None and self._borrowing:
             self._busy.cancel()
         backend = self.backend
@@ -430,7 +438,10 @@ class MySQLClient(ClientConnection):
             buffer[:size] = view[:size]
             tls_protocol.buffer_updated(size)
             view = view[size:]
-        transport = await handshake
+        try:
+            transport = await handshake
+        finally:
+            del handshake  # a failed task keeps its exception, whose traceback holds this frame: no cycle
         if transport is None:
             raise BackendUnavailable("TLS handshake did not complete")
         self.transport = cast(asyncio.Transport, transport)
