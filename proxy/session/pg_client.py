@@ -17,6 +17,7 @@ from proxy.config import ClientAuthMethod, ClientTLSMode
 from proxy.errors import (
     AuthenticationFailed,
     AuthorizationFailed,
+    BackendError,
     BackendUnavailable,
     ClientMessageTimeout,
     IdleClientTimeout,
@@ -73,6 +74,10 @@ LOAD = re.compile(rb"(?i)^\s*load\s")
 # transaction only): a short timeout someone else set must not cancel the next client's sync. (The read-back
 # below cannot do the same: pg_settings would then show the local value as the session's.)
 UNTIMED = "SET LOCAL statement_timeout = 0;"
+# Failures of the settings sync that are the backend's, not the client's (a timeout another client left on it, a
+# backend that died while idle): the client is given another backend, up to SYNC_ATTEMPTS times in all.
+NOT_THE_CLIENTS = frozenset({"57014", "57P01", "57P02", "57P03"})
+SYNC_ATTEMPTS = 3
 # Read back after a transaction that used SESSION_WORDS: settings made in the session, and state that pins.
 SESSION_STATE_QUERY = (
     "SELECT name, setting FROM pg_settings WHERE source = 'session'"
@@ -875,15 +880,26 @@ class PostgresClient(ClientConnection):
 
     async def _acquire(self, pool: Pool, backend: PostgresBackend | None) -> None:
         try:
-            if backend is None or backend.buffered:
-                if backend is not None:  # the server said something while idle (e.g. it is shutting down)
+            attempts = SYNC_ATTEMPTS
+            while True:
+                if backend is None or backend.buffered:
+                    if backend is not None:  # the server said something while idle (e.g. it is shutting down)
+                        pool.discard(backend)
+                    backend = await self._borrow(pool)
+                try:
+                    await self._sync_settings(backend)
+                    break
+                except (BackendError, BackendUnavailable, ConnectionClosed) as exc:
                     pool.discard(backend)
-                backend = await self._borrow(pool)
-            try:
-                await self._sync_settings(backend)
-            except BaseException:
-                pool.discard(backend)
-                raise
+                    attempts -= 1
+                    if attempts == 0 or (isinstance(exc, BackendError) and exc.sqlstate not in NOT_THE_CLIENTS):
+                        raise
+                    log.info("client %s: backend %s failed while taking the client's settings (%s); trying another",
+                             self.peer, backend, exc)
+                    backend = None
+                except BaseException:
+                    pool.discard(backend)
+                    raise
         except ProxyError as exc:  # includes a setting the server refuses now
             self._acquiring = None
             self.fail(exc)
