@@ -297,8 +297,10 @@ class MySQLClient(ClientConnection):
         task, self._task = self._task, None
         if task is not None and not task.done() and self._waiter is None:
             task.cancel()
-        if self._busy is not None and self._borrowing:
-            self._busy.cancel()
+        busy = self._busy
+        if busy is not None and self._borrowing:
+            self._busy = None  # (as the login task above: a cancelled task would hold this client in a cycle)
+            busy.cancel()
         backend = self.backend
         if backend is not None:
             self.backend = None
