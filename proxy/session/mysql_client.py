@@ -181,6 +181,7 @@ class MySQLClient(ClientConnection):
         super().__init__(service.server.max_message_size)
         self.service = service
         self.state = State.LOGIN
+        self._handshaking = False  # in the TLS handshake after an SSLRequest
         self.peer = "?"
         self.connection_id = 0
         self.user = ""
@@ -293,9 +294,10 @@ class MySQLClient(ClientConnection):
             del self.service.clients[self.connection_id]
         # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
         # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
-        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead.
+        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
+        # and one in the TLS handshake ends with the handshake's failure (one warning line).
         task, self._task = self._task, None
-        if task is not None and not task.done() and self._waiter is None:
+        if task is not None and not task.done() and self._waiter is None and not self._handshaking:
             task.cancel()
         busy = self._busy
         if busy is not None and self._borrowing:
@@ -382,12 +384,15 @@ class MySQLClient(ClientConnection):
         if is_ssl_request(payload):
             if service.server_tls is None:
                 raise _violation("Bad handshake: TLS was requested but is not offered", my.ER_HANDSHAKE_ERROR)
+            self._handshaking = True
             try:
                 await self._start_tls(service.server_tls)
             except TLSHandshakeFailed:
                 raise
             except (ssl.SSLError, OSError, ConnectionClosed, BackendUnavailable) as exc:
                 raise self.tls_failed(exc) from None
+            finally:
+                self._handshaking = False
             payload = await self._read_login_packet()
         response = HandshakeResponse41.parse(payload)
         self.capabilities = response.capabilities & announced
