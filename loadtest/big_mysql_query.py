@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from loadtest.big_query import cpu, start_proxy
 from proxy.auth.mysql import scramble_native_password
 from proxy.devservers import free_port, start_mariadb
 from proxy.protocol.mysql import constants as my
@@ -121,11 +120,6 @@ class PlainClient:
         self.sock.close()
 
 
-def cpu(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return float(times.user + times.system)
-
-
 def measure(port: int, proxy_pid: int, server_pid: int, size: int, user: str = "app",
             password: str = "app-secret", transaction: bool = False) -> BigQueryResult:
     """One large COM_QUERY (inside a transaction, or on its own: the proxy borrows a backend for it), with both
@@ -182,19 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"[postgresql]\nenabled = false\n"
                 f"[mysql]\nenabled = true\nport = {free_port()}\nbackend_port = {server.port}\n"
             )
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            if args.proxy_src is not None:
-                env["PYTHONPATH"] = str(args.proxy_src)
-            proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],
-                                     stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=args.proxy_src or Path(__file__).resolve().parent.parent)
+            proxy, port = start_proxy(folder, "mysql", args.proxy_src)
             try:
-                assert proxy.stdout is not None
-                line = proxy.stdout.readline()
-                match = re.search(r"mysql port (\d+)", line)
-                if match is None:
-                    raise RuntimeError(f"proxy did not start: {line!r}")
-                port = int(match.group(1))
                 print(f"{'size MB':>8} {'in':>12} {'proxy CPU s':>12} {'server CPU s':>13} {'elapsed s':>10}")
                 for size_mb in (int(s) for s in args.sizes.split(",")):
                     for transaction in (False, True):

@@ -141,6 +141,24 @@ def bystander(port: int, ready: Connection, stop: Event, user: str = "app", pass
         client.close()
 
 
+def start_proxy(folder: Path, listener: str, proxy_src: Path | None) -> tuple[subprocess.Popen[str], int]:
+    """Run the proxy on `folder/proxy.toml` (from `proxy_src`, or this tree); return it and `listener`'s port."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if proxy_src is not None:
+        env["PYTHONPATH"] = str(proxy_src)
+    proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],
+                             stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=proxy_src or Path(__file__).resolve().parent.parent)
+    assert proxy.stdout is not None
+    line = proxy.stdout.readline()
+    match = re.search(rf"{listener} port (\d+)", line)
+    if match is None:
+        proxy.terminate()
+        proxy.wait(15)
+        raise RuntimeError(f"proxy did not start: {line!r}")
+    return proxy, int(match.group(1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="8,32,64,128,256", help="query sizes in MB, comma-separated")
@@ -155,19 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 f'[server]\nworkers = 1\nlog_level = "warning"\n[secrets]\nfile = "secrets.toml"\n'
                 f"[postgresql]\nport = {free_port()}\nbackend_port = {server.port}\n[mysql]\nenabled = false\n"
             )
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            if args.proxy_src is not None:
-                env["PYTHONPATH"] = str(args.proxy_src)
-            proxy = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],
-                                     stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=args.proxy_src or Path(__file__).resolve().parent.parent)
+            proxy, port = start_proxy(folder, "postgresql", args.proxy_src)
             try:
-                assert proxy.stdout is not None
-                line = proxy.stdout.readline()
-                match = re.search(r"postgresql port (\d+)", line)
-                if match is None:
-                    raise RuntimeError(f"proxy did not start: {line!r}")
-                port = int(match.group(1))
                 print(f"{'size MB':>8} {'proxy CPU s':>12} {'server CPU s':>13} {'elapsed s':>10}")
                 for size_mb in (int(s) for s in args.sizes.split(",")):
                     result = measure(port, proxy.pid, size_mb * MB)
