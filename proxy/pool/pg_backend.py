@@ -16,24 +16,8 @@ from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection
 from proxy.pool.pg_deadline import internal_deadline
 from proxy.protocol.pg import messages as pg
-from proxy.protocol.pg.extended import (
-    DESCRIBE_STATEMENT,
-    ENDS,
-    EXPECT_PARSE_RESENT,
-    EXPECT_PARSE_UNNAMED,
-    FORWARD,
-    INJECT,
-    PARSE,
-    QUIET,
-    REPLACE,
-    SKIPPED,
-    SKIPS_TO_SYNC,
-    SWALLOW,
-    SYNC,
-    Expectation,
-    Prepared,
-    result_shape,
-)
+from proxy.protocol.pg.extended import EXPECT_PARSE_RESENT, EXPECT_PARSE_UNNAMED, PARSE, Expectation, Prepared
+from proxy.protocol.pg.replies import NOTIFICATION, ReplyMatcher
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
@@ -42,16 +26,6 @@ if TYPE_CHECKING:
     from proxy.session.pg_statements import Statements
 
 log = logging.getLogger(__name__)
-
-READY = 0x5A  # 'Z'
-PARAMETER_STATUS = 0x53  # 'S'
-ERROR = 0x45  # 'E'
-PARAMETER_DESCRIPTION = 0x74  # 't'
-DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does not see
-ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
-# In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
-SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
-NOTIFICATION = 0x41  # 'A': NotificationResponse (process id, channel, payload)
 
 
 class PostgresBackend(BackendConnection):
@@ -63,18 +37,13 @@ class PostgresBackend(BackendConnection):
         self.secret_key = 0
         self.params: dict[str, str] = {}  # current values of settings on this server session
         self.client: PostgresClient | None = None
-        self.tx_status = pg.IDLE
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
-        self._skip = 0  # bytes of the current message still to pass before the next header
-        self._dropping = False  # the rest of the current message is dropped, not passed on
-        self._partial = b""  # an incomplete header (or ParameterStatus) carried to the next read
-        self.expect: deque[Expectation] = deque()  # requests sent, in the order their replies will come
+        self.replies = ReplyMatcher()  # what the server's replies are for, and what the linked client gets of them
+        self.expect: deque[Expectation] = self.replies.expect  # requests sent, in the order their replies will come
         self.prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
         self.unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
         self.unnamed_serial = 0  # and which of that client's unnamed Parses
-        self.ended_by_server = False  # a FATAL ErrorResponse of the server's was passed to the client
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
-        self._own_pid = b""  # this server session's process id as sent in a NotificationResponse
         self.uses = 0  # transactions started here by clients (see proxy.session.pg_sequences)
         self.seq_owner = 0  # the client whose sequence values this session holds (0: none yet, -1: several)
 
@@ -85,10 +54,7 @@ class PostgresBackend(BackendConnection):
 
     def link(self, client: PostgresClient) -> None:
         self.client = client
-        self._skip = 0
-        self._dropping = False
-        self._partial = b""
-        self.expect.clear()
+        self.replies.reset(client.process_id)
         self.notifications.clear()  # (not delivered to the session they belonged to: not for this client)
         if self._buffer:  # unsolicited output while idle (a notice): pass it on
             data = self.take_buffered()
@@ -103,7 +69,17 @@ class PostgresBackend(BackendConnection):
     @property
     def at_boundary(self) -> bool:
         """What the server sent so far ends at a message boundary (nothing half-passed to a client)."""
-        return not self._skip and not self._partial
+        return self.replies.at_boundary
+
+    @property
+    def tx_status(self) -> int:
+        """The transaction status of the server's last ReadyForQuery."""
+        return self.replies.tx_status
+
+    @property
+    def ended_by_server(self) -> bool:
+        """A FATAL ErrorResponse of the server's was passed to the client."""
+        return self.replies.ended_by_server
 
     # --- the hot path: server -> client ---
 
@@ -113,141 +89,35 @@ class PostgresBackend(BackendConnection):
             self._buffer += data
             self._wake()
             return
-        scan = self._partial + data if self._partial else data
-        self._partial = b""
-        end = len(scan)
-        pos = self._skip
-        pieces: list[bytes] | None = None  # set once a reply is dropped or one is added
-        run_start = 0  # start of the bytes not yet handed to `pieces`
-        if pos and self._dropping:
-            pieces = []
-            run_start = min(pos, end)
-        expect = self.expect
-        ready = 0
-        resume = False  # a statement check the client waits for has ended
-        hold = end  # bytes from here on wait for the rest of their message
-        while pos < end:
-            if end - pos < 5:
-                hold = pos
-                break
-            kind = scan[pos]
-            length = int.from_bytes(scan[pos + 1 : pos + 5], "big")
-            if length < 4:
-                self._broken(f"backend sent a message with length {length}")
-                return
-            if kind == READY:
-                if end - pos < 6:
-                    hold = pos
-                    break
-                ready += 1
-                self.tx_status = scan[pos + 5]
-            elif kind == PARAMETER_STATUS:
-                if end - pos < length + 1:
-                    hold = pos
-                    break
-                name, value = pg.parse_parameter_status(scan[pos + 5 : pos + 1 + length])
-                self.params[name] = value
-                client.server_reported(name, value)
-                pos += 1 + length
-                continue
-            elif kind in ASYNC_REPLIES:
-                if kind == NOTIFICATION:
-                    if end - pos < 9:
-                        hold = pos
-                        break
-                    if scan[pos + 5 : pos + 9] == self._own_pid:  # the client's own NOTIFY: its own pid
-                        if pieces is None:
-                            pieces = []
-                        pieces.append(scan[run_start : pos + 5])
-                        pieces.append(pg.INT32.pack(client.process_id))
-                        run_start = pos + 9
-                pos += 1 + length
-                continue
-            elif kind == ERROR and end - pos >= 1 + length:
-                body_end = pos + 1 + length
-                if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
-                    self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
-            action = FORWARD
-            if expect:
-                head: Expectation | None = expect[0]
-                if head is not None and head.action == INJECT:
-                    if pieces is None:
-                        pieces = []
-                    pieces.append(scan[run_start:pos])
-                    run_start = pos
-                    pieces.extend(self._pop_injections())
-                    head = expect[0] if expect else None
-                if head is not None:
-                    action = head.action
-                    if action != FORWARD and head.record is not None and end - pos < length + 1:
-                        hold = pos  # a reply the statement book records: wait for all of it
-                        break
-                    if kind == ERROR and head.kind in SKIPS_TO_SYNC:
-                        if action != QUIET and action != REPLACE:
-                            action = FORWARD  # the client must see why its request failed
-                        resume = self._skip_to_sync(scan[pos : pos + 1 + length]) or resume
-                    elif kind in ENDS[head.kind]:
-                        expect.popleft()
-                        if action != FORWARD:
-                            if kind == READY and action in DROPPED:
-                                ready -= 1  # the end of a query or Sync of the proxy's own
-                            if head.record is not None:
-                                self._settled(head, scan[pos : pos + 1 + length])
-                            resume = head.resume or resume
-                    elif action != FORWARD and head.record is not None and kind == PARAMETER_DESCRIPTION:
-                        head.record.parameters = scan[pos : pos + 1 + length]
-            if action != FORWARD and (action in DROPPED or (action == REPLACE and kind == ERROR)):
-                if pieces is None:
-                    pieces = []
-                pieces.append(scan[run_start:pos])
-                if action == REPLACE:
-                    pieces.append(head.payload)  # type: ignore[union-attr]
-                run_start = pos + 1 + length
-            pos += 1 + length
-            if expect and expect[0].action == INJECT:
-                if pieces is None:
-                    pieces = []
-                stop = min(pos, end)
-                if run_start < stop:
-                    pieces.append(scan[run_start:stop])
-                    run_start = stop
-                pieces.extend(self._pop_injections())
-        if pos > end:
-            self._skip = pos - end
-            self._dropping = run_start > end
-        else:
-            self._skip = 0
-            self._dropping = False
-        if hold < end:
-            self._partial = scan[hold:]
-        if pieces is None:
-            client.transport.write(scan if hold == end else scan[:hold])
-        else:
-            if run_start < hold:
-                pieces.append(scan[run_start:hold])
-            client.transport.write(b"".join(pieces))
-        if resume:
+        replies = self.replies
+        try:
+            out = replies.feed(data)
+        except ProtocolViolation as exc:
+            self._broken(exc.message)
+            return
+        if replies.reported:
+            self._reported(client)
+        if replies.failed:
+            self._failed(client.statements)
+        if out:
+            client.transport.write(out)
+        if replies.resume:
             client.resume_held(self)
+        ready = replies.ready
         if ready and self.client is client:
             client.backend_ready(self, ready)
 
-    def _pop_injections(self) -> list[bytes]:
-        out = []
-        expect = self.expect
-        while expect and expect[0].action == INJECT:
-            out.append(expect.popleft().payload)
-        return out
+    def _reported(self, client: PostgresClient) -> None:
+        """ParameterStatus passed to the client: the server session and the client's session have that setting."""
+        params = self.params
+        for name, value in self.replies.reported:
+            params[name] = value
+            client.server_reported(name, value)
+        self.replies.reported.clear()
 
-    def _skip_to_sync(self, error: bytes) -> bool:
-        """An extended-query request failed: the server skips everything up to the next Sync, so do we.
-
-        Returns whether the client holds bytes waiting for one of the requests skipped."""
-        expect = self.expect
-        statements = self.client.statements if self.client is not None else None
-        failing = True
-        resume = False
-        while expect and expect[0].kind != SYNC:
-            failed = expect.popleft()
+    def _failed(self, statements: Statements) -> None:
+        """An extended-query request failed and the server skipped the rest up to Sync: what they made is undone."""
+        for failed, failing in self.replies.failed:
             record = failed.record
             if record is not None:
                 if failed.kind == PARSE:
@@ -255,24 +125,12 @@ class PostgresBackend(BackendConnection):
                         self.unnamed_owner = None  # whatever the server holds now, the proxy re-sends before use
                     elif self.prepared.get(failed.prepared_name) is record:
                         del self.prepared[failed.prepared_name]
-                if record.description is None and record.error is None:
-                    record.error = error if failing else SKIPPED
-                if statements is not None:
-                    statements.failed(failed, failing)
+                statements.failed(failed, failing)
             elif failed is EXPECT_PARSE_UNNAMED or failed is EXPECT_PARSE_RESENT:
                 self.unnamed_owner = None
-                if failed is EXPECT_PARSE_UNNAMED and statements is not None:
+                if failed is EXPECT_PARSE_UNNAMED:
                     statements.unnamed_failed()
-            resume = resume or failed.resume
-            failing = False
-        return resume
-
-    def _settled(self, head: Expectation, reply: bytes) -> None:
-        """A request the statement book follows ended: a Describe's reply is recorded, a Parse confirmed."""
-        record = head.record
-        assert record is not None
-        if head.kind == DESCRIBE_STATEMENT:
-            record.description = record.parameters + result_shape(reply)
+        self.replies.failed.clear()
 
     # --- login ---
 
@@ -327,7 +185,7 @@ class PostgresBackend(BackendConnection):
                 self.params[name] = value
             elif kind == ord("K"):
                 self.process_id, self.secret_key = pg.INT32_PAIR.unpack_from(body)
-                self._own_pid = pg.INT32.pack(self.process_id)
+                self.replies.server_pid = pg.INT32.pack(self.process_id)
             elif kind == ord("Z"):
                 break
             elif kind == ord("E"):
@@ -346,7 +204,7 @@ class PostgresBackend(BackendConnection):
         """The notifications read during the proxy's own queries, as messages for the session's client."""
         out = []
         for body in self.notifications:
-            if body[:4] == self._own_pid:
+            if body[:4] == self.replies.server_pid:
                 body = pg.INT32.pack(client_process_id) + body[4:]
             out.append(pg.message(b"A", body))
         self.notifications.clear()
@@ -393,7 +251,7 @@ class PostgresBackend(BackendConnection):
             elif kind == NOTIFICATION:
                 self.notifications.append(body)
             elif kind == ord("Z"):
-                self.tx_status = body[0]
+                self.replies.tx_status = body[0]
                 break
         self.params_changed()
         if error is not None:

@@ -1,0 +1,226 @@
+"""Matching a PostgreSQL server's replies to the requests sent to it (sans-IO): what its client gets, what ended."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from proxy.errors import ProtocolViolation
+from proxy.protocol.pg import messages as pg
+from proxy.protocol.pg.extended import (
+    DESCRIBE_STATEMENT,
+    ENDS,
+    FORWARD,
+    INJECT,
+    QUIET,
+    REPLACE,
+    SKIPPED,
+    SKIPS_TO_SYNC,
+    SWALLOW,
+    SYNC,
+    Expectation,
+    result_shape,
+)
+
+READY = 0x5A  # 'Z': ReadyForQuery
+PARAMETER_STATUS = 0x53  # 'S'
+ERROR = 0x45  # 'E': ErrorResponse
+PARAMETER_DESCRIPTION = 0x74  # 't'
+NOTIFICATION = 0x41  # 'A': NotificationResponse (process id, channel, payload)
+ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
+DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does not see
+# In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
+SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
+
+
+class ReplyMatcher:
+    """Follows one server connection's replies against `expect`, the requests sent in the order they are answered.
+
+    feed() takes the bytes as they arrive (any split) and returns the bytes the client gets: the same object when
+    every reply passes, else the kept slices joined with the replies the proxy gives in place of its own requests'.
+    It reads message headers only, except ReadyForQuery's status byte, a NotificationResponse's process id,
+    ParameterStatus, ErrorResponse, and the replies a statement record keeps (those are read whole).
+
+    What each request's replies become is its expectation's action (see proxy.protocol.pg.extended): FORWARD
+    passes them, SWALLOW drops them but passes an ErrorResponse, QUIET drops everything, REPLACE turns an
+    ErrorResponse into its payload, INJECT is a reply of the proxy's own given when its turn comes. A reply ends
+    the request at the head of `expect` when its type is one of ENDS[kind]; an ErrorResponse to an extended-query
+    request ends every request up to the next Sync, as the server skips them. Messages no request waits for
+    (COPY data, rows, notices, notifications, parameter changes) pass through.
+
+    After each feed(): `ready` is the number of ReadyForQuery messages the client got, `tx_status` the last status
+    the server reported, `resume` whether a request marked `resume` ended; `reported` holds the ParameterStatus
+    (name, value) pairs read and `failed` the (expectation, failing) pairs an ErrorResponse ended (failing: the
+    request the error answers; the others were skipped). The reader clears those two lists.
+    """
+
+    __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "expect", "failed", "ready",
+                 "reported", "resume", "server_pid", "tx_status")
+
+    def __init__(self) -> None:
+        self.expect: deque[Expectation] = deque()
+        self.tx_status = pg.IDLE
+        self.server_pid = b""  # the server session's process id as sent in a NotificationResponse
+        self.client_pid = 0  # the process id the client knows: its own notifications carry this one instead
+        self.ended_by_server = False  # a FATAL or PANIC ErrorResponse was passed to the client
+        self.ready = 0
+        self.resume = False
+        self.reported: list[tuple[str, str]] = []
+        self.failed: list[tuple[Expectation, bool]] = []
+        self._skip = 0  # bytes of the current message still to pass before the next header
+        self._dropping = False  # the rest of the current message is dropped, not passed on
+        self._partial = b""  # the start of a message whose header (or whole body) is needed, carried to next feed
+
+    def reset(self, client_pid: int = 0) -> None:
+        """A new client: nothing is expected, nothing half-read."""
+        self.client_pid = client_pid
+        self._skip = 0
+        self._dropping = False
+        self._partial = b""
+        self.expect.clear()
+        self.reported.clear()
+        self.failed.clear()
+
+    @property
+    def at_boundary(self) -> bool:
+        """What the server sent so far ends at a message boundary (nothing half-passed to a client)."""
+        return not self._skip and not self._partial
+
+    def feed(self, data: bytes) -> bytes:
+        """Read `data` from the server; return the bytes for the client. Raises ProtocolViolation on a bad length."""
+        scan = self._partial + data if self._partial else data
+        self._partial = b""
+        end = len(scan)
+        pos = self._skip
+        pieces: list[bytes] | None = None  # set once a reply is dropped or one is added
+        run_start = 0  # start of the bytes not yet handed to `pieces`
+        if pos and self._dropping:
+            pieces = []
+            run_start = min(pos, end)
+        expect = self.expect
+        ready = 0
+        resume = False  # a request the client waits for (statement check) has ended
+        hold = end  # bytes from here on wait for the rest of their message
+        while pos < end:
+            if end - pos < 5:
+                hold = pos
+                break
+            kind = scan[pos]
+            length = int.from_bytes(scan[pos + 1 : pos + 5], "big")
+            if length < 4:
+                raise ProtocolViolation(f"backend sent a message with length {length}")
+            if kind == READY:
+                if end - pos < 6:
+                    hold = pos
+                    break
+                ready += 1
+                self.tx_status = scan[pos + 5]
+            elif kind == PARAMETER_STATUS:
+                if end - pos < length + 1:
+                    hold = pos
+                    break
+                self.reported.append(pg.parse_parameter_status(scan[pos + 5 : pos + 1 + length]))
+                pos += 1 + length
+                continue
+            elif kind in ASYNC_REPLIES:
+                if kind == NOTIFICATION:
+                    if end - pos < 9:
+                        hold = pos
+                        break
+                    if scan[pos + 5 : pos + 9] == self.server_pid:  # the client's own NOTIFY: its own pid
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(scan[run_start : pos + 5])
+                        pieces.append(pg.INT32.pack(self.client_pid))
+                        run_start = pos + 9
+                pos += 1 + length
+                continue
+            elif kind == ERROR:
+                if end - pos < length + 1:
+                    hold = pos  # read whole: its severity says whether the session ends, its bytes may be kept
+                    break
+                body_end = pos + 1 + length
+                if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
+                    self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
+            action = FORWARD
+            if expect:
+                head: Expectation | None = expect[0]
+                if head is not None and head.action == INJECT:
+                    if pieces is None:
+                        pieces = []
+                    pieces.append(scan[run_start:pos])
+                    run_start = pos
+                    self._pop_injections(pieces)
+                    head = expect[0] if expect else None
+                if head is not None:
+                    action = head.action
+                    if action != FORWARD and head.record is not None and end - pos < length + 1:
+                        hold = pos  # a reply the statement record keeps: wait for all of it
+                        break
+                    if kind == ERROR and head.kind in SKIPS_TO_SYNC:
+                        if action != QUIET and action != REPLACE:
+                            action = FORWARD  # the client must see why its request failed
+                        resume = self._skip_to_sync(scan[pos : pos + 1 + length]) or resume
+                    elif kind in ENDS[head.kind]:
+                        expect.popleft()
+                        if action != FORWARD:
+                            if kind == READY and action in DROPPED:
+                                ready -= 1  # the end of a query or Sync of the proxy's own
+                            record = head.record
+                            if record is not None and head.kind == DESCRIBE_STATEMENT:
+                                record.description = record.parameters + result_shape(scan[pos : pos + 1 + length])
+                            resume = head.resume or resume
+                    elif action != FORWARD and head.record is not None and kind == PARAMETER_DESCRIPTION:
+                        head.record.parameters = scan[pos : pos + 1 + length]
+            if action != FORWARD and (action in DROPPED or (action == REPLACE and kind == ERROR)):
+                if pieces is None:
+                    pieces = []
+                pieces.append(scan[run_start:pos])
+                if action == REPLACE:
+                    pieces.append(head.payload)  # type: ignore[union-attr]
+                run_start = pos + 1 + length
+            pos += 1 + length
+            if expect and expect[0].action == INJECT:
+                if pieces is None:
+                    pieces = []
+                stop = min(pos, end)
+                if run_start < stop:
+                    pieces.append(scan[run_start:stop])
+                    run_start = stop
+                self._pop_injections(pieces)
+        if pos > end:
+            self._skip = pos - end
+            self._dropping = run_start > end
+        else:
+            self._skip = 0
+            self._dropping = False
+        if hold < end:
+            self._partial = scan[hold:]
+        self.ready = ready
+        self.resume = resume
+        if pieces is None:
+            return scan if hold == end else scan[:hold]
+        if run_start < hold:
+            pieces.append(scan[run_start:hold])
+        return b"".join(pieces)
+
+    def _pop_injections(self, pieces: list[bytes]) -> None:
+        expect = self.expect
+        while expect and expect[0].action == INJECT:
+            pieces.append(expect.popleft().payload)
+
+    def _skip_to_sync(self, error: bytes) -> bool:
+        """An extended-query request failed: the server skips everything up to the next Sync, so do we.
+
+        Returns whether one of the requests ended this way was marked `resume`."""
+        expect = self.expect
+        failing = True
+        resume = False
+        while expect and expect[0].kind != SYNC:
+            failed = expect.popleft()
+            record = failed.record
+            if record is not None and record.description is None and record.error is None:
+                record.error = error if failing else SKIPPED
+            self.failed.append((failed, failing))
+            resume = resume or failed.resume
+            failing = False
+        return resume
