@@ -41,8 +41,9 @@ class ReplyMatcher:
     ParameterStatus, ErrorResponse, and the replies a statement record keeps (those are read whole).
 
     What each request's replies become is its expectation's action (see proxy.protocol.pg.extended): FORWARD
-    passes them, SWALLOW drops them but passes an ErrorResponse, QUIET drops everything, REPLACE turns an
-    ErrorResponse into its payload, INJECT is a reply of the proxy's own given when its turn comes. A reply ends
+    passes them, SWALLOW drops them but passes the ErrorResponse of an extended-query request, QUIET drops
+    everything, REPLACE turns an ErrorResponse into its payload, INJECT is a reply of the proxy's own given when its
+    turn comes. A reply ends
     the request at the head of `expect` when its type is one of ENDS[kind]; an ErrorResponse to an extended-query
     request ends every request up to the next Sync, as the server skips them. Messages no request waits for
     (COPY data, rows, notices, notifications, parameter changes) pass through.
@@ -95,7 +96,7 @@ class ReplyMatcher:
         run_start = 0  # start of the bytes not yet handed to `pieces`
         if pos and self._dropping:
             pieces = []
-            run_start = min(pos, end)
+            run_start = pos  # (beyond `end` when the dropped message goes on in the next read too)
         expect = self.expect
         ready = 0
         resume = False  # a request the client waits for (statement check) has ended
