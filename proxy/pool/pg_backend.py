@@ -95,6 +95,17 @@ class PostgresBackend(BackendConnection):
         except ProtocolViolation as exc:
             self._broken(exc.message)
             return
+        if replies.eventful:
+            self._replies_read(client, out)
+        elif out:
+            client.transport.write(out)
+        ready = replies.ready
+        if ready and self.client is client:
+            client.backend_ready(self, ready)
+
+    def _replies_read(self, client: PostgresClient, out: bytes) -> None:
+        """Replies that change state on this side came with `out`: apply them around passing it on."""
+        replies = self.replies
         if replies.reported:
             self._reported(client)
         if replies.failed:
@@ -103,9 +114,6 @@ class PostgresBackend(BackendConnection):
             client.transport.write(out)
         if replies.resume:
             client.resume_held(self)
-        ready = replies.ready
-        if ready and self.client is client:
-            client.backend_ready(self, ready)
 
     def _reported(self, client: PostgresClient) -> None:
         """ParameterStatus passed to the client: the server session and the client's session have that setting."""

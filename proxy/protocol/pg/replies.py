@@ -51,11 +51,12 @@ class ReplyMatcher:
     After each feed(): `ready` is the number of ReadyForQuery messages the client got, `tx_status` the last status
     the server reported, `resume` whether a request marked `resume` ended; `reported` holds the ParameterStatus
     (name, value) pairs read and `failed` the (expectation, failing) pairs an ErrorResponse ended (failing: the
-    request the error answers; the others were skipped). The reader clears those two lists.
+    request the error answers; the others were skipped). The reader clears those two lists after each feed();
+    `eventful` says whether there is anything in them or in `resume` (one test on the hot path).
     """
 
-    __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "expect", "failed", "ready",
-                 "reported", "resume", "server_pid", "tx_status")
+    __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "eventful", "expect", "failed",
+                 "ready", "reported", "resume", "server_pid", "tx_status")
 
     def __init__(self) -> None:
         self.expect: deque[Expectation] = deque()
@@ -65,6 +66,7 @@ class ReplyMatcher:
         self.ended_by_server = False  # a FATAL or PANIC ErrorResponse was passed to the client
         self.ready = 0
         self.resume = False
+        self.eventful = False  # any of `resume`, `reported`, `failed` after the last feed()
         self.reported: list[tuple[str, str]] = []
         self.failed: list[tuple[Expectation, bool]] = []
         self._skip = 0  # bytes of the current message still to pass before the next header
@@ -72,14 +74,12 @@ class ReplyMatcher:
         self._partial = b""  # the start of a message whose header (or whole body) is needed, carried to next feed
 
     def reset(self, client_pid: int = 0) -> None:
-        """A new client: nothing is expected, nothing half-read."""
+        """A new client: nothing is expected, nothing half-read (`reported` and `failed` are drained already)."""
         self.client_pid = client_pid
         self._skip = 0
         self._dropping = False
         self._partial = b""
         self.expect.clear()
-        self.reported.clear()
-        self.failed.clear()
 
     @property
     def at_boundary(self) -> bool:
@@ -100,6 +100,7 @@ class ReplyMatcher:
         expect = self.expect
         ready = 0
         resume = False  # a request the client waits for (statement check) has ended
+        eventful = False  # something was added to `reported` or `failed`
         hold = end  # bytes from here on wait for the rest of their message
         while pos < end:
             if end - pos < 5:
@@ -120,6 +121,7 @@ class ReplyMatcher:
                     hold = pos
                     break
                 self.reported.append(pg.parse_parameter_status(scan[pos + 5 : pos + 1 + length]))
+                eventful = True
                 pos += 1 + length
                 continue
             elif kind in ASYNC_REPLIES:
@@ -161,6 +163,7 @@ class ReplyMatcher:
                         if action != QUIET and action != REPLACE:
                             action = FORWARD  # the client must see why its request failed
                         resume = self._skip_to_sync(scan[pos : pos + 1 + length]) or resume
+                        eventful = True
                     elif kind in ENDS[head.kind]:
                         expect.popleft()
                         if action != FORWARD:
@@ -198,6 +201,7 @@ class ReplyMatcher:
             self._partial = scan[hold:]
         self.ready = ready
         self.resume = resume
+        self.eventful = eventful or resume
         if pieces is None:
             return scan if hold == end else scan[:hold]
         if run_start < hold:
