@@ -97,6 +97,7 @@ def test_kill_query_reaches_the_worker_that_owns_the_client(tmp_path: Path, mari
                     thread.join()
                     assert time.monotonic() - started < 4
                     assert outcome == [1] or outcome == ["interrupted"], outcome
+        proxy.wait_for_log(r"KILL QUERY \d+ passed to worker")
 
 
 def _sleep(conn: pymysql.Connection) -> object:
@@ -176,3 +177,28 @@ def test_channel_answers_bad_messages_without_harm_and_never_logs_a_cancel_key(b
     both_engines.wait_for_log("internal channel: a message could not be read")
     assert str(secret) not in both_engines.log()
     assert "too large" not in scrape(both_engines)
+
+
+def test_kill_across_workers_is_refused_to_another_user_and_closes_the_owners_connection(
+        both_engines: ProxyProcess) -> None:
+    def connect(user: str) -> pymysql.Connection:
+        return pymysql.connect(host="127.0.0.1", port=both_engines.ports["mysql"], user=user,
+                               password=f"{user}-secret", database=user)
+
+    victims = [connect("app") for _ in range(8)]  # on either worker: some KILLs cross to the other one
+    try:
+        with connect("bench") as stranger, stranger.cursor() as cursor:
+            for victim in victims:
+                with pytest.raises(pymysql.err.OperationalError) as info:
+                    cursor.execute(f"KILL {victim.thread_id()}")
+                assert info.value.args[0] == 1095, info.value.args  # not owner of thread
+        with connect("app") as owner, owner.cursor() as cursor:
+            for victim in victims:
+                cursor.execute(f"KILL {victim.thread_id()}")
+        for victim in victims:
+            with pytest.raises(pymysql.err.OperationalError), victim.cursor() as victim_cursor:
+                victim_cursor.execute("SELECT 1")
+    finally:
+        for victim in victims:
+            victim.close()
+    both_engines.wait_for_log(r"KILL \d+ passed to worker")

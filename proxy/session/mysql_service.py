@@ -328,6 +328,7 @@ class MySQLService:
             raise KillDenied(str(answer.get("message")))
         if answer.get("error"):
             raise NoSuchThread(str(answer.get("message")))
+        log.info("KILL %s%d passed to worker %d", "QUERY " if query_only else "", connection_id, owner)
 
     async def serve_kill(self, message: channel.Message) -> channel.Message:
         """The other side of `_forward_kill`: a KILL asked on another worker, for what this one may own."""
