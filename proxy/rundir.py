@@ -12,11 +12,12 @@ def run_dir() -> Path | None:
     return Path(folder) if folder else None
 
 
-def worker_socket(kind: str, index: int) -> Path:
-    folder = run_dir()
+def worker_channel(index: int, folder: Path | None = None) -> Path:
+    """The unix socket of worker `index`'s internal channel (in `folder`, or this process's run folder)."""
+    folder = folder or run_dir()
     if folder is None:
         raise RuntimeError("not running under a supervisor")
-    return folder / f"{kind}-{index}.sock"
+    return folder / f"worker-{index}.sock"
 
 
 def worker_index() -> int:

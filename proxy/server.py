@@ -8,13 +8,14 @@ import socket
 import time
 
 from proxy.config import ClientTLSMode, Config
+from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
-from proxy.session.client import ClientConnection
 from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
 from proxy.session.pg_service import PostgresService
+from proxy.stats import StatsRegistry
 from proxy.tls import server_context
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ class ProxyServer:
         self.config = config
         self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
         tls = None if config.tls.mode is ClientTLSMode.DISABLE else server_context(config.tls)
-        self.postgres = PostgresService(config, self.secrets, tls)
-        self.mysql = MySQLService(config, self.secrets, tls)
+        self.stats = StatsRegistry()
+        self.postgres = PostgresService(config, self.secrets, tls, self.stats)
+        self.mysql = MySQLService(config, self.secrets, tls, self.stats)
         self.servers: list[asyncio.Server] = []
         self.pg_clients: set[PostgresClient] = set()
         self.mysql_clients: set[MySQLClient] = set()
@@ -40,7 +42,7 @@ class ProxyServer:
     async def start(self, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         # Each worker process takes its share of the client limit (as of the backend connection budget).
-        ClientConnection.max_clients = max(1, self.config.server.max_client_connections // worker_count())
+        self.stats.max_clients = max(1, self.config.server.max_client_connections // worker_count())
         settings = self.config.postgresql
         if settings.enabled:
             clients = self.pg_clients
@@ -49,8 +51,6 @@ class ProxyServer:
                 client = PostgresClient(self.postgres)
                 clients.add(client)
                 return client
-
-            self.postgres.make_client = make_client
 
             server = await loop.create_server(
                 make_client, self.config.server.host, settings.port, reuse_port=reuse_port or None,
@@ -83,9 +83,7 @@ class ProxyServer:
             log.info("MySQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host, self.ports["mysql"],
                      my_settings.backend_host, my_settings.backend_port, my_settings.pool.mode)
         if self.config.server.metrics_port >= 0:
-            from proxy.metrics import serve_metrics, snapshot
-
-            self.ports["metrics"] = serve_metrics(lambda: snapshot(self), self.config.server.host,
+            self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
         self._janitor = loop.create_task(self._run_janitor())
 

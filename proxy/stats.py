@@ -1,61 +1,171 @@
-"""Counters kept in one place, read by logs, the admin console and the metrics endpoint."""
+"""The process's counters in one registry, labelled by engine, endpoint, cluster, instance, database and user."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable
+from typing import Any
+
+ENDPOINT_LABELS = ("engine", "endpoint", "cluster")
+POOL_LABELS = ("engine", "endpoint", "cluster", "instance", "database", "user")
+
+# A snapshot: {"endpoints": [series], "pools": [series]}, each series a flat dict of its labels and its values
+# (endpoint series also carry "pins": {reason: count}). Plain data: it crosses the workers' channel as JSON.
+Series = dict[str, Any]
+Snapshot = dict[str, list[Series]]
 
 
-@dataclass(slots=True)
-class PoolStats:
-    """Per-pool counters; plain integer increments on the hot path."""
+class EndpointStats:
+    """Counters of the clients of one endpoint; plain attribute increments on the hot path."""
 
-    borrows: int = 0
-    waits: int = 0
-    wait_time: float = 0.0
-    borrow_timeouts: int = 0
-    opened: int = 0
-    closed: int = 0
-    connect_failures: int = 0
-    transactions: int = 0
-    queries: int = 0
+    COUNTERS = ("clients_accepted", "clients_refused", "logins_ok", "logins_failed", "protocol_errors",
+                "cancel_requests", "idle_client_timeouts", "login_timeouts")
+    GAUGES = ("clients_current", "pinned_now")
+    __slots__ = ("registry", "labels", "pins", *COUNTERS, *GAUGES)
 
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(slots=True)
-class ProxyStats:
-    """Process-wide counters."""
-
-    clients_accepted: int = 0
-    clients_current: int = 0
-    clients_refused: int = 0  # turned away at connect: max_client_connections reached
-    logins_ok: int = 0
-    logins_failed: int = 0
-    protocol_errors: int = 0
-    cancel_requests: int = 0
-    idle_client_timeouts: int = 0
-    login_timeouts: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-PROXY = ProxyStats()
-
-
-@dataclass(slots=True)
-class PinStats:
-    """Sessions pinned to their backend: how many now, and how often for each reason."""
-
-    current: int = 0
-    by_reason: dict[str, int] = field(default_factory=dict)
+    def __init__(self, registry: StatsRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+        self.pins: dict[str, int] = {}  # times a session was pinned, by reason
+        self.clients_accepted = 0
+        self.clients_refused = 0  # turned away at connect: max_client_connections reached
+        self.logins_ok = 0
+        self.logins_failed = 0
+        self.protocol_errors = 0
+        self.cancel_requests = 0
+        self.idle_client_timeouts = 0
+        self.login_timeouts = 0
+        self.clients_current = 0
+        self.pinned_now = 0  # client sessions pinned to their backend now
 
     def pinned(self, reason: str) -> None:
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        self.pins[reason] = self.pins.get(reason, 0) + 1
 
     def unpinned(self) -> None:
-        self.current -= 1
+        self.pinned_now -= 1
+
+    def series(self) -> Series:
+        values = {name: getattr(self, name) for name in (*self.COUNTERS, *self.GAUGES)}
+        return {**self.labels, **values, "pins": dict(self.pins)}
 
 
-PINS = PinStats()
+class PoolStats:
+    """Counters of one pool of backend connections (one database and user); plain attribute increments."""
+
+    COUNTERS = ("borrows", "waits", "wait_time", "borrow_timeouts", "opened", "closed", "connect_failures",
+                "transactions")
+    __slots__ = ("labels", "gauges", *COUNTERS)
+
+    def __init__(self, labels: dict[str, str] | None = None) -> None:
+        self.labels = labels or {}
+        self.gauges: Callable[[], dict[str, int]] | None = None  # set by the pool: its open and borrowed counts
+        self.borrows = 0
+        self.waits = 0
+        self.wait_time = 0.0
+        self.borrow_timeouts = 0
+        self.opened = 0
+        self.closed = 0
+        self.connect_failures = 0
+        self.transactions = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    def add(self, other: PoolStats) -> None:
+        for name in self.COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def series(self) -> Series:
+        gauges = self.gauges() if self.gauges is not None else {"open": 0, "borrowed": 0}
+        return {**self.labels, **self.as_dict(), **gauges}
+
+
+class TargetStats:
+    """The pools' counters of one backend instance as one endpoint of a cluster uses it. A pool that is removed
+    folds its counters into `retired` (labelled with an empty database and user), so no total ever goes down."""
+
+    __slots__ = ("labels", "pools", "retired")
+
+    def __init__(self, labels: dict[str, str] | None = None) -> None:
+        self.labels = labels or {}
+        self.pools: dict[tuple[str, str], PoolStats] = {}
+        self.retired = PoolStats({**self.labels, "database": "", "user": ""})
+
+    def pool(self, database: str, user: str) -> PoolStats:
+        """The counters of the pool for (database, user): the same object for as long as that pool lives."""
+        stats = self.pools.get((database, user))
+        if stats is None:
+            stats = self.pools[(database, user)] = PoolStats({**self.labels, "database": database, "user": user})
+        return stats
+
+    def retire(self, stats: PoolStats) -> None:
+        """A pool is removed: its counters move to the retired total and its series goes away."""
+        key = (stats.labels.get("database", ""), stats.labels.get("user", ""))
+        if self.pools.get(key) is stats:
+            del self.pools[key]
+            self.retired.add(stats)
+
+    def series(self) -> list[Series]:
+        found = [stats.series() for stats in list(self.pools.values())]
+        if any(self.retired.as_dict().values()):
+            found.append(self.retired.series())
+        return found
+
+
+class StatsRegistry:
+    """Every counter of this process; services and pools take their part once and increment it directly."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[tuple[str, ...], EndpointStats] = {}
+        self.targets: dict[tuple[str, ...], TargetStats] = {}
+        self.max_clients = 0  # this process's share of max_client_connections (0: no limit)
+
+    def endpoint(self, engine: str, endpoint: str, cluster: str) -> EndpointStats:
+        key = (engine, endpoint, cluster)
+        stats = self.endpoints.get(key)
+        if stats is None:
+            stats = self.endpoints[key] = EndpointStats(self, dict(zip(ENDPOINT_LABELS, key, strict=True)))
+        return stats
+
+    def target(self, engine: str, endpoint: str, cluster: str, instance: str) -> TargetStats:
+        key = (engine, endpoint, cluster, instance)
+        stats = self.targets.get(key)
+        if stats is None:
+            stats = self.targets[key] = TargetStats(dict(zip(POOL_LABELS, key, strict=False)))
+        return stats
+
+    def clients_current(self) -> int:
+        return sum(stats.clients_current for stats in self.endpoints.values())
+
+    def over_limit(self) -> bool:
+        """Whether this process serves more clients than its share of max_client_connections."""
+        return bool(self.max_clients) and self.clients_current() > self.max_clients
+
+    def snapshot(self) -> Snapshot:
+        """Every series of this process as plain data (no secrets: labels are names, values are numbers)."""
+        pools: list[Series] = []
+        for target in list(self.targets.values()):
+            pools.extend(target.series())
+        return {"endpoints": [stats.series() for stats in list(self.endpoints.values())], "pools": pools}
+
+
+def merge(parts: Iterable[Snapshot]) -> Snapshot:
+    """Add up the snapshots of several workers, series by series (same labels: same series)."""
+    parts = list(parts)
+    merged: Snapshot = {"endpoints": [], "pools": []}
+    for kind, labels in (("endpoints", ENDPOINT_LABELS), ("pools", POOL_LABELS)):
+        found: dict[tuple[str, ...], Series] = {}
+        for part in parts:
+            for series in part.get(kind, []):
+                key = tuple(str(series.get(label, "")) for label in labels)
+                total = found.get(key)
+                if total is None:
+                    found[key] = {**series, "pins": dict(series["pins"])} if "pins" in series else dict(series)
+                    continue
+                for name, value in series.items():
+                    if name == "pins":
+                        for reason, count in value.items():
+                            total["pins"][reason] = total["pins"].get(reason, 0) + count
+                    elif name not in labels and isinstance(value, int | float):
+                        total[name] = total.get(name, 0) + value
+        merged[kind] = list(found.values())
+    return merged

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import logging
 import os
 import select
@@ -17,16 +16,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import cast
 
 import uvloop
 
+from proxy import channel
 from proxy.config import Config
 from proxy.errors import ConfigError
-from proxy.metrics import merge, read_worker_snapshot, serve_metrics, snapshot
-from proxy.rundir import worker_socket
+from proxy.metrics import serve_metrics
+from proxy.rundir import worker_channel
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, describe_start_error
+from proxy.stats import Snapshot, merge
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,6 @@ def _fixed_ports(config: Config) -> Config:
     return config.model_copy(update=update) if update else config
 
 
-class _SnapshotServer(asyncio.Protocol):
-    """Answers every connection on the stats socket with this worker's snapshot as JSON, then closes."""
-
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.WriteTransport, transport).write(json.dumps(snapshot(self.server)).encode())
-        transport.close()
-
-
 class _WorkerStartFailed(Exception):
     """A worker could not start serving; the message is the one line the supervisor shows."""
 
@@ -81,14 +70,7 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
         server = ProxyServer(config)
         await server.start(reuse_port=True)
         # Keep references: a listening server that is garbage-collected stops listening.
-        server.servers.append(
-            await loop.create_unix_server(lambda: _SnapshotServer(server), str(worker_socket("stats", index))))
-        if server.postgres.make_client is not None:  # CancelRequests passed on by the other workers
-            server.servers.append(
-                await loop.create_unix_server(server.postgres.make_client, str(worker_socket("cancel", index))))
-        if config.mysql.enabled:  # KILLs for this worker's clients asked on another worker
-            server.servers.append(await asyncio.start_unix_server(
-                server.mysql.serve_forwarded_kill, str(worker_socket("kill", index))))
+        server.servers.append(await channel.serve(worker_channel(index), _channel_handlers(server)))
     except Exception as exc:
         raise _WorkerStartFailed(describe_start_error(exc)) from exc
     stop = asyncio.Event()
@@ -97,6 +79,30 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
     _tell_supervisor(ready_fd, _READY)
     await stop.wait()
     await server.stop()
+
+
+def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
+    """What a worker answers on its internal channel: its stats for the supervisor; cancels and KILLs for its own
+    clients asked on another worker."""
+
+    async def stats(_message: channel.Message) -> channel.Message:
+        return {"snapshot": server.stats.snapshot()}
+
+    handlers: dict[str, channel.Handler] = {"stats": stats}
+    if server.config.postgresql.enabled:
+        handlers["cancel"] = server.postgres.serve_cancel
+    if server.config.mysql.enabled:
+        handlers["kill"] = server.mysql.serve_kill
+    return handlers
+
+
+def _worker_snapshot(folder: Path, index: int) -> Snapshot | None:
+    """Ask one worker for its stats over its channel (None if it does not answer)."""
+    try:
+        return dict(channel.ask_blocking(worker_channel(index, folder), {"kind": "stats"}, 2)["snapshot"])
+    except (channel.ChannelError, KeyError, TypeError, ValueError) as exc:
+        log.warning("metrics: worker %d did not answer: %s", index, exc)
+        return None
 
 
 def _die_with_parent() -> None:
@@ -234,10 +240,8 @@ def run_supervisor(config: Config, count: int, ready_message: str) -> None:
             if mysql is not None and mysql.enabled:
                 ports["mysql"] = mysql.port
             if metrics_port >= 0 and not stopping:
-                sockets = [folder / f"stats-{index}.sock" for index in range(count)]
-
-                def merged() -> dict[str, object]:
-                    return merge([part for path in sockets if (part := read_worker_snapshot(path)) is not None])
+                def merged() -> Snapshot:
+                    return merge(part for index in range(count) if (part := _worker_snapshot(folder, index)))
 
                 try:
                     ports["metrics"] = serve_metrics(merged, config.server.host, metrics_port)

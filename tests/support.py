@@ -7,12 +7,14 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.devservers import MariaDBInstance, PostgresInstance, free_port
 
@@ -140,3 +142,14 @@ def backend_connections(pg: PostgresInstance, user: str = "app") -> int:
 def mysql_backend_connections(mariadb: MariaDBInstance, user: str = "app") -> int:
     """Connections of `user` on the MariaDB server right now (from the processlist)."""
     return int(mariadb.sql(f"SELECT count(*) FROM information_schema.processlist WHERE user = '{user}'"))
+
+
+def scrape(proxy: ProxyProcess) -> str:
+    """The proxy's /metrics page."""
+    return str(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode())
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (0 when there is none)."""
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))

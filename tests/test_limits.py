@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from proxy.protocol.pg import messages as pg
 from rawmysql import CAPS
 from rawmysql import RawClient as RawMySQL
 from rawpg import RawClient as RawPG
-from support import ProxyProcess, running_proxy
+from support import ProxyProcess, metric_value, running_proxy, scrape
 
 MB = 1 << 20
 QUERY_SIZE = 200 * MB  # a large Query streams through (its text scanned on the way)
@@ -48,10 +46,9 @@ def stream(sock: socket.socket, total: int) -> int:
 
 
 def metric(proxy: ProxyProcess, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, text
-    return float(match.group(1))
+    text = scrape(proxy)
+    assert f"{name}{{" in text, text
+    return metric_value(text, name)
 
 
 def settle_rss(proxy: ProxyProcess) -> int:

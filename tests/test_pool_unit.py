@@ -7,6 +7,7 @@ import time
 
 from proxy.config import PoolSettings
 from proxy.pool.pool import Backend, Pool, Target
+from proxy.stats import StatsRegistry
 
 
 class FakeBackend:
@@ -48,3 +49,29 @@ async def test_stealing_idle_backends_never_exceeds_the_budget() -> None:
     await asyncio.gather(*(use(second) for _ in range(20)), *(use(first) for _ in range(20)))
     assert peak <= 3
     assert target.open_connections <= 3
+
+
+async def test_a_removed_pool_folds_its_counters_into_the_targets_total() -> None:
+    registry = StatsRegistry()
+    target = Target("t", "127.0.0.1", 1, PoolSettings(max_connections=2, connection_borrow_timeout=5),
+                    stats=registry.target("postgresql", "postgresql", "default", "127.0.0.1:1"))
+    target.max_connections = target.max_idle = 2
+
+    async def connect(pool: Pool) -> Backend:
+        return FakeBackend()
+
+    def totals() -> dict[str, float]:
+        pools = registry.snapshot()["pools"]
+        return {name: sum(p[name] for p in pools) for name in ("borrows", "opened", "closed")}
+
+    for round_ in range(2):  # the same pool again after its removal: a new series, the totals go on
+        pool = target.pools[("db", "a")] = Pool(target, "db", "a", connect)
+        pool.release(await pool.borrow())
+        assert totals() == {"borrows": round_ + 1, "opened": round_ + 1, "closed": round_}
+        pool.close_all()
+        target.remove(pool)
+        assert target.pools == {}
+        assert totals() == {"borrows": round_ + 1, "opened": round_ + 1, "closed": round_ + 1}
+    (retired,) = registry.snapshot()["pools"]
+    assert (retired["engine"], retired["instance"], retired["database"], retired["user"]) == (
+        "postgresql", "127.0.0.1:1", "", "")

@@ -14,7 +14,7 @@ from typing import Protocol
 from proxy.config import PoolMode, PoolSettings, resolve_count
 from proxy.errors import BackendError, BackendUnavailable, BorrowTimeout, ProxyError
 from proxy.rundir import worker_count
-from proxy.stats import PoolStats
+from proxy.stats import TargetStats
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class Target:
     # idempotent, so a backend that leaves by two paths at once is still counted out once.
     owned: set[object] = field(default_factory=set, repr=False)
     last_connect_failure: str = ""  # why the latest backend connect failed; empty once one succeeds
+    stats: TargetStats = field(default_factory=TargetStats, repr=False)  # the registry's part for its pools
 
     @property
     def open_connections(self) -> int:
@@ -86,6 +87,12 @@ class Target:
     def limit(self) -> int:
         # Before the backend's limit is known, allow one connection to learn it.
         return self.max_connections or 1
+
+    def remove(self, pool: Pool) -> None:
+        """Drop an unused pool; its counters fold into the target's retired total (a total never goes down)."""
+        if self.pools.get((pool.database, pool.user)) is pool:
+            del self.pools[(pool.database, pool.user)]
+        self.stats.retire(pool.stats)
 
     def idle_count(self) -> int:
         return sum(len(p.idle) for p in self.pools.values())
@@ -175,7 +182,8 @@ class Pool:
         self.idle: list[Backend] = []
         self.busy: set[Backend] = set()
         self.waiters: deque[Waiter] = deque()
-        self.stats = PoolStats()
+        self.stats = target.stats.pool(database, user)
+        self.stats.gauges = self._gauges
         self.server_params: dict[str, str] = {}  # what the backend reported at login
         self.validated_settings: set[tuple[str, str]] = set()
         self._settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
@@ -214,6 +222,9 @@ class Pool:
                 self._statement_names.clear()
             name = self._statement_names[key] = b"dbproxy_%d" % next(self._next_statement)
         return name
+
+    def _gauges(self) -> dict[str, int]:
+        return {"open": len(self.idle) + len(self.busy), "borrowed": len(self.busy)}
 
     def waiting_since(self) -> float:
         return self.waiters[0].waiting_since if self.waiters else float("inf")

@@ -10,7 +10,7 @@ import ssl
 from proxy.errors import BackendUnavailable, TooManyClients
 from proxy.netio import Connection, ConnectionClosed
 from proxy.rundir import worker_count
-from proxy.stats import PROXY
+from proxy.stats import EndpointStats
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,21 @@ class ClientConnection(Connection):
 
     peer = "?"
     _task: asyncio.Task[None] | None = None
-    max_clients = 0  # this process's share of max_client_connections (set by the server at start)
+    stats: EndpointStats  # the counters of the endpoint this client came in on (set by the subclass)
     over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        PROXY.clients_accepted += 1
-        PROXY.clients_current += 1
+        stats = self.stats
+        stats.clients_accepted += 1
+        stats.clients_current += 1
         self.buffer_limit = LOGIN_BUFFER_LIMIT
-        if self.max_clients and PROXY.clients_current > self.max_clients:
-            PROXY.clients_refused += 1  # the login says so where the protocol lets the client read it
+        if stats.registry.over_limit():
+            stats.clients_refused += 1  # the login says so where the protocol lets the client read it
             self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
-                                             f"{self.max_clients * worker_count()})")
+                                             f"{stats.registry.max_clients * worker_count()})")
         self._task = self.loop.create_task(self._login_with_timeout())
 
     async def _login_with_timeout(self) -> None:

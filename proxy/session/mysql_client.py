@@ -102,7 +102,6 @@ from proxy.session.mysql_inspect import (
 )
 from proxy.session.mysql_service import MySQLService
 from proxy.session.mysql_statements import ClientStatement
-from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +179,7 @@ class MySQLClient(ClientConnection):
     def __init__(self, service: MySQLService) -> None:
         super().__init__(service.server.max_message_size)
         self.service = service
+        self.stats = service.stats
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
         self.peer = "?"
@@ -245,7 +245,7 @@ class MySQLClient(ClientConnection):
             if self.state is State.LOGIN and not self.closed:
                 await self._login_ready()  # may wait for a backend: the borrow timeout applies, not this one
         except TimeoutError:
-            PROXY.login_timeouts += 1
+            self.stats.login_timeouts += 1
             self.fail(LoginTimeout("Got timeout reading communication packets: the client did not complete its "
                                    "login in time"))
         except TLSHandshakeFailed:
@@ -254,7 +254,7 @@ class MySQLClient(ClientConnection):
             log.info("client %s closed the connection during login", self.peer)
             self.close()
         except AuthenticationFailed as exc:
-            PROXY.logins_failed += 1
+            self.stats.logins_failed += 1
             self.fail(exc)
         except ProxyError as exc:
             self.fail(exc)
@@ -269,7 +269,7 @@ class MySQLClient(ClientConnection):
         log.warning("client %s (user %r): %s [%d %s]", self.peer, self.user, error.message, error.mysql_errno,
                     error.mysql_sqlstate)
         if isinstance(error, ProtocolViolation):
-            PROXY.protocol_errors += 1
+            self.stats.protocol_errors += 1
         self._send_error(error, self._reply_seq if self.state is State.LOGIN else 1)
         self.state = State.CLOSED
         self.close()
@@ -287,9 +287,9 @@ class MySQLClient(ClientConnection):
 
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
-        PROXY.clients_current -= 1
+        self.stats.clients_current -= 1
         if self.pins:
-            PINS.unpinned()
+            self.stats.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
         # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
@@ -415,7 +415,7 @@ class MySQLClient(ClientConnection):
         await self._prepare_session()
         service.clients[self.connection_id] = self
         self._send_ok(self._seq)
-        PROXY.logins_ok += 1
+        self.stats.logins_ok += 1
         self.state = State.READY
         self._seq = 0
         leftover = self.take_buffered()
@@ -1226,7 +1226,7 @@ class MySQLClient(ClientConnection):
         self._last_prepared = 0
         if self.pins:
             self.pins.clear()
-            PINS.unpinned()
+            self.stats.unpinned()
         self._pins_logged.clear()
         self.settings = {}
         self._settings_key = None
@@ -1289,7 +1289,7 @@ class MySQLClient(ClientConnection):
         except ProxyError as exc:
             self._busy = None
             if isinstance(exc, AuthenticationFailed):
-                PROXY.logins_failed += 1
+                self.stats.logins_failed += 1
             self.fail(exc)
             return
         self.service.clients[self.connection_id] = self
@@ -1484,9 +1484,9 @@ class MySQLClient(ClientConnection):
             held |= names
             return
         if not pins:
-            PINS.current += 1
+            self.stats.pinned_now += 1
         pins[reason] = set(names)
-        PINS.pinned(reason)
+        self.stats.pinned(reason)
         if reason not in self._pins_logged:
             self._pins_logged.add(reason)
             log.info("client %s pinned to %s: %s%s", self.peer, backend, reason, f" ({detail})" if detail else "")
@@ -1504,7 +1504,7 @@ class MySQLClient(ClientConnection):
             return
         del pins[reason]
         if not pins:
-            PINS.unpinned()
+            self.stats.unpinned()
             log.info("client %s unpinned: %s ended", self.peer, reason)
 
     def backend_progress(self, backend: MySQLBackend) -> None:
@@ -1593,7 +1593,7 @@ class MySQLClient(ClientConnection):
         idle = now - self.idle_since
         wait_timeout = self._session_wait_timeout()
         if wait_timeout is not None and idle > wait_timeout and wait_timeout < timeout:
-            PROXY.idle_client_timeouts += 1
+            self.stats.idle_client_timeouts += 1
             log.info("client %s (user %r): closed after %g s of inactivity (its wait_timeout)", self.peer, self.user,
                      wait_timeout)
             self.state = State.CLOSED
@@ -1602,7 +1602,7 @@ class MySQLClient(ClientConnection):
         if backend is not None and backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS:
             return  # inside a transaction: not idle in RDS Proxy's sense
         if idle > timeout:
-            PROXY.idle_client_timeouts += 1
+            self.stats.idle_client_timeouts += 1
             self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
 
     def _session_wait_timeout(self) -> float | None:

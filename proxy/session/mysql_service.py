@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 import ssl
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from proxy import channel
 from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
 from proxy.config import Config, MySQLAuthMethod, ServerSettings
 from proxy.errors import (
@@ -36,9 +36,10 @@ from proxy.pool.mysql_backend import (
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import HandshakeV10, frame
-from proxy.rundir import run_dir, worker_count, worker_index, worker_socket
+from proxy.rundir import run_dir, worker_channel, worker_count, worker_index
 from proxy.secrets import SecretStore
 from proxy.session.mysql_ids import is_proxy_id, next_proxy_id, worker_of
+from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
 
 if TYPE_CHECKING:
@@ -80,7 +81,8 @@ class RemoteKiller:
 class MySQLService:
     """Everything MySQL client sessions share inside one process."""
 
-    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None) -> None:
+    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None,
+                 stats: StatsRegistry) -> None:
         self.config = config
         self.server: ServerSettings = config.server
         self.settings = config.mysql
@@ -88,6 +90,9 @@ class MySQLService:
         self.server_tls = server_tls
         self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
         self.target = Target("mysql", self.settings.backend_host, self.settings.backend_port, self.settings.pool)
+        endpoint, cluster = "mysql", "default"  # the engine's one implicit endpoint and cluster
+        self.stats = stats.endpoint("mysql", endpoint, cluster)
+        self.target.stats = stats.target("mysql", endpoint, cluster, f"{self.target.host}:{self.target.port}")
         self.clients: dict[int, MySQLClient] = {}  # proxy connection id -> client (for KILL)
         self._connection_ids = itertools.count(1)  # see mysql_ids: the proxy's ids, apart from server thread ids
         self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
@@ -312,37 +317,31 @@ class MySQLService:
 
     async def _forward_kill(self, owner: int, killer: Killer, connection_id: int, query_only: bool) -> None:
         """The client (or backend thread) may live in another worker process: ask that worker, report its answer."""
-        request = {"user": killer.user, "peer": killer.peer, "id": connection_id, "query_only": query_only,
-                   "forwarded": True}
+        message = {"kind": "kill", "user": killer.user, "peer": killer.peer, "id": connection_id,
+                   "query_only": query_only}
         try:
-            reader, writer = await asyncio.open_unix_connection(str(worker_socket("kill", owner)))
-            writer.write(json.dumps(request).encode() + b"\n")
-            answer = json.loads(await asyncio.wait_for(reader.readline(), self.settings.backend_connect_timeout))
-            writer.close()
-        except (OSError, TimeoutError, ValueError) as exc:
+            answer = await channel.ask(worker_channel(owner), message, self.settings.backend_connect_timeout)
+        except channel.ChannelError as exc:
             log.warning("KILL %d: worker %d did not answer: %s", connection_id, owner, exc)
             raise NoSuchThread(f"Unknown thread id: {connection_id}") from None
         if answer.get("error") == "denied":
-            raise KillDenied(answer["message"])
+            raise KillDenied(str(answer.get("message")))
         if answer.get("error"):
-            raise NoSuchThread(answer["message"])
+            raise NoSuchThread(str(answer.get("message")))
+        log.info("KILL %s%d passed to worker %d", "QUERY " if query_only else "", connection_id, owner)
 
-    async def serve_forwarded_kill(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """The other side of `_forward_kill`: one JSON request, one JSON answer."""
+    async def serve_kill(self, message: channel.Message) -> channel.Message:
+        """The other side of `_forward_kill`: a KILL asked on another worker, for what this one may own."""
         try:
-            request = json.loads(await asyncio.wait_for(reader.readline(), 10))
-            killer = RemoteKiller(str(request["user"]), str(request["peer"]))
-            await self.kill(killer, int(request["id"]), bool(request["query_only"]), bool(request.get("forwarded")))
-            answer: dict[str, str] = {}
+            killer = RemoteKiller(str(message["user"]), str(message["peer"]))
+            await self.kill(killer, int(message["id"]), bool(message["query_only"]), forwarded=True)
         except KillDenied as exc:
-            answer = {"error": "denied", "message": exc.message}
+            return {"error": "denied", "message": exc.message}
         except ProxyError as exc:
-            answer = {"error": "unknown", "message": exc.message}
-        except (OSError, TimeoutError, ValueError, KeyError):
-            answer = {"error": "unknown", "message": "malformed KILL request"}
-        writer.write(json.dumps(answer).encode() + b"\n")
-        await writer.drain()
-        writer.close()
+            return {"error": "unknown", "message": exc.message}
+        except (KeyError, TypeError, ValueError):
+            return {"error": "unknown", "message": "malformed KILL request"}
+        return {}
 
     async def kill_query(self, backend: MySQLBackend) -> None:
         """KILL QUERY the backend thread's statement, from a separate connection the pool never counts."""

@@ -46,7 +46,6 @@ from proxy.session.client import LOGIN_MESSAGE_LIMIT, ClientConnection, TLSHands
 from proxy.session.pg_databases import close_idle_backends, database_ddl_target
 from proxy.session.pg_service import PostgresService
 from proxy.session.pg_statements import HOLD, Statements
-from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +162,7 @@ class PostgresClient(ClientConnection):
     def __init__(self, service: PostgresService) -> None:
         super().__init__(service.server.max_message_size)
         self.service = service
+        self.stats = service.stats
         self.state = State.LOGIN
         self.user = ""
         self.database = ""
@@ -213,7 +213,7 @@ class PostgresClient(ClientConnection):
         try:
             await asyncio.wait_for(self._login(), self.service.server.client_login_timeout)
         except TimeoutError:
-            PROXY.login_timeouts += 1
+            self.stats.login_timeouts += 1
             self.fail(LoginTimeout("the client did not complete its login in time"))
         except TLSHandshakeFailed:
             pass  # logged and closed where it failed
@@ -221,7 +221,7 @@ class PostgresClient(ClientConnection):
             log.info("client %s closed the connection during login", self.peer)
             self.close()
         except AuthenticationFailed as exc:
-            PROXY.logins_failed += 1
+            self.stats.logins_failed += 1
             self.fail(exc)
         except ProxyError as exc:
             self.fail(exc)
@@ -235,14 +235,14 @@ class PostgresClient(ClientConnection):
             return
         log.warning("client %s (user %r): %s [%s]", self.peer, self.user, error.message, error.sqlstate)
         if isinstance(error, ProtocolViolation):
-            PROXY.protocol_errors += 1
+            self.stats.protocol_errors += 1
         self.write(pg.error_response(error.sqlstate, error.message, "FATAL"))
         self.state = State.CLOSED
         self.close()
 
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
-        PROXY.clients_current -= 1
+        self.stats.clients_current -= 1
         self.service.clients.pop(self.process_id, None)
         if self._task is not None and not self._task.done() and not self._buffer:
             self._task.cancel()  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
@@ -292,7 +292,7 @@ class PostgresClient(ClientConnection):
         if self.pins and not pool.session_mode:  # LISTEN, temporary tables, locks...: no other client may inherit
             log.info("client %s left with its session pinned (%s); closing %s", self.peer,
                      ", ".join(sorted(self.pins)), backend)
-            PINS.unpinned()
+            self.stats.unpinned()
             pool.discard(backend)
             return
         if not self.in_extended and backend.tx_status == pg.IDLE and not pool.session_mode and not self._state_dirty:
@@ -349,7 +349,7 @@ class PostgresClient(ClientConnection):
             if code == pg.CANCEL_REQUEST_CODE:
                 if len(body) != 12:
                     raise ProtocolViolation("malformed CancelRequest")
-                PROXY.cancel_requests += 1
+                self.stats.cancel_requests += 1
                 process_id, secret_key = pg.INT32_PAIR.unpack_from(body, 4)
                 await service.cancel(process_id, secret_key)
                 self.close()
@@ -395,7 +395,7 @@ class PostgresClient(ClientConnection):
         out.append(pg.backend_key_data(self.process_id, self.secret_key))
         out.append(pg.READY_FOR_QUERY_IDLE)
         self.write(b"".join(out))
-        PROXY.logins_ok += 1
+        self.stats.logins_ok += 1
         self.state = State.READY
         leftover = self.take_buffered()
         if leftover:
@@ -606,7 +606,7 @@ class PostgresClient(ClientConnection):
                         replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
                     except ProtocolViolation as exc:  # as PostgreSQL does: ERROR 08P01, skip to Sync, carry on
                         log.warning("client %s (user %r): %s [%s]", self.peer, self.user, exc.message, exc.sqlstate)
-                        PROXY.protocol_errors += 1
+                        self.stats.protocol_errors += 1
                         replacement = self.statements.reject(backend, exc)
                     if replacement is HOLD:
                         self._write_pieces(backend, pieces, scan, run_start, pos)
@@ -991,13 +991,13 @@ class PostgresClient(ClientConnection):
         pins = {PIN_REASONS[name] for name, count in rows if name in PIN_REASONS and count not in (None, "0")}
         pins |= self.pins & STICKY_PINS
         for reason in pins - self.pins:
-            PINS.pinned(reason)
+            self.stats.pinned(reason)
             log.info("client %s pinned to backend %s: %s", self.peer, backend, reason)
         if self.pins and not pins:
-            PINS.unpinned()
+            self.stats.unpinned()
             log.info("client %s unpinned: its session state is gone", self.peer)
         elif pins and not self.pins:
-            PINS.current += 1
+            self.stats.pinned_now += 1
         self.pins = pins
         self._acquiring = None
         if backend.notifications and not self.closed:  # they came while the proxy read the session back
@@ -1025,8 +1025,8 @@ class PostgresClient(ClientConnection):
             writer = False  # others wait: the hold is not renewed any more
         if allowed and (writer or self._seq_holding is not None):
             if not active:
-                PINS.current += 1
-                PINS.pinned(seq.HOLD_REASON)
+                self.stats.pinned_now += 1
+                self.stats.pinned(seq.HOLD_REASON)
                 self._seq_hold_since = now
             if writer:
                 if self._seq_holding is not None:
@@ -1043,7 +1043,7 @@ class PostgresClient(ClientConnection):
                 self._seq_holding.cancel()
                 self._seq_holding = None
             self._seq_hold_over = False
-            PINS.unpinned()
+            self.stats.unpinned()
         return False
 
     def _sequence_hold_over(self, backend: PostgresBackend) -> None:
@@ -1051,20 +1051,20 @@ class PostgresClient(ClientConnection):
         self._seq_holding = None
         if self._reserved is backend:
             self._reserved = None
-            PINS.unpinned()
+            self.stats.unpinned()
             backend.pool.stats.transactions += 1
             backend.pool.release(backend)
         elif self.backend is backend and not self.closed:
             self._seq_hold_over = True
         else:
-            PINS.unpinned()
+            self.stats.unpinned()
 
     def _pin(self, reason: str) -> None:
         if reason not in self.pins:
             if not self.pins:
-                PINS.current += 1
+                self.stats.pinned_now += 1
             self.pins.add(reason)
-            PINS.pinned(reason)
+            self.stats.pinned(reason)
             log.info("client %s pinned to its backend: %s", self.peer, reason)
 
     def backend_lost(self, backend: PostgresBackend, exc: Exception | None) -> None:
@@ -1098,6 +1098,6 @@ class PostgresClient(ClientConnection):
         if self.backend is not None and (self.pending or self.backend.tx_status != pg.IDLE):
             return  # inside a transaction or a query: not idle in RDS Proxy's sense
         if now - self.idle_since > timeout:
-            PROXY.idle_client_timeouts += 1
+            self.stats.idle_client_timeouts += 1
             self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import secrets as random_source
 import ssl
-from collections.abc import Callable
 
+from proxy import channel
 from proxy.config import ClientAuthMethod, Config, ServerSettings
 from proxy.pool.pg_backend import PostgresBackend, open_backend
 from proxy.pool.pg_deadline import send_cancel_request
 from proxy.pool.pool import Backend, Pool, Target
-from proxy.protocol.pg import messages as pg
-from proxy.rundir import run_dir, worker_index, worker_socket
+from proxy.rundir import run_dir, worker_channel, worker_index
 from proxy.secrets import SecretStore
+from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,8 @@ log = logging.getLogger(__name__)
 class PostgresService:
     """Everything PostgreSQL client sessions share inside one process."""
 
-    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None) -> None:
+    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None,
+                 stats: StatsRegistry) -> None:
         self.config = config
         self.server: ServerSettings = config.server
         self.settings = config.postgresql
@@ -34,12 +34,14 @@ class PostgresService:
         self.target = Target(
             "postgresql", self.settings.backend_host, self.settings.backend_port, self.settings.pool
         )
+        endpoint, cluster = "postgresql", "default"  # the engine's one implicit endpoint and cluster
+        self.stats = stats.endpoint("postgresql", endpoint, cluster)
+        self.target.stats = stats.target("postgresql", endpoint, cluster, f"{self.target.host}:{self.target.port}")
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
         self.worker = worker_index()
         # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
         self._process_ids = itertools.count((self.worker << 24) + (1 << 22) + 1)
-        self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
@@ -57,12 +59,12 @@ class PostgresService:
         """A BackendKeyData pair for a client: unique process id, random secret."""
         return next(self._process_ids) & 0x7FFFFFFF, random_source.randbits(32)
 
-    async def cancel(self, process_id: int, secret_key: int) -> None:
+    async def cancel(self, process_id: int, secret_key: int, forwarded: bool = False) -> None:
         """Forward a client's CancelRequest to the backend serving that client right now, if any."""
         from proxy.session.pg_client import PostgresClient
 
         owner = process_id >> 24
-        if owner != self.worker and run_dir() is not None:
+        if owner != self.worker and run_dir() is not None and not forwarded:
             await self._forward_cancel(owner, process_id, secret_key)
             return
         client = self.clients.get(process_id)
@@ -77,16 +79,19 @@ class PostgresService:
         log.info("cancel request for client %d sent to backend pid %d", process_id, backend.process_id)
 
     async def _forward_cancel(self, owner: int, process_id: int, secret_key: int) -> None:
-        """The client lives in another worker process: hand the CancelRequest to it."""
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(worker_socket("cancel", owner)))
-            writer.write(pg.cancel_request(process_id, secret_key))
-            await asyncio.wait_for(reader.read(), 10)  # like libpq: wait until the owner is done and closes
-            writer.close()
-        except (OSError, TimeoutError) as exc:
+        """The client lives in another worker process: pass the cancel on over the internal channel."""
+        message = {"kind": "cancel", "process_id": process_id, "secret_key": secret_key}
+        try:  # like libpq, wait until the owner has sent it on (or given up)
+            await channel.ask(worker_channel(owner), message, 10)
+        except channel.ChannelError as exc:
             log.warning("cancel request for client %d: worker %d unreachable: %s", process_id, owner, exc)
             return
         log.info("cancel request for client %d passed to worker %d", process_id, owner)
+
+    async def serve_cancel(self, message: channel.Message) -> channel.Message:
+        """The other side of `_forward_cancel`: a cancel for a client of this worker."""
+        await self.cancel(int(message["process_id"]), int(message["secret_key"]), forwarded=True)
+        return {}
 
     async def cancel_backend(self, backend: PostgresBackend) -> None:
         """Ask the server to cancel whatever `backend` is running (connect, send and close within a deadline)."""
