@@ -1,12 +1,15 @@
-"""Test helper: the proxy in this process, on its own event loop in a thread, so a test can reach its targets."""
+"""Test helpers: the proxy in this process (on its own event loop in a thread, so a test can reach its targets),
+and a record of client load."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,3 +57,37 @@ def proxy_in_process(folder: Path, sections: dict[str, dict[str, Any]]) -> Itera
         yield proxy
     finally:
         proxy.stop()
+
+
+@dataclass
+class Load:
+    """Clients running transactions until told to stop; what each saw."""
+
+    port: int
+    clients: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    records: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # client -> (started, server port)
+    errors: list[str] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def record(self, client: str, started: float, port: int) -> None:
+        self.records.setdefault(client, []).append((started, port))
+
+    def count(self) -> int:
+        return sum(len(r) for r in self.records.values())
+
+    def wait_all(self, predicate: Any, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert not self.errors, self.errors
+            if len(self.records) == self.clients and all(predicate(r) for r in self.records.values()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"clients did not get there: { {c: len(r) for c, r in self.records.items()} }")
+
+
+def wait_until(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

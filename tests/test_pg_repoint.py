@@ -6,7 +6,6 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from inprocess import proxy_in_process
+from inprocess import Load, proxy_in_process, wait_until
 from proxy.devservers import PostgresInstance, free_port, start_postgres
 from support import backend_connections
 
@@ -47,32 +46,6 @@ def proxy_sections(backend: PostgresInstance, **pool: Any) -> dict[str, dict[str
         "postgresql.pool": {"max_connections": 3, "connection_borrow_timeout": 30.0, **pool},
         "mysql": {"enabled": False},
     }
-
-
-@dataclass
-class Load:
-    """Clients running transactions until told to stop; what each saw."""
-
-    port: int
-    stop: threading.Event = field(default_factory=threading.Event)
-    records: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # client -> (started, server port)
-    errors: list[str] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def record(self, client: str, started: float, port: int) -> None:
-        self.records.setdefault(client, []).append((started, port))
-
-    def count(self) -> int:
-        return sum(len(r) for r in self.records.values())
-
-    def wait_all(self, predicate: Any, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert not self.errors, self.errors
-            if len(self.records) == 2 * CLIENTS and all(predicate(r) for r in self.records.values()):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"clients did not get there: { {c: len(r) for c, r in self.records.items()} }")
 
 
 def run_psycopg(load: Load, name: str) -> None:
@@ -113,7 +86,7 @@ async def run_asyncpg(load: Load, name: str) -> None:
 
 
 def start_load(port: int) -> Load:
-    load = Load(port)
+    load = Load(port, 2 * CLIENTS)
 
     def asyncpg_clients() -> None:
         async def main() -> None:
@@ -137,13 +110,6 @@ def stop_load(load: Load) -> None:
 
 def rows(server: PostgresInstance) -> int:
     return int(server.psql("SELECT count(*) FROM moves", user="app", db="app"))
-
-
-def wait_until(predicate: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_repoint_under_load_moves_every_client_without_an_error(

@@ -51,7 +51,7 @@ def make(limit: int = 3, borrow_timeout: float = 5.0) -> tuple[Target, Pool, Ser
 
 
 async def test_repoint_closes_idle_now_and_lent_out_on_release() -> None:
-    target, pool, server = make()
+    target, pool, _ = make()
     first, second = await pool.borrow(), await pool.borrow()
     pool.release(first)
     resets: list[int] = []
@@ -87,7 +87,7 @@ async def test_a_connect_under_way_during_a_repoint_is_redone_to_the_new_server(
 
 
 async def test_limits_stay_until_the_new_server_reports_its_own() -> None:
-    target, pool, _ = make(limit=3)
+    target = make(limit=3)[0]
     target.settings = PoolSettings(max_connections="50%", max_idle_connections="50%")
     target.resolve_limits(203, 0)  # generation 0 was learned already: no change
     assert target.max_connections == 3
