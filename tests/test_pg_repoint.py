@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -237,3 +239,33 @@ def test_a_pinned_client_keeps_its_backend_until_it_lets_go(
             conn.execute("DISCARD TEMP")  # the pin is gone: the backend is given back, and closed
             assert conn.execute("SELECT inet_server_port()").fetchone() == (new.port,)
             wait_until(lambda: backend_connections(old) == 0)
+
+
+@pytest.mark.parametrize("mode", ["prepared", "extended"])
+def test_pgbench_keeps_running_across_a_repoint(
+    tmp_path: Path, servers: tuple[PostgresInstance, PostgresInstance], mode: str
+) -> None:
+    old, new = servers
+    env = dict(os.environ, PGPASSWORD="app-secret")
+    for server in servers:
+        subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", server.host, "-p", str(server.port), "-U", "app",
+                        "app"], env=env, check=True, capture_output=True)
+    with proxy_in_process(tmp_path, proxy_sections(old)) as proxy:
+        target = proxy.server.postgres.target
+        # A thread per client: pgbench prepares with a blocking call, which would stall the other clients of its
+        # thread (holding backends meanwhile) while it waits for a backend.
+        bench = subprocess.Popen(
+            ["pgbench", "-M", mode, "-c", "6", "-j", "6", "-T", "6", "-n", "-h", "127.0.0.1", "-p",
+             str(proxy.ports["postgresql"]), "-U", "app", "app"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        history = "SELECT count(*) FROM pgbench_history"
+        wait_until(lambda: int(old.psql(history, user="app", db="app")) >= 50)
+        proxy.call(target.repoint, new.host, new.port)
+        wait_until(lambda: backend_connections(old) == 0)
+        on_old = old.psql(history, user="app", db="app")
+        out, err = bench.communicate(timeout=60)
+        assert bench.returncode == 0, err
+        assert "error" not in err.lower() and "number of failed transactions: 0" in out, (out, err)
+        assert old.psql(history, user="app", db="app") == on_old  # nothing ran on the old server after the move
+        assert int(new.psql(history, user="app", db="app")) > 0

@@ -1,4 +1,5 @@
-"""Pools of backend connections per (database, user), sharing one connection budget per database target."""
+"""Pools of backend connections per (database, user), sharing one connection budget per database target that can
+be re-pointed, resized and paused at runtime."""
 
 from __future__ import annotations
 
