@@ -32,6 +32,16 @@ class BackendConnection(Connection):
         self.created_at = time.monotonic()
         self.idle_since = self.created_at
         self.client = None
+        target = pool.target
+        # The server this connection was opened to, and the target's generation then (see Target.repoint):
+        # a cancel or KILL for it goes to that server, whatever the target points at now.
+        self.host = target.host
+        self.port = target.port
+        self.generation = target.generation
+
+    def opened_to(self, host: str, port: int, generation: int) -> None:
+        """Record the address and generation read from the target when the connect began."""
+        self.host, self.port, self.generation = host, port, generation
 
     def linked_peer(self) -> Connection | None:
         client = self.client

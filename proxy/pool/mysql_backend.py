@@ -453,7 +453,7 @@ class MySQLBackend(BackendConnection):
             if server_caps & my.CLIENT_SSL:
                 self.write(frame(SSLRequest(caps | my.CLIENT_SSL, my.MAX_PACKET, self.profile.charset).build(), seq))
                 seq += 1
-                hostname = settings.backend_host if settings.backend_tls is BackendTLSMode.VERIFY_FULL else None
+                hostname = self.host if settings.backend_tls is BackendTLSMode.VERIFY_FULL else None
                 await self.start_tls(tls, server_side=False, server_hostname=hostname)
                 caps |= my.CLIENT_SSL
             elif settings.backend_tls is not BackendTLSMode.PREFER:
@@ -554,20 +554,22 @@ def _text_row(packet: bytes) -> list[bytes | None]:
 
 async def open_backend(
     pool: Pool, profile: Profile, settings: MySQLSettings, secrets: SecretStore, tls: ssl.SSLContext | None,
-    *, database: str | None = None, pooled: bool = True,
+    *, database: str | None = None, pooled: bool = True, address: tuple[str, int] | None = None,
 ) -> tuple[MySQLBackend, HandshakeV10]:
-    """Connect and log in a new backend connection for `pool` (pooled=False: one the pool never counts)."""
+    """Connect and log in a new backend connection for `pool` (pooled=False: one the pool never counts) to the
+    target's server, or to `address` (the server of an existing connection, for a KILL QUERY)."""
     loop = asyncio.get_running_loop()
     timeout = settings.backend_connect_timeout
+    target = pool.target
+    host, port = address or (target.host, target.port)
+    generation = target.generation
     try:
         _, backend = await asyncio.wait_for(
-            loop.create_connection(lambda: MySQLBackend(pool, profile), settings.backend_host, settings.backend_port),
-            timeout,
+            loop.create_connection(lambda: MySQLBackend(pool, profile), host, port), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise BackendUnreachable(
-            f"Can't connect to the database at {settings.backend_host}:{settings.backend_port} ({exc or 'timeout'})"
-        ) from None
+        raise BackendUnreachable(f"Can't connect to the database at {host}:{port} ({exc or 'timeout'})") from None
+    backend.opened_to(host, port, generation)
     if not pooled:
         backend.forgotten = True
     try:
@@ -580,11 +582,13 @@ async def open_backend(
                     log.warning("backend %s does not track session state (%s)", backend, exc.message)
                 else:
                     backend.tracking_all = True
-            if not pool.target.max_connections or STATEMENT_LIMIT not in pool.server_params:
+            if target.needs_limits(generation) or pool.server_generation < generation:
                 rows = await asyncio.wait_for(
                     backend.query("SELECT @@max_connections, @@max_prepared_stmt_count"), timeout)
-                pool.target.resolve_limits(int(rows[0][0] or 151))
-                pool.server_params[STATEMENT_LIMIT] = (rows[0][1] or b"16382").decode()
+                target.resolve_limits(int(rows[0][0] or 151), generation)
+                if pool.server_generation < generation:
+                    pool.server_params[STATEMENT_LIMIT] = (rows[0][1] or b"16382").decode()
+                    pool.server_generation = generation
             backend.statements.cap = statement_cap(pool)
             if pool.settings.init_query:
                 await asyncio.wait_for(backend.query(pool.settings.init_query), timeout)
@@ -600,17 +604,12 @@ async def open_backend(
     return backend, greeting
 
 
-async def probe_server(settings: MySQLSettings) -> HandshakeV10:
+async def probe_server(host: str, port: int, timeout: float) -> HandshakeV10:
     """Read the server's greeting (version, capabilities, charset) and hang up."""
-    timeout = settings.backend_connect_timeout
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(settings.backend_host, settings.backend_port), timeout
-        )
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     except (OSError, TimeoutError) as exc:
-        raise BackendUnreachable(
-            f"Can't connect to the database at {settings.backend_host}:{settings.backend_port} ({exc or 'timeout'})"
-        ) from None
+        raise BackendUnreachable(f"Can't connect to the database at {host}:{port} ({exc or 'timeout'})") from None
     try:
         header = await asyncio.wait_for(reader.readexactly(4), timeout)
         length = int.from_bytes(header[:3], "little")

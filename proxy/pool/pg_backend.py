@@ -36,6 +36,7 @@ class PostgresBackend(BackendConnection):
         self.process_id = 0
         self.secret_key = 0
         self.params: dict[str, str] = {}  # current values of settings on this server session
+        self.login_params: dict[str, str] = {}  # what this server reported at login (a session reset returns to it)
         self.client: PostgresClient | None = None
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self.replies = ReplyMatcher()  # what the server's replies are for, and what the linked client gets of them
@@ -148,7 +149,7 @@ class PostgresBackend(BackendConnection):
             self.write(pg.ssl_request())
             answer = await self.read_exact(1)
             if answer == b"S" and tls is not None:
-                hostname = settings.backend_host if settings.backend_tls is BackendTLSMode.VERIFY_FULL else None
+                hostname = self.host if settings.backend_tls is BackendTLSMode.VERIFY_FULL else None
                 await self.start_tls(tls, server_side=False, server_hostname=hostname)
             elif answer == b"N":
                 if settings.backend_tls is not BackendTLSMode.PREFER:
@@ -199,12 +200,14 @@ class PostgresBackend(BackendConnection):
             elif kind == ord("E"):
                 fields = pg.parse_error_fields(body)
                 raise BackendError(f"backend refused the login: {fields.get('M', '')}", fields.get("C"))
-        if not pool.server_params:
+        self.login_params = dict(self.params)
+        if pool.server_generation < self.generation or not pool.server_params:
             pool.server_params = dict(self.params)
+            pool.server_generation = self.generation
         self.params_changed()
-        if not pool.target.max_connections:
+        if pool.target.needs_limits(self.generation):
             rows = await self.simple_query("SHOW max_connections")
-            pool.target.resolve_limits(int(rows[0][0] or 100))
+            pool.target.resolve_limits(int(rows[0][0] or 100), self.generation)
         if pool.settings.init_query:
             await self.simple_query(pool.settings.init_query)
 
@@ -221,7 +224,7 @@ class PostgresBackend(BackendConnection):
     def session_reset(self) -> None:
         """The server session was reset (DISCARD ALL or the pool's reset query): back to the login's settings,
         with no statements of the proxy's and no sequence values."""
-        self.params = dict(self.pool.server_params)
+        self.params = dict(self.login_params)
         self.params_changed()
         self.prepared.clear()  # (a statement the server still has is closed before it is parsed again)
         self.unnamed_owner = None
@@ -288,15 +291,15 @@ async def open_backend(
     """Connect and log in a new backend connection for `pool`."""
     loop = asyncio.get_running_loop()
     timeout = settings.backend_connect_timeout
+    target = pool.target
+    host, port, generation = target.host, target.port, target.generation
     try:
         _, backend = await asyncio.wait_for(
-            loop.create_connection(lambda: PostgresBackend(pool), settings.backend_host, settings.backend_port),
-            timeout,
+            loop.create_connection(lambda: PostgresBackend(pool), host, port), timeout
         )
     except (OSError, TimeoutError) as exc:
-        raise BackendUnavailable(
-            f"cannot connect to the database at {settings.backend_host}:{settings.backend_port}: {exc}"
-        ) from None
+        raise BackendUnavailable(f"cannot connect to the database at {host}:{port}: {exc}") from None
+    backend.opened_to(host, port, generation)
     try:
         await asyncio.wait_for(backend.login(settings, secrets, tls), timeout)
     except BaseException as exc:

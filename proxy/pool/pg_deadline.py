@@ -38,9 +38,8 @@ async def send_cancel_request(host: str, port: int, process_id: int, secret_key:
 
 def cancel_in_background(backend: PostgresBackend) -> None:
     """Send a CancelRequest for `backend` without waiting for it."""
-    target = backend.pool.target
-    task = asyncio.get_running_loop().create_task(
-        send_cancel_request(target.host, target.port, backend.process_id, backend.secret_key)
+    task = asyncio.get_running_loop().create_task(  # to the server it was opened to (see Target.repoint)
+        send_cancel_request(backend.host, backend.port, backend.process_id, backend.secret_key)
     )
     _background.add(task)
     task.add_done_callback(_background.discard)

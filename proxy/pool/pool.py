@@ -1,4 +1,5 @@
-"""Pools of backend connections per (database, user), sharing one connection budget per database target."""
+"""Pools of backend connections per (database, user), sharing one connection budget per database target that can
+be re-pointed, resized and paused at runtime."""
 
 from __future__ import annotations
 
@@ -44,13 +45,21 @@ class Backend(Protocol):
     forgotten: bool  # set by the pool once the backend has left it for good
     created_at: float
     idle_since: float
+    generation: int  # the target's generation when its address was read for this connection (set by the pool)
 
     def close(self) -> None: ...
 
 
 @dataclass
 class Target:
-    """A database server and the connection budget every pool on it shares."""
+    """A database server and the connection budget every pool on it shares.
+
+    Every connect reads `host` and `port` here. `repoint` moves the target to another server: the generation goes
+    up, whatever was learned from the old server is forgotten (the `on_repoint` hooks of the services, the pools'
+    server parameters and validated settings, the limits once a new connection learns the new server's), idle
+    connections of an older generation close at once and lent-out ones when they are given back. `pause` holds new
+    borrows (each waits at most the borrow timeout) until `resume`; connections already lent out go on.
+    """
 
     name: str
     host: str
@@ -65,16 +74,34 @@ class Target:
     owned: set[object] = field(default_factory=set, repr=False)
     last_connect_failure: str = ""  # why the latest backend connect failed; empty once one succeeds
     stats: TargetStats = field(default_factory=TargetStats, repr=False)  # the registry's part for its pools
+    generation: int = 0  # goes up with every repoint
+    paused: bool = False
+    # Called (no arguments) on every repoint: services drop what they learned from the old server.
+    on_repoint: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    limits_generation: int = -1  # the generation whose server max_connections the limits come from
+    server_max_connections: int = 0  # that server's max_connections (0: not learned yet)
 
     @property
     def open_connections(self) -> int:
         return len(self.owned)
 
-    def resolve_limits(self, backend_max_connections: int) -> None:
-        """Turn percent settings into counts from the backend's max_connections (once)."""
-        if self.max_connections:
+    def needs_limits(self, generation: int) -> bool:
+        """Whether a connection of `generation` should learn the server's max_connections (the first one of the
+        current generation does)."""
+        return generation == self.generation and self.limits_generation < generation
+
+    def resolve_limits(self, backend_max_connections: int, generation: int | None = None) -> None:
+        """Turn percent settings into counts from the backend's max_connections (once per generation; until the
+        first connection to a new server has learned its limit, the old limits stay)."""
+        generation = self.generation if generation is None else generation
+        if generation != self.generation or generation <= self.limits_generation:
             return
-        usable = max(1, backend_max_connections - self.settings.reserved_connections)
+        self.limits_generation = generation
+        self.server_max_connections = backend_max_connections
+        self._resolve()
+
+    def _resolve(self) -> None:
+        usable = max(1, self.server_max_connections - self.settings.reserved_connections)
         total = resolve_count(self.settings.max_connections, usable)
         share = worker_count()  # each worker process gets its part of the budget
         self.max_connections = max(1, total // share)
@@ -82,6 +109,86 @@ class Target:
                                                       // share))
         log.info("target %s: max %d backend connections, %d idle%s", self.name, self.max_connections, self.max_idle,
                  f" (this worker's share of {total})" if share > 1 else "")
+
+    def repoint(self, host: str, port: int) -> None:
+        """Point the target at another server (no client connection is closed)."""
+        self.host, self.port = host, port
+        self.generation += 1
+        self.last_connect_failure = ""
+        log.info("target %s: re-pointed to %s:%d (generation %d)", self.name, host, port, self.generation)
+        for hook in list(self.on_repoint):
+            hook()
+        for pool in list(self.pools.values()):
+            pool.validated_settings.clear()
+            for backend in list(pool.idle):
+                pool.discard(backend)  # frees its slot: a waiter connects to the new server
+
+    def apply_settings(self, settings: PoolSettings) -> None:
+        """New pool knobs: sizes follow at once (excess idle connections close now, excess lent-out ones when
+        given back); timeouts and queries apply to what comes next. The pooling mode stays as it is."""
+        if settings.mode is not self.settings.mode:
+            log.warning("target %s: the pooling mode cannot change while running; it stays %s", self.name,
+                        self.settings.mode)
+            settings = settings.model_copy(update={"mode": self.settings.mode})
+        self.settings = settings
+        for pool in self.pools.values():
+            pool.settings = settings
+        if self.server_max_connections:
+            self._resolve()
+        excess_open = self.open_connections - self.max_connections if self.max_connections else 0
+        excess_idle = self.idle_count() - self.max_idle if self.max_connections else 0
+        while max(excess_open, excess_idle) > 0 and self._close_oldest_idle():
+            excess_open -= 1
+            excess_idle -= 1
+        self._wake_waiters()
+
+    def _close_oldest_idle(self) -> bool:
+        owner: Pool | None = None
+        for pool in self.pools.values():
+            if pool.idle and (owner is None or pool.idle[0].idle_since < owner.idle[0].idle_since):
+                owner = pool
+        if owner is None:
+            return False
+        owner.discard(owner.idle[0])
+        return True
+
+    def pause(self) -> None:
+        """Hold new borrows until `resume` (each still waits at most the borrow timeout)."""
+        if not self.paused:
+            self.paused = True
+            log.info("target %s: paused", self.name)
+
+    def resume(self) -> None:
+        """Let borrows go on: waiters are served in the order they came, as backends and slots allow."""
+        if self.paused:
+            self.paused = False
+            log.info("target %s: resumed", self.name)
+            self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """Serve waiters oldest first: an idle backend of their pool, else a free slot to open one in."""
+        if self.paused:
+            return
+        slots = max(0, self.limit - self.open_connections) + (self.idle_count() if self.max_connections else 0)
+        while True:
+            oldest: Pool | None = None
+            for pool in self.pools.values():
+                waiters = pool.waiters
+                while waiters and not waiters[0].waiting():
+                    waiters.popleft()
+                if waiters and (oldest is None or waiters[0].waiting_since < oldest.waiting_since()):
+                    oldest = pool
+            if oldest is None:
+                return
+            backend = oldest.borrow_idle()
+            if backend is not None:
+                if not oldest.wake_one(backend):
+                    oldest.release(backend)
+                continue
+            if slots <= 0:
+                return
+            slots -= 1
+            oldest.wake_one(None)
 
     @property
     def limit(self) -> int:
@@ -99,6 +206,8 @@ class Target:
 
     def capacity_freed(self) -> None:
         """A slot came free: wake the pool that has waited longest."""
+        if self.paused:
+            return
         oldest: Pool | None = None
         for pool in self.pools.values():
             if pool.waiters and (oldest is None or pool.waiting_since() < oldest.waiting_since()):
@@ -185,6 +294,7 @@ class Pool:
         self.stats = target.stats.pool(database, user)
         self.stats.gauges = self._gauges
         self.server_params: dict[str, str] = {}  # what the backend reported at login
+        self.server_generation = -1  # the target generation whose server `server_params` come from
         self.validated_settings: set[tuple[str, str]] = set()
         self._settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
         self._next_settings_id = itertools.count(1)
@@ -244,6 +354,8 @@ class Pool:
     def can_open(self) -> bool:
         """Whether a new backend connection may be opened now (perhaps by closing another pool's idle one)."""
         target = self.target
+        if target.paused:
+            return False
         return target.open_connections < target.limit or bool(target.max_connections and target.steal_idle(self))
 
     def timed_out(self) -> BorrowTimeout:
@@ -252,6 +364,7 @@ class Pool:
         return BorrowTimeout(
             f"timed out after {self.settings.connection_borrow_timeout:g} s waiting for a backend "
             f"connection (pool {self.name}: {len(self.busy)} in use, target limit {self.target.limit})"
+            + ("; the target is paused" if self.target.paused else "")
             + (f"; the last connect attempt failed: {failure}" if failure else "")
         )
 
@@ -298,12 +411,16 @@ class Pool:
         return backend
 
     def borrow_idle(self) -> Backend | None:
-        """An idle backend at once, without waiting or connecting; None when there is none (then `borrow`)."""
+        """An idle backend at once, without waiting or connecting; None when there is none or the target is
+        paused (then `borrow`)."""
+        if self.target.paused:
+            return None
         idle = self.idle
+        generation = self.target.generation
         while idle:
             backend = idle.pop()
-            if backend.closed:
-                self._forget(backend)
+            if backend.closed or backend.generation != generation:
+                self.discard(backend)
                 continue
             self.busy.add(backend)
             self.stats.borrows += 1
@@ -320,11 +437,17 @@ class Pool:
         delay = RETRY_FIRST
         try:
             while True:
+                generation = target.generation  # the connector reads the address before its first await
                 try:
                     backend = await self.connector(self)
                     if backend.closed or backend.forgotten:
                         backend.close()
                         raise BackendUnavailable("the database closed the connection right after login")
+                    backend.generation = generation
+                    if generation != target.generation:  # re-pointed meanwhile: connect to the new server
+                        backend.forgotten = True
+                        backend.close()
+                        continue
                     break
                 except ProxyError as exc:
                     self.stats.connect_failures += 1
@@ -357,19 +480,23 @@ class Pool:
         if backend.closed:
             self._forget(backend)
             return
+        target = self.target
         now = time.monotonic()
-        if now - backend.created_at > self.settings.max_connection_lifetime:
+        if (backend.generation != target.generation or now - backend.created_at > self.settings.max_connection_lifetime
+                or target.open_connections > target.max_connections > 0):  # old server, too old, or over the limit
             backend.close()
             self._forget(backend)
             return
         backend.idle_since = now
+        if target.paused:
+            self.idle.append(backend)
+            return
         if self.waiters and not self._yields_to_another_pool():
             self.busy.add(backend)  # lent on at once, in line order
             if self.wake_one(backend):
                 self.stats.borrows += 1
                 return
             self.busy.discard(backend)
-        target = self.target
         if target.open_connections >= target.max_connections and self._others_waiting():
             backend.close()  # give the slot to a pool that waits
             self._forget(backend)

@@ -101,7 +101,8 @@ class MySQLService:
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.read_only_variables: set[bytes] = set(READ_ONLY_VARIABLES)  # reported, never re-applied
         self.collations: frozenset[int] = frozenset()  # collation ids the server knows (empty: not learned)
-        self._server_learned = False
+        self._learned_generation = -1  # the target generation whose server the two above come from
+        self.target.on_repoint.append(self._forget_server)
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:
@@ -124,23 +125,32 @@ class MySQLService:
         """Learn the backend's version and capabilities in the background."""
         self._start_probe()
 
+    def _forget_server(self) -> None:
+        """The target was re-pointed: what was learned from the old server no longer holds."""
+        self.greeting = None
+        self._probe = None  # one under way reports the old server; it is ignored (see _probed)
+        self.read_only_variables = set(READ_ONLY_VARIABLES)
+        self.collations = frozenset()
+
     def _start_probe(self) -> asyncio.Task[HandshakeV10]:
         if self._probe is None or (self._probe.done() and self.greeting is None):
-            self._probe = asyncio.get_running_loop().create_task(probe_server(self.settings))
-            self._probe.add_done_callback(self._probed)
+            target = self.target
+            host, port, generation = target.host, target.port, target.generation
+            self._probe = asyncio.get_running_loop().create_task(
+                probe_server(host, port, self.settings.backend_connect_timeout))
+            self._probe.add_done_callback(lambda task: self._probed(task, host, port, generation))
         return self._probe
 
-    def _probed(self, task: asyncio.Task[HandshakeV10]) -> None:
+    def _probed(self, task: asyncio.Task[HandshakeV10], host: str, port: int, generation: int) -> None:
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
-            log.warning("MySQL backend %s:%d not reachable yet: %s", self.settings.backend_host,
-                        self.settings.backend_port, exc)
+            log.warning("MySQL backend %s:%d not reachable yet: %s", host, port, exc)
             return
-        if self.greeting is None:
+        if self.greeting is None and generation == self.target.generation:
             self.greeting = task.result()
-            log.info("MySQL backend is %s", self.greeting.server_version)
+            log.info("MySQL backend %s:%d is %s", host, port, self.greeting.server_version)
 
     async def backend_greeting(self) -> HandshakeV10:
         if self.greeting is not None:
@@ -158,8 +168,8 @@ class MySQLService:
         (e.g. 1040, 1129), or 2003 with the address and the reason."""
         if isinstance(exc, MySQLServerError | BackendUnreachable):
             return exc
-        return BackendUnreachable(f"Can't connect to the database at {self.settings.backend_host}:"
-                                  f"{self.settings.backend_port} ({exc.message})")
+        return BackendUnreachable(f"Can't connect to the database at {self.target.host}:{self.target.port} "
+                                  f"({exc.message})")
 
     def announced_capabilities(self, greeting: HandshakeV10) -> int:
         caps = ANNOUNCED_CAPABILITIES & greeting.capabilities
@@ -185,9 +195,11 @@ class MySQLService:
 
     async def _connect(self, pool: Pool, profile: Profile) -> Backend:
         backend, greeting = await open_backend(pool, profile, self.settings, self.secrets, self.backend_tls)
+        if backend.generation != self.target.generation:
+            return backend  # opened to the server of before a repoint: the pool drops it and connects again
         self.greeting = greeting
         self.session_tracking = backend.tracks_session_state
-        if not self._server_learned:
+        if self._learned_generation < backend.generation:
             try:
                 await asyncio.wait_for(self._learn_server(backend), self.settings.backend_connect_timeout)
             except BaseException as exc:
@@ -199,20 +211,26 @@ class MySQLService:
         return backend
 
     async def _learn_server(self, backend: MySQLBackend) -> None:
-        """Once per process: the session variables the server reports that are read only, and its collations."""
+        """Once per server (per target generation): the session variables the server reports that are read only,
+        and its collations."""
+        generation = backend.generation
         try:
             rows = await backend.query(READ_ONLY_QUERY)
         except MySQLServerError as exc:  # MySQL: no such table; learned from refusals instead
             log.info("MySQL backend: read-only variables not listed (%s); using the built-in list", exc.message)
-        else:
-            self.read_only_variables.update(row[0] for row in rows if row[0])
+            rows = []
+        if generation != self.target.generation:
+            return  # re-pointed meanwhile
+        self.read_only_variables.update(row[0] for row in rows if row[0])
         try:
             rows = await backend.query(COLLATIONS_QUERY)
         except MySQLServerError as exc:
             log.info("MySQL backend: collations not listed (%s)", exc.message)
         else:
+            if generation != self.target.generation:
+                return
             self.collations = frozenset(int(row[0]) for row in rows if row[0])
-        self._server_learned = True
+        self._learned_generation = generation
 
     def charset_command(self, collation: int) -> bytes:
         """COM_QUERY giving a session the character set a login with `collation` gets (the server's default for
@@ -346,9 +364,9 @@ class MySQLService:
     async def kill_query(self, backend: MySQLBackend) -> None:
         """KILL QUERY the backend thread's statement, from a separate connection the pool never counts."""
         pool = backend.pool
-        try:
+        try:  # to the server that backend was opened to, even if the target was re-pointed since
             conn, _ = await open_backend(pool, backend.profile, self.settings, self.secrets, self.backend_tls,
-                                         database="", pooled=False)
+                                         database="", pooled=False, address=(backend.host, backend.port))
         except ProxyError as exc:
             log.warning("KILL QUERY for backend thread %d: cannot connect: %s", backend.thread_id, exc.message)
             return

@@ -450,7 +450,7 @@ class PostgresClient(ClientConnection):
 
     async def _prepare_session(self, pool: Pool, requested: dict[str, str]) -> None:
         """Learn the server's settings, check the client's requested ones once, and keep a backend in session mode."""
-        need_backend = pool.session_mode or not pool.server_params or any(
+        need_backend = pool.session_mode or pool.server_generation != pool.target.generation or any(
             item not in pool.validated_settings for item in requested.items()
         )
         if not need_backend:

@@ -95,7 +95,7 @@ def attach(backend: PostgresBackend, client_id: int, words: set[bytes]) -> tuple
 
 def take_if_unused(pool: Pool, backend: PostgresBackend | None, use: int) -> PostgresBackend | None:
     """The backend that ran the client's previous transaction, when it is idle and nobody has used it since."""
-    if backend is None or backend.uses != use or backend.closed or backend not in pool.idle:
+    if backend is None or backend.uses != use or backend.closed or backend not in pool.idle or pool.target.paused:
         return None
     pool.idle.remove(backend)
     pool.busy.add(backend)

@@ -94,9 +94,10 @@ class PostgresService:
         return {}
 
     async def cancel_backend(self, backend: PostgresBackend) -> None:
-        """Ask the server to cancel whatever `backend` is running (connect, send and close within a deadline)."""
-        await send_cancel_request(self.settings.backend_host, self.settings.backend_port, backend.process_id,
-                                  backend.secret_key, self.settings.backend_connect_timeout)
+        """Ask the server to cancel whatever `backend` is running (connect, send and close within a deadline).
+        The request goes to the server that backend was opened to, even if the target was re-pointed since."""
+        await send_cancel_request(backend.host, backend.port, backend.process_id, backend.secret_key,
+                                  self.settings.backend_connect_timeout)
 
     def maintain(self, now: float) -> None:
         for pool in list(self.target.pools.values()):
