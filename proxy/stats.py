@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -169,3 +170,36 @@ def merge(parts: Iterable[Snapshot]) -> Snapshot:
                         total[name] = total.get(name, 0) + value
         merged[kind] = list(found.values())
     return merged
+
+
+def _counters_only(snapshot: Snapshot) -> Snapshot:
+    """The snapshot with its gauges at zero: what a worker that is gone still adds to the totals."""
+    gauges = {*EndpointStats.GAUGES, "open", "borrowed"}
+    return {kind: [{name: 0 if name in gauges else value for name, value in series.items()} for series in rows]
+            for kind, rows in snapshot.items()}
+
+
+class WorkerSum:
+    """The supervisor's sum of its workers' snapshots, kept monotone across worker restarts: the counters a worker
+    had when it went away stay in the totals, and a worker that does not answer counts with its last snapshot."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[int, tuple[int, Snapshot]] = {}  # worker index -> (its pid, its latest snapshot)
+        self._gone: Snapshot = {"endpoints": [], "pools": []}  # counters of workers that were replaced
+
+    def add(self, answers: dict[int, tuple[int, Snapshot] | None]) -> Snapshot:
+        """Sum this round's answers (worker index -> (pid, snapshot), or None when it did not answer)."""
+        with self._lock:
+            parts = []
+            for index, answer in answers.items():
+                previous = self._last.get(index)
+                if answer is None:
+                    if previous is not None:
+                        parts.append(_counters_only(previous[1]))
+                    continue
+                if previous is not None and previous[0] != answer[0]:
+                    self._gone = merge([self._gone, _counters_only(previous[1])])
+                self._last[index] = answer
+                parts.append(answer[1])
+            return merge([self._gone, *parts])

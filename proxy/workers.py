@@ -26,7 +26,7 @@ from proxy.metrics import serve_metrics
 from proxy.rundir import worker_channel
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, describe_start_error
-from proxy.stats import Snapshot, merge
+from proxy.stats import Snapshot, WorkerSum
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
     clients asked on another worker."""
 
     async def stats(_message: channel.Message) -> channel.Message:
-        return {"snapshot": server.stats.snapshot()}
+        return {"pid": os.getpid(), "snapshot": server.stats.snapshot()}
 
     handlers: dict[str, channel.Handler] = {"stats": stats}
     if server.config.postgresql.enabled:
@@ -96,10 +96,11 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
     return handlers
 
 
-def _worker_snapshot(folder: Path, index: int) -> Snapshot | None:
-    """Ask one worker for its stats over its channel (None if it does not answer)."""
+def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
+    """Ask one worker for its pid and stats over its channel (None if it does not answer)."""
     try:
-        return dict(channel.ask_blocking(worker_channel(index, folder), {"kind": "stats"}, 2)["snapshot"])
+        answer = channel.ask_blocking(worker_channel(index, folder), {"kind": "stats"}, 2)
+        return int(answer["pid"]), dict(answer["snapshot"])
     except (channel.ChannelError, KeyError, TypeError, ValueError) as exc:
         log.warning("metrics: worker %d did not answer: %s", index, exc)
         return None
@@ -240,8 +241,10 @@ def run_supervisor(config: Config, count: int, ready_message: str) -> None:
             if mysql is not None and mysql.enabled:
                 ports["mysql"] = mysql.port
             if metrics_port >= 0 and not stopping:
+                totals = WorkerSum()
+
                 def merged() -> Snapshot:
-                    return merge(part for index in range(count) if (part := _worker_snapshot(folder, index)))
+                    return totals.add({index: _worker_snapshot(folder, index) for index in range(count)})
 
                 try:
                     ports["metrics"] = serve_metrics(merged, config.server.host, metrics_port)

@@ -202,3 +202,34 @@ def test_kill_across_workers_is_refused_to_another_user_and_closes_the_owners_co
         for victim in victims:
             victim.close()
     both_engines.wait_for_log(r"KILL \d+ passed to worker")
+
+
+def test_totals_never_go_down_when_a_worker_dies_and_is_started_again(tmp_path: Path,
+                                                                      pg_server: PostgresInstance) -> None:
+    def clients(count: int) -> None:
+        for _ in range(count):
+            with psycopg.connect(host="127.0.0.1", port=proxy.ports["postgresql"], user="app", password="app-secret",
+                                 dbname="app", sslmode="disable", autocommit=True) as conn:
+                conn.execute("SELECT 1")
+
+    def totals() -> tuple[float, float]:
+        text = scrape(proxy)
+        return (metric_value(text, "dbproxy_client_connections_received_total"),
+                metric_value(text, "dbproxy_transactions_total"))
+
+    with running_proxy(tmp_path, pg_server, server={"workers": 2, "metrics_port": 0}) as proxy:
+        clients(12)
+        before = totals()
+        assert before[0] >= 12 and before[1] >= 12
+        victim = psutil.Process(proxy.pid).children()[0]
+        victim.kill()
+        proxy.wait_for_log("starting it again")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # while it is away, and once it answers again
+            now = totals()
+            assert now[0] >= before[0] and now[1] >= before[1], (before, now)
+        clients(12)
+        after = totals()
+        assert after[0] >= before[0] + 12 and after[1] >= before[1] + 12, (before, after)
+        assert len(psutil.Process(proxy.pid).children()) == 2 and victim.pid not in {
+            child.pid for child in psutil.Process(proxy.pid).children()}
