@@ -186,6 +186,9 @@ def test_sequence_words_and_discard_decisions() -> None:
         seq_owner = seq.NOBODY
         expect: list[ext.Expectation] = []
 
+        def expect_reply(self, expectation: ext.Expectation) -> None:
+            self.expect.append(expectation)
+
     backend = FakeBackend()
     assert seq.attach(backend, 7, {b"insert"}) == (b"", True)  # type: ignore[arg-type]  # a new session
     assert seq.attach(backend, 8, set()) == (b"", False)  # type: ignore[arg-type]  # nothing to discard for

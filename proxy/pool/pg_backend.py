@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.auth.md5 import md5_response
@@ -16,7 +17,23 @@ from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection
 from proxy.pool.pg_deadline import internal_deadline
 from proxy.protocol.pg import messages as pg
-from proxy.protocol.pg.extended import EXPECT_PARSE_RESENT, EXPECT_PARSE_UNNAMED, PARSE, Expectation, Prepared
+from proxy.protocol.pg.extended import (
+    CLOSE,
+    DESCRIBE_STATEMENT,
+    EXPECT_CLOSE_QUIET,
+    EXPECT_CLOSE_SWALLOW,
+    EXPECT_PARSE_RESENT,
+    EXPECT_PARSE_UNNAMED,
+    INJECT,
+    PARSE,
+    QUIET,
+    STATEMENT,
+    SWALLOW,
+    Expectation,
+    Prepared,
+    build_parse,
+    build_target,
+)
 from proxy.protocol.pg.replies import NOTIFICATION, ReplyMatcher
 
 if TYPE_CHECKING:
@@ -41,9 +58,11 @@ class PostgresBackend(BackendConnection):
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self.replies = ReplyMatcher()  # what the server's replies are for, and what the linked client gets of them
         self.expect: deque[Expectation] = self.replies.expect  # requests sent, in the order their replies will come
-        self.prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
-        self.unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
-        self.unnamed_serial = 0  # and which of that client's unnamed Parses
+        # Note one more request sent: its replies come after those of every request sent before (deque.append).
+        self.expect_reply: Callable[[Expectation], None] = self.expect.append
+        self._prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
+        self._unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
+        self._unnamed_serial = 0  # and which of that client's unnamed Parses
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
         self.uses = 0  # transactions started here by clients (see proxy.session.pg_sequences)
         self.seq_owner = 0  # the client whose sequence values this session holds (0: none yet, -1: several)
@@ -81,6 +100,68 @@ class PostgresBackend(BackendConnection):
     def ended_by_server(self) -> bool:
         """A FATAL ErrorResponse of the server's was passed to the client."""
         return self.replies.ended_by_server
+
+    # --- protocol state: what the server is asked, what it holds ---
+
+    @property
+    def awaiting_replies(self) -> bool:
+        """Requests sent that the server has not finished answering."""
+        return bool(self.expect)
+
+    def inject(self, reply: bytes) -> bool:
+        """Give the client `reply` in its place among the server's replies; False when nothing is awaited (the
+        caller gives it at once)."""
+        if not self.expect:
+            return False
+        self.expect.append(Expectation(CLOSE, INJECT, reply))
+        return True
+
+    def holds_unnamed(self, owner: Statements, serial: int) -> bool:
+        """This session's unnamed statement is `owner`'s unnamed Parse number `serial`."""
+        return self._unnamed_owner is owner and self._unnamed_serial == serial
+
+    def parse_unnamed(self, owner: Statements, serial: int, expectation: Expectation) -> None:
+        """`owner`'s unnamed Parse number `serial` is sent; its reply is `expectation`'s."""
+        self._unnamed_owner = owner
+        self._unnamed_serial = serial
+        self.expect.append(expectation)
+
+    def forget_unnamed(self) -> None:
+        """The session's unnamed statement is gone or unknown (a simple Query ends it; a failed Parse leaves it)."""
+        self._unnamed_owner = None
+
+    def prepared_copy(self, name: bytes) -> Prepared | None:
+        """The record of the shared statement `name` prepared here (marked recently used), or None."""
+        record = self._prepared.get(name)
+        if record is not None:
+            self._prepared.move_to_end(name)
+        return record
+
+    def ensure_prepared(self, name: bytes, record: Prepared, parse_action: int, resume: bool = False) -> bytes:
+        """Close + Parse + Describe of the shared statement `name` (the least recently used one closed first when
+        the cache is full); the Describe's reply is kept on `record`. Returns the bytes to send."""
+        prepared = self._prepared
+        expect = self.expect
+        prefix = b""
+        if name not in prepared and len(prepared) >= self.pool.settings.max_prepared_statements:
+            oldest, _ = prepared.popitem(last=False)
+            expect.append(EXPECT_CLOSE_SWALLOW)
+            prefix = build_target(b"C", STATEMENT, oldest)
+        prepared[name] = record
+        prepared.move_to_end(name)
+        quiet = parse_action == QUIET
+        expect.append(EXPECT_CLOSE_QUIET if quiet else EXPECT_CLOSE_SWALLOW)
+        expect.append(Expectation(PARSE, parse_action, prepared_name=name, record=record))
+        expect.append(Expectation(DESCRIBE_STATEMENT, QUIET if quiet else SWALLOW, record=record, resume=resume))
+        return (prefix + build_target(b"C", STATEMENT, name) + build_parse(name, record.rest)
+                + build_target(b"D", STATEMENT, name))
+
+    def forget_prepared(self, name: bytes) -> bool:
+        """The shared statement `name` is deallocated here; whether it was prepared."""
+        return self._prepared.pop(name, None) is not None
+
+    def forget_all_prepared(self) -> None:
+        self._prepared.clear()
 
     # --- the hot path: server -> client ---
 
@@ -131,12 +212,12 @@ class PostgresBackend(BackendConnection):
             if record is not None:
                 if failed.kind == PARSE:
                     if not failed.prepared_name:
-                        self.unnamed_owner = None  # whatever the server holds now, the proxy re-sends before use
-                    elif self.prepared.get(failed.prepared_name) is record:
-                        del self.prepared[failed.prepared_name]
+                        self._unnamed_owner = None  # whatever the server holds now, the proxy re-sends before use
+                    elif self._prepared.get(failed.prepared_name) is record:
+                        del self._prepared[failed.prepared_name]
                 statements.failed(failed, failing)
             elif failed is EXPECT_PARSE_UNNAMED or failed is EXPECT_PARSE_RESENT:
-                self.unnamed_owner = None
+                self._unnamed_owner = None
                 if failed is EXPECT_PARSE_UNNAMED:
                     statements.unnamed_failed()
         self.replies.failed.clear()
@@ -226,8 +307,8 @@ class PostgresBackend(BackendConnection):
         with no statements of the proxy's and no sequence values."""
         self.params = dict(self.login_params)
         self.params_changed()
-        self.prepared.clear()  # (a statement the server still has is closed before it is parsed again)
-        self.unnamed_owner = None
+        self._prepared.clear()  # (a statement the server still has is closed before it is parsed again)
+        self._unnamed_owner = None
         self.seq_owner = 0
         self.notifications.clear()
 
@@ -246,7 +327,7 @@ class PostgresBackend(BackendConnection):
         A notification that arrives meanwhile belongs to the session's client: it is kept in `notifications`.
         """
         assert self.client is None
-        self.unnamed_owner = None  # a simple Query ends the unnamed statement
+        self._unnamed_owner = None  # a simple Query ends the unnamed statement
         self.write(pg.query(sql))
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None

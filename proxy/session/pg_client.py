@@ -275,7 +275,7 @@ class PostgresClient(ClientConnection):
             log.info("client %s left during a statement check; dropping %s", self.peer, backend)
             pool.discard(backend)
             return
-        running = self.pending > 0 or bool(backend.expect)
+        running = self.pending > 0 or backend.awaiting_replies
         mid_message = self._mid_message_on_backend()
         if running or backend.closed or mid_message or not backend.at_boundary:
             if not backend.closed:
@@ -583,7 +583,7 @@ class PostgresClient(ClientConnection):
             self._scanning = pos > end
         limit = self.max_message
         action_of = ACTION
-        expect = backend.expect
+        expect_reply = backend.expect_reply
         pieces: list[bytes] | None = None  # set once a message is rewritten or dropped
         run_start = 0
         hold = end
@@ -629,11 +629,11 @@ class PostgresClient(ClientConnection):
             elif action == SYNC:
                 self.pending += 1
                 self.in_extended = False
-                expect.append(EXPECT_SYNC)
+                expect_reply(EXPECT_SYNC)
             elif action == EXTENDED:
                 self.in_extended = True
                 if kind == EXECUTE_BYTE:
-                    expect.append(EXPECT_EXECUTE)
+                    expect_reply(EXPECT_EXECUTE)
             elif action == TERMINATE:
                 self._write_pieces(backend, pieces, scan, run_start, pos)
                 self._terminate()
@@ -661,7 +661,7 @@ class PostgresClient(ClientConnection):
     def _stream_query(self, head: bytes, backend: PostgresBackend) -> None:
         """A large Query passes through as it arrives; only its text is scanned for session words on the way."""
         self.pending += 1
-        backend.expect.append(EXPECT_QUERY)
+        backend.expect_reply(EXPECT_QUERY)
         self._scanning = True
         self._scan_streamed_query(head, first=True)
 
@@ -711,7 +711,7 @@ class PostgresClient(ClientConnection):
         """Note what a Query/Parse/Bind/Describe/Close asks; return its replacement bytes, or None to pass it.
 
         HOLD means a statement check went out first: the client's bytes from this message on wait for its reply."""
-        expect = backend.expect
+        expect_reply = backend.expect_reply
         statements = self.statements
         if kind == QUERY_BYTE:
             if statements.named and EXECUTE_WORD.match(body):
@@ -724,11 +724,11 @@ class PostgresClient(ClientConnection):
             self.pending += 1
             statements.forget_unnamed(backend)
             replacement = self._session_statement(body[:-1], backend) if SESSION_WORDS.search(body) else None
-            expect.append(EXPECT_QUERY)
+            expect_reply(EXPECT_QUERY)
             return replacement
         if kind == FUNCTION_CALL_BYTE:
             self.pending += 1
-            expect.append(EXPECT_FUNCTION_CALL)
+            expect_reply(EXPECT_FUNCTION_CALL)
             return None
         self.in_extended = True
         if kind == PARSE_BYTE:
@@ -742,16 +742,16 @@ class PostgresClient(ClientConnection):
             return statements.parse_named(name, rest, backend, session_words)
         if kind == BIND_BYTE:
             portal, name, rest = ext.split_bind(body)
-            if (not name and backend.unnamed_owner is statements and backend.unnamed_serial == statements.unnamed_serial
+            if (not name and backend.holds_unnamed(statements, statements.unnamed_serial)
                     and statements.check is None and not statements.unnamed_words):
-                expect.append(EXPECT_BIND)  # the client's own unnamed statement, parsed on this backend
+                expect_reply(EXPECT_BIND)  # the client's own unnamed statement, parsed on this backend
                 return None
             return statements.bind(portal, name, rest, backend)
         target, name = ext.split_target(body, "Describe" if kind == DESCRIBE_BYTE else "Close")
         if kind == DESCRIBE_BYTE:
             if target == STATEMENT:
                 return statements.describe(name, backend)
-            expect.append(EXPECT_DESCRIBE_PORTAL)
+            expect_reply(EXPECT_DESCRIBE_PORTAL)
             return None
         if target == STATEMENT:
             if name:  # Close of a named statement: the client's name goes, the backend's stays
@@ -759,14 +759,12 @@ class PostgresClient(ClientConnection):
                 self._inject(backend, ext.CLOSE_COMPLETE)
                 return b""
             statements.forget_unnamed(backend)
-        expect.append(EXPECT_CLOSE)
+        expect_reply(EXPECT_CLOSE)
         return None
 
     def _inject(self, backend: PostgresBackend, reply: bytes) -> None:
         """A reply the proxy gives itself, in its place among the backend's replies."""
-        if backend.expect:
-            backend.expect.append(ext.Expectation(ext.CLOSE, ext.INJECT, reply))
-        else:
+        if not backend.inject(reply):
             self.write(reply)
 
     def _session_statement(self, sql: bytes, backend: PostgresBackend) -> bytes | None:
@@ -946,7 +944,7 @@ class PostgresClient(ClientConnection):
 
     def _release_if_done(self, backend: PostgresBackend) -> None:
         """Transaction mode: back to the pool once nothing is running, pending or half-sent."""
-        if (self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial or backend.expect
+        if (self.in_extended or backend.tx_status != pg.IDLE or self._skip or self._partial or backend.awaiting_replies
                 or self._message is not None or not backend.at_boundary or self._checking):
             return
         self.pending = 0

@@ -89,7 +89,7 @@ def attach(backend: PostgresBackend, client_id: int, words: set[bytes]) -> tuple
         backend.seq_owner = SHARED
         return b"", hold
     backend.seq_owner = client_id
-    backend.expect.append(ext.Expectation(ext.QUERY, ext.SWALLOW))
+    backend.expect_reply(ext.Expectation(ext.QUERY, ext.SWALLOW))
     return DISCARD_SEQUENCES, hold
 
 

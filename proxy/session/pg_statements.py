@@ -48,7 +48,6 @@ from proxy.protocol.pg.extended import (
     DESCRIBE_STATEMENT,
     EXPECT_BIND,
     EXPECT_CLOSE_QUIET,
-    EXPECT_CLOSE_SWALLOW,
     EXPECT_DESCRIBE_STATEMENT,
     EXPECT_PARSE_QUIET,
     EXPECT_PARSE_RESENT,
@@ -160,16 +159,15 @@ class Statements:
         backend_name = pool.statement_name(rest, self._context_id(pool))
         record = Prepared(rest, session_words)
         self.named[name] = ClientStatement(backend_name, rest, record)
-        return self._prepare(backend, backend_name, record, FORWARD)
+        return backend.ensure_prepared(backend_name, record, FORWARD)
 
     def parse_unnamed(self, rest: bytes, backend: PostgresBackend, session_words: bool) -> None:
         serial = self.unnamed_serial + 1
-        self.unnamed_serial = backend.unnamed_serial = serial
-        backend.unnamed_owner = self
+        self.unnamed_serial = serial
         self.unnamed_rest = rest
         self.unnamed_words = session_words
         self.unnamed_shown = None
-        backend.expect.append(EXPECT_PARSE_UNNAMED)
+        backend.parse_unnamed(self, serial, EXPECT_PARSE_UNNAMED)
 
     def unnamed_failed(self) -> None:
         """A client's unnamed Parse failed or was skipped: forget its unnamed statement (see the docstring)."""
@@ -191,33 +189,33 @@ class Statements:
         if name:
             statement = self.named.get(name)
             if statement is None:  # not a protocol-level name of this client: the server answers
-                backend.expect.append(EXPECT_BIND)
+                backend.expect_reply(EXPECT_BIND)
                 return None
             answer = self._use(statement, backend, False)
             if answer is not None:
                 return answer
             if statement.origin.session_words:  # it runs again: whatever it changes is read back
                 self.client.note_session_words(ext.parse_query_text(statement.rest))
-            backend.expect.append(EXPECT_BIND)
+            backend.expect_reply(EXPECT_BIND)
             return ext.build_bind(portal, statement.backend_name, rest)
         answer = self._use_unnamed(backend)
         if answer is not None:
             return answer
         if self.unnamed_words and self.unnamed_rest is not None:
             self.client.note_session_words(ext.parse_query_text(self.unnamed_rest))
-        backend.expect.append(EXPECT_BIND)
+        backend.expect_reply(EXPECT_BIND)
         return None
 
     def describe(self, name: bytes, backend: PostgresBackend) -> bytes | None:
         if name:
             statement = self.named.get(name)
             if statement is None:
-                backend.expect.append(EXPECT_DESCRIBE_STATEMENT)
+                backend.expect_reply(EXPECT_DESCRIBE_STATEMENT)
                 return None
             answer = self._use(statement, backend, False)
             if answer is not None:
                 return answer
-            backend.expect.append(EXPECT_DESCRIBE_STATEMENT)
+            backend.expect_reply(EXPECT_DESCRIBE_STATEMENT)
             return _describe(statement.backend_name)
         answer = self._use_unnamed(backend)
         if answer is not None:
@@ -225,9 +223,9 @@ class Statements:
         shown = self.unnamed_shown
         if shown is None:  # what the client is shown: kept to check the statement on other backends
             shown = self.unnamed_shown = Prepared(b"")
-            backend.expect.append(Expectation(DESCRIBE_STATEMENT, TRACK, record=shown))
+            backend.expect_reply(Expectation(DESCRIBE_STATEMENT, TRACK, record=shown))
         else:
-            backend.expect.append(EXPECT_DESCRIBE_STATEMENT)
+            backend.expect_reply(EXPECT_DESCRIBE_STATEMENT)
         return None
 
     def close_named(self, name: bytes) -> None:
@@ -237,13 +235,13 @@ class Statements:
     def forget_unnamed(self, backend: PostgresBackend) -> None:
         """A simple Query or Close of the unnamed statement: the session has no unnamed statement."""
         self.unnamed_rest = None
-        backend.unnamed_owner = None
+        backend.forget_unnamed()
 
     def forget_all(self, backend: PostgresBackend | None) -> None:
         """DEALLOCATE ALL / DISCARD ALL: every named statement of the session goes."""
         self.named.clear()
         if backend is not None:
-            backend.prepared.clear()
+            backend.forget_all_prepared()
 
     # --- SQL EXECUTE / DEALLOCATE of protocol-level names ---
 
@@ -256,7 +254,7 @@ class Statements:
         answer = self._use(statement, backend, True)
         if answer is not None:
             return answer
-        backend.expect.append(EXPECT_QUERY)
+        backend.expect_reply(EXPECT_QUERY)
         start, stop = match.span("quoted" if match.group("quoted") is not None else "plain")
         if match.group("quoted") is not None:
             start, stop = start - 1, stop + 1
@@ -273,9 +271,9 @@ class Statements:
             return None  # an SQL-level PREPAREd statement, or an error the server reports
         backend_name = statement.backend_name
         prefix = b""
-        if backend.prepared.pop(backend_name, None) is None and not self.client.in_extended:
-            expect = backend.expect
-            expect.extend((EXPECT_CLOSE_QUIET, EXPECT_PARSE_QUIET, EXPECT_SYNC_QUIET))
+        if not backend.forget_prepared(backend_name) and not self.client.in_extended:
+            for expectation in (EXPECT_CLOSE_QUIET, EXPECT_PARSE_QUIET, EXPECT_SYNC_QUIET):
+                backend.expect_reply(expectation)
             prefix = _close(backend_name) + ext.build_parse(backend_name, PLACEHOLDER) + SYNC_MESSAGE
         return prefix + pg.query(f"DEALLOCATE {backend_name.decode()}")
 
@@ -294,12 +292,10 @@ class Statements:
             return None
         if statement.stale:
             return self._fail(backend, CACHED_PLAN_CHANGED, in_query)
-        prepared = backend.prepared
-        record = prepared.get(statement.backend_name)
+        record = backend.prepared_copy(statement.backend_name)
         if record is not None:
             origin = statement.origin
             if record is origin or (record.description is not None and record.description == origin.description):
-                prepared.move_to_end(statement.backend_name)
                 return None
         return self._start_check(backend, statement.backend_name, statement.origin, in_query)
 
@@ -313,17 +309,15 @@ class Statements:
                     shown.stale = True  # it no longer matches the schema: 0A000 on every use, as directly
                 return self._fail(backend, CACHED_PLAN_CHANGED, False)
             return None
-        if backend.unnamed_owner is self and backend.unnamed_serial == self.unnamed_serial:
+        if backend.holds_unnamed(self, self.unnamed_serial):
             return None
         rest = self.unnamed_rest
         if rest is None:
             return self._fail(backend, UNNAMED_MISSING, False)
         if shown is not None and shown.stale:
             return self._fail(backend, CACHED_PLAN_CHANGED, False)
-        backend.unnamed_owner = self
-        backend.unnamed_serial = self.unnamed_serial
         if shown is None or shown.description is None:  # never described to the client: nothing to compare
-            backend.expect.append(EXPECT_PARSE_RESENT)
+            backend.parse_unnamed(self, self.unnamed_serial, EXPECT_PARSE_RESENT)
             return ext.build_parse(b"", rest)
         return self._start_check(backend, b"", Prepared(rest, self.unnamed_words), False)
 
@@ -333,13 +327,13 @@ class Statements:
         self.check = record
         self.check_in_query = in_query
         if backend_name:
-            data = self._prepare(backend, backend_name, record, QUIET if in_query else SWALLOW, resume=True)
-        else:  # the unnamed statement (its owner is already noted on the backend)
-            backend.expect.append(Expectation(PARSE, SWALLOW, record=record))
-            backend.expect.append(Expectation(DESCRIBE_STATEMENT, SWALLOW, record=record, resume=True))
+            data = backend.ensure_prepared(backend_name, record, QUIET if in_query else SWALLOW, resume=True)
+        else:  # the unnamed statement: the client's latest unnamed Parse again
+            backend.parse_unnamed(self, self.unnamed_serial, Expectation(PARSE, SWALLOW, record=record))
+            backend.expect_reply(Expectation(DESCRIBE_STATEMENT, SWALLOW, record=record, resume=True))
             data = ext.build_parse(b"", rest) + _describe(b"")
         if in_query:
-            backend.expect.append(EXPECT_SYNC_QUIET)
+            backend.expect_reply(EXPECT_SYNC_QUIET)
             self.check_bytes = data + SYNC_MESSAGE
         else:
             self.check_bytes = data + FLUSH
@@ -349,33 +343,15 @@ class Statements:
         data, self.check_bytes = self.check_bytes, b""
         return data
 
-    def _prepare(self, backend: PostgresBackend, backend_name: bytes, record: Prepared, parse_action: int,
-                 resume: bool = False) -> bytes:
-        """Close + Parse + Describe of a shared name on `backend`; the Describe's reply is kept on `record`."""
-        prepared = backend.prepared
-        expect = backend.expect
-        prefix = b""
-        if backend_name not in prepared and len(prepared) >= backend.pool.settings.max_prepared_statements:
-            oldest, _ = prepared.popitem(last=False)
-            expect.append(EXPECT_CLOSE_SWALLOW)
-            prefix = _close(oldest)
-        prepared[backend_name] = record
-        prepared.move_to_end(backend_name)
-        quiet = parse_action == QUIET
-        expect.append(EXPECT_CLOSE_QUIET if quiet else EXPECT_CLOSE_SWALLOW)
-        expect.append(Expectation(PARSE, parse_action, prepared_name=backend_name, record=record))
-        expect.append(Expectation(DESCRIBE_STATEMENT, QUIET if quiet else SWALLOW, record=record, resume=resume))
-        return prefix + _close(backend_name) + ext.build_parse(backend_name, record.rest) + _describe(backend_name)
-
     def reject(self, backend: PostgresBackend, error: ProxyError) -> bytes:
         """A malformed extended-query message: the client gets `error` where the server would have failed."""
         return self._fail(backend, pg.error_response(error.sqlstate, error.message))
 
     def _fail(self, backend: PostgresBackend, error: bytes, in_query: bool = False) -> bytes:
         """Make the server fail here (a Describe of a statement nobody has) and give the client `error` instead."""
-        backend.expect.append(Expectation(DESCRIBE_STATEMENT, REPLACE, payload=error))
+        backend.expect_reply(Expectation(DESCRIBE_STATEMENT, REPLACE, payload=error))
         if in_query:
-            backend.expect.append(EXPECT_SYNC)
+            backend.expect_reply(EXPECT_SYNC)
             return _describe(FAIL_TARGET) + SYNC_MESSAGE
         return _describe(FAIL_TARGET)
 

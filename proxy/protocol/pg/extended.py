@@ -28,6 +28,7 @@ ENDS: tuple[frozenset[int], ...] = (
 # After an ErrorResponse to one of these, the server skips everything up to the next Sync.
 SKIPS_TO_SYNC = frozenset({PARSE, BIND, DESCRIBE_STATEMENT, DESCRIBE_PORTAL, EXECUTE, CLOSE})
 
+STATEMENT = ord("S")  # Describe/Close of a statement (b'P': of a portal)
 PARSE_COMPLETE = b"1\x00\x00\x00\x04"
 CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
 FLUSH = b"H\x00\x00\x00\x04"
