@@ -270,3 +270,22 @@ def test_pgbench_keeps_running_across_a_repoint(
         assert "error" not in err.lower() and "number of failed transactions: 0" in out, (out, err)
         assert old.psql(history, user="app", db="app") == on_old  # nothing ran on the old server after the move
         assert int(new.psql(history, user="app", db="app")) > 0
+
+
+def test_session_pooling_clients_keep_their_server_until_they_leave(
+    tmp_path: Path, servers: tuple[PostgresInstance, PostgresInstance]
+) -> None:
+    old, new = servers
+    with proxy_in_process(tmp_path, proxy_sections(old, mode="session")) as proxy:
+        target = proxy.server.postgres.target
+        port = proxy.ports["postgresql"]
+        with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret", dbname="app",
+                             autocommit=True) as first:
+            assert first.execute("SELECT inet_server_port()").fetchone() == (old.port,)
+            proxy.call(target.repoint, new.host, new.port)
+            with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret", dbname="app",
+                                 autocommit=True) as second:
+                assert second.execute("SELECT inet_server_port()").fetchone() == (new.port,)
+                assert first.execute("SELECT inet_server_port()").fetchone() == (old.port,)
+        wait_until(lambda: backend_connections(old) == 0)  # the old server's backend closed when its client left
+        assert backend_connections(new) == 1  # the new one stays pooled
