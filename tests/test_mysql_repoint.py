@@ -239,3 +239,42 @@ def test_a_paused_borrow_ends_with_the_borrow_timeout_error(
             with conn.cursor() as cur:
                 cur.execute("SELECT 3")
                 assert cur.fetchone() == (3,)
+
+
+def test_kill_query_after_a_repoint_reaches_the_server_running_the_query(
+    tmp_path: Path, servers: tuple[MariaDBInstance, MariaDBInstance]
+) -> None:
+    old, new = servers
+    with proxy_in_process(tmp_path, proxy_sections(old)) as proxy:
+        target = proxy.server.mysql.target
+        port = proxy.ports["mysql"]
+        with pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-secret", database="app") as conn, \
+                pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-secret") as killer:
+            conn.begin()
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone() == (old.port,)
+            proxy.call(target.repoint, new.host, new.port)
+            outcome: list[object] = []
+
+            def sleep() -> None:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT SLEEP(60)")
+                        outcome.append(cur.fetchone())
+                except pymysql.MySQLError as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=sleep)
+            thread.start()
+            wait_until(lambda: old.sql("SELECT count(*) FROM information_schema.processlist "
+                                       "WHERE info = 'SELECT SLEEP(60)'") == "1")
+            with killer.cursor() as cur:
+                cur.execute(f"KILL QUERY {conn.thread_id()}")
+            thread.join(60)
+            # Interrupted on the server it runs on: SLEEP answers 1 (or the query is refused as interrupted).
+            assert outcome == [(1,)] or (isinstance(outcome[0], pymysql.MySQLError) and outcome[0].args[0] == 1317)
+            conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone() == (new.port,)
