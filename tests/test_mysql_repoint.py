@@ -190,10 +190,11 @@ def test_pause_holds_transactions_and_resize_follows(
         try:
             load.wait_all(lambda r: len(r) >= 3)
             proxy.call(target.pause)
-            time.sleep(0.3)  # transactions under way when paused finish
+            wait_until(lambda: proxy.call(lambda: sum(len(p.busy) for p in target.pools.values())) == 0)
+            time.sleep(0.2)  # transactions under way when paused have finished; their clients record them
             held = load.count()
             time.sleep(1.0)
-            assert load.count() == held  # no new transaction got a backend while paused
+            assert load.count() == held, (held, load.count())  # no new transaction got a backend while paused
             proxy.call(target.resume)
             load.wait_all(lambda r: len(r) >= 10)
 
@@ -207,13 +208,13 @@ def test_pause_holds_transactions_and_resize_follows(
             samples = []
             while load.count() < before + 40:
                 samples.append(mysql_backend_connections(server))
-            assert max(samples) <= 1
+            assert max(samples) <= 1, samples
             resize(6)
             samples = []
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and max(samples, default=0) < 4:
                 samples.append(mysql_backend_connections(server))
-            assert 4 <= max(samples) <= 6
+            assert 4 <= max(samples) <= 6, samples
         finally:
             stop_load(load)
 
@@ -238,3 +239,42 @@ def test_a_paused_borrow_ends_with_the_borrow_timeout_error(
             with conn.cursor() as cur:
                 cur.execute("SELECT 3")
                 assert cur.fetchone() == (3,)
+
+
+def test_kill_query_after_a_repoint_reaches_the_server_running_the_query(
+    tmp_path: Path, servers: tuple[MariaDBInstance, MariaDBInstance]
+) -> None:
+    old, new = servers
+    with proxy_in_process(tmp_path, proxy_sections(old)) as proxy:
+        target = proxy.server.mysql.target
+        port = proxy.ports["mysql"]
+        with pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-secret", database="app") as conn, \
+                pymysql.connect(host="127.0.0.1", port=port, user="app", password="app-secret") as killer:
+            conn.begin()
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone() == (old.port,)
+            proxy.call(target.repoint, new.host, new.port)
+            outcome: list[object] = []
+
+            def sleep() -> None:
+                try:
+                    with conn.cursor() as cur:
+                        cur.execute("SELECT SLEEP(60)")
+                        outcome.append(cur.fetchone())
+                except pymysql.MySQLError as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=sleep)
+            thread.start()
+            wait_until(lambda: old.sql("SELECT count(*) FROM information_schema.processlist "
+                                       "WHERE info = 'SELECT SLEEP(60)'") == "1")
+            with killer.cursor() as cur:
+                cur.execute(f"KILL QUERY {conn.thread_id()}")
+            thread.join(60)
+            # Interrupted on the server it runs on: SLEEP answers 1 (or the query is refused as interrupted).
+            assert outcome == [(1,)] or (isinstance(outcome[0], pymysql.MySQLError) and outcome[0].args[0] == 1317)
+            conn.rollback()
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone() == (new.port,)

@@ -149,10 +149,11 @@ def test_pause_holds_transactions_and_resize_follows(
         try:
             load.wait_all(lambda r: len(r) >= 3)
             proxy.call(target.pause)
-            time.sleep(0.3)  # transactions under way when paused finish
+            wait_until(lambda: proxy.call(lambda: sum(len(p.busy) for p in target.pools.values())) == 0)
+            time.sleep(0.2)  # transactions under way when paused have finished; their clients record them
             held = load.count()
             time.sleep(1.0)
-            assert load.count() == held  # no new transaction got a backend while paused
+            assert load.count() == held, (held, load.count())  # no new transaction got a backend while paused
             proxy.call(target.resume)
             load.wait_all(lambda r: len(r) >= 10)
 
@@ -166,13 +167,13 @@ def test_pause_holds_transactions_and_resize_follows(
             samples = []
             while load.count() < before + 40:
                 samples.append(backend_connections(server))
-            assert max(samples) <= 1
+            assert max(samples) <= 1, samples
             resize(6)
             samples = []
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and max(samples, default=0) < 4:
                 samples.append(backend_connections(server))
-            assert 4 <= max(samples) <= 6
+            assert 4 <= max(samples) <= 6, samples
         finally:
             stop_load(load)
 
@@ -269,3 +270,22 @@ def test_pgbench_keeps_running_across_a_repoint(
         assert "error" not in err.lower() and "number of failed transactions: 0" in out, (out, err)
         assert old.psql(history, user="app", db="app") == on_old  # nothing ran on the old server after the move
         assert int(new.psql(history, user="app", db="app")) > 0
+
+
+def test_session_pooling_clients_keep_their_server_until_they_leave(
+    tmp_path: Path, servers: tuple[PostgresInstance, PostgresInstance]
+) -> None:
+    old, new = servers
+    with proxy_in_process(tmp_path, proxy_sections(old, mode="session")) as proxy:
+        target = proxy.server.postgres.target
+        port = proxy.ports["postgresql"]
+        with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret", dbname="app",
+                             autocommit=True) as first:
+            assert first.execute("SELECT inet_server_port()").fetchone() == (old.port,)
+            proxy.call(target.repoint, new.host, new.port)
+            with psycopg.connect(host="127.0.0.1", port=port, user="app", password="app-secret", dbname="app",
+                                 autocommit=True) as second:
+                assert second.execute("SELECT inet_server_port()").fetchone() == (new.port,)
+                assert first.execute("SELECT inet_server_port()").fetchone() == (old.port,)
+        wait_until(lambda: backend_connections(old) == 0)  # the old server's backend closed when its client left
+        assert backend_connections(new) == 1  # the new one stays pooled

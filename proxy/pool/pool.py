@@ -79,6 +79,7 @@ class Target:
     # Called (no arguments) on every repoint: services drop what they learned from the old server.
     on_repoint: list[Callable[[], None]] = field(default_factory=list, repr=False)
     limits_generation: int = -1  # the generation whose server max_connections the limits come from
+    shrinking: bool = False  # the limit was lowered below the open connections: close the excess when released
     server_max_connections: int = 0  # that server's max_connections (0: not learned yet)
 
     @property
@@ -135,12 +136,21 @@ class Target:
             pool.settings = settings
         if self.server_max_connections:
             self._resolve()
+        self.shrinking = self.over_limit()
         excess_open = self.open_connections - self.max_connections if self.max_connections else 0
         excess_idle = self.idle_count() - self.max_idle if self.max_connections else 0
         while max(excess_open, excess_idle) > 0 and self._close_oldest_idle():
             excess_open -= 1
             excess_idle -= 1
         self._wake_waiters()
+
+    def over_limit(self) -> bool:
+        """Whether more connections are open than the limit allows (after it was lowered); stops `shrinking` once
+        they are not."""
+        if self.max_connections and self.open_connections > self.max_connections:
+            return True
+        self.shrinking = False
+        return False
 
     def _close_oldest_idle(self) -> bool:
         owner: Pool | None = None
@@ -413,13 +423,13 @@ class Pool:
     def borrow_idle(self) -> Backend | None:
         """An idle backend at once, without waiting or connecting; None when there is none or the target is
         paused (then `borrow`)."""
-        if self.target.paused:
+        target = self.target
+        if target.paused:
             return None
         idle = self.idle
-        generation = self.target.generation
         while idle:
             backend = idle.pop()
-            if backend.closed or backend.generation != generation:
+            if backend.closed or backend.generation != target.generation:
                 self.discard(backend)
                 continue
             self.busy.add(backend)
@@ -483,7 +493,7 @@ class Pool:
         target = self.target
         now = time.monotonic()
         if (backend.generation != target.generation or now - backend.created_at > self.settings.max_connection_lifetime
-                or target.open_connections > target.max_connections > 0):  # old server, too old, or over the limit
+                or (target.shrinking and target.over_limit())):  # old server, too old, or over a lowered limit
             backend.close()
             self._forget(backend)
             return
