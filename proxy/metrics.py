@@ -47,10 +47,7 @@ POOL_METRICS = (  # (metric, help, field of PoolStats)
 def snapshot(server: ProxyServer) -> Snapshot:
     """This process's counters as plain data."""
     pools = []
-    targets = [("postgresql", server.postgres.target)]
-    mysql = getattr(server, "mysql", None)
-    if mysql is not None:
-        targets.append(("mysql", mysql.target))
+    targets = [(service.endpoint.engine, service.target) for service in server.services()]
     for engine, target in targets:
         for pool in list(target.pools.values()):
             pools.append({"engine": engine, "database": pool.database, "user": pool.user,
