@@ -378,7 +378,7 @@ def mariadb_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mar
     for server in servers:
         subprocess.run(["sysbench", "oltp_read_write", "--db-driver=mysql", "--mysql-host=127.0.0.1",
                         f"--mysql-port={server.port}", "--mysql-user=bench", "--mysql-password=bench-secret",
-                        "--mysql-db=bench", "--tables=2", "--table-size=1000", "--mysql-ssl=off", "prepare"],
+                        "--mysql-db=bench", "--tables=2", "--table-size=10000", "--mysql-ssl=off", "prepare"],
                        capture_output=True, timeout=120, check=True)
     yield servers[0], servers[1]
     for server in servers:
@@ -402,7 +402,7 @@ def test_a_mysql_endpoint_moved_by_reload_under_sysbench_drops_nobody(
     proxy = setup.start()
     bench = subprocess.Popen(["sysbench", "oltp_read_write", "--db-driver=mysql", "--mysql-host=127.0.0.1",
                               f"--mysql-port={proxy.ports['rw']}", "--mysql-user=bench",
-                              "--mysql-password=bench-secret", "--mysql-db=bench", "--tables=2", "--table-size=1000",
+                              "--mysql-password=bench-secret", "--mysql-db=bench", "--tables=2", "--table-size=10000",
                               f"--db-ps-mode={ps_mode}", "--mysql-ssl=off", "--threads=4", "--time=6", "run"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.5)
@@ -415,7 +415,9 @@ def test_a_mysql_endpoint_moved_by_reload_under_sysbench_drops_nobody(
     old_after = commits(old)
     out, err = bench.communicate(timeout=60)
     assert bench.returncode == 0, out[-2000:] + err[-2000:]
-    assert re.search(r"ignored errors:\s+0 ", out), out
+    # sysbench exits non-zero on any error but the deadlocks its workload retries (1213, 1020, 1205), which the
+    # server gives through the proxy as it does directly; no connection is lost.
+    assert re.search(r"reconnects:\s+0 ", out), out
     assert commits(old) == old_after  # nothing on the old server after that
     conn = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
                            database="app")
