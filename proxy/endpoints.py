@@ -42,8 +42,9 @@ class Endpoint:
 
     def describe(self) -> str:
         host, port = self.address
+        address = f"{host}:{port}"
         return (f"endpoint {self.name} ({self.engine}, {self.role}) -> cluster {self.cluster} instance "
-                f"{self.instance} at {host}:{port}")
+                f"{self.instance}" + (f" at {address}" if self.instance != address else ""))
 
 
 def writer_of(instances: list[Instance]) -> Instance:

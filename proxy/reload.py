@@ -119,7 +119,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
     server.config, server.secrets = config, secrets
-    if config.tls != old.tls:
+    if config.tls != old.tls or config.tls.cert_file is not None:  # certificate files are read again
         server.tls = client_tls(config)
     ClientConnection.max_clients = max(1, config.server.max_client_connections // worker_count())
     if config.server.log_level != old.server.log_level:
