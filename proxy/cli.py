@@ -82,7 +82,8 @@ async def reload_from_file(server: ProxyServer, config_path: Path) -> None:
     """Re-read, validate and apply the configuration; one error line and no change when it does not validate."""
     log.info("reload: reading %s", config_path)
     try:
-        await apply_config(server, prepare(config_path, server.config))
+        ports = {name: listener.port for name, listener in server.listeners.items()}
+        await apply_config(server, prepare(config_path, server.config, ports))
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays: %s", exc)
 

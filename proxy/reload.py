@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from proxy.config import Config, PoolSettings, load_config
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
+from proxy.errors import ConfigError
 from proxy.pool.pool import Target
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
@@ -23,9 +25,11 @@ log = logging.getLogger(__name__)
 RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
 
 
-def prepare(path: Path | None, running: Config) -> Config:
-    """The configuration at `path`, validated as a start validates it (secrets, certificates, keys), with the
-    [server] keys that need a restart kept at their running values; ConfigError if it does not validate."""
+def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:
+    """The configuration at `path`, validated as a start validates it (secrets, certificates, keys, and ports
+    free for the endpoints that would newly listen), with the [server] keys that need a restart kept at their
+    running values and endpoints given port 0 keeping the `ports` they listen on; ConfigError if it does not
+    validate."""
     config = load_config(path)
     check_startup(config)
     kept = {key: getattr(running.server, key) for key in RESTART_KEYS
@@ -34,7 +38,22 @@ def prepare(path: Path | None, running: Config) -> Config:
         log.warning("reload: [server] %s changes only with a restart; keeping %r", key, kept[key])
     if kept:
         config = config.model_copy(update={"server": config.server.model_copy(update=kept)})
+    config = keep_ports(config, ports)
+    for endpoint in resolve_endpoints(config):
+        port = endpoint.settings.port
+        if port and port not in ports.values():
+            check_port_free(config.server.host, port, f"{path}: endpoint {endpoint.name}")
     return config
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """ConfigError if the proxy could not listen on `port` (another program has it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot listen on port {port}: {exc.strerror or exc}") from None
 
 
 def keep_ports(config: Config, running: dict[str, int]) -> Config:

@@ -266,11 +266,7 @@ class _SupervisorReload:
         log.info("reload: reading %s", path)
         running = self.ports()
         try:
-            config = _fixed_ports(prepare(path, self.config), running)
-            for endpoint in resolve_endpoints(config):
-                port = endpoint.settings.port
-                if port not in running.values():
-                    _check_port_free(config.server.host, port, f"{path}: endpoint {endpoint.name}")
+            config = _fixed_ports(prepare(path, self.config, running), running)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             return
@@ -287,16 +283,6 @@ class _SupervisorReload:
 def _for_workers(config: Config) -> Config:
     """The workers' configuration: the supervisor serves the metrics."""
     return config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1})})
-
-
-def _check_port_free(host: str, port: int, what: str) -> None:
-    """ConfigError if no worker could listen on `port` (taken by another program)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"{what}: cannot listen on port {port}: {exc.strerror or exc}") from None
 
 
 def run_supervisor(config: Config, count: int, ready_message: str, config_path: Path | None = None) -> None:

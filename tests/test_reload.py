@@ -7,6 +7,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -64,12 +65,19 @@ class ClusterProxy:
         self.proxy.start()
         return self.proxy
 
-    def reload(self, done: str = r"reload: serving", expect: int | None = None) -> None:
-        """Write the config, SIGHUP the proxy, wait until every worker logged `done` once more."""
+    def reload(self, done: str = r"reload: serving", expect: int | None = None, command: bool = False) -> None:
+        """Write the config, SIGHUP the proxy (or run `dbproxy reload`), wait until every worker logged `done`
+        once more."""
         assert self.proxy is not None
         before = self.count(done)
-        self.write()
-        os.kill(self.proxy.pid, signal.SIGHUP)
+        config = self.write()
+        if command:
+            result = subprocess.run([sys.executable, "-m", "proxy", "reload", "-c", str(config)],
+                                    capture_output=True, text=True, cwd=SOURCE, timeout=60)
+            assert (result.returncode, result.stderr) == (0, "")
+            assert result.stdout.startswith(f"dbproxy: reload sent to pid {self.proxy.pid} ")
+        else:
+            os.kill(self.proxy.pid, signal.SIGHUP)
         wanted = before + (expect if expect is not None else self.server["workers"])
         deadline = time.monotonic() + 15
         while self.count(done) < wanted:
@@ -138,6 +146,26 @@ def test_a_reload_with_a_bad_config_is_refused_once_and_changes_nothing(
     assert proxy.alive
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_onto_a_port_another_program_holds_is_refused_whole(
+        tmp_path: Path, cluster_proxy: list[ClusterProxy], pg_server: PostgresInstance,
+        pg_second: PostgresInstance, workers: int) -> None:
+    setup = make(cluster_proxy, tmp_path, "postgresql", [pg_server.port, pg_second.port], workers=workers)
+    setup.endpoints = {"rw": {"port": free_port(), "cluster": "main"},
+                       "ro": {"port": free_port(), "cluster": "main", "role": "read_only"}}
+    proxy = setup.start()
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        taken = holder.getsockname()[1]
+        del setup.endpoints["ro"]
+        setup.endpoints["extra"] = {"port": taken, "cluster": "main"}
+        setup.reload(done=r"reload refused", expect=1)
+    time.sleep(0.5)
+    assert setup.count(rf"reload refused, .*endpoint extra: cannot listen on port {taken}: Address already in "
+                       "use") == 1
+    assert server_port(proxy.ports["ro"]) == pg_second.port  # the endpoint the file removed still serves
+    assert server_port(proxy.ports["rw"]) == pg_server.port
+
+
 # --- endpoints added and removed ---
 
 
@@ -154,7 +182,7 @@ def test_a_reload_adds_and_removes_endpoints(tmp_path: Path, cluster_proxy: list
                               sslmode="disable", autocommit=True)
     try:
         # The same file again: the endpoint given port 0 keeps the port it has.
-        setup.reload()
+        setup.reload(command=True)
         assert server_port(ro_port) == pg_second.port
         extra = free_port()
         del setup.endpoints["ro"]
