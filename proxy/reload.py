@@ -133,13 +133,13 @@ def apply_pool_settings(target: Target, settings: PoolSettings) -> None:
 async def apply(server: ProxyServer, config: Config) -> None:
     """Make the running process serve `config` (validated, its restart-only keys as running): secrets re-read,
     endpoints added, removed, re-pointed, resized. A removed endpoint stops listening at once; its clients stay
-    until they leave. Raises ConfigError (the secrets file) before anything changes."""
+    until they leave. Raises ConfigError (the secrets file, the TLS certificate) before anything changes."""
     secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
-    server.config, server.secrets = config, secrets
     if config.tls != old.tls or config.tls.cert_file is not None:  # certificate files are read again
         server.tls = client_tls(config)
+    server.config, server.secrets = config, secrets
     ClientConnection.max_clients = max(1, config.server.max_client_connections // worker_count())
     if config.server.log_level != old.server.log_level:
         logging.getLogger().setLevel(config.server.log_level.upper())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,16 @@ def test_postgres_clients_on_each_endpoint_reach_their_instance(tmp_path: Path, 
                 with psycopg.connect(host="127.0.0.1", port=proxy.ports[name], user="app", password="app-secret",
                                      dbname="app", sslmode="disable") as conn:
                     assert conn.execute("SELECT inet_server_port()").fetchone() == (server.port,)
+            # A CancelRequest reaches the query of that client, whichever endpoint and worker it came through.
+            for _ in range(3):
+                with psycopg.connect(host="127.0.0.1", port=proxy.ports[name], user="app", password="app-secret",
+                                     dbname="app", sslmode="disable", autocommit=True) as conn:
+                    timer = threading.Timer(0.3, conn.cancel)
+                    timer.start()
+                    started = time.monotonic()
+                    with pytest.raises(psycopg.errors.QueryCanceled):
+                        conn.execute("SELECT pg_sleep(10)")
+                    assert time.monotonic() - started < 5
     finally:
         proxy.stop()
 

@@ -41,8 +41,8 @@ class PostgresService:
         self.clients: dict[int, object] = peer.clients if peer is not None else {}
         self.worker = worker_index()
         # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
-        self._process_ids: itertools.count[int] = (peer._process_ids if peer is not None
-                             else itertools.count((self.worker << 24) + (1 << 22) + 1))
+        first_id = (self.worker << 24) + (1 << 22) + 1
+        self._process_ids: itertools.count[int] = peer._process_ids if peer is not None else itertools.count(first_id)
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
