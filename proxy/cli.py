@@ -19,7 +19,7 @@ from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
-from proxy.rundir import pid_file_path, read_pid_file, remove_pid_file, write_pid_file
+from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
 
@@ -98,6 +98,8 @@ def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
     path = pid_file or pid_file_path(config_path, config.server.pid_file)
     try:
         pid = read_pid_file(path)
+        if not looks_like_dbproxy(pid):
+            raise ValueError(f"process {pid} is not dbproxy (a stale pid file)")
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

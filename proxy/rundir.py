@@ -65,3 +65,15 @@ def remove_pid_file(path: Path) -> None:
 def read_pid_file(path: Path) -> int:
     """The pid in the file (OSError, ValueError when it is missing or not a pid)."""
     return int(path.read_text().strip())
+
+
+def looks_like_dbproxy(pid: int) -> bool:
+    """Whether process `pid` runs dbproxy (`dbproxy run` or `python -m proxy run`), so a stale pid file never gets
+    another program signalled; True where /proc cannot tell."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
+        return True
+    return b"run" in args and any(arg == b"proxy" or arg.endswith(b"dbproxy") for arg in args)

@@ -455,3 +455,20 @@ def test_a_mysql_endpoint_moved_by_reload_under_sysbench_drops_nobody(
             assert cur.fetchone() == (new.port,)
     finally:
         conn.close()
+
+
+def test_dbproxy_reload_never_signals_another_program_through_a_stale_pid_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"server": {"pid_file": "proxy.pid"}, "secrets": {"file": "secrets.toml"},
+                                     "postgresql": {"port": free_port()}})
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "proxy.pid").write_text(f"{bystander.pid}\n")
+        result = subprocess.run([sys.executable, "-m", "proxy", "reload", "-c", str(config)], capture_output=True,
+                                text=True, cwd=SOURCE, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"dbproxy: no running dbproxy found through {tmp_path / 'proxy.pid'}: "
+                                         f"process {bystander.pid} is not dbproxy (a stale pid file)")
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
