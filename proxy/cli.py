@@ -17,6 +17,9 @@ import uvloop
 
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
+from proxy.reload import Reloads, prepare
+from proxy.reload import apply as apply_config
+from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
 
@@ -46,8 +49,8 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-async def serve(config: Config, ready_message: str | None = None) -> None:
-    """Run the proxy until SIGINT/SIGTERM."""
+async def serve(config: Config, ready_message: str | None = None, config_path: Path | None = None) -> None:
+    """Run the proxy until SIGINT/SIGTERM; SIGHUP reloads `config_path` (see proxy.reload)."""
     server = ProxyServer(config)
     try:
         await server.start()
@@ -57,12 +60,51 @@ async def serve(config: Config, ready_message: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if ready_message:
-        listeners = " ".join(f"{name} port {port}" for name, port in server.ports.items())
-        print(ready_message.format(**server.ports, listeners=listeners), flush=True)
-    await stop.wait()
-    log.info("shutting down")
-    await server.stop()
+    pid_file = None
+    if config_path is not None:  # without a file (the demo, built-in defaults) there is nothing to reload
+        reloads = Reloads(lambda: reload_from_file(server, config_path))
+        loop.add_signal_handler(signal.SIGHUP, reloads.request)
+        pid_file = pid_file_path(config_path, config.server.pid_file)
+        write_pid_file(pid_file)
+    try:
+        if ready_message:
+            listeners = " ".join(f"{name} port {port}" for name, port in server.ports.items())
+            print(ready_message.format(**server.ports, listeners=listeners), flush=True)
+        await stop.wait()
+        log.info("shutting down")
+        await server.stop()
+    finally:
+        if pid_file is not None:
+            remove_pid_file(pid_file)
+
+
+async def reload_from_file(server: ProxyServer, config_path: Path) -> None:
+    """Re-read, validate and apply the configuration; one error line and no change when it does not validate."""
+    log.info("reload: reading %s", config_path)
+    try:
+        ports = {name: listener.port for name, listener in server.listeners.items()}
+        await apply_config(server, prepare(config_path, server.config, ports))
+    except ConfigError as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+
+
+def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
+    """`dbproxy reload`: check the configuration as a start would, then SIGHUP the process in the pid file."""
+    try:
+        config = load_config(config_path)
+        check_startup(config)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}; nothing sent", CONFIG_ERROR_STATUS)
+    path = pid_file or pid_file_path(config_path, config.server.pid_file)
+    try:
+        pid = read_pid_file(path)
+        if not looks_like_dbproxy(pid):
+            raise ValueError(f"process {pid} is not dbproxy (a stale pid file)")
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        _fail(f"no running dbproxy found through {path}: {reason}", START_ERROR_STATUS)
+    print(f"dbproxy: reload sent to pid {pid} ({path})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,6 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--check", action="store_true", help="validate the configuration and exit")
     run.add_argument("--workers", type=int, default=None,
                      help="worker processes sharing the ports with SO_REUSEPORT (default: [server] workers; 0: cores)")
+    reload = sub.add_parser("reload", help="check the configuration file and make the running proxy reload it")
+    reload.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
+    reload.add_argument("--pid-file", type=Path, default=None,
+                        help="pid file of the running proxy (default: [server] pid_file, else derived from -c)")
     demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and MariaDB and serve them on "
                                        "127.0.0.1:6432 and 127.0.0.1:6033")
     demo.add_argument("--port", type=int, default=6432)
@@ -83,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         from proxy.demo import run_demo
 
         _exit_on_start_error(lambda: run_demo(args.dir, args.port, args.mysql_port))
+        return
+    if args.command == "reload":
+        send_reload(args.config, args.pid_file)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)
@@ -95,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if checking:
         print(f"{config_path}: OK" if config_path else "built-in defaults (no -c given, no configuration file): OK")
         return
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked before the proxy listens: nothing to reload yet
     setup_logging(config.server.log_level, config.server.log_format)
     workers = args.workers if args.workers is not None else config.server.workers
     workers = workers or os.cpu_count() or 1
@@ -103,14 +153,14 @@ def main(argv: list[str] | None = None) -> None:
 
         def supervise() -> None:
             check_startup(config)  # once, before forking: one line instead of a traceback from every worker
-            run_supervisor(config, workers, READY_MESSAGE)
+            run_supervisor(config, workers, READY_MESSAGE, config_path)
 
         _exit_on_start_error(supervise)
         return
 
     def serve_here() -> None:
         check_host(config)
-        uvloop.run(serve(config, READY_MESSAGE))
+        uvloop.run(serve(config, READY_MESSAGE, config_path))
 
     _exit_on_start_error(serve_here)
 

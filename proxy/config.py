@@ -9,7 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from proxy.errors import ConfigError
 
@@ -64,6 +64,8 @@ class ServerSettings(Strict):
     shutdown_grace: float = Field(10.0, ge=0)
     workers: int = Field(0, ge=0, le=64, description="worker processes sharing the ports; 0 means one per core")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus endpoint port; -1 off, 0 a free port")
+    pid_file: Path | None = Field(None, description="where the running process writes its pid for `dbproxy "
+                                  "reload`; empty means a file in the temporary folder named after the config file")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -131,6 +133,67 @@ def resolve_count(value: int | str, backend_max: int) -> int:
     return max(1, backend_max * int(match.group(1)) // 100)
 
 
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # endpoint names appear as listener names ("<name> port <n>")
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+RESERVED_NAMES = frozenset({"metrics", "listeners"})  # other listeners of the ready line
+
+
+class InstanceRole(StrEnum):
+    WRITER = "writer"
+    READER = "reader"
+
+
+class EndpointRole(StrEnum):
+    READ_WRITE = "read_write"  # the cluster's writer
+    READ_ONLY = "read_only"  # a reader
+    CUSTOM = "custom"  # a member of a static list (members) or of the cluster minus a list (exclude)
+
+
+class Instance(Strict):
+    """One database server of a cluster; `role` is a hint until the proxy discovers roles itself."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    name: str = Field("", description="how endpoints' member lists name it; empty means host:port")
+    zone: str = ""
+    region: str = ""
+    role: InstanceRole | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.host}:{self.port}"
+
+
+class EndpointBase(Strict):
+    """A client-facing listener on one cluster; pool and auth keys given here override the cluster's."""
+
+    port: int = Field(ge=0, le=65535, description="client-facing port; 0 picks a free one")
+    cluster: str
+    role: EndpointRole = EndpointRole.READ_WRITE
+    members: list[str] | None = Field(None, description="custom endpoint: these instances, in this order")
+    exclude: list[str] | None = Field(None, description="custom endpoint: every instance but these")
+    pool: PoolSettings = PoolSettings()  # only the keys given apply
+
+
+class ClusterBase(Strict):
+    """Instances of one database cluster; pool and auth keys given here are defaults for its endpoints."""
+
+    instances: list[Instance] = Field(min_length=1)
+    backend_tls: BackendTLSMode | None = None
+    backend_ca_file: Path | None = None
+    backend_connect_timeout: float | None = Field(None, gt=0)
+    pool: PoolSettings = PoolSettings()  # only the keys given apply
+
+
+class PostgresEndpoint(EndpointBase):
+    auth_method: ClientAuthMethod | None = None
+
+
+class PostgresCluster(ClusterBase):
+    auth_method: ClientAuthMethod | None = None
+
+
 class PostgresSettings(Strict):
     """The PostgreSQL listener and its backend target."""
 
@@ -152,6 +215,8 @@ class PostgresSettings(Strict):
         description="RDS Proxy SessionPinningFilters: exclude_variable_sets stops tracking SET statements",
     )
     pool: PoolSettings = PoolSettings()
+    clusters: dict[Name, PostgresCluster] = Field(default_factory=dict)
+    endpoints: dict[Name, PostgresEndpoint] = Field(default_factory=dict)
 
 
 class MySQLAuthMethod(StrEnum):
@@ -164,6 +229,18 @@ class MySQLPoolSettings(PoolSettings):
     """The pool knobs for MySQL: a backend is always reset with COM_RESET_CONNECTION; reset_query runs after it."""
 
     reset_query: str = ""
+
+
+class MySQLEndpoint(EndpointBase):
+    auth_method: MySQLAuthMethod | None = None
+    caching_sha2_full_auth: bool | None = None
+    pool: MySQLPoolSettings = MySQLPoolSettings()  # only the keys given apply
+
+
+class MySQLCluster(ClusterBase):
+    auth_method: MySQLAuthMethod | None = None
+    caching_sha2_full_auth: bool | None = None
+    pool: MySQLPoolSettings = MySQLPoolSettings()  # only the keys given apply
 
 
 class MySQLSettings(Strict):
@@ -189,6 +266,8 @@ class MySQLSettings(Strict):
         "track run without pinning",
     )
     pool: MySQLPoolSettings = MySQLPoolSettings()
+    clusters: dict[Name, MySQLCluster] = Field(default_factory=dict)
+    endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)
 
 
 class Config(Strict):
@@ -210,24 +289,146 @@ def _describe(error: Any) -> str:
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make relative file paths in the file relative to the file's folder."""
-    for section, keys in (("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
-                          ("postgresql", ("backend_ca_file",)),
-                          ("mysql", ("backend_ca_file", "rsa_private_key_file"))):
-        part = data.get(section)
+    def resolve(part: object, keys: tuple[str, ...]) -> None:
         if isinstance(part, dict):
             for key in keys:
                 value = part.get(key)
                 if isinstance(value, str) and value and not os.path.isabs(value):
                     part[key] = str(base / value)
 
+    for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+                          ("postgresql", ("backend_ca_file",)),
+                          ("mysql", ("backend_ca_file", "rsa_private_key_file"))):
+        part = data.get(section)
+        resolve(part, keys)
+        clusters = part.get("clusters") if isinstance(part, dict) else None
+        if isinstance(clusters, dict):
+            for cluster in clusters.values():
+                resolve(cluster, ("backend_ca_file",))
+
+
+EngineSettings = PostgresSettings | MySQLSettings
+ENGINES = ("postgresql", "mysql")
+SHORTHAND_KEYS = ("port", "backend_host", "backend_port")  # the single-backend form of an engine section
+
+
+def engine_settings(config: Config) -> list[tuple[str, EngineSettings]]:
+    return [("postgresql", config.postgresql), ("mysql", config.mysql)]
+
+
+def uses_clusters(settings: EngineSettings) -> bool:
+    """Whether the engine section describes clusters and endpoints (else it is the single-backend shorthand)."""
+    return bool(settings.clusters or settings.endpoints)
+
+
+def engine_active(settings: EngineSettings) -> bool:
+    """Whether the engine serves clients: `enabled`, which clusters and endpoints turn on unless it says false."""
+    if uses_clusters(settings) and "enabled" not in settings.model_fields_set:
+        return True
+    return settings.enabled
+
+
+def listener_ports(config: Config) -> list[tuple[str, str, int]]:
+    """(name, key in the file, port) of every endpoint that listens."""
+    found = []
+    for engine, settings in engine_settings(config):
+        if not engine_active(settings):
+            continue
+        if not uses_clusters(settings):
+            found.append((engine, f"{engine}.port", settings.port))
+        for name, endpoint in settings.endpoints.items():
+            found.append((name, f"{engine}.endpoints.{name}.port", endpoint.port))
+    return found
+
+
+def _check_engine(engine: str, settings: EngineSettings) -> str | None:
+    """The first problem in how an engine section's endpoints refer to its clusters, as "'key': reason"."""
+    if not uses_clusters(settings):
+        return None
+    for key in SHORTHAND_KEYS:
+        if key in settings.model_fields_set:
+            return (f"'{engine}.{key}': the single-backend form ({', '.join(SHORTHAND_KEYS)} in [{engine}]) "
+                    f"cannot be mixed with clusters and endpoints; give instances under [{engine}.clusters.*] "
+                    f"and ports under [{engine}.endpoints.*]")
+    if not settings.endpoints:
+        return f"'{engine}.endpoints': clusters are given but no endpoint serves them"
+    for name, cluster in settings.clusters.items():
+        labels: set[str] = set()
+        writers = 0
+        for number, instance in enumerate(cluster.instances):
+            if instance.label in labels:
+                return f"'{engine}.clusters.{name}.instances.{number}': a second instance named '{instance.label}'"
+            labels.add(instance.label)
+            writers += instance.role is InstanceRole.WRITER
+        if writers > 1:
+            return f"'{engine}.clusters.{name}.instances': more than one instance has role \"writer\""
+    for name, endpoint in settings.endpoints.items():
+        key = f"{engine}.endpoints.{name}"
+        if name in RESERVED_NAMES or (name in ENGINES and name != engine):
+            return f"'{key}': the name '{name}' is reserved"
+        found = settings.clusters.get(endpoint.cluster)
+        if found is None:
+            known = ", ".join(sorted(settings.clusters)) or "none"
+            return f"'{key}.cluster': no cluster '{endpoint.cluster}' in [{engine}.clusters] (known: {known})"
+        problem = _check_members(key, endpoint, found)
+        if problem:
+            return problem
+    return None
+
+
+def _check_members(key: str, endpoint: EndpointBase, cluster: ClusterBase) -> str | None:
+    """A custom endpoint has a member list or an exclusion list naming instances of its cluster; others neither."""
+    lists = [(field, names) for field in ("members", "exclude") if (names := getattr(endpoint, field)) is not None]
+    if endpoint.role is not EndpointRole.CUSTOM:
+        if lists:
+            return f"'{key}.{lists[0][0]}': only a custom endpoint (role = \"custom\") has a member list"
+        return None
+    if len(lists) != 1:
+        return f"'{key}': a custom endpoint needs exactly one of 'members' or 'exclude'"
+    field, names = lists[0]
+    labels = [instance.label for instance in cluster.instances]
+    for member in names:
+        if member not in labels:
+            return (f"'{key}.{field}': '{member}' is not an instance of cluster '{endpoint.cluster}' "
+                    f"(instances: {', '.join(labels)})")
+    if field == "members" and not names:
+        return f"'{key}.members': the member list is empty"
+    if field == "exclude" and not set(labels) - set(names):
+        return f"'{key}.exclude': excludes every instance of cluster '{endpoint.cluster}'"
+    return None
+
+
+def check_endpoints(config: Config) -> str | None:
+    """The first problem with the clusters and endpoints of the whole configuration, as "'key': reason"."""
+    for engine, settings in engine_settings(config):
+        problem = _check_engine(engine, settings)
+        if problem:
+            return problem
+    names: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    if config.server.metrics_port > 0:
+        ports[config.server.metrics_port] = "server.metrics_port"
+    for name, key, port in listener_ports(config):
+        if name in names:
+            return f"'{key}': a second endpoint named '{name}' (also {names[name]})"
+        names[name] = key
+        if port and port in ports:
+            return f"'{key}': port {port} is already taken by '{ports[port]}'"
+        ports[port] = key
+    return None
+
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     """Validate a configuration mapping; errors name each bad key and the source."""
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise ConfigError(f"{source}: {problems}") from None
+    problem = check_endpoints(config)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
+    return config
 
 
 def load_config(path: Path | str | None) -> Config:

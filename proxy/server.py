@@ -1,13 +1,17 @@
-"""The proxy process: listeners, the once-a-second janitor, and graceful shutdown."""
+"""The proxy process: one listener per endpoint, the once-a-second janitor, and graceful shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import socket
+import ssl
 import time
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from proxy.config import ClientTLSMode, Config
+from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
@@ -22,6 +26,38 @@ log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL = 1.0
 
+Service = PostgresService | MySQLService
+Client = PostgresClient | MySQLClient
+S = TypeVar("S", PostgresService, MySQLService)
+
+
+@dataclass(eq=False)
+class Listener:
+    """One endpoint: its service (pools, settings), its listening socket and the clients it accepted."""
+
+    endpoint: Endpoint
+    service: Service
+    clients: set[Client] = field(default_factory=set)
+    server: asyncio.Server | None = None
+    port: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    def make_client(self) -> Client:
+        client: Client
+        if isinstance(self.service, PostgresService):
+            client = PostgresClient(self.service)
+        else:
+            client = MySQLClient(self.service)
+        self.clients.add(client)
+        return client
+
+
+def client_tls(config: Config) -> ssl.SSLContext | None:
+    return None if config.tls.mode is ClientTLSMode.DISABLE else server_context(config.tls)
+
 
 class ProxyServer:
     """Owns the listening sockets and the services behind them."""
@@ -29,101 +65,133 @@ class ProxyServer:
     def __init__(self, config: Config, secrets: SecretStore | None = None) -> None:
         self.config = config
         self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
-        tls = None if config.tls.mode is ClientTLSMode.DISABLE else server_context(config.tls)
+        self.tls = client_tls(config)
         self.stats = StatsRegistry()
-        self.postgres = PostgresService(config, self.secrets, tls, self.stats)
-        self.mysql = MySQLService(config, self.secrets, tls, self.stats)
-        self.servers: list[asyncio.Server] = []
-        self.pg_clients: set[PostgresClient] = set()
-        self.mysql_clients: set[MySQLClient] = set()
+        self.listeners: dict[str, Listener] = {}
+        self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
+        for endpoint in resolve_endpoints(config):
+            self.listeners[endpoint.name] = Listener(endpoint, self.make_service(endpoint))
+        self.servers: list[asyncio.Server] = []  # other sockets kept open until stop (the workers' unix sockets)
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
+        self.reuse_port = False
+
+    def make_service(self, endpoint: Endpoint) -> Service:
+        """The service of an endpoint; client registries are shared by every endpoint of the engine."""
+        if endpoint.engine == "postgresql":
+            return PostgresService(self.config, endpoint, self.secrets, self.tls, self.stats,
+                                   self.first_service(PostgresService))
+        return MySQLService(self.config, endpoint, self.secrets, self.tls, self.stats, self.first_service(MySQLService))
+
+    def first_service(self, kind: type[S]) -> S | None:
+        for listener in [*self.listeners.values(), *self.retiring]:
+            if isinstance(listener.service, kind):
+                return listener.service
+        return None
+
+    @property
+    def postgres(self) -> PostgresService | None:
+        """The first PostgreSQL endpoint's service (CancelRequests passed on by other workers enter here)."""
+        return self.first_service(PostgresService)
+
+    @property
+    def mysql(self) -> MySQLService | None:
+        """The first MySQL endpoint's service (KILLs passed on by other workers enter here)."""
+        return self.first_service(MySQLService)
+
+    def services(self) -> list[Service]:
+        return [listener.service for listener in [*self.listeners.values(), *self.retiring]]
 
     async def start(self, reuse_port: bool = False) -> None:
-        loop = asyncio.get_running_loop()
         # Each worker process takes its share of the client limit (as of the backend connection budget).
         self.stats.max_clients = max(1, self.config.server.max_client_connections // worker_count())
-        settings = self.config.postgresql
-        if settings.enabled:
-            clients = self.pg_clients
-
-            def make_client() -> PostgresClient:
-                client = PostgresClient(self.postgres)
-                clients.add(client)
-                return client
-
-            server = await loop.create_server(
-                make_client, self.config.server.host, settings.port, reuse_port=reuse_port or None,
-                backlog=4096,
-            )
-            for sock in server.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.servers.append(server)
-            self.ports["postgresql"] = server.sockets[0].getsockname()[1]
-            log.info("PostgreSQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host,
-                     self.ports["postgresql"], settings.backend_host, settings.backend_port, settings.pool.mode)
-        my_settings = self.config.mysql
-        if my_settings.enabled:
-            my_clients = self.mysql_clients
-
-            def make_mysql_client() -> MySQLClient:
-                client = MySQLClient(self.mysql)
-                my_clients.add(client)
-                return client
-
-            server = await loop.create_server(
-                make_mysql_client, self.config.server.host, my_settings.port, reuse_port=reuse_port or None,
-                backlog=4096,
-            )
-            for sock in server.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.servers.append(server)
-            self.ports["mysql"] = server.sockets[0].getsockname()[1]
-            self.mysql.start()
-            log.info("MySQL listener on %s:%d -> %s:%d (%s pooling)", self.config.server.host, self.ports["mysql"],
-                     my_settings.backend_host, my_settings.backend_port, my_settings.pool.mode)
+        self.reuse_port = reuse_port
+        for listener in self.listeners.values():
+            await self.listen(listener)
         if self.config.server.metrics_port >= 0:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
-        self._janitor = loop.create_task(self._run_janitor())
+        self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+
+    async def listen(self, listener: Listener, port: int | None = None) -> None:
+        """Open the endpoint's listening socket on its port or `port` (OSError if it is taken)."""
+        settings = listener.endpoint.settings
+        server = await asyncio.get_running_loop().create_server(
+            listener.make_client, self.config.server.host, settings.port if port is None else port,
+            reuse_port=self.reuse_port or None,
+            backlog=4096,
+        )
+        for sock in server.sockets:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.server = server
+        listener.port = self.ports[listener.name] = server.sockets[0].getsockname()[1]
+        service = listener.service
+        if isinstance(service, PostgresService):
+            service.make_client = listener.make_client
+        else:
+            service.start()
+        log.info("%s listener on %s:%d: %s (%s pooling)", "PostgreSQL" if listener.endpoint.engine == "postgresql"
+                 else "MySQL", self.config.server.host, listener.port, listener.endpoint.describe(),
+                 settings.pool.mode)
+
+    def unlisten(self, listener: Listener) -> None:
+        """Stop accepting clients on the endpoint; those connected stay."""
+        if listener.server is not None:
+            listener.server.close()
+            listener.server = None
+        if self.ports.get(listener.name) == listener.port:
+            del self.ports[listener.name]
+
+    def retire(self, listener: Listener) -> None:
+        """A removed endpoint: no new clients; its pools close once its last client has left."""
+        self.unlisten(listener)
+        del self.listeners[listener.name]
+        self.retiring.append(listener)
 
     async def _run_janitor(self) -> None:
-        timeout = self.config.server.idle_client_timeout
         while True:
             await asyncio.sleep(JANITOR_INTERVAL)
             now = time.monotonic()
+            timeout = self.config.server.idle_client_timeout
             try:
-                self.postgres.maintain(now)
-                for client in list(self.pg_clients):
-                    if client.closed:
-                        self.pg_clients.discard(client)
-                    else:
-                        client.check_idle(now, timeout)
-                self.mysql.maintain(now)
-                for my_client in list(self.mysql_clients):
-                    if my_client.closed:
-                        self.mysql_clients.discard(my_client)
-                    else:
-                        my_client.check_idle(now, timeout)
+                for listener in [*self.listeners.values(), *self.retiring]:
+                    listener.service.maintain(now)
+                    for client in list(listener.clients):
+                        if client.closed:
+                            listener.clients.discard(client)
+                        else:
+                            client.check_idle(now, timeout)
+                for listener in [listener for listener in self.retiring if not listener.clients]:
+                    self.retiring.remove(listener)
+                    listener.service.close()
+                    log.info("endpoint %s: its last client left; its backend connections are closed",
+                             listener.name)
             except Exception:
                 log.exception("janitor pass failed")
 
+    def _clients(self) -> list[Client]:
+        return [client for listener in [*self.listeners.values(), *self.retiring] for client in listener.clients]
+
     async def stop(self) -> None:
+        for listener in self.listeners.values():
+            if listener.server is not None:
+                listener.server.close()
         for server in self.servers:
             server.close()
         if self._janitor is not None:
             self._janitor.cancel()
         deadline = time.monotonic() + self.config.server.shutdown_grace
-        while time.monotonic() < deadline and (
-            any(c.backend is not None for c in self.pg_clients if not c.closed)
-            or any(c.backend is not None and not c.backend.idle for c in self.mysql_clients if not c.closed)
+        while time.monotonic() < deadline and any(
+            client.backend is not None and (isinstance(client, PostgresClient) or not client.backend.idle)
+            for client in self._clients() if not client.closed
         ):
             await asyncio.sleep(0.05)
-        for client in list(self.pg_clients):
+        for client in self._clients():
             client.abort()
-        for my_client in list(self.mysql_clients):
-            my_client.abort()
-        self.postgres.close()
-        self.mysql.close()
+        for service in self.services():
+            service.close()
+        for listener in self.listeners.values():
+            if listener.server is not None:
+                await listener.server.wait_closed()
         for server in self.servers:
             await server.wait_closed()

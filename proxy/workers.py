@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import select
@@ -20,11 +21,22 @@ from pathlib import Path
 import uvloop
 
 from proxy import channel
-from proxy.config import Config
+from proxy.config import Config, parse_config
+from proxy.endpoints import resolve_endpoints, with_ports
 from proxy.errors import ConfigError
 from proxy.metrics import serve_metrics
-from proxy.rundir import worker_channel
+from proxy.reload import Reloads, keep_ports, prepare
+from proxy.reload import apply as apply_config
+from proxy.rundir import (
+    pid_file_path,
+    remove_pid_file,
+    worker_channel,
+    worker_config_path,
+    worker_index,
+    write_pid_file,
+)
 from proxy.server import ProxyServer
+from proxy.session.mysql_service import MySQLService
 from proxy.startup import StartupError, describe_start_error
 from proxy.stats import Snapshot, WorkerSum
 
@@ -42,15 +54,14 @@ def _free_reusable_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def _fixed_ports(config: Config) -> Config:
-    """Workers must all bind the same ports: turn port 0 into a concrete free port once."""
+def _fixed_ports(config: Config, running: dict[str, int] | None = None) -> Config:
+    """Workers must all bind the same ports: turn port 0 into a concrete free port once (an endpoint already
+    listening keeps its port)."""
+    config = keep_ports(config, running or {})
     host = config.server.host
-    update = {}
-    for section in ("postgresql", "mysql"):
-        settings = getattr(config, section, None)
-        if settings is not None and settings.enabled and settings.port == 0:
-            update[section] = settings.model_copy(update={"port": _free_reusable_port(host)})
-    return config.model_copy(update=update) if update else config
+    ports = {endpoint.name: _free_reusable_port(host) for endpoint in resolve_endpoints(config)
+             if endpoint.settings.port == 0}
+    return with_ports(config, ports) if ports else config
 
 
 class _WorkerStartFailed(Exception):
@@ -76,6 +87,10 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads = Reloads(lambda: _reload_worker(server))
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
+    if _early_reloads:  # the supervisor asked before this worker could listen for it
+        reloads.request()
     _tell_supervisor(ready_fd, _READY)
     await stop.wait()
     await server.stop()
@@ -83,17 +98,23 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
 
 def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
     """What a worker answers on its internal channel: its stats for the supervisor; cancels and KILLs for its own
-    clients asked on another worker."""
+    clients asked on another worker (looked up when asked: a reload may add or remove endpoints)."""
 
     async def stats(_message: channel.Message) -> channel.Message:
         return {"pid": os.getpid(), "snapshot": server.stats.snapshot()}
 
-    handlers: dict[str, channel.Handler] = {"stats": stats}
-    if server.config.postgresql.enabled:
-        handlers["cancel"] = server.postgres.serve_cancel
-    if server.config.mysql.enabled:
-        handlers["kill"] = server.mysql.serve_kill
-    return handlers
+    async def cancel(message: channel.Message) -> channel.Message:
+        service = server.postgres
+        return {} if service is None else await service.serve_cancel(message)
+
+    async def kill(message: channel.Message) -> channel.Message:
+        listener = server.listeners.get(str(message.get("endpoint", "")))
+        service = listener.service if listener is not None else server.mysql
+        if not isinstance(service, MySQLService):
+            return {"error": "unknown", "message": "no such MySQL endpoint in this worker"}
+        return await service.serve_kill(message)
+
+    return {"stats": stats, "cancel": cancel, "kill": kill}
 
 
 def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
@@ -104,6 +125,19 @@ def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
     except (channel.ChannelError, KeyError, TypeError, ValueError) as exc:
         log.warning("metrics: worker %d did not answer: %s", index, exc)
         return None
+
+
+async def _reload_worker(server: ProxyServer) -> None:
+    """Serve the configuration the supervisor validated and wrote into the run folder (secrets re-read here)."""
+    path = worker_config_path()
+    try:
+        config = parse_config(json.loads(path.read_text()), str(path))
+        await apply_config(server, config)
+    except (OSError, ValueError, ConfigError) as exc:
+        log.error("worker %d: reload refused, the running configuration stays: %s", worker_index(), exc)
+
+
+_early_reloads: list[int] = []  # SIGHUPs a worker got before its event loop listened for them
 
 
 def _die_with_parent() -> None:
@@ -124,6 +158,7 @@ def _start_worker(config: Config, index: int, count: int, folder: Path, ready_fd
     try:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, lambda signum, _frame: _early_reloads.append(signum))
         _die_with_parent()
         os.environ.update(DBPROXY_WORKER=str(index), DBPROXY_WORKERS=str(count), DBPROXY_RUNDIR=str(folder))
         uvloop.run(_serve_worker(config, index, ready_fd))
@@ -207,14 +242,71 @@ def _await_workers(workers: dict[int, int], lines: _ReadyLines, count: int, stop
             raise StartupError(lines.failure or f"worker {index} exited while starting ({_exit_description(status)})")
 
 
-def run_supervisor(config: Config, count: int, ready_message: str) -> None:
+class _SupervisorReload:
+    """SIGHUP in the supervisor: validate the file once, fix its ports, write it for the workers, signal them.
+
+    Runs inside the signal handler (the supervisor's main loop only waits for workers); one at a time, and a
+    SIGHUP during a reload or before the workers are ready makes one more reload when that is over."""
+
+    def __init__(self, config_path: Path | None, config: Config, folder: Path, workers: dict[int, int]) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.worker_config = _for_workers(config)
+        self.folder = folder
+        self.workers = workers
+        self.ready = False
+        self.busy = False
+        self.pending = False
+
+    def ports(self) -> dict[str, int]:
+        return {endpoint.name: endpoint.settings.port for endpoint in resolve_endpoints(self.config)}
+
+    def request(self, _signum: int = signal.SIGHUP, _frame: object = None) -> None:
+        if self.config_path is None:
+            log.warning("reload: started without a configuration file; nothing to reload")
+            return
+        if self.busy or not self.ready:
+            self.pending = True
+            return
+        self.busy = True
+        try:
+            self.pending = True
+            while self.pending:
+                self.pending = False
+                self._reload(self.config_path)
+        finally:
+            self.busy = False
+
+    def _reload(self, path: Path) -> None:
+        log.info("reload: reading %s", path)
+        running = self.ports()
+        try:
+            config = _fixed_ports(prepare(path, self.config, running), running)
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return
+        self.config = config
+        self.worker_config = _for_workers(config)
+        target = worker_config_path(self.folder)
+        partial = target.with_name(target.name + ".new")
+        partial.write_text(self.worker_config.model_dump_json(exclude_unset=True))
+        partial.replace(target)
+        _stop_workers(self.workers, signal.SIGHUP)
+        log.info("reload: passed to %d workers", len(self.workers))
+
+
+def _for_workers(config: Config) -> Config:
+    """The workers' configuration: the supervisor serves the metrics."""
+    return config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1})})
+
+
+def run_supervisor(config: Config, count: int, ready_message: str, config_path: Path | None = None) -> None:
     """Start `count` workers, print the ready line, restart workers that die, stop them all on SIGTERM/SIGINT.
 
     A worker that cannot start stops the others and raises StartupError; the run folder is removed in every case.
     """
     config = _fixed_ports(config)
     metrics_port = config.server.metrics_port
-    worker_config = config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1})})
     workers: dict[int, int] = {}  # pid -> worker index
     stopping: list[bool] = []
 
@@ -223,23 +315,21 @@ def run_supervisor(config: Config, count: int, ready_message: str) -> None:
         _stop_workers(workers, signum)
 
     folder = Path(tempfile.mkdtemp(prefix="dbproxy-"))
+    reload = _SupervisorReload(config_path, config, folder, workers)
+    pid_file = pid_file_path(config_path, config.server.pid_file) if config_path is not None else None
     ready_read, ready_write = os.pipe()
     os.set_blocking(ready_write, False)  # restarted workers announce themselves to nobody: never block on that
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload.request)
     try:
         try:
             for number in range(count):
-                workers[_start_worker(worker_config, number, count, folder, ready_write)] = number
+                workers[_start_worker(reload.worker_config, number, count, folder, ready_write)] = number
             _await_workers(workers, _ReadyLines(ready_read), count, stopping)
             if stopping:  # a signal while starting: pass it to the workers forked after it, too
                 _stop_workers(workers)
-            ports = {}
-            if config.postgresql.enabled:
-                ports["postgresql"] = config.postgresql.port
-            mysql = getattr(config, "mysql", None)
-            if mysql is not None and mysql.enabled:
-                ports["mysql"] = mysql.port
+            ports: dict[str, int] = reload.ports()
             if metrics_port >= 0 and not stopping:
                 totals = WorkerSum()
 
@@ -257,9 +347,14 @@ def run_supervisor(config: Config, count: int, ready_message: str) -> None:
                 raise StartupError(describe_start_error(exc)) from None
             raise
         if not stopping:
+            if pid_file is not None:
+                write_pid_file(pid_file)
             listeners = " ".join(f"{name} port {port}" for name, port in ports.items())
             print(ready_message.format(listeners=listeners, **ports), flush=True)
             log.info("%d workers serving", count)
+        reload.ready = True
+        if reload.pending:
+            reload.request()
         while workers:
             try:
                 pid, status = os.wait()
@@ -270,8 +365,11 @@ def run_supervisor(config: Config, count: int, ready_message: str) -> None:
                 continue
             log.error("worker %d exited (%s); starting it again", index, _exit_description(status))
             time.sleep(0.5)
-            workers[_start_worker(worker_config, index, count, folder, ready_write, restart=True)] = index
+            workers[_start_worker(reload.worker_config, index, count, folder, ready_write, restart=True)] = index
     finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if pid_file is not None:
+            remove_pid_file(pid_file)
         os.close(ready_read)
         os.close(ready_write)
         shutil.rmtree(folder, ignore_errors=True)

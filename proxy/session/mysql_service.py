@@ -8,13 +8,14 @@ import itertools
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import channel
 from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
-from proxy.config import Config, MySQLAuthMethod, ServerSettings
+from proxy.config import Config, MySQLAuthMethod, MySQLSettings, ServerSettings
+from proxy.endpoints import Endpoint
 from proxy.errors import (
     BackendUnavailable,
     BackendUnreachable,
@@ -81,20 +82,22 @@ class RemoteKiller:
 class MySQLService:
     """Everything MySQL client sessions share inside one process."""
 
-    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None,
-                 stats: StatsRegistry) -> None:
+    def __init__(self, config: Config, endpoint: Endpoint, secrets: SecretStore, server_tls: ssl.SSLContext | None,
+                 stats: StatsRegistry, peer: MySQLService | None = None) -> None:
         self.config = config
         self.server: ServerSettings = config.server
-        self.settings = config.mysql
+        self.endpoint = endpoint
+        self.settings = cast(MySQLSettings, endpoint.settings)
         self.secrets = secrets
         self.server_tls = server_tls
         self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
-        self.target = Target("mysql", self.settings.backend_host, self.settings.backend_port, self.settings.pool)
-        endpoint, cluster = "mysql", "default"  # the engine's one implicit endpoint and cluster
-        self.stats = stats.endpoint("mysql", endpoint, cluster)
-        self.target.stats = stats.target("mysql", endpoint, cluster, f"{self.target.host}:{self.target.port}")
-        self.clients: dict[int, MySQLClient] = {}  # proxy connection id -> client (for KILL)
-        self._connection_ids = itertools.count(1)  # see mysql_ids: the proxy's ids, apart from server thread ids
+        self.target = Target(endpoint.name, self.settings.backend_host, self.settings.backend_port, self.settings.pool)
+        self.stats = stats.endpoint("mysql", endpoint.name, endpoint.cluster)
+        self.target.stats = stats.target("mysql", endpoint.name, endpoint.cluster, endpoint.instance)
+        # proxy connection id -> client (for KILL), one registry for every endpoint of the process
+        self.clients: dict[int, MySQLClient] = peer.clients if peer is not None else {}
+        # see mysql_ids: the proxy's ids, apart from server thread ids
+        self._connection_ids: itertools.count[int] = peer._connection_ids if peer is not None else itertools.count(1)
         self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
         self._probe: asyncio.Task[HandshakeV10] | None = None
         self.session_tracking = False  # the backends report session state changes (CLIENT_SESSION_TRACK)
@@ -287,7 +290,7 @@ class MySQLService:
     async def _kill_clients_query(self, target: MySQLClient, backend: MySQLBackend) -> None:
         target.kills_in_flight += 1  # its backend stays with it until the kill has landed
         try:
-            await self.kill_query(backend)
+            await target.service.kill_query(backend)  # the client's endpoint may be another one
         finally:
             target.kills_in_flight -= 1
             target.kill_settled()
@@ -335,8 +338,8 @@ class MySQLService:
 
     async def _forward_kill(self, owner: int, killer: Killer, connection_id: int, query_only: bool) -> None:
         """The client (or backend thread) may live in another worker process: ask that worker, report its answer."""
-        message = {"kind": "kill", "user": killer.user, "peer": killer.peer, "id": connection_id,
-                   "query_only": query_only}
+        message = {"kind": "kill", "endpoint": self.endpoint.name, "user": killer.user, "peer": killer.peer,
+                   "id": connection_id, "query_only": query_only}
         try:
             answer = await channel.ask(worker_channel(owner), message, self.settings.backend_connect_timeout)
         except channel.ChannelError as exc:
@@ -390,3 +393,15 @@ class MySQLService:
             self._probe.cancel()
         for pool in self.target.pools.values():
             pool.close_all()
+
+    def reconfigure(self, endpoint: Endpoint) -> None:
+        """New settings for the endpoint (a reload): new logins and backend connects use them."""
+        old = self.settings
+        self.endpoint = endpoint
+        self.settings = cast(MySQLSettings, endpoint.settings)
+        if (old.backend_tls, old.backend_ca_file) != (self.settings.backend_tls, self.settings.backend_ca_file):
+            self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
+        self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2 and (
+                self.rsa_key is None or old.rsa_private_key_file != self.settings.rsa_private_key_file):
+            self._load_rsa_key()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import secrets as random_source
 import ssl
+from collections.abc import Callable
+from typing import cast
 
 from proxy import channel
-from proxy.config import ClientAuthMethod, Config, ServerSettings
+from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
+from proxy.endpoints import Endpoint
 from proxy.pool.pg_backend import PostgresBackend, open_backend
 from proxy.pool.pg_deadline import send_cancel_request
 from proxy.pool.pool import Backend, Pool, Target
@@ -23,25 +27,26 @@ log = logging.getLogger(__name__)
 class PostgresService:
     """Everything PostgreSQL client sessions share inside one process."""
 
-    def __init__(self, config: Config, secrets: SecretStore, server_tls: ssl.SSLContext | None,
-                 stats: StatsRegistry) -> None:
+    def __init__(self, config: Config, endpoint: Endpoint, secrets: SecretStore, server_tls: ssl.SSLContext | None,
+                 stats: StatsRegistry, peer: PostgresService | None = None) -> None:
         self.config = config
         self.server: ServerSettings = config.server
-        self.settings = config.postgresql
+        self.endpoint = endpoint
+        self.settings = cast(PostgresSettings, endpoint.settings)
         self.secrets = secrets
         self.server_tls = server_tls
         self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
-        self.target = Target(
-            "postgresql", self.settings.backend_host, self.settings.backend_port, self.settings.pool
-        )
-        endpoint, cluster = "postgresql", "default"  # the engine's one implicit endpoint and cluster
-        self.stats = stats.endpoint("postgresql", endpoint, cluster)
-        self.target.stats = stats.target("postgresql", endpoint, cluster, f"{self.target.host}:{self.target.port}")
+        self.target = Target(endpoint.name, self.settings.backend_host, self.settings.backend_port, self.settings.pool)
+        self.stats = stats.endpoint("postgresql", endpoint.name, endpoint.cluster)
+        self.target.stats = stats.target("postgresql", endpoint.name, endpoint.cluster, endpoint.instance)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
-        self.clients: dict[int, object] = {}  # process id -> PostgresClient (for CancelRequest)
+        # process id -> PostgresClient (for CancelRequest), one registry for every endpoint of the process
+        self.clients: dict[int, object] = peer.clients if peer is not None else {}
         self.worker = worker_index()
         # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
-        self._process_ids = itertools.count((self.worker << 24) + (1 << 22) + 1)
+        first_id = (self.worker << 24) + (1 << 22) + 1
+        self._process_ids: itertools.count[int] = peer._process_ids if peer is not None else itertools.count(first_id)
+        self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
@@ -75,7 +80,7 @@ class PostgresService:
         if backend is None or client.pending <= 0:
             log.info("cancel request for client %d: nothing is running", process_id)
             return
-        await self.cancel_backend(backend)
+        await client.service.cancel_backend(backend)  # the client's endpoint may be another one
         log.info("cancel request for client %d sent to backend pid %d", process_id, backend.process_id)
 
     async def _forward_cancel(self, owner: int, process_id: int, secret_key: int) -> None:
@@ -106,3 +111,12 @@ class PostgresService:
     def close(self) -> None:
         for pool in self.target.pools.values():
             pool.close_all()
+
+    def reconfigure(self, endpoint: Endpoint) -> None:
+        """New settings for the endpoint (a reload): new logins and backend connects use them."""
+        old = self.settings
+        self.endpoint = endpoint
+        self.settings = cast(PostgresSettings, endpoint.settings)
+        if (old.backend_tls, old.backend_ca_file) != (self.settings.backend_tls, self.settings.backend_ca_file):
+            self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
+        self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters

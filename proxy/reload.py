@@ -1,0 +1,211 @@
+"""Live reload: re-read the configuration and secrets, refuse what does not validate, apply the difference."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Config, PoolSettings, load_config
+from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
+from proxy.errors import ConfigError
+from proxy.pool.pool import Target
+from proxy.rundir import worker_count
+from proxy.secrets import SecretStore
+from proxy.server import Listener, ProxyServer, client_tls
+from proxy.startup import check_startup
+
+log = logging.getLogger(__name__)
+
+# [server] keys a running process cannot take: a reload keeps the running value and says so.
+RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
+
+
+def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:
+    """The configuration at `path`, validated as a start validates it (secrets, certificates, keys, and ports
+    free for the endpoints that would newly listen), with the [server] keys that need a restart kept at their
+    running values and endpoints given port 0 keeping the `ports` they listen on; ConfigError if it does not
+    validate."""
+    config = load_config(path)
+    check_startup(config)
+    kept = {key: getattr(running.server, key) for key in RESTART_KEYS
+            if getattr(config.server, key) != getattr(running.server, key)}
+    for key in kept:
+        log.warning("reload: [server] %s changes only with a restart; keeping %r", key, kept[key])
+    if kept:
+        config = config.model_copy(update={"server": config.server.model_copy(update=kept)})
+    config = keep_ports(config, ports)
+    for endpoint in resolve_endpoints(config):
+        port = endpoint.settings.port
+        if port and port not in ports.values():
+            check_port_free(config.server.host, port, f"{path}: endpoint {endpoint.name}")
+    return config
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """ConfigError if the proxy could not listen on `port` (another program has it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot listen on port {port}: {exc.strerror or exc}") from None
+
+
+def keep_ports(config: Config, running: dict[str, int]) -> Config:
+    """Endpoints given port 0 that are already listening keep the port they have."""
+    ports = {endpoint.name: running[endpoint.name] for endpoint in resolve_endpoints(config)
+             if endpoint.settings.port == 0 and endpoint.name in running}
+    return with_ports(config, ports) if ports else config
+
+
+class Reloads:
+    """SIGHUPs run one reload at a time; those that come during a reload make one more after it."""
+
+    def __init__(self, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self.run = run
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            self.again = False
+            try:
+                await self.run()
+            except Exception:
+                log.exception("reload failed")
+            if not self.again:
+                return
+
+
+# --- the target: where an endpoint's pools connect, and their knobs ---
+
+
+def repoint(target: Target, host: str, port: int) -> None:
+    """Point an endpoint's pools at another address: idle connections to the old one close now, lent-out ones
+    when given back, and no client is dropped."""
+    move = getattr(target, "repoint", None)
+    if move is not None:
+        move(host, port)
+        return
+    # Without Target.repoint, the services connect to their settings' address (already the new one): close
+    # what is idle so only connections lent out now still reach the old server.
+    target.host, target.port = host, port
+    for pool in list(target.pools.values()):
+        for backend in list(pool.idle):
+            pool.discard(backend)
+
+
+def apply_pool_settings(target: Target, settings: PoolSettings) -> None:
+    """New pool knobs for an endpoint's pools; sizes follow (excess idle connections close now, excess lent-out
+    ones when given back)."""
+    apply = getattr(target, "apply_settings", None)
+    if apply is not None:
+        apply(settings)
+        return
+    # Without Target.apply_settings: the knobs every pool reads, a limit given as a count, and excess idle closed.
+    target.settings = settings
+    for pool in target.pools.values():
+        pool.settings = settings
+    if target.max_connections and isinstance(settings.max_connections, int):
+        target.max_connections = max(1, settings.max_connections // worker_count())
+        if isinstance(settings.max_idle_connections, int):
+            target.max_idle = min(target.max_connections,
+                                  max(1, settings.max_idle_connections // worker_count()))
+    for pool in list(target.pools.values()):
+        while target.open_connections > target.max_connections and pool.idle:
+            pool.discard(pool.idle[0])
+
+
+# --- applying a validated configuration to a running process ---
+
+
+async def apply(server: ProxyServer, config: Config) -> None:
+    """Make the running process serve `config` (validated, its restart-only keys as running): secrets re-read,
+    endpoints added, removed, re-pointed, resized. A removed endpoint stops listening at once; its clients stay
+    until they leave. Raises ConfigError (the secrets file, the TLS certificate) before anything changes."""
+    secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+    config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
+    old = server.config
+    if config.tls != old.tls or config.tls.cert_file is not None:  # certificate files are read again
+        server.tls = client_tls(config)
+    server.config, server.secrets = config, secrets
+    server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
+    if config.server.log_level != old.server.log_level:
+        logging.getLogger().setLevel(config.server.log_level.upper())
+    for service in server.services():
+        service.config, service.server, service.secrets, service.server_tls = (
+            config, config.server, secrets, server.tls)
+    wanted = {endpoint.name: endpoint for endpoint in resolve_endpoints(config)}
+    moving: list[Listener] = []
+    for name, listener in list(server.listeners.items()):
+        endpoint = wanted.get(name)
+        if endpoint is None or endpoint.engine != listener.endpoint.engine:
+            server.retire(listener)
+            log.info("reload: endpoint %s removed: no new clients; its %d connected clients stay until they leave",
+                     name, len(listener.clients))
+            continue
+        if endpoint.settings.port != listener.port:
+            server.unlisten(listener)  # all listeners that move close first, so two may swap ports
+            moving.append(listener)
+    for listener in moving:
+        await _listen(server, listener, wanted[listener.name])
+    for name, endpoint in wanted.items():
+        found = server.listeners.get(name)
+        if found is None:
+            await _add(server, endpoint)
+        elif endpoint != found.endpoint:
+            _update(found, endpoint)
+    if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
+        secrets.warm_up()
+    log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())
+             or "no endpoint")
+
+
+async def _listen(server: ProxyServer, listener: Listener, endpoint: Endpoint) -> None:
+    """Listen on the endpoint's new port; if it cannot, on the old one again."""
+    old_port = listener.port
+    try:
+        await server.listen(listener, endpoint.settings.port)
+    except OSError as exc:
+        log.error("reload: endpoint %s cannot listen on port %d (%s); it stays on port %d", endpoint.name,
+                  endpoint.settings.port, exc.strerror or exc, old_port)
+        await server.listen(listener, old_port)
+
+
+async def _add(server: ProxyServer, endpoint: Endpoint) -> None:
+    listener = Listener(endpoint, server.make_service(endpoint))
+    server.listeners[endpoint.name] = listener
+    try:
+        await server.listen(listener)
+    except OSError as exc:
+        del server.listeners[endpoint.name]
+        listener.service.close()
+        log.error("reload: endpoint %s not added: cannot listen on port %d (%s)", endpoint.name,
+                  endpoint.settings.port, exc.strerror or exc)
+        return
+    log.info("reload: endpoint %s added", endpoint.name)
+
+
+def _update(listener: Listener, endpoint: Endpoint) -> None:
+    """Settings of an endpoint that stays: knobs for new logins and connects, pool sizes, its instance."""
+    old = listener.endpoint
+    listener.endpoint = endpoint
+    service = listener.service
+    service.reconfigure(endpoint)
+    if endpoint.settings.pool != old.settings.pool:
+        apply_pool_settings(service.target, endpoint.settings.pool)
+        log.info("reload: endpoint %s: pool settings changed", endpoint.name)
+    if endpoint.address != old.address:
+        repoint(service.target, *endpoint.address)
+        log.info("reload: endpoint %s now serves instance %s at %s:%d (was %s at %s:%d)", endpoint.name,
+                 endpoint.instance, *endpoint.address, old.instance, *old.address)
