@@ -144,7 +144,7 @@ def test_metrics_add_up_both_workers_series_by_series_with_every_label(
     parts = _worker_snapshots(both_engines)
     text = scrape(both_engines)
     for engine, port in (("postgresql", pg_server.port), ("mysql", mariadb_server.port)):
-        endpoint = {"engine": engine, "endpoint": engine, "cluster": "default"}
+        endpoint = {"engine": engine, "endpoint": engine, "cluster": engine}
         accepted = [sum(int(s["clients_accepted"]) for s in part["endpoints"] if s["engine"] == engine)  # type: ignore[call-overload]
                     for part in parts]
         assert all(count > 0 for count in accepted), accepted  # both workers took clients
