@@ -44,7 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-UNTIMED = "SET LOCAL statement_timeout = 0;"  # the proxy's own statements never run into a client's timeout
+# The settings sync runs free of the statement_timeout the backend's previous client left (for its implicit
+# transaction only): a short timeout someone else set must not cancel the next client's sync. (The session
+# read-back in proxy.session.pg_client cannot do the same: pg_settings would then show the local value as the
+# session's.)
+UNTIMED = "SET LOCAL statement_timeout = 0;"
 
 
 class PostgresBackend(BackendConnection):

@@ -70,9 +70,6 @@ EXECUTE_WORD = re.compile(rb"(?i)\s*execute\s")
 DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
 LOAD = re.compile(rb"(?i)^\s*load\s")
 
-# The settings sync runs free of the statement_timeout the backend's previous client left (for its implicit
-# transaction only): a short timeout someone else set must not cancel the next client's sync. (The read-back
-# below cannot do the same: pg_settings would then show the local value as the session's.)
 # Failures of the settings sync that are the backend's, not the client's (a timeout another client left on it, a
 # backend that died while idle): the client is given another backend, up to SYNC_ATTEMPTS times in all.
 NOT_THE_CLIENTS = frozenset({"57014", "57P01", "57P02", "57P03"})
