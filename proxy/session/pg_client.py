@@ -625,6 +625,7 @@ class PostgresClient(ClientConnection):
     def _stream_query(self, head: bytes, backend: PostgresBackend) -> None:
         """A large Query passes through as it arrives; only its text is scanned for session words on the way."""
         self.pending += 1
+        self.in_extended = False  # (as for any Query: see _inspect)
         backend.expect_reply(EXPECT_QUERY)
         self._scanning = True
         self._scan_streamed_query(head, first=True)
@@ -683,12 +684,16 @@ class PostgresClient(ClientConnection):
                 if replacement is not None:
                     if replacement is not HOLD:
                         self.pending += 1
+                        self.in_extended = False
                         statements.forget_unnamed(backend)
                     return replacement
             self.pending += 1
             statements.forget_unnamed(backend)
             replacement = self._session_statement(body[:-1], backend) if SESSION_WORDS.search(body) else None
             expect_reply(EXPECT_QUERY)
+            # A Query ends an extended-query batch the client left without Sync (the server commits its implicit
+            # transaction and answers ReadyForQuery): the backend is free again at that ReadyForQuery.
+            self.in_extended = False
             return replacement
         if kind == FUNCTION_CALL_BYTE:
             self.pending += 1
