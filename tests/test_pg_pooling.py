@@ -213,3 +213,27 @@ def test_trust_backend(tmp_path: Path) -> None:
             assert conn.execute("SELECT current_user").fetchone() == ("app",)
     finally:
         server.stop()
+
+
+async def test_query_after_an_unsynced_prepare_gives_the_backend_back(tmp_path: Path,
+                                                                     pg_server: PostgresInstance) -> None:
+    """asyncpg prepares with Parse + Describe + Flush (no Sync), and copy_records_to_table then sends its COPY as a
+    simple Query: the server ends the extended-query batch there, so the one backend goes back to the pool at the
+    Query's ReadyForQuery, not at the client's next Sync."""
+    pg_server.psql("CREATE TABLE IF NOT EXISTS unsynced_copy (id int, who int)", user="app", db="app")
+    with running_proxy(tmp_path, pg_server, postgresql__pool={"max_connections": 1,
+                                                              "connection_borrow_timeout": 3.0}) as proxy:
+        port = proxy.ports["postgresql"]
+        first = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                      database="app", ssl=False)
+        second = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                       database="app", ssl=False)
+        try:
+            await first.prepare("SELECT 1")
+            await first.execute("SELECT 2")
+            assert await second.fetchval("SELECT 3") == 3
+            await first.copy_records_to_table("unsynced_copy", records=[(1, 7), (2, 7)], columns=["id", "who"])
+            assert await second.fetchval("SELECT count(*) FROM unsynced_copy WHERE who = 7") >= 2
+        finally:
+            await first.close()
+            await second.close()

@@ -29,7 +29,7 @@ from proxy.protocol.pg.extended import (
     Expectation,
     Prepared,
 )
-from proxy.protocol.pg.replies import ReplyMatcher
+from proxy.protocol.pg.replies import WHOLE_ERROR_LIMIT, ReplyMatcher
 
 
 def msg(kind: bytes, body: bytes = b"") -> bytes:
@@ -368,6 +368,19 @@ def test_describe_tracked_for_the_client_is_passed_and_kept() -> None:
     data = PARAMETER_DESCRIPTION + NO_DATA + READY_IDLE
     out = b"".join(matcher.feed(data[i : i + 1]) for i in range(len(data)))
     assert out == data and shown.description == PARAMETER_DESCRIPTION + NO_DATA and matcher.at_boundary
+
+
+def test_an_error_is_read_whole_unless_it_is_huge() -> None:
+    """A FATAL split anywhere is still seen as the end of the session; a client's RAISE of megabytes streams."""
+    matcher = ReplyMatcher()
+    assert matcher.feed(SHUTDOWN[:12]) == b""
+    assert matcher.feed(SHUTDOWN[12:]) == SHUTDOWN and matcher.ended_by_server
+    huge = error(b"P0001", b"x" * (WHOLE_ERROR_LIMIT + 1))
+    matcher = ReplyMatcher()
+    matcher.expect.append(ext.EXPECT_QUERY)
+    assert matcher.feed(huge[:1000]) == huge[:1000]
+    assert matcher.feed(huge[1000:] + READY_IDLE) == huge[1000:] + READY_IDLE
+    assert matcher.ready == 1 and not matcher.ended_by_server and matcher.at_boundary
 
 
 def test_a_length_below_four_is_refused() -> None:

@@ -1,4 +1,4 @@
-"""A PostgreSQL backend connection: login with the stored secret, internal queries, and the forwarding hot path."""
+"""A PostgreSQL backend connection: login, internal queries, the forwarding hot path, and the protocol state it owns."""
 
 from __future__ import annotations
 
@@ -44,9 +44,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The settings sync runs free of the statement_timeout the backend's previous client left (for its implicit
+# transaction only): a short timeout someone else set must not cancel the next client's sync. (The session
+# read-back in proxy.session.pg_client cannot do the same: pg_settings would then show the local value as the
+# session's.)
+UNTIMED = "SET LOCAL statement_timeout = 0;"
+
 
 class PostgresBackend(BackendConnection):
-    """One server connection. While linked to a client, bytes stream through; only headers are read."""
+    """One server connection. While linked to a client, bytes stream through; only headers are read.
+
+    It owns the state of its server session: the replies it awaits (read by its ReplyMatcher), the shared statements
+    prepared there (an LRU), its unnamed statement's owner, and its settings. A client session asks it to change
+    them (expect_reply, inject, ensure_prepared, parse_unnamed, apply_settings) and never writes them itself."""
 
     def __init__(self, pool: Pool) -> None:
         super().__init__(pool)
@@ -162,6 +172,58 @@ class PostgresBackend(BackendConnection):
 
     def forget_all_prepared(self) -> None:
         self._prepared.clear()
+
+    # --- settings of the server session ---
+
+    async def apply_settings(self, wanted: dict[str, str], settings_id: int) -> int:
+        """Make this session's settings `wanted` (numbered `settings_id` by the pool), changing only the difference,
+        in one round trip; `wanted` takes the server's spelling of what it reports (utf8 -> UTF8). Returns the
+        number of the settings the session has now."""
+        if self.settings_id == settings_id:
+            return settings_id
+        current = self.params
+        changes = [f"set_config({_quote(name)}, {_quote(value)}, false)" for name, value in wanted.items()
+                   if current.get(name) != value]
+        resets = [f"RESET {name}" for name in current if name not in wanted and name not in pg.READ_ONLY_PARAMETERS]
+        statements = resets + (["SELECT " + ", ".join(changes)] if changes else [])  # a new timeout comes last
+        if statements:
+            for name, value in wanted.items():  # only the server's own reports (its spelling) may refill these
+                if current.get(name) != value:
+                    current.pop(name, None)
+            await self.simple_query(UNTIMED + ";".join(statements))
+            self._settings_applied(wanted)
+            settings_id = self.pool.settings_id(wanted)
+        self.settings_id = settings_id
+        return settings_id
+
+    def _settings_applied(self, wanted: dict[str, str]) -> None:
+        params = self.params
+        for name, value in wanted.items():
+            reported = params.get(name)
+            if reported is not None and reported != value:
+                wanted[name] = reported  # the server's spelling (utf8 -> UTF8)
+            params[name] = wanted[name]
+        server_params = self.pool.server_params
+        for name in [n for n in params if n not in wanted and n not in pg.READ_ONLY_PARAMETERS]:
+            if name not in server_params:
+                del params[name]
+            else:
+                params[name] = server_params[name]
+
+    def settings_are(self, wanted: dict[str, str]) -> int:
+        """The session's settings are `wanted` now (its client changed them here); returns their number."""
+        self.settings_id = self.pool.settings_id(wanted)
+        return self.settings_id
+
+    def settings_read(self, settings: dict[str, str]) -> None:
+        """The session's settings as read back from the server: besides those the server reports, only these."""
+        reported = self.pool.server_params
+        params = self.params
+        for name in [n for n in params if n not in reported]:
+            del params[name]
+        for name, value in settings.items():
+            if name not in reported and name not in pg.READ_ONLY_PARAMETERS:
+                params[name] = value
 
     # --- the hot path: server -> client ---
 
@@ -349,6 +411,10 @@ class PostgresBackend(BackendConnection):
         if error is not None:
             raise BackendError(error.get("M", "error"), error.get("C"))
         return rows
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _data_row(body: bytes) -> list[str | None]:

@@ -69,10 +69,6 @@ EXECUTE_WORD = re.compile(rb"(?i)\s*execute\s")
 DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
 LOAD = re.compile(rb"(?i)^\s*load\s")
 
-# The settings sync runs free of the statement_timeout the backend's previous client left (for its implicit
-# transaction only): a short timeout someone else set must not cancel the next client's sync. (The read-back
-# below cannot do the same: pg_settings would then show the local value as the session's.)
-UNTIMED = "SET LOCAL statement_timeout = 0;"
 # Failures of the settings sync that are the backend's, not the client's (a timeout another client left on it, a
 # backend that died while idle): the client is given another backend, up to SYNC_ATTEMPTS times in all.
 NOT_THE_CLIENTS = frozenset({"57014", "57P01", "57P02", "57P03"})
@@ -116,10 +112,6 @@ class State(IntEnum):
     LOGIN = 0
     READY = 1  # logged in; forwarding
     CLOSED = 2
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def _options_settings(options: str) -> dict[str, str]:
@@ -489,35 +481,7 @@ class PostgresClient(ClientConnection):
 
     async def _sync_settings(self, backend: PostgresBackend) -> None:
         """Make the backend's session settings equal to this client's (the difference only)."""
-        if backend.settings_id == self.settings_id:
-            return
-        current = backend.params
-        wanted = self.wanted
-        changes = [f"set_config({_quote(name)}, {_quote(value)}, false)" for name, value in wanted.items()
-                   if current.get(name) != value]
-        resets = [f"RESET {name}" for name in current if name not in wanted and name not in FIXED_PARAMETERS]
-        statements = resets + (["SELECT " + ", ".join(changes)] if changes else [])  # a new timeout comes last
-        if statements:
-            for name, value in wanted.items():  # only the server's own reports (its spelling) may refill these
-                if current.get(name) != value:
-                    current.pop(name, None)
-            await backend.simple_query(UNTIMED + ";".join(statements))
-            self._after_sync(backend)
-        backend.settings_id = self.settings_id
-
-    def _after_sync(self, backend: PostgresBackend) -> None:
-        wanted = self.wanted
-        for name, value in wanted.items():
-            reported = backend.params.get(name)
-            if reported is not None and reported != value:
-                wanted[name] = reported  # the server's spelling (utf8 -> UTF8)
-            backend.params[name] = wanted[name]
-        for name in [n for n in backend.params if n not in wanted and n not in FIXED_PARAMETERS]:
-            if name not in backend.pool.server_params:
-                del backend.params[name]
-            else:
-                backend.params[name] = backend.pool.server_params[name]
-        self.settings_id = backend.pool.settings_id(wanted)
+        self.settings_id = await backend.apply_settings(self.wanted, self.settings_id)
 
     def server_reported(self, name: str, value: str) -> None:
         """A ParameterStatus passed through from the backend: the client's session has that setting now."""
@@ -525,7 +489,7 @@ class PostgresClient(ClientConnection):
             self.wanted[name] = value
             backend = self.backend
             if backend is not None:  # the reporting backend has it already
-                self.settings_id = backend.settings_id = backend.pool.settings_id(self.wanted)
+                self.settings_id = backend.settings_are(self.wanted)
 
     # --- the hot path: client -> server ---
 
@@ -661,6 +625,7 @@ class PostgresClient(ClientConnection):
     def _stream_query(self, head: bytes, backend: PostgresBackend) -> None:
         """A large Query passes through as it arrives; only its text is scanned for session words on the way."""
         self.pending += 1
+        self.in_extended = False  # (as for any Query: see _inspect)
         backend.expect_reply(EXPECT_QUERY)
         self._scanning = True
         self._scan_streamed_query(head, first=True)
@@ -719,12 +684,16 @@ class PostgresClient(ClientConnection):
                 if replacement is not None:
                     if replacement is not HOLD:
                         self.pending += 1
+                        self.in_extended = False
                         statements.forget_unnamed(backend)
                     return replacement
             self.pending += 1
             statements.forget_unnamed(backend)
             replacement = self._session_statement(body[:-1], backend) if SESSION_WORDS.search(body) else None
             expect_reply(EXPECT_QUERY)
+            # A Query ends an extended-query batch the client left without Sync (the server commits its implicit
+            # transaction and answers ReadyForQuery): the backend is free again at that ReadyForQuery.
+            self.in_extended = False
             return replacement
         if kind == FUNCTION_CALL_BYTE:
             self.pending += 1
@@ -979,13 +948,11 @@ class PostgresClient(ClientConnection):
         settings = {str(name): value or "" for name, value in rows if name and not name.startswith("!")}
         for name in [n for n in self.wanted if n not in reported]:
             del self.wanted[name]
-        for name in [n for n in backend.params if n not in reported]:
-            del backend.params[name]
+        backend.settings_read(settings)
         for name, value in settings.items():
             if name not in reported and name not in FIXED_PARAMETERS:
                 self.wanted[name] = value
-                backend.params[name] = value
-        self.settings_id = backend.settings_id = pool.settings_id(self.wanted)
+        self.settings_id = backend.settings_are(self.wanted)
         pins = {PIN_REASONS[name] for name, count in rows if name in PIN_REASONS and count not in (None, "0")}
         pins |= self.pins & STICKY_PINS
         for reason in pins - self.pins:

@@ -30,6 +30,9 @@ ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may co
 DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does not see
 # In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
 SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
+# An ErrorResponse up to this size is read whole before it passes; a longer one (a client's RAISE of megabytes)
+# streams through like any other reply.
+WHOLE_ERROR_LIMIT = 64 * 1024
 
 
 class ReplyMatcher:
@@ -38,7 +41,8 @@ class ReplyMatcher:
     feed() takes the bytes as they arrive (any split) and returns the bytes the client gets: the same object when
     every reply passes, else the kept slices joined with the replies the proxy gives in place of its own requests'.
     It reads message headers only, except ReadyForQuery's status byte, a NotificationResponse's process id,
-    ParameterStatus, ErrorResponse, and the replies a statement record keeps (those are read whole).
+    ParameterStatus, ErrorResponse (up to WHOLE_ERROR_LIMIT), and the replies a statement record keeps (those
+    are read whole).
 
     What each request's replies become is its expectation's action (see proxy.protocol.pg.extended): FORWARD
     passes them, SWALLOW drops them but passes the ErrorResponse of an extended-query request, QUIET drops
@@ -138,10 +142,10 @@ class ReplyMatcher:
                 pos += 1 + length
                 continue
             elif kind == ERROR:
-                if end - pos < length + 1:
+                if end - pos < length + 1 and length <= WHOLE_ERROR_LIMIT:
                     hold = pos  # read whole: its severity says whether the session ends, its bytes may be kept
                     break
-                body_end = pos + 1 + length
+                body_end = min(pos + 1 + length, end)
                 if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
                     self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
             action = FORWARD
