@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 
+from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.config import ClientTLSMode, Config
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
@@ -127,5 +128,6 @@ class ProxyServer:
             my_client.abort()
         self.postgres.close()
         self.mysql.close()
+        flush_failed_logins()
         for server in self.servers:
             await server.wait_closed()

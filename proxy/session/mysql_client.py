@@ -11,6 +11,7 @@ import ssl
 from enum import IntEnum
 from typing import Any, cast
 
+from proxy.auth.failures import FailedLogins
 from proxy.auth.mysql import (
     check_caching_sha2,
     check_clear_password,
@@ -105,6 +106,8 @@ from proxy.session.mysql_statements import ClientStatement
 from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
+failed_logins = FailedLogins(log)
+FAIL_LINE = "client %s (user %r): %s [%d %s]"  # the warning line of a client's failed login or refused session
 
 INSPECT_LIMIT = 64 * 1024  # bytes of a command looked at before forwarding (the whole command if shorter)
 LOGIN_PACKET_LIMIT = 64 * 1024
@@ -255,19 +258,26 @@ class MySQLClient(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             PROXY.logins_failed += 1
-            self.fail(exc)
+            self._failed_login(exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an ERR for this client only
             log.exception("client %s: login failed unexpectedly", self.peer)
             self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
 
-    def fail(self, error: ProxyError) -> None:
-        """Send the client an ERR packet for `error`, log the reason and close."""
+    def _failed_login(self, error: AuthenticationFailed) -> None:
+        """Refuse a login whose password did not match: its line goes through the failed-login log."""
+        if not (self.closed or self.state is State.CLOSED):
+            failed_logins.record(self.peer.rpartition(":")[0] or self.peer, self.user, FAIL_LINE, self.peer,
+                                 self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
+        self.fail(error, logged=True)
+
+    def fail(self, error: ProxyError, logged: bool = False) -> None:
+        """Send the client an ERR packet for `error`, log the reason (unless `logged`) and close."""
         if self.closed or self.state is State.CLOSED:
             return
-        log.warning("client %s (user %r): %s [%d %s]", self.peer, self.user, error.message, error.mysql_errno,
-                    error.mysql_sqlstate)
+        if not logged:
+            log.warning(FAIL_LINE, self.peer, self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
         if isinstance(error, ProtocolViolation):
             PROXY.protocol_errors += 1
         self._send_error(error, self._reply_seq if self.state is State.LOGIN else 1)
@@ -1290,7 +1300,9 @@ class MySQLClient(ClientConnection):
             self._busy = None
             if isinstance(exc, AuthenticationFailed):
                 PROXY.logins_failed += 1
-            self.fail(exc)
+                self._failed_login(exc)
+            else:
+                self.fail(exc)
             return
         self.service.clients[self.connection_id] = self
         self._send_ok(self._seq)

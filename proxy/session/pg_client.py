@@ -11,6 +11,7 @@ import shlex
 import time
 from enum import IntEnum
 
+from proxy.auth.failures import FailedLogins
 from proxy.auth.md5 import check_md5_response
 from proxy.auth.scram import MECHANISM, ScramKeys, ScramServer
 from proxy.config import ClientAuthMethod, ClientTLSMode
@@ -49,6 +50,8 @@ from proxy.session.pg_statements import HOLD, Statements
 from proxy.stats import PINS, PROXY
 
 log = logging.getLogger(__name__)
+failed_logins = FailedLogins(log)
+FAIL_LINE = "client %s (user %r): %s [%s]"  # the warning line of a client's failed login or refused session
 
 # What each client message type means to the forwarder (indexed by the type byte).
 INVALID, INSPECTED, SYNC, EXTENDED, COPY, TERMINATE = range(6)
@@ -126,6 +129,8 @@ def _quote(value: str) -> str:
 def _options_settings(options: str) -> dict[str, str]:
     """`-c name=value` and `--name=value` pairs from the startup `options` parameter."""
     result: dict[str, str] = {}
+    if not options or options.isspace():  # most clients send none: no shlex lexer per login
+        return result
     try:
         words = shlex.split(options.replace("\\ ", "\x00"))
     except ValueError:
@@ -211,7 +216,10 @@ class PostgresClient(ClientConnection):
 
     async def _login_with_timeout(self) -> None:
         try:
-            await asyncio.wait_for(self._login(), self.service.server.client_login_timeout)
+            # In this task, not a wait_for task: no second task per connection, and a failed login's exception does
+            # not hold that task in a reference cycle (traceback -> wait_for frame -> task -> exception).
+            async with asyncio.timeout(self.service.server.client_login_timeout):
+                await self._login()
         except TimeoutError:
             PROXY.login_timeouts += 1
             self.fail(LoginTimeout("the client did not complete its login in time"))
@@ -222,18 +230,22 @@ class PostgresClient(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             PROXY.logins_failed += 1
-            self.fail(exc)
+            if not self.closed:
+                failed_logins.record(self.peer.rpartition(":")[0] or self.peer, self.user, FAIL_LINE, self.peer,
+                                     self.user, exc.message, exc.sqlstate)
+            self.fail(exc, logged=True)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes a FATAL for this client only
             log.exception("client %s: login failed unexpectedly", self.peer)
             self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
 
-    def fail(self, error: ProxyError) -> None:
-        """Send the client a FATAL ErrorResponse for `error`, log the reason and close."""
+    def fail(self, error: ProxyError, logged: bool = False) -> None:
+        """Send the client a FATAL ErrorResponse for `error`, log the reason (unless `logged`) and close."""
         if self.closed:
             return
-        log.warning("client %s (user %r): %s [%s]", self.peer, self.user, error.message, error.sqlstate)
+        if not logged:
+            log.warning(FAIL_LINE, self.peer, self.user, error.message, error.sqlstate)
         if isinstance(error, ProtocolViolation):
             PROXY.protocol_errors += 1
         self.write(pg.error_response(error.sqlstate, error.message, "FATAL"))
@@ -377,7 +389,8 @@ class PostgresClient(ClientConnection):
         if "replication" in params and params["replication"].lower() not in ("false", "off", "0", "no"):
             raise AuthorizationFailed("replication connections are not supported through the proxy")
         requested = {k: v for k, v in params.items() if k not in STARTUP_ONLY}
-        requested.update(_options_settings(params.get("options", "")))
+        if "options" in params:
+            requested.update(_options_settings(params["options"]))
         for name in requested:
             if not SETTING_NAME.match(name):
                 raise ProtocolViolation(f"invalid configuration parameter name {name!r}")
