@@ -62,10 +62,9 @@ class FailedLogins:
         self._schedule()
 
     def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._timer is not None and self._timer_loop is loop:
-            return
-        self._timer_loop = loop
+        if self._timer is not None and self._timer_loop is not None and not self._timer_loop.is_closed():
+            return  # the summary is due already
+        self._timer_loop = loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(0.0, self._window_end - time.monotonic()), self.flush)
 
     def flush(self) -> None:
