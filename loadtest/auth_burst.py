@@ -1,6 +1,6 @@
 """Login latency of good clients while a burst of failed SCRAM logins for unknown users hits the proxy.
 
-    python -m loadtest.auth_burst [--before REV] [--attempts 1000] [--rate 500] [--good-rate 200] [--rounds 2]
+    python -m loadtest.auth_burst [--before REV] [--attempts 1000] [--rate 500] [--good-rate 200] [--rounds 3]
 
 Starts a throwaway PostgreSQL and, per code version, a one-worker proxy. Per round and proxy: the proxy's CPU time
 per failed attempt (the burst with nobody else), then a good client's login p50/p99 quietly and during the burst.
@@ -114,6 +114,10 @@ async def _paced_logins(port: int, rate: float, done: Callable[[], bool]) -> lis
     return times
 
 
+def _p99(times: list[float]) -> float:
+    return percentile(sorted(times), 99)
+
+
 def _summary(times: list[float]) -> str:
     ordered = sorted(times)
     return (f"n={len(ordered):4d}  p50 {percentile(ordered, 50):6.2f} ms  "
@@ -133,8 +137,8 @@ class Target:
     label: str
     proxy: ProxyProcess
     failed_cpu_us: list[float] = field(default_factory=list)  # proxy CPU per failed login, burst alone
-    quiet: list[float] = field(default_factory=list)
-    during: list[float] = field(default_factory=list)
+    quiet: list[list[float]] = field(default_factory=list)  # per round: login times in ms
+    during: list[list[float]] = field(default_factory=list)
     attacker_cpu: float = 0.0
     good_client_cpu: float = 0.0
     proxy_cpu_latency: float = 0.0  # proxy CPU during the latency bursts (failed and good logins)
@@ -155,45 +159,56 @@ class Target:
         burst.join()
         self.failed_cpu_us.append((self.cpu() - before) / attempts * 1e6)
 
-    def quiet_logins(self, seconds: float, good_rate: float) -> None:
+    def quiet_logins(self, seconds: float, good_rate: float) -> list[float]:
         ends = time.monotonic() + seconds
-        self.quiet += asyncio.run(_paced_logins(self.port, good_rate, lambda: time.monotonic() >= ends))
+        return asyncio.run(_paced_logins(self.port, good_rate, lambda: time.monotonic() >= ends))
 
-    def logins_during_burst(self, attempts: int, rate: float, good_rate: float) -> None:
+    def round(self, attempts: int, rate: float, good_rate: float) -> None:
+        """The burst alone, then good logins: quietly for half the burst's time, during the burst, quietly again
+        (the quiet phases around the burst, so that load from elsewhere on the machine falls on both alike)."""
+        self.burst_alone(attempts, rate)
+        seconds = attempts / rate / 2
+        quiet = self.quiet_logins(seconds, good_rate)
+        self.during.append(self.logins_during_burst(attempts, rate, good_rate))
+        self.quiet.append(quiet + self.quiet_logins(seconds, good_rate))
+
+    def logins_during_burst(self, attempts: int, rate: float, good_rate: float) -> list[float]:
         cpu, client, attackers = self.cpu(), time.process_time(), _children_cpu()
         burst = multiprocessing.Process(target=_burst_process, args=(self.port, attempts, rate))
         started = time.perf_counter()
         burst.start()
-        self.during += asyncio.run(_paced_logins(self.port, good_rate, lambda: not burst.is_alive()))
+        during = asyncio.run(_paced_logins(self.port, good_rate, lambda: not burst.is_alive()))
         burst.join()
         self.burst_seconds += time.perf_counter() - started
         self.good_client_cpu += time.process_time() - client
         self.attacker_cpu += _children_cpu() - attackers
         self.proxy_cpu_latency += self.cpu() - cpu
+        return during
 
     def report(self, attempts: int, rounds: int) -> None:
-        ratio = percentile(sorted(self.during), 99) / percentile(sorted(self.quiet), 99)
+        quiet = [t for times in self.quiet for t in times]
+        during = [t for times in self.during for t in times]
+        ratio = _p99(during) / _p99(quiet)
         per_round = ", ".join(f"{value:.0f}" for value in self.failed_cpu_us)
+        ratios = [_p99(d) / _p99(q) for q, d in zip(self.quiet, self.during, strict=True)]
         print(f"[{self.label}] proxy CPU per failed login (burst alone): "
               f"{statistics.median(self.failed_cpu_us):.0f} us (median; rounds: {per_round})")
-        print(f"[{self.label}] quiet        {_summary(self.quiet)}")
-        print(f"[{self.label}] during burst {_summary(self.during)}   p99 ratio {ratio:.2f}x")
+        print(f"[{self.label}] quiet        {_summary(quiet)}")
+        print(f"[{self.label}] during burst {_summary(during)}   p99 ratio {ratio:.2f}x "
+              f"(per round: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x)")
         print(f"[{self.label}] {rounds} burst(s) of {attempts} failed logins in {self.burst_seconds:.2f} s: CPU "
               f"proxy {self.proxy_cpu_latency:.2f} s, attacker process {self.attacker_cpu:.2f} s, "
               f"good client {self.good_client_cpu:.2f} s")
 
 
 def measure(targets: list[Target], attempts: int, rate: float, good_rate: float, rounds: int) -> None:
-    """Rounds of: per proxy, the burst alone (CPU), good logins quietly, good logins during the burst. The proxies
-    take turns, so that the load the machine has from elsewhere falls on each alike."""
+    """Rounds of: per proxy, the burst alone (CPU), then good logins quietly and during the burst. The proxies take
+    turns, so that the load the machine has from elsewhere falls on each alike."""
     for target in targets:
         asyncio.run(_good_logins(target.port, 20))  # warm: keys derived, pool open
-    seconds = attempts / rate
     for _ in range(rounds):
         for target in targets:
-            target.burst_alone(attempts, rate)
-            target.quiet_logins(seconds, good_rate)
-            target.logins_during_burst(attempts, rate, good_rate)
+            target.round(attempts, rate, good_rate)
 
 
 def _export(revision: str, destination: Path) -> Path:
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempts", type=int, default=1000, help="failed logins in the burst")
     parser.add_argument("--rate", type=float, default=500.0, help="failed logins started per second")
     parser.add_argument("--good-rate", type=float, default=200.0, help="good logins started per second")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of quiet and burst per proxy")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of quiet and burst per proxy")
     args = parser.parse_args(argv)
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory(prefix="auth_burst-") as folder:
