@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import Any
 
 from proxy.errors import BackendUnavailable, TooManyClients
 from proxy.netio import Connection, ConnectionClosed
@@ -32,6 +33,10 @@ class ClientConnection(Connection):
     _task: asyncio.Task[None] | None = None
     max_clients = 0  # this process's share of max_client_connections (set by the server at start)
     over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
+    # The server's set of its clients, which this one leaves as soon as its socket is gone: a client kept there
+    # until the janitor's next pass outlives the young generations of the garbage collector, and the closed clients
+    # of a burst of connections (each a reference cycle with its transport) pile up for a full collection.
+    registry: set[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -48,6 +53,11 @@ class ClientConnection(Connection):
 
     async def _login_with_timeout(self) -> None:
         raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.registry is not None:
+            self.registry.discard(self)
 
     async def start_tls(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
