@@ -394,12 +394,12 @@ class PostgresClient(ClientConnection):
         for name in requested:
             if not SETTING_NAME.match(name):
                 raise ProtocolViolation(f"invalid configuration parameter name {name!r}")
-        await self._authenticate()
+        sasl_final = await self._authenticate()
         pool = self.pool = service.pool_for(self.database, self.user)
         await self._prepare_session(pool, requested)
         self.process_id, self.secret_key = service.new_key()
         service.clients[self.process_id] = self
-        out = [pg.AUTHENTICATION_OK]
+        out = [sasl_final, pg.AUTHENTICATION_OK]  # one write, as PostgreSQL sends them
         reported = dict(pool.server_params)
         reported.update((k, v) for k, v in self.wanted.items() if k in reported)
         if service.settings.server_version:
@@ -414,11 +414,15 @@ class PostgresClient(ClientConnection):
         if leftover:
             self.data_received(leftover)
 
-    async def _authenticate(self) -> None:
+    def _password_failed(self) -> AuthenticationFailed:
+        # made where it is raised: an exception kept in a local of a frame in its own traceback is a reference cycle
+        return AuthenticationFailed(f'password authentication failed for user "{self.user}"')
+
+    async def _authenticate(self) -> bytes:
+        """Check the client's password; returns the SASL final message to send with AuthenticationOk (or b"")."""
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
-        failure = AuthenticationFailed(f'password authentication failed for user "{self.user}"')
         if method is ClientAuthMethod.SCRAM_SHA_256:
             keys = await _scram_keys(service, self.user, secret)
             self.write(pg.authentication_sasl([MECHANISM]))
@@ -436,11 +440,10 @@ class PostgresClient(ClientConnection):
             try:
                 final = exchange.server_final(body)
             except AuthenticationFailed:
-                raise failure from None
+                raise self._password_failed() from None
             if secret is None:
-                raise failure
-            self.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
-            return
+                raise self._password_failed()
+            return pg.authentication(pg.AUTH_SASL_FINAL, final)
         if method is ClientAuthMethod.PASSWORD and not self.is_tls:
             raise AuthorizationFailed("cleartext password authentication is allowed only over TLS")
         salt = os.urandom(4)
@@ -453,13 +456,14 @@ class PostgresClient(ClientConnection):
             raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
         answer = pg.parse_password(body)
         if secret is None:
-            raise failure
+            raise self._password_failed()
         if method is ClientAuthMethod.MD5:
             ok = check_md5_response(self.user.encode(), secret.password, salt, answer)
         else:
             ok = hmac.compare_digest(answer, secret.password)
         if not ok:
-            raise failure
+            raise self._password_failed()
+        return b""
 
     async def _prepare_session(self, pool: Pool, requested: dict[str, str]) -> None:
         """Learn the server's settings, check the client's requested ones once, and keep a backend in session mode."""
