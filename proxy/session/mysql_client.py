@@ -116,6 +116,8 @@ HELD_LIMIT = 256 * 1024
 # streaming a huge packet takes one read per turn and every other connection gets its turn in between.
 TURN_BYTES = 128 * 1024
 SCRAMBLE_CHARS = bytes(range(0x21, 0x7F)).replace(b"$", b"")
+_NOBODYS_PASSWORD = os.urandom(16).hex().encode()  # what an unknown user's answer is checked against
+_SCRAMBLE_TABLE = bytes(SCRAMBLE_CHARS[b % len(SCRAMBLE_CHARS)] for b in range(256))  # random byte -> scramble char
 BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS  # (open cursors are followed per statement)
 
 FORWARDED_COMMANDS = frozenset({
@@ -174,7 +176,7 @@ class State(IntEnum):
 
 
 def _make_scramble() -> bytes:
-    return bytes(SCRAMBLE_CHARS[b % len(SCRAMBLE_CHARS)] for b in os.urandom(my.SCRAMBLE_LENGTH))
+    return os.urandom(my.SCRAMBLE_LENGTH).translate(_SCRAMBLE_TABLE)
 
 
 class MySQLClient(ClientConnection):
@@ -469,7 +471,8 @@ class MySQLClient(ClientConnection):
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
-        password = secret.password if secret is not None else None
+        # an unknown user's answer is checked against a password nobody knows: the same work as for a known user
+        known, password = (True, secret.password) if secret is not None else (False, _NOBODYS_PASSWORD)
         if method is MySQLAuthMethod.CLEAR and not self.is_tls:
             raise AuthorizationFailed(f"Access denied for user '{self.user}': mysql_clear_password is allowed only "
                                       "over TLS")
@@ -485,11 +488,11 @@ class MySQLClient(ClientConnection):
             response = await self._read_login_packet()
         ok = False
         if method is MySQLAuthMethod.NATIVE:
-            ok = password is not None and check_native_password(password, nonce, response)
+            ok = check_native_password(password, nonce, response) and known
         elif method is MySQLAuthMethod.CLEAR:
-            ok = password is not None and check_clear_password(password, response)
+            ok = check_clear_password(password, response) and known
         elif not service.settings.caching_sha2_full_auth:
-            ok = password is not None and check_caching_sha2(password, nonce, response)
+            ok = check_caching_sha2(password, nonce, response) and known
             if ok:
                 self._write_login(build_auth_more_data(bytes((my.CACHING_SHA2_FAST_AUTH_SUCCESS,))))
         else:
@@ -506,7 +509,7 @@ class MySQLClient(ClientConnection):
                     given = rsa_decrypt_password(service.rsa_key, answer, nonce)
                 except ValueError:
                     given = None
-            ok = password is not None and given is not None and hmac.compare_digest(given, password)
+            ok = hmac.compare_digest(given or b"", password) and given is not None and known
         if not ok:
             raise AuthenticationFailed(f"Access denied for user '{self.user}'@'{self.peer.rpartition(':')[0]}' "
                                        f"(using password: {'YES' if response else 'NO'})")
