@@ -8,6 +8,7 @@ import logging
 import ssl
 from typing import Any
 
+from proxy.auth.failures import FailedLogins
 from proxy.errors import BackendUnavailable, TooManyClients
 from proxy.netio import Connection, ConnectionClosed
 from proxy.rundir import worker_count
@@ -53,6 +54,12 @@ class ClientConnection(Connection):
 
     async def _login_with_timeout(self) -> None:
         raise NotImplementedError
+
+    def log_failed_login(self, failed: FailedLogins, user: str, message: str, *args: object) -> None:
+        """A password that did not match: its warning line goes through `failed` (one each while they are few, a
+        summary per client address when they come in a burst)."""
+        if not self.closed:
+            failed.record(self.peer.rpartition(":")[0] or self.peer, user, message, *args)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

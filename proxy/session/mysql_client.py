@@ -116,7 +116,8 @@ HELD_LIMIT = 256 * 1024
 # streaming a huge packet takes one read per turn and every other connection gets its turn in between.
 TURN_BYTES = 128 * 1024
 SCRAMBLE_CHARS = bytes(range(0x21, 0x7F)).replace(b"$", b"")
-_NOBODYS_PASSWORD = os.urandom(16).hex().encode()  # what an unknown user's answer is checked against
+# What an unknown user's answer is checked against: the same work as for a known user's.
+_NOBODYS_PASSWORD = os.urandom(16).hex().encode()
 _SCRAMBLE_TABLE = bytes(SCRAMBLE_CHARS[b % len(SCRAMBLE_CHARS)] for b in range(256))  # random byte -> scramble char
 BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS  # (open cursors are followed per statement)
 
@@ -179,6 +180,12 @@ def _make_scramble() -> bytes:
     return os.urandom(my.SCRAMBLE_LENGTH).translate(_SCRAMBLE_TABLE)
 
 
+def _refuse_login(client: MySQLClient, error: AuthenticationFailed) -> None:
+    client.log_failed_login(failed_logins, client.user, FAIL_LINE, client.peer, client.user, error.message,
+                            error.mysql_errno, error.mysql_sqlstate)
+    client.fail(error, logged=True)
+
+
 class MySQLClient(ClientConnection):
     """One client connection; owns at most one backend at a time (between transactions in transaction mode)."""
 
@@ -187,7 +194,6 @@ class MySQLClient(ClientConnection):
         self.service = service
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
-        self.peer = "?"
         self.connection_id = 0
         self.user = ""
         self.schema = ""  # the default database this client's session has
@@ -233,7 +239,6 @@ class MySQLClient(ClientConnection):
         self._held = bytearray()  # client bytes arriving while a backend is borrowed or a command handled here
         self._busy: asyncio.Task[None] | None = None
         self._borrowing = False
-        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"MySQLClient({self.peer}, id={self.connection_id}, user={self.user!r})"
@@ -260,19 +265,12 @@ class MySQLClient(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             PROXY.logins_failed += 1
-            self._failed_login(exc)
+            _refuse_login(self, exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an ERR for this client only
             log.exception("client %s: login failed unexpectedly", self.peer)
             self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
-
-    def _failed_login(self, error: AuthenticationFailed) -> None:
-        """Refuse a login whose password did not match: its line goes through the failed-login log."""
-        if not (self.closed or self.state is State.CLOSED):
-            failed_logins.record(self.peer.rpartition(":")[0] or self.peer, self.user, FAIL_LINE, self.peer,
-                                 self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
-        self.fail(error, logged=True)
 
     def fail(self, error: ProxyError, logged: bool = False) -> None:
         """Send the client an ERR packet for `error`, log the reason (unless `logged`) and close."""
@@ -471,7 +469,6 @@ class MySQLClient(ClientConnection):
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
-        # an unknown user's answer is checked against a password nobody knows: the same work as for a known user
         known, password = (True, secret.password) if secret is not None else (False, _NOBODYS_PASSWORD)
         if method is MySQLAuthMethod.CLEAR and not self.is_tls:
             raise AuthorizationFailed(f"Access denied for user '{self.user}': mysql_clear_password is allowed only "
@@ -1303,7 +1300,7 @@ class MySQLClient(ClientConnection):
             self._busy = None
             if isinstance(exc, AuthenticationFailed):
                 PROXY.logins_failed += 1
-                self._failed_login(exc)
+                _refuse_login(self, exc)
             else:
                 self.fail(exc)
             return

@@ -162,6 +162,11 @@ async def _scram_keys(service: PostgresService, user: str, secret: Secret | None
     return await asyncio.to_thread(lambda: secret.scram_keys)
 
 
+def _password_failed(user: str) -> AuthenticationFailed:
+    # made where it is raised: an exception kept in a local of a frame in its own traceback is a reference cycle
+    return AuthenticationFailed(f'password authentication failed for user "{user}"')
+
+
 class PostgresClient(ClientConnection):
     """One client connection; owns at most one backend at a time (between transactions in transaction mode)."""
 
@@ -206,8 +211,6 @@ class PostgresClient(ClientConnection):
         self._scan_tail = b""  # the end of the previous part of that text
         self._yielding = False  # reading paused until the event loop's next turn
         self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
-        self._task: asyncio.Task[None] | None = None
-        self.peer = "?"
 
     def __repr__(self) -> str:
         return f"PostgresClient({self.peer}, user={self.user!r}, db={self.database!r})"
@@ -216,8 +219,6 @@ class PostgresClient(ClientConnection):
 
     async def _login_with_timeout(self) -> None:
         try:
-            # In this task, not a wait_for task: no second task per connection, and a failed login's exception does
-            # not hold that task in a reference cycle (traceback -> wait_for frame -> task -> exception).
             async with asyncio.timeout(self.service.server.client_login_timeout):
                 await self._login()
         except TimeoutError:
@@ -230,9 +231,7 @@ class PostgresClient(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             PROXY.logins_failed += 1
-            if not self.closed:
-                failed_logins.record(self.peer.rpartition(":")[0] or self.peer, self.user, FAIL_LINE, self.peer,
-                                     self.user, exc.message, exc.sqlstate)
+            self.log_failed_login(failed_logins, self.user, FAIL_LINE, self.peer, self.user, exc.message, exc.sqlstate)
             self.fail(exc, logged=True)
         except ProxyError as exc:
             self.fail(exc)
@@ -389,8 +388,7 @@ class PostgresClient(ClientConnection):
         if "replication" in params and params["replication"].lower() not in ("false", "off", "0", "no"):
             raise AuthorizationFailed("replication connections are not supported through the proxy")
         requested = {k: v for k, v in params.items() if k not in STARTUP_ONLY}
-        if "options" in params:
-            requested.update(_options_settings(params["options"]))
+        requested.update(_options_settings(params.get("options", "")))
         for name in requested:
             if not SETTING_NAME.match(name):
                 raise ProtocolViolation(f"invalid configuration parameter name {name!r}")
@@ -414,12 +412,7 @@ class PostgresClient(ClientConnection):
         if leftover:
             self.data_received(leftover)
 
-    def _password_failed(self) -> AuthenticationFailed:
-        # made where it is raised: an exception kept in a local of a frame in its own traceback is a reference cycle
-        return AuthenticationFailed(f'password authentication failed for user "{self.user}"')
-
-    async def _authenticate(self) -> bytes:
-        """Check the client's password; returns the SASL final message to send with AuthenticationOk (or b"")."""
+    async def _authenticate(self) -> bytes:  # the SASL final message, sent with AuthenticationOk (or b"")
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
@@ -440,9 +433,9 @@ class PostgresClient(ClientConnection):
             try:
                 final = exchange.server_final(body)
             except AuthenticationFailed:
-                raise self._password_failed() from None
+                raise _password_failed(self.user) from None
             if secret is None:
-                raise self._password_failed()
+                raise _password_failed(self.user)
             return pg.authentication(pg.AUTH_SASL_FINAL, final)
         if method is ClientAuthMethod.PASSWORD and not self.is_tls:
             raise AuthorizationFailed("cleartext password authentication is allowed only over TLS")
@@ -456,13 +449,13 @@ class PostgresClient(ClientConnection):
             raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
         answer = pg.parse_password(body)
         if secret is None:
-            raise self._password_failed()
+            raise _password_failed(self.user)
         if method is ClientAuthMethod.MD5:
             ok = check_md5_response(self.user.encode(), secret.password, salt, answer)
         else:
             ok = hmac.compare_digest(answer, secret.password)
         if not ok:
-            raise self._password_failed()
+            raise _password_failed(self.user)
         return b""
 
     async def _prepare_session(self, pool: Pool, requested: dict[str, str]) -> None:
