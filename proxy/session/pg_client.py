@@ -392,12 +392,12 @@ class PostgresClient(ClientConnection):
         for name in requested:
             if not SETTING_NAME.match(name):
                 raise ProtocolViolation(f"invalid configuration parameter name {name!r}")
-        sasl_final = await self._authenticate()
+        await self._authenticate()
         pool = self.pool = service.pool_for(self.database, self.user)
         await self._prepare_session(pool, requested)
         self.process_id, self.secret_key = service.new_key()
         service.clients[self.process_id] = self
-        out = [sasl_final, pg.AUTHENTICATION_OK]  # one write, as PostgreSQL sends them
+        out = [pg.AUTHENTICATION_OK]
         reported = dict(pool.server_params)
         reported.update((k, v) for k, v in self.wanted.items() if k in reported)
         if service.settings.server_version:
@@ -412,7 +412,7 @@ class PostgresClient(ClientConnection):
         if leftover:
             self.data_received(leftover)
 
-    async def _authenticate(self) -> bytes:  # the SASL final message, sent with AuthenticationOk (or b"")
+    async def _authenticate(self) -> None:
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
@@ -436,7 +436,8 @@ class PostgresClient(ClientConnection):
                 raise _password_failed(self.user) from None
             if secret is None:
                 raise _password_failed(self.user)
-            return pg.authentication(pg.AUTH_SASL_FINAL, final)
+            self.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
+            return
         if method is ClientAuthMethod.PASSWORD and not self.is_tls:
             raise AuthorizationFailed("cleartext password authentication is allowed only over TLS")
         salt = os.urandom(4)
@@ -456,7 +457,6 @@ class PostgresClient(ClientConnection):
             ok = hmac.compare_digest(answer, secret.password)
         if not ok:
             raise _password_failed(self.user)
-        return b""
 
     async def _prepare_session(self, pool: Pool, requested: dict[str, str]) -> None:
         """Learn the server's settings, check the client's requested ones once, and keep a backend in session mode."""
