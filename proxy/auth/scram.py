@@ -25,7 +25,9 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _xor(left: bytes, right: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(left, right, strict=True))
+    if len(left) != len(right):
+        raise ValueError("SCRAM values of different lengths")
+    return (int.from_bytes(left, "big") ^ int.from_bytes(right, "big")).to_bytes(len(left), "big")
 
 
 @lru_cache(maxsize=4096)

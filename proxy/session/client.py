@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from typing import Any
 
+from proxy.auth.failures import FailedLogins
 from proxy.errors import BackendUnavailable, TooManyClients
 from proxy.netio import Connection, ConnectionClosed
 from proxy.rundir import worker_count
@@ -32,6 +34,10 @@ class ClientConnection(Connection):
     _task: asyncio.Task[None] | None = None
     stats: EndpointStats  # the counters of the endpoint this client came in on (set by the subclass)
     over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
+    # The server's set of its clients, which this one leaves as soon as its socket is gone: a client kept there
+    # until the janitor's next pass outlives the young generations of the garbage collector, and the closed clients
+    # of a burst of connections (each a reference cycle with its transport) pile up for a full collection.
+    registry: set[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -49,6 +55,17 @@ class ClientConnection(Connection):
 
     async def _login_with_timeout(self) -> None:
         raise NotImplementedError
+
+    def log_failed_login(self, failed: FailedLogins, user: str, message: str, *args: object) -> None:
+        """A password that did not match: its warning line goes through `failed` (one each while they are few, a
+        summary per client address when they come in a burst)."""
+        if not self.closed:
+            failed.record(self.peer.rpartition(":")[0] or self.peer, user, message, *args)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.registry is not None:
+            self.registry.discard(self)
 
     async def start_tls(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None

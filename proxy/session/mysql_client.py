@@ -11,6 +11,7 @@ import ssl
 from enum import IntEnum
 from typing import Any, cast
 
+from proxy.auth.failures import FailedLogins
 from proxy.auth.mysql import (
     check_caching_sha2,
     check_clear_password,
@@ -104,6 +105,8 @@ from proxy.session.mysql_service import MySQLService
 from proxy.session.mysql_statements import ClientStatement
 
 log = logging.getLogger(__name__)
+failed_logins = FailedLogins(log)
+FAIL_LINE = "client %s (user %r): %s [%d %s]"  # the warning line of a client's failed login or refused session
 
 INSPECT_LIMIT = 64 * 1024  # bytes of a command looked at before forwarding (the whole command if shorter)
 LOGIN_PACKET_LIMIT = 64 * 1024
@@ -112,6 +115,9 @@ HELD_LIMIT = 256 * 1024
 # streaming a huge packet takes one read per turn and every other connection gets its turn in between.
 TURN_BYTES = 128 * 1024
 SCRAMBLE_CHARS = bytes(range(0x21, 0x7F)).replace(b"$", b"")
+# What an unknown user's answer is checked against: the same work as for a known user's.
+_NOBODYS_PASSWORD = os.urandom(16).hex().encode()
+_SCRAMBLE_TABLE = bytes(SCRAMBLE_CHARS[b % len(SCRAMBLE_CHARS)] for b in range(256))  # random byte -> scramble char
 BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS  # (open cursors are followed per statement)
 
 FORWARDED_COMMANDS = frozenset({
@@ -170,7 +176,13 @@ class State(IntEnum):
 
 
 def _make_scramble() -> bytes:
-    return bytes(SCRAMBLE_CHARS[b % len(SCRAMBLE_CHARS)] for b in os.urandom(my.SCRAMBLE_LENGTH))
+    return os.urandom(my.SCRAMBLE_LENGTH).translate(_SCRAMBLE_TABLE)
+
+
+def _refuse_login(client: MySQLClient, error: AuthenticationFailed) -> None:
+    client.log_failed_login(failed_logins, client.user, FAIL_LINE, client.peer, client.user, error.message,
+                            error.mysql_errno, error.mysql_sqlstate)
+    client.fail(error, logged=True)
 
 
 class MySQLClient(ClientConnection):
@@ -182,7 +194,6 @@ class MySQLClient(ClientConnection):
         self.stats = service.stats
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
-        self.peer = "?"
         self.connection_id = 0
         self.user = ""
         self.schema = ""  # the default database this client's session has
@@ -228,7 +239,6 @@ class MySQLClient(ClientConnection):
         self._held = bytearray()  # client bytes arriving while a backend is borrowed or a command handled here
         self._busy: asyncio.Task[None] | None = None
         self._borrowing = False
-        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"MySQLClient({self.peer}, id={self.connection_id}, user={self.user!r})"
@@ -255,19 +265,19 @@ class MySQLClient(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             self.stats.logins_failed += 1
-            self.fail(exc)
+            _refuse_login(self, exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an ERR for this client only
             log.exception("client %s: login failed unexpectedly", self.peer)
             self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
 
-    def fail(self, error: ProxyError) -> None:
-        """Send the client an ERR packet for `error`, log the reason and close."""
+    def fail(self, error: ProxyError, logged: bool = False) -> None:
+        """Send the client an ERR packet for `error`, log the reason (unless `logged`) and close."""
         if self.closed or self.state is State.CLOSED:
             return
-        log.warning("client %s (user %r): %s [%d %s]", self.peer, self.user, error.message, error.mysql_errno,
-                    error.mysql_sqlstate)
+        if not logged:
+            log.warning(FAIL_LINE, self.peer, self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
         if isinstance(error, ProtocolViolation):
             self.stats.protocol_errors += 1
         self._send_error(error, self._reply_seq if self.state is State.LOGIN else 1)
@@ -459,7 +469,7 @@ class MySQLClient(ClientConnection):
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
-        password = secret.password if secret is not None else None
+        known, password = (True, secret.password) if secret is not None else (False, _NOBODYS_PASSWORD)
         if method is MySQLAuthMethod.CLEAR and not self.is_tls:
             raise AuthorizationFailed(f"Access denied for user '{self.user}': mysql_clear_password is allowed only "
                                       "over TLS")
@@ -475,11 +485,11 @@ class MySQLClient(ClientConnection):
             response = await self._read_login_packet()
         ok = False
         if method is MySQLAuthMethod.NATIVE:
-            ok = password is not None and check_native_password(password, nonce, response)
+            ok = check_native_password(password, nonce, response) and known
         elif method is MySQLAuthMethod.CLEAR:
-            ok = password is not None and check_clear_password(password, response)
+            ok = check_clear_password(password, response) and known
         elif not service.settings.caching_sha2_full_auth:
-            ok = password is not None and check_caching_sha2(password, nonce, response)
+            ok = check_caching_sha2(password, nonce, response) and known
             if ok:
                 self._write_login(build_auth_more_data(bytes((my.CACHING_SHA2_FAST_AUTH_SUCCESS,))))
         else:
@@ -496,7 +506,7 @@ class MySQLClient(ClientConnection):
                     given = rsa_decrypt_password(service.rsa_key, answer, nonce)
                 except ValueError:
                     given = None
-            ok = password is not None and given is not None and hmac.compare_digest(given, password)
+            ok = hmac.compare_digest(given or b"", password) and given is not None and known
         if not ok:
             raise AuthenticationFailed(f"Access denied for user '{self.user}'@'{self.peer.rpartition(':')[0]}' "
                                        f"(using password: {'YES' if response else 'NO'})")
@@ -1290,7 +1300,9 @@ class MySQLClient(ClientConnection):
             self._busy = None
             if isinstance(exc, AuthenticationFailed):
                 self.stats.logins_failed += 1
-            self.fail(exc)
+                _refuse_login(self, exc)
+            else:
+                self.fail(exc)
             return
         self.service.clients[self.connection_id] = self
         self._send_ok(self._seq)

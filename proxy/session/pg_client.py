@@ -11,6 +11,7 @@ import shlex
 import time
 from enum import IntEnum
 
+from proxy.auth.failures import FailedLogins
 from proxy.auth.md5 import check_md5_response
 from proxy.auth.scram import MECHANISM, ScramKeys, ScramServer
 from proxy.config import ClientAuthMethod, ClientTLSMode
@@ -48,6 +49,8 @@ from proxy.session.pg_service import PostgresService
 from proxy.session.pg_statements import HOLD, Statements
 
 log = logging.getLogger(__name__)
+failed_logins = FailedLogins(log)
+FAIL_LINE = "client %s (user %r): %s [%s]"  # the warning line of a client's failed login or refused session
 
 # What each client message type means to the forwarder (indexed by the type byte).
 INVALID, INSPECTED, SYNC, EXTENDED, COPY, TERMINATE = range(6)
@@ -117,6 +120,8 @@ class State(IntEnum):
 def _options_settings(options: str) -> dict[str, str]:
     """`-c name=value` and `--name=value` pairs from the startup `options` parameter."""
     result: dict[str, str] = {}
+    if not options or options.isspace():  # most clients send none: no shlex lexer per login
+        return result
     try:
         words = shlex.split(options.replace("\\ ", "\x00"))
     except ValueError:
@@ -146,6 +151,11 @@ async def _scram_keys(service: PostgresService, user: str, secret: Secret | None
     if secret.scram_ready:
         return secret.scram_keys
     return await asyncio.to_thread(lambda: secret.scram_keys)
+
+
+def _password_failed(user: str) -> AuthenticationFailed:
+    # made where it is raised: an exception kept in a local of a frame in its own traceback is a reference cycle
+    return AuthenticationFailed(f'password authentication failed for user "{user}"')
 
 
 class PostgresClient(ClientConnection):
@@ -193,8 +203,6 @@ class PostgresClient(ClientConnection):
         self._scan_tail = b""  # the end of the previous part of that text
         self._yielding = False  # reading paused until the event loop's next turn
         self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
-        self._task: asyncio.Task[None] | None = None
-        self.peer = "?"
 
     def __repr__(self) -> str:
         return f"PostgresClient({self.peer}, user={self.user!r}, db={self.database!r})"
@@ -203,7 +211,8 @@ class PostgresClient(ClientConnection):
 
     async def _login_with_timeout(self) -> None:
         try:
-            await asyncio.wait_for(self._login(), self.service.server.client_login_timeout)
+            async with asyncio.timeout(self.service.server.client_login_timeout):
+                await self._login()
         except TimeoutError:
             self.stats.login_timeouts += 1
             self.fail(LoginTimeout("the client did not complete its login in time"))
@@ -214,18 +223,20 @@ class PostgresClient(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             self.stats.logins_failed += 1
-            self.fail(exc)
+            self.log_failed_login(failed_logins, self.user, FAIL_LINE, self.peer, self.user, exc.message, exc.sqlstate)
+            self.fail(exc, logged=True)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes a FATAL for this client only
             log.exception("client %s: login failed unexpectedly", self.peer)
             self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
 
-    def fail(self, error: ProxyError) -> None:
-        """Send the client a FATAL ErrorResponse for `error`, log the reason and close."""
+    def fail(self, error: ProxyError, logged: bool = False) -> None:
+        """Send the client a FATAL ErrorResponse for `error`, log the reason (unless `logged`) and close."""
         if self.closed:
             return
-        log.warning("client %s (user %r): %s [%s]", self.peer, self.user, error.message, error.sqlstate)
+        if not logged:
+            log.warning(FAIL_LINE, self.peer, self.user, error.message, error.sqlstate)
         if isinstance(error, ProtocolViolation):
             self.stats.protocol_errors += 1
         self.write(pg.error_response(error.sqlstate, error.message, "FATAL"))
@@ -397,7 +408,6 @@ class PostgresClient(ClientConnection):
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
-        failure = AuthenticationFailed(f'password authentication failed for user "{self.user}"')
         if method is ClientAuthMethod.SCRAM_SHA_256:
             keys = await _scram_keys(service, self.user, secret)
             self.write(pg.authentication_sasl([MECHANISM]))
@@ -415,9 +425,9 @@ class PostgresClient(ClientConnection):
             try:
                 final = exchange.server_final(body)
             except AuthenticationFailed:
-                raise failure from None
+                raise _password_failed(self.user) from None
             if secret is None:
-                raise failure
+                raise _password_failed(self.user)
             self.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
             return
         if method is ClientAuthMethod.PASSWORD and not self.is_tls:
@@ -432,13 +442,13 @@ class PostgresClient(ClientConnection):
             raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
         answer = pg.parse_password(body)
         if secret is None:
-            raise failure
+            raise _password_failed(self.user)
         if method is ClientAuthMethod.MD5:
             ok = check_md5_response(self.user.encode(), secret.password, salt, answer)
         else:
             ok = hmac.compare_digest(answer, secret.password)
         if not ok:
-            raise failure
+            raise _password_failed(self.user)
 
     async def _prepare_session(self, pool: Pool, requested: dict[str, str]) -> None:
         """Learn the server's settings, check the client's requested ones once, and keep a backend in session mode."""
