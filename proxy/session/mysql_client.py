@@ -428,13 +428,21 @@ class MySQLClient(ClientConnection):
         if not early:
             await self.start_tls(context, server_side=True)
             return
-        handshake = self.loop.create_task(self.loop.start_tls(self.transport, self, context, server_side=True))
+        handshake = self.loop.create_task(self.upgrade(context, server_side=True))  # checks for a closing socket
         for _ in range(100):  # let start_tls put its TLS protocol in place (and run its connection_made)
             await asyncio.sleep(0)
+            if handshake.done():
+                break
             if self.transport.get_protocol() is not self:
                 await asyncio.sleep(0)
                 break
         tls_protocol: Any = self.transport.get_protocol()  # uvloop's is buffered without subclassing asyncio's
+        if handshake.done():  # the client left before TLS could start (ConnectionClosed)
+            try:
+                await handshake
+            finally:
+                del handshake
+            raise BackendUnavailable("TLS could not be started")
         if tls_protocol is self or not hasattr(tls_protocol, "buffer_updated"):
             handshake.cancel()
             raise BackendUnavailable("TLS could not be started")
