@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -86,6 +87,19 @@ class Target:
     def limit(self) -> int:
         # Before the backend's limit is known, allow one connection to learn it.
         return self.max_connections or 1
+
+    def forget_unused_pools(self, now: float) -> None:
+        """Drop the pools that have had no backend, no waiter and no client session for unused_pool_timeout
+        seconds (the janitor calls this once a second): pools are made per database, user (and, for MySQL,
+        client capabilities) as clients ask, so without this every name ever asked for would stay."""
+        timeout = self.settings.unused_pool_timeout
+        for key, pool in list(self.pools.items()):
+            if not pool.unused():
+                pool.unused_since = None
+            elif pool.unused_since is None:
+                pool.unused_since = now
+            elif now - pool.unused_since >= timeout:
+                del self.pools[key]
 
     def idle_count(self) -> int:
         return sum(len(p.idle) for p in self.pools.values())
@@ -182,6 +196,9 @@ class Pool:
         self._next_settings_id = itertools.count(1)
         self._statement_names: dict[tuple[bytes, int], bytes] = {}
         self._next_statement = itertools.count(1)
+        # the client sessions using this pool: while there is one, the pool is kept (see Target.forget_unused_pools)
+        self.clients: weakref.WeakSet[object] = weakref.WeakSet()
+        self.unused_since: float | None = None
 
     def __repr__(self) -> str:
         return f"Pool({self.database}/{self.user}@{self.target.name})"
@@ -214,6 +231,11 @@ class Pool:
                 self._statement_names.clear()
             name = self._statement_names[key] = b"dbproxy_%d" % next(self._next_statement)
         return name
+
+    def unused(self) -> bool:
+        """No backend (idle or lent out), no live waiter and no client session (a connect in progress is always
+        for a waiter or a client)."""
+        return not (self.idle or self.busy or self.clients or any(w.waiting() for w in self.waiters))
 
     def waiting_since(self) -> float:
         return self.waiters[0].waiting_since if self.waiters else float("inf")

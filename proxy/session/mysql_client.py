@@ -292,6 +292,8 @@ class MySQLClient(ClientConnection):
             PINS.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
+        if self.pool is not None:
+            self.pool.clients.discard(self)
         # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
         # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
         # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
@@ -511,7 +513,7 @@ class MySQLClient(ClientConnection):
 
     async def _prepare_session(self) -> None:
         """Pick the pool; check the database once per pool; keep a backend from now on in session mode."""
-        pool = self.pool = self._pool_for(self.schema)
+        pool = self._use_pool(self.schema)
         if not pool.session_mode and pool.stats.opened:
             return
         backend = await self._borrow(pool)
@@ -525,8 +527,13 @@ class MySQLClient(ClientConnection):
         else:
             pool.release(backend)
 
-    def _pool_for(self, schema: str) -> Pool:
-        return self.service.pool_for(schema, self.user, self.profile)
+    def _use_pool(self, schema: str) -> Pool:
+        """The pool for `schema` (and the user and profile) from now on; the pool knows who uses it."""
+        if self.pool is not None:
+            self.pool.clients.discard(self)
+        pool = self.pool = self.service.pool_for(schema, self.user, self.profile)
+        pool.clients.add(self)
+        return pool
 
     # --- borrowing and linking ---
 
@@ -1450,7 +1457,7 @@ class MySQLClient(ClientConnection):
 
     def _schema_changed(self, backend: MySQLBackend, schema: str) -> None:
         self.schema = backend.schema = schema
-        self.pool = self._pool_for(schema)
+        self._use_pool(schema)
 
     def _state_reported(self, backend: MySQLBackend, reports: list[bytes], query: QueryEffect | None) -> None:
         """Session state changes the server reported (CLIENT_SESSION_TRACK) for the client's command."""

@@ -244,6 +244,8 @@ class PostgresClient(ClientConnection):
         self.state = State.CLOSED
         PROXY.clients_current -= 1
         self.service.clients.pop(self.process_id, None)
+        if self.pool is not None:
+            self.pool.clients.discard(self)
         if self._task is not None and not self._task.done() and not self._buffer:
             self._task.cancel()  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
         if self._acquiring is not None and self._borrowing:
@@ -383,6 +385,7 @@ class PostgresClient(ClientConnection):
                 raise ProtocolViolation(f"invalid configuration parameter name {name!r}")
         await self._authenticate()
         pool = self.pool = service.pool_for(self.database, self.user)
+        pool.clients.add(self)  # kept while it serves a client
         await self._prepare_session(pool, requested)
         self.process_id, self.secret_key = service.new_key()
         service.clients[self.process_id] = self
