@@ -78,6 +78,9 @@ UNTIMED = "SET LOCAL statement_timeout = 0;"
 # backend that died while idle): the client is given another backend, up to SYNC_ATTEMPTS times in all.
 NOT_THE_CLIENTS = frozenset({"57014", "57P01", "57P02", "57P03"})
 SYNC_ATTEMPTS = 3
+# Startup settings a pool remembers as accepted by the server (checked once each); values are the clients' own
+# (application_name), so the set is emptied when it reaches this size.
+VALIDATED_SETTINGS_LIMIT = 10_000
 # Read back after a transaction that used SESSION_WORDS: settings made in the session, and state that pins.
 SESSION_STATE_QUERY = (
     "SELECT name, setting FROM pg_settings WHERE source = 'session'"
@@ -466,6 +469,8 @@ class PostgresClient(ClientConnection):
         except BaseException:
             pool.discard(backend)
             raise
+        if len(pool.validated_settings) >= VALIDATED_SETTINGS_LIMIT:  # values are the clients' (application_name)
+            pool.validated_settings.clear()
         pool.validated_settings.update(requested.items())
         if pool.session_mode:
             self.backend = backend
