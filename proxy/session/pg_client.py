@@ -214,7 +214,10 @@ class PostgresClient(ClientConnection):
 
     async def _login_with_timeout(self) -> None:
         try:
-            await asyncio.wait_for(self._login(), self.service.server.client_login_timeout)
+            # (not wait_for: its inner task would keep a failed login's exception, whose traceback holds wait_for's
+            # frame, which holds that task: a cycle keeping this client until a full garbage collection)
+            async with asyncio.timeout(self.service.server.client_login_timeout):
+                await self._login()
         except TimeoutError:
             PROXY.login_timeouts += 1
             self.fail(LoginTimeout("the client did not complete its login in time"))
@@ -250,9 +253,16 @@ class PostgresClient(ClientConnection):
         if self.pool is not None:
             self.pool.clients.discard(self)
         if self._task is not None and not self._task.done() and not self._buffer:
-            self._task.cancel()  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
+            # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish.) Let go of a cancelled
+            # login: it keeps its CancelledError, whose traceback holds its frame and so this client in a cycle.
+            task, self._task = self._task, None
+            task.cancel()
         if self._acquiring is not None and self._borrowing:
-            self._acquiring.cancel()
+            # let go of it: cancelled, it keeps its CancelledError, whose traceback holds the task's frame and so
+            # this client in a cycle that only a full garbage collection frees
+            acquiring, self._acquiring = self._acquiring, None
+            acquiring.cancel()
+        self.seq_backend = None  # (a dropped backend may still name this client: no cycle)
         backend = self.backend
         if backend is not None:
             self.backend = None
