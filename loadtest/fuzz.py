@@ -3,7 +3,8 @@
 Starts its own PostgreSQL and MariaDB (proxy/devservers.py) and a proxy subprocess with small pools, runs a
 checked bystander client per protocol, sends fuzz connections (pre-login packets and, after a valid login,
 mutated protocol messages, pipelined) concurrently for N minutes or until the packet target is reached, then
-reports packets sent, proxy crashes, tracebacks by kind, bystander errors and stalls, and RSS before/after.
+reports packets sent, proxy crashes, tracebacks by kind, bystander errors and stalls, and RSS at the start,
+after a warm-up (the first 10% of the packet target or of the time) and at the end, with the growth over both.
 Loopback only; bounded in time and count; stops everything it started.
 """
 
@@ -204,7 +205,7 @@ async def fuzz(ports: dict[str, int], proxy: Proxy, args: argparse.Namespace, lo
         tasks += [asyncio.create_task(run.worker(protocol, i, False)) for i in range(args.preauth_workers)]
     crashes = 0
     tracebacks: Counter[str] = Counter()
-    rss_warm = 0
+    warm: dict[str, Any] = {}  # RSS once the warm-up is over (see _warmed_up), and when that was
     next_print = started + 15
     seen_errors = {b.report.name: 0 for b in bystanders}
     stuck = {b.report.name: False for b in bystanders}
@@ -227,8 +228,9 @@ async def fuzz(ports: dict[str, int], proxy: Proxy, args: argparse.Namespace, lo
                 path = run.dump_suspects(name, why, args.workdir / "suspects")
                 print(f"{name} bystander: {why[:200]} (recent cases in {path})", flush=True)
         tracebacks += tracebacks_by_kind(log.new_text())
-        if not rss_warm and time.monotonic() - started > min(60.0, args.minutes * 6):
-            rss_warm = tree_rss(proxy.process.pid) if proxy.process else 0
+        if not warm and _warmed_up(run, started, args.warm_up) and proxy.process is not None:
+            warm = {"rss": tree_rss(proxy.process.pid), "seconds": round(time.monotonic() - started, 1),
+                    "packets": {p: s.packets for p, s in run.stats.items()}}
         if not proxy.alive:
             crashes += 1
             print(f"proxy died (exit {proxy.process.returncode if proxy.process else '?'}); restarting", flush=True)
@@ -240,7 +242,19 @@ async def fuzz(ports: dict[str, int], proxy: Proxy, args: argparse.Namespace, lo
     await asyncio.gather(*tasks, return_exceptions=True)
     _print_progress(run, started)
     return {"seconds": round(time.monotonic() - started, 1), "crashes": crashes, "tracebacks": tracebacks,
-            "rss_warm": rss_warm, "stats": run.stats}
+            "warm": warm, "stats": run.stats}
+
+
+def _warmed_up(run: Run, started: float, share: float) -> bool:
+    """The warm-up is over once every protocol has sent `share` of its packet target, or `share` of the time
+    has passed (whichever comes first): pools, caches and the allocator have reached their working size."""
+    if time.monotonic() - started >= share * (run.deadline - started):
+        return True
+    return all(s.packets >= share * run.target for s in run.stats.values())
+
+
+def _growth(before: int, after: int) -> float | None:
+    return round(100 * (after - before) / before, 1) if before and after else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--units", type=int, default=40, help="exchanges per logged-in fuzz connection")
     parser.add_argument("--mutation-rate", type=float, default=0.02, help="share of messages mutated")
     parser.add_argument("--pool-size", type=int, default=3)
+    parser.add_argument("--warm-up", type=float, default=0.1,
+                        help="share of the packet target (or of the time) after which RSS is read again")
     parser.add_argument("--workdir", type=Path, default=None, help="keep servers' and proxy's files here")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
@@ -297,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         rss_before = tree_rss(proxy.process.pid)
         result = asyncio.run(fuzz(ports, proxy, args, log, bystanders))
         alive = proxy.alive
+        warm = result["warm"]
+        rss_warm = warm.get("rss", 0)
         time.sleep(2.0)  # let closed sessions be cleaned up before measuring
         rss_after = tree_rss(proxy.process.pid) if alive else 0
         in_flight = {b.report.name: round(time.monotonic() - since, 1) for b in bystanders + controls
@@ -309,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
             "database_server_crashes": {type(srv).__name__: server_crashes(srv) for srv in servers},
             "crashes": result["crashes"], "tracebacks": dict(tracebacks.most_common()),
             "tracebacks_total": sum(tracebacks.values()),
-            "rss_before_mib": round(rss_before / 2**20, 1), "rss_warm_mib": round(result["rss_warm"] / 2**20, 1),
+            "rss_before_mib": round(rss_before / 2**20, 1), "rss_warm_mib": round(rss_warm / 2**20, 1),
             "rss_after_mib": round(rss_after / 2**20, 1),
-            "rss_growth_pct": round(100 * (rss_after - rss_before) / rss_before, 1) if rss_before else None,
+            "rss_growth_pct": _growth(rss_before, rss_after),
+            "rss_growth_after_warm_up_pct": _growth(rss_warm, rss_after),
+            "warm_up": {"rule": f"first {args.warm_up:.0%} of the packet target or of the time",
+                        "seconds": warm.get("seconds"), "packets": warm.get("packets")},
             "protocols": {p: {**asdict(s), "login_failures": dict(s.login_failures),
                               "case_errors": dict(s.case_errors)} for p, s in result["stats"].items()},
             "bystanders": {b.report.name: {"cycles": b.report.cycles, "errors": len(b.report.errors),

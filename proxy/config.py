@@ -110,6 +110,10 @@ class PoolSettings(Strict):
         10.0, gt=0, description="seconds the proxy waits on a backend for its own work (session read-back, "
         "settings, reset, cleanup after a client) before it closes that backend"
     )
+    unused_pool_timeout: float = Field(
+        60.0, gt=0, description="seconds a pool (per database and user) with no backend connection, no waiting "
+        "client and no client session is kept before it is forgotten"
+    )
 
     @field_validator("max_connections", "max_idle_connections")
     @classmethod

@@ -158,13 +158,21 @@ class Connection(asyncio.Protocol):
     ) -> None:
         if self._buffer:
             raise ProtocolViolation("unencrypted data received after the TLS request")
-        transport = await self.loop.start_tls(
-            self.transport, self, context, server_side=server_side, server_hostname=server_hostname
-        )
+        transport = await self.upgrade(context, server_side=server_side, server_hostname=server_hostname)
         if transport is None:
             raise BackendUnavailable("TLS handshake did not complete")
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    async def upgrade(self, context: ssl.SSLContext, *, server_side: bool,
+                      server_hostname: str | None = None) -> asyncio.BaseTransport | None:
+        """The event loop's start_tls, unless the socket is already closing. Started on a closing socket, the
+        TLS protocol would be set up after the socket's end was reported, so nothing would ever stop its
+        handshake timer: it and its buffers (about 300 kB) would stay for the loop's 60 s handshake timeout."""
+        if self.closed or self.transport.is_closing():
+            raise ConnectionClosed(self._close_reason)
+        return await self.loop.start_tls(self.transport, self, context, server_side=server_side,
+                                         server_hostname=server_hostname)
 
     @property
     def is_tls(self) -> bool:

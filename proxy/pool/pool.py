@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -211,6 +212,19 @@ class Target:
             del self.pools[(pool.database, pool.user)]
         self.stats.retire(pool.stats)
 
+    def forget_unused_pools(self, now: float) -> None:
+        """Drop the pools that have had no backend, no waiter and no client session for unused_pool_timeout
+        seconds (the janitor calls this once a second): pools are made per database, user (and, for MySQL,
+        client capabilities) as clients ask, so without this every name ever asked for would stay."""
+        timeout = self.settings.unused_pool_timeout
+        for pool in list(self.pools.values()):
+            if not pool.unused():
+                pool.unused_since = None
+            elif pool.unused_since is None:
+                pool.unused_since = now
+            elif now - pool.unused_since >= timeout:
+                self.remove(pool)
+
     def idle_count(self) -> int:
         return sum(len(p.idle) for p in self.pools.values())
 
@@ -310,6 +324,9 @@ class Pool:
         self._next_settings_id = itertools.count(1)
         self._statement_names: dict[tuple[bytes, int], bytes] = {}
         self._next_statement = itertools.count(1)
+        # the client sessions using this pool: while there is one, the pool is kept (see Target.forget_unused_pools)
+        self.clients: weakref.WeakSet[object] = weakref.WeakSet()
+        self.unused_since: float | None = None
 
     def __repr__(self) -> str:
         return f"Pool({self.database}/{self.user}@{self.target.name})"
@@ -345,6 +362,11 @@ class Pool:
 
     def _gauges(self) -> dict[str, int]:
         return {"open": len(self.idle) + len(self.busy), "borrowed": len(self.busy)}
+
+    def unused(self) -> bool:
+        """No backend (idle or lent out), no live waiter and no client session (a connect in progress is always
+        for a waiter or a client)."""
+        return not (self.idle or self.busy or self.clients or any(w.waiting() for w in self.waiters))
 
     def waiting_since(self) -> float:
         return self.waiters[0].waiting_since if self.waiters else float("inf")

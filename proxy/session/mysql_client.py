@@ -302,6 +302,8 @@ class MySQLClient(ClientConnection):
             self.stats.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
+        if self.pool is not None:
+            self.pool.clients.discard(self)
         # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
         # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
         # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
@@ -438,13 +440,21 @@ class MySQLClient(ClientConnection):
         if not early:
             await self.start_tls(context, server_side=True)
             return
-        handshake = self.loop.create_task(self.loop.start_tls(self.transport, self, context, server_side=True))
+        handshake = self.loop.create_task(self.upgrade(context, server_side=True))  # checks for a closing socket
         for _ in range(100):  # let start_tls put its TLS protocol in place (and run its connection_made)
             await asyncio.sleep(0)
+            if handshake.done():
+                break
             if self.transport.get_protocol() is not self:
                 await asyncio.sleep(0)
                 break
         tls_protocol: Any = self.transport.get_protocol()  # uvloop's is buffered without subclassing asyncio's
+        if handshake.done():  # the client left before TLS could start (ConnectionClosed)
+            try:
+                await handshake
+            finally:
+                del handshake
+            raise BackendUnavailable("TLS could not be started")
         if tls_protocol is self or not hasattr(tls_protocol, "buffer_updated"):
             handshake.cancel()
             raise BackendUnavailable("TLS could not be started")
@@ -513,7 +523,7 @@ class MySQLClient(ClientConnection):
 
     async def _prepare_session(self) -> None:
         """Pick the pool; check the database once per pool; keep a backend from now on in session mode."""
-        pool = self.pool = self._pool_for(self.schema)
+        pool = self._use_pool(self.schema)
         if not pool.session_mode and pool.stats.opened:
             return
         backend = await self._borrow(pool)
@@ -527,8 +537,13 @@ class MySQLClient(ClientConnection):
         else:
             pool.release(backend)
 
-    def _pool_for(self, schema: str) -> Pool:
-        return self.service.pool_for(schema, self.user, self.profile)
+    def _use_pool(self, schema: str) -> Pool:
+        """The pool for `schema` (and the user and profile) from now on; the pool knows who uses it."""
+        if self.pool is not None:
+            self.pool.clients.discard(self)
+        pool = self.pool = self.service.pool_for(schema, self.user, self.profile)
+        pool.clients.add(self)
+        return pool
 
     # --- borrowing and linking ---
 
@@ -1454,7 +1469,7 @@ class MySQLClient(ClientConnection):
 
     def _schema_changed(self, backend: MySQLBackend, schema: str) -> None:
         self.schema = backend.schema = schema
-        self.pool = self._pool_for(schema)
+        self._use_pool(schema)
 
     def _state_reported(self, backend: MySQLBackend, reports: list[bytes], query: QueryEffect | None) -> None:
         """Session state changes the server reported (CLIENT_SESSION_TRACK) for the client's command."""

@@ -387,6 +387,7 @@ class MySQLService:
     def maintain(self, now: float) -> None:
         for pool in list(self.target.pools.values()):
             pool.maintain(now)
+        self.target.forget_unused_pools(now)
 
     def close(self) -> None:
         if self._probe is not None:

@@ -76,6 +76,9 @@ LOAD = re.compile(rb"(?i)^\s*load\s")
 # backend that died while idle): the client is given another backend, up to SYNC_ATTEMPTS times in all.
 NOT_THE_CLIENTS = frozenset({"57014", "57P01", "57P02", "57P03"})
 SYNC_ATTEMPTS = 3
+# Startup settings a pool remembers as accepted by the server (checked once each); values are the clients' own
+# (application_name), so the set is emptied when it reaches this size.
+VALIDATED_SETTINGS_LIMIT = 10_000
 # Read back after a transaction that used SESSION_WORDS: settings made in the session, and state that pins.
 SESSION_STATE_QUERY = (
     "SELECT name, setting FROM pg_settings WHERE source = 'session'"
@@ -211,6 +214,8 @@ class PostgresClient(ClientConnection):
 
     async def _login_with_timeout(self) -> None:
         try:
+            # (not wait_for: its inner task would keep a failed login's exception, whose traceback holds wait_for's
+            # frame, which holds that task: a cycle keeping this client until a full garbage collection)
             async with asyncio.timeout(self.service.server.client_login_timeout):
                 await self._login()
         except TimeoutError:
@@ -247,10 +252,19 @@ class PostgresClient(ClientConnection):
         self.state = State.CLOSED
         self.stats.clients_current -= 1
         self.service.clients.pop(self.process_id, None)
+        if self.pool is not None:
+            self.pool.clients.discard(self)
         if self._task is not None and not self._task.done() and not self._buffer:
-            self._task.cancel()  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
+            # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish.) Let go of a cancelled
+            # login: it keeps its CancelledError, whose traceback holds its frame and so this client in a cycle.
+            task, self._task = self._task, None
+            task.cancel()
         if self._acquiring is not None and self._borrowing:
-            self._acquiring.cancel()
+            # let go of it: cancelled, it keeps its CancelledError, whose traceback holds the task's frame and so
+            # this client in a cycle that only a full garbage collection frees
+            acquiring, self._acquiring = self._acquiring, None
+            acquiring.cancel()
+        self.seq_backend = None  # (a dropped backend may still name this client: no cycle)
         backend = self.backend
         if backend is not None:
             self.backend = None
@@ -386,6 +400,7 @@ class PostgresClient(ClientConnection):
                 raise ProtocolViolation(f"invalid configuration parameter name {name!r}")
         await self._authenticate()
         pool = self.pool = service.pool_for(self.database, self.user)
+        pool.clients.add(self)  # kept while it serves a client
         await self._prepare_session(pool, requested)
         self.process_id, self.secret_key = service.new_key()
         service.clients[self.process_id] = self
@@ -465,6 +480,8 @@ class PostgresClient(ClientConnection):
         except BaseException:
             pool.discard(backend)
             raise
+        if len(pool.validated_settings) >= VALIDATED_SETTINGS_LIMIT:  # values are the clients' (application_name)
+            pool.validated_settings.clear()
         pool.validated_settings.update(requested.items())
         if pool.session_mode:
             self.backend = backend

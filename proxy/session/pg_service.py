@@ -107,6 +107,7 @@ class PostgresService:
     def maintain(self, now: float) -> None:
         for pool in list(self.target.pools.values()):
             pool.maintain(now)
+        self.target.forget_unused_pools(now)
 
     def close(self) -> None:
         for pool in self.target.pools.values():

@@ -39,6 +39,7 @@ statement (a later Bind of it gets 26000, never a statement the server did not p
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING
 
 from proxy.errors import ProxyError
@@ -125,7 +126,9 @@ class Statements:
     """The statement book of one client; PostgresClient asks it about each Parse/Bind/Describe/Close."""
 
     def __init__(self, client: PostgresClient) -> None:
-        self.client = client
+        # weakly: the client holds its book, and a cycle would keep every closed client (with its transport, login
+        # task and statements) until the next full garbage collection
+        self._client = weakref.ref(client)
         self.named: dict[bytes, ClientStatement] = {}
         self.unnamed_rest: bytes | None = None  # the client's unnamed statement (its Parse rest), if it has one
         self.unnamed_serial = 0  # counts the client's unnamed Parses; a backend notes the one it holds
@@ -137,6 +140,12 @@ class Statements:
         self.discarding = False  # the check failed: the server skips to Sync, and so do the held messages
         self._context_of = -1
         self._context = 0
+
+    @property
+    def client(self) -> PostgresClient:
+        client = self._client()
+        assert client is not None, "a client's statement book is used only while the client is"
+        return client
 
     # --- the key of shared statements ---
 
