@@ -15,7 +15,7 @@ import pytest
 from proxy.auth.failures import FULL_LINES, FailedLogins
 from proxy.devservers import MariaDBInstance, PostgresInstance
 from rawpg import RawClient
-from support import ProxyProcess, running_proxy
+from support import ProxyProcess, metric_value, running_proxy
 
 PG_LINE = re.compile(r"client 127\.0\.0\.1:\d+ \(user '(\w+)'\): password authentication failed for user \"\1\" "
                      r"\[28P01\]")
@@ -25,9 +25,7 @@ MY_LINE = re.compile(r"client 127\.0\.0\.1:\d+ \(user '(\w+)'\): Access denied f
 
 def metric(proxy: ProxyProcess, name: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert match, text
-    return float(match.group(1))
+    return metric_value(text, name)
 
 
 def pg_fail(port: int, user: str) -> None:
