@@ -219,21 +219,30 @@ async def test_500_clients_share_10_backends(pg_proxy: ProxyProcess, pg_server: 
             peak = max(peak, await asyncio.to_thread(backend_connections, pg_server))
             await asyncio.sleep(0.05)
 
-    async def client(n: int) -> int:
-        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
-                                     database="app", statement_cache_size=0, ssl=False, timeout=60)
-        try:
-            total = 0
-            for i in range(3):
-                async with conn.transaction():
-                    total += await conn.fetchval("SELECT $1::int FROM pg_sleep(0.005)", n + i)
-            return total
-        finally:
-            await conn.close()
+    # The test process computes every client's SCRAM proof on its own event loop: logins go at most 50 at a time
+    # (500 at once would queue behind each other here, past the proxy's login timeout on a loaded machine); all 500
+    # sessions are open together for the transactions.
+    logins = asyncio.Semaphore(50)
 
+    async def connect() -> asyncpg.Connection:
+        async with logins:
+            return await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
+                                         database="app", statement_cache_size=0, ssl=False, timeout=60)
+
+    async def client(conn: asyncpg.Connection, n: int) -> int:
+        total = 0
+        for i in range(3):
+            async with conn.transaction():
+                total += await conn.fetchval("SELECT $1::int FROM pg_sleep(0.005)", n + i)
+        return total
+
+    conns = await asyncio.gather(*(connect() for _ in range(500)))
     sampler = asyncio.create_task(sample())
-    results = await asyncio.gather(*(client(n) for n in range(500)))
-    done.set()
-    await sampler
+    try:
+        results = await asyncio.gather(*(client(conn, n) for n, conn in enumerate(conns)))
+    finally:
+        done.set()
+        await sampler
+        await asyncio.gather(*(conn.close() for conn in conns))
     assert results == [3 * n + 3 for n in range(500)]
     assert 0 < peak <= 10, peak
