@@ -29,12 +29,12 @@ from pathlib import Path
 
 import psutil
 
+from devtools.servers import start_postgres
 from loadtest.idle_probe import login
 from loadtest.latency import percentile
 from loadtest.monitor import cpu_seconds
 from loadtest.targets import BENCH_PASSWORD, BENCH_USER, REPO_ROOT, ProxyProcess
 from proxy.auth.scram import MECHANISM
-from proxy.devservers import start_postgres
 from proxy.protocol.pg import messages as pg
 
 BURST_CONCURRENCY = 50

@@ -7,7 +7,7 @@ Usage::
 
 What it does, all on 127.0.0.1 and all bounded in time:
 
-1. Starts its own throwaway PostgreSQL 15 and MariaDB (``proxy.devservers``, in a temporary directory, on free
+1. Starts its own throwaway PostgreSQL 15 and MariaDB (``devtools.servers``, in a temporary directory, on free
    ports; ``max_connections`` 1,100 so 1,000 direct clients fit), PgBouncer (transaction mode,
    ``default_pool_size`` = ``--pool-size``, SCRAM auth) and the proxy (``python -m proxy run``, transaction
    pooling, ``max_connections`` = ``--pool-size``). All of them are stopped at the end, on errors and on
@@ -75,6 +75,7 @@ import time
 from types import FrameType
 from typing import Any
 
+from devtools.servers import DevServerError
 from loadtest import goals, report
 from loadtest.idle_probe import ProbeResult, format_result, probe
 from loadtest.machine import code_version, machine_facts, raise_open_files_limit
@@ -91,7 +92,6 @@ from loadtest.targets import (
     TargetError,
     temporary_workdir,
 )
-from proxy.devservers import DevServerError
 
 DOCS = REPO_ROOT / "docs"
 IDLE_SCENARIO = "idle connections"

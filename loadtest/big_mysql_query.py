@@ -21,9 +21,9 @@ from pathlib import Path
 
 import psutil
 
+from devtools.servers import free_port, start_mariadb
 from loadtest.big_query import cpu, start_proxy
 from proxy.auth.mysql import scramble_native_password
-from proxy.devservers import free_port, start_mariadb
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, HandshakeResponse41, HandshakeV10, PacketReader, frame
 

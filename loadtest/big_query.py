@@ -22,8 +22,8 @@ from pathlib import Path
 
 import psutil
 
+from devtools.servers import free_port, start_postgres
 from proxy.auth.scram import MECHANISM, ScramClient
-from proxy.devservers import free_port, start_postgres
 from proxy.protocol.pg import messages as pg
 
 MB = 1024 * 1024

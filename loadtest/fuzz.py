@@ -1,6 +1,6 @@
 """Long protocol fuzz run: `python -m loadtest.fuzz --minutes N` against a proxy in front of throwaway servers.
 
-Starts its own PostgreSQL and MariaDB (proxy/devservers.py) and a proxy subprocess with small pools, runs a
+Starts its own PostgreSQL and MariaDB (devtools/servers.py) and a proxy subprocess with small pools, runs a
 checked bystander client per protocol, sends fuzz connections (pre-login packets and, after a valid login,
 mutated protocol messages, pipelined) concurrently for N minutes or until the packet target is reached, then
 reports packets sent, proxy crashes, tracebacks by kind, bystander errors and stalls, and RSS at the start,
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devtools.servers import free_port, start_mariadb, start_postgres
 from loadtest.fuzzclient import (
     STALL_SECONDS,
     Bystander,
@@ -35,7 +36,6 @@ from loadtest.fuzzclient import (
     tree_rss,
 )
 from loadtest.fuzzgen import Case, preauth_case, session_case
-from proxy.devservers import free_port, start_mariadb, start_postgres
 
 PROTOCOLS = ("postgresql", "mysql")
 SECRETS = {"app": "app-secret"}

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from proxy.devservers import MARIADBD, PG_BIN_DIR
+from devtools.servers import MARIADBD, PG_BIN_DIR
 
 PGBENCH = os.environ.get("DBPROXY_PGBENCH", str(PG_BIN_DIR / "pgbench"))
 PSQL = os.environ.get("DBPROXY_PSQL", str(PG_BIN_DIR / "psql"))

@@ -11,8 +11,8 @@ from typing import Protocol, Self
 
 import psutil
 
+from devtools.servers import MariaDBInstance, PostgresInstance
 from loadtest.targets import BENCH_USER
-from proxy.devservers import MariaDBInstance, PostgresInstance
 
 SAMPLE_INTERVAL = 0.2
 

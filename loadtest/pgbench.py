@@ -8,11 +8,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools.servers import PostgresInstance
 from loadtest.latency import cycle_times_us, percentiles_ms, read_pgbench_logs
 from loadtest.machine import PGBENCH
 from loadtest.runner import Measurement, client_env, first_error, run_bounded
 from loadtest.targets import BENCH_PASSWORD, BENCH_USER, Endpoint
-from proxy.devservers import PostgresInstance
 
 TPS = re.compile(r"^tps = ([\d.]+)", re.MULTILINE)
 FAILED_TX = re.compile(r"number of failed transactions: (\d+)")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from devtools.servers import MariaDBInstance
 from loadtest.latency import histogram_percentiles
 from loadtest.machine import SYSBENCH
 from loadtest.runner import Measurement, client_env, first_error, run_bounded
 from loadtest.targets import BENCH_PASSWORD, BENCH_USER, Endpoint
-from proxy.devservers import MariaDBInstance
 
 TRANSACTIONS = re.compile(r"transactions:\s+(\d+)\s+\(([\d.]+) per sec\.\)")
 QUERIES = re.compile(r"queries:\s+(\d+)\s+\(([\d.]+) per sec\.\)")

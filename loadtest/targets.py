@@ -19,8 +19,7 @@ from typing import Self
 
 import psutil
 
-from loadtest.machine import PGBOUNCER, raise_open_files_to_hard_limit
-from proxy.devservers import (
+from devtools.servers import (
     PG_OS_USER,
     DevServerError,
     MariaDBInstance,
@@ -29,6 +28,7 @@ from proxy.devservers import (
     start_mariadb,
     start_postgres,
 )
+from loadtest.machine import PGBOUNCER, raise_open_files_to_hard_limit
 
 BENCH_USER = "bench"
 BENCH_PASSWORD = "bench-secret"

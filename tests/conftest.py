@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.devservers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
+from devtools.servers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
 from support import ProxyProcess, running_proxy
 
 # --- database servers ---

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.devservers import MariaDBInstance, PostgresInstance, free_port
+from devtools.servers import MariaDBInstance, PostgresInstance, free_port
 
 SECRETS = {"app": "app-secret", "bench": "bench-secret"}
 

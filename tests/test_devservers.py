@@ -1,4 +1,4 @@
-"""proxy.devservers: throwaway PostgreSQL / MariaDB instances really accept the logins they promise."""
+"""devtools.servers: throwaway PostgreSQL / MariaDB instances really accept the logins they promise."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import psycopg
 import pymysql
 import pytest
 
-from proxy.devservers import (
+from devtools.servers import (
     DevServerError,
     MariaDBInstance,
     PostgresInstance,

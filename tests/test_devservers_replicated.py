@@ -1,11 +1,11 @@
-"""proxy.devservers: every throwaway server runs as users run theirs (replication ready, TLS on)."""
+"""devtools.servers: every throwaway server runs as users run theirs (replication ready, TLS on)."""
 
 from __future__ import annotations
 
 import psycopg
 import pymysql
 
-from proxy.devservers import MariaDBInstance, PostgresInstance
+from devtools.servers import MariaDBInstance, PostgresInstance
 
 
 def test_mariadb_has_a_binary_log_gtids_and_tls(mariadb_server: MariaDBInstance) -> None:

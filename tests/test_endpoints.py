@@ -14,8 +14,8 @@ import psycopg
 import pymysql
 import pytest
 
+from devtools.servers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
 from proxy.config import EndpointRole, load_config, parse_config
-from proxy.devservers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
 from proxy.endpoints import resolve_endpoints
 from proxy.errors import ConfigError
 from support import SECRETS, ProxyProcess, write_config

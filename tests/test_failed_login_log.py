@@ -12,8 +12,8 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from devtools.servers import MariaDBInstance, PostgresInstance
 from proxy.auth.failures import FULL_LINES, FailedLogins
-from proxy.devservers import MariaDBInstance, PostgresInstance
 from rawpg import RawClient
 from support import ProxyProcess, metric_value, running_proxy
 

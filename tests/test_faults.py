@@ -15,7 +15,7 @@ import psycopg
 import pymysql
 import pytest
 
-from proxy.devservers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
+from devtools.servers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
 from support import ProxyProcess, running_proxy
 
 CLIENTS = 20

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from devtools.servers import MariaDBInstance, PostgresInstance
 from loadtest.fuzzclient import (
     STALL_SECONDS,
     Bystander,
@@ -25,7 +26,6 @@ from loadtest.fuzzclient import (
     tracebacks_by_kind,
 )
 from loadtest.fuzzgen import PG_SYNC, Case, frame_raw, pg_describe, preauth_case, session_case
-from proxy.devservers import MariaDBInstance, PostgresInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.pg import messages as pg
 from rawpg import RawClient

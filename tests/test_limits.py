@@ -11,8 +11,8 @@ import psycopg
 import pymysql
 import pytest
 
+from devtools.servers import MariaDBInstance, PostgresInstance, free_port
 from proxy.auth.scram import MECHANISM, ScramClient
-from proxy.devservers import MariaDBInstance, PostgresInstance, free_port
 from proxy.protocol.mysql.packets import ErrPacket, SSLRequest, frame
 from proxy.protocol.pg import messages as pg
 from rawmysql import CAPS

@@ -14,12 +14,12 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    result = run("ruff", "check", "proxy", "tests", "loadtest")
+    result = run("ruff", "check", "proxy", "devtools", "tests", "loadtest")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy() -> None:
-    result = run("mypy", "proxy", "loadtest")
+    result = run("mypy", "proxy", "devtools", "loadtest")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -11,7 +11,7 @@ import mysql.connector
 import pymysql
 import pytest
 
-from proxy.devservers import MariaDBInstance
+from devtools.servers import MariaDBInstance
 from support import ProxyProcess, running_proxy
 
 

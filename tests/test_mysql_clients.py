@@ -15,7 +15,7 @@ import pymysql
 import pytest
 from pymysql.constants import CLIENT
 
-from proxy.devservers import MariaDBInstance
+from devtools.servers import MariaDBInstance
 from support import ProxyProcess, running_proxy
 
 

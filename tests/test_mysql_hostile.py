@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.devservers import MariaDBInstance
+from devtools.servers import MariaDBInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import frame
 from rawmysql import RawClient

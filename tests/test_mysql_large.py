@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from devtools.servers import MariaDBInstance
 from loadtest.big_mysql_query import MB, PlainClient, bystander, cpu, measure
-from proxy.devservers import MariaDBInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import frame
 from rawmysql import RawClient

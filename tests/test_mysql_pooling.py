@@ -16,7 +16,7 @@ import mysql.connector
 import pymysql
 import pytest
 
-from proxy.devservers import MariaDBInstance
+from devtools.servers import MariaDBInstance
 from support import ProxyProcess, mysql_backend_connections, running_proxy
 
 

@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from proxy.devservers import MariaDBInstance
+from devtools.servers import MariaDBInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import frame
 from support import ProxyProcess, running_proxy

@@ -17,8 +17,8 @@ import mysql.connector
 import pymysql
 import pytest
 
+from devtools.servers import MARIADB_CLIENT, DevServerError, MariaDBInstance, free_port, start_mariadb
 from proxy.auth.mysql import scramble_native_password
-from proxy.devservers import MARIADB_CLIENT, DevServerError, MariaDBInstance, free_port, start_mariadb
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, HandshakeResponse41, HandshakeV10, OkPacket, PacketReader, frame
 from rawmysql import CAPS, RawClient

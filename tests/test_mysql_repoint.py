@@ -15,8 +15,8 @@ import mysql.connector
 import pymysql
 import pytest
 
+from devtools.servers import MariaDBInstance, free_port, start_mariadb
 from inprocess import Load, proxy_in_process, wait_until
-from proxy.devservers import MariaDBInstance, free_port, start_mariadb
 from support import mysql_backend_connections
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS moves (id bigint AUTO_INCREMENT PRIMARY KEY, port int NOT NULL, "

@@ -20,8 +20,8 @@ import mysql.connector
 import pymysql
 import pytest
 
+from devtools.servers import MariaDBInstance
 from proxy.auth.mysql import scramble_native_password
-from proxy.devservers import MariaDBInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import (
     ErrPacket,

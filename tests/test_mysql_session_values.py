@@ -18,7 +18,7 @@ import pytest
 from pymysql.constants import CLIENT
 from test_mysql_session_state import Client, int_rows
 
-from proxy.devservers import MariaDBInstance
+from devtools.servers import MariaDBInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import frame
 from proxy.session import mysql_ids as ids

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.servers import PostgresInstance
 from proxy.auth import scram
 from proxy.auth.scram import MECHANISM, ScramClient
-from proxy.devservers import PostgresInstance
 from proxy.protocol.pg import messages as pg
 from proxy.secrets import SecretStore
 from rawpg import RawClient

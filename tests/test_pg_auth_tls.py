@@ -10,7 +10,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devservers import PostgresInstance, start_postgres
+from devtools.servers import PostgresInstance, start_postgres
 from proxy.tls import self_signed_pair
 from support import ProxyProcess, running_proxy
 

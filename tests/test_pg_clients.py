@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from support import ProxyProcess, backend_connections
 
 ENV = dict(os.environ, PGPASSWORD="app-secret")

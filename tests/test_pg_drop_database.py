@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from proxy.session.pg_databases import database_ddl_target
 from support import ProxyProcess, running_proxy
 

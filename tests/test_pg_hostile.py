@@ -11,8 +11,8 @@ import psutil
 import psycopg
 import pytest
 
+from devtools.servers import PostgresInstance
 from loadtest.big_query import MB, bystander, measure
-from proxy.devservers import PostgresInstance
 from proxy.protocol.pg import messages as pg
 from rawpg import RawClient
 from support import ProxyProcess, backend_connections, running_proxy

@@ -11,7 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from support import ProxyProcess, running_proxy
 
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from support import ProxyProcess, backend_connections, running_proxy
 
 
@@ -205,7 +205,7 @@ def test_max_idle_connections_trims_the_pool(tmp_path: Path, pg_server: Postgres
 
 
 def test_trust_backend(tmp_path: Path) -> None:
-    from proxy.devservers import start_postgres
+    from devtools.servers import start_postgres
 
     server = start_postgres(tmp_path / "pg", users={"app": "app-secret"}, auth="trust")
     try:

@@ -15,8 +15,8 @@ import asyncpg
 import psycopg
 import pytest
 
+from devtools.servers import PostgresInstance, free_port, start_postgres
 from inprocess import Load, proxy_in_process, wait_until
-from proxy.devservers import PostgresInstance, free_port, start_postgres
 from support import backend_connections
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS moves (id bigserial PRIMARY KEY, port int NOT NULL, client text NOT NULL)"

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from support import ProxyProcess, running_proxy
 
 CLIENTS = 20

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from support import ProxyProcess, backend_connections, metric_value, running_proxy
 
 ENV = dict(os.environ, PGPASSWORD="app-secret", PGSSLMODE="disable")

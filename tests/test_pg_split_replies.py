@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy.devservers import PostgresInstance, free_port
+from devtools.servers import PostgresInstance, free_port
 from support import ProxyProcess, running_proxy
 
 DRIP_PAUSE = 0.0002  # seconds between the bytes: enough for the proxy to read each one on its own

@@ -14,7 +14,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devservers import PostgresInstance
+from devtools.servers import PostgresInstance
 from proxy.protocol.pg import messages as pg
 from rawpg import RawClient
 from support import ProxyProcess, running_proxy

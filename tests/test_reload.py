@@ -21,7 +21,7 @@ import psycopg
 import pymysql
 import pytest
 
-from proxy.devservers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
+from devtools.servers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
 from proxy.pool.pool import Target
 from support import SECRETS, ProxyProcess, backend_connections, write_config
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.devservers import free_port
+from devtools.servers import free_port
 from proxy.tls import self_signed_pair
 from support import write_config
 

@@ -11,7 +11,7 @@ import pymysql
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.devservers import MariaDBInstance, PostgresInstance
+from devtools.servers import MariaDBInstance, PostgresInstance
 from support import ProxyProcess, running_proxy
 
 ASKED = 40  # logins, each to a database of its own that does not exist

@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import errors
 
+from devtools.servers import MariaDBInstance, PostgresInstance
 from proxy.channel import HEADER, ask_blocking, encode
-from proxy.devservers import MariaDBInstance, PostgresInstance
 from proxy.rundir import worker_channel
 from support import ProxyProcess, backend_connections, metric_value, running_proxy, scrape
 
