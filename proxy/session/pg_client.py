@@ -421,7 +421,9 @@ class PostgresClient(ClientConnection):
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
-        failure = AuthenticationFailed(f'password authentication failed for user "{self.user}"')
+        # a message, not the exception: kept in this frame, a raised exception would hold the frame (and this
+        # client) through its own traceback, a cycle
+        failure = f'password authentication failed for user "{self.user}"'
         if method is ClientAuthMethod.SCRAM_SHA_256:
             keys = await _scram_keys(service, self.user, secret)
             self.write(pg.authentication_sasl([MECHANISM]))
@@ -439,9 +441,9 @@ class PostgresClient(ClientConnection):
             try:
                 final = exchange.server_final(body)
             except AuthenticationFailed:
-                raise failure from None
+                raise AuthenticationFailed(failure) from None
             if secret is None:
-                raise failure
+                raise AuthenticationFailed(failure)
             self.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
             return
         if method is ClientAuthMethod.PASSWORD and not self.is_tls:
@@ -456,13 +458,13 @@ class PostgresClient(ClientConnection):
             raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
         answer = pg.parse_password(body)
         if secret is None:
-            raise failure
+            raise AuthenticationFailed(failure)
         if method is ClientAuthMethod.MD5:
             ok = check_md5_response(self.user.encode(), secret.password, salt, answer)
         else:
             ok = hmac.compare_digest(answer, secret.password)
         if not ok:
-            raise failure
+            raise AuthenticationFailed(failure)
 
     async def _prepare_session(self, pool: Pool, requested: dict[str, str]) -> None:
         """Learn the server's settings, check the client's requested ones once, and keep a backend in session mode."""
