@@ -1,4 +1,5 @@
-"""Pools made for names clients ask for are forgotten once unused: the pool count returns to what is in use."""
+"""What pools keep for names and values clients choose is bounded: unused pools are forgotten, and the startup
+settings a pool remembers are capped."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ from pathlib import Path
 import psycopg
 import pymysql
 import pytest
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.servers import MariaDBInstance, PostgresInstance
+from devtools.servers import MariaDBInstance, PostgresInstance, free_port
+from proxy.config import parse_config
+from proxy.secrets import SecretStore
+from proxy.server import ProxyServer
+from proxy.session import pg_client
 from support import ProxyProcess, running_proxy
 
 ASKED = 40  # logins, each to a database of its own that does not exist
@@ -92,3 +98,28 @@ def test_mysql_pools_of_unknown_databases_are_forgotten(tmp_path: Path, mariadb_
         finally:
             held.close()
         assert "Traceback" not in proxy.log()
+
+
+def test_pg_remembered_startup_settings_are_bounded(pg_server: PostgresInstance,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool remembers which startup settings the server accepted (to check each once); the values are the
+    clients' own (application_name), so what it remembers is bounded (here at 5 instead of 10 000)."""
+    monkeypatch.setattr(pg_client, "VALIDATED_SETTINGS_LIMIT", 5)
+    config = parse_config({"server": {"client_login_timeout": 3.0, "workers": 1},
+                           "postgresql": {"port": free_port(), "backend_port": pg_server.port},
+                           "mysql": {"enabled": False}})
+
+    async def main() -> int:
+        server = ProxyServer(config, SecretStore({"app": "app-secret"}))
+        await server.start()
+        try:
+            for index in range(12):
+                conn = await psycopg.AsyncConnection.connect(
+                    host="127.0.0.1", port=server.ports["postgresql"], user="app", password="app-secret",
+                    dbname="app", application_name=f"app-{index}")
+                await conn.close()
+            return max(len(pool.validated_settings) for pool in server.postgres.target.pools.values())
+        finally:
+            await server.stop()
+
+    assert uvloop.run(main()) <= 5
