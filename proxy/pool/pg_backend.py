@@ -7,14 +7,14 @@ import logging
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.auth.md5 import md5_response
 from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
 from proxy.netio import ConnectionClosed
-from proxy.pool.backend import BackendConnection
+from proxy.pool.backend import BackendConnection, LinkedClient
 from proxy.pool.pg_deadline import internal_deadline
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
@@ -39,8 +39,6 @@ from proxy.protocol.pg.replies import NOTIFICATION, ReplyMatcher
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
     from proxy.secrets import SecretStore
-    from proxy.session.pg_client import PostgresClient
-    from proxy.session.pg_statements import Statements
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +47,34 @@ log = logging.getLogger(__name__)
 # read-back in proxy.session.pg_client cannot do the same: pg_settings would then show the local value as the
 # session's.)
 UNTIMED = "SET LOCAL statement_timeout = 0;"
+
+
+class StatementBook(Protocol):
+    """A client's statement book as its backend tells it about requests that failed."""
+
+    def failed(self, expectation: Expectation, failing: bool) -> None: ...
+    def unnamed_failed(self) -> None: ...
+
+
+class PgLinkedClient(LinkedClient, Protocol):
+    """The side of a PostgreSQL client session its linked backend talks to (the session implements it)."""
+
+    @property
+    def process_id(self) -> int: ...
+    @property
+    def transport(self) -> asyncio.Transport: ...
+    @property
+    def statements(self) -> StatementBook: ...
+    def backend_ready(self, backend: PostgresBackend, count: int) -> None: ...
+    def server_reported(self, name: str, value: str) -> None: ...
+    def resume_held(self, backend: PostgresBackend) -> None: ...
+
+
+class SessionSettings(Protocol):
+    """What a backend must be given of a client's session: its settings and the pool's number for them."""
+
+    settings: dict[str, str]
+    settings_id: int
 
 
 class PostgresBackend(BackendConnection):
@@ -64,14 +90,14 @@ class PostgresBackend(BackendConnection):
         self.secret_key = 0
         self.params: dict[str, str] = {}  # current values of settings on this server session
         self.login_params: dict[str, str] = {}  # what this server reported at login (a session reset returns to it)
-        self.client: PostgresClient | None = None
+        self.client: PgLinkedClient | None = None
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self.replies = ReplyMatcher()  # what the server's replies are for, and what the linked client gets of them
         self.expect: deque[Expectation] = self.replies.expect  # requests sent, in the order their replies will come
         # Note one more request sent: its replies come after those of every request sent before (deque.append).
         self.expect_reply: Callable[[Expectation], None] = self.expect.append
         self._prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
-        self._unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
+        self._unnamed_owner: object | None = None  # whose unnamed Parse this session's unnamed statement is
         self._unnamed_serial = 0  # and which of that client's unnamed Parses
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
         self.uses = 0  # transactions started here by clients (see proxy.session.pg_sequences)
@@ -82,7 +108,7 @@ class PostgresBackend(BackendConnection):
 
     # --- linking to a client ---
 
-    def link(self, client: PostgresClient) -> None:
+    def link(self, client: PgLinkedClient) -> None:
         self.client = client
         self.replies.reset(client.process_id)
         self.notifications.clear()  # (not delivered to the session they belonged to: not for this client)
@@ -126,11 +152,11 @@ class PostgresBackend(BackendConnection):
         self.expect.append(Expectation(CLOSE, INJECT, reply))
         return True
 
-    def holds_unnamed(self, owner: Statements, serial: int) -> bool:
+    def holds_unnamed(self, owner: object, serial: int) -> bool:
         """This session's unnamed statement is `owner`'s unnamed Parse number `serial`."""
         return self._unnamed_owner is owner and self._unnamed_serial == serial
 
-    def parse_unnamed(self, owner: Statements, serial: int, expectation: Expectation) -> None:
+    def parse_unnamed(self, owner: object, serial: int, expectation: Expectation) -> None:
         """`owner`'s unnamed Parse number `serial` is sent; its reply is `expectation`'s."""
         self._unnamed_owner = owner
         self._unnamed_serial = serial
@@ -247,7 +273,7 @@ class PostgresBackend(BackendConnection):
         if ready and self.client is client:
             client.backend_ready(self, ready)
 
-    def _replies_read(self, client: PostgresClient, out: bytes) -> None:
+    def _replies_read(self, client: PgLinkedClient, out: bytes) -> None:
         """Replies that change state on this side came with `out`: apply them around passing it on."""
         replies = self.replies
         if replies.reported:
@@ -259,7 +285,7 @@ class PostgresBackend(BackendConnection):
         if replies.resume:
             client.resume_held(self)
 
-    def _reported(self, client: PostgresClient) -> None:
+    def _reported(self, client: PgLinkedClient) -> None:
         """ParameterStatus passed to the client: the server session and the client's session have that setting."""
         params = self.params
         for name, value in self.replies.reported:
@@ -267,7 +293,7 @@ class PostgresBackend(BackendConnection):
             client.server_reported(name, value)
         self.replies.reported.clear()
 
-    def _failed(self, statements: Statements) -> None:
+    def _failed(self, statements: StatementBook) -> None:
         """An extended-query request failed and the server skipped the rest up to Sync: what they made is undone."""
         for failed, failing in self.replies.failed:
             record = failed.record

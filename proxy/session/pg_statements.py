@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.errors import ProxyError
 from proxy.protocol.pg import extended as ext
@@ -71,7 +71,6 @@ from proxy.protocol.pg.extended import (
 if TYPE_CHECKING:
     from proxy.pool.pg_backend import PostgresBackend
     from proxy.pool.pool import Pool
-    from proxy.session.pg_client import PostgresClient
 
 STATEMENT = ord("S")
 HOLD = b"\x00hold\x00"  # the answer "a check was sent: hold the client's bytes from this message on" (by identity)
@@ -122,10 +121,22 @@ class ClientStatement:
         self.stale = False  # the schema changed under it: every use gets 0A000, as directly
 
 
+class StatementsClient(Protocol):
+    """The side of a client session its statement book reads (the session implements it)."""
+
+    @property
+    def settings_id(self) -> int: ...
+    @property
+    def wanted(self) -> dict[str, str]: ...
+    @property
+    def in_extended(self) -> bool: ...
+    def note_session_words(self, sql: bytes) -> None: ...
+
+
 class Statements:
     """The statement book of one client; PostgresClient asks it about each Parse/Bind/Describe/Close."""
 
-    def __init__(self, client: PostgresClient) -> None:
+    def __init__(self, client: StatementsClient) -> None:
         # weakly: the client holds its book, and a cycle would keep every closed client (with its transport, login
         # task and statements) until the next full garbage collection
         self._client = weakref.ref(client)
@@ -142,7 +153,7 @@ class Statements:
         self._context = 0
 
     @property
-    def client(self) -> PostgresClient:
+    def client(self) -> StatementsClient:
         client = self._client()
         assert client is not None, "a client's statement book is used only while the client is"
         return client
