@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from proxy.demo import run_demo
 
-        _exit_on_start_error(lambda: run_demo(args.dir, args.port, args.mysql_port))
+        setup_logging("info", "text")
+        _exit_on_start_error(lambda: run_demo(args.dir, args.port, args.mysql_port, serve))
         return
     if args.command == "reload":
         send_reload(args.config, args.pid_file)

@@ -6,11 +6,13 @@ import logging
 import secrets as random_source
 import shlex
 import shutil
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import uvloop
 
-from proxy.config import parse_config
+from proxy.config import Config, parse_config
 from proxy.devservers import DevServerError, start_mariadb, start_postgres
 from proxy.startup import StartupError
 
@@ -20,11 +22,11 @@ NEEDS = (" (the demo needs the PostgreSQL and MariaDB server packages;"
          " Debian: apt-get install postgresql mariadb-server)")
 
 
-def run_demo(folder: Path, port: int, mysql_port: int = 6033) -> None:
-    """Start the databases, write a config and a secrets file into `folder`, serve until Ctrl-C."""
-    from proxy.cli import serve, setup_logging
+Serve = Callable[[Config, str], Coroutine[Any, Any, None]]
 
-    setup_logging("info", "text")
+
+def run_demo(folder: Path, port: int, mysql_port: int, serve: Serve) -> None:
+    """Start the databases, write a config and a secrets file into `folder`, then `serve` them until Ctrl-C."""
     folder = folder.resolve()
     for name in ("db", "mariadb"):
         shutil.rmtree(folder / name, ignore_errors=True)
