@@ -82,7 +82,7 @@ class PostgresBackend(BackendConnection):
 
     It owns the state of its server session: the replies it awaits (read by its ReplyMatcher), the shared statements
     prepared there (an LRU), its unnamed statement's owner, and its settings. A client session asks it to change
-    them (expect_reply, inject, ensure_prepared, parse_unnamed, apply_settings) and never writes them itself."""
+    them (expect_reply, inject, send, ensure_prepared, parse_unnamed, apply_state) and never writes them itself."""
 
     def __init__(self, pool: Pool) -> None:
         super().__init__(pool)
@@ -236,10 +236,18 @@ class PostgresBackend(BackendConnection):
             else:
                 params[name] = server_params[name]
 
-    def settings_are(self, wanted: dict[str, str]) -> int:
-        """The session's settings are `wanted` now (its client changed them here); returns their number."""
-        self.settings_id = self.pool.settings_id(wanted)
-        return self.settings_id
+    async def apply_state(self, session: SessionSettings) -> None:
+        """Re-establish a client's session here, in one round trip at most: its settings (the difference only).
+        Its named statements need no step: they are prepared here on first use (ensure_prepared)."""
+        session.settings_id = await self.apply_settings(session.settings, session.settings_id)
+
+    def state_is(self, session: SessionSettings) -> None:
+        """The session's settings here are the client's now (its client changed them on this backend)."""
+        self.settings_id = session.settings_id = self.pool.settings_id(session.settings)
+
+    def in_state_of(self, session: SessionSettings) -> bool:
+        """This session's settings are the client's already (nothing to apply)."""
+        return self.settings_id == session.settings_id
 
     def settings_read(self, settings: dict[str, str]) -> None:
         """The session's settings as read back from the server: besides those the server reports, only these."""
@@ -250,6 +258,28 @@ class PostgresBackend(BackendConnection):
         for name, value in settings.items():
             if name not in reported and name not in pg.READ_ONLY_PARAMETERS:
                 params[name] = value
+
+    # --- client -> server ---
+
+    def send(self, data: bytes) -> None:
+        """Pass a client's bytes (and what the proxy adds to them) to the server."""
+        self.transport.write(data)
+
+    def log_off(self) -> None:
+        """Say Terminate to the server (the connection is closed next)."""
+        if not self.closed:
+            self.transport.write(pg.message(b"X"))
+
+    # --- sequence values of the server session (see proxy.session.pg_sequences) ---
+
+    def count_use(self) -> int:
+        """A client starts a transaction here; returns the number of such uses so far."""
+        self.uses += 1
+        return self.uses
+
+    def sequences_belong_to(self, owner: int) -> None:
+        """The sequence values of this session are now `owner`'s (a client id, or NOBODY / SHARED)."""
+        self.seq_owner = owner
 
     # --- the hot path: server -> client ---
 

@@ -71,6 +71,7 @@ from proxy.protocol.pg.extended import (
 if TYPE_CHECKING:
     from proxy.pool.pg_backend import PostgresBackend
     from proxy.pool.pool import Pool
+    from proxy.session.state import SessionState
 
 STATEMENT = ord("S")
 HOLD = b"\x00hold\x00"  # the answer "a check was sent: hold the client's bytes from this message on" (by identity)
@@ -125,10 +126,6 @@ class StatementsClient(Protocol):
     """The side of a client session its statement book reads (the session implements it)."""
 
     @property
-    def settings_id(self) -> int: ...
-    @property
-    def wanted(self) -> dict[str, str]: ...
-    @property
     def in_extended(self) -> bool: ...
     def note_session_words(self, sql: bytes) -> None: ...
 
@@ -136,11 +133,12 @@ class StatementsClient(Protocol):
 class Statements:
     """The statement book of one client; PostgresClient asks it about each Parse/Bind/Describe/Close."""
 
-    def __init__(self, client: StatementsClient) -> None:
+    def __init__(self, client: StatementsClient, session: SessionState[str, ClientStatement]) -> None:
         # weakly: the client holds its book, and a cycle would keep every closed client (with its transport, login
         # task and statements) until the next full garbage collection
         self._client = weakref.ref(client)
-        self.named: dict[bytes, ClientStatement] = {}
+        self.session = session  # its settings are part of a shared statement's key
+        self.named = session.statements  # the client's name -> its statement
         self.unnamed_rest: bytes | None = None  # the client's unnamed statement (its Parse rest), if it has one
         self.unnamed_serial = 0  # counts the client's unnamed Parses; a backend notes the one it holds
         self.unnamed_words = False  # its text may change session state
@@ -161,12 +159,11 @@ class Statements:
     # --- the key of shared statements ---
 
     def _context_id(self, pool: Pool) -> int:
-        client = self.client
-        if client.settings_id != self._context_of:
-            wanted = client.wanted
+        session = self.session
+        if session.settings_id != self._context_of:
             self._context = pool.settings_id(
-                {name.lower(): value for name, value in wanted.items() if name.lower() in NAME_SETTINGS})
-            self._context_of = client.settings_id
+                {name.lower(): value for name, value in session.settings.items() if name.lower() in NAME_SETTINGS})
+            self._context_of = session.settings_id
         return self._context
 
     # --- Parse ---
