@@ -7,14 +7,11 @@ import logging
 from proxy.auth.failures import FailedLogins
 from proxy.errors import AuthenticationFailed, ProxyError
 from proxy.protocol.pg import messages as pg
-from proxy.session.client import State
 from proxy.session.pg_login import PgLogin
 
 log = logging.getLogger(__name__)
 failed_logins = FailedLogins(log)
 FAIL_LINE = "client %s (user %r): %s [%s]"  # the warning line of a client's failed login or refused session
-
-__all__ = ["PostgresClient", "State"]
 
 
 class PostgresClient(PgLogin):
