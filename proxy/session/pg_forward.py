@@ -152,7 +152,10 @@ class PgForward(PgBorrow):
                 return
             if action == INSPECTED:
                 if end - pos >= 1 + length:
-                    replacement = self._inspect_or_reject(kind, scan[pos + 5 : pos + 1 + length], backend)
+                    try:
+                        replacement = self._inspect(kind, scan[pos + 5 : pos + 1 + length], backend)
+                    except ProtocolViolation as exc:  # as PostgreSQL does: ERROR 08P01, skip to Sync, carry on
+                        replacement = self._rejected(exc, backend)
                     if replacement is HOLD:
                         self._write_pieces(backend, pieces, scan, run_start, pos)
                         self._start_check(scan, pos, backend)
@@ -224,13 +227,11 @@ class PgForward(PgBorrow):
         self._checking = True
         self._held += scan[pos:]
 
-    def _inspect_or_reject(self, kind: int, body: bytes, backend: PostgresBackend) -> bytes | None:
-        try:
-            return self._inspect(kind, body, backend)
-        except ProtocolViolation as exc:  # as PostgreSQL does: ERROR 08P01, skip to Sync, carry on
-            log.warning("client %s (user %r): %s [%s]", self.peer, self.session.user, exc.message, exc.sqlstate)
-            self.stats.protocol_errors += 1
-            return self.statements.reject(backend, exc)
+    def _rejected(self, exc: ProtocolViolation, backend: PostgresBackend) -> bytes:
+        """A malformed extended-query message: logged, and answered where the server would have failed."""
+        log.warning("client %s (user %r): %s [%s]", self.peer, self.session.user, exc.message, exc.sqlstate)
+        self.stats.protocol_errors += 1
+        return self.statements.reject(backend, exc)
 
     def _stream_query(self, head: bytes, backend: PostgresBackend) -> None:
         """A large Query passes through as it arrives; only its text is scanned for session words on the way."""
