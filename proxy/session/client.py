@@ -39,6 +39,8 @@ class TLSHandshakeFailed(ConnectionClosed):
 
 
 class State(IntEnum):
+    """Where a client session is in its life (both engines)."""
+
     LOGIN = 0
     READY = 1  # logged in; forwarding
     CLOSED = 2

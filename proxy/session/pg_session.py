@@ -61,10 +61,6 @@ class PgSession(ClientConnection):
         self._yielding = False  # reading paused until the event loop's next turn
         self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
 
-    @property
-    def user(self) -> str:
-        return self.session.user
-
     def _mid_message_on_backend(self) -> bool:
         """Part of a message has reached the linked backend (or is held for it) and the rest has not come."""
         return bool(self._skip or self._partial or self._message is not None)
