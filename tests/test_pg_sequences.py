@@ -189,6 +189,13 @@ def test_sequence_words_and_discard_decisions() -> None:
         def expect_reply(self, expectation: ext.Expectation) -> None:
             self.expect.append(expectation)
 
+        def count_use(self) -> int:
+            self.uses += 1
+            return self.uses
+
+        def sequences_belong_to(self, owner: int) -> None:
+            self.seq_owner = owner
+
     backend = FakeBackend()
     assert seq.attach(backend, 7, {b"insert"}) == (b"", True)  # type: ignore[arg-type]  # a new session
     assert seq.attach(backend, 8, set()) == (b"", False)  # type: ignore[arg-type]  # nothing to discard for

@@ -7,14 +7,14 @@ import logging
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.auth.md5 import md5_response
 from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
 from proxy.netio import ConnectionClosed
-from proxy.pool.backend import BackendConnection
+from proxy.pool.backend import BackendConnection, LinkedClient
 from proxy.pool.pg_deadline import internal_deadline
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
@@ -39,8 +39,6 @@ from proxy.protocol.pg.replies import NOTIFICATION, ReplyMatcher
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
     from proxy.secrets import SecretStore
-    from proxy.session.pg_client import PostgresClient
-    from proxy.session.pg_statements import Statements
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +49,40 @@ log = logging.getLogger(__name__)
 UNTIMED = "SET LOCAL statement_timeout = 0;"
 
 
+class StatementBook(Protocol):
+    """A client's statement book as its backend tells it about requests that failed."""
+
+    def failed(self, expectation: Expectation, failing: bool) -> None: ...
+    def unnamed_failed(self) -> None: ...
+
+
+class PgLinkedClient(LinkedClient, Protocol):
+    """The side of a PostgreSQL client session its linked backend talks to (the session implements it)."""
+
+    @property
+    def process_id(self) -> int: ...
+    @property
+    def transport(self) -> asyncio.Transport: ...
+    @property
+    def statements(self) -> StatementBook: ...
+    def backend_ready(self, backend: PostgresBackend, count: int) -> None: ...
+    def server_reported(self, name: str, value: str) -> None: ...
+    def resume_held(self, backend: PostgresBackend) -> None: ...
+
+
+class SessionSettings(Protocol):
+    """What a backend must be given of a client's session: its settings and the pool's number for them."""
+
+    settings: dict[str, str]
+    settings_id: int
+
+
 class PostgresBackend(BackendConnection):
     """One server connection. While linked to a client, bytes stream through; only headers are read.
 
     It owns the state of its server session: the replies it awaits (read by its ReplyMatcher), the shared statements
     prepared there (an LRU), its unnamed statement's owner, and its settings. A client session asks it to change
-    them (expect_reply, inject, ensure_prepared, parse_unnamed, apply_settings) and never writes them itself."""
+    them (expect_reply, inject, send, ensure_prepared, parse_unnamed, apply_state) and never writes them itself."""
 
     def __init__(self, pool: Pool) -> None:
         super().__init__(pool)
@@ -64,14 +90,14 @@ class PostgresBackend(BackendConnection):
         self.secret_key = 0
         self.params: dict[str, str] = {}  # current values of settings on this server session
         self.login_params: dict[str, str] = {}  # what this server reported at login (a session reset returns to it)
-        self.client: PostgresClient | None = None
+        self.client: PgLinkedClient | None = None
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self.replies = ReplyMatcher()  # what the server's replies are for, and what the linked client gets of them
         self.expect: deque[Expectation] = self.replies.expect  # requests sent, in the order their replies will come
         # Note one more request sent: its replies come after those of every request sent before (deque.append).
         self.expect_reply: Callable[[Expectation], None] = self.expect.append
         self._prepared: OrderedDict[bytes, Prepared] = OrderedDict()  # shared statements prepared here, LRU order
-        self._unnamed_owner: Statements | None = None  # whose unnamed Parse this session's unnamed statement is
+        self._unnamed_owner: object | None = None  # whose unnamed Parse this session's unnamed statement is
         self._unnamed_serial = 0  # and which of that client's unnamed Parses
         self.notifications: list[bytes] = []  # NotificationResponse bodies read during the proxy's own queries
         self.uses = 0  # transactions started here by clients (see proxy.session.pg_sequences)
@@ -82,7 +108,7 @@ class PostgresBackend(BackendConnection):
 
     # --- linking to a client ---
 
-    def link(self, client: PostgresClient) -> None:
+    def link(self, client: PgLinkedClient) -> None:
         self.client = client
         self.replies.reset(client.process_id)
         self.notifications.clear()  # (not delivered to the session they belonged to: not for this client)
@@ -126,11 +152,11 @@ class PostgresBackend(BackendConnection):
         self.expect.append(Expectation(CLOSE, INJECT, reply))
         return True
 
-    def holds_unnamed(self, owner: Statements, serial: int) -> bool:
+    def holds_unnamed(self, owner: object, serial: int) -> bool:
         """This session's unnamed statement is `owner`'s unnamed Parse number `serial`."""
         return self._unnamed_owner is owner and self._unnamed_serial == serial
 
-    def parse_unnamed(self, owner: Statements, serial: int, expectation: Expectation) -> None:
+    def parse_unnamed(self, owner: object, serial: int, expectation: Expectation) -> None:
         """`owner`'s unnamed Parse number `serial` is sent; its reply is `expectation`'s."""
         self._unnamed_owner = owner
         self._unnamed_serial = serial
@@ -210,10 +236,18 @@ class PostgresBackend(BackendConnection):
             else:
                 params[name] = server_params[name]
 
-    def settings_are(self, wanted: dict[str, str]) -> int:
-        """The session's settings are `wanted` now (its client changed them here); returns their number."""
-        self.settings_id = self.pool.settings_id(wanted)
-        return self.settings_id
+    async def apply_state(self, session: SessionSettings) -> None:
+        """Re-establish a client's session here, in one round trip at most: its settings (the difference only).
+        Its named statements need no step: they are prepared here on first use (ensure_prepared)."""
+        session.settings_id = await self.apply_settings(session.settings, session.settings_id)
+
+    def state_is(self, session: SessionSettings) -> None:
+        """The session's settings here are the client's now (its client changed them on this backend)."""
+        self.settings_id = session.settings_id = self.pool.settings_id(session.settings)
+
+    def in_state_of(self, session: SessionSettings) -> bool:
+        """This session's settings are the client's already (nothing to apply)."""
+        return self.settings_id == session.settings_id
 
     def settings_read(self, settings: dict[str, str]) -> None:
         """The session's settings as read back from the server: besides those the server reports, only these."""
@@ -224,6 +258,28 @@ class PostgresBackend(BackendConnection):
         for name, value in settings.items():
             if name not in reported and name not in pg.READ_ONLY_PARAMETERS:
                 params[name] = value
+
+    # --- client -> server ---
+
+    def send(self, data: bytes) -> None:
+        """Pass a client's bytes (and what the proxy adds to them) to the server."""
+        self.transport.write(data)
+
+    def log_off(self) -> None:
+        """Say Terminate to the server (the connection is closed next)."""
+        if not self.closed:
+            self.transport.write(pg.message(b"X"))
+
+    # --- sequence values of the server session (see proxy.session.pg_sequences) ---
+
+    def count_use(self) -> int:
+        """A client starts a transaction here; returns the number of such uses so far."""
+        self.uses += 1
+        return self.uses
+
+    def sequences_belong_to(self, owner: int) -> None:
+        """The sequence values of this session are now `owner`'s (a client id, or NOBODY / SHARED)."""
+        self.seq_owner = owner
 
     # --- the hot path: server -> client ---
 
@@ -247,7 +303,7 @@ class PostgresBackend(BackendConnection):
         if ready and self.client is client:
             client.backend_ready(self, ready)
 
-    def _replies_read(self, client: PostgresClient, out: bytes) -> None:
+    def _replies_read(self, client: PgLinkedClient, out: bytes) -> None:
         """Replies that change state on this side came with `out`: apply them around passing it on."""
         replies = self.replies
         if replies.reported:
@@ -259,7 +315,7 @@ class PostgresBackend(BackendConnection):
         if replies.resume:
             client.resume_held(self)
 
-    def _reported(self, client: PostgresClient) -> None:
+    def _reported(self, client: PgLinkedClient) -> None:
         """ParameterStatus passed to the client: the server session and the client's session have that setting."""
         params = self.params
         for name, value in self.replies.reported:
@@ -267,7 +323,7 @@ class PostgresBackend(BackendConnection):
             client.server_reported(name, value)
         self.replies.reported.clear()
 
-    def _failed(self, statements: Statements) -> None:
+    def _failed(self, statements: StatementBook) -> None:
         """An extended-query request failed and the server skipped the rest up to Sync: what they made is undone."""
         for failed, failing in self.replies.failed:
             record = failed.record

@@ -459,6 +459,17 @@ class Pool:
             return backend
         return None
 
+    def borrow_this(self, backend: Backend) -> bool:
+        """Borrow `backend` itself when it is idle here and may be lent (not closed, of the target's generation,
+        the target not paused); False otherwise."""
+        if (self.target.paused or backend.closed or backend.generation != self.target.generation
+                or backend not in self.idle):
+            return False
+        self.idle.remove(backend)
+        self.busy.add(backend)
+        self.stats.borrows += 1
+        return True
+
     async def _open(self, deadline: float) -> Backend:
         """Connect a new backend in a slot of the target's budget; while the server is away or restarting, try
         again with backoff until `deadline` (loop time), then raise the borrow timeout naming the last failure."""

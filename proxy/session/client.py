@@ -1,15 +1,26 @@
-"""What every client session shares, whatever its engine: its peer's name, the counters, the login task, the
-client limit and the bounds that hold before a client has authenticated."""
+"""What every client session shares, whatever its engine: its peer's name, the counters, the client limit, the
+bounds before authentication, and the lifecycle (login timeout, idle check, backend lost, failure, close)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import ssl
+from enum import IntEnum
 from typing import Any
 
 from proxy.auth.failures import FailedLogins
-from proxy.errors import BackendUnavailable, TooManyClients
+from proxy.config import ServerSettings
+from proxy.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    ClientMessageTimeout,
+    IdleClientTimeout,
+    LoginTimeout,
+    ProtocolViolation,
+    ProxyError,
+    TooManyClients,
+)
 from proxy.netio import Connection, ConnectionClosed
 from proxy.rundir import worker_count
 from proxy.stats import EndpointStats
@@ -27,11 +38,33 @@ class TLSHandshakeFailed(ConnectionClosed):
     """The client's TLS handshake failed (already logged as one warning line)."""
 
 
+class State(IntEnum):
+    """Where a client session is in its life (both engines)."""
+
+    LOGIN = 0
+    READY = 1  # logged in; forwarding
+    CLOSED = 2
+
+
 class ClientConnection(Connection):
-    """A client socket; subclasses run their login in `_login_with_timeout`, then forward."""
+    """A client socket: its login runs in `_login_with_timeout` (bounded by the login timeout), then it forwards.
+
+    The lifecycle is here; an engine gives its parts: `_login` (and `_after_login`), `send_error` and `log_failure`
+    (its error form and log line), `refuse_login` (a wrong password), `mid_message` and `idle_exempt` (for the idle
+    check), `_session_closed` and `_return_after_client` (what a closed session lets go of)."""
 
     peer = "?"
     _task: asyncio.Task[None] | None = None
+    state: IntEnum = State.LOGIN
+    server: ServerSettings  # the process's server settings (set by the subclass)
+    pool: Any = None  # the pool this client's backends come from, once logged in
+    backend: Any = None  # the backend linked to this client now, if any
+    active = True  # data seen since the janitor last looked
+    idle_since = 0.0
+    # Texts of the errors the lifecycle sends, in each engine's wording (overridden where it differs).
+    LOGIN_TIMEOUT_TEXT = "the client did not complete its login in time"
+    MESSAGE_TIMEOUT_TEXT = "closing the connection: the client stopped in the middle of a message for more than {:g} s"
+    BACKEND_LOST_TEXT = "the database connection was lost"
     stats: EndpointStats  # the counters of the endpoint this client came in on (set by the subclass)
     over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
     # The server's set of its clients, which this one leaves as soon as its socket is gone: a client kept there
@@ -53,14 +86,142 @@ class ClientConnection(Connection):
                                              f"{stats.registry.max_clients * worker_count()})")
         self._task = self.loop.create_task(self._login_with_timeout())
 
+    # --- login ---
+
     async def _login_with_timeout(self) -> None:
+        """Run the login within the login timeout; any failure becomes this client's error and closes it only."""
+        try:
+            # (not wait_for: its inner task would keep a failed login's exception, whose traceback holds wait_for's
+            # frame, which holds that task: a cycle keeping this client until a full garbage collection)
+            async with asyncio.timeout(self.server.client_login_timeout):
+                await self._login()
+            if self.state is State.LOGIN and not self.closed:
+                await self._after_login()  # may wait for a backend: the borrow timeout applies, not this one
+        except TimeoutError:
+            self.stats.login_timeouts += 1
+            self.fail(LoginTimeout(self.LOGIN_TIMEOUT_TEXT))
+        except TLSHandshakeFailed:
+            pass  # logged and closed where it failed
+        except ConnectionClosed:
+            log.info("client %s closed the connection during login", self.peer)
+            self.close()
+        except AuthenticationFailed as exc:
+            self.stats.logins_failed += 1
+            self.refuse_login(exc)
+        except ProxyError as exc:
+            self.fail(exc)
+        except Exception as exc:  # the edge: anything unexpected becomes an error for this client only
+            log.exception("client %s: login failed unexpectedly", self.peer)
+            self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
+
+    async def _login(self) -> None:
         raise NotImplementedError
+
+    async def _after_login(self) -> None:
+        """What the login does after its timeout no longer applies (nothing unless the engine says)."""
+
+    def refuse_login(self, error: AuthenticationFailed) -> None:
+        """A failed authentication: log it (see `log_failed_login`) and fail the client."""
+        self.fail(error)
 
     def log_failed_login(self, failed: FailedLogins, user: str, message: str, *args: object) -> None:
         """A password that did not match: its warning line goes through `failed` (one each while they are few, a
         summary per client address when they come in a burst)."""
         if not self.closed:
             failed.record(self.peer.rpartition(":")[0] or self.peer, user, message, *args)
+
+    # --- failure and close ---
+
+    def fail(self, error: ProxyError, logged: bool = False) -> None:
+        """Send the client `error` in its protocol's form, log the reason (unless `logged`) and close."""
+        if self.closed or self.state is State.CLOSED:
+            return
+        if not logged:
+            self.log_failure(error)
+        if isinstance(error, ProtocolViolation):
+            self.stats.protocol_errors += 1
+        self.send_error(error)
+        self.state = State.CLOSED
+        self.close()
+
+    def send_error(self, error: ProxyError) -> None:
+        raise NotImplementedError
+
+    def log_failure(self, error: ProxyError) -> None:
+        log.warning("client %s: %s", self.peer, error.message)
+
+    def on_closed(self, exc: Exception | None) -> None:
+        self.state = State.CLOSED
+        self.stats.clients_current -= 1
+        if self.pool is not None:
+            self.pool.clients.discard(self)
+        if self._task is not None and not self._task.done() and self._login_may_be_cancelled():
+            # Let go of a cancelled login: it keeps its CancelledError, whose traceback holds its frame and so this
+            # client in a cycle that only a full garbage collection frees.
+            task, self._task = self._task, None
+            task.cancel()
+        self._session_closed()
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            backend.unlink()
+            self._return_after_client(backend)
+
+    def _login_may_be_cancelled(self) -> bool:
+        """Whether a login still running when the socket closes is cancelled (else it ends by itself)."""
+        return True
+
+    def _session_closed(self) -> None:
+        """The engine's part of closing: its registries, a borrow in flight."""
+
+    def _return_after_client(self, backend: Any) -> None:
+        """Give the backend back after its client left: reused when clean, cleaned first, or dropped."""
+        backend.pool.discard(backend)
+
+    def backend_lost(self, backend: Any, exc: Exception | None) -> None:
+        """The backend's connection closed: it leaves its pool; if it served this client now, the client goes too."""
+        backend.pool.discard(backend)
+        if self.backend is backend:
+            self.backend = None
+            if backend.ended_by_server:  # the client has the server's own error: a second one would confuse it
+                log.warning("client %s: the database ended backend %s with an error passed to the client",
+                            self.peer, backend)
+                self.state = State.CLOSED
+                self.close()
+                return
+            log.warning("client %s: backend %s was lost: %s", self.peer, backend, exc or "closed")
+            self.fail(BackendUnavailable(self.BACKEND_LOST_TEXT))
+
+    def linked_peer(self) -> Connection | None:
+        backend = self.backend
+        return backend if isinstance(backend, Connection) else None
+
+    # --- the janitor's look ---
+
+    def check_idle(self, now: float, timeout: float) -> None:
+        """Close a client stopped mid-message past client_message_timeout, or idle past `timeout` (outside a
+        transaction: see `idle_exempt`)."""
+        if self.active or self.state is not State.READY:
+            self.active = False
+            self.idle_since = now
+            return
+        message_timeout = self.server.client_message_timeout
+        if now - self.idle_since > message_timeout and self.mid_message():
+            self.fail(ClientMessageTimeout(self.MESSAGE_TIMEOUT_TEXT.format(message_timeout)))
+            return
+        if self.idle_exempt(now, timeout):
+            return
+        if now - self.idle_since > timeout:
+            self.stats.idle_client_timeouts += 1
+            self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
+
+    def mid_message(self) -> bool:
+        """The client has sent part of a message and not the rest."""
+        return False
+
+    def idle_exempt(self, now: float, timeout: float) -> bool:
+        """Whether the idle timeout does not apply now (inside a transaction or a query)."""
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

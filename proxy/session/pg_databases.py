@@ -6,8 +6,8 @@ import logging
 import re
 from collections.abc import Iterable
 
+from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
-from proxy.protocol.pg import messages as pg
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,6 @@ DATABASE_DDL = re.compile(
     rb'(?is)^\s*(?P<verb>drop|alter)\s+database\s+(?:if\s+exists\s+)?(?P<name>"(?:[^"]|"")+"|[^\s;"]+)'
     rb"(?P<rename>\s+rename\b)?"
 )
-TERMINATE = pg.message(b"X")
 
 
 def database_ddl_target(sql: bytes) -> str | None:
@@ -37,8 +36,8 @@ def close_idle_backends(pools: Iterable[Pool], database: str) -> int:
         if pool.database != database:
             continue
         for backend in list(pool.idle):
-            if not backend.closed:
-                backend.transport.write(TERMINATE)  # type: ignore[attr-defined]
+            if isinstance(backend, PostgresBackend):
+                backend.log_off()
             pool.discard(backend)
             closed += 1
     if closed:

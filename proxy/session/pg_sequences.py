@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
@@ -49,7 +49,7 @@ def _found(text: bytes | bytearray) -> set[bytes]:
     return {word.lower() for word in found} if found else set()
 
 
-def words_in(held: bytes | bytearray, statements: Mapping[bytes, NamedStatement]) -> set[bytes]:
+def words_in(held: bytes | bytearray, statements: Mapping[Any, NamedStatement]) -> set[bytes]:
     """The words above in `held`, and in the named statements its Bind messages execute (their SQL is not in it)."""
     found = _found(held)
     if not statements:
@@ -77,27 +77,24 @@ def attach(backend: PostgresBackend, client_id: int, words: set[bytes]) -> tuple
     """A client starts a transaction on the backend with statements using `words`: count the use; return what
     to send first (`DISCARD SEQUENCES`, its replies swallowed, when needed) and whether to hold the backend
     after the transaction."""
-    backend.uses += 1
+    backend.count_use()
     hold = not WRITE_WORDS.isdisjoint(words) and b"returning" not in words
     owner = backend.seq_owner
     if owner == client_id:
         return b"", hold
     if owner == NOBODY:
-        backend.seq_owner = client_id
+        backend.sequences_belong_to(client_id)
         return b"", hold
     if not words or words == {b"returning"}:
-        backend.seq_owner = SHARED
+        backend.sequences_belong_to(SHARED)
         return b"", hold
-    backend.seq_owner = client_id
+    backend.sequences_belong_to(client_id)
     backend.expect_reply(ext.Expectation(ext.QUERY, ext.SWALLOW))
     return DISCARD_SEQUENCES, hold
 
 
 def take_if_unused(pool: Pool, backend: PostgresBackend | None, use: int) -> PostgresBackend | None:
     """The backend that ran the client's previous transaction, when it is idle and nobody has used it since."""
-    if backend is None or backend.uses != use or backend.closed or backend not in pool.idle or pool.target.paused:
+    if backend is None or backend.uses != use or not pool.borrow_this(backend):
         return None
-    pool.idle.remove(backend)
-    pool.busy.add(backend)
-    pool.stats.borrows += 1
     return backend

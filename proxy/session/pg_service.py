@@ -8,7 +8,7 @@ import logging
 import secrets as random_source
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from proxy import channel
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
@@ -22,6 +22,19 @@ from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
 
 log = logging.getLogger(__name__)
+
+
+class CancelTarget(Protocol):
+    """A client session as a CancelRequest finds it: its key, and the backend running its work now."""
+
+    @property
+    def secret_key(self) -> int: ...
+    @property
+    def backend(self) -> PostgresBackend | None: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def service(self) -> PostgresService: ...
 
 
 class PostgresService:
@@ -41,7 +54,7 @@ class PostgresService:
         self.target.stats = stats.target("postgresql", endpoint.name, endpoint.cluster, endpoint.instance)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         # process id -> PostgresClient (for CancelRequest), one registry for every endpoint of the process
-        self.clients: dict[int, object] = peer.clients if peer is not None else {}
+        self.clients: dict[int, CancelTarget] = peer.clients if peer is not None else {}
         self.worker = worker_index()
         # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
         first_id = (self.worker << 24) + (1 << 22) + 1
@@ -66,14 +79,12 @@ class PostgresService:
 
     async def cancel(self, process_id: int, secret_key: int, forwarded: bool = False) -> None:
         """Forward a client's CancelRequest to the backend serving that client right now, if any."""
-        from proxy.session.pg_client import PostgresClient
-
         owner = process_id >> 24
         if owner != self.worker and run_dir() is not None and not forwarded:
             await self._forward_cancel(owner, process_id, secret_key)
             return
         client = self.clients.get(process_id)
-        if not isinstance(client, PostgresClient) or client.secret_key != secret_key:
+        if client is None or client.secret_key != secret_key:
             log.warning("cancel request for an unknown client key %d ignored", process_id)
             return
         backend: PostgresBackend | None = client.backend

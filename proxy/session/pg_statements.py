@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import re
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.errors import ProxyError
 from proxy.protocol.pg import extended as ext
@@ -71,7 +71,7 @@ from proxy.protocol.pg.extended import (
 if TYPE_CHECKING:
     from proxy.pool.pg_backend import PostgresBackend
     from proxy.pool.pool import Pool
-    from proxy.session.pg_client import PostgresClient
+    from proxy.session.state import SessionState
 
 STATEMENT = ord("S")
 HOLD = b"\x00hold\x00"  # the answer "a check was sent: hold the client's bytes from this message on" (by identity)
@@ -122,14 +122,23 @@ class ClientStatement:
         self.stale = False  # the schema changed under it: every use gets 0A000, as directly
 
 
+class StatementsClient(Protocol):
+    """The side of a client session its statement book reads (the session implements it)."""
+
+    @property
+    def in_extended(self) -> bool: ...
+    def note_session_words(self, sql: bytes) -> None: ...
+
+
 class Statements:
     """The statement book of one client; PostgresClient asks it about each Parse/Bind/Describe/Close."""
 
-    def __init__(self, client: PostgresClient) -> None:
+    def __init__(self, client: StatementsClient, session: SessionState[str, ClientStatement]) -> None:
         # weakly: the client holds its book, and a cycle would keep every closed client (with its transport, login
         # task and statements) until the next full garbage collection
         self._client = weakref.ref(client)
-        self.named: dict[bytes, ClientStatement] = {}
+        self.session = session  # its settings are part of a shared statement's key
+        self.named = session.statements  # the client's name -> its statement
         self.unnamed_rest: bytes | None = None  # the client's unnamed statement (its Parse rest), if it has one
         self.unnamed_serial = 0  # counts the client's unnamed Parses; a backend notes the one it holds
         self.unnamed_words = False  # its text may change session state
@@ -142,7 +151,7 @@ class Statements:
         self._context = 0
 
     @property
-    def client(self) -> PostgresClient:
+    def client(self) -> StatementsClient:
         client = self._client()
         assert client is not None, "a client's statement book is used only while the client is"
         return client
@@ -150,12 +159,11 @@ class Statements:
     # --- the key of shared statements ---
 
     def _context_id(self, pool: Pool) -> int:
-        client = self.client
-        if client.settings_id != self._context_of:
-            wanted = client.wanted
+        session = self.session
+        if session.settings_id != self._context_of:
             self._context = pool.settings_id(
-                {name.lower(): value for name, value in wanted.items() if name.lower() in NAME_SETTINGS})
-            self._context_of = client.settings_id
+                {name.lower(): value for name, value in session.settings.items() if name.lower() in NAME_SETTINGS})
+            self._context_of = session.settings_id
         return self._context
 
     # --- Parse ---

@@ -25,6 +25,7 @@ class SessionState(Generic[SettingT, StatementT]):
     user_variables: dict[bytes, bytes] = field(default_factory=dict)  # MySQL @name (lowercased) -> literal
     statements: dict[object, StatementT] = field(default_factory=dict)  # client's name or id -> statement
     pins: dict[str, set[bytes]] = field(default_factory=dict)  # reason -> what it concerns (names; may be empty)
+    settings_id: int = 0  # the pool's number for `settings` (equal settings, equal numbers; 0: not numbered yet)
 
     @property
     def pinned(self) -> bool:
