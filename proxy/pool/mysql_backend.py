@@ -9,7 +9,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.auth.mysql import (
     clear_password_response,
@@ -18,10 +18,19 @@ from proxy.auth.mysql import (
     scramble_native_password,
 )
 from proxy.config import BackendTLSMode, MySQLSettings
-from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, BackendUnreachable, ProtocolViolation
+from proxy.errors import (
+    AuthenticationFailed,
+    BackendError,
+    BackendUnavailable,
+    BackendUnreachable,
+    ProtocolViolation,
+    ProxyError,
+)
 from proxy.netio import ConnectionClosed
-from proxy.pool.backend import BackendConnection
+from proxy.pool.backend import BackendConnection, LinkedClient
+from proxy.pool.mysql_statements import StatementCache
 from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.effects import INTERNAL, PREPARE
 from proxy.protocol.mysql.packets import (
     AuthSwitchRequest,
     ErrPacket,
@@ -34,13 +43,10 @@ from proxy.protocol.mysql.packets import (
     strip_session_state,
 )
 from proxy.rundir import worker_count
-from proxy.session.mysql_inspect import INTERNAL, PREPARE
-from proxy.session.mysql_statements import StatementCache
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
     from proxy.secrets import SecretStore
-    from proxy.session.mysql_client import MySQLClient
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +116,29 @@ class MySQLServerError(BackendError):
         self.mysql_sqlstate = err.sql_state or my.sqlstate_for(err.error_code)
 
 
+class MySQLLinkedClient(LinkedClient, Protocol):
+    """What a backend needs of the client session it serves while linked (the session side implements it)."""
+
+    transport: asyncio.Transport
+    kills_in_flight: int  # KILL QUERYs on their way to this backend's thread: it stays linked meanwhile
+    found_rows: int  # what FOUND_ROWS() says for the client: set when a result set completes
+    row_count: int  # what ROW_COUNT() says for the client: set when a statement completes
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def capabilities(self) -> int: ...
+
+    def command_done(self, backend: MySQLBackend, effect: Any) -> None: ...
+
+    def backend_progress(self, backend: MySQLBackend) -> None: ...
+
+    def fail(self, error: ProxyError) -> None: ...
+
+    def kill_settled(self) -> None: ...
+
+
 class MySQLBackend(BackendConnection):
     """One server connection. While linked to a client, response bytes stream through; only headers are read."""
 
@@ -120,7 +149,7 @@ class MySQLBackend(BackendConnection):
         self.capabilities = 0  # negotiated with the server
         self.deprecate_eof = False
         self.cache_metadata = False
-        self.client: MySQLClient | None = None
+        self.client: MySQLLinkedClient | None = None
         self.tracker = ResponseTracker()
         self.effect: Any = None  # what the client wants done when the tracked response completes
         self.queue: deque[tuple[int, Any]] = deque()  # pipelined commands whose responses come later
@@ -156,7 +185,7 @@ class MySQLBackend(BackendConnection):
         """The server reports every session variable, schema and state change (the proxy turned it on)."""
         return self.tracking_all
 
-    def link(self, client: MySQLClient) -> None:
+    def link(self, client: MySQLLinkedClient) -> None:
         self.client = client
         self._partial = b""
         tracker = self.tracker

@@ -43,6 +43,7 @@ from proxy.pool.mysql_backend import (
 )
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.effects import EXECUTE, FETCH, INTERNAL, PREPARE, QUERY, RESET, SCHEMA, SET_OPTION, STMT_RESET
 from proxy.protocol.mysql.packets import (
     AuthSwitchRequest,
     ChangeUser,
@@ -77,24 +78,15 @@ from proxy.session.mysql_inspect import (
     ANSWER_OK,
     ANY,
     CHANGE_USER,
-    EXECUTE,
-    FETCH,
     FORWARD,
     FORWARD_PLAIN,
     FOUND_ROWS,
     INSERT_ID_EXPRESSION,
-    INTERNAL,
     KILL,
     NO_NAME,
-    PREPARE,
     PREPARED_ROW_COUNT,
-    QUERY,
     QUIT,
-    RESET,
-    SCHEMA,
-    SET_OPTION,
     STATE_CHANGE,
-    STMT_RESET,
     TEMPORARY_TABLE,
     Inspection,
     QueryEffect,
