@@ -95,6 +95,7 @@ from proxy.session.mysql_inspect import (
 )
 from proxy.session.mysql_service import MySQLService
 from proxy.session.mysql_statements import ClientStatement
+from proxy.session.state import SessionState
 
 log = logging.getLogger(__name__)
 failed_logins = FailedLogins(log)
@@ -187,24 +188,18 @@ class MySQLClient(ClientConnection):
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
         self.connection_id = 0
-        self.user = ""
-        self.schema = ""  # the default database this client's session has
-        self.autocommit = True
+        # user, default database (schema), autocommit, settings, user variables, statements, pin reasons
+        self.session: SessionState[bytes, ClientStatement] = SessionState()
         self.multi_statements = False
         self.capabilities = 0  # negotiated with this client
         self.c_library = False  # libmariadb / libmysqlclient: no client-range errno in an ERR (see _send_error)
         self.profile = Profile(0, my.UTF8MB4_GENERAL_CI)
         self.pool: Pool | None = None
         self.backend: MySQLBackend | None = None
-        self.statements: dict[int, ClientStatement] = {}  # by the proxy's statement id (see mysql_statements)
         self._next_statement_id = 1
         self._last_prepared = 0  # the id of the client's last COM_STMT_PREPARE (MariaDB's statement id -1)
-        self.pins: dict[str, set[bytes]] = {}  # state that binds the client to its backend: reason -> names
         self._pins_logged: set[str] = set()
-        # session variables set by the client: name -> SET body to replay, in the order they were last set
-        self.settings: dict[str, bytes] = {}
         self._settings_key: bytes | None = b""  # the settings as bytes (part of prepared statement keys)
-        self.user_vars: dict[bytes, bytes] = {}  # user variables set to literals: lowercased name -> literal
         self.last_insert_id = 0  # what LAST_INSERT_ID() says in this session, as far as OK packets told
         self.row_count = 0  # what ROW_COUNT() says after the client's last statement (set by the backend)
         self.found_rows = 0  # what FOUND_ROWS() says: rows of the client's last result set (set by the backend)
@@ -231,6 +226,10 @@ class MySQLClient(ClientConnection):
         self._held = bytearray()  # client bytes arriving while a backend is borrowed or a command handled here
         self._busy: asyncio.Task[None] | None = None
         self._borrowing = False
+
+    @property
+    def user(self) -> str:
+        return self.user
 
     def __repr__(self) -> str:
         return f"MySQLClient({self.peer}, id={self.connection_id}, user={self.user!r})"
@@ -284,13 +283,13 @@ class MySQLClient(ClientConnection):
         self.write(frame(packet.build(self.capabilities or my.CLIENT_PROTOCOL_41), seq))
 
     def _send_ok(self, seq: int = 1) -> None:
-        status = my.SERVER_STATUS_AUTOCOMMIT if self.autocommit else 0
+        status = my.SERVER_STATUS_AUTOCOMMIT if self.session.autocommit else 0
         self.write(frame(OkPacket(status_flags=status).build(self.capabilities), seq))
 
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
         self.stats.clients_current -= 1
-        if self.pins:
+        if self.session.pins:
             self.stats.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
@@ -326,7 +325,7 @@ class MySQLClient(ClientConnection):
                 self.loop.create_task(self.service.kill_query(backend))
             pool.discard(backend)
             return
-        if (backend.tracker.status_flags & BUSY_FLAGS or self.pins or self.cursors or self.long_data
+        if (backend.tracker.status_flags & BUSY_FLAGS or self.session.pins or self.cursors or self.long_data
                 or self._hold_next or pool.session_mode or backend.schema != pool.database):
             log.info("client %s left inside a transaction or session; cleaning %s before reuse", self.peer, backend)
             self.loop.create_task(self._clean_up(backend))
@@ -401,15 +400,15 @@ class MySQLClient(ClientConnection):
         response = HandshakeResponse41.parse(payload)
         self.capabilities = response.capabilities & announced
         self.c_library = (response.connect_attrs or {}).get("_client_name") in C_LIBRARIES
-        self.user = response.username
+        self.session.user = response.username
         if service.config.tls.mode is ClientTLSMode.REQUIRE and not self.is_tls:
             raise AuthorizationFailed("Connections using insecure transport are prohibited: the proxy requires TLS")
         await self._authenticate(response.auth_plugin_name, response.auth_response,
                                  bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
-        self.schema = (response.database or "") if response.capabilities & my.CLIENT_CONNECT_WITH_DB else ""
+        self.session.database = (response.database or "") if response.capabilities & my.CLIENT_CONNECT_WITH_DB else ""
         self.profile = Profile(self.capabilities & RELAYED_CAPABILITIES, response.charset)
         self.multi_statements = bool(self.capabilities & my.CLIENT_MULTI_STATEMENTS)
-        self.autocommit = self._default_autocommit
+        self.session.autocommit = self._default_autocommit
         if unreachable is not None:
             raise service.unreachable_error(unreachable)
 
@@ -515,7 +514,7 @@ class MySQLClient(ClientConnection):
 
     async def _prepare_session(self) -> None:
         """Pick the pool; check the database once per pool; keep a backend from now on in session mode."""
-        pool = self._use_pool(self.schema)
+        pool = self._use_pool(self.session.database)
         if not pool.session_mode and pool.stats.opened:
             return
         backend = await self._borrow(pool)
@@ -553,88 +552,30 @@ class MySQLClient(ClientConnection):
             return backend
 
     def _in_sync(self, backend: MySQLBackend) -> bool:
-        return (backend.charset == self.profile.charset and backend.schema == self.schema
-                and backend.autocommit == self.autocommit and backend.multi_statements == self.multi_statements
-                and backend.settings == self.settings and backend.user_vars == self.user_vars)
+        return backend.serves(self.session, self.profile.charset, self.multi_statements)
 
     async def _sync(self, backend: MySQLBackend) -> None:
-        """Give the backend this client's character set, session variables, user variables, default database,
-        autocommit and multi-statements, in one round trip (two when it must be reset first).
+        """Give the backend this client's session (see MySQLBackend.apply_state). A session variable it refuses is
+        dropped from the client's session with a log line; any other refusal raises MySQLServerError (the client's
+        command gets it as its answer)."""
+        await backend.apply_state(self.session, self.profile.charset, self.multi_statements,
+                                  self.service.charset_command,
+                                  lambda name, failure: self._state_refused(backend, name, failure))
 
-        A session variable the backend refuses is dropped from the client's session with a log line; any other
-        refusal raises MySQLServerError (the client's command gets it as its answer)."""
-        wanted = self.settings
-        if any(name not in wanted for name in backend.settings):
-            try:  # back to the defaults, then ours
-                await backend.pipeline(backend.reset_commands())
-            finally:
-                backend.forget_session()
-        commands: list[bytes] = []
-        names: list[str | None] = []  # the setting each command gives (None: the character set, or no setting)
-        charset = self.profile.charset
-        if backend.charset != charset:  # the login's character set moves with the client, like any setting
-            commands.append(self.service.charset_command(charset))
-            names.append(None)
-            for name in CHARSET_SETTINGS:  # what the client set over it goes on top again
-                backend.settings.pop(name, None)
-        if backend.settings != wanted:
-            for name, body in wanted.items():
-                if backend.settings.get(name) != body:
-                    commands.append(bytes((my.COM_QUERY,)) + b"SET " + body)
-                    names.append(name)
-        if backend.user_vars != self.user_vars:
-            assignments = [b"@" + name + b"=NULL" for name in backend.user_vars if name not in self.user_vars]
-            assignments += [b"@" + name + b"=" + value for name, value in self.user_vars.items()
-                            if backend.user_vars.get(name) != value]
-            commands.append(bytes((my.COM_QUERY,)) + b"SET " + b", ".join(assignments))
-        if backend.schema != self.schema and self.schema:
-            commands.append(bytes((my.COM_INIT_DB,)) + self.schema.encode("utf-8", "surrogateescape"))
-        if backend.autocommit != self.autocommit:
-            commands.append(bytes((my.COM_QUERY,)) + b"SET autocommit=%d" % self.autocommit)
-        if backend.multi_statements != self.multi_statements:
-            option = my.MYSQL_OPTION_MULTI_STATEMENTS_OFF if not self.multi_statements else 0
-            commands.append(bytes((my.COM_SET_OPTION, option, 0)))
-        if not commands:
-            return
-        failures: list[bytes | None] = []
-        await backend.pipeline(commands, failures)
-        refused: bytes | None = None
-        applied = dict(wanted)
-        for number, failure in enumerate(failures):
-            if failure is None:
-                continue
-            if number >= len(names):
-                refused = refused or failure
-                continue
-            setting = names[number]
-            if setting is None:  # the character set: the backend's is not known any more
-                log.warning("client %s: its character set %d could not be given to %s: %s", self.peer, charset,
-                            backend, ErrPacket.parse(failure).message)
-                charset = 0
-            else:
-                self._setting_refused(backend, setting, failure, applied)
-        backend.charset = charset
-        backend.settings = applied
-        if refused is not None:
-            raise MySQLServerError(refused)
-        backend.user_vars = dict(self.user_vars)
-        if self.schema:
-            backend.schema = self.schema
-        backend.multi_statements = self.multi_statements
-
-    def _setting_refused(self, backend: MySQLBackend, name: str, failure: bytes, applied: dict[str, bytes]) -> None:
-        """The backend refused a session variable of the client's: it leaves the client's session (logged)."""
+    def _state_refused(self, backend: MySQLBackend, name: str | None, failure: bytes) -> None:
+        """The backend refused a session variable of the client's (or its character set, name None): a session
+        variable leaves the client's session (logged)."""
         error = ErrPacket.parse(failure)
+        if name is None:
+            log.warning("client %s: its character set %d could not be given to %s: %s", self.peer,
+                        self.profile.charset, backend, error.message)
+            return
         log.warning("client %s: session variable %s could not be set again on %s (%d %s); it is dropped from "
                     "the client's session", self.peer, name, backend, error.error_code, error.message)
         if error.error_code == ER_INCORRECT_GLOBAL_LOCAL_VAR:  # read only: never followed again on this target
             self.service.read_only_variables.add(name.encode("ascii", "replace"))
-        self.settings.pop(name, None)
+        self.session.settings.pop(name, None)
         self._settings_key = None
-        applied.pop(name, None)
-        before = backend.settings.get(name)
-        if before is not None:  # what the backend still has (the next client resets it)
-            applied[name] = before
 
     def _link(self, backend: MySQLBackend) -> None:
         self.backend = backend
@@ -944,17 +885,17 @@ class MySQLClient(ClientConnection):
         number = statement_id(scan, pos + 4)
         if number == LAST_PREPARED and self._last_prepared:
             number = self._last_prepared
-            if number not in self.statements and backend is not None and not backend.idle:
+            if number not in self.session.statements and backend is not None and not backend.idle:
                 self._stall(scan, pos, start)  # its prepare is still running
                 return None
-        stmt = self.statements.get(number)
+        stmt = self.session.statements.get(number)
         if command == my.COM_STMT_CLOSE:  # the client's handle goes; the backend keeps the statement (LRU)
             if backend is not None and start < pos:
                 backend.transport.write(scan[start:pos])
             stop = pos + 4 + length
             if stmt is not None:
-                del self.statements[number]
-                if PREPARED_ROW_COUNT in self.pins:
+                del self.session.statements[number]
+                if PREPARED_ROW_COUNT in self.session.pins:
                     self._unpin(PREPARED_ROW_COUNT, frozenset((b"%d" % number,)))
                 if backend is not None and (stmt.cursor or stmt.long_data):
                     self._reset_on_backend(backend, stmt)
@@ -966,15 +907,15 @@ class MySQLClient(ClientConnection):
                 number, STATEMENT_COMMAND_NAMES.get(command, "mysqld_stmt"), self.capabilities))
         if backend is None:
             if command == my.COM_STMT_RESET:  # nothing of it lives on a backend now
-                return self._answer_here(scan, pos, length, start, OkPacket(
-                    status_flags=my.SERVER_STATUS_AUTOCOMMIT if self.autocommit else 0).build(self.capabilities))
+                status = my.SERVER_STATUS_AUTOCOMMIT if self.session.autocommit else 0
+                ok = OkPacket(status_flags=status).build(self.capabilities)
+                return self._answer_here(scan, pos, length, start, ok)
             if command == my.COM_STMT_FETCH:
                 return self._answer_here(scan, pos, length, start, _no_cursor(number, self.capabilities))
             self._held += scan[pos:] if pos else scan
             self._need_backend()
             return None
-        statements = backend.statements
-        entry = statements.get(stmt.key)
+        entry = backend.statement(stmt.key)
         if entry is None:
             if stmt.failure is not None:  # preparing it here failed: that is the answer
                 failure = stmt.failure
@@ -1072,7 +1013,7 @@ class MySQLClient(ClientConnection):
             return self._answer_here(scan, pos, length, start, ErrPacket(
                 error.mysql_errno, error.message, error.mysql_sqlstate).build(self.capabilities))
         limit = int(backend.pool.server_params.get(STATEMENT_LIMIT, "16382"))
-        if len(self.statements) >= limit:  # what the server would say; the client's handles cost the proxy memory
+        if len(self.session.statements) >= limit:  # as the server would say; the client's handles cost memory
             return self._answer_here(scan, pos, length, start, ErrPacket(
                 my.ER_MAX_PREPARED_STMT_COUNT_REACHED, "Can't create more than max_prepared_stmt_count statements "
                 f"(current value: {limit})").build(self.capabilities))
@@ -1084,12 +1025,10 @@ class MySQLClient(ClientConnection):
             rewritten = ids.substitute(sql, {ids.CONNECTION_ID: self.connection_id}, True)
             if len(rewritten) < my.MAX_PACKET - 1:
                 sql = rewritten
-        key = self.service.statement_key(self.schema, self._settings_fingerprint(), sql)
-        stmt = ClientStatement(number, key, sql, self.schema,
+        key = self.service.statement_key(self.session.database, self._settings_fingerprint(), sql)
+        stmt = ClientStatement(number, key, sql, self.session.database,
                                prepared_effect(inspection.query_effect, backend.tracks_session_state))
-        statements = backend.statements
-        closes = statements.make_room()
-        statements.preparing += 1
+        closes = backend.prepare_started()
         if closes:
             backend.transport.write(scan[start:pos] + closes)
             start = pos
@@ -1114,7 +1053,7 @@ class MySQLClient(ClientConnection):
             values[ids.CONNECTION_ID] = self.connection_id
         if functions & ids.ROW_COUNT:
             values[ids.ROW_COUNT] = self.row_count
-        if functions & ids.FOUND_ROWS and FOUND_ROWS not in self.pins:  # (pinned: the backend has the true count)
+        if functions & ids.FOUND_ROWS and FOUND_ROWS not in self.session.pins:  # (pinned: the backend knows)
             values[ids.FOUND_ROWS] = self.found_rows
         stop = pos + 4 + length
         text = scan[pos + 5 : stop]
@@ -1126,35 +1065,16 @@ class MySQLClient(ClientConnection):
 
     def _insert_id_for(self, backend: MySQLBackend) -> bytes:
         """LAST_INSERT_ID() reads the session's value: the command giving the backend the client's (or nothing)."""
-        if self.last_insert_id == backend.last_insert_id:
-            return b""
-        backend.expect(my.COM_QUERY, INTERNAL_PLAIN)
-        backend.last_insert_id = self.last_insert_id
-        return frame(b"\x03DO LAST_INSERT_ID(%d)" % self.last_insert_id)
+        return backend.insert_id_command(self.last_insert_id)
 
     def _prepare_here(self, backend: MySQLBackend, stmt: ClientStatement, before: bytes) -> None:
         """Prepare a client's statement on the linked backend (the proxy's own command; its answer is swallowed)."""
-        statements = backend.statements
-        out = before + statements.make_room()
-        statements.preparing += 1
-        switch = stmt.schema != backend.schema and stmt.schema and backend.schema
-        if switch:  # tables without a database name resolve where the client prepared it
-            out += frame(bytes((my.COM_INIT_DB,)) + stmt.schema.encode("utf-8", "surrogateescape"))
-            backend.expect(my.COM_INIT_DB, INTERNAL_PLAIN)
-        out += frame(bytes((my.COM_STMT_PREPARE,)) + stmt.sql)
-        backend.expect(my.COM_STMT_PREPARE, (INTERNAL, stmt))
-        if switch:
-            out += frame(bytes((my.COM_INIT_DB,)) + backend.schema.encode("utf-8", "surrogateescape"))
-            backend.expect(my.COM_INIT_DB, INTERNAL_PLAIN)
-        backend.transport.write(out)
+        backend.ensure_prepared(stmt.sql, stmt.schema, before, (INTERNAL, stmt))
 
     def _reset_on_backend(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
         """The client closed a statement with a cursor open or long data sent: reset it on the backend."""
-        entry = backend.statements.entries.get(stmt.key)
-        self._statement_state_ends(stmt, entry)
-        if entry is not None:
-            backend.transport.write(frame(bytes((my.COM_STMT_RESET,)) + entry.statement_id.to_bytes(4, "little")))
-            backend.expect(my.COM_STMT_RESET, INTERNAL_PLAIN)
+        self._statement_state_ends(stmt, backend.statement_entry(stmt.key))
+        backend.reset_statement(stmt.key)
 
     def _statement_state_ends(self, stmt: ClientStatement, entry: Any) -> None:
         """A statement's cursor or long data is gone (executed, fetched to the end, reset or closed)."""
@@ -1203,7 +1123,7 @@ class MySQLClient(ClientConnection):
         key = self._settings_key
         if key is None:
             key = self._settings_key = b"%d\x02" % self.profile.charset + b"\x00".join(
-                name.encode() + b"\x01" + body for name, body in self.settings.items())
+                name.encode() + b"\x01" + body for name, body in self.session.settings.items())
         return key
 
     def _inspect(self, command: int, scan: bytes, pos: int, head: int) -> Inspection:
@@ -1239,18 +1159,18 @@ class MySQLClient(ClientConnection):
         self._send_ok(1)
 
     def _forget_session_state(self) -> None:
-        self.statements.clear()
+        self.session.statements.clear()
         self._last_prepared = 0
-        if self.pins:
-            self.pins.clear()
+        if self.session.pins:
+            self.session.pins.clear()
             self.stats.unpinned()
         self._pins_logged.clear()
-        self.settings = {}
+        self.session.settings = {}
         self._settings_key = None
-        self.user_vars = {}
+        self.session.user_variables = {}
         self.last_insert_id = self.row_count = 0  # (FOUND_ROWS() survives a reset on the server too)
         self.cursors = self.long_data = self._hold_next = 0
-        self.autocommit = self._default_autocommit
+        self.session.autocommit = self._default_autocommit
 
     def _protocol_error(self, scan: bytes, start: int, pos: int, message: str, errno: int) -> None:
         backend = self.backend
@@ -1292,12 +1212,12 @@ class MySQLClient(ClientConnection):
         self._seq = self._reply_seq = 1
         self.service.clients.pop(self.connection_id, None)
         try:
-            self.user = request.username
+            self.session.user = request.username
             await self._authenticate(request.auth_plugin_name, request.auth_response,
                                      bool(self.capabilities & my.CLIENT_PLUGIN_AUTH))
             if request.charset is not None:
                 self.profile = Profile(self.profile.capabilities, request.charset & 0xFF)
-            self.schema = request.database
+            self.session.database = request.database
             await self._prepare_session()
         except ConnectionClosed:
             self._busy = None
@@ -1326,7 +1246,7 @@ class MySQLClient(ClientConnection):
         tracker = backend.tracker
         insert_id = tracker.last_insert_id
         if insert_id:
-            backend.last_insert_id = insert_id
+            backend.insert_id_seen(insert_id)
         query: QueryEffect | None = None
         if effect is not None:
             kind, value = effect
@@ -1345,61 +1265,58 @@ class MySQLClient(ClientConnection):
                 self._prepared(backend, value)
             elif kind == FETCH:
                 if tracker.error is not None or tracker.status_flags & my.SERVER_STATUS_LAST_ROW_SENT:
-                    self._statement_state_ends(value, backend.statements.entries.get(value.key))
+                    self._statement_state_ends(value, backend.statement_entry(value.key))
             elif kind == STMT_RESET:
-                self._statement_state_ends(value, backend.statements.entries.get(value.key))
+                self._statement_state_ends(value, backend.statement_entry(value.key))
             elif tracker.error is None:
                 if kind == SCHEMA:
                     self._schema_changed(backend, str(value))
                 elif kind == RESET:
                     self._forget_session_state()
-                    self.autocommit = backend.autocommit
-                    backend.forget_session()
-                    if backend.tracks_session_state:  # the client's character set follows the reset (see _walk)
-                        backend.charset = self.profile.charset
+                    self.session.autocommit = backend.autocommit
+                    # (tracking on: the client's character set was put back after the reset, see _walk)
+                    backend.session_reset(self.profile.charset if backend.tracks_session_state else None)
                 elif kind == SET_OPTION:
-                    self.multi_statements = backend.multi_statements = bool(value)
+                    self.multi_statements = bool(value)
+                    backend.multi_statements_set(self.multi_statements)
         if insert_id:
             self.last_insert_id = insert_id
-            if INSERT_ID_EXPRESSION in self.pins:  # the value is known again
+            if INSERT_ID_EXPRESSION in self.session.pins:  # the value is known again
                 self._unpin(INSERT_ID_EXPRESSION, None)
-        elif INSERT_ID_EXPRESSION in self.pins:  # the value lives on this backend only: never set it there again
-            self.last_insert_id = backend.last_insert_id = -1
+        elif INSERT_ID_EXPRESSION in self.session.pins:  # the value lives on this backend only: never set it again
+            self.last_insert_id = -1
+            backend.insert_id_seen(-1)
         if tracker.session_state is not None:
             self._state_reported(backend, tracker.session_state, query)
 
     def _prepared(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
         """The client's COM_STMT_PREPARE is answered (its response went to the client, relabelled)."""
-        statements = backend.statements
-        statements.preparing -= 1
         ok = backend.tracker.prepare_ok
+        backend.prepare_answered(stmt.key, None if ok is None else ok.statement_id)
         if ok is None:
             return
         stmt.params = ok.num_params
         stmt.columns = ok.num_columns
-        self.statements[stmt.statement_id] = stmt
-        statements.add(stmt.key, ok.statement_id)
+        self.session.statements[stmt.statement_id] = stmt
         if stmt.effect is not None and stmt.effect.functions & (ids.ROW_COUNT | ids.FOUND_ROWS):
             self._pin(backend, PREPARED_ROW_COUNT, frozenset((b"%d" % stmt.statement_id,)),
                       "a prepared statement reads ROW_COUNT() or FOUND_ROWS()")
 
     def _prepared_here(self, backend: MySQLBackend, stmt: ClientStatement) -> None:
         """The proxy's prepare of a client's statement on this backend is answered; the client may go on."""
-        statements = backend.statements
-        statements.preparing -= 1
         tracker = backend.tracker
         ok = tracker.prepare_ok
+        backend.prepare_answered(stmt.key, None if ok is None else ok.statement_id)
         if ok is None:
             stmt.failure = tracker.error_packet or ErrPacket(my.ER_UNKNOWN_ERROR, "prepare failed").build()
             log.info("client %s: preparing its statement again on %s failed: %s", self.peer, backend,
                      ErrPacket.parse(stmt.failure).message)
             return
         stmt.failure = None
-        statements.add(stmt.key, ok.statement_id)
 
     def _executed(self, backend: MySQLBackend, stmt: ClientStatement, flags: int) -> None:
         tracker = backend.tracker
-        entry = backend.statements.entries.get(stmt.key)
+        entry = backend.statement_entry(stmt.key)
         self._statement_state_ends(stmt, entry)  # long data was used; an older cursor of it is closed
         if (flags & EXECUTE_CURSOR_FLAGS and tracker.error is None
                 and tracker.status_flags & my.SERVER_STATUS_CURSOR_EXISTS):
@@ -1419,17 +1336,18 @@ class MySQLClient(ClientConnection):
         if effect.charset:  # SET NAMES / CHARACTER SET override earlier character_set_* settings
             for name in ("character_set_client", "character_set_connection", "character_set_results",
                          "collation_connection"):
-                if self.settings.pop(name, None) is not None:
-                    backend.settings.pop(name, None)
+                if self.session.settings.pop(name, None) is not None:
+                    backend.setting_dropped(name)
                     self._settings_key = None
         for name, body, _ in effect.settings:
             self._setting(backend, name, body)
         for user_name, value in effect.user_vars:
             if value.upper() == b"NULL":
-                self.user_vars.pop(user_name, None)
-                backend.user_vars.pop(user_name, None)
+                self.session.user_variables.pop(user_name, None)
+                backend.user_variable_set(user_name, None)
             else:
-                self.user_vars[user_name] = backend.user_vars[user_name] = value
+                self.session.user_variables[user_name] = value
+                backend.user_variable_set(user_name, value)
         if effect.hold_next:
             self._hold_next = 1
         for reason, names in effect.unpins:
@@ -1447,20 +1365,20 @@ class MySQLClient(ClientConnection):
         """Temporary table names with the default database they belong to."""
         if reason != TEMPORARY_TABLE:
             return names
-        prefix = self.schema.encode("utf-8", "surrogateescape") + b"."
+        prefix = self.session.database.encode("utf-8", "surrogateescape") + b"."
         return frozenset(name if name in (ANY, NO_NAME) or b"." in name else prefix + name for name in names)
 
     def _setting(self, backend: MySQLBackend, name: str, body: bytes) -> None:
         """A session variable the client set: replayed (in the order last set) wherever the client goes."""
-        settings = self.settings
+        settings = self.session.settings
         settings.pop(name, None)
         settings[name] = body
-        backend.settings.pop(name, None)
-        backend.settings[name] = body
+        backend.setting_applied(name, body)
         self._settings_key = None
 
     def _schema_changed(self, backend: MySQLBackend, schema: str) -> None:
-        self.schema = backend.schema = schema
+        self.session.database = schema
+        backend.schema_changed(schema)
         self._use_pool(schema)
 
     def _state_reported(self, backend: MySQLBackend, reports: list[bytes], query: QueryEffect | None) -> None:
@@ -1486,18 +1404,18 @@ class MySQLClient(ClientConnection):
                     explained = True
                     schema, _ = read_lenenc_str(payload, 0)
                     text = schema.decode("utf-8", "surrogateescape")
-                    if text != self.schema:
+                    if text != self.session.database:
                         self._schema_changed(backend, text)
                 elif kind == my.SESSION_TRACK_STATE_CHANGE:
                     changed = True
-        if changed and not explained and not (query is not None and query.tracked) and not self.pins:
+        if changed and not explained and not (query is not None and query.tracked) and not self.session.pins:
             self._pin(backend, STATE_CHANGE, frozenset((ANY,)),
                       "the server reported a session state change the proxy does not follow")
 
     # --- pinning ---
 
     def _pin(self, backend: MySQLBackend, reason: str, names: frozenset[bytes], detail: str) -> None:
-        pins = self.pins
+        pins = self.session.pins
         held = pins.get(reason)
         if held is not None:
             held |= names
@@ -1511,7 +1429,7 @@ class MySQLClient(ClientConnection):
             log.info("client %s pinned to %s: %s%s", self.peer, backend, reason, f" ({detail})" if detail else "")
 
     def _unpin(self, reason: str, names: frozenset[bytes] | None) -> None:
-        pins = self.pins
+        pins = self.session.pins
         held = pins.get(reason)
         if held is None:
             return
@@ -1552,14 +1470,14 @@ class MySQLClient(ClientConnection):
             if self._hold_next == 1:  # SET TRANSACTION / SQL_CALC_FOUND_ROWS: the next statement runs here too
                 return
             self._hold_next = 0  # that statement is done
-        if FOUND_ROWS in self.pins and backend.tracker.row_sets:  # a later result set replaced FOUND_ROWS()
+        if FOUND_ROWS in self.session.pins and backend.tracker.row_sets:  # a later result set replaced FOUND_ROWS()
             self._unpin(FOUND_ROWS, None)
-        if backend.tracker.status_flags & BUSY_FLAGS or self.pins or self.cursors or self.long_data:
+        if backend.tracker.status_flags & BUSY_FLAGS or self.session.pins or self.cursors or self.long_data:
             return
         pool = backend.pool
         if pool.session_mode:
             return
-        self.autocommit = backend.autocommit
+        self.session.autocommit = backend.autocommit
         self.backend = None
         backend.unlink()
         pool.stats.transactions += 1
@@ -1626,7 +1544,7 @@ class MySQLClient(ClientConnection):
 
     def _session_wait_timeout(self) -> float | None:
         """The wait_timeout the client set in its session, in seconds (None: not set, or not a number)."""
-        body = self.settings.get("wait_timeout")
+        body = self.session.settings.get("wait_timeout")
         known, seconds = self._wait_timeout
         if body is not known:
             seconds = ids.session_timeout(body)
@@ -1644,7 +1562,7 @@ def _release(backend: MySQLBackend) -> None:
     if backend.ended_by_server:  # it is closing
         backend.pool.discard(backend)
         return
-    closes = backend.statements.take_closes()
+    closes = backend.statement_closes()
     if closes:
         backend.write(closes)
     backend.pool.release(backend)

@@ -4,8 +4,9 @@ A client's COM_STMT_PREPARE runs on whichever backend serves it; the client gets
 (`ClientStatement`), which names the statement text (its key also holds the default database and session
 settings it was prepared under). Each backend keeps the statements prepared on it in a `StatementCache` by key
 (proxy.pool.mysql_statements), shared by every client that backend serves, least recently used first and capped,
-so no backend ever holds more than its share of the server's max_prepared_stmt_count. A statement command naming a statement the borrowed
-backend does not have makes the proxy prepare it there first (that response is the proxy's own).
+so no backend ever holds more than its share of the server's max_prepared_stmt_count. A statement command naming
+a statement the borrowed backend does not have makes the proxy prepare it there first (that response is the
+proxy's own).
 """
 
 from __future__ import annotations
