@@ -340,6 +340,11 @@ class MySQLBackend(MySQLServerSession):
             CONNECT_ATTRS if caps & my.CLIENT_CONNECT_ATTRS else None, my.MAX_PACKET, self.profile.charset,
         )
         self.write(frame(response.build(), seq))
+        await self._authenticate(plugin, nonce, password)
+        return greeting
+
+    async def _authenticate(self, plugin: str, nonce: bytes, password: bytes) -> None:
+        """The server's answers to the login, up to its OK: auth switches, caching_sha2 full authentication."""
         public_key_requested = False
         while True:
             seq, payload = await self.read_packet(1 << 16)
@@ -378,7 +383,6 @@ class MySQLBackend(MySQLServerSession):
                     self.write(frame(rsa_encrypt_password(password, nonce, data), seq))
                     continue
             raise ProtocolViolation(f"unexpected packet 0x{payload[0]:02x} during backend login")
-        return greeting
 
     def _login_ok(self, payload: bytes) -> None:
         tracker = self.tracker

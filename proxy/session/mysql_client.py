@@ -117,8 +117,7 @@ class MySQLClient(MySQLLogin):
                 if pos < 0:
                     return
                 continue
-            # a new command
-            if not self._command_header_ok(scan, start, pos, length):
+            if not self._command_header_ok(scan, start, pos, length):  # a new command
                 return
             self._size = length
             head = length if length < INSPECT_LIMIT else INSPECT_LIMIT
@@ -175,6 +174,11 @@ class MySQLClient(MySQLLogin):
             pos = start = self._answer_command(inspection, command, scan, pos, length, start)
             if pos < 0:
                 return
+        self._walked(backend, scan, start, pos, need)
+
+    def _walked(self, backend: MySQLBackend | None, scan: bytes, start: int, pos: int, need: int) -> None:
+        """The walk stopped at scan[pos] (the end, or a command not whole yet): forward what is left to forward."""
+        end = len(scan)
         if backend is not None:
             if start < pos:
                 backend.transport.write(scan[start:pos] if start or pos < end else scan)

@@ -40,7 +40,7 @@ from proxy.session.mysql_inspect import (
     prepared_effect,
 )
 from proxy.session.mysql_lifecycle import _violation, log
-from proxy.session.mysql_statements import ClientStatement
+from proxy.session.mysql_statements import BackendStatement, ClientStatement
 
 STATEMENT_COMMAND_NAMES = {
     my.COM_STMT_EXECUTE: "mysqld_stmt_execute", my.COM_STMT_FETCH: "mysqld_stmt_fetch",
@@ -105,23 +105,69 @@ class MySQLStatementCommands(MySQLBorrowing):
             return None
         entry = backend.statement(stmt.key)
         if entry is None:
-            if stmt.failure is not None:  # preparing it here failed: that is the answer
-                failure = stmt.failure
-                if command != my.COM_STMT_SEND_LONG_DATA:
-                    stmt.failure = None
-                return self._answer_here(scan, pos, length, start, None if command == my.COM_STMT_SEND_LONG_DATA
-                                         else failure)
-            if command == my.COM_STMT_FETCH:
-                return self._answer_here(scan, pos, length, start, _no_cursor(number, self.capabilities))
-            if command == my.COM_STMT_RESET:  # nothing to reset on this backend: a PING answers the same OK
-                stop = pos + 4 + length
-                backend.transport.write(scan[start:pos] + frame(bytes((my.COM_PING,))))
-                backend.expect(my.COM_PING, None)
-                return stop, stop
-            self._prepare_here(backend, stmt, scan[start:pos])
-            self._stall(scan, pos, pos)
-            return None
+            return self._not_prepared_here(backend, stmt, command, scan, pos, length, start)
+        return self._forward_statement(backend, stmt, entry, command, scan, pos, length, head, start)
+
+    def _not_prepared_here(self, backend: MySQLBackend, stmt: ClientStatement, command: int, scan: bytes, pos: int,
+                           length: int, start: int) -> tuple[int, int] | None:
+        """A statement command for a statement the linked backend does not have: answered here, or the statement
+        is prepared there first (the command waits for that)."""
+        if stmt.failure is not None:  # preparing it here failed: that is the answer
+            failure = stmt.failure
+            if command != my.COM_STMT_SEND_LONG_DATA:
+                stmt.failure = None
+            return self._answer_here(scan, pos, length, start, None if command == my.COM_STMT_SEND_LONG_DATA
+                                     else failure)
+        if command == my.COM_STMT_FETCH:
+            return self._answer_here(scan, pos, length, start, _no_cursor(stmt.statement_id, self.capabilities))
+        if command == my.COM_STMT_RESET:  # nothing to reset on this backend: a PING answers the same OK
+            stop = pos + 4 + length
+            backend.transport.write(scan[start:pos] + frame(bytes((my.COM_PING,))))
+            backend.expect(my.COM_PING, None)
+            return stop, stop
+        self._prepare_here(backend, stmt, scan[start:pos])
+        self._stall(scan, pos, pos)
+        return None
+
+    def _forward_statement(self, backend: MySQLBackend, stmt: ClientStatement, entry: BackendStatement, command: int,
+                           scan: bytes, pos: int, length: int, head: int, start: int) -> tuple[int, int] | None:
+        """Forward a statement command for a statement the backend has, with the backend's statement id (and the
+        parameter types the client sent with an earlier execution, if the backend has not seen them)."""
         new_id = entry.statement_id
+        types, types_at, effect = self._statement_effect(stmt, entry, command, scan, pos, length, head)
+        stop = pos + 4 + length
+        if types is None:
+            rewritten = relabelled_head(scan, pos, new_id)
+            rest = pos + 9
+        else:
+            if length + len(types) >= my.MAX_PACKET:
+                entry.types = None
+                return self._answer_here(scan, pos, length, start, ErrPacket(
+                    my.ER_NET_PACKET_TOO_LARGE, "through the proxy, a statement execution of 16 MB or more must send "
+                    "its parameter types").build(self.capabilities))
+            rewritten = head_with_types(scan, pos, length, new_id, types_at, types)
+            rest = pos + 4 + types_at + (1 if command == my.COM_STMT_EXECUTE else 0)
+        if effect is not None and stmt.effect is not None and stmt.effect.insert_id:
+            rewritten = self._insert_id_for(backend) + rewritten
+        end = len(scan)
+        if stop <= end:
+            backend.transport.write(scan[start:pos] + rewritten + scan[rest:stop])
+            next_pos = stop
+        else:
+            backend.transport.write(scan[start:pos] + rewritten + scan[rest:end])
+            self._skip = stop - end
+            next_pos = end
+        if self._hold_next == 1:
+            self._hold_next = 2
+        backend.expect(command, effect)
+        self._seq = 1
+        self._cont = length == my.MAX_PACKET
+        return next_pos, next_pos
+
+    def _statement_effect(self, stmt: ClientStatement, entry: BackendStatement, command: int, scan: bytes, pos: int,
+                          length: int, head: int) -> tuple[bytes | None, int, tuple[int, Any] | None]:
+        """What a statement command needs besides the statement id: the parameter types to send with it (None:
+        as the client sent it) and where they go, and the effect to follow when its response completes."""
         types: bytes | None = None
         types_at = 0
         effect: tuple[int, Any] | None = None
@@ -158,34 +204,8 @@ class MySQLStatementCommands(MySQLBorrowing):
             effect = (FETCH, stmt)
         else:  # COM_STMT_RESET
             effect = (STMT_RESET, stmt)
-        stop = pos + 4 + length
-        if types is None:
-            rewritten = relabelled_head(scan, pos, new_id)
-            rest = pos + 9
-        else:
-            if length + len(types) >= my.MAX_PACKET:
-                entry.types = None
-                return self._answer_here(scan, pos, length, start, ErrPacket(
-                    my.ER_NET_PACKET_TOO_LARGE, "through the proxy, a statement execution of 16 MB or more must send "
-                    "its parameter types").build(self.capabilities))
-            rewritten = head_with_types(scan, pos, length, new_id, types_at, types)
-            rest = pos + 4 + types_at + (1 if command == my.COM_STMT_EXECUTE else 0)
-        if effect is not None and stmt.effect is not None and stmt.effect.insert_id:
-            rewritten = self._insert_id_for(backend) + rewritten
-        end = len(scan)
-        if stop <= end:
-            backend.transport.write(scan[start:pos] + rewritten + scan[rest:stop])
-            next_pos = stop
-        else:
-            backend.transport.write(scan[start:pos] + rewritten + scan[rest:end])
-            self._skip = stop - end
-            next_pos = end
-        if self._hold_next == 1:
-            self._hold_next = 2
-        backend.expect(command, effect)
-        self._seq = 1
-        self._cont = length == my.MAX_PACKET
-        return next_pos, next_pos
+        return types, types_at, effect
+
 
     def _prepare(self, scan: bytes, pos: int, length: int, start: int) -> tuple[int, int] | None:
         """The client's COM_STMT_PREPARE: runs on the linked backend; the client sees an id of the proxy's."""
