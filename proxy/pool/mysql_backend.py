@@ -1,4 +1,4 @@
-"""A MySQL/MariaDB backend connection: login with the stored secret, internal commands, and the forwarding hot path."""
+"""A MySQL/MariaDB backend connection: login with the stored secret and the forwarding hot path."""
 
 from __future__ import annotations
 

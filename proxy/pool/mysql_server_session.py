@@ -1,5 +1,4 @@
-"""A MySQL backend connection's server session: what is set on it (database, settings, user variables, character
-set, prepared statements), the proxy's own commands on it, and giving it a client's session in one call."""
+"""A MySQL backend's server session: what is set on it, the proxy's own commands, and applying a client's session."""
 
 from __future__ import annotations
 

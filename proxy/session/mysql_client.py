@@ -395,7 +395,7 @@ class MySQLClient(MySQLLogin):
                 elif kind == RESET:
                     self._forget_session_state()
                     self.session.autocommit = backend.autocommit
-                    # (tracking on: the client's character set was put back after the reset, see _walk)
+                    # (tracking on: the client's character set was put back after the reset, see _forward_with_effect)
                     backend.session_reset(self.profile.charset if backend.tracks_session_state else None)
                 elif kind == SET_OPTION:
                     self.multi_statements = bool(value)
