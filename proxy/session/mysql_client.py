@@ -104,8 +104,7 @@ class MySQLClient(MySQLLogin):
             pos = self._carry_on(scan, end)
             if pos < 0:
                 return
-            if dropping:  # (the dropped bytes are not forwarded)
-                start = pos
+            start = pos if dropping else 0  # (dropped bytes are not forwarded; skipped ones go with the rest)
         need = 4  # bytes from pos the walk needs before it can go on
         while pos < end:
             if end - pos < 4:
@@ -117,7 +116,8 @@ class MySQLClient(MySQLLogin):
                 if pos < 0:
                     return
                 continue
-            if not self._command_header_ok(scan, start, pos, length):  # a new command
+            if scan[pos + 3] or not length or length > self.max_message:  # a new command, or not one
+                self._bad_command_header(scan, start, pos, length)
                 return
             self._size = length
             head = length if length < INSPECT_LIMIT else INSPECT_LIMIT
@@ -233,20 +233,16 @@ class MySQLClient(MySQLLogin):
             return end
         return pos + 4 + length
 
-    def _command_header_ok(self, scan: bytes, start: int, pos: int, length: int) -> bool:
-        """A new command's frame header at scan[pos]: False (the client failed) if it is not one."""
+    def _bad_command_header(self, scan: bytes, start: int, pos: int, length: int) -> None:
+        """The frame header at scan[pos] does not start a command the proxy takes: the client fails."""
         seq = scan[pos + 3]
         if seq != 0:
             self._protocol_error(scan, start, pos, f"Got packets out of order: a command with sequence id {seq}",
                                  my.ER_NET_PACKETS_OUT_OF_ORDER)
-            return False
-        if length == 0:
+        elif length == 0:
             self._protocol_error(scan, start, pos, "Malformed packet: an empty command", my.ER_MALFORMED_PACKET)
-            return False
-        if length > self.max_message:
+        else:
             self._too_large(scan, start, pos, length)
-            return False
-        return True
 
     def _forward_with_effect(self, backend: MySQLBackend, command: int, effect: tuple[int, Any], scan: bytes,
                              pos: int, length: int, start: int) -> tuple[int, bool]:
