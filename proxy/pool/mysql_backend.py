@@ -25,12 +25,7 @@ from proxy.errors import (
 )
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import LinkedClient
-from proxy.pool.mysql_server_session import (
-    ENABLE_TRACKING,
-    MySQLServerError,
-    MySQLServerSession,
-    Profile,
-)
+from proxy.pool.mysql_server_session import ENABLE_TRACKING, MySQLServerError, MySQLServerSession, Profile
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import INTERNAL, PREPARE
 from proxy.protocol.mysql.packets import (

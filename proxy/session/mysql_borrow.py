@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from proxy.errors import (
-    BackendUnavailable,
-    ProxyError,
-)
+from proxy.errors import BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
-from proxy.pool.mysql_backend import (
-    MySQLBackend,
-    MySQLServerError,
-)
+from proxy.pool.mysql_backend import MySQLBackend, MySQLServerError
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
-from proxy.session.mysql_inspect import (
-    FOUND_ROWS,
-)
-from proxy.session.mysql_lifecycle import BUSY_FLAGS, _release, log
+from proxy.session.mysql_inspect import FOUND_ROWS
+from proxy.session.mysql_lifecycle import BUSY_FLAGS, log, release_backend
 from proxy.session.mysql_settings import MySQLSessionTracking
 
 
@@ -181,7 +173,7 @@ class MySQLBorrowing(MySQLSessionTracking):
         if backend.schema != pool.database:  # a USE moved it: put it back first
             self.loop.create_task(self._clean_up(backend))
             return
-        _release(backend)
+        release_backend(backend)
 
     def kill_settled(self) -> None:
         backend = self.backend

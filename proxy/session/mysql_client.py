@@ -4,20 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.errors import (
-    ProxyError,
-    UnknownCommand,
-)
-from proxy.pool.mysql_backend import (
-    ENABLE_TRACKING,
-    MySQLBackend,
-)
+from proxy.errors import ProxyError, UnknownCommand
+from proxy.pool.mysql_backend import ENABLE_TRACKING, MySQLBackend
 from proxy.pool.mysql_server_session import INTERNAL_PLAIN
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import EXECUTE, FETCH, INTERNAL, PREPARE, QUERY, RESET, SCHEMA, SET_OPTION, STMT_RESET
-from proxy.protocol.mysql.packets import (
-    frame,
-)
+from proxy.protocol.mysql.packets import frame
 from proxy.session import mysql_ids as ids
 from proxy.session.mysql_inspect import (
     ANSWER_ERR,
@@ -33,7 +25,7 @@ from proxy.session.mysql_inspect import (
     QueryEffect,
     inspect_query,
 )
-from proxy.session.mysql_lifecycle import State, _violation, log
+from proxy.session.mysql_lifecycle import State, log, violation
 from proxy.session.mysql_login import MySQLLogin
 
 INSPECT_LIMIT = 64 * 1024  # bytes of a command looked at before forwarding (the whole command if shorter)
@@ -334,7 +326,7 @@ class MySQLClient(MySQLLogin):
             return Inspection(QUIT)
         if command == my.COM_PROCESS_KILL:
             if head < 5:
-                return Inspection(ANSWER_ERR, error=_violation("Malformed packet: COM_PROCESS_KILL without an id",
+                return Inspection(ANSWER_ERR, error=violation("Malformed packet: COM_PROCESS_KILL without an id",
                                                                my.ER_MALFORMED_PACKET))
             return Inspection(KILL, (0, int.from_bytes(scan[pos + 5 : pos + 9], "little")))
         if command == my.COM_CHANGE_USER:

@@ -18,17 +18,10 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.netio import Connection, ConnectionClosed
-from proxy.pool.mysql_backend import (
-    MySQLBackend,
-    Profile,
-)
+from proxy.pool.mysql_backend import MySQLBackend, Profile
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
-from proxy.protocol.mysql.packets import (
-    ErrPacket,
-    OkPacket,
-    frame,
-)
+from proxy.protocol.mysql.packets import ErrPacket, OkPacket, frame
 from proxy.protocol.mysql.packets import ProtocolViolation as MySQLProtocolViolation
 from proxy.session import mysql_ids as ids
 from proxy.session.client import ClientConnection, TLSHandshakeFailed
@@ -64,12 +57,13 @@ class State(IntEnum):
     READY = 1  # logged in; forwarding
     CLOSED = 2
 
-def _refuse_login(client: MySQLClientBase, error: AuthenticationFailed) -> None:
+def refuse_login(client: MySQLClientBase, error: AuthenticationFailed) -> None:
+    """A failed login: its log line (through the burst-aware failed-login log) and the client's ERR."""
     client.log_failed_login(failed_logins, client.user, FAIL_LINE, client.peer, client.user, error.message,
                             error.mysql_errno, error.mysql_sqlstate)
     client.fail(error, logged=True)
 
-def _release(backend: MySQLBackend) -> None:
+def release_backend(backend: MySQLBackend) -> None:
     """Back to its pool, after closing the statements it should close (no response: safe while idle)."""
     if backend.ended_by_server:  # it is closing
         backend.pool.discard(backend)
@@ -79,7 +73,8 @@ def _release(backend: MySQLBackend) -> None:
         backend.write(closes)
     backend.pool.release(backend)
 
-def _violation(message: str, errno: int) -> ProtocolViolation:
+def violation(message: str, errno: int) -> ProtocolViolation:
+    """A client's protocol violation, with the MySQL errno it gets."""
     return MySQLProtocolViolation(message, errno)
 
 
@@ -159,7 +154,7 @@ class MySQLClientBase(ClientConnection):
             self.close()
         except AuthenticationFailed as exc:
             self.stats.logins_failed += 1
-            _refuse_login(self, exc)
+            refuse_login(self, exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an ERR for this client only
@@ -234,7 +229,7 @@ class MySQLClientBase(ClientConnection):
             self.loop.create_task(self._clean_up(backend))
             return
         pool.stats.transactions += 1
-        _release(backend)
+        release_backend(backend)
 
     @staticmethod
     async def _clean_up(backend: MySQLBackend) -> None:
@@ -316,7 +311,7 @@ class MySQLClientBase(ClientConnection):
         backend = self.backend
         if backend is not None and start < pos:
             backend.transport.write(scan[start:pos])
-        self.fail(_violation(message, errno))
+        self.fail(violation(message, errno))
 
     # --- what the later parts of the session define ---
 

@@ -16,18 +16,9 @@ from proxy.auth.mysql import (
     rsa_decrypt_password,
 )
 from proxy.config import ClientTLSMode, MySQLAuthMethod
-from proxy.errors import (
-    AuthenticationFailed,
-    AuthorizationFailed,
-    BackendUnavailable,
-    ProtocolViolation,
-    ProxyError,
-)
+from proxy.errors import AuthenticationFailed, AuthorizationFailed, BackendUnavailable, ProtocolViolation, ProxyError
 from proxy.netio import WRITE_HIGH_WATER, WRITE_LOW_WATER, ConnectionClosed
-from proxy.pool.mysql_backend import (
-    RELAYED_CAPABILITIES,
-    Profile,
-)
+from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, Profile
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import (
     AuthSwitchRequest,
@@ -39,7 +30,7 @@ from proxy.protocol.mysql.packets import (
     is_ssl_request,
 )
 from proxy.session.client import TLSHandshakeFailed
-from proxy.session.mysql_lifecycle import C_LIBRARIES, State, _refuse_login, _violation
+from proxy.session.mysql_lifecycle import C_LIBRARIES, State, refuse_login, violation
 from proxy.session.mysql_statement_commands import MySQLStatementCommands
 
 LOGIN_PACKET_LIMIT = 64 * 1024
@@ -63,9 +54,9 @@ class MySQLLogin(MySQLStatementCommands):
         length = header[0] | (header[1] << 8) | (header[2] << 16)
         seq = header[3]
         if length > LOGIN_PACKET_LIMIT:
-            raise _violation(f"Bad handshake: a login packet of {length} bytes", my.ER_HANDSHAKE_ERROR)
+            raise violation(f"Bad handshake: a login packet of {length} bytes", my.ER_HANDSHAKE_ERROR)
         if seq != self._seq:
-            raise _violation(f"Got packets out of order: sequence id {seq}, expected {self._seq}",
+            raise violation(f"Got packets out of order: sequence id {seq}, expected {self._seq}",
                              my.ER_NET_PACKETS_OUT_OF_ORDER)
         payload = await self.read_exact(length)
         self._seq = self._reply_seq = (seq + 1) & 0xFF
@@ -99,7 +90,7 @@ class MySQLLogin(MySQLStatementCommands):
         payload = await self._read_login_packet()
         if is_ssl_request(payload):
             if service.server_tls is None:
-                raise _violation("Bad handshake: TLS was requested but is not offered", my.ER_HANDSHAKE_ERROR)
+                raise violation("Bad handshake: TLS was requested but is not offered", my.ER_HANDSHAKE_ERROR)
             self._handshaking = True
             try:
                 await self._start_tls(service.server_tls)
@@ -260,7 +251,7 @@ class MySQLLogin(MySQLStatementCommands):
             self._busy = None
             if isinstance(exc, AuthenticationFailed):
                 self.stats.logins_failed += 1
-                _refuse_login(self, exc)
+                refuse_login(self, exc)
             else:
                 self.fail(exc)
             return

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import re
 
-from proxy.pool.mysql_backend import (
-    MySQLBackend,
-)
+from proxy.pool.mysql_backend import MySQLBackend
 from proxy.protocol.mysql import constants as my
-from proxy.protocol.mysql.packets import (
-    ErrPacket,
-    parse_session_state,
-    read_lenenc_str,
-)
+from proxy.protocol.mysql.packets import ErrPacket, parse_session_state, read_lenenc_str
 from proxy.session.mysql_inspect import (
     ANY,
     FOUND_ROWS,

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.errors import (
-    NotSupported,
-)
-from proxy.pool.mysql_backend import (
-    STATEMENT_LIMIT,
-    MySQLBackend,
-)
+from proxy.errors import NotSupported
+from proxy.pool.mysql_backend import STATEMENT_LIMIT, MySQLBackend
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import EXECUTE, FETCH, INTERNAL, PREPARE, STMT_RESET
-from proxy.protocol.mysql.packets import (
-    ErrPacket,
-    OkPacket,
-    frame,
-)
+from proxy.protocol.mysql.packets import ErrPacket, OkPacket, frame
 from proxy.protocol.mysql.statements import (
     BULK_FLAGS_AT,
     BULK_SEND_TYPES,
@@ -33,13 +24,8 @@ from proxy.protocol.mysql.statements import (
 )
 from proxy.session import mysql_ids as ids
 from proxy.session.mysql_borrow import MySQLBorrowing
-from proxy.session.mysql_inspect import (
-    FORWARD,
-    PREPARED_ROW_COUNT,
-    inspect_query,
-    prepared_effect,
-)
-from proxy.session.mysql_lifecycle import _violation, log
+from proxy.session.mysql_inspect import FORWARD, PREPARED_ROW_COUNT, inspect_query, prepared_effect
+from proxy.session.mysql_lifecycle import log, violation
 from proxy.session.mysql_statements import BackendStatement, ClientStatement
 
 STATEMENT_COMMAND_NAMES = {
@@ -301,7 +287,7 @@ class MySQLStatementCommands(MySQLBorrowing):
         if stop <= end:
             return stop, stop
         if length >= my.MAX_PACKET:
-            self.fail(_violation("a statement command of 16 MB or more for an unknown statement",
+            self.fail(violation("a statement command of 16 MB or more for an unknown statement",
                                  my.ER_NET_PACKET_TOO_LARGE))
             return None
         self._drop = stop - end
