@@ -156,6 +156,10 @@ class MySQLBackend(MySQLServerSession):
             return
         self._start(command, effect)
 
+    def infile_sent(self) -> None:
+        """The client's LOCAL INFILE upload ended (its empty packet went to the server): the server answers now."""
+        self.tracker.feed_infile(b"")
+
     def _start(self, command: int, effect: Any) -> bool:
         """Start tracking `command`; True if it has no response (done at once)."""
         self.effect = effect

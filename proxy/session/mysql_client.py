@@ -217,7 +217,7 @@ class MySQLClient(MySQLLogin):
         self._seq = (seq + 1) & 0xFF
         if self._infile and not self._cont and length == 0:
             self._infile = False
-            backend.tracker.feed_infile(b"")
+            backend.infile_sent()
         self._cont = length == my.MAX_PACKET
         available = end - pos - 4
         if length > available:
