@@ -1,15 +1,12 @@
-"""A MySQL/MariaDB backend connection: login with the stored secret, internal commands, and the forwarding hot path."""
+"""A MySQL/MariaDB backend connection: login with the stored secret and the forwarding hot path."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.auth.mysql import (
     clear_password_response,
@@ -18,33 +15,35 @@ from proxy.auth.mysql import (
     scramble_native_password,
 )
 from proxy.config import BackendTLSMode, MySQLSettings
-from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, BackendUnreachable, ProtocolViolation
+from proxy.errors import (
+    AuthenticationFailed,
+    BackendError,
+    BackendUnavailable,
+    BackendUnreachable,
+    ProtocolViolation,
+    ProxyError,
+)
 from proxy.netio import ConnectionClosed
-from proxy.pool.backend import BackendConnection
+from proxy.pool.backend import LinkedClient
+from proxy.pool.mysql_server_session import ENABLE_TRACKING, MySQLServerError, MySQLServerSession, Profile
 from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.effects import INTERNAL, PREPARE
 from proxy.protocol.mysql.packets import (
     AuthSwitchRequest,
     ErrPacket,
     HandshakeResponse41,
     HandshakeV10,
-    ResponseTracker,
     SSLRequest,
     frame,
-    read_lenenc_str,
     strip_session_state,
 )
 from proxy.rundir import worker_count
-from proxy.session.mysql_inspect import INTERNAL, PREPARE
-from proxy.session.mysql_statements import StatementCache
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
     from proxy.secrets import SecretStore
-    from proxy.session.mysql_client import MySQLClient
 
 log = logging.getLogger(__name__)
-
-MAX_INTERNAL_PACKET = 64 * 1024 * 1024
 
 # What a backend connection always asks for, when the server offers it (the client's wishes come on top).
 BACKEND_BASE_CAPABILITIES = (
@@ -78,10 +77,6 @@ RELAYED_CAPABILITIES = (
     | my.MARIADB_CLIENT_CACHE_METADATA
 )
 CONNECT_ATTRS = {"_client_name": "dbproxy", "program_name": "dbproxy"}
-# Run on every backend connection the server tracks session state for (again after each reset).
-TRACK_SESSION_STATE = (b"SET session_track_system_variables='*', session_track_schema=ON, "
-                       b"session_track_state_change=ON")
-ENABLE_TRACKING = bytes((my.COM_QUERY,)) + TRACK_SESSION_STATE
 # How the response of the command being followed is forwarded (MySQLBackend.special).
 PLAIN, RELABEL, SWALLOW = range(3)
 # Errors with which the server ends a session by itself (shutdown, KILL, its own timeouts): a client hears them
@@ -92,57 +87,46 @@ TERMINATION_ERRORS = frozenset({ER_SERVER_SHUTDOWN, 1152, 1927, 4031})
 ROW_COMMANDS = frozenset({my.COM_QUERY, my.COM_STMT_EXECUTE, my.COM_STMT_BULK_EXECUTE})
 
 
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """What a backend connection is opened with on behalf of its clients: relayed capabilities and charset."""
+class MySQLLinkedClient(LinkedClient, Protocol):
+    """What a backend needs of the client session it serves while linked (the session side implements it)."""
 
-    capabilities: int
-    charset: int
+    transport: asyncio.Transport
+    kills_in_flight: int  # KILL QUERYs on their way to this backend's thread: it stays linked meanwhile
+    found_rows: int  # what FOUND_ROWS() says for the client: set when a result set completes
+    row_count: int  # what ROW_COUNT() says for the client: set when a statement completes
+
+    @property
+    def peer(self) -> str: ...
+
+    @property
+    def capabilities(self) -> int: ...
+
+    def command_done(self, backend: MySQLBackend, effect: Any) -> None: ...
+
+    def backend_progress(self, backend: MySQLBackend) -> None: ...
+
+    def fail(self, error: ProxyError) -> None: ...
+
+    def kill_settled(self) -> None: ...
 
 
-class MySQLServerError(BackendError):
-    """An ERR packet from the server (login refused, internal command failed), with its own errno."""
-
-    def __init__(self, packet: bytes) -> None:
-        err = ErrPacket.parse(packet)
-        super().__init__(err.message)
-        self.mysql_errno = err.error_code
-        self.mysql_sqlstate = err.sql_state or my.sqlstate_for(err.error_code)
-
-
-class MySQLBackend(BackendConnection):
+class MySQLBackend(MySQLServerSession):
     """One server connection. While linked to a client, response bytes stream through; only headers are read."""
 
     def __init__(self, pool: Pool, profile: Profile) -> None:
-        super().__init__(pool)
-        self.profile = profile
+        super().__init__(pool, profile)
         self.thread_id = 0
-        self.capabilities = 0  # negotiated with the server
-        self.deprecate_eof = False
         self.cache_metadata = False
-        self.client: MySQLClient | None = None
-        self.tracker = ResponseTracker()
+        self.client: MySQLLinkedClient | None = None
         self.effect: Any = None  # what the client wants done when the tracked response completes
         self.queue: deque[tuple[int, Any]] = deque()  # pipelined commands whose responses come later
-        self.schema = pool.database  # the server session's default database
-        self.multi_statements = False
-        self.charset = profile.charset  # the collation id the session's character_set_* follow (0: unknown)
         self.terminated = False  # the server sent an error that ends the session (TERMINATION_ERRORS)
-        self.settings: dict[str, bytes] = {}  # session variables set on it (see MySQLClient.settings)
-        self.user_vars: dict[bytes, bytes] = {}  # user variables set on it to literals (see MySQLClient.user_vars)
-        self.last_insert_id = 0  # what LAST_INSERT_ID() returns on it, as far as OK packets told
-        self.statements = StatementCache(pool.settings.max_prepared_statements)
         self.special = PLAIN  # the response followed now: forwarded, relabelled (a client's prepare) or swallowed
         self.relabel_id = 0  # the client's statement id for the COM_STMT_PREPARE_OK being relabelled
-        self.tracking_all = False  # session_track_system_variables='*' etc. are on (see TRACK_SESSION_STATE)
         self._partial = b""  # an incomplete frame carried to the next read
 
     def __repr__(self) -> str:
         return f"MySQLBackend(thread={self.thread_id}, pool={self.pool.name})"
-
-    @property
-    def autocommit(self) -> bool:
-        return bool(self.tracker.status_flags & my.SERVER_STATUS_AUTOCOMMIT)
 
     @property
     def idle(self) -> bool:
@@ -151,12 +135,7 @@ class MySQLBackend(BackendConnection):
 
     # --- linking to a client ---
 
-    @property
-    def tracks_session_state(self) -> bool:
-        """The server reports every session variable, schema and state change (the proxy turned it on)."""
-        return self.tracking_all
-
-    def link(self, client: MySQLClient) -> None:
+    def link(self, client: MySQLLinkedClient) -> None:
         self.client = client
         self._partial = b""
         tracker = self.tracker
@@ -176,6 +155,10 @@ class MySQLBackend(BackendConnection):
             self.queue.append((command, effect))
             return
         self._start(command, effect)
+
+    def infile_sent(self) -> None:
+        """The client's LOCAL INFILE upload ended (its empty packet went to the server): the server answers now."""
+        self.tracker.feed_infile(b"")
 
     def _start(self, command: int, effect: Any) -> bool:
         """Start tracking `command`; True if it has no response (done at once)."""
@@ -307,123 +290,6 @@ class MySQLBackend(BackendConnection):
         edits.clear()
         return sent
 
-    # --- awaited packets (login, internal commands; never while linked) ---
-
-    async def read_packet(self, limit: int = MAX_INTERNAL_PACKET) -> tuple[int, bytes]:
-        """One logical packet: (sequence id of its last frame, payload)."""
-        parts: list[bytes] = []
-        total = 0
-        while True:
-            header = await self.read_exact(4)
-            length = header[0] | (header[1] << 8) | (header[2] << 16)
-            total += length
-            if total > limit:
-                raise ProtocolViolation(f"server packet of {total} bytes exceeds {limit}")
-            parts.append(await self.read_exact(length))
-            if length < my.MAX_PACKET:
-                return header[3], parts[0] if len(parts) == 1 else b"".join(parts)
-
-    @contextlib.asynccontextmanager
-    async def _internal_deadline(self) -> AsyncIterator[None]:
-        """Bound a wait the proxy starts itself by the pool's internal_query_timeout: past it the backend is
-        closed (its slot comes free) and BackendUnavailable is raised."""
-        timeout = self.pool.settings.internal_query_timeout
-        try:
-            async with asyncio.timeout(timeout):
-                yield
-        except TimeoutError:
-            log.warning("backend %s did not answer within %g s; closing it", self, timeout)
-            self.abort()
-            raise BackendUnavailable(f"the database did not answer within {timeout:g} s") from None
-
-    async def command(self, payload: bytes) -> list[list[bytes | None]]:
-        """Send a command the proxy itself needs and read its whole response; text rows of a result set.
-
-        Raises MySQLServerError when the server answers with ERR.
-        """
-        assert self.client is None
-        tracker = self.tracker
-        self.write(frame(payload, 0))
-        if tracker.start(payload[0], self.deprecate_eof):
-            return []
-        rows: list[list[bytes | None]] = []
-        seen = 0
-        async with self._internal_deadline():
-            while True:
-                _, packet = await self.read_packet()
-                done = tracker.feed(packet)
-                if tracker.rows != seen:
-                    seen = tracker.rows
-                    rows.append(_text_row(packet))
-                if done:
-                    break
-        if tracker.error is not None and tracker.error_packet is not None:
-            raise MySQLServerError(tracker.error_packet)
-        return rows
-
-    async def query(self, sql: str) -> list[list[bytes | None]]:
-        return await self.command(bytes((my.COM_QUERY,)) + sql.encode())
-
-    async def pipeline(self, payloads: list[bytes], failures: list[bytes | None] | None = None) -> None:
-        """Send commands the proxy needs in one write and read all their responses (no rows kept).
-
-        Raises MySQLServerError for the first that failed, after reading them all; with `failures`, fills it with
-        each command's ERR packet (None: it succeeded) instead.
-        """
-        assert self.client is None
-        tracker = self.tracker
-        self.write(b"".join(frame(payload, 0) for payload in payloads))
-        failure: bytes | None = None
-        async with self._internal_deadline():
-            for payload in payloads:
-                if tracker.start(payload[0], self.deprecate_eof):
-                    if failures is not None:
-                        failures.append(None)
-                    continue
-                while True:
-                    _, packet = await self.read_packet()
-                    if tracker.feed(packet):
-                        break
-                if failures is not None:
-                    failures.append(tracker.error_packet if tracker.error is not None else None)
-                elif failure is None and tracker.error is not None:
-                    failure = tracker.error_packet
-        if failure is not None:
-            raise MySQLServerError(failure)
-
-    def forget_session(self) -> None:
-        """The server session was reset: no settings, user variables or prepared statements any more."""
-        self.settings = {}
-        self.user_vars = {}
-        self.last_insert_id = 0
-        self.statements.clear()
-        # MariaDB's reset goes back to the character set of the login; whether MySQL's does is not relied on
-        self.charset = self.profile.charset if self.reset_keeps(self.profile.charset) else 0
-
-    def reset_keeps(self, charset: int) -> bool:
-        """Whether a COM_RESET_CONNECTION leaves the session in character set `charset` (MariaDB's goes back to
-        the login's)."""
-        return charset == self.profile.charset and not self.capabilities & my.CLIENT_MYSQL
-
-    def reset_commands(self) -> list[bytes]:
-        """COM_RESET_CONNECTION and what puts the proxy's own session settings back afterwards."""
-        if self.tracking_all:
-            return [bytes((my.COM_RESET_CONNECTION,)), ENABLE_TRACKING]
-        return [bytes((my.COM_RESET_CONNECTION,))]
-
-    async def reset(self) -> None:
-        """COM_RESET_CONNECTION (rolls back, drops session state), then the pool's reset query and schema."""
-        try:
-            await self.pipeline(self.reset_commands())
-        finally:
-            self.forget_session()
-        pool = self.pool
-        if pool.settings.reset_query:
-            await self.query(pool.settings.reset_query)
-        if self.schema != pool.database and pool.database:
-            await self.command(bytes((my.COM_INIT_DB,)) + pool.database.encode())
-            self.schema = pool.database
-
     # --- login ---
 
     async def login(self, settings: MySQLSettings, secrets: SecretStore, tls: ssl.SSLContext | None,
@@ -473,6 +339,11 @@ class MySQLBackend(BackendConnection):
             CONNECT_ATTRS if caps & my.CLIENT_CONNECT_ATTRS else None, my.MAX_PACKET, self.profile.charset,
         )
         self.write(frame(response.build(), seq))
+        await self._authenticate(plugin, nonce, password)
+        return greeting
+
+    async def _authenticate(self, plugin: str, nonce: bytes, password: bytes) -> None:
+        """The server's answers to the login, up to its OK: auth switches, caching_sha2 full authentication."""
         public_key_requested = False
         while True:
             seq, payload = await self.read_packet(1 << 16)
@@ -511,7 +382,6 @@ class MySQLBackend(BackendConnection):
                     self.write(frame(rsa_encrypt_password(password, nonce, data), seq))
                     continue
             raise ProtocolViolation(f"unexpected packet 0x{payload[0]:02x} during backend login")
-        return greeting
 
     def _login_ok(self, payload: bytes) -> None:
         tracker = self.tracker
@@ -536,20 +406,6 @@ def _scramble(plugin: str, password: bytes, nonce: bytes) -> bytes:
     if plugin == my.CACHING_SHA2_PASSWORD:
         return scramble_caching_sha2(password, nonce)
     return scramble_native_password(password, nonce)
-
-
-def _text_row(packet: bytes) -> list[bytes | None]:
-    values: list[bytes | None] = []
-    pos = 0
-    end = len(packet)
-    while pos < end:
-        if packet[pos] == 0xFB:
-            values.append(None)
-            pos += 1
-        else:
-            value, pos = read_lenenc_str(packet, pos)
-            values.append(value)
-    return values
 
 
 async def open_backend(

@@ -15,12 +15,11 @@ import re
 from typing import Any, Final
 
 from proxy.errors import CommandNotAllowed, NotSupported, ProxyError
+from proxy.protocol.mysql.effects import QUERY
 from proxy.session.mysql_ids import function_flags
 
 # --- what to do with a command ---
 FORWARD, ANSWER_OK, ANSWER_ERR, SWALLOW, QUIT, KILL, CHANGE_USER = range(7)
-# Effects applied when a forwarded command's response completes: (kind, value).
-SCHEMA, PREPARE, RESET, SET_OPTION, QUERY, EXECUTE, FETCH, STMT_RESET, INTERNAL = range(9)
 
 # --- pin reasons (metrics labels: a short, fixed set) ---
 TEMPORARY_TABLE: Final = "temporary table"

@@ -8,7 +8,7 @@ import itertools
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -43,9 +43,6 @@ from proxy.session.mysql_ids import is_proxy_id, next_proxy_id, worker_of
 from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
 
-if TYPE_CHECKING:
-    from proxy.session.mysql_client import MySQLClient
-
 log = logging.getLogger(__name__)
 
 # The proxy's own announcement: what its codecs can relay (DEFAULT_SERVER_CAPABILITIES) plus the MariaDB
@@ -73,6 +70,29 @@ class Killer(Protocol):
     def peer(self) -> str: ...
 
 
+class KillTarget(Protocol):
+    """A client whose running query a KILL QUERY ends."""
+
+    kills_in_flight: int  # KILL QUERYs on their way to its backend (the backend stays with it meanwhile)
+
+    def kill_settled(self) -> None: ...
+
+
+class ServedClient(Killer, KillTarget, Protocol):
+    """A client session of this service, as KILL and the connection-id table see it."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def backend(self) -> MySQLBackend | None: ...
+
+    @property
+    def service(self) -> MySQLService: ...
+
+    def fail(self, error: ProxyError) -> None: ...
+
+
 @dataclass(frozen=True)
 class RemoteKiller:
     user: str
@@ -95,7 +115,7 @@ class MySQLService:
         self.stats = stats.endpoint("mysql", endpoint.name, endpoint.cluster)
         self.target.stats = stats.target("mysql", endpoint.name, endpoint.cluster, endpoint.instance)
         # proxy connection id -> client (for KILL), one registry for every endpoint of the process
-        self.clients: dict[int, MySQLClient] = peer.clients if peer is not None else {}
+        self.clients: dict[int, ServedClient] = peer.clients if peer is not None else {}
         # see mysql_ids: the proxy's ids, apart from server thread ids
         self._connection_ids: itertools.count[int] = peer._connection_ids if peer is not None else itertools.count(1)
         self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
@@ -186,7 +206,7 @@ class MySQLService:
 
     def pool_for(self, database: str, user: str, profile: Profile) -> Pool:
         # The character set is not part of the key: a backend takes the character set of each client it serves
-        # (see MySQLClient._sync), so clients of every character set share the backends and wait in one line.
+        # (see MySQLBackend.apply_state), so clients of every character set share the backends and wait in one line.
         key = (database, f"{user}\x00{profile.capabilities:x}")
         pool = self.target.pools.get(key)
         if pool is None:
@@ -285,12 +305,13 @@ class MySQLService:
         if backend is None or backend.tracker.done:
             log.info("KILL QUERY %d: that client runs nothing right now", connection_id)
             return
-        await self._kill_clients_query(target, backend)
+        await self._kill_clients_query(target, backend, target.service)  # (its endpoint may be another one)
 
-    async def _kill_clients_query(self, target: MySQLClient, backend: MySQLBackend) -> None:
+    @staticmethod
+    async def _kill_clients_query(target: KillTarget, backend: MySQLBackend, service: MySQLService) -> None:
         target.kills_in_flight += 1  # its backend stays with it until the kill has landed
         try:
-            await target.service.kill_query(backend)  # the client's endpoint may be another one
+            await service.kill_query(backend)
         finally:
             target.kills_in_flight -= 1
             target.kill_settled()
@@ -332,7 +353,7 @@ class MySQLService:
             log.info("KILL QUERY %d: that backend thread runs nothing right now", thread_id)
             return
         if target is not None:
-            await self._kill_clients_query(target, backend)
+            await self._kill_clients_query(target, backend, self)
         else:
             await self.kill_query(backend)
 

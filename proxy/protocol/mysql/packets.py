@@ -895,7 +895,101 @@ UNTRACKABLE_COMMANDS: Final = frozenset(
 )
 
 
-class ResponseTracker:
+class ResponseOutcome:
+    """What the server's response to one command said (filled in by ResponseTracker): status flags, the fields
+    of its OK, EOF or ERR, its result sets, and the session state changes it reported."""
+
+    __slots__ = (
+        "affected_rows",
+        "edits",
+        "error",
+        "error_packet",
+        "expects_local_infile",
+        "last_insert_id",
+        "last_seq",
+        "prepare_ok",
+        "prepare_ok_at",
+        "result_sets",
+        "row_sets",
+        "rows",
+        "seen_status",
+        "session_state",
+        "session_track",
+        "status_flags",
+        "strip_session_state",
+        "warnings",
+    )
+    status_flags: int
+    session_track: bool  # CLIENT_SESSION_TRACK is on: OK packets' session state changes are collected
+    strip_session_state: bool  # ... and where those OK packets are is noted in edits (see ResponseTracker)
+    edits: list[tuple[int, int]]
+
+    def _reset_results(self) -> None:
+        self.error: int | None = None
+        self.error_packet: bytes | None = None
+        self.expects_local_infile = False
+        self.prepare_ok: PrepareOk | None = None
+        self.prepare_ok_at = -1  # payload offset of the COM_STMT_PREPARE_OK in the buffer scan() read it from
+        self.session_state: list[bytes] | None = None  # raw session state info of each OK packet, when tracked
+        self.result_sets = 0
+        self.row_sets = 0  # result sets with columns (rows), not OK packets
+        self.rows = 0
+        self.seen_status = 0
+        self.affected_rows = 0
+        self.last_insert_id = 0
+        self.warnings = 0
+        self.last_seq = -1
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.status_flags & SERVER_STATUS_IN_TRANS)
+
+    @property
+    def more_results(self) -> bool:
+        return bool(self.status_flags & SERVER_MORE_RESULTS_EXISTS)
+
+    @property
+    def cursor_open(self) -> bool:
+        return bool(self.status_flags & SERVER_STATUS_CURSOR_EXISTS)
+
+    def _eof(self, buf: Buffer, off: int, length: int) -> None:
+        if length >= 5:
+            self.warnings = buf[off + 1] | (buf[off + 2] << 8)
+            status = buf[off + 3] | (buf[off + 4] << 8)
+            self.status_flags = status
+            self.seen_status |= status
+
+    def _ok(self, buf: Buffer, off: int, length: int) -> None:
+        end = off + length
+        self.affected_rows, p = _lenenc_at(buf, off + 1, end)
+        self.last_insert_id, p = _lenenc_at(buf, p, end)
+        if p + 2 > end:
+            raise ProtocolViolation("OK packet without status flags")
+        status = buf[p] | (buf[p + 1] << 8)
+        self.warnings = buf[p + 2] | (buf[p + 3] << 8) if p + 4 <= end else 0
+        self.status_flags = status
+        self.seen_status |= status
+        if status & SERVER_SESSION_STATE_CHANGED and self.session_track:
+            self._state_changes(buf, off, length, p + 4)
+
+    def _state_changes(self, buf: Buffer, off: int, length: int, p: int) -> None:
+        """An OK packet with session state info (CLIENT_SESSION_TRACK): keep the info; note the packet."""
+        end = off + length
+        if p < end:
+            size, p = _lenenc_at(buf, p, end)  # the human-readable info
+            p += size
+            if p < end:
+                size, p = _lenenc_at(buf, p, end)
+                if p + size > end:
+                    raise ProtocolViolation("truncated session state info")
+                if self.session_state is None:
+                    self.session_state = []
+                self.session_state.append(bytes(buf[p : p + size]))
+        if self.strip_session_state:
+            self.edits.append((off, length))
+
+
+class ResponseTracker(ResponseOutcome):
     """Follows the server's response to one command and says when it is complete (sans-IO).
 
     One tracker per backend connection; call start() (or start_command()) for each command, then either
@@ -921,27 +1015,9 @@ class ResponseTracker:
         "_remaining",
         "_state",
         "_term_limit",
-        "affected_rows",
         "command",
         "done",
-        "edits",
-        "error",
-        "error_packet",
-        "expects_local_infile",
-        "last_insert_id",
-        "last_seq",
-        "prepare_ok",
-        "prepare_ok_at",
-        "result_sets",
-        "row_sets",
-        "rows",
-        "seen_status",
-        "session_state",
-        "session_track",
         "skip",
-        "status_flags",
-        "strip_session_state",
-        "warnings",
     )
 
     def __init__(self, status_flags: int = SERVER_STATUS_AUTOCOMMIT) -> None:
@@ -968,22 +1044,6 @@ class ResponseTracker:
         self.strip_session_state = False
         self.edits: list[tuple[int, int]] = []
         self._reset_results()
-
-    def _reset_results(self) -> None:
-        self.error: int | None = None
-        self.error_packet: bytes | None = None
-        self.expects_local_infile = False
-        self.prepare_ok: PrepareOk | None = None
-        self.prepare_ok_at = -1  # payload offset of the COM_STMT_PREPARE_OK in the buffer scan() read it from
-        self.session_state: list[bytes] | None = None  # raw session state info of each OK packet, when tracked
-        self.result_sets = 0
-        self.row_sets = 0  # result sets with columns (rows), not OK packets
-        self.rows = 0
-        self.seen_status = 0
-        self.affected_rows = 0
-        self.last_insert_id = 0
-        self.warnings = 0
-        self.last_seq = -1
 
     # --- starting a command ---
 
@@ -1059,18 +1119,6 @@ class ResponseTracker:
 
     # --- derived state ---
 
-    @property
-    def in_transaction(self) -> bool:
-        return bool(self.status_flags & SERVER_STATUS_IN_TRANS)
-
-    @property
-    def more_results(self) -> bool:
-        return bool(self.status_flags & SERVER_MORE_RESULTS_EXISTS)
-
-    @property
-    def cursor_open(self) -> bool:
-        return bool(self.status_flags & SERVER_STATUS_CURSOR_EXISTS)
-
     # --- input ---
 
     def feed(self, payload: Buffer) -> bool:
@@ -1088,8 +1136,7 @@ class ResponseTracker:
         bytes of that frame still to come, which the next scan() passes over before reading a header.
         So rows of any size are forwarded as they arrive instead of being buffered whole.
         """
-        if end is None:
-            end = len(buf)
+        end = len(buf) if end is None else end
         skip = self.skip
         if skip:
             if end - pos <= skip:
@@ -1341,42 +1388,6 @@ class ResponseTracker:
             self._ok(buf, off, length)
         else:
             self._eof(buf, off, length)
-
-    def _eof(self, buf: Buffer, off: int, length: int) -> None:
-        if length >= 5:
-            self.warnings = buf[off + 1] | (buf[off + 2] << 8)
-            status = buf[off + 3] | (buf[off + 4] << 8)
-            self.status_flags = status
-            self.seen_status |= status
-
-    def _ok(self, buf: Buffer, off: int, length: int) -> None:
-        end = off + length
-        self.affected_rows, p = _lenenc_at(buf, off + 1, end)
-        self.last_insert_id, p = _lenenc_at(buf, p, end)
-        if p + 2 > end:
-            raise ProtocolViolation("OK packet without status flags")
-        status = buf[p] | (buf[p + 1] << 8)
-        self.warnings = buf[p + 2] | (buf[p + 3] << 8) if p + 4 <= end else 0
-        self.status_flags = status
-        self.seen_status |= status
-        if status & SERVER_SESSION_STATE_CHANGED and self.session_track:
-            self._state_changes(buf, off, length, p + 4)
-
-    def _state_changes(self, buf: Buffer, off: int, length: int, p: int) -> None:
-        """An OK packet with session state info (CLIENT_SESSION_TRACK): keep the info; note the packet."""
-        end = off + length
-        if p < end:
-            size, p = _lenenc_at(buf, p, end)  # the human-readable info
-            p += size
-            if p < end:
-                size, p = _lenenc_at(buf, p, end)
-                if p + size > end:
-                    raise ProtocolViolation("truncated session state info")
-                if self.session_state is None:
-                    self.session_state = []
-                self.session_state.append(bytes(buf[p : p + size]))
-        if self.strip_session_state:
-            self.edits.append((off, length))
 
 
 def strip_session_state(payload: Buffer) -> bytes:

@@ -1,0 +1,328 @@
+"""A MySQL client session's fields and lifecycle: login timeout, errors, idle check, backend lost, close."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from enum import IntEnum
+from typing import Any
+
+from proxy.auth.failures import FailedLogins
+from proxy.errors import (
+    AuthenticationFailed,
+    BackendUnavailable,
+    ClientMessageTimeout,
+    IdleClientTimeout,
+    LoginTimeout,
+    ProtocolViolation,
+    ProxyError,
+)
+from proxy.netio import Connection, ConnectionClosed
+from proxy.pool.mysql_backend import MySQLBackend, Profile
+from proxy.pool.pool import Pool
+from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.packets import ErrPacket, OkPacket, frame
+from proxy.protocol.mysql.packets import ProtocolViolation as MySQLProtocolViolation
+from proxy.session import mysql_ids as ids
+from proxy.session.client import ClientConnection, TLSHandshakeFailed
+from proxy.session.mysql_service import MySQLService
+from proxy.session.mysql_statements import ClientStatement
+from proxy.session.state import SessionState
+
+# Every part of a MySQL client session logs under one name (the module of MySQLClient, which puts them together).
+log = logging.getLogger("proxy.session.mysql_client")
+
+failed_logins = FailedLogins(log)
+
+FAIL_LINE = "client %s (user %r): %s [%d %s]"  # the warning line of a client's failed login or refused session
+
+BUSY_FLAGS = my.SERVER_STATUS_IN_TRANS  # (open cursors are followed per statement)
+
+
+# The C client libraries take an ERR from the server with an errno of their own range (CR_*, 2000-2999, e.g. 2003
+# can't connect, 2013 lost connection) for a malformed packet ("ERROR 2027"): they get the nearest server errno.
+C_LIBRARIES = frozenset({"libmariadb", "libmysql"})
+
+CLIENT_ERRNO_FIRST, CLIENT_ERRNO_LAST = 2000, 2999
+
+ER_NET_READ_ERROR = 1158  # "Got an error reading communication packets"
+
+ER_CONNECT_TO_FOREIGN_DATA_SOURCE = 1429  # "Unable to connect to foreign data source"
+
+C_LIBRARY_ERRNOS = {2002: (ER_CONNECT_TO_FOREIGN_DATA_SOURCE, "08S01"),
+                    2003: (ER_CONNECT_TO_FOREIGN_DATA_SOURCE, "08S01")}
+
+class State(IntEnum):
+    LOGIN = 0
+    READY = 1  # logged in; forwarding
+    CLOSED = 2
+
+def refuse_login(client: MySQLClientBase, error: AuthenticationFailed) -> None:
+    """A failed login: its log line (through the burst-aware failed-login log) and the client's ERR."""
+    client.log_failed_login(failed_logins, client.user, FAIL_LINE, client.peer, client.user, error.message,
+                            error.mysql_errno, error.mysql_sqlstate)
+    client.fail(error, logged=True)
+
+def release_backend(backend: MySQLBackend) -> None:
+    """Back to its pool, after closing the statements it should close (no response: safe while idle)."""
+    if backend.ended_by_server:  # it is closing
+        backend.pool.discard(backend)
+        return
+    closes = backend.statement_closes()
+    if closes:
+        backend.write(closes)
+    backend.pool.release(backend)
+
+def violation(message: str, errno: int) -> ProtocolViolation:
+    """A client's protocol violation, with the MySQL errno it gets."""
+    return MySQLProtocolViolation(message, errno)
+
+
+class MySQLClientBase(ClientConnection):
+    """One client connection; owns at most one backend at a time (between transactions in transaction mode)."""
+
+    def __init__(self, service: MySQLService) -> None:
+        super().__init__(service.server.max_message_size)
+        self.service = service
+        self.stats = service.stats
+        self.state = State.LOGIN
+        self._handshaking = False  # in the TLS handshake after an SSLRequest
+        self.connection_id = 0
+        # user, default database (schema), autocommit, settings, user variables, statements, pin reasons
+        self.session: SessionState[bytes, ClientStatement] = SessionState()
+        self.multi_statements = False
+        self.capabilities = 0  # negotiated with this client
+        self.c_library = False  # libmariadb / libmysqlclient: no client-range errno in an ERR (see _send_error)
+        self.profile = Profile(0, my.UTF8MB4_GENERAL_CI)
+        self.pool: Pool | None = None
+        self.backend: MySQLBackend | None = None
+        self._next_statement_id = 1
+        self._last_prepared = 0  # the id of the client's last COM_STMT_PREPARE (MariaDB's statement id -1)
+        self._pins_logged: set[str] = set()
+        self._settings_key: bytes | None = b""  # the settings as bytes (part of prepared statement keys)
+        self.last_insert_id = 0  # what LAST_INSERT_ID() says in this session, as far as OK packets told
+        self.row_count = 0  # what ROW_COUNT() says after the client's last statement (set by the backend)
+        self.found_rows = 0  # what FOUND_ROWS() says: rows of the client's last result set (set by the backend)
+        self._wait_timeout: tuple[bytes | None, float | None] = (None, None)  # (setting body, its seconds)
+        self.cursors = 0  # statements with a cursor open on the backend (it stays until they are closed)
+        self.long_data = 0  # statements with parameter data sent ahead to the backend (it stays until executed)
+        self._hold_next = 0  # 1: the backend stays for the next statement; 2: that statement was sent
+        self._stalled = False  # client bytes wait in _held until the backend has answered what it was sent
+        self._drop = 0  # bytes of the current client frame to drop (a command answered here)
+        self.kills_in_flight = 0
+        self.active = True
+        self.idle_since = 0.0
+        self.scramble = b""
+        self._default_autocommit = True
+        self._seq = 0  # the sequence id the client's next frame must carry
+        self._reply_seq = 0
+        self._skip = 0  # bytes of the current client frame still to pass through
+        self._cont = False  # the next frame continues the current packet (or the LOCAL INFILE upload)
+        self._infile = False  # the client is uploading a LOCAL INFILE file
+        self._partial = bytearray()  # an incomplete frame head (or inspected command) growing until it is whole
+        self._partial_need = 0  # the length _partial must reach before it is walked
+        self._size = 0  # bytes of the current logical packet so far (its frames of 16 MB - 1 add up)
+        self._yielding = False  # reading waits for the event loop's next turn (see mysql_client.TURN_BYTES)
+        self._held = bytearray()  # client bytes arriving while a backend is borrowed or a command handled here
+        self._busy: asyncio.Task[None] | None = None
+        self._borrowing = False
+
+    @property
+    def user(self) -> str:
+        return self.session.user
+
+    def __repr__(self) -> str:
+        return f"MySQLClient({self.peer}, id={self.connection_id}, user={self.user!r})"
+
+    async def _login_with_timeout(self) -> None:
+        try:
+            # In this task, not a wait_for task: a failed login's exception would hold that task in a reference
+            # cycle (its traceback's wait_for frame -> the task -> the exception), keeping this client and its
+            # transport's TLS state alive until a full garbage collection.
+            async with asyncio.timeout(self.service.server.client_login_timeout):
+                await self._login()
+            if self.state is State.LOGIN and not self.closed:
+                await self._login_ready()  # may wait for a backend: the borrow timeout applies, not this one
+        except TimeoutError:
+            self.stats.login_timeouts += 1
+            self.fail(LoginTimeout("Got timeout reading communication packets: the client did not complete its "
+                                   "login in time"))
+        except TLSHandshakeFailed:
+            pass  # logged and closed where it failed
+        except ConnectionClosed:
+            log.info("client %s closed the connection during login", self.peer)
+            self.close()
+        except AuthenticationFailed as exc:
+            self.stats.logins_failed += 1
+            refuse_login(self, exc)
+        except ProxyError as exc:
+            self.fail(exc)
+        except Exception as exc:  # the edge: anything unexpected becomes an ERR for this client only
+            log.exception("client %s: login failed unexpectedly", self.peer)
+            self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
+
+    def fail(self, error: ProxyError, logged: bool = False) -> None:
+        """Send the client an ERR packet for `error`, log the reason (unless `logged`) and close."""
+        if self.closed or self.state is State.CLOSED:
+            return
+        if not logged:
+            log.warning(FAIL_LINE, self.peer, self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
+        if isinstance(error, ProtocolViolation):
+            self.stats.protocol_errors += 1
+        self._send_error(error, self._reply_seq if self.state is State.LOGIN else 1)
+        self.state = State.CLOSED
+        self.close()
+
+    def _send_error(self, error: ProxyError, seq: int) -> None:
+        errno, sqlstate = error.mysql_errno, error.mysql_sqlstate
+        if self.c_library and CLIENT_ERRNO_FIRST <= errno <= CLIENT_ERRNO_LAST:
+            errno, sqlstate = C_LIBRARY_ERRNOS.get(errno, (ER_NET_READ_ERROR, "08S01"))
+        packet = ErrPacket(errno, error.message, sqlstate)
+        self.write(frame(packet.build(self.capabilities or my.CLIENT_PROTOCOL_41), seq))
+
+    def _send_ok(self, seq: int = 1) -> None:
+        status = my.SERVER_STATUS_AUTOCOMMIT if self.session.autocommit else 0
+        self.write(frame(OkPacket(status_flags=status).build(self.capabilities), seq))
+
+    def on_closed(self, exc: Exception | None) -> None:
+        self.state = State.CLOSED
+        self.stats.clients_current -= 1
+        if self.session.pins:
+            self.stats.unpinned()
+        if self.service.clients.get(self.connection_id) is self:
+            del self.service.clients[self.connection_id]
+        if self.pool is not None:
+            self.pool.clients.discard(self)
+        # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
+        # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
+        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
+        # and one in the TLS handshake ends with the handshake's failure (one warning line).
+        task, self._task = self._task, None
+        if task is not None and not task.done() and self._waiter is None and not self._handshaking:
+            task.cancel()
+        busy = self._busy
+        if busy is not None and self._borrowing:
+            self._busy = None  # (as the login task above: a cancelled task would hold this client in a cycle)
+            busy.cancel()
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            backend.unlink()
+            self._return_after_client(backend)
+
+    def _return_after_client(self, backend: MySQLBackend) -> None:
+        """Give a backend back after its client left (or changed user): at once, cleaned first, or dropped."""
+        pool = backend.pool
+        if backend.closed:
+            pool.discard(backend)
+            return
+        if not backend.idle or self._skip or self._cont or self._infile or self._partial:
+            log.warning("client %s left while a query was running; cancelling it and dropping %s", self.peer,
+                        backend)
+            if not backend.tracker.done:
+                self.loop.create_task(self.service.kill_query(backend))
+            pool.discard(backend)
+            return
+        if (backend.tracker.status_flags & BUSY_FLAGS or self.session.pins or self.cursors or self.long_data
+                or self._hold_next or pool.session_mode or backend.schema != pool.database):
+            log.info("client %s left inside a transaction or session; cleaning %s before reuse", self.peer, backend)
+            self.loop.create_task(self._clean_up(backend))
+            return
+        pool.stats.transactions += 1
+        release_backend(backend)
+
+    @staticmethod
+    async def _clean_up(backend: MySQLBackend) -> None:
+        try:
+            await backend.reset()
+        except (ProxyError, ConnectionClosed, OSError) as exc:
+            log.info("backend %s could not be reset (%s); dropping it", backend, exc)
+            backend.pool.discard(backend)
+            return
+        backend.pool.release(backend)
+
+    def backend_lost(self, backend: MySQLBackend, exc: Exception | None) -> None:
+        backend.pool.discard(backend)
+        if self.backend is backend:
+            self.backend = None
+            if backend.ended_by_server:  # the client has the server's own error (e.g. 1053): nothing more
+                log.info("client %s: the server ended the session on %s; closing", self.peer, backend)
+                self.state = State.CLOSED
+                self.close()
+                return
+            log.warning("client %s: backend %s was lost: %s", self.peer, backend, exc or "closed")
+            self.fail(BackendUnavailable("Lost connection to the database server"))
+
+    def linked_peer(self) -> Connection | None:
+        return self.backend
+
+    def check_idle(self, now: float, timeout: float) -> None:
+        """The janitor's look: close the client after the proxy's idle_client_timeout (outside transactions) or
+        after the wait_timeout the client set in its session (as the server would: silently, in a transaction
+        too)."""
+        if self.active or self.state is not State.READY:
+            self.active = False
+            self.idle_since = now
+            return
+        message_timeout = self.service.server.client_message_timeout
+        if now - self.idle_since > message_timeout and (self._skip or self._cont or self._partial or self._drop):
+            self.fail(ClientMessageTimeout(f"Got timeout reading communication packets: the client stopped in the "
+                                           f"middle of a packet for more than {message_timeout:g} s"))
+            return
+        backend = self.backend
+        if (self._busy is not None or self._stalled or self._held
+                or (backend is not None and (not backend.idle or self._skip or self._cont or self._infile
+                                            or self._partial))):
+            self.idle_since = now  # a command waits or runs: the proxy or the server works, not the client
+            return
+        idle = now - self.idle_since
+        wait_timeout = self._session_wait_timeout()
+        if wait_timeout is not None and idle > wait_timeout and wait_timeout < timeout:
+            self.stats.idle_client_timeouts += 1
+            log.info("client %s (user %r): closed after %g s of inactivity (its wait_timeout)", self.peer, self.user,
+                     wait_timeout)
+            self.state = State.CLOSED
+            self.close()
+            return
+        if backend is not None and backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS:
+            return  # inside a transaction: not idle in RDS Proxy's sense
+        if idle > timeout:
+            self.stats.idle_client_timeouts += 1
+            self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
+
+    def _session_wait_timeout(self) -> float | None:
+        """The wait_timeout the client set in its session, in seconds (None: not set, or not a number)."""
+        body = self.session.settings.get("wait_timeout")
+        known, seconds = self._wait_timeout
+        if body is not known:
+            seconds = ids.session_timeout(body)
+            self._wait_timeout = (body, seconds)
+        return seconds
+
+    def _use_pool(self, schema: str) -> Pool:
+        """The pool for `schema` (and the user and profile) from now on; the pool knows who uses it."""
+        if self.pool is not None:
+            self.pool.clients.discard(self)
+        pool = self.pool = self.service.pool_for(schema, self.user, self.profile)
+        pool.clients.add(self)
+        return pool
+
+    def _protocol_error(self, scan: bytes, start: int, pos: int, message: str, errno: int) -> None:
+        backend = self.backend
+        if backend is not None and start < pos:
+            backend.transport.write(scan[start:pos])
+        self.fail(violation(message, errno))
+
+    # --- what the later parts of the session define ---
+
+    async def _login(self) -> None:
+        raise NotImplementedError
+
+    async def _login_ready(self) -> None:
+        raise NotImplementedError
+
+    def _walk(self, scan: bytes) -> None:
+        raise NotImplementedError
+
+    def command_done(self, backend: MySQLBackend, effect: tuple[int, Any] | None) -> None:
+        raise NotImplementedError
