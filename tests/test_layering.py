@@ -6,8 +6,6 @@ import ast
 from pathlib import Path
 
 PROXY = Path(__file__).resolve().parent.parent / "proxy"
-# Not split yet (issue 10): MySQLBackend still imports the MySQL session's statement cache and inspection tables.
-NOT_YET = {"pool/mysql_backend.py"}
 
 
 def imported(path: Path) -> set[str]:
@@ -26,8 +24,6 @@ def test_pool_and_protocol_never_import_session() -> None:
     for folder in ("pool", "protocol"):
         for path in sorted((PROXY / folder).rglob("*.py")):
             name = str(path.relative_to(PROXY))
-            if name in NOT_YET:
-                continue
             sessions = sorted(m for m in imported(path) if m.startswith("proxy.session"))
             if sessions:
                 offenders[name] = sessions

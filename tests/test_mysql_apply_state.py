@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from devtools.servers import MariaDBInstance
 from proxy.config import MySQLPoolSettings, MySQLSettings
-from proxy.devservers import MariaDBInstance
 from proxy.pool.mysql_backend import Profile, open_backend
 from proxy.pool.pool import Pool, Target
 from proxy.protocol.mysql import constants as my

@@ -17,7 +17,7 @@ from devtools.servers import MariaDBInstance, PostgresInstance, free_port
 from proxy.config import parse_config
 from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
-from proxy.session import pg_login
+from proxy.session import pg_login as login_module
 from support import ProxyProcess, running_proxy
 
 ASKED = 40  # logins, each to a database of its own that does not exist
@@ -104,7 +104,7 @@ def test_pg_remembered_startup_settings_are_bounded(pg_server: PostgresInstance,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A pool remembers which startup settings the server accepted (to check each once); the values are the
     clients' own (application_name), so what it remembers is bounded (here at 5 instead of 10 000)."""
-    monkeypatch.setattr(pg_login, "VALIDATED_SETTINGS_LIMIT", 5)
+    monkeypatch.setattr(login_module, "VALIDATED_SETTINGS_LIMIT", 5)
     config = parse_config({"server": {"client_login_timeout": 3.0, "workers": 1},
                            "postgresql": {"port": free_port(), "backend_port": pg_server.port},
                            "mysql": {"enabled": False}})
