@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from enum import IntEnum
 from typing import Any
 
 from proxy.auth.failures import FailedLogins
 from proxy.errors import (
     AuthenticationFailed,
-    BackendUnavailable,
-    ClientMessageTimeout,
-    IdleClientTimeout,
-    LoginTimeout,
     ProtocolViolation,
     ProxyError,
 )
-from proxy.netio import Connection, ConnectionClosed
+from proxy.netio import ConnectionClosed
 from proxy.pool.mysql_backend import MySQLBackend, Profile
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, OkPacket, frame
 from proxy.protocol.mysql.packets import ProtocolViolation as MySQLProtocolViolation
 from proxy.session import mysql_ids as ids
-from proxy.session.client import ClientConnection, TLSHandshakeFailed
+from proxy.session.client import ClientConnection, State
 from proxy.session.mysql_service import MySQLService
 from proxy.session.mysql_statements import ClientStatement
 from proxy.session.state import SessionState
@@ -51,11 +46,6 @@ ER_CONNECT_TO_FOREIGN_DATA_SOURCE = 1429  # "Unable to connect to foreign data s
 
 C_LIBRARY_ERRNOS = {2002: (ER_CONNECT_TO_FOREIGN_DATA_SOURCE, "08S01"),
                     2003: (ER_CONNECT_TO_FOREIGN_DATA_SOURCE, "08S01")}
-
-class State(IntEnum):
-    LOGIN = 0
-    READY = 1  # logged in; forwarding
-    CLOSED = 2
 
 def refuse_login(client: MySQLClientBase, error: AuthenticationFailed) -> None:
     """A failed login: its log line (through the burst-aware failed-login log) and the client's ERR."""
@@ -84,6 +74,7 @@ class MySQLClientBase(ClientConnection):
     def __init__(self, service: MySQLService) -> None:
         super().__init__(service.server.max_message_size)
         self.service = service
+        self.server = service.server
         self.stats = service.stats
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
@@ -134,44 +125,22 @@ class MySQLClientBase(ClientConnection):
     def __repr__(self) -> str:
         return f"MySQLClient({self.peer}, id={self.connection_id}, user={self.user!r})"
 
-    async def _login_with_timeout(self) -> None:
-        try:
-            # In this task, not a wait_for task: a failed login's exception would hold that task in a reference
-            # cycle (its traceback's wait_for frame -> the task -> the exception), keeping this client and its
-            # transport's TLS state alive until a full garbage collection.
-            async with asyncio.timeout(self.service.server.client_login_timeout):
-                await self._login()
-            if self.state is State.LOGIN and not self.closed:
-                await self._login_ready()  # may wait for a backend: the borrow timeout applies, not this one
-        except TimeoutError:
-            self.stats.login_timeouts += 1
-            self.fail(LoginTimeout("Got timeout reading communication packets: the client did not complete its "
-                                   "login in time"))
-        except TLSHandshakeFailed:
-            pass  # logged and closed where it failed
-        except ConnectionClosed:
-            log.info("client %s closed the connection during login", self.peer)
-            self.close()
-        except AuthenticationFailed as exc:
-            self.stats.logins_failed += 1
-            refuse_login(self, exc)
-        except ProxyError as exc:
-            self.fail(exc)
-        except Exception as exc:  # the edge: anything unexpected becomes an ERR for this client only
-            log.exception("client %s: login failed unexpectedly", self.peer)
-            self.fail(ProxyError(f"internal error: {type(exc).__name__}"))
+    LOGIN_TIMEOUT_TEXT = "Got timeout reading communication packets: the client did not complete its login in time"
+    MESSAGE_TIMEOUT_TEXT = ("Got timeout reading communication packets: the client stopped in the middle of a "
+                            "packet for more than {:g} s")
+    BACKEND_LOST_TEXT = "Lost connection to the database server"
 
-    def fail(self, error: ProxyError, logged: bool = False) -> None:
-        """Send the client an ERR packet for `error`, log the reason (unless `logged`) and close."""
-        if self.closed or self.state is State.CLOSED:
-            return
-        if not logged:
-            log.warning(FAIL_LINE, self.peer, self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
-        if isinstance(error, ProtocolViolation):
-            self.stats.protocol_errors += 1
+    async def _after_login(self) -> None:
+        await self._login_ready()  # may wait for a backend: the borrow timeout applies, not the login timeout
+
+    def refuse_login(self, error: AuthenticationFailed) -> None:
+        refuse_login(self, error)
+
+    def log_failure(self, error: ProxyError) -> None:
+        log.warning(FAIL_LINE, self.peer, self.user, error.message, error.mysql_errno, error.mysql_sqlstate)
+
+    def send_error(self, error: ProxyError) -> None:
         self._send_error(error, self._reply_seq if self.state is State.LOGIN else 1)
-        self.state = State.CLOSED
-        self.close()
 
     def _send_error(self, error: ProxyError, seq: int) -> None:
         errno, sqlstate = error.mysql_errno, error.mysql_sqlstate
@@ -184,31 +153,20 @@ class MySQLClientBase(ClientConnection):
         status = my.SERVER_STATUS_AUTOCOMMIT if self.session.autocommit else 0
         self.write(frame(OkPacket(status_flags=status).build(self.capabilities), seq))
 
-    def on_closed(self, exc: Exception | None) -> None:
-        self.state = State.CLOSED
-        self.stats.clients_current -= 1
+    def _login_may_be_cancelled(self) -> bool:
+        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
+        # and one in the TLS handshake ends with the handshake's failure (one warning line).
+        return self._waiter is None and not self._handshaking
+
+    def _session_closed(self) -> None:
         if self.session.pins:
             self.stats.unpinned()
         if self.service.clients.get(self.connection_id) is self:
             del self.service.clients[self.connection_id]
-        if self.pool is not None:
-            self.pool.clients.discard(self)
-        # Let go of the login task: cancelled, it keeps its CancelledError, whose traceback holds the task's frame
-        # and so this client (with its transport and any failed TLS state) in a cycle only a full collection frees.
-        # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
-        # and one in the TLS handshake ends with the handshake's failure (one warning line).
-        task, self._task = self._task, None
-        if task is not None and not task.done() and self._waiter is None and not self._handshaking:
-            task.cancel()
         busy = self._busy
         if busy is not None and self._borrowing:
-            self._busy = None  # (as the login task above: a cancelled task would hold this client in a cycle)
+            self._busy = None  # (as the login task: a cancelled task would hold this client in a cycle)
             busy.cancel()
-        backend = self.backend
-        if backend is not None:
-            self.backend = None
-            backend.unlink()
-            self._return_after_client(backend)
 
     def _return_after_client(self, backend: MySQLBackend) -> None:
         """Give a backend back after its client left (or changed user): at once, cleaned first, or dropped."""
@@ -241,54 +199,29 @@ class MySQLClientBase(ClientConnection):
             return
         backend.pool.release(backend)
 
-    def backend_lost(self, backend: MySQLBackend, exc: Exception | None) -> None:
-        backend.pool.discard(backend)
-        if self.backend is backend:
-            self.backend = None
-            if backend.ended_by_server:  # the client has the server's own error (e.g. 1053): nothing more
-                log.info("client %s: the server ended the session on %s; closing", self.peer, backend)
-                self.state = State.CLOSED
-                self.close()
-                return
-            log.warning("client %s: backend %s was lost: %s", self.peer, backend, exc or "closed")
-            self.fail(BackendUnavailable("Lost connection to the database server"))
+    # --- the janitor's look (see ClientConnection.check_idle) ---
 
-    def linked_peer(self) -> Connection | None:
-        return self.backend
+    def mid_message(self) -> bool:
+        return bool(self._skip or self._cont or self._partial or self._drop)
 
-    def check_idle(self, now: float, timeout: float) -> None:
-        """The janitor's look: close the client after the proxy's idle_client_timeout (outside transactions) or
-        after the wait_timeout the client set in its session (as the server would: silently, in a transaction
-        too)."""
-        if self.active or self.state is not State.READY:
-            self.active = False
-            self.idle_since = now
-            return
-        message_timeout = self.service.server.client_message_timeout
-        if now - self.idle_since > message_timeout and (self._skip or self._cont or self._partial or self._drop):
-            self.fail(ClientMessageTimeout(f"Got timeout reading communication packets: the client stopped in the "
-                                           f"middle of a packet for more than {message_timeout:g} s"))
-            return
+    def idle_exempt(self, now: float, timeout: float) -> bool:
+        """A command that waits or runs, or an open transaction, is not idleness; the wait_timeout the client set
+        in its session closes it as the server would: silently, in a transaction too."""
         backend = self.backend
         if (self._busy is not None or self._stalled or self._held
                 or (backend is not None and (not backend.idle or self._skip or self._cont or self._infile
                                             or self._partial))):
             self.idle_since = now  # a command waits or runs: the proxy or the server works, not the client
-            return
-        idle = now - self.idle_since
+            return True
         wait_timeout = self._session_wait_timeout()
-        if wait_timeout is not None and idle > wait_timeout and wait_timeout < timeout:
+        if wait_timeout is not None and now - self.idle_since > wait_timeout and wait_timeout < timeout:
             self.stats.idle_client_timeouts += 1
             log.info("client %s (user %r): closed after %g s of inactivity (its wait_timeout)", self.peer, self.user,
                      wait_timeout)
             self.state = State.CLOSED
             self.close()
-            return
-        if backend is not None and backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS:
-            return  # inside a transaction: not idle in RDS Proxy's sense
-        if idle > timeout:
-            self.stats.idle_client_timeouts += 1
-            self.fail(IdleClientTimeout(f"closing the connection after {timeout:g} s of inactivity"))
+            return True
+        return backend is not None and bool(backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS)
 
     def _session_wait_timeout(self) -> float | None:
         """The wait_timeout the client set in its session, in seconds (None: not set, or not a number)."""
