@@ -9,14 +9,14 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, PoolSettings, load_config
+from proxy.config import Config, load_config
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
-from proxy.pool.pool import Target
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
 from proxy.server import Listener, ProxyServer, client_tls
 from proxy.startup import check_startup
+from proxy.stats import StatsRegistry
 
 log = logging.getLogger(__name__)
 
@@ -87,45 +87,6 @@ class Reloads:
                 return
 
 
-# --- the target: where an endpoint's pools connect, and their knobs ---
-
-
-def repoint(target: Target, host: str, port: int) -> None:
-    """Point an endpoint's pools at another address: idle connections to the old one close now, lent-out ones
-    when given back, and no client is dropped."""
-    move = getattr(target, "repoint", None)
-    if move is not None:
-        move(host, port)
-        return
-    # Without Target.repoint, the services connect to their settings' address (already the new one): close
-    # what is idle so only connections lent out now still reach the old server.
-    target.host, target.port = host, port
-    for pool in list(target.pools.values()):
-        for backend in list(pool.idle):
-            pool.discard(backend)
-
-
-def apply_pool_settings(target: Target, settings: PoolSettings) -> None:
-    """New pool knobs for an endpoint's pools; sizes follow (excess idle connections close now, excess lent-out
-    ones when given back)."""
-    apply = getattr(target, "apply_settings", None)
-    if apply is not None:
-        apply(settings)
-        return
-    # Without Target.apply_settings: the knobs every pool reads, a limit given as a count, and excess idle closed.
-    target.settings = settings
-    for pool in target.pools.values():
-        pool.settings = settings
-    if target.max_connections and isinstance(settings.max_connections, int):
-        target.max_connections = max(1, settings.max_connections // worker_count())
-        if isinstance(settings.max_idle_connections, int):
-            target.max_idle = min(target.max_connections,
-                                  max(1, settings.max_idle_connections // worker_count()))
-    for pool in list(target.pools.values()):
-        while target.open_connections > target.max_connections and pool.idle:
-            pool.discard(pool.idle[0])
-
-
 # --- applying a validated configuration to a running process ---
 
 
@@ -164,7 +125,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
         if found is None:
             await _add(server, endpoint)
         elif endpoint != found.endpoint:
-            _update(found, endpoint)
+            _update(found, endpoint, server.stats)
     if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
         secrets.warm_up()
     log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())
@@ -196,16 +157,18 @@ async def _add(server: ProxyServer, endpoint: Endpoint) -> None:
     log.info("reload: endpoint %s added", endpoint.name)
 
 
-def _update(listener: Listener, endpoint: Endpoint) -> None:
+def _update(listener: Listener, endpoint: Endpoint, registry: StatsRegistry) -> None:
     """Settings of an endpoint that stays: knobs for new logins and connects, pool sizes, its instance."""
     old = listener.endpoint
     listener.endpoint = endpoint
     service = listener.service
     service.reconfigure(endpoint)
     if endpoint.settings.pool != old.settings.pool:
-        apply_pool_settings(service.target, endpoint.settings.pool)
+        service.target.apply_settings(endpoint.settings.pool)
         log.info("reload: endpoint %s: pool settings changed", endpoint.name)
+    if endpoint.instance != old.instance or endpoint.cluster != old.cluster:
+        service.target.relabel(registry.target(endpoint.engine, endpoint.name, endpoint.cluster, endpoint.instance))
     if endpoint.address != old.address:
-        repoint(service.target, *endpoint.address)
+        service.target.repoint(*endpoint.address)
         log.info("reload: endpoint %s now serves instance %s at %s:%d (was %s at %s:%d)", endpoint.name,
                  endpoint.instance, *endpoint.address, old.instance, *old.address)

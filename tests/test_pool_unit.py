@@ -75,3 +75,24 @@ async def test_a_removed_pool_folds_its_counters_into_the_targets_total() -> Non
     (retired,) = registry.snapshot()["pools"]
     assert (retired["engine"], retired["instance"], retired["database"], retired["user"]) == (
         "postgresql", "127.0.0.1:1", "", "")
+
+
+async def test_a_relabelled_target_counts_its_pools_under_the_new_instance() -> None:
+    """A reload that moves an endpoint to another instance: what its pools counted stays with the old instance
+    (folded, never going down), and they count on under the new one."""
+    registry = StatsRegistry()
+    target = Target("t", "127.0.0.1", 1, PoolSettings(max_connections=2, connection_borrow_timeout=5),
+                    stats=registry.target("postgresql", "rw", "main", "a"))
+    target.max_connections = target.max_idle = 2
+
+    async def connect(pool: Pool) -> Backend:
+        return FakeBackend()
+
+    pool = target.pools[("db", "u")] = Pool(target, "db", "u", connect)
+    pool.release(await pool.borrow())
+    target.relabel(registry.target("postgresql", "rw", "main", "b"))
+    pool.release(await pool.borrow())
+    rows = {(p["instance"], p["database"], p["user"]): p for p in registry.snapshot()["pools"]}
+    assert set(rows) == {("a", "", ""), ("b", "db", "u")}
+    assert (rows[("a", "", "")]["borrows"], rows[("b", "db", "u")]["borrows"]) == (1, 1)
+    assert rows[("b", "db", "u")]["open"] == 1  # the pool's gauges follow it

@@ -212,6 +212,17 @@ class Target:
             del self.pools[(pool.database, pool.user)]
         self.stats.retire(pool.stats)
 
+    def relabel(self, stats: TargetStats) -> None:
+        """Count under `stats` from now on (the target serves another instance): each pool's counters so far fold
+        into the old instance's retired total, and it counts afresh under the new labels."""
+        old, self.stats = self.stats, stats
+        if stats is old:
+            return
+        for pool in self.pools.values():
+            old.retire(pool.stats)
+            pool.stats = stats.pool(pool.database, pool.user)
+            pool.stats.gauges = pool._gauges
+
     def forget_unused_pools(self, now: float) -> None:
         """Drop the pools that have had no backend, no waiter and no client session for unused_pool_timeout
         seconds (the janitor calls this once a second): pools are made per database, user (and, for MySQL,
