@@ -76,6 +76,18 @@ class Load:
     def count(self) -> int:
         return sum(len(r) for r in self.records.values())
 
+    def start(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def finish(self) -> None:
+        """Stop the clients, wait for them, and fail on any error one of them saw."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        assert not self.errors, self.errors
+
     def wait_all(self, predicate: Any, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -91,3 +103,35 @@ def wait_until(predicate: Any, timeout: float = 15.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def check_pause_and_resize(proxy: InProcessProxy, target: Any, load: Load, connections: Callable[[], int]) -> None:
+    """Under `load`: a paused target lends nothing until resumed; resized to 1 and then 6 backends, the server's
+    count of connections (`connections`) follows."""
+    load.wait_all(lambda r: len(r) >= 3)
+    proxy.call(target.pause)
+    wait_until(lambda: proxy.call(lambda: sum(len(p.busy) for p in target.pools.values())) == 0)
+    time.sleep(0.2)  # transactions under way when paused have finished; their clients record them
+    held = load.count()
+    time.sleep(1.0)
+    assert load.count() == held, (held, load.count())  # no new transaction got a backend while paused
+    proxy.call(target.resume)
+    load.wait_all(lambda r: len(r) >= 10)
+
+    def resize(limit: int) -> None:
+        settings = proxy.call(lambda: target.settings.model_copy(update={"max_connections": limit}))
+        proxy.call(target.apply_settings, settings)
+
+    resize(1)
+    wait_until(lambda: connections() <= 1)
+    before = load.count()
+    samples = []
+    while load.count() < before + 40:
+        samples.append(connections())
+    assert max(samples) <= 1, samples
+    resize(6)
+    samples = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and max(samples, default=0) < 4:
+        samples.append(connections())
+    assert 4 <= max(samples) <= 6, samples

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from devtools.servers import PostgresInstance, free_port, start_postgres
-from inprocess import Load, proxy_in_process, wait_until
+from inprocess import Load, check_pause_and_resize, proxy_in_process, wait_until
 from support import backend_connections
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS moves (id bigserial PRIMARY KEY, port int NOT NULL, client text NOT NULL)"
@@ -98,16 +98,7 @@ def start_load(port: int) -> Load:
 
     load.threads.append(threading.Thread(target=asyncpg_clients))
     load.threads.extend(threading.Thread(target=run_psycopg, args=(load, f"psycopg{i}")) for i in range(CLIENTS))
-    for thread in load.threads:
-        thread.start()
-    return load
-
-
-def stop_load(load: Load) -> None:
-    load.stop.set()
-    for thread in load.threads:
-        thread.join(30)
-    assert not load.errors, load.errors
+    return load.start()
 
 
 def rows(server: PostgresInstance) -> int:
@@ -130,7 +121,7 @@ def test_repoint_under_load_moves_every_client_without_an_error(
             rows_on_old = rows(old)
             load.wait_all(lambda r: sum(1 for started, _ in r if started > moved_at) >= 10)
         finally:
-            stop_load(load)
+            load.finish()
         assert rows(old) == rows_on_old  # the old server saw no transaction after the move
         for client, records in load.records.items():
             after = {port for started, port in records if started > moved_at}
@@ -147,35 +138,9 @@ def test_pause_holds_transactions_and_resize_follows(
         target = proxy.server.postgres.target
         load = start_load(proxy.ports["postgresql"])
         try:
-            load.wait_all(lambda r: len(r) >= 3)
-            proxy.call(target.pause)
-            wait_until(lambda: proxy.call(lambda: sum(len(p.busy) for p in target.pools.values())) == 0)
-            time.sleep(0.2)  # transactions under way when paused have finished; their clients record them
-            held = load.count()
-            time.sleep(1.0)
-            assert load.count() == held, (held, load.count())  # no new transaction got a backend while paused
-            proxy.call(target.resume)
-            load.wait_all(lambda r: len(r) >= 10)
-
-            def resize(limit: int) -> None:
-                settings = proxy.call(lambda: target.settings.model_copy(update={"max_connections": limit}))
-                proxy.call(target.apply_settings, settings)
-
-            resize(1)
-            wait_until(lambda: backend_connections(server) <= 1)
-            before = load.count()
-            samples = []
-            while load.count() < before + 40:
-                samples.append(backend_connections(server))
-            assert max(samples) <= 1, samples
-            resize(6)
-            samples = []
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and max(samples, default=0) < 4:
-                samples.append(backend_connections(server))
-            assert 4 <= max(samples) <= 6, samples
+            check_pause_and_resize(proxy, target, load, lambda: backend_connections(server))
         finally:
-            stop_load(load)
+            load.finish()
 
 
 def test_a_paused_borrow_ends_with_the_borrow_timeout_error(
