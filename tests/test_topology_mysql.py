@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -116,3 +117,21 @@ async def test_dead_primary_is_unhealthy_and_the_promoted_replica_is_writer(
     assert after.position == before.position
     replica.sql("INSERT INTO t (v) VALUES (2)", user="app", db="app")
     assert (await probe(replica.host, replica.port, TIMEOUT)).position == after.position + 1
+
+
+async def test_a_silent_server_times_out_and_the_connection_is_closed() -> None:
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never sends a handshake; returns at EOF
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        status = await mysql_probe(MONITOR, MONITOR_PASSWORD)("127.0.0.1", port, 0.3)
+        assert (status.healthy, status.role, status.error) == (False, Role.UNKNOWN, "timed out")
+        await asyncio.wait_for(closed.wait(), TIMEOUT)  # the probe did not leave its socket open
+    finally:
+        server.close()
