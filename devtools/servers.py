@@ -751,8 +751,8 @@ class MariaDBInstance:
 
     # -- clients --------------------------------------------------------------------
 
-    def sql(self, sql: str, *, user: str = "root", db: str | None = None) -> str:
-        """Run ``sql`` with the ``mariadb`` client (``-N -B``) over TCP; return stdout.
+    def sql(self, sql: str, *, user: str = "root", db: str | None = None, column_names: bool = False) -> str:
+        """Run ``sql`` with the ``mariadb`` client (``-N -B``; ``-B`` with ``column_names``) over TCP; return stdout.
 
         root authenticates with :attr:`root_password`, users made by :func:`start_mariadb`
         with theirs. Raises :class:`DevServerError` on any error.
@@ -760,10 +760,48 @@ class MariaDBInstance:
         password = self.root_password if user == "root" else self.passwords.get(user, "")
         env = _clean_env({"MYSQL_PWD": password} if password else None)
         cmd = [MARIADB_CLIENT, "--no-defaults", "--protocol=TCP", "-h", self.host, "-P", str(self.port)]
-        cmd += ["-u", user, "-N", "-B", "--connect-timeout=10"]
+        cmd += ["-u", user, "-B", "--connect-timeout=10"] + ([] if column_names else ["-N"])
         if db is not None:
             cmd += ["-D", db]
         return _run(cmd, what=f"mariadb as {user}", env=env, input_text=sql).rstrip("\n")
+
+    # -- replication ----------------------------------------------------------------
+
+    def wait_replicating(self, timeout: float = TIMEOUT) -> None:
+        """Wait until both replication threads run (raise with the last error if they do not)."""
+        deadline = time.monotonic() + timeout
+        status: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            status = self.slave_status()
+            if status.get("Slave_IO_Running") == "Yes" and status.get("Slave_SQL_Running") == "Yes":
+                return
+            time.sleep(0.05)
+        errors = {k: v for k, v in status.items() if k.endswith("_Error") and v}
+        raise DevServerError(f"replica on {self.host}:{self.port} not replicating after {timeout:.0f}s: {errors}")
+
+    def slave_status(self) -> dict[str, str]:
+        """``SHOW SLAVE STATUS`` as a dict (empty when not a replica)."""
+        lines = self.sql("SHOW SLAVE STATUS", column_names=True).split("\n")
+        if len(lines) < 2:
+            return {}
+        return dict(zip(lines[0].split("\t"), lines[1].split("\t"), strict=True))
+
+    def wait_caught_up(self, position: str, timeout: float = TIMEOUT) -> None:
+        """Wait until this replica has applied the GTID position ``position`` (MASTER_GTID_WAIT)."""
+        result = self.sql(f"SELECT MASTER_GTID_WAIT({_my_literal(position)}, {timeout})")
+        if result != "0":
+            raise DevServerError(f"replica on {self.host}:{self.port} did not reach {position} in {timeout:.0f}s")
+
+    def pause_replay(self) -> None:
+        """Stop applying replicated events (the IO thread keeps receiving them)."""
+        self.sql("STOP SLAVE SQL_THREAD")
+
+    def resume_replay(self) -> None:
+        self.sql("START SLAVE SQL_THREAD")
+
+    def promote(self) -> None:
+        """Make this replica a writer: stop replication, forget the primary, clear read_only."""
+        self.sql("STOP SLAVE;\nRESET SLAVE ALL;\nSET GLOBAL read_only = OFF;")
 
     def connect_kwargs(
         self, user: str = "root", password: str | None = None, db: str | None = None
@@ -871,3 +909,48 @@ def start_mariadb(
         inst.stop()
         raise
     return inst
+
+
+REPLICATION_USER = "replicator"
+
+
+def start_mariadb_replica(
+    primary: MariaDBInstance,
+    basedir: Path,
+    *,
+    server_id: int = 2,
+    settings: dict[str, str] | None = None,
+    replication_password: str = "replicator-secret",
+) -> MariaDBInstance:
+    """A read-only GTID replica of ``primary`` (a fresh one: see below) under ``basedir``.
+
+    The replica is made by :func:`start_mariadb` with the primary's root password and users (so it
+    holds what a fresh primary holds), its own binary log emptied, then set to replicate from the
+    primary's current ``gtid_binlog_pos`` (``MASTER_USE_GTID=slave_pos``) as ``replicator``, a user
+    with REPLICATION SLAVE made on the primary (and so replicated). Tables the primary already has
+    are not copied: call it before writing data, and with nothing writing to the primary meanwhile.
+    """
+    opts = {"server-id": str(server_id), **(settings or {})}
+    replica = start_mariadb(basedir, users=dict(primary.passwords), settings=opts,
+                            root_password=primary.root_password)
+    try:
+        position = primary.sql("SELECT @@GLOBAL.gtid_binlog_pos")
+        account = f"{_my_literal(REPLICATION_USER)}@'%'"
+        primary.sql(
+            f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {_my_literal(replication_password)};\n"
+            f"GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO {account};"
+        )
+        replica.sql(
+            "RESET MASTER;\n"  # its own setup is not history the primary has: no GTIDs of server_id here
+            f"SET GLOBAL gtid_slave_pos = {_my_literal(position)};\n"
+            f"CHANGE MASTER TO MASTER_HOST={_my_literal(primary.host)}, MASTER_PORT={primary.port}, "
+            f"MASTER_USER={_my_literal(REPLICATION_USER)}, MASTER_PASSWORD={_my_literal(replication_password)}, "
+            "MASTER_CONNECT_RETRY=1, MASTER_USE_GTID=slave_pos;\n"
+            "SET GLOBAL read_only = ON;\n"
+            "START SLAVE;"
+        )
+        replica.wait_replicating()
+    except BaseException:
+        replica.stop()
+        raise
+    return replica

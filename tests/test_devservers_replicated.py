@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import psycopg
 import pymysql
+import pytest
 
-from devtools.servers import MariaDBInstance, PostgresInstance
+from devtools.servers import (
+    DevServerError,
+    MariaDBInstance,
+    PostgresInstance,
+    start_mariadb,
+    start_mariadb_replica,
+)
 
 
 def test_mariadb_has_a_binary_log_gtids_and_tls(mariadb_server: MariaDBInstance) -> None:
@@ -43,3 +50,31 @@ def test_postgres_allows_streaming_replication_and_tls(pg_server: PostgresInstan
         assert result.get_value(0, 0)  # the system identifier
     finally:
         replication.close()
+
+
+def test_mariadb_replica_follows_is_read_only_and_can_be_promoted(tmp_path_factory: pytest.TempPathFactory) -> None:
+    primary = start_mariadb(tmp_path_factory.mktemp("mdb-primary"), users={"app": "app-secret"})
+    try:
+        replica = start_mariadb_replica(primary, tmp_path_factory.mktemp("mdb-replica"))
+        try:
+            assert replica.sql("SELECT @@server_id, @@read_only") == "2\t1"
+            primary.sql("CREATE TABLE app.follow (a INT PRIMARY KEY); INSERT INTO app.follow VALUES (7)")
+            replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
+            assert replica.sql("SELECT a FROM app.follow") == "7"
+            with pytest.raises(DevServerError, match="read-only|--read-only"):
+                replica.sql("INSERT INTO app.follow VALUES (8)", user="app")
+            replica.pause_replay()
+            primary.sql("INSERT INTO app.follow VALUES (9)")
+            assert replica.slave_status()["Slave_SQL_Running"] == "No"
+            assert replica.sql("SELECT COUNT(*) FROM app.follow") == "1"
+            replica.resume_replay()
+            replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
+            assert replica.sql("SELECT COUNT(*) FROM app.follow") == "2"
+            replica.promote()
+            assert replica.slave_status() == {}
+            replica.sql("INSERT INTO app.follow VALUES (10)", user="app")
+            assert replica.sql("SELECT @@read_only, COUNT(*) FROM app.follow") == "0\t3"
+        finally:
+            replica.stop()
+    finally:
+        primary.stop()
