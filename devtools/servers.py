@@ -387,6 +387,10 @@ class PostgresInstance:
         pid = self.pid
         if pid is not None and not _kill_and_wait(pid, signal.SIGKILL, 5.0):
             raise DevServerError(f"PostgreSQL postmaster {pid} survived SIGKILL")
+        # The crash leaves its lock files; an unreaped (zombie) postmaster would make a restart refuse them.
+        for leftover in (self.datadir / "postmaster.pid", self.socket_dir / f".s.PGSQL.{self.port}.lock"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
     # -- replication ----------------------------------------------------------------
 

@@ -10,10 +10,11 @@ import asyncpg
 from proxy.topology.model import InstanceStatus, Probe, Role
 
 # On the writer: the timeline is the one its current WAL file is named after (pg_control_checkpoint() would
-# lag behind a promotion until the next checkpoint); the position is its current WAL LSN.
+# lag behind a promotion until the next checkpoint); the position is the end of the WAL it has generated
+# (the insert LSN: with synchronous_commit off, pg_current_wal_lsn() trails the commits not yet written).
 _WRITER_SQL = """
 SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint AS timeline,
-       pg_current_wal_lsn() - '0/0'::pg_lsn AS position
+       pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS position
 """
 # On a standby: the timeline it receives (or, with no WAL receiver, its last restartpoint's), the position it
 # has replayed, and its lag: 0 once everything received is replayed (the replay timestamp ages without writes),
