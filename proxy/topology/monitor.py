@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from proxy.topology.model import InstanceStatus, Probe, Role
@@ -49,18 +50,23 @@ class TopologyMonitor:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            try:
-                await self.probe_now()
-            except Exception:  # a callback's bug must not stop the watching
-                log.exception("topology probe round failed")
+            await self.probe_now()
             await asyncio.sleep(max(0.0, self._interval - (loop.time() - started)))
 
     async def probe_now(self) -> dict[Address, InstanceStatus]:
         """One round at once: every instance probed concurrently; returns the snapshot after it."""
         async with self._round_lock:
-            answers = await asyncio.gather(*(self._probe(host, port, self._timeout) for host, port in self._instances))
-            for status in answers:
-                self._record(status)
+            answers = await asyncio.gather(
+                *(self._probe(host, port, self._timeout) for host, port in self._instances), return_exceptions=True
+            )
+            for (host, port), answer in zip(self._instances, answers, strict=True):
+                if isinstance(answer, BaseException) and not isinstance(answer, Exception):
+                    raise answer  # cancelled (stop()) or interrupted
+                if isinstance(answer, Exception):  # a probe broke its promise not to raise
+                    log.error("probe of %s:%d raised %s", host, port, type(answer).__name__)
+                    answer = InstanceStatus(host, port, Role.UNKNOWN, False, time.monotonic(),
+                                            error=f"probe raised {type(answer).__name__}")
+                self._record(answer)
         return self.snapshot()
 
     def _record(self, status: InstanceStatus) -> None:
@@ -74,7 +80,10 @@ class TopologyMonitor:
         else:
             log.warning("instance %s is unhealthy: %s", where, status.error)
         for callback in self._callbacks:
-            callback(previous, status)
+            try:
+                callback(previous, status)
+            except Exception:  # one listener's bug must not hide the change from the others
+                log.exception("topology change callback %r failed", callback)
 
     # -- answers --------------------------------------------------------------------
 
