@@ -30,6 +30,7 @@ __all__ = [
     "free_port",
     "start_mariadb",
     "start_postgres",
+    "start_postgres_standby",
 ]
 
 #: Upper bound, in seconds, for every wait (server start, stop, client commands).
@@ -380,6 +381,31 @@ class PostgresInstance:
     ) -> None:
         self.stop()
 
+    def kill(self) -> None:
+        """SIGKILL the postmaster (a crash, not a shutdown); its backends exit as they notice. Idempotent."""
+        atexit.unregister(self._stop_at_exit)
+        pid = self.pid
+        if pid is not None and not _kill_and_wait(pid, signal.SIGKILL, 5.0):
+            raise DevServerError(f"PostgreSQL postmaster {pid} survived SIGKILL")
+        # The crash leaves its lock files; an unreaped (zombie) postmaster would make a restart refuse them.
+        for leftover in (self.datadir / "postmaster.pid", self.socket_dir / f".s.PGSQL.{self.port}.lock"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    # -- replication ----------------------------------------------------------------
+
+    def promote(self) -> None:
+        """Promote this standby (``pg_ctl promote -w``): it leaves recovery on a new timeline."""
+        _pg_promote(self)
+
+    def pause_replay(self) -> None:
+        """A standby keeps receiving WAL but stops applying it (``pg_wal_replay_pause()``)."""
+        self.psql("SELECT pg_wal_replay_pause()")
+
+    def resume_replay(self) -> None:
+        """A standby applies WAL again (``pg_wal_replay_resume()``)."""
+        self.psql("SELECT pg_wal_replay_resume()")
+
     # -- clients --------------------------------------------------------------------
 
     def _psql(self, sql: str, *, user: str, db: str, host: str, password: str | None) -> str:
@@ -560,6 +586,81 @@ def start_postgres(
         inst.stop()
         raise
     return inst
+
+
+def start_postgres_standby(primary: PostgresInstance, basedir: Path) -> PostgresInstance:
+    """A streaming standby of ``primary``: ``pg_basebackup -R`` over loopback, started on a free port, TLS on.
+
+    The standby shares the primary's roles and passwords (it is a physical copy) and has its own
+    certificate. It replicates as the primary's superuser over TCP (the primary's replication hba).
+    """
+    host = primary.host
+    basedir = Path(basedir)
+    basedir.mkdir(parents=True, exist_ok=True)
+    instance_dir = Path(tempfile.mkdtemp(prefix="pg-standby-", dir=basedir))
+    datadir = instance_dir / "data"
+    socket_dir = instance_dir / "run"
+    _check_socket_path(socket_dir / ".s.PGSQL.65535.lock")
+    socket_dir.mkdir()
+    account = _pg_os_account()
+    if account is not None:
+        _make_traversable(instance_dir, account)
+        for path in (instance_dir, socket_dir):
+            os.chown(path, account.pw_uid, account.pw_gid)
+    os.chmod(instance_dir, 0o700)
+    env = _clean_env({"PGPASSWORD": primary.superuser_password, "PGSSLMODE": "disable", "PGCONNECT_TIMEOUT": "10"})
+    _run(
+        _as_pg_user(
+            [
+                _pg_bin("pg_basebackup"),
+                *("-h", primary.host, "-p", str(primary.port), "-U", primary.superuser, "-w"),
+                *("-D", str(datadir), "-R", "-X", "stream", "-c", "fast", "--no-sync"),
+            ]
+        ),
+        what=f"pg_basebackup from port {primary.port}",
+        env=env,
+        cwd=instance_dir,
+        timeout=TIMEOUT * 2,
+    )
+    _write_certificate(datadir / "server.crt", datadir / "server.key", account)
+    last_error: DevServerError | None = None
+    for _attempt in range(_RETRY_PORT_ATTEMPTS):
+        port = free_port(host)
+        _write_pg_conf(datadir, port=port, host=host, socket_dir=socket_dir, auth=primary.auth, settings={
+            "hot_standby": "on", "wal_receiver_status_interval": "1s", "hot_standby_feedback": "on"})
+        if account is not None:
+            os.chown(datadir / "devserver.conf", account.pw_uid, account.pw_gid)
+        inst = PostgresInstance(
+            datadir=datadir,
+            port=port,
+            host=host,
+            superuser=primary.superuser,
+            superuser_password=primary.superuser_password,
+            auth=primary.auth,
+            passwords=dict(primary.passwords),
+        )
+        try:
+            inst.start()
+        except DevServerError as exc:
+            inst.stop()
+            if "already in use" not in _log_tail(inst.log_file, 20):
+                raise
+            last_error = exc
+            continue
+        return inst
+    assert last_error is not None
+    raise last_error
+
+
+def _pg_promote(instance: PostgresInstance) -> None:
+    """``pg_ctl promote -w``: the standby leaves recovery and accepts writes on a new timeline."""
+    _run(
+        _as_pg_user([_pg_bin("pg_ctl"), "-D", str(instance.datadir), "-w", "-t", str(int(TIMEOUT)), "-s", "promote"]),
+        what=f"pg_ctl promote (port {instance.port})",
+        cwd=instance.basedir,
+        timeout=TIMEOUT + 5,
+        log=instance.log_file,
+    )
 
 
 # --------------------------------------------------------------------------- MariaDB

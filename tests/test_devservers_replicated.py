@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import psycopg
 import pymysql
 import pytest
@@ -12,6 +15,8 @@ from devtools.servers import (
     PostgresInstance,
     start_mariadb,
     start_mariadb_replica,
+    start_postgres,
+    start_postgres_standby,
 )
 
 
@@ -76,5 +81,35 @@ def test_mariadb_replica_follows_is_read_only_and_can_be_promoted(tmp_path_facto
             assert replica.sql("SELECT @@read_only, COUNT(*) FROM app.follow") == "0\t3"
         finally:
             replica.stop()
+    finally:
+        primary.stop()
+
+
+def _wait_for(sql: str, instance: PostgresInstance, expected: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = instance.psql(sql, db="app")
+        if got == expected or time.monotonic() > deadline:
+            return got
+        time.sleep(0.05)
+
+
+def test_postgres_standby_streams_and_promotes(tmp_path: Path) -> None:
+    primary = start_postgres(tmp_path, users={"app": "app-secret"})
+    try:
+        standby = start_postgres_standby(primary, tmp_path)
+        try:
+            assert standby.port != primary.port
+            assert standby.psql("SELECT pg_is_in_recovery()") == "t"
+            assert standby.psql("SHOW ssl") == "on"
+            primary.psql("CREATE TABLE t (a int); INSERT INTO t VALUES (42)", user="app", db="app")
+            assert _wait_for("SELECT count(*) FROM pg_tables WHERE tablename = 't'", standby, "1") == "1"
+            assert standby.psql("SELECT a FROM t", user="app", db="app") == "42"
+            standby.promote()
+            assert standby.psql("SELECT pg_is_in_recovery()") == "f"
+            standby.psql("INSERT INTO t VALUES (43)", user="app", db="app")
+            assert standby.psql("SELECT sum(a) FROM t", user="app", db="app") == "85"
+        finally:
+            standby.stop()
     finally:
         primary.stop()
