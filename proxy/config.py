@@ -187,6 +187,10 @@ class ClusterBase(Strict):
     backend_tls: BackendTLSMode | None = None
     backend_ca_file: Path | None = None
     backend_connect_timeout: float | None = Field(None, gt=0)
+    monitor_interval: float = Field(
+        0.0, ge=0, description="seconds between probes of every instance (roles, health, lag); 0: no monitoring"
+    )
+    monitor_user: str = Field("", description="the user the probes log in as (its password from the secrets)")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -366,6 +370,8 @@ def _check_engine(engine: str, settings: EngineSettings) -> str | None:
             writers += instance.role is InstanceRole.WRITER
         if writers > 1:
             return f"'{engine}.clusters.{name}.instances': more than one instance has role \"writer\""
+        if cluster.monitor_interval > 0 and not cluster.monitor_user:
+            return f"'{engine}.clusters.{name}.monitor_user': monitor_interval is set but no monitor_user is given"
     for name, endpoint in settings.endpoints.items():
         key = f"{engine}.endpoints.{name}"
         if name in RESERVED_NAMES or (name in ENGINES and name != engine):

@@ -8,11 +8,12 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
-from proxy.config import ClientTLSMode, Config
+from proxy.config import ClientTLSMode, Config, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
@@ -23,6 +24,11 @@ from proxy.session.pg_client import PostgresClient
 from proxy.session.pg_service import PostgresService
 from proxy.stats import StatsRegistry
 from proxy.tls import server_context
+from proxy.topology.follow import ClusterFollower, Followed
+from proxy.topology.model import Probe
+from proxy.topology.monitor import TopologyMonitor
+from proxy.topology.mysql_probe import mysql_probe
+from proxy.topology.pg_probe import postgres_probe
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,38 @@ class ProxyServer:
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
         self.reuse_port = False
+        self.followers: list[ClusterFollower] = self.make_followers()
+
+    def make_followers(self) -> list[ClusterFollower]:
+        """A topology monitor and follower per cluster with a monitor_interval (in each worker process)."""
+        followers: list[ClusterFollower] = []
+        for engine, settings in engine_settings(self.config):
+            if not engine_active(settings):
+                continue
+            for name, cluster in settings.clusters.items():
+                if cluster.monitor_interval <= 0:
+                    continue
+                secret = self.secrets.get(cluster.monitor_user)
+                if secret is None:
+                    log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
+                              "monitored and its endpoints stay where the configuration points them", name,
+                              cluster.monitor_user)
+                    continue
+                password = secret.password.decode()
+                probe: Probe = (postgres_probe(cluster.monitor_user, password, "postgres") if engine == "postgresql"
+                                else mysql_probe(cluster.monitor_user, password))
+                instances = [(instance.host, instance.port) for instance in cluster.instances]
+                timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
+                monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
+                followers.append(ClusterFollower(name, monitor, self._followed(engine, name)))
+        return followers
+
+    def _followed(self, engine: str, cluster: str) -> Callable[[], list[Followed]]:
+        def endpoints() -> list[Followed]:
+            return [Followed(listener.name, listener.endpoint.role, listener.service.target)
+                    for listener in self.listeners.values()
+                    if listener.endpoint.engine == engine and listener.endpoint.cluster == cluster]
+        return endpoints
 
     def make_service(self, endpoint: Endpoint) -> Service:
         """The service of an endpoint; client registries are shared by every endpoint of the engine."""
@@ -115,6 +153,8 @@ class ProxyServer:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
         self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+        for follower in self.followers:
+            follower.start()
         # What the start made (modules, configuration, listeners) lives as long as the process: out of the garbage
         # collector's way, so that its full collections walk only what came since (a walk over the whole start-up
         # heap stalls every client for tens of milliseconds).
@@ -181,6 +221,8 @@ class ProxyServer:
         return [client for listener in [*self.listeners.values(), *self.retiring] for client in listener.clients]
 
     async def stop(self) -> None:
+        for follower in self.followers:
+            await follower.stop()
         for listener in self.listeners.values():
             if listener.server is not None:
                 listener.server.close()

@@ -1,0 +1,164 @@
+"""A read_write endpoint follows a PostgreSQL failover: clients through the proxy keep their connections and
+write to the promoted standby; while there is no writer, new transactions wait instead of failing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from devtools.servers import PostgresInstance, free_port, start_postgres, start_postgres_standby
+from support import ProxyProcess, write_config
+
+CLIENTS = 6
+BACKENDS = 2  # fewer backends than clients: the clients share them
+INTERVAL = 0.2
+FOLLOW_WITHIN = 2.0  # seconds from the promotion until every client writes to the new writer
+
+
+@dataclass
+class Record:
+    started: float
+    ended: float
+    port: int | None = None  # inet_server_port() of a committed transaction
+    error: str = ""
+
+
+@dataclass
+class Writer:
+    """One client connection through the proxy running short write transactions in a loop."""
+
+    connect: Callable[[], psycopg.Connection[tuple[int]]]
+    records: list[Record] = field(default_factory=list)
+    closed: list[Record] = field(default_factory=list)  # the transactions after which the connection was gone
+
+    def __post_init__(self) -> None:
+        self.conn = self.connect()
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                with self.conn.transaction():
+                    row = self.conn.execute("INSERT INTO t (port) SELECT inet_server_port() RETURNING port").fetchone()
+                assert row is not None
+                self.records.append(Record(started, time.monotonic(), port=row[0]))
+            except psycopg.Error as exc:
+                self.records.append(Record(started, time.monotonic(), error=f"{type(exc).__name__}: {exc}"))
+                if self.conn.closed:  # as an application does: note it and connect again
+                    self.closed.append(self.records[-1])
+                    self.conn = self.connect()
+            time.sleep(0.02)
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
+    primary = start_postgres(tmp_path, users={"app": "app-secret"})
+    try:
+        primary.psql("CREATE TABLE t (id serial PRIMARY KEY, port int)", db="app", user="app")
+        standby = start_postgres_standby(primary, tmp_path)
+        try:
+            yield primary, standby
+        finally:
+            standby.stop()
+    finally:
+        primary.stop()
+
+
+@pytest.fixture()
+def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
+    primary, standby = cluster
+    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
+    folder = tmp_path / "proxy"
+    folder.mkdir()
+    config = write_config(folder, {
+        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
+        "secrets": {"file": "secrets.toml"},
+        "postgresql.pool": {"max_connections": BACKENDS, "connection_borrow_timeout": 20.0},
+        "postgresql.clusters.main": {
+            "instances": [{"name": "one", "host": primary.host, "port": primary.port, "role": "writer"},
+                          {"name": "two", "host": standby.host, "port": standby.port, "role": "reader"}],
+            "monitor_interval": INTERVAL, "monitor_user": primary.superuser},
+        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
+    })
+    process = ProxyProcess(config, folder / "proxy.log")
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def _connect(proxy: ProxyProcess) -> psycopg.Connection[tuple[int]]:
+    return psycopg.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
+                           dbname="app", connect_timeout=10)
+
+
+def test_read_write_endpoint_follows_the_promoted_standby(
+    cluster: tuple[PostgresInstance, PostgresInstance], proxy: ProxyProcess
+) -> None:
+    primary, standby = cluster
+    proxy.wait_for_log(rf"instance .*:{primary.port} is now writer")
+    writers = [Writer(lambda: _connect(proxy)) for _ in range(CLIENTS)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in writers]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        primary.kill()
+        proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
+        # A client arriving while there is no writer: its transaction waits for one, then succeeds.
+        late = Writer(lambda: _connect(proxy))
+        late_thread = threading.Thread(target=late.run, args=(stop,), daemon=True)
+        late_thread.start()
+        time.sleep(1.0)
+        assert not late.records, f"a transaction finished while there was no writer: {late.records}"
+        standby.promote()
+        promoted_at = time.monotonic()
+        proxy.wait_for_log(rf"endpoint rw: writer is now 127\.0\.0\.1:{standby.port} \(timeline 2\), "
+                           rf"was 127\.0\.0\.1:{primary.port}", timeout=5.0)
+        time.sleep(FOLLOW_WITHIN + 0.5)
+        primary.start()  # the old primary comes back on the old timeline: it must get nothing
+        restarted_at = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+    everyone = [*writers, late]
+    late_thread.join(30)
+    # A client whose transaction was on a backend of the primary when it died gets the backend's error and loses
+    # its connection (at most one per backend); no other client does.
+    closed = [record for w in everyone for record in w.closed]
+    assert len(closed) <= BACKENDS, closed
+    assert all(killed_at - 1.0 < record.started < killed_at + 0.5 for record in closed), closed
+    for number, w in enumerate(everyone):
+        before = [r for r in w.records if r.ended < killed_at]
+        assert w is late or (before and all(r.port == primary.port for r in before)), (number, before[:3])
+        for record in w.records:
+            # Only a transaction that was in flight while there was no writer may fail.
+            assert not record.error or record.started < promoted_at, (number, record)
+            if record.port is not None and record.ended > promoted_at:
+                assert record.port == standby.port, (number, record)
+        after = [r for r in w.records if r.started >= promoted_at]
+        assert after and all(r.port == standby.port for r in after), (number, after[:3])
+        first = next(r for r in w.records if r.port == standby.port)
+        assert first.ended - promoted_at <= FOLLOW_WITHIN, (number, first.ended - promoted_at)
+        assert any(r.started > restarted_at and r.port == standby.port for r in w.records), number
+    assert late.records[0].port == standby.port and late.records[0].started < promoted_at, late.records[0]
+    first_write = min(r.ended for w in everyone for r in w.records if r.port == standby.port) - promoted_at
+    print(f"{len(closed)} connection(s) lost with the transaction in flight at the kill")
+    errors = [r.error for w in everyone for r in w.records if r.error]
+    print(f"first write through the proxy {first_write * 1000:.0f} ms after the promotion; "
+          f"{len(errors)} failed transaction(s) around the kill: {sorted(set(errors))[:3]}")
+    for w in everyone:
+        w.conn.close()
