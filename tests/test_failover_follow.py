@@ -86,6 +86,7 @@ def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
                           {"name": "two", "host": standby.host, "port": standby.port, "role": "reader"}],
             "monitor_interval": INTERVAL, "monitor_user": primary.superuser},
         "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
+        "postgresql.endpoints.ro": {"port": free_port(), "cluster": "main", "role": "read_only"},
     })
     process = ProxyProcess(config, folder / "proxy.log")
     process.start()
@@ -95,8 +96,8 @@ def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
         process.stop()
 
 
-def _connect(proxy: ProxyProcess) -> psycopg.Connection[tuple[int]]:
-    return psycopg.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
+def _connect(proxy: ProxyProcess, endpoint: str = "rw") -> psycopg.Connection[tuple[int]]:
+    return psycopg.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
                            dbname="app", connect_timeout=10)
 
 
@@ -162,3 +163,19 @@ def test_read_write_endpoint_follows_the_promoted_standby(
           f"{len(errors)} failed transaction(s) around the kill: {sorted(set(errors))[:3]}")
     for w in everyone:
         w.conn.close()
+
+
+def test_read_only_endpoint_leaves_a_dead_standby_for_the_writer(
+    cluster: tuple[PostgresInstance, PostgresInstance], proxy: ProxyProcess
+) -> None:
+    primary, standby = cluster
+    proxy.wait_for_log(rf"instance .*:{standby.port} is now reader")
+    with _connect(proxy, "ro") as reader:
+        reader.autocommit = True
+        assert reader.execute("SELECT inet_server_port()").fetchone() == (standby.port,)
+        standby.kill()
+        proxy.wait_for_log(rf"endpoint ro: instance 127\.0\.0\.1:{standby.port} is unhealthy; now serving writer "
+                           rf"127\.0\.0\.1:{primary.port}", timeout=5.0)
+        # The idle client's connection stays; its next statement runs on the writer.
+        assert reader.execute("SELECT inet_server_port()").fetchone() == (primary.port,)
+    assert "endpoint rw: writer is now" not in proxy.log()
