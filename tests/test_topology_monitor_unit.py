@@ -53,3 +53,35 @@ def test_writer_readers_and_changes() -> None:
         assert monitor.readers() == []
 
     asyncio.run(scenario())
+
+
+def test_a_replaced_writer_is_fenced_until_readmitted() -> None:
+    answers: dict[tuple[str, int], InstanceStatus] = {}
+
+    async def probe(host: str, port: int, timeout: float) -> InstanceStatus:
+        return answers[(host, port)]
+
+    def status(addr: tuple[str, int], role: Role, timeline: int = 1, position: int = 0,
+               healthy: bool = True) -> InstanceStatus:
+        return InstanceStatus(addr[0], addr[1], role if healthy else Role.UNKNOWN, healthy, 0.0, timeline, position)
+
+    async def scenario() -> None:
+        monitor = TopologyMonitor([A, B], probe, interval=1.0, timeout=1.0)
+        answers.update({A: status(A, Role.WRITER, 1, 500), B: status(B, Role.READER, 1, 400)})
+        await monitor.probe_now()
+        assert (writer := monitor.writer()) is not None and writer.address == A
+        # A dies; B is promoted; A comes back still claiming to write, further along its old timeline's WAL.
+        answers.update({A: status(A, Role.UNKNOWN, healthy=False), B: status(B, Role.WRITER, 2, 10)})
+        await monitor.probe_now()
+        assert (writer := monitor.writer()) is not None and writer.address == B
+        assert monitor.fenced() == {A}
+        answers[A] = status(A, Role.WRITER, 3, 10_000)  # even on a higher timeline: fenced means fenced
+        await monitor.probe_now()
+        assert (writer := monitor.writer()) is not None and writer.address == B
+        assert monitor.readers() == []
+        # Re-admitted, A is a candidate again and wins on its timeline; B is fenced in turn.
+        assert monitor.readmit(A) and not monitor.readmit(A)
+        assert (writer := monitor.writer()) is not None and writer.address == A
+        assert monitor.fenced() == {B}
+
+    asyncio.run(scenario())

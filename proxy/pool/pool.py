@@ -79,6 +79,9 @@ class Target:
     paused: bool = False
     # Called (no arguments) on every repoint: services drop what they learned from the old server.
     on_repoint: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    # Called with a reason when traffic shows the server may be gone or no longer the writer (a refused
+    # connect, a lost backend, a read-only or shutdown error): the topology monitor probes at once.
+    on_trouble: list[Callable[[str], None]] = field(default_factory=list, repr=False)
     limits_generation: int = -1  # the generation whose server max_connections the limits come from
     shrinking: bool = False  # the limit was lowered below the open connections: close the excess when released
     server_max_connections: int = 0  # that server's max_connections (0: not learned yet)
@@ -124,6 +127,14 @@ class Target:
             pool.validated_settings.clear()
             for backend in list(pool.idle):
                 pool.discard(backend)  # frees its slot: a waiter connects to the new server
+
+    def report_trouble(self, reason: str) -> None:
+        """Traffic suggests this server failed or was demoted: tell whoever watches the topology."""
+        for hook in list(self.on_trouble):
+            try:
+                hook(reason)
+            except Exception:  # one watcher's bug must not break the client path that reported
+                log.exception("target %s: trouble hook failed", self.name)
 
     def apply_settings(self, settings: PoolSettings) -> None:
         """New pool knobs: sizes follow at once (excess idle connections close now, excess lent-out ones when

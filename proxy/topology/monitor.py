@@ -29,6 +29,10 @@ class TopologyMonitor:
         self._callbacks: list[ChangeCallback] = []
         self._task: asyncio.Task[None] | None = None
         self._round_lock = asyncio.Lock()
+        # Fencing: the writer chosen last, and the writers it replaced. A fenced instance is never chosen again,
+        # even when it comes back claiming to write, until an operator re-admits it.
+        self._chosen: Address | None = None
+        self._fenced: set[Address] = set()
 
     def on_change(self, callback: ChangeCallback) -> None:
         self._callbacks.append(callback)
@@ -94,9 +98,35 @@ class TopologyMonitor:
         return dict(self._status)
 
     def writer(self) -> InstanceStatus | None:
-        """The healthy writer furthest ahead by (timeline, position): a stale old primary loses to a promoted one."""
-        writers = [s for s in self._status.values() if s.healthy and s.role is Role.WRITER]
-        return max(writers, key=lambda s: (s.timeline, s.position), default=None)
+        """The healthy, unfenced writer furthest ahead by (timeline, position): a stale old primary loses to a
+        promoted one. Choosing a new writer fences the one chosen before it."""
+        writers = [s for s in self._status.values()
+                   if s.healthy and s.role is Role.WRITER and s.address not in self._fenced]
+        best = max(writers, key=lambda s: (s.timeline, s.position, s.address), default=None)
+        if best is not None and best.address != self._chosen:
+            if self._chosen is not None:
+                self.fence(self._chosen)
+            self._chosen = best.address
+        return best
+
+    def fence(self, address: Address) -> None:
+        """Never choose `address` as the writer again (until `readmit`)."""
+        if address not in self._fenced:
+            self._fenced.add(address)
+            if self._chosen == address:
+                self._chosen = None
+            log.warning("instance %s:%d is fenced: no work goes to it until an operator re-admits it", *address)
+
+    def readmit(self, address: Address) -> bool:
+        """Let a fenced instance be chosen again; False if it was not fenced."""
+        if address not in self._fenced:
+            return False
+        self._fenced.discard(address)
+        log.warning("instance %s:%d is re-admitted", *address)
+        return True
+
+    def fenced(self) -> set[Address]:
+        return set(self._fenced)
 
     def readers(self, max_lag: float | None = None) -> list[InstanceStatus]:
         """Healthy readers; with ``max_lag``, only those known to be at most that many seconds behind."""
@@ -104,6 +134,7 @@ class TopologyMonitor:
             s
             for s in self._status.values()
             if s.healthy
+            and s.address not in self._fenced
             and s.role is Role.READER
             and (max_lag is None or (s.lag_seconds is not None and s.lag_seconds <= max_lag))
         ]
