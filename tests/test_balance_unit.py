@@ -45,6 +45,14 @@ def _pool(group: TargetGroup, label: str) -> Pool:
     return pool
 
 
+def _lend(pool: Pool, count: int) -> None:
+    """`count` backends of the pool lent out (owned by its target, busy in the pool)."""
+    for _ in range(count):
+        backend = Lent()
+        pool.target.owned.add(backend)
+        pool.busy.add(backend)
+
+
 def test_ties_go_round_in_turn() -> None:
     group = _group("a", "b", "c")
     picks = [group.choose() for _ in range(9)]
@@ -55,14 +63,18 @@ def test_ties_go_round_in_turn() -> None:
 
 def test_the_least_outstanding_work_wins() -> None:
     group = _group("a", "b", "c")
-    _pool(group, "a").busy.update({Lent(), Lent()})
-    _pool(group, "b").busy.add(Lent())
+    _lend(_pool(group, "a"), 2)
+    _lend(_pool(group, "b"), 1)
     pool_c = _pool(group, "c")
-    pool_c.busy.add(Lent())
+    _lend(pool_c, 1)
     assert {group.choose().name for _ in range(6)} == {"b", "c"}  # type: ignore[union-attr]
     pool_c.queue(object())  # type: ignore[arg-type]  # a client waiting counts as work of that instance
     assert {group.choose().name for _ in range(6)} == {"b"}  # type: ignore[union-attr]
-    _pool(group, "b").busy.update({Lent(), Lent(), Lent()})
+    _lend(_pool(group, "b"), 3)
+    assert {group.choose().name for _ in range(6)} == {"c", "a"}  # type: ignore[union-attr]
+    idle = Lent()  # an idle connection is no work
+    group.targets["a"].owned.add(idle)
+    _pool(group, "a").idle.append(idle)
     assert {group.choose().name for _ in range(6)} == {"c", "a"}  # type: ignore[union-attr]
 
 

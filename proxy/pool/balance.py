@@ -16,11 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def outstanding(target: Target) -> int:
-    """Work an instance has from this worker now: backends lent out and clients waiting for one, over its pools
-    (one pool per database and user: a handful)."""
-    count = 0
+    """Work an instance has from this worker now: its connections that are not idle (lent out, being opened for
+    a borrower, being cleaned) and the borrowers waiting in line, over its pools (one per database and user: a
+    handful)."""
+    count = len(target.owned)
     for pool in target.pools.values():
-        count += len(pool.busy) + len(pool.waiters)
+        count += len(pool.waiters) - len(pool.idle)
     return count
 
 

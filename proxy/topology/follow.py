@@ -148,5 +148,5 @@ def _state(status: InstanceStatus | None, limit: float, fenced: set[Address]) ->
     if status.lag_seconds is None:
         return "lag unknown"
     if limit and status.lag_seconds > limit:
-        return f"lag {status.lag_seconds:.1f} s"
+        return f"lag {status.lag_seconds:.2f} s"
     return status.role.value
