@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import threading
 import time
 from collections import Counter
@@ -134,7 +135,7 @@ def _endpoints(engine: str) -> dict[str, dict[str, Any]]:
 
 def _start_proxy(folder: Path, engine: str, instances: list[dict[str, Any]], monitor_user: str) -> ProxyProcess:
     folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(folder, {
+    sections: dict[str, dict[str, Any]] = {
         "server": {"log_level": "info", "client_login_timeout": 5.0, "workers": 1, "metrics_port": 0},
         "secrets": {"file": "secrets.toml"},
         **({"postgresql": {"enabled": False}} if engine == "mysql" else {}),
@@ -142,10 +143,19 @@ def _start_proxy(folder: Path, engine: str, instances: list[dict[str, Any]], mon
         f"{engine}.clusters.main": {"instances": instances, "monitor_interval": INTERVAL,
                                     "monitor_user": monitor_user, "max_replica_lag": MAX_LAG},
         **_endpoints(engine),
-    })
-    proxy = ProxyProcess(config, folder / "proxy.log")
+    }
+    proxy = ProxyProcess(write_config(folder, sections), folder / "proxy.log")
+    proxy.sections = sections  # type: ignore[attr-defined]  # what a reload test rewrites
     proxy.start()
     return proxy
+
+
+def _reload(proxy: ProxyProcess, changes: dict[str, dict[str, Any]]) -> None:
+    """Rewrite the proxy's configuration with `changes` (whole sections) and signal it to reload."""
+    sections: dict[str, dict[str, Any]] = proxy.sections  # type: ignore[attr-defined]
+    sections.update(changes)
+    write_config(proxy.config.parent, sections)
+    os.kill(proxy.pid, signal.SIGHUP)
 
 
 # --- PostgreSQL ---
@@ -284,6 +294,23 @@ def test_postgres_a_lagging_standby_is_left_out_until_it_catches_up(pg: PgCluste
     assert back_after < 2.0, back_after
     print(f"PostgreSQL: paused standby left out {left_after:.2f} s after the pause, back {back_after:.2f} s after "
           f"the resume")
+
+
+def test_postgres_a_reload_changes_a_custom_endpoints_members(pg: PgCluster) -> None:
+    """Instances that stay keep their pools; a client of the endpoint moves at its next transaction."""
+    logs = Logs(pg.proxy)
+    others = pg.read("others")
+    assert set(_calls(others, 10)) == {pg.primary.port, pg.standbys[0].port}
+    section = dict(pg.proxy.sections["postgresql.endpoints.others"])  # type: ignore[attr-defined]
+    changed = {key: value for key, value in section.items() if key != "exclude"}
+    _reload(pg.proxy, {"postgresql.endpoints.others": {**changed, "members": ["s2"]}})
+    logs.wait(r"reload: endpoint others now uses s2 at .* \(serving s2\); no longer others/p, others/s1")
+    assert _calls(others, 10) == {pg.standbys[1].port: 10}
+    assert pg.read("others")() == pg.standbys[1].port
+    logs.mark()
+    _reload(pg.proxy, {"postgresql.endpoints.others": section})
+    logs.wait(r"reload: endpoint others now uses p at .*, s1 at .* \(serving p, s1\); no longer others/s2")
+    assert set(_calls(others, 10)) == {pg.primary.port, pg.standbys[0].port}
 
 
 def test_postgres_without_readers_reads_go_to_the_writer_or_wait(pg: PgCluster) -> None:

@@ -4,15 +4,13 @@ with the least outstanding work."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable
 
+from proxy.config import EndpointRole
 from proxy.endpoints import Endpoint, Member
 from proxy.errors import BorrowTimeout
 from proxy.pool.pool import Pool, PoolNaming, Target
 from proxy.stats import StatsRegistry
-
-log = logging.getLogger(__name__)
 
 
 def outstanding(target: Target) -> int:
@@ -149,7 +147,6 @@ class TargetGroup:
 def no_eligible_instance(group: TargetGroup, pool: Pool, timeout: float) -> BorrowTimeout:
     """The borrow timeout for work that waited in vain for an eligible instance (counted in `pool`)."""
     pool.stats.borrow_timeouts += 1
-    log.warning("endpoint %s: a borrow waited %g s and no instance became eligible", group.name, timeout)
     return BorrowTimeout(f"timed out after {timeout:g} s waiting for a backend connection (endpoint {group.name}: "
                          "no eligible instance)")
 
@@ -168,7 +165,7 @@ def member_targets(engine: str, endpoint: Endpoint, stats: StatsRegistry) -> tup
     if not members:  # (an endpoint made by hand: its one instance)
         members = (Member(endpoint.instance, settings.backend_host, settings.backend_port),)
     for member in members:
-        name = endpoint.name if len(members) == 1 else f"{endpoint.name}/{member.label}"
+        name = endpoint.name if endpoint.role is EndpointRole.READ_WRITE else f"{endpoint.name}/{member.label}"
         target = Target(name, member.host, member.port, settings.pool)
         target.stats = stats.target(engine, endpoint.name, endpoint.cluster, member.label)
         targets[member.label] = target
