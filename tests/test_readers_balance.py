@@ -130,6 +130,8 @@ def _endpoints(engine: str) -> dict[str, dict[str, Any]]:
                                        "reader_fallback": False,
                                        "pool": {"connection_borrow_timeout": STRICT_TIMEOUT}},
         f"{engine}.endpoints.others": {"port": free_port(), "cluster": "main", "role": "custom", "exclude": ["s2"]},
+        f"{engine}.endpoints.ro_session": {"port": free_port(), "cluster": "main", "role": "read_only",
+                                           "pool": {"mode": "session"}},
     }
 
 
@@ -227,6 +229,20 @@ def test_postgres_reads_spread_over_both_standbys(pg: PgCluster) -> None:
         assert metric_value(text, "dbproxy_database_connection_borrows_total", endpoint="ro", instance=label) >= 40
     assert metric_value(text, "dbproxy_database_connection_borrows_total", endpoint="ro", instance="p") == 0
     print(f"PostgreSQL reads over the standbys, 4 clients: {dict(counts)}; one client: {dict(sequential)}")
+
+
+def _session_pooling_spreads_sessions(read: Callable[[], Callable[[], int]], ports: set[int]) -> Counter[int]:
+    """In session pooling the choice is per client session: each stays on its instance, the sessions spread."""
+    sessions = [read() for _ in range(6)]
+    per_session = [_calls(session, 5) for session in sessions]
+    assert all(len(counts) == 1 for counts in per_session), per_session
+    spread = Counter(next(iter(counts)) for counts in per_session)
+    assert spread == dict.fromkeys(ports, 3), spread
+    return spread
+
+
+def test_postgres_session_pooling_spreads_sessions(pg: PgCluster) -> None:
+    _session_pooling_spreads_sessions(lambda: pg.read("ro_session"), pg.ports())
 
 
 def test_postgres_session_state_follows_the_client_across_standbys(pg: PgCluster) -> None:
@@ -408,6 +424,10 @@ def test_mariadb_reads_spread_over_both_replicas(my: MyCluster) -> None:
     for label in ("s1", "s2"):
         assert metric_value(text, "dbproxy_database_connection_borrows_total", endpoint="ro", instance=label) >= 40
     print(f"MariaDB reads over the replicas, 4 clients: {dict(counts)}; one client: {dict(sequential)}")
+
+
+def test_mariadb_session_pooling_spreads_sessions(my: MyCluster) -> None:
+    _session_pooling_spreads_sessions(lambda: my.read("ro_session"), my.ports())
 
 
 def test_mariadb_session_state_follows_the_client_across_replicas(my: MyCluster) -> None:
