@@ -31,7 +31,9 @@ class Followed:
 
 
 class ClusterFollower:
-    """Re-points the endpoints of one cluster after every probe round that changed a role or a health.
+    """Re-points the read_write endpoints of one cluster after every probe round that changed a role or a
+    health, and sets the eligible instances of its read_only and custom endpoints after every round (a lag
+    moves without any such change).
 
     Each worker process runs its own monitor and follower (no coordination between workers is needed: they
     all probe the same instances and reach the same answer within one interval).
