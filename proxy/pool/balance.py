@@ -38,6 +38,7 @@ class TargetGroup:
         self.single = len(targets) == 1  # nothing to choose (read_write endpoints): the callers skip the choice
         self._serving: tuple[Target, ...] = ()
         self._serving_ids: frozenset[int] = frozenset()
+        self._orders: tuple[tuple[Target, tuple[Target, ...]], ...] = ()
         self._labels: tuple[str, ...] = ()
         self._turn = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -57,6 +58,9 @@ class TargetGroup:
         self._labels = wanted
         self._serving = tuple(self.targets[label] for label in wanted)
         self._serving_ids = frozenset(id(target) for target in self._serving)
+        # per turn, the target asked first and then the others in order (made here, not per borrow)
+        serving = self._serving
+        self._orders = tuple((serving[turn], serving[turn + 1:] + serving[:turn]) for turn in range(len(serving)))
         if self._serving:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -76,20 +80,22 @@ class TargetGroup:
 
     def choose(self) -> Target | None:
         """The eligible target with the least outstanding work (ties in turn); None when none is eligible."""
-        serving = self._serving
-        count = len(serving)
-        if count <= 1:
-            return serving[0] if serving else None
-        turn = self._turn = (self._turn + 1) % count
-        best = serving[turn]
-        best_load = outstanding(best)
-        for step in range(1, count):
-            if best_load == 0:
-                break
-            candidate = serving[(turn + step) % count]
-            load = outstanding(candidate)
-            if load < best_load:
-                best, best_load = candidate, load
+        orders = self._orders
+        if not orders:
+            return None
+        turn = self._turn + 1
+        if turn >= len(orders):
+            turn = 0
+        self._turn = turn
+        best, others = orders[turn]
+        if others:
+            best_load = outstanding(best)
+            for candidate in others:
+                if not best_load:
+                    break
+                load = outstanding(candidate)
+                if load < best_load:
+                    best, best_load = candidate, load
         return best
 
     async def wait(self, timeout: float) -> Target | None:
