@@ -177,6 +177,12 @@ class EndpointBase(Strict):
     role: EndpointRole = EndpointRole.READ_WRITE
     members: list[str] | None = Field(None, description="custom endpoint: these instances, in this order")
     exclude: list[str] | None = Field(None, description="custom endpoint: every instance but these")
+    max_replica_lag: float | None = Field(
+        None, ge=0, description="read_only endpoint: the cluster's max_replica_lag for this endpoint only"
+    )
+    reader_fallback: bool | None = Field(
+        None, description="read_only endpoint: the cluster's reader_fallback for this endpoint only"
+    )
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -191,6 +197,14 @@ class ClusterBase(Strict):
         0.0, ge=0, description="seconds between probes of every instance (roles, health, lag); 0: no monitoring"
     )
     monitor_user: str = Field("", description="the user the probes log in as (its password from the secrets)")
+    max_replica_lag: float = Field(
+        30.0, ge=0, description="seconds a reader may be behind the writer and still serve read_only endpoints "
+        "(with monitoring; a reader whose lag is not known is left out); 0: no limit"
+    )
+    reader_fallback: bool = Field(
+        True, description="read_only endpoints use the writer while no reader is eligible; false: new work waits "
+        "for a reader (at most the borrow timeout)"
+    )
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -380,6 +394,9 @@ def _check_engine(engine: str, settings: EngineSettings) -> str | None:
         if found is None:
             known = ", ".join(sorted(settings.clusters)) or "none"
             return f"'{key}.cluster': no cluster '{endpoint.cluster}' in [{engine}.clusters] (known: {known})"
+        for reader_key in ("max_replica_lag", "reader_fallback"):
+            if getattr(endpoint, reader_key) is not None and endpoint.role is not EndpointRole.READ_ONLY:
+                return f"'{key}.{reader_key}': only a read_only endpoint chooses among readers"
         problem = _check_members(key, endpoint, found)
         if problem:
             return problem

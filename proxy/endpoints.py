@@ -25,6 +25,19 @@ OVERRIDABLE = ("auth_method", "caching_sha2_full_auth", "backend_tls", "backend_
 
 
 @dataclass(frozen=True)
+class Member:
+    """An instance an endpoint may send work to: its label (as member lists name it) and its address."""
+
+    label: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One client-facing listener: its engine, names, and the engine settings (port, auth, pool, backend address)
     it runs with, as if it were the engine section of a single-backend configuration."""
@@ -35,6 +48,12 @@ class Endpoint:
     instance: str
     role: EndpointRole
     settings: PostgresSettings | MySQLSettings
+    # The instances it may send work to (read_only: every instance of the cluster, the writer for the fallback;
+    # custom: its members; read_write: the configured writer), and those it serves until the topology is known.
+    members: tuple[Member, ...] = ()
+    serving: tuple[str, ...] = ()
+    max_replica_lag: float = 0.0  # read_only: a reader further behind (seconds) is left out; 0: no limit
+    reader_fallback: bool = True  # read_only: the writer serves while no reader is eligible
 
     @property
     def address(self) -> tuple[str, int]:
@@ -59,6 +78,29 @@ def reader_of(instances: list[Instance]) -> Instance:
         return found
     writer = writer_of(instances)
     return next((i for i in instances if i is not writer), writer)
+
+
+def candidates(endpoint: EndpointBase, cluster: ClusterBase) -> tuple[list[Instance], list[Instance]]:
+    """The instances an endpoint may send work to, and those it serves until the proxy discovers roles: read_write
+    the writer; read_only any instance, serving the readers the configuration names (else every instance but
+    the writer, else the writer); custom its members (or the cluster's instances not excluded), serving them all."""
+    instances = cluster.instances
+    if endpoint.role is EndpointRole.READ_WRITE:
+        writer = writer_of(instances)
+        return [writer], [writer]
+    if endpoint.role is EndpointRole.READ_ONLY:
+        readers = [i for i in instances if i.role is InstanceRole.READER]
+        if not readers:
+            writer = writer_of(instances)
+            readers = [i for i in instances if i is not writer] or [writer]
+        return list(instances), readers
+    if endpoint.members is not None:
+        by_label = {i.label: i for i in instances}
+        members = [by_label[label] for label in dict.fromkeys(endpoint.members)]
+    else:
+        excluded = set(endpoint.exclude or ())
+        members = [i for i in instances if i.label not in excluded]
+    return members, members
 
 
 def chosen_instance(endpoint: EndpointBase, cluster: ClusterBase) -> Instance:
@@ -93,7 +135,12 @@ def _cluster_endpoint(engine: str, name: str, settings: EngineSettings) -> Endpo
     resolved = resolved.model_copy(update={
         **_overrides(endpoint, resolved), "enabled": True, "port": endpoint.port,
         "backend_host": instance.host, "backend_port": instance.port})
-    return Endpoint(engine, name, endpoint.cluster, instance.label, endpoint.role, resolved)
+    members, serving = candidates(endpoint, cluster)
+    lag = cluster.max_replica_lag if endpoint.max_replica_lag is None else endpoint.max_replica_lag
+    fallback = cluster.reader_fallback if endpoint.reader_fallback is None else endpoint.reader_fallback
+    return Endpoint(engine, name, endpoint.cluster, instance.label, endpoint.role, resolved,
+                    tuple(Member(i.label, i.host, i.port) for i in members), tuple(i.label for i in serving),
+                    lag, fallback)
 
 
 def resolve_endpoints(config: Config) -> list[Endpoint]:
@@ -104,7 +151,9 @@ def resolve_endpoints(config: Config) -> list[Endpoint]:
             continue
         if not uses_clusters(settings):
             instance = f"{settings.backend_host}:{settings.backend_port}"
-            found.append(Endpoint(engine, engine, engine, instance, EndpointRole.READ_WRITE, settings))
+            member = Member(instance, settings.backend_host, settings.backend_port)
+            found.append(Endpoint(engine, engine, engine, instance, EndpointRole.READ_WRITE, settings, (member,),
+                                  (instance,)))
             continue
         found.extend(_cluster_endpoint(engine, name, settings) for name in settings.endpoints)
     return found

@@ -12,9 +12,12 @@ from typing import Any
 from proxy.config import Config, load_config
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
+from proxy.pool.balance import member_targets
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
 from proxy.server import Listener, ProxyServer, client_tls
+from proxy.session.mysql_service import MySQLService
+from proxy.session.pg_service import PostgresService
 from proxy.startup import check_startup
 from proxy.stats import StatsRegistry
 
@@ -163,6 +166,10 @@ def _update(listener: Listener, endpoint: Endpoint, registry: StatsRegistry) -> 
     listener.endpoint = endpoint
     service = listener.service
     service.reconfigure(endpoint)
+    group = service.group
+    if not group.single or len(endpoint.members) > 1:  # an endpoint that spreads its work over instances
+        _update_group(service, endpoint, old, registry)
+        return
     if endpoint.settings.pool != old.settings.pool:
         service.target.apply_settings(endpoint.settings.pool)
         log.info("reload: endpoint %s: pool settings changed", endpoint.name)
@@ -172,3 +179,21 @@ def _update(listener: Listener, endpoint: Endpoint, registry: StatsRegistry) -> 
         service.target.repoint(*endpoint.address)
         log.info("reload: endpoint %s now serves instance %s at %s:%d (was %s at %s:%d)", endpoint.name,
                  endpoint.instance, *endpoint.address, old.instance, *old.address)
+
+
+def _update_group(service: PostgresService | MySQLService, endpoint: Endpoint, old: Endpoint,
+                  registry: StatsRegistry) -> None:
+    """An endpoint with a target per instance: instances that stay keep their pools, new ones join, those gone
+    leave; pool settings apply to every one; each counts under its instance's labels."""
+    group = service.group
+    if endpoint.members != old.members or endpoint.serving != old.serving or endpoint.cluster != old.cluster:
+        targets, home = member_targets(endpoint.engine, endpoint, registry)
+        left = group.reshape(targets, endpoint.serving or (home,), home)
+        service.target = group.home
+        log.info("reload: endpoint %s now uses %s (serving %s)%s", endpoint.name,
+                 ", ".join(f"{m.label} at {m.host}:{m.port}" for m in endpoint.members), ", ".join(group.serving),
+                 f"; no longer {', '.join(t.name for t in left)}" if left else "")
+    for label, target in group.targets.items():
+        if target.settings != endpoint.settings.pool:
+            target.apply_settings(endpoint.settings.pool)
+        target.relabel(registry.target(endpoint.engine, endpoint.name, endpoint.cluster, label))

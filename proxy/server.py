@@ -112,7 +112,8 @@ class ProxyServer:
 
     def _followed(self, engine: str, cluster: str) -> Callable[[], list[Followed]]:
         def endpoints() -> list[Followed]:
-            return [Followed(listener.name, listener.endpoint.role, listener.service.target)
+            return [Followed(listener.name, listener.endpoint.role, listener.service.target, listener.service.group,
+                             listener.endpoint.max_replica_lag, listener.endpoint.reader_fallback)
                     for listener in self.listeners.values()
                     if listener.endpoint.engine == engine and listener.endpoint.cluster == cluster]
         return endpoints

@@ -85,6 +85,14 @@ REFUSALS = [
     ("monitoring without a user", {"postgresql": {"clusters": {"main": {**cluster(5432), "monitor_interval": 1.0}},
                                                   "endpoints": {"rw": {"port": 7001, "cluster": "main"}}}},
      "'postgresql.clusters.main.monitor_user': monitor_interval is set but no monitor_user is given"),
+    ("reader keys on a custom endpoint", {"postgresql": {"clusters": {"main": cluster(5432)},
+                                                         "endpoints": {"c": {"port": 7001, "cluster": "main",
+                                                                             "role": "custom", "members": ["i1"],
+                                                                             "reader_fallback": False}}}},
+     "'postgresql.endpoints.c.reader_fallback': only a read_only endpoint chooses among readers"),
+    ("negative lag limit", {"postgresql": {"clusters": {"main": {**cluster(5432), "max_replica_lag": -1}},
+                                           "endpoints": {"rw": {"port": 7001, "cluster": "main"}}}},
+     "postgresql.clusters.main.max_replica_lag"),
     ("clusters without endpoints", {"postgresql": {"clusters": {"main": cluster(5432)}}},
      "'postgresql.endpoints': clusters are given but no endpoint serves them"),
     ("same name in both engines", {**two_endpoints("postgresql", 5432, 5433),
@@ -149,6 +157,45 @@ def test_each_endpoint_serves_the_instance_its_role_picks(roles: tuple[str | Non
     assert endpoint.address == ("127.0.0.1", ports[int(served[1:]) - 1])
 
 
+SPREAD_TABLE = [  # instance role hints, endpoint role and list -> the instances it may use, those it serves at start
+    ((None, None, None), "read_write", {}, ["i1"], ["i1"]),
+    (("reader", "writer", "reader"), "read_only", {}, ["i1", "i2", "i3"], ["i1", "i3"]),
+    (("writer", None, None), "read_only", {}, ["i1", "i2", "i3"], ["i2", "i3"]),
+    (("writer",), "read_only", {}, ["i1"], ["i1"]),
+    ((None, None, None), "custom", {"members": ["i3", "i1"]}, ["i3", "i1"], ["i3", "i1"]),
+    ((None, None, None), "custom", {"exclude": ["i2"]}, ["i1", "i3"], ["i1", "i3"]),
+]
+
+
+@pytest.mark.parametrize(("roles", "role", "lists", "members", "serving"), SPREAD_TABLE)
+def test_each_endpoint_may_use_the_instances_its_role_allows(roles: tuple[str | None, ...], role: str,
+                                                             lists: dict[str, list[str]], members: list[str],
+                                                             serving: list[str]) -> None:
+    ports = [5432 + number for number in range(len(roles))]
+    config = parse_config({"postgresql": {"clusters": {"main": cluster(*ports, roles=roles)},
+                                          "endpoints": {"e": {"port": 7001, "cluster": "main", "role": role,
+                                                              **lists}}}})
+    (endpoint,) = resolve_endpoints(config)
+    assert [m.label for m in endpoint.members] == members
+    assert all(m.address == ("127.0.0.1", ports[int(m.label[1:]) - 1]) for m in endpoint.members)
+    assert list(endpoint.serving) == serving
+    assert endpoint.instance == serving[0]
+
+
+def test_reader_keys_fall_back_from_endpoint_to_cluster() -> None:
+    config = parse_config({"postgresql": {
+        "clusters": {"main": {**cluster(5432, 5433), "max_replica_lag": 5.0, "reader_fallback": False}},
+        "endpoints": {"a": {"port": 7001, "cluster": "main", "role": "read_only"},
+                      "b": {"port": 7002, "cluster": "main", "role": "read_only", "max_replica_lag": 0,
+                            "reader_fallback": True}},
+    }, "mysql": {"enabled": True, "clusters": {"main": cluster(3306, 3307)},
+                 "endpoints": {"c": {"port": 7003, "cluster": "main", "role": "read_only"}}}})
+    a, b, c = resolve_endpoints(config)
+    assert (a.max_replica_lag, a.reader_fallback) == (5.0, False)
+    assert (b.max_replica_lag, b.reader_fallback) == (0.0, True)
+    assert (c.max_replica_lag, c.reader_fallback) == (30.0, True)  # the defaults
+
+
 def test_pool_and_auth_keys_fall_back_from_endpoint_to_cluster_to_engine() -> None:
     config = parse_config({"postgresql": {
         "auth_method": "md5", "backend_connect_timeout": 3.0,
@@ -179,7 +226,7 @@ def test_the_single_backend_form_is_one_read_write_endpoint_named_after_its_engi
 
 def test_the_example_configs_resolve(tmp_path: Path) -> None:
     names = [e.name for e in resolve_endpoints(load_config(SOURCE / "config" / "clusters.toml"))]
-    assert names == ["main_rw", "main_ro", "reporting", "not_the_writer", "shop_rw", "shop_ro"]
+    assert names == ["main_rw", "main_ro", "reports_ro", "reporting", "not_the_writer", "shop_rw", "shop_ro"]
     assert [e.name for e in resolve_endpoints(load_config(SOURCE / "config" / "dbproxy.toml"))] == [
         "postgresql", "mysql"]
 

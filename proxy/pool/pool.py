@@ -324,10 +324,25 @@ class _Connecting:
     __slots__ = ()
 
 
+class PoolNaming:
+    """The numbers of session-settings sets and the backend names of shared statements for one (database, user):
+    shared by that key's pools on every instance of an endpoint, so a client's numbers and names mean the same
+    on whichever instance its next transaction runs."""
+
+    __slots__ = ("next_settings_id", "next_statement", "settings_ids", "statement_names")
+
+    def __init__(self) -> None:
+        self.settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
+        self.next_settings_id = itertools.count(1)
+        self.statement_names: dict[tuple[bytes, int], bytes] = {}
+        self.next_statement = itertools.count(1)
+
+
 class Pool:
     """Idle backends in a LIFO stack; waiters in FIFO order; a backend is handed straight to a waiter."""
 
-    def __init__(self, target: Target, database: str, user: str, connector: Connector) -> None:
+    def __init__(self, target: Target, database: str, user: str, connector: Connector,
+                 naming: PoolNaming | None = None) -> None:
         self.target = target
         self.database = database
         self.user = user
@@ -342,10 +357,7 @@ class Pool:
         self.server_params: dict[str, str] = {}  # what the backend reported at login
         self.server_generation = -1  # the target generation whose server `server_params` come from
         self.validated_settings: set[tuple[str, str]] = set()
-        self._settings_ids: dict[tuple[tuple[str, str], ...], int] = {}
-        self._next_settings_id = itertools.count(1)
-        self._statement_names: dict[tuple[bytes, int], bytes] = {}
-        self._next_statement = itertools.count(1)
+        self.naming = naming if naming is not None else PoolNaming()
         # the client sessions using this pool: while there is one, the pool is kept (see Target.forget_unused_pools)
         self.clients: weakref.WeakSet[object] = weakref.WeakSet()
         self.unused_since: float | None = None
@@ -364,22 +376,24 @@ class Pool:
     def settings_id(self, settings: Mapping[str, str]) -> int:
         """A number per distinct set of session settings, so a client and a backend compare in one step."""
         key = tuple(sorted(settings.items()))
-        found = self._settings_ids.get(key)
+        naming = self.naming
+        found = naming.settings_ids.get(key)
         if found is None:
-            if len(self._settings_ids) >= 10_000:  # bounded; numbers are never reused
-                self._settings_ids.clear()
-            found = self._settings_ids[key] = next(self._next_settings_id)
+            if len(naming.settings_ids) >= 10_000:  # bounded; numbers are never reused
+                naming.settings_ids.clear()
+            found = naming.settings_ids[key] = next(naming.next_settings_id)
         return found
 
     def statement_name(self, parse_rest: bytes, context: int = 0) -> bytes:
         """The backend name for a statement: shared by every client that prepares the same text and parameter
         types under the same name-resolution settings (`context`, a settings_id of those settings)."""
         key = (parse_rest, context)
-        name = self._statement_names.get(key)
+        naming = self.naming
+        name = naming.statement_names.get(key)
         if name is None:
-            if len(self._statement_names) >= 100_000:  # bounded; names are never reused
-                self._statement_names.clear()
-            name = self._statement_names[key] = b"dbproxy_%d" % next(self._next_statement)
+            if len(naming.statement_names) >= 100_000:  # bounded; names are never reused
+                naming.statement_names.clear()
+            name = naming.statement_names[key] = b"dbproxy_%d" % next(naming.next_statement)
         return name
 
     def _gauges(self) -> dict[str, int]:

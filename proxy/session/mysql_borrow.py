@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from proxy.errors import BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
+from proxy.pool.balance import no_eligible_instance
 from proxy.pool.mysql_backend import MySQLBackend, MySQLServerError
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
@@ -63,6 +64,12 @@ class MySQLBorrowing(MySQLSessionTracking):
         """The held command needs a backend: link an idle one at once, or borrow one in a task."""
         pool = self.pool
         assert pool is not None
+        if not self.service.group.single:  # the endpoint spreads its work: this transaction's instance
+            chosen = self._work_pool()
+            if chosen is None:  # no instance is eligible now: wait for one (at most the borrow timeout)
+                self._busy = self.loop.create_task(self._acquire(None, wait=True))
+                return
+            pool = chosen
         idle = pool.borrow_idle()
         if idle is not None:
             assert isinstance(idle, MySQLBackend)
@@ -72,8 +79,41 @@ class MySQLBorrowing(MySQLSessionTracking):
                 return
         self._busy = self.loop.create_task(self._acquire(idle if isinstance(idle, MySQLBackend) else None))
 
-    async def _acquire(self, backend: MySQLBackend | None) -> None:
+    def _work_pool(self) -> Pool | None:
+        """The pool of the client's schema, user and profile on the instance the endpoint chooses for its next
+        transaction (the client's pool from now on); None when no instance is eligible."""
         pool = self.pool
+        assert pool is not None
+        target = self.service.group.choose()
+        if target is None:
+            return None
+        if target is not pool.target:
+            pool.clients.discard(self)
+            pool = self.pool = self.service.pool_for(pool.database, self.user, self.profile, target)
+            pool.clients.add(self)
+        return pool
+
+    async def _wait_work_pool(self) -> Pool:
+        """Wait (at most the borrow timeout) until an instance is eligible; its pool, else the borrow timeout."""
+        assert self.pool is not None
+        timeout = self.pool.settings.connection_borrow_timeout
+        self._borrowing = True
+        try:
+            await self.service.group.wait(timeout)
+        finally:
+            self._borrowing = False
+        pool = self._work_pool()
+        if pool is None:
+            raise no_eligible_instance(self.service.group, self.pool, timeout)
+        return pool
+
+    async def _acquire(self, backend: MySQLBackend | None, wait: bool = False) -> None:
+        try:
+            pool = await self._wait_work_pool() if wait else self.pool
+        except ProxyError as exc:
+            self._busy = None
+            self.fail(exc)
+            return
         assert pool is not None
         try:
             if backend is not None and (backend.buffered or backend.closed):

@@ -236,7 +236,9 @@ class MySQLClientBase(ClientConnection):
         """The pool for `schema` (and the user and profile) from now on; the pool knows who uses it."""
         if self.pool is not None:
             self.pool.clients.discard(self)
-        pool = self.pool = self.service.pool_for(schema, self.user, self.profile)
+        linked = self.backend
+        pool = self.pool = self.service.pool_for(schema, self.user, self.profile,
+                                                 linked.pool.target if linked is not None else None)
         pool.clients.add(self)
         return pool
 

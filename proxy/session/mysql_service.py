@@ -26,6 +26,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.netio import ConnectionClosed
+from proxy.pool.balance import TargetGroup, target_group
 from proxy.pool.mysql_backend import (
     RELAYED_CAPABILITIES,
     MySQLBackend,
@@ -111,9 +112,11 @@ class MySQLService:
         self.secrets = secrets
         self.server_tls = server_tls
         self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
-        self.target = Target(endpoint.name, self.settings.backend_host, self.settings.backend_port, self.settings.pool)
+        # A target per instance the endpoint may use; `target` is the configured instance's (the only one of a
+        # read_write endpoint).
+        self.group: TargetGroup = target_group("mysql", endpoint, stats)
+        self.target: Target = self.group.home
         self.stats = stats.endpoint("mysql", endpoint.name, endpoint.cluster)
-        self.target.stats = stats.target("mysql", endpoint.name, endpoint.cluster, endpoint.instance)
         # proxy connection id -> client (for KILL), one registry for every endpoint of the process
         self.clients: dict[int, ServedClient] = peer.clients if peer is not None else {}
         # see mysql_ids: the proxy's ids, apart from server thread ids
@@ -157,7 +160,7 @@ class MySQLService:
 
     def _start_probe(self) -> asyncio.Task[HandshakeV10]:
         if self._probe is None or (self._probe.done() and self.greeting is None):
-            target = self.target
+            target = self.target if self.group.single else self.group.choose() or self.target
             host, port, generation = target.host, target.port, target.generation
             self._probe = asyncio.get_running_loop().create_task(
                 probe_server(host, port, self.settings.backend_connect_timeout))
@@ -204,21 +207,25 @@ class MySQLService:
 
     # --- pools ---
 
-    def pool_for(self, database: str, user: str, profile: Profile) -> Pool:
+    def pool_for(self, database: str, user: str, profile: Profile, target: Target | None = None) -> Pool:
+        """The pool for (database, user, profile) on `target`, else on the instance the endpoint would choose now."""
         # The character set is not part of the key: a backend takes the character set of each client it serves
         # (see MySQLBackend.apply_state), so clients of every character set share the backends and wait in one line.
+        if target is None:
+            target = self.target if self.group.single else self.group.choose() or self.target
         key = (database, f"{user}\x00{profile.capabilities:x}")
-        pool = self.target.pools.get(key)
+        pool = target.pools.get(key)
         if pool is None:
             async def connect(pool: Pool) -> Backend:
                 return await self._connect(pool, profile)
 
-            pool = self.target.pools[key] = Pool(self.target, database, user, connect)
+            naming = None if self.group.single else self.group.naming(key)
+            pool = target.pools[key] = Pool(target, database, user, connect, naming)
         return pool
 
     async def _connect(self, pool: Pool, profile: Profile) -> Backend:
         backend, greeting = await open_backend(pool, profile, self.settings, self.secrets, self.backend_tls)
-        if backend.generation != self.target.generation:
+        if backend.generation != pool.target.generation:
             return backend  # opened to the server of before a repoint: the pool drops it and connects again
         self.greeting = greeting
         self.session_tracking = backend.tracks_session_state
@@ -237,12 +244,13 @@ class MySQLService:
         """Once per server (per target generation): the session variables the server reports that are read only,
         and its collations."""
         generation = backend.generation
+        target = backend.pool.target
         try:
             rows = await backend.query(READ_ONLY_QUERY)
         except MySQLServerError as exc:  # MySQL: no such table; learned from refusals instead
             log.info("MySQL backend: read-only variables not listed (%s); using the built-in list", exc.message)
             rows = []
-        if generation != self.target.generation:
+        if generation != target.generation:
             return  # re-pointed meanwhile
         self.read_only_variables.update(row[0] for row in rows if row[0])
         try:
@@ -250,7 +258,7 @@ class MySQLService:
         except MySQLServerError as exc:
             log.info("MySQL backend: collations not listed (%s)", exc.message)
         else:
-            if generation != self.target.generation:
+            if generation != target.generation:
                 return
             self.collations = frozenset(int(row[0]) for row in rows if row[0])
         self._learned_generation = generation
@@ -318,7 +326,7 @@ class MySQLService:
 
     def backend_by_thread(self, thread_id: int) -> MySQLBackend | None:
         """This worker's backend connection with that server thread id (pooled: idle or lent to a client)."""
-        for pool in self.target.pools.values():
+        for pool in [pool for target in self.group.all() for pool in target.pools.values()]:
             for backend in itertools.chain(pool.busy, pool.idle):
                 if isinstance(backend, MySQLBackend) and backend.thread_id == thread_id and not backend.closed:
                     return backend
@@ -406,15 +414,17 @@ class MySQLService:
     # --- maintenance ---
 
     def maintain(self, now: float) -> None:
-        for pool in list(self.target.pools.values()):
-            pool.maintain(now)
-        self.target.forget_unused_pools(now)
+        for target in self.group.all():
+            for pool in list(target.pools.values()):
+                pool.maintain(now)
+            target.forget_unused_pools(now)
 
     def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
-        for pool in self.target.pools.values():
-            pool.close_all()
+        for target in self.group.all():
+            for pool in target.pools.values():
+                pool.close_all()
 
     def reconfigure(self, endpoint: Endpoint) -> None:
         """New settings for the endpoint (a reload): new logins and backend connects use them."""

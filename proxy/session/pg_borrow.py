@@ -8,6 +8,7 @@ import time
 
 from proxy.errors import BackendError, BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
+from proxy.pool.balance import no_eligible_instance
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pg_deadline import cancel_in_background, expire
 from proxy.pool.pool import Backend, Pool
@@ -53,6 +54,12 @@ class PgBorrow(PgSettings):
                 log.info("client %s: the backend of its previous transaction has served another client since; "
                          "lastval()/currval() will report no value", self.peer)
         if backend is None:
+            if not self.service.group.single:  # the endpoint spreads its work: this transaction's instance
+                chosen = self._work_pool()
+                if chosen is None:  # no instance is eligible now: wait for one (at most the borrow timeout)
+                    self._acquiring = self.loop.create_task(self._acquire(None, None))
+                    return
+                pool = chosen
             backend = pool.borrow_idle()  # type: ignore[assignment]
         if backend is not None:
             self._got(backend)
@@ -90,8 +97,38 @@ class PgBorrow(PgSettings):
         assert self.pool is not None
         self.fail(self.pool.timed_out())
 
-    async def _acquire(self, pool: Pool, backend: PostgresBackend | None) -> None:
+    def _work_pool(self) -> Pool | None:
+        """The pool of the client's database and user on the instance the endpoint chooses for its next
+        transaction (the client's pool from now on); None when no instance is eligible."""
+        pool = self.pool
+        assert pool is not None
+        target = self.service.group.choose()
+        if target is None:
+            return None
+        if target is not pool.target:
+            pool.clients.discard(self)
+            pool = self.pool = self.service.pool_for(pool.database, pool.user, target)
+            pool.clients.add(self)
+        return pool
+
+    async def _wait_work_pool(self) -> Pool:
+        """Wait (at most the borrow timeout) until an instance is eligible; its pool, else the borrow timeout."""
+        assert self.pool is not None
+        timeout = self.pool.settings.connection_borrow_timeout
+        self._borrowing = True
         try:
+            await self.service.group.wait(timeout)
+        finally:
+            self._borrowing = False
+        pool = self._work_pool()
+        if pool is None:
+            raise no_eligible_instance(self.service.group, self.pool, timeout)
+        return pool
+
+    async def _acquire(self, pool: Pool | None, backend: PostgresBackend | None) -> None:
+        try:
+            if pool is None:
+                pool = await self._wait_work_pool()
             attempts = SYNC_ATTEMPTS
             while True:
                 if backend is None or backend.buffered:

@@ -13,6 +13,7 @@ from typing import Protocol, cast
 from proxy import channel
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
 from proxy.endpoints import Endpoint
+from proxy.pool.balance import TargetGroup, target_group
 from proxy.pool.pg_backend import PostgresBackend, open_backend
 from proxy.pool.pg_deadline import send_cancel_request
 from proxy.pool.pool import Backend, Pool, Target
@@ -49,9 +50,11 @@ class PostgresService:
         self.secrets = secrets
         self.server_tls = server_tls
         self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
-        self.target = Target(endpoint.name, self.settings.backend_host, self.settings.backend_port, self.settings.pool)
+        # A target per instance the endpoint may use; `target` is the configured instance's (the only one of a
+        # read_write endpoint).
+        self.group: TargetGroup = target_group("postgresql", endpoint, stats)
+        self.target: Target = self.group.home
         self.stats = stats.endpoint("postgresql", endpoint.name, endpoint.cluster)
-        self.target.stats = stats.target("postgresql", endpoint.name, endpoint.cluster, endpoint.instance)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         # process id -> PostgresClient (for CancelRequest), one registry for every endpoint of the process
         self.clients: dict[int, CancelTarget] = peer.clients if peer is not None else {}
@@ -63,11 +66,15 @@ class PostgresService:
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
-    def pool_for(self, database: str, user: str) -> Pool:
+    def pool_for(self, database: str, user: str, target: Target | None = None) -> Pool:
+        """The pool for (database, user) on `target`, else on the instance the endpoint would choose now."""
+        if target is None:
+            target = self.target if self.group.single else self.group.choose() or self.target
         key = (database, user)
-        pool = self.target.pools.get(key)
+        pool = target.pools.get(key)
         if pool is None:
-            pool = self.target.pools[key] = Pool(self.target, database, user, self._connect)
+            naming = None if self.group.single else self.group.naming(key)
+            pool = target.pools[key] = Pool(target, database, user, self._connect, naming)
         return pool
 
     async def _connect(self, pool: Pool) -> Backend:
@@ -116,13 +123,15 @@ class PostgresService:
                                   self.settings.backend_connect_timeout)
 
     def maintain(self, now: float) -> None:
-        for pool in list(self.target.pools.values()):
-            pool.maintain(now)
-        self.target.forget_unused_pools(now)
+        for target in self.group.all():
+            for pool in list(target.pools.values()):
+                pool.maintain(now)
+            target.forget_unused_pools(now)
 
     def close(self) -> None:
-        for pool in self.target.pools.values():
-            pool.close_all()
+        for target in self.group.all():
+            for pool in target.pools.values():
+                pool.close_all()
 
     def reconfigure(self, endpoint: Endpoint) -> None:
         """New settings for the endpoint (a reload): new logins and backend connects use them."""

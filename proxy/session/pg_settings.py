@@ -126,7 +126,8 @@ class PgSettings(PgSession):
     def _note_session_words(self, sql: bytes) -> None:
         database = database_ddl_target(sql)
         if database is not None:  # the server refuses while the pool keeps idle sessions on that database
-            close_idle_backends(self.service.target.pools.values(), database)
+            close_idle_backends([pool for target in self.service.group.all() for pool in target.pools.values()],
+                                database)
         if self.service.exclude_variable_sets and all(
             word.lower() in VARIABLE_WORDS for word in SESSION_WORDS.findall(sql)
         ):

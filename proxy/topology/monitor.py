@@ -27,6 +27,7 @@ class TopologyMonitor:
         self._timeout = timeout
         self._status: dict[Address, InstanceStatus] = {}
         self._callbacks: list[ChangeCallback] = []
+        self._round_callbacks: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._round_lock = asyncio.Lock()
         # Fencing: the writer chosen last, and the writers it replaced. A fenced instance is never chosen again,
@@ -36,6 +37,10 @@ class TopologyMonitor:
 
     def on_change(self, callback: ChangeCallback) -> None:
         self._callbacks.append(callback)
+
+    def on_round(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every probe round (lag moves without any role or health change)."""
+        self._round_callbacks.append(callback)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -74,6 +79,11 @@ class TopologyMonitor:
                     answer = InstanceStatus(host, port, Role.UNKNOWN, False, time.monotonic(),
                                             error=f"probe raised {type(answer).__name__}")
                 self._record(answer)
+            for callback in self._round_callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("topology round callback %r failed", callback)
         return self.snapshot()
 
     def _record(self, status: InstanceStatus) -> None:
