@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 READY_WITHIN = 90.0  # seconds for the four servers and the proxy (about 6 s on an idle 2-core machine)
 STOP_WITHIN = 60.0
 REPLICATED_WITHIN = 10.0
+FOLLOWED_WITHIN = 20.0  # seconds from the promotion until a write through read_write reaches the new writer
 INSTANCE_LINE = re.compile(
     r"^\s+(pg1|pg2|mariadb1|mariadb2)\s+(writer|reader)\s+127\.0\.0\.1:(\d+)\s+pid (\d+)\s+(\S+)")
 
@@ -122,6 +123,31 @@ def _my(demo: Demo, endpoint: str) -> pymysql.connections.Connection[pymysql.cur
                            database="app", ssl=context, connect_timeout=10, autocommit=True)
 
 
+def _failover_commands(output: list[str], engine: str) -> tuple[str, str]:
+    """The kill and the promote command the demo printed for `engine`."""
+    start = next(n for n, line in enumerate(output) if re.match(rf"\s*{engine}:\s+kill -9 ", line))
+    kill = output[start].split(":", 1)[1].split("    #")[0].strip()
+    promote = output[start + 1].split("    #")[0].strip()
+    return kill, promote
+
+
+def _writes_to(demo: Demo, endpoint: str) -> int | None:
+    """The port of the server a write through `endpoint` went to; None when it failed."""
+    try:
+        if endpoint.startswith("pg"):
+            with _pg(demo, endpoint) as conn:
+                row = conn.execute("INSERT INTO notes VALUES (3, 'after the failover') "
+                                   "ON CONFLICT (id) DO NOTHING RETURNING inet_server_port()").fetchone()
+                return None if row is None else int(row[0])  # type: ignore[call-overload]
+        with _my(demo, endpoint) as my, my.cursor() as cursor:
+            cursor.execute("INSERT INTO notes VALUES (3, 'after the failover')")
+            cursor.execute("SELECT @@port")
+            answer = cursor.fetchone()
+            return None if answer is None else int(answer[0])
+    except (psycopg.Error, pymysql.Error):
+        return None
+
+
 def test_demo_serves_four_endpoints_and_stops_everything(demo: Demo, tmp_path: Path) -> None:
     assert demo.instances["pg1"][0] == "writer" and demo.instances["pg2"][0] == "reader"
     assert any("kill -9" in line and str(demo.instances["pg1"][2]) in line for line in demo.output)
@@ -166,6 +192,14 @@ def test_demo_serves_four_endpoints_and_stops_everything(demo: Demo, tmp_path: P
             with pytest.raises(pymysql.err.OperationalError, match="read-only"):
                 cursor.execute("INSERT INTO notes VALUES (2, 'through read_only')")
         assert all(isinstance(conn._sock, ssl.SSLSocket) for conn in (writer_my, reader_my))
+
+    # The failover the demo suggests, with the commands it printed: each read_write endpoint follows.
+    for engine, endpoint, promoted in (("PostgreSQL", "pg_rw", "pg2"), ("MariaDB", "mysql_rw", "mariadb2")):
+        kill, promote = _failover_commands(demo.output, engine)
+        subprocess.run(["bash", "-c", kill], check=True, timeout=10)
+        subprocess.run(["bash", "-c", promote], check=True, timeout=30, capture_output=True)
+        assert _until(lambda endpoint=endpoint: _writes_to(demo, endpoint), FOLLOWED_WITHIN) \
+            == demo.instances[promoted][1], engine
 
     demo.process.send_signal(signal.SIGINT)  # Ctrl-C
     assert demo.process.wait(STOP_WITHIN) == 0
