@@ -10,11 +10,13 @@ and N writer clients of each kind inserting one row every ~10 ms in autocommit:
   do: psycopg with ``host=h1,h2 port=p1,p2 target_session_attrs=read-write``; for MariaDB, PyMySQL trying each
   host and keeping the first whose ``@@read_only`` is 0.
 
-The harness kills the primary (SIGKILL), waits ``--gap`` seconds, then promotes the standby
-(``PostgresInstance.promote()``, ``MariaDBInstance.promote()``). For each client it measures the time from the
-start of the promotion to its first successful write, the errors it saw from the kill until then, and the
-connections it had to open. It prints a table (median and max per kind, the ratio proxy / direct) and saves
-the rounds and the summary as JSON in ``loadtest/results/failover_compare.json``.
+The harness kills the primary (SIGKILL to all its processes, as a crash would), waits ``--gap`` seconds, then
+promotes the standby (``PostgresInstance.promote()``, ``MariaDBInstance.promote()``) while watching it, every
+2 ms over a connection of its own, for the instant it takes writes. For each client it measures the time from
+that instant to its first successful write (of those started after the kill), the errors it saw from the kill
+until then, and the connections it had to open (none: the connection was kept). It prints a table (median and
+max per kind, the ratio proxy / direct) and saves the rounds and the summary as JSON in
+``loadtest/results/failover_compare.json``.
 
     python -m loadtest.failover_compare                      # both engines, 3 rounds, 4 clients of each kind
     python -m loadtest.failover_compare --engines postgresql --rounds 1 --clients 2 --no-write
