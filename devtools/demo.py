@@ -6,9 +6,10 @@ import logging
 import secrets as random_source
 import shlex
 import shutil
+import signal
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,23 +108,43 @@ def start_mariadb_pair(folder: Path, passwords: Passwords) -> Pair:
 
 
 def start_pairs(folder: Path, passwords: Passwords) -> tuple[Pair, Pair]:
-    """Both pairs, side by side; when one fails to start, the other is stopped too."""
-    with ThreadPoolExecutor(2) as executor:
-        starts: list[Future[Pair]] = [executor.submit(start_postgres_pair, folder / "postgresql", passwords),
-                                      executor.submit(start_mariadb_pair, folder / "mariadb", passwords)]
-        problems: list[str] = []
-        for future, engine in zip(starts, ("PostgreSQL", "MariaDB"), strict=True):
-            exc = future.exception()
-            if isinstance(exc, DevServerError):
-                problems.append(f"the demo's {engine} did not start{NEEDS}: {exc}")
-            elif exc is not None:
-                problems.append(f"the demo's {engine} did not start: {type(exc).__name__}: {exc}")
-        if problems:
-            for future in starts:
-                if future.exception() is None:
-                    future.result().stop()
-            raise StartupError("; ".join(problems))
-        return starts[0].result(), starts[1].result()
+    """Both pairs, side by side; when one fails to start, or the start is interrupted, everything started stops."""
+    executor = ThreadPoolExecutor(2)
+    starts: list[Future[Pair]] = [executor.submit(start_postgres_pair, folder / "postgresql", passwords),
+                                  executor.submit(start_mariadb_pair, folder / "mariadb", passwords)]
+    try:
+        wait(starts)
+    except BaseException:  # Ctrl-C or SIGTERM: let the starts finish (each is bounded), then stop what they made
+        print("interrupted: stopping the databases started so far ...", flush=True)
+        executor.shutdown(wait=True)
+        _stop_started(starts)
+        raise
+    executor.shutdown(wait=True)
+    problems: list[str] = []
+    for future, engine in zip(starts, ("PostgreSQL", "MariaDB"), strict=True):
+        exc = future.exception()
+        if isinstance(exc, DevServerError):
+            problems.append(f"the demo's {engine} did not start{NEEDS}: {exc}")
+        elif exc is not None:
+            problems.append(f"the demo's {engine} did not start: {type(exc).__name__}: {exc}")
+    if problems:
+        _stop_started(starts)
+        raise StartupError("; ".join(problems))
+    return starts[0].result(), starts[1].result()
+
+
+def _stop_started(starts: list[Future[Pair]]) -> None:
+    for future in starts:
+        if future.done() and future.exception() is None:
+            future.result().stop()
+
+
+class Interrupted(Exception):
+    """SIGTERM while the databases start: stop them as Ctrl-C would."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(f"signal {signum}")
 
 
 def demo_config(ports: DemoPorts, pg: Pair, mariadb: Pair, secrets_file: Path) -> Config:
@@ -228,7 +249,15 @@ def run_demo(folder: Path, ports: DemoPorts, serve: Serve) -> None:
     print("starting a throwaway PostgreSQL writer and standby, and a MariaDB writer and replica, "
           "for the demo ...", flush=True)
     began = time.monotonic()
-    pg, mariadb = start_pairs(folder, passwords)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        pg, mariadb = start_pairs(folder, passwords)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Interrupted:
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     try:
         secrets_file = folder / "secrets.toml"
         secrets_file.unlink(missing_ok=True)
