@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import uvloop
 
@@ -66,12 +66,20 @@ class Passwords:
         return cls(*(random_source.token_urlsafe(12) for _ in range(4)))
 
 
-@dataclass
-class Pair:
-    """A writer and the reader replicating from it."""
+Instance = TypeVar("Instance", PostgresInstance, MariaDBInstance)
 
-    writer: Any  # PostgresInstance | MariaDBInstance
-    reader: Any
+
+@dataclass
+class Pair(Generic[Instance]):
+    """A writer and the reader replicating from it (None until it has started)."""
+
+    writer: Instance
+    reader: Instance | None = None
+
+    @property
+    def started_reader(self) -> Instance:
+        assert self.reader is not None, "the reader has not started"
+        return self.reader
 
     def stop(self) -> None:
         for instance in (self.reader, self.writer):
@@ -79,10 +87,10 @@ class Pair:
                 instance.stop()
 
 
-def start_postgres_pair(folder: Path, passwords: Passwords) -> Pair:
+def start_postgres_pair(folder: Path, passwords: Passwords) -> Pair[PostgresInstance]:
     """A PostgreSQL writer with the demo user and the monitor (pg_monitor), and a streaming standby of it."""
     writer = start_postgres(folder, users={USER: passwords.user}, superuser_password=passwords.admin)
-    pair = Pair(writer, None)
+    pair = Pair(writer)
     try:
         writer.psql_local(f"CREATE ROLE {MONITOR_USER} LOGIN PASSWORD '{passwords.monitor}' IN ROLE pg_monitor")
         pair.reader = start_postgres_standby(writer, folder)
@@ -92,26 +100,27 @@ def start_postgres_pair(folder: Path, passwords: Passwords) -> Pair:
     return pair
 
 
-def start_mariadb_pair(folder: Path, passwords: Passwords) -> Pair:
+def start_mariadb_pair(folder: Path, passwords: Passwords) -> Pair[MariaDBInstance]:
     """A MariaDB writer with the demo user, a GTID replica of it, and the monitor (REPLICA MONITOR) on both."""
     writer = start_mariadb(folder / "1", users={USER: passwords.user}, root_password=passwords.admin)
-    pair = Pair(writer, None)
+    pair = Pair(writer)
     try:
-        pair.reader = start_mariadb_replica(writer, folder / "2", replication_password=passwords.replication)
+        replica = pair.reader = start_mariadb_replica(writer, folder / "2", replication_password=passwords.replication)
         writer.sql(f"CREATE USER {MONITOR_USER}@'%' IDENTIFIED BY '{passwords.monitor}';\n"
                    f"GRANT REPLICA MONITOR, REPLICATION CLIENT ON *.* TO {MONITOR_USER}@'%';")
-        pair.reader.wait_caught_up(writer.sql("SELECT @@gtid_binlog_pos"))
+        replica.wait_caught_up(writer.sql("SELECT @@gtid_binlog_pos"))
     except BaseException:
         pair.stop()
         raise
     return pair
 
 
-def start_pairs(folder: Path, passwords: Passwords) -> tuple[Pair, Pair]:
+def start_pairs(folder: Path, passwords: Passwords) -> tuple[Pair[PostgresInstance], Pair[MariaDBInstance]]:
     """Both pairs, side by side; when one fails to start, or the start is interrupted, everything started stops."""
     executor = ThreadPoolExecutor(2)
-    starts: list[Future[Pair]] = [executor.submit(start_postgres_pair, folder / "postgresql", passwords),
-                                  executor.submit(start_mariadb_pair, folder / "mariadb", passwords)]
+    pg_start = executor.submit(start_postgres_pair, folder / "postgresql", passwords)
+    mariadb_start = executor.submit(start_mariadb_pair, folder / "mariadb", passwords)
+    starts: list[Future[Any]] = [pg_start, mariadb_start]
     try:
         wait(starts)
     except BaseException:  # Ctrl-C or SIGTERM: let the starts finish (each is bounded), then stop what they made
@@ -130,10 +139,10 @@ def start_pairs(folder: Path, passwords: Passwords) -> tuple[Pair, Pair]:
     if problems:
         _stop_started(starts)
         raise StartupError("; ".join(problems))
-    return starts[0].result(), starts[1].result()
+    return pg_start.result(), mariadb_start.result()
 
 
-def _stop_started(starts: list[Future[Pair]]) -> None:
+def _stop_started(starts: list[Future[Any]]) -> None:
     for future in starts:
         if future.done() and future.exception() is None:
             future.result().stop()
@@ -147,12 +156,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(f"signal {signum}")
 
 
-def demo_config(ports: DemoPorts, pg: Pair, mariadb: Pair, secrets_file: Path) -> Config:
+def demo_config(ports: DemoPorts, pg: Pair[PostgresInstance], mariadb: Pair[MariaDBInstance],
+                secrets_file: Path) -> Config:
     """A cluster per engine with both instances, monitored every second, and its two endpoints."""
-    def cluster(names: tuple[str, str], pair: Pair) -> dict[str, Any]:
+    def cluster(names: tuple[str, str], pair: Pair[Any]) -> dict[str, Any]:
+        reader = pair.started_reader
         return {
             "instances": [{"name": names[0], "host": pair.writer.host, "port": pair.writer.port, "role": "writer"},
-                          {"name": names[1], "host": pair.reader.host, "port": pair.reader.port, "role": "reader"}],
+                          {"name": names[1], "host": reader.host, "port": reader.port, "role": "reader"}],
             "monitor_interval": MONITOR_INTERVAL, "monitor_user": MONITOR_USER,
             "pool": {"max_connections": MAX_CONNECTIONS},
         }
@@ -185,13 +196,12 @@ def _mariadb(port: int | str, user: str, password: str, database: str = "") -> s
     return f"mariadb -h 127.0.0.1 -P {port} -u {user} -p{password}" + (f" {database}" if database else "")
 
 
-def banner(pg: Pair, mariadb: Pair, passwords: Passwords, folder: Path, started_in: float) -> str:
+def banner(pg: Pair[PostgresInstance], mariadb: Pair[MariaDBInstance], passwords: Passwords, folder: Path,
+           started_in: float) -> str:
     """The ready message: the listeners (filled in by `serve`), how to connect, the instances, how to fail over."""
     user, admin = USER, passwords.admin
-    pg_writer: PostgresInstance = pg.writer
-    pg_reader: PostgresInstance = pg.reader
-    maria_writer: MariaDBInstance = mariadb.writer
-    maria_reader: MariaDBInstance = mariadb.reader
+    pg_writer, pg_reader = pg.writer, pg.started_reader
+    maria_writer, maria_reader = mariadb.writer, mariadb.started_reader
     instances = [
         (PG_NAMES[0], "writer", pg_writer.port, pg_writer.pid, pg_writer.datadir,
          _psql(pg_writer.port, pg_writer.superuser, admin, "postgres")),
