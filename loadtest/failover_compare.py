@@ -47,6 +47,7 @@ import psycopg
 import pymysql
 
 from devtools.servers import (
+    DevServerError,
     MariaDBInstance,
     PostgresInstance,
     free_port,
@@ -580,12 +581,13 @@ def report(rounds: list[Round], summaries: list[Summary], args: argparse.Namespa
     return "\n".join(lines)
 
 
-def save(path: Path, rounds: list[Round], summaries: list[Summary], args: argparse.Namespace) -> None:
+def save(path: Path, rounds: list[Round], summaries: list[Summary], failures: list[str],
+         args: argparse.Namespace) -> None:
     meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "clients": args.clients,
             "pause_s": args.pause, "gap_s": args.gap, "monitor_interval_s": MONITOR_INTERVAL,
             "target_s": TARGET_SECONDS, "cpus": os.cpu_count(), "load_average": os.getloadavg()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "summary": [asdict(s) for s in summaries],
+    path.write_text(json.dumps({"meta": meta, "failures": failures, "summary": [asdict(s) for s in summaries],
                                 "rounds": [asdict(r) for r in rounds]}, indent=1))
 
 
@@ -616,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
     rounds: list[Round] = []
+    failures: list[str] = []
     workdir = Path(tempfile.mkdtemp(prefix="dbproxy-failover-"))
     try:
         for number in range(1, args.rounds + 1):
@@ -624,7 +627,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[failover] time limit of {args.time_limit:g} s reached; no more rounds", file=sys.stderr)
                     break
                 print(f"[failover] {engine} round {number} ...", file=sys.stderr, flush=True)
-                rounds.append(run_round(engine, number, workdir / f"{engine}-{number}", args))
+                try:
+                    rounds.append(run_round(engine, number, workdir / f"{engine}-{number}", args))
+                except (RuntimeError, TimeoutError, DevServerError) as exc:  # one round's trouble, reported
+                    failures.append(f"{engine} round {number}: {exc}")
+                    print(f"[failover] {failures[-1]}", file=sys.stderr, flush=True)
     finally:
         if args.keep_workdir:
             print(f"[failover] kept {workdir}", file=sys.stderr)
@@ -632,10 +639,12 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     summaries = summarize(rounds)
     print(report(rounds, summaries, args))
+    for failure in failures:
+        print(f"FAILED: {failure}")
     if not args.no_write:
-        save(args.results, rounds, summaries, args)
+        save(args.results, rounds, summaries, failures, args)
         print(f"\nsaved {args.results}")
-    return 0 if all(s.target_met is not False for s in summaries) else 1
+    return 0 if not failures and all(s.target_met is not False for s in summaries) else 1
 
 
 if __name__ == "__main__":
