@@ -119,18 +119,23 @@ def main(argv: list[str] | None = None) -> None:
     reload.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
     reload.add_argument("--pid-file", type=Path, default=None,
                         help="pid file of the running proxy (default: [server] pid_file, else derived from -c)")
-    demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and MariaDB and serve them on "
-                                       "127.0.0.1:6432 and 127.0.0.1:6033")
-    demo.add_argument("--port", type=int, default=6432)
-    demo.add_argument("--mysql-port", type=int, default=6033)
+    demo = sub.add_parser("demo", help="start a throwaway replicated PostgreSQL pair and MariaDB pair and serve "
+                                       "them: read_write on 127.0.0.1:6432 and :6033, read_only on :6433 and :6034")
+    demo.add_argument("--port", type=int, default=6432, help="PostgreSQL read_write endpoint")
+    demo.add_argument("--read-only-port", type=int, default=None, help="PostgreSQL read_only endpoint (--port + 1)")
+    demo.add_argument("--mysql-port", type=int, default=6033, help="MariaDB read_write endpoint")
+    demo.add_argument("--mysql-read-only-port", type=int, default=None,
+                      help="MariaDB read_only endpoint (--mysql-port + 1)")
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from devtools.demo import run_demo
+        from devtools.demo import DemoPorts, run_demo
 
         setup_logging("info", "text")
-
-        _exit_on_start_error(lambda: run_demo(args.dir, args.port, args.mysql_port, serve))
+        ports = DemoPorts(args.port, args.read_only_port if args.read_only_port is not None else args.port + 1,
+                          args.mysql_port,
+                          args.mysql_read_only_port if args.mysql_read_only_port is not None else args.mysql_port + 1)
+        _exit_on_start_error(lambda: run_demo(args.dir, ports, serve))
         return
     if args.command == "reload":
         send_reload(args.config, args.pid_file)

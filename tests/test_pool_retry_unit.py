@@ -131,3 +131,23 @@ async def test_lasting_refusals_are_not_retried() -> None:
     with pytest.raises(BackendError):
         await pool.borrow()
     assert attempts == 1 and target.open_connections == 0
+
+
+async def test_a_repoint_wakes_a_connect_backing_off_from_the_old_server() -> None:
+    target = make_target(1, borrow_timeout=10.0)
+
+    async def connect(pool: Pool) -> Backend:
+        await asyncio.sleep(0)
+        if pool.target.port == 1:
+            raise BackendUnavailable("cannot connect to the database at 127.0.0.1:1: Connection refused")
+        return FakeBackend(pool)
+
+    pool = target.pools[("db", "u")] = Pool(target, "db", "u", connect)
+    borrowing = asyncio.ensure_future(pool.borrow())
+    await asyncio.sleep(0.8)  # by now the backoff waits 0.8 s between attempts
+    assert not borrowing.done() and target.backing_off
+    repointed_at = time.monotonic()
+    target.repoint("127.0.0.1", 2)
+    backend = await asyncio.wait_for(borrowing, 5.0)
+    assert time.monotonic() - repointed_at < 0.1
+    assert backend.generation == target.generation and not target.backing_off

@@ -85,6 +85,8 @@ class Target:
     limits_generation: int = -1  # the generation whose server max_connections the limits come from
     shrinking: bool = False  # the limit was lowered below the open connections: close the excess when released
     server_max_connections: int = 0  # that server's max_connections (0: not learned yet)
+    # Connects backing off after a failure: a repoint wakes them to try the new server at once.
+    backing_off: set[asyncio.Future[None]] = field(default_factory=set, repr=False)
 
     @property
     def open_connections(self) -> int:
@@ -121,6 +123,9 @@ class Target:
         self.generation += 1
         self.last_connect_failure = ""
         log.info("target %s: re-pointed to %s:%d (generation %d)", self.name, host, port, self.generation)
+        for waiting in self.backing_off:
+            if not waiting.done():
+                waiting.set_result(None)
         for hook in list(self.on_repoint):
             hook()
         for pool in list(self.pools.values()):
@@ -538,8 +543,8 @@ class Pool:
                     if delay == RETRY_FIRST:
                         log.warning("pool %s: cannot open a backend connection (%s); retrying until the borrow "
                                     "timeout", self.name, exc.message)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX)
+                    repointed = await self._back_off(delay)
+                    delay = RETRY_FIRST if repointed else min(delay * 2, RETRY_MAX)  # a new server: a fresh backoff
         except BaseException:
             target.owned.discard(slot)
             target.capacity_freed()
@@ -550,6 +555,20 @@ class Pool:
         self.stats.opened += 1
         self.busy.add(backend)
         return backend
+
+    async def _back_off(self, delay: float) -> bool:
+        """Wait `delay` seconds before the next connect attempt, or less when the target is re-pointed meanwhile
+        (then True)."""
+        target = self.target
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        target.backing_off.add(woken)
+        try:
+            done, _ = await asyncio.wait({woken}, timeout=delay)
+            return bool(done)
+        finally:
+            target.backing_off.discard(woken)
+            if not woken.done():
+                woken.cancel()
 
     # --- giving back ---
 
