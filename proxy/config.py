@@ -177,6 +177,14 @@ class EndpointBase(Strict):
     role: EndpointRole = EndpointRole.READ_WRITE
     members: list[str] | None = Field(None, description="custom endpoint: these instances, in this order")
     exclude: list[str] | None = Field(None, description="custom endpoint: every instance but these")
+    causal_reads: bool = Field(
+        False, description="read_only endpoint: every transaction sees the writes committed (through any endpoint) "
+        "before it began: the replica first replays up to the writer's position, else the writer serves it"
+    )
+    causal_read_timeout: float = Field(
+        1.0, gt=0, le=60, description="seconds a causal read waits for its replica to catch up before the writer "
+        "serves the transaction instead"
+    )
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -380,9 +388,26 @@ def _check_engine(engine: str, settings: EngineSettings) -> str | None:
         if found is None:
             known = ", ".join(sorted(settings.clusters)) or "none"
             return f"'{key}.cluster': no cluster '{endpoint.cluster}' in [{engine}.clusters] (known: {known})"
-        problem = _check_members(key, endpoint, found)
+        problem = _check_members(key, endpoint, found) or _check_causal(key, endpoint, found, settings)
         if problem:
             return problem
+    return None
+
+
+def _check_causal(key: str, endpoint: EndpointBase, cluster: ClusterBase, settings: EngineSettings) -> str | None:
+    """Causal reads: a read_only endpoint of a monitored cluster that has a read_write endpoint (its writer's pools
+    serve a transaction whose replica does not catch up in time)."""
+    if not endpoint.causal_reads:
+        return None
+    if endpoint.role is not EndpointRole.READ_ONLY:
+        return f"'{key}.causal_reads': only a read_only endpoint has causal reads"
+    if cluster.monitor_interval <= 0:
+        return (f"'{key}.causal_reads': cluster '{endpoint.cluster}' is not monitored (set its monitor_interval "
+                "and monitor_user): causal reads ask the writer for its position")
+    if not any(other.cluster == endpoint.cluster and other.role is EndpointRole.READ_WRITE
+               for other in settings.endpoints.values()):
+        return (f"'{key}.causal_reads': cluster '{endpoint.cluster}' has no read_write endpoint (its pools serve "
+                "a causal read whose replica does not catch up in time)")
     return None
 
 

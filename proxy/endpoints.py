@@ -35,6 +35,8 @@ class Endpoint:
     instance: str
     role: EndpointRole
     settings: PostgresSettings | MySQLSettings
+    causal_reads: bool = False  # read_only: each transaction sees the writes committed before it (proxy.session.causal)
+    causal_read_timeout: float = 1.0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -93,7 +95,8 @@ def _cluster_endpoint(engine: str, name: str, settings: EngineSettings) -> Endpo
     resolved = resolved.model_copy(update={
         **_overrides(endpoint, resolved), "enabled": True, "port": endpoint.port,
         "backend_host": instance.host, "backend_port": instance.port})
-    return Endpoint(engine, name, endpoint.cluster, instance.label, endpoint.role, resolved)
+    return Endpoint(engine, name, endpoint.cluster, instance.label, endpoint.role, resolved,
+                    endpoint.causal_reads, endpoint.causal_read_timeout)
 
 
 def resolve_endpoints(config: Config) -> list[Endpoint]:
