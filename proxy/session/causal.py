@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FIRST_PAUSE = 0.0005  # seconds between two looks at a PostgreSQL standby's replay position, doubling ...
 LAST_PAUSE = 0.008  # ... up to this
+LOG_EVERY = 1.0  # seconds between two log lines of an endpoint about transactions sent to the writer
 
 B = TypeVar("B", PostgresBackend, MySQLBackend)
 
@@ -60,6 +61,19 @@ class CausalReads:
         self.waits = 0  # transactions that waited for their replica (and it caught up)
         self.skips = 0  # transactions whose replica was known to be far enough already
         self.to_writer = 0  # transactions the writer served
+        self._logged_at = float("-inf")
+        self._unlogged = 0  # transactions sent to the writer since the last log line
+
+    def sent_to_writer(self, peer: str, why: str) -> None:
+        """Count a transaction the writer serves; log it (at most one line a second, with how many were not)."""
+        self.to_writer += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._logged_at < LOG_EVERY:
+            self._unlogged += 1
+            return
+        more = f" ({self._unlogged} more since the last such line)" if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        log.info("client %s: causal read on endpoint %s served by the writer: %s%s", peer, self.endpoint, why, more)
 
     async def caught_up(self, backend: B, timeout: float,
                         wait: Callable[[B, Position, float], Awaitable[bool]]) -> str:
@@ -156,8 +170,7 @@ async def _checked(reads: CausalReads, backend: B, timeout: float,
         if not why:
             return True
         pool.release(backend)
-    reads.to_writer += 1
-    log.info("client %s: causal read on endpoint %s served by the writer: %s", peer, reads.endpoint, why)
+    reads.sent_to_writer(peer, why)
     return False
 
 
