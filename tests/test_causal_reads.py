@@ -5,6 +5,8 @@ stops and starts); the same reads without causal_reads are stale."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import statistics
 import threading
 import time
@@ -243,11 +245,32 @@ def test_postgres_causal_read_goes_to_the_writer_when_the_standby_stays_behind(
         finally:
             standby.resume_replay()
         assert row == (42, primary.port)
-        assert 1.0 <= took < 3.0, took  # causal_read_timeout, then the writer
+        assert 1.0 <= took < 5.0, took  # causal_read_timeout, then the writer
         pg_proxy.wait_for_log(r"causal read on endpoint causal served by the writer: the replica did not replay")
         # The standby caught up: the next causal read runs on it again.
         time.sleep(APPLY_DELAY_MS / 1000 + 0.2)
         assert causal.execute("SELECT v, inet_server_port() FROM t WHERE id = 1").fetchone() == (42, standby.port)
+
+
+def test_postgres_a_reload_turns_causal_reads_on(
+    pg_cluster: tuple[PostgresInstance, PostgresInstance], pg_proxy: ProxyProcess
+) -> None:
+    primary, standby = pg_cluster
+    config = pg_proxy.config.read_text()
+    header = "[postgresql.endpoints.plain]\n"
+    pg_proxy.config.write_text(config.replace(header, header + "causal_reads = true\ncausal_read_timeout = 0.3\n"))
+    os.kill(pg_proxy.pid, signal.SIGHUP)
+    pg_proxy.wait_for_log(r"reload: serving")
+    with _pg(pg_proxy, "rw") as writer, _pg(pg_proxy, "plain") as plain:
+        standby.pause_replay()
+        try:
+            writer.execute("UPDATE t SET v = 7 WHERE id = 1")
+            row = plain.execute("SELECT v, inet_server_port() FROM t WHERE id = 1").fetchone()
+        finally:
+            standby.resume_replay()
+        assert row == (7, primary.port)
+    pg_proxy.wait_for_log(r"causal read on endpoint plain served by the writer: the replica did not replay the "
+                          r"writer's position \S+ within 0\.3 s")
 
 
 # --- MariaDB ---
