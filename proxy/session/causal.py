@@ -30,7 +30,7 @@ from proxy.session.pg_service import PostgresService
 from proxy.topology.model import InstanceStatus
 from proxy.topology.monitor import TopologyMonitor
 from proxy.topology.mysql_probe import gtid_sequence
-from proxy.topology.writer_position import Position, WriterPosition
+from proxy.topology.writer_position import NoWriter, Position, PositionUnknown, WriterPosition
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class CausalReads:
         except TimeoutError:
             return f"the writer did not tell its position within {timeout:g} s"
         except Exception as exc:  # no writer, refused, lost: nothing proves the replica caught up
-            return f"the writer's position is not known ({_reason(exc)})"
+            known = isinstance(exc, NoWriter | PositionUnknown)  # (their messages name no secret)
+            return f"the writer's position is not known ({exc if known else type(exc).__name__})"
         if _known_at(monitor.status((backend.host, backend.port)), monitor.writer(), position):
             self.skips += 1
             return ""

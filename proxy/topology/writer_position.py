@@ -22,6 +22,19 @@ class NoWriter(Exception):
     """The cluster has no healthy writer now: its position cannot be asked."""
 
 
+class PositionUnknown(Exception):
+    """The writer's position could not be asked (refused, timed out, lost); the message names no secret."""
+
+
+def _unknown(exc: BaseException, password: str) -> PositionUnknown:
+    if isinstance(exc, TimeoutError):
+        return PositionUnknown("the writer did not answer in time")
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if password:
+        text = text.replace(password, "***")
+    return PositionUnknown(f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__)
+
+
 class SingleFlight(Generic[T]):
     """One question in flight at a time; a caller gets the answer of a question that started after its call.
 
@@ -124,9 +137,12 @@ class PostgresWriter:
         self._layout = (8192, 16 << 20)
 
     async def position(self, address: Address) -> int:
-        question = await self._prepared(address)
         try:
+            question = await self._prepared(address)
             value = await question.fetchval(timeout=self._timeout)
+        except Exception as exc:
+            await self.close()
+            raise _unknown(exc, self._password) from None
         except BaseException:
             await self.close()
             raise
@@ -177,6 +193,9 @@ class MariaDBWriter:
             async with self._conn.cursor() as cur:
                 await asyncio.wait_for(cur.execute(MARIADB_POSITION_SQL), self._timeout)
                 row = await cur.fetchone()
+        except Exception as exc:
+            await self.close()
+            raise _unknown(exc, self._password) from None
         except BaseException:
             await self.close()
             raise
