@@ -217,6 +217,7 @@ async def _mariadb_replayed(backend: MySQLBackend, position: Position, deadline:
     if not position:
         return True  # the writer has committed nothing
     left = max(0.0, deadline - asyncio.get_running_loop().time())
+    left = min(left, 0.9 * backend.pool.settings.internal_query_timeout)  # the server ends it before the proxy would
     quoted = position.replace("\\", "\\\\").replace("'", "\\'")
     rows = await backend.query(f"SELECT MASTER_GTID_WAIT('{quoted}', {left:.6f})")
     return bool(rows) and rows[0][0] == b"0"

@@ -67,7 +67,7 @@ class PgBorrow(PgSettings):
     def _got(self, backend: PostgresBackend) -> None:
         if backend.in_state_of(self.session) and not backend.buffered and not self.service.endpoint.causal_reads:
             self._attach(backend)
-        else:  # settings to apply first
+        else:  # settings to apply first, or a causal read to wait for
             assert self.pool is not None
             self._acquiring = self.loop.create_task(self._acquire(self.pool, backend))
 
