@@ -58,15 +58,11 @@ class CausalReads:
         self.endpoint = endpoint
         self._cluster = cluster
         self._writer_service = writer_service
-        self.waits = 0  # transactions that waited for their replica (and it caught up)
-        self.skips = 0  # transactions whose replica was known to be far enough already
-        self.to_writer = 0  # transactions the writer served
         self._logged_at = float("-inf")
         self._unlogged = 0  # transactions sent to the writer since the last log line
 
     def sent_to_writer(self, peer: str, why: str) -> None:
-        """Count a transaction the writer serves; log it (at most one line a second, with how many were not)."""
-        self.to_writer += 1
+        """Log a transaction the writer serves (at most one line a second, with how many were not logged)."""
         now = asyncio.get_running_loop().time()
         if now - self._logged_at < LOG_EVERY:
             self._unlogged += 1
@@ -89,7 +85,6 @@ class CausalReads:
         monitor = cluster.monitor
         writer = monitor.writer()
         if writer is not None and writer.address == (backend.host, backend.port):
-            self.skips += 1
             return ""  # the endpoint serves the writer itself
         try:
             position = await asyncio.wait_for(asyncio.shield(cluster.position.after_now()), timeout)
@@ -99,10 +94,8 @@ class CausalReads:
             known = isinstance(exc, NoWriter | PositionUnknown)  # (their messages name no secret)
             return f"the writer's position is not known ({exc if known else type(exc).__name__})"
         if _known_at(monitor.status((backend.host, backend.port)), monitor.writer(), position):
-            self.skips += 1
             return ""
         if await wait(backend, position, deadline):
-            self.waits += 1
             return ""
         return f"the replica did not replay the writer's position {_shown(position)} within {timeout:g} s"
 
