@@ -588,8 +588,11 @@ def start_postgres(
     return inst
 
 
-def start_postgres_standby(primary: PostgresInstance, basedir: Path) -> PostgresInstance:
+def start_postgres_standby(
+    primary: PostgresInstance, basedir: Path, *, settings: dict[str, str] | None = None
+) -> PostgresInstance:
     """A streaming standby of ``primary``: ``pg_basebackup -R`` over loopback, started on a free port, TLS on.
+    ``settings`` are extra postgresql.conf settings (e.g. ``recovery_min_apply_delay``: a standby that visibly lags).
 
     The standby shares the primary's roles and passwords (it is a physical copy) and has its own
     certificate. It replicates as the primary's superuser over TCP (the primary's replication hba).
@@ -627,7 +630,8 @@ def start_postgres_standby(primary: PostgresInstance, basedir: Path) -> Postgres
     for _attempt in range(_RETRY_PORT_ATTEMPTS):
         port = free_port(host)
         _write_pg_conf(datadir, port=port, host=host, socket_dir=socket_dir, auth=primary.auth, settings={
-            "hot_standby": "on", "wal_receiver_status_interval": "1s", "hot_standby_feedback": "on"})
+            "hot_standby": "on", "wal_receiver_status_interval": "1s", "hot_standby_feedback": "on",
+            **(settings or {})})
         if account is not None:
             os.chown(datadir / "devserver.conf", account.pw_uid, account.pw_gid)
         inst = PostgresInstance(

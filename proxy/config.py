@@ -183,6 +183,14 @@ class EndpointBase(Strict):
     reader_fallback: bool | None = Field(
         None, description="read_only endpoint: the cluster's reader_fallback for this endpoint only"
     )
+    causal_reads: bool = Field(
+        False, description="read_only endpoint: every transaction sees the writes committed (through any endpoint) "
+        "before it began: the replica first replays up to the writer's position, else the writer serves it"
+    )
+    causal_read_timeout: float = Field(
+        1.0, gt=0, le=60, description="seconds a causal read waits for its replica to catch up before the writer "
+        "serves the transaction instead"
+    )
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -397,9 +405,26 @@ def _check_engine(engine: str, settings: EngineSettings) -> str | None:
         for reader_key in ("max_replica_lag", "reader_fallback"):
             if getattr(endpoint, reader_key) is not None and endpoint.role is not EndpointRole.READ_ONLY:
                 return f"'{key}.{reader_key}': only a read_only endpoint chooses among readers"
-        problem = _check_members(key, endpoint, found)
+        problem = _check_members(key, endpoint, found) or _check_causal(key, endpoint, found, settings)
         if problem:
             return problem
+    return None
+
+
+def _check_causal(key: str, endpoint: EndpointBase, cluster: ClusterBase, settings: EngineSettings) -> str | None:
+    """Causal reads: a read_only endpoint of a monitored cluster that has a read_write endpoint (its writer's pools
+    serve a transaction whose replica does not catch up in time)."""
+    if not endpoint.causal_reads:
+        return None
+    if endpoint.role is not EndpointRole.READ_ONLY:
+        return f"'{key}.causal_reads': only a read_only endpoint has causal reads"
+    if cluster.monitor_interval <= 0:
+        return (f"'{key}.causal_reads': cluster '{endpoint.cluster}' is not monitored (set its monitor_interval "
+                "and monitor_user): causal reads ask the writer for its position")
+    if not any(other.cluster == endpoint.cluster and other.role is EndpointRole.READ_WRITE
+               for other in settings.endpoints.values()):
+        return (f"'{key}.causal_reads': cluster '{endpoint.cluster}' has no read_write endpoint (its pools serve "
+                "a causal read whose replica does not catch up in time)")
     return None
 
 

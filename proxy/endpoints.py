@@ -54,6 +54,8 @@ class Endpoint:
     serving: tuple[str, ...] = ()
     max_replica_lag: float = 0.0  # read_only: a reader further behind (seconds) is left out; 0: no limit
     reader_fallback: bool = True  # read_only: the writer serves while no reader is eligible
+    causal_reads: bool = False  # read_only: each transaction sees the writes committed before it (proxy.session.causal)
+    causal_read_timeout: float = 1.0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -140,7 +142,7 @@ def _cluster_endpoint(engine: str, name: str, settings: EngineSettings) -> Endpo
     fallback = cluster.reader_fallback if endpoint.reader_fallback is None else endpoint.reader_fallback
     return Endpoint(engine, name, endpoint.cluster, instance.label, endpoint.role, resolved,
                     tuple(Member(i.label, i.host, i.port) for i in members), tuple(i.label for i in serving),
-                    lag, fallback)
+                    lag, fallback, endpoint.causal_reads, endpoint.causal_read_timeout)
 
 
 def resolve_endpoints(config: Config) -> list[Endpoint]:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
-from proxy.config import ClientTLSMode, Config, engine_active, engine_settings
+from proxy.config import ClientTLSMode, Config, EndpointRole, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
 from proxy.secrets import SecretStore
+from proxy.session.causal import CausalCluster, CausalReads
 from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
@@ -29,6 +30,7 @@ from proxy.topology.model import Probe
 from proxy.topology.monitor import TopologyMonitor
 from proxy.topology.mysql_probe import mysql_probe
 from proxy.topology.pg_probe import postgres_probe
+from proxy.topology.writer_position import MariaDBWriter, PostgresWriter, WriterPosition
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class ProxyServer:
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
         self.reuse_port = False
+        self.causal_clusters: dict[tuple[str, str], CausalCluster] = {}  # (engine, cluster): see make_followers
         self.followers: list[ClusterFollower] = self.make_followers()
 
     def make_followers(self) -> list[ClusterFollower]:
@@ -108,6 +111,10 @@ class ProxyServer:
                 timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
                 monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
                 followers.append(ClusterFollower(name, monitor, self._followed(engine, name)))
+                # For causal reads: the writer's position over a kept admin connection (opened at first use).
+                writer = (PostgresWriter(cluster.monitor_user, password, timeout=timeout) if engine == "postgresql"
+                          else MariaDBWriter(cluster.monitor_user, password, timeout=timeout))
+                self.causal_clusters[(engine, name)] = CausalCluster(monitor, WriterPosition(monitor, writer))
         return followers
 
     def _followed(self, engine: str, cluster: str) -> Callable[[], list[Followed]]:
@@ -120,10 +127,26 @@ class ProxyServer:
 
     def make_service(self, endpoint: Endpoint) -> Service:
         """The service of an endpoint; client registries are shared by every endpoint of the engine."""
+        service: Service
         if endpoint.engine == "postgresql":
-            return PostgresService(self.config, endpoint, self.secrets, self.tls, self.stats,
-                                   self.first_service(PostgresService))
-        return MySQLService(self.config, endpoint, self.secrets, self.tls, self.stats, self.first_service(MySQLService))
+            service = PostgresService(self.config, endpoint, self.secrets, self.tls, self.stats,
+                                      self.first_service(PostgresService))
+        else:
+            service = MySQLService(self.config, endpoint, self.secrets, self.tls, self.stats,
+                                   self.first_service(MySQLService))
+        if endpoint.role is EndpointRole.READ_ONLY:  # used while its causal_reads is on (a reload may turn it on)
+            service.causal = CausalReads(
+                endpoint.name, lambda: self.causal_clusters.get((service.endpoint.engine, service.endpoint.cluster)),
+                lambda: self._writer_service(service.endpoint.engine, service.endpoint.cluster))
+        return service
+
+    def _writer_service(self, engine: str, cluster: str) -> Service | None:
+        """The service of a read_write endpoint of the cluster (its pools serve causal reads a replica cannot)."""
+        for listener in self.listeners.values():
+            found = listener.endpoint
+            if found.engine == engine and found.cluster == cluster and found.role is EndpointRole.READ_WRITE:
+                return listener.service
+        return None
 
     def first_service(self, kind: type[S]) -> S | None:
         for listener in [*self.listeners.values(), *self.retiring]:
@@ -224,6 +247,8 @@ class ProxyServer:
     async def stop(self) -> None:
         for follower in self.followers:
             await follower.stop()
+        for causal in self.causal_clusters.values():
+            await causal.position.close()
         for listener in self.listeners.values():
             if listener.server is not None:
                 listener.server.close()

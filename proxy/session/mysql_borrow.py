@@ -8,6 +8,7 @@ from proxy.pool.balance import no_eligible_instance
 from proxy.pool.mysql_backend import MySQLBackend, MySQLServerError
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
+from proxy.session.causal import mariadb_ready
 from proxy.session.mysql_inspect import FOUND_ROWS
 from proxy.session.mysql_lifecycle import BUSY_FLAGS, log, release_backend
 from proxy.session.mysql_settings import MySQLSessionTracking
@@ -73,7 +74,7 @@ class MySQLBorrowing(MySQLSessionTracking):
         idle = pool.borrow_idle()
         if idle is not None:
             assert isinstance(idle, MySQLBackend)
-            if not idle.buffered and not idle.closed and self._in_sync(idle):
+            if not idle.buffered and not idle.closed and self._in_sync(idle) and not self.service.endpoint.causal_reads:
                 self._link(idle)
                 self._resume()
                 return
@@ -126,6 +127,8 @@ class MySQLBorrowing(MySQLSessionTracking):
             except BaseException:
                 pool.discard(backend)
                 raise
+            if self.service.endpoint.causal_reads:  # read-your-writes: the replica catches up, else the writer serves
+                backend = await mariadb_ready(self.service, backend, self._sync, self.profile, self.peer)
         except MySQLServerError as exc:  # the server refused the client's session state: its command's answer
             self._busy = None
             self._refuse_held(exc)
@@ -140,7 +143,7 @@ class MySQLBorrowing(MySQLSessionTracking):
             return
         self._busy = None
         if self.closed:
-            pool.release(backend)
+            backend.pool.release(backend)
             return
         self._link(backend)
         self._resume()

@@ -8,7 +8,7 @@ import itertools
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -43,6 +43,9 @@ from proxy.secrets import SecretStore
 from proxy.session.mysql_ids import is_proxy_id, next_proxy_id, worker_of
 from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
+
+if TYPE_CHECKING:
+    from proxy.session.causal import CausalReads
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,7 @@ class MySQLService:
         self.collations: frozenset[int] = frozenset()  # collation ids the server knows (empty: not learned)
         self._learned_generation = -1  # the target generation whose server the two above come from
         self.target.on_repoint.append(self._forget_server)
+        self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:

@@ -14,6 +14,7 @@ from proxy.pool.pg_deadline import cancel_in_background, expire
 from proxy.pool.pool import Backend, Pool
 from proxy.protocol.pg import messages as pg
 from proxy.session import pg_sequences as seq
+from proxy.session.causal import postgres_ready
 from proxy.session.pg_settings import PgSettings
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,9 @@ class PgBorrow(PgSettings):
             pool.queue(self)
 
     def _got(self, backend: PostgresBackend) -> None:
-        if backend.in_state_of(self.session) and not backend.buffered:
+        if backend.in_state_of(self.session) and not backend.buffered and not self.service.endpoint.causal_reads:
             self._attach(backend)
-        else:  # settings to apply first
+        else:  # settings to apply first, or a causal read to wait for
             assert self.pool is not None
             self._acquiring = self.loop.create_task(self._acquire(self.pool, backend))
 
@@ -149,6 +150,8 @@ class PgBorrow(PgSettings):
                 except BaseException:
                     pool.discard(backend)
                     raise
+            if self.service.endpoint.causal_reads:  # read-your-writes: the replica catches up, else the writer serves
+                backend = await postgres_ready(self.service, backend, self._sync_settings, self.peer)
         except ProxyError as exc:  # includes a setting the server refuses now
             self._acquiring = None
             self.fail(exc)
@@ -159,7 +162,7 @@ class PgBorrow(PgSettings):
             return
         self._acquiring = None
         if self.closed:
-            pool.release(backend)
+            backend.pool.release(backend)
             return
         self._attach(backend)
 

@@ -8,7 +8,7 @@ import logging
 import secrets as random_source
 import ssl
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy import channel
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
@@ -21,6 +21,9 @@ from proxy.rundir import run_dir, worker_channel, worker_index
 from proxy.secrets import SecretStore
 from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
+
+if TYPE_CHECKING:
+    from proxy.session.causal import CausalReads
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class PostgresService:
         first_id = (self.worker << 24) + (1 << 22) + 1
         self._process_ids: itertools.count[int] = peer._process_ids if peer is not None else itertools.count(first_id)
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
+        self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
