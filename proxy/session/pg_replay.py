@@ -56,6 +56,7 @@ IN_FAILED_TRANSACTION = pg.error_response(
     "25P02", "current transaction is aborted, commands ignored until end of transaction block")
 ROLLBACK_COMPLETE = pg.message(b"C", b"ROLLBACK\x00")
 READY_FAILED = pg.ready_for_query(pg.FAILED_TRANSACTION)
+REPLAY_ATTEMPTS = 3  # backends lost one after the other during the replays of one transaction before it is given up
 BIND_COMPLETE = pg.message(b"2")
 NO_DATA = pg.message(b"n")
 NO_PARAMETERS = pg.message(b"t", b"\x00\x00")  # ParameterDescription of a statement without parameters
@@ -128,6 +129,7 @@ class PgReplay(PgBorrow):
         if replay_log is not None:
             replay_log.reset()
             self._answered = 0
+            self._replays = 0
 
     # --- the backend is lost ---
 
@@ -165,7 +167,12 @@ class PgReplay(PgBorrow):
                      self.peer, backend, why)
             self._transaction_done()
             return
-        if loss.plan == REPLAY:
+        if loss.plan == REPLAY and self._replays >= REPLAY_ATTEMPTS:
+            log.warning("client %s: backend %s was lost (%s) during replay %d of its transaction; giving up (40001)",
+                        self.peer, backend, why, self._replays)
+            self._end_locally(loss, "40001", ROLLED_BACK_TEXT)
+        elif loss.plan == REPLAY:
+            self._replays += 1
             log.info("client %s: backend %s was lost (%s); replaying the transaction", self.peer, backend, why)
             self._replay(loss)
         elif loss.plan == ROLLED_BACK:
@@ -398,6 +405,7 @@ class PgReplay(PgBorrow):
                 return [pg.READY_FOR_QUERY_IDLE]
             return []
         if kind == ord("S"):
+            self._owed_error = owed  # (a Sync alone asks for nothing: the error waits for a request)
             return [READY_FAILED]
         if kind == ord("H") or kind in b"dcf":
             if owed:

@@ -69,6 +69,7 @@ class PgSession(ClientConnection):
         self._answered = 0  # ReadyForQuery messages given to the client in the current transaction
         self._replaying = False  # a replay's replies are being compared; the client's next messages wait
         self._replay_check: ReplayCheck | None = None
+        self._replays = 0  # replays of the current transaction
         self._replay_loss: Loss | None = None  # what the loss that started the replay left
         self._replay_size = 0  # bytes of the replayed messages
         self._replay_extra = bytearray()  # what the client sent during the replay
