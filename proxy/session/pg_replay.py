@@ -70,15 +70,18 @@ class PgReplay(PgBorrow):
         limit = pool.settings.replay_max_size
         if limit > 0:
             self.replay_log = ReplayLog(limit)
-            self.deliver = self._deliver_logged
-        else:
-            self.deliver = self.transport.write
 
     # --- the hot path's part: replies given to the client ---
 
-    def _deliver_logged(self, out: bytes) -> None:
+    def deliver(self, out: bytes) -> None:
+        """Replies of the linked backend for the client (hashed for a replay; compared while one runs)."""
+        if self._replaying:
+            self._deliver_replayed(out)
+            return
         self.transport.write(out)
-        self.replay_log.sent(out)  # type: ignore[union-attr]
+        replay_log = self.replay_log
+        if replay_log is not None:
+            replay_log.sent(out)
 
     def _deliver_replayed(self, out: bytes) -> None:
         """Replies to a replay: compared with what the client has; what comes after passes once they match."""
@@ -94,7 +97,6 @@ class PgReplay(PgBorrow):
             return
         self._replay_check = None
         self._replaying = False
-        self.deliver = self._deliver_logged
         backend = self.backend
         log.info("client %s: transaction replayed on %s after its backend was lost; the replies matched",
                  self.peer, backend)
@@ -115,7 +117,7 @@ class PgReplay(PgBorrow):
             super().backend_ready(backend, count)
             return
         self._answered += count
-        if self._replaying and self.pending - count <= 0 and not self._checking:
+        if self._replaying and self.pending - count <= 0 and not self._checking and not self.in_extended:
             self._replay_differs("it gave fewer replies")  # (the check ends within the replies otherwise)
             return
         idle = backend.tx_status == pg.IDLE
@@ -165,6 +167,7 @@ class PgReplay(PgBorrow):
                 return
             log.info("client %s: its idle backend %s was lost (%s); the next request borrows another",
                      self.peer, backend, why)
+            self._reset_forwarding()
             self._transaction_done()
             return
         if loss.plan == REPLAY and self._replays >= REPLAY_ATTEMPTS:
@@ -258,7 +261,6 @@ class PgReplay(PgBorrow):
             self._replaying = True
             self._replay_size = len(data) - len(extra)  # (extra is recorded already, after the replayed bytes)
             self._held += data
-            self.deliver = self._deliver_replayed
         self._start_work()
 
     def _take_held(self) -> bytes:
@@ -303,8 +305,6 @@ class PgReplay(PgBorrow):
         self._replay_check = None
         self._replaying = False
         self._replay_loss = None
-        if self.replay_log is not None:
-            self.deliver = self._deliver_logged
         self._reset_forwarding()
         self._transaction_done()
         failed = sqlstate == "40001" and loss.in_transaction

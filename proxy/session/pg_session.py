@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
@@ -65,7 +64,6 @@ class PgSession(ClientConnection):
         self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
         # Replay of the current transaction after a lost backend (see pg_replay).
         self.replay_log: ReplayLog | None = None  # its messages and a digest of its replies (None: not recorded)
-        self.deliver: Callable[[bytes], None] = self._deliver_direct  # replies of the linked backend to the client
         self._answered = 0  # ReadyForQuery messages given to the client in the current transaction
         self._replaying = False  # a replay's replies are being compared; the client's next messages wait
         self._replay_check: ReplayCheck | None = None
@@ -83,7 +81,8 @@ class PgSession(ClientConnection):
         """A lost backend is recovered from (see pg_replay): the server's FATAL 57P01/57P02 is not for the client."""
         return self.replay_log is not None
 
-    def _deliver_direct(self, out: bytes) -> None:
+    def deliver(self, out: bytes) -> None:
+        """Replies of the linked backend for the client (PgReplay notes them for a replay)."""
         self.transport.write(out)
 
     def _mid_message_on_backend(self) -> bool:
