@@ -41,16 +41,17 @@ def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance
 
 
 @pytest.fixture()
-def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
+def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance], monkeypatch: pytest.MonkeyPatch,
+          request: pytest.FixtureRequest) -> Iterator[ProxyProcess]:
     primary, standby = cluster
+    backends = getattr(request, "param", BACKENDS)
     monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
     folder = tmp_path / "proxy"
     folder.mkdir()
     config = write_config(folder, {
         "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
         "secrets": {"file": "secrets.toml"},
-        "postgresql.pool": {"max_connections": BACKENDS, "connection_borrow_timeout": 30.0},
+        "postgresql.pool": {"max_connections": backends, "connection_borrow_timeout": 30.0},
         "postgresql.clusters.main": {
             "instances": [{"name": "one", "host": primary.host, "port": primary.port, "role": "writer"},
                           {"name": "two", "host": standby.host, "port": standby.port, "role": "reader"}],
@@ -208,6 +209,7 @@ async def _asyncpg_finish(conn: asyncpg.Connection, transaction: Transaction) ->
     await conn.close()
 
 
+@pytest.mark.parametrize("proxy", [10], indirect=True)  # a backend for each client: all of them are in flight
 def test_what_cannot_be_replayed_ends_with_an_error_and_the_connection_stays(
     cluster: tuple[PostgresInstance, PostgresInstance], proxy: ProxyProcess
 ) -> None:
@@ -217,14 +219,16 @@ def test_what_cannot_be_replayed_ends_with_an_error_and_the_connection_stays(
     # queries; the others' are extended-protocol statements)
     random_then_write = _connect(proxy, autocommit=False)
     random_then_commit = _connect(proxy)  # the same, and its next statement is COMMIT: 40001, no silent rollback
+    random_then_rollback = _connect(proxy)  # the same, then an extended-protocol ROLLBACK answered by the proxy
     same_reads = _connect(proxy)  # replays the same replies: its transaction goes on
     slow_read = _connect(proxy)  # an autocommit read in flight: replayed
     slow_write = _connect(proxy)  # an autocommit write in flight: 08007
-    for number, conn in enumerate((random_then_write, random_then_commit, same_reads), start=100):
+    for number, conn in ((100, random_then_write), (101, random_then_commit), (102, same_reads),
+                         (104, random_then_rollback)):
         if conn.autocommit:
             conn.execute("BEGIN")
         conn.execute("INSERT INTO rows (client, n) VALUES (%s, 1)", (number,))
-        if number < 102:
+        if number != 102:
             conn.execute("SELECT random()")
         else:
             conn.execute("SELECT count(*) FROM rows")
@@ -268,17 +272,23 @@ def test_what_cannot_be_replayed_ends_with_an_error_and_the_connection_stays(
     assert raised.value.sqlstate == "40001"
     assert random_then_commit.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
+    with pytest.raises(psycopg.Error) as raised:
+        random_then_rollback.execute("SELECT 1")
+    assert raised.value.sqlstate == "40001"
+    random_then_rollback.execute("ROLLBACK")
+    assert random_then_rollback.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
     same_reads.execute("INSERT INTO rows (client, n) VALUES (102, 2)")
     same_reads.execute("COMMIT")
     loop.run_until_complete(_asyncpg_finish(asyncpg_conn, transaction))
     loop.close()
 
-    for conn in (random_then_write, random_then_commit, same_reads, slow_read, slow_write):
+    for conn in (random_then_write, random_then_commit, random_then_rollback, same_reads, slow_read, slow_write):
         assert conn.execute("SELECT 1").fetchone() == (1,)
         conn.close()
     rows = standby.psql("SELECT client, n FROM rows WHERE client >= 100 ORDER BY client, n", db="app", user="app")
     written = {tuple(map(int, line.split("|"))) for line in rows.splitlines()}
-    assert {(100, 1), (100, 2), (101, 1)}.isdisjoint(written), written
+    assert {(100, 1), (100, 2), (101, 1), (104, 1)}.isdisjoint(written), written
     kept = {(102, 1), (102, 2), (103, 1), (103, 2)}
     assert kept <= written, written
     assert written - kept <= {(200, 1)}, written  # the 08007 write may or may not be there
