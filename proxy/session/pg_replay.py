@@ -13,7 +13,9 @@ see), the target is told (`report_trouble`, for the topology monitor) and `judge
   - 40001 (serialization_failure, "rolled back by a failover, retry it") when the transaction cannot be replayed;
   - 08007 (transaction_resolution_unknown) when the server may have committed: a COMMIT or an autocommit statement
     that may write was in flight.
-An error takes the place of the reply the client waits for, followed by ReadyForQuery, as the server would answer;
+A pinned session (temporary tables, LISTEN, session locks: state no other server has) and a session-mode pool
+keep the former behaviour: the client gets an error and its connection closes. An error takes the place of the
+reply the client waits for, followed by ReadyForQuery, as the server would answer;
 an extended-query batch without its Sync yet is skipped up to its Sync. Inside a transaction block the status is
 then 'E' (failed transaction) and the proxy answers the client itself, without a backend, until the block ends:
 ROLLBACK (or COMMIT, as the server does in a failed transaction) gets "ROLLBACK" and status 'I', any other
@@ -66,9 +68,10 @@ class PgReplay(PgBorrow):
     """Records the current transaction and, when its backend is lost, replays it or ends it with an error."""
 
     def _init_replay(self, pool: Pool) -> None:
-        """At login: record only when the pool allows it (replay_max_size > 0)."""
+        """At login: record only when the pool allows it (replay_max_size > 0) and pools transactions (a session-mode
+        client may hold server state the proxy does not follow)."""
         limit = pool.settings.replay_max_size
-        if limit > 0:
+        if limit > 0 and not pool.session_mode:
             self.replay_log = ReplayLog(limit)
 
     # --- the hot path's part: replies given to the client ---
@@ -147,6 +150,12 @@ class PgReplay(PgBorrow):
         backend.unlink()
         why = "the server shut it down" if backend.replies.shut_down else str(exc or "closed")
         backend.pool.target.report_trouble(f"backend {backend} lost: {why}")
+        pins = self.session.pins
+        if pins:  # what pinned it (temporary tables, LISTEN, locks, ...) is gone with the server
+            log.warning("client %s: backend %s of its pinned session (%s) was lost: %s", self.peer, backend,
+                        ", ".join(sorted(pins)), why)
+            self.fail(self._lost_error())
+            return
         loss = self._replay_loss if self._replaying else None
         if loss is None:
             if replay_log.replayable:
@@ -161,10 +170,6 @@ class PgReplay(PgBorrow):
                     self.fail(self._lost_error())
                     return
         if loss.plan == NOTHING:
-            if self.session.pins:  # what pinned it (temporary tables, LISTEN, locks) is gone with the server
-                log.warning("client %s: backend %s of its pinned session was lost: %s", self.peer, backend, why)
-                self.fail(self._lost_error())
-                return
             log.info("client %s: its idle backend %s was lost (%s); the next request borrows another",
                      self.peer, backend, why)
             self._reset_forwarding()
