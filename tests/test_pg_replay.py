@@ -137,6 +137,8 @@ def test_writes_in_flight_survive_the_writer_dying(
     primary, standby = cluster
     proxy.wait_for_log(rf"instance .*:{primary.port} is now writer")
     clients = [Client(number, _connect(proxy), in_transactions=number % 2 == 0) for number in range(CLIENTS)]
+    idle = _connect(proxy)  # idle outside a transaction during the failover: nothing to recover
+    idle.execute("SET application_name = 'idle one'")
     stop = threading.Event()
     threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
     try:
@@ -155,6 +157,9 @@ def test_writes_in_flight_survive_the_writer_dying(
             thread.join(40)
     assert not any(thread.is_alive() for thread in threads), "a client hung"
 
+    assert idle.execute("SELECT current_setting('application_name'), inet_server_port()").fetchone() == (
+        "idle one", standby.port)
+    idle.close()
     dropped = {c.number: c.dropped for c in clients if c.dropped}
     assert not dropped, f"client connections dropped: {dropped}"
     written: dict[tuple[int, int], int] = {}

@@ -125,6 +125,8 @@ def test_judging_a_loss() -> None:
     assert loss.plan == REPLAY and loss.open_batch and loss.owed == 0
     loss = judge(transaction + query(b"SELECT 1")[:7], 2, False, no_statements)
     assert loss.plan == REPLAY and loss.tail == query(b"SELECT 1")[:7]
+    loss = judge(transaction + extended(b"SELECT 1", name=b"s2"), 2, False, no_statements)
+    assert loss.plan == REPLAY and loss.parsed == [b"s2"] and loss.owed == 1
     assert ROLLED_BACK != REPLAY
 
 

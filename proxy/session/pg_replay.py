@@ -312,6 +312,9 @@ class PgReplay(PgBorrow):
         self._replay_loss = None
         self._reset_forwarding()
         self._transaction_done()
+        named = self.statements.named
+        for name in loss.parsed:  # the client never heard of them: a Parse of the same name must not fail
+            named.pop(name, None)
         failed = sqlstate == "40001" and loss.in_transaction
         status = pg.FAILED_TRANSACTION if failed else pg.IDLE
         error = pg.error_response(sqlstate, text)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.errors import ProtocolViolation
 from proxy.protocol.pg import extended as ext
@@ -95,6 +95,7 @@ class Loss:
     open_batch: bool = False  # extended-query messages after the client's last Sync: its Sync is still to come
     tail: bytes = b""  # the start of a message the client has not finished sending
     cut_reply: bool = False  # the client was given part of a reply (nothing can take its place)
+    parsed: list[bytes] = field(default_factory=list)  # names of the statements whose Parse was in flight
 
 
 def judge(recorded: bytes, answered: int, tx_status_idle: bool,
@@ -116,6 +117,8 @@ def judge(recorded: bytes, answered: int, tx_status_idle: bool,
             if kind == ord("P"):
                 name, rest = ext.split_parse(body)
                 parsed[name] = ext.parse_query_text(rest)
+                if name:
+                    loss.parsed.append(name)
                 continue
             if kind == ord("B"):
                 _, name, _ = ext.split_bind(body)
