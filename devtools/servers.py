@@ -589,13 +589,15 @@ def start_postgres(
 
 
 def start_postgres_standby(
-    primary: PostgresInstance, basedir: Path, *, settings: dict[str, str] | None = None
+    primary: PostgresInstance, basedir: Path, *, settings: dict[str, str] | None = None, synchronous: bool = False
 ) -> PostgresInstance:
     """A streaming standby of ``primary``: ``pg_basebackup -R`` over loopback, started on a free port, TLS on.
     ``settings`` are extra postgresql.conf settings (e.g. ``recovery_min_apply_delay``: a standby that visibly lags).
 
     The standby shares the primary's roles and passwords (it is a physical copy) and has its own
     certificate. It replicates as the primary's superuser over TCP (the primary's replication hba).
+    ``synchronous``: once it streams, the primary waits for it at every commit (``synchronous_standby_names``
+    ``*``, ``synchronous_commit`` ``on``), so that what the primary acknowledged is on the standby.
     """
     host = primary.host
     basedir = Path(basedir)
@@ -651,9 +653,26 @@ def start_postgres_standby(
                 raise
             last_error = exc
             continue
+        if synchronous:
+            try:
+                _make_synchronous(primary)
+            except BaseException:
+                inst.stop()
+                raise
         return inst
     assert last_error is not None
     raise last_error
+
+
+def _make_synchronous(primary: PostgresInstance, timeout: float = TIMEOUT) -> None:
+    """The primary waits for its standby at every commit; returns once the standby is its synchronous one."""
+    primary.psql_local("ALTER SYSTEM SET synchronous_standby_names = '*';\n"
+                       "ALTER SYSTEM SET synchronous_commit = 'on';\nSELECT pg_reload_conf();")
+    deadline = time.monotonic() + timeout
+    while primary.psql_local("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") != "1":
+        if time.monotonic() > deadline:
+            raise DevServerError(f"the standby of port {primary.port} did not become synchronous in {timeout:g} s")
+        time.sleep(0.1)
 
 
 def _pg_promote(instance: PostgresInstance) -> None:

@@ -110,6 +110,10 @@ class PoolSettings(Strict):
         10.0, gt=0, description="seconds the proxy waits on a backend for its own work (session read-back, "
         "settings, reset, cleanup after a client) before it closes that backend"
     )
+    replay_max_size: int = Field(
+        1024 * 1024, ge=0, description="bytes of a client's current transaction recorded so that it can be replayed "
+        "on another server when its backend is lost (failover); a larger transaction is not replayable; 0: off"
+    )
     unused_pool_timeout: float = Field(
         60.0, gt=0, description="seconds a pool (per database and user) with no backend connection, no waiting "
         "client and no client session is kept before it is forgotten"

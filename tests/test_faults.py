@@ -191,9 +191,13 @@ def my_count(mariadb: MariaDBInstance) -> Callable[[], int]:
     return count
 
 
-def pg_proxy_for(folder: Path, pg: PostgresInstance) -> contextlib.AbstractContextManager[ProxyProcess]:
+def pg_proxy_for(folder: Path, pg: PostgresInstance,
+                 replay: bool = True) -> contextlib.AbstractContextManager[ProxyProcess]:
+    pool: dict[str, Any] = {"max_connections": LIMIT, "connection_borrow_timeout": 30.0}
+    if not replay:
+        pool["replay_max_size"] = 0  # a lost backend ends its client's session, the server's error passed on
     return running_proxy(folder, pg, server={"client_login_timeout": 30.0}, postgresql={"backend_connect_timeout": 3.0},
-                         postgresql__pool={"max_connections": LIMIT, "connection_borrow_timeout": 30.0})
+                         postgresql__pool=pool)
 
 
 def pg_client(proxy: ProxyProcess, user: str = "app", password: str = "app-secret", **extra: Any) -> Any:
@@ -274,8 +278,9 @@ def test_pg_waiting_and_new_clients_are_served_after_a_restart(tmp_path: Path, o
 
 
 def test_pg_terminated_backend_error_reaches_the_client_once(tmp_path: Path, own_pg: PostgresInstance) -> None:
-    """pg_terminate_backend during a COMMIT: psycopg gets the server's 57P01 once, not "received 2 results"."""
-    with pg_proxy_for(tmp_path, own_pg) as proxy:
+    """Replay off: pg_terminate_backend during a COMMIT: psycopg gets the server's 57P01 once, not "received 2
+    results"."""
+    with pg_proxy_for(tmp_path, own_pg, replay=False) as proxy:
         conn = pg_client(proxy)
         conn.execute("INSERT INTO slow_commit VALUES (1)")
         threading.Timer(1.0, own_pg.psql, args=("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -295,8 +300,21 @@ def test_pg_terminated_backend_error_reaches_the_client_once(tmp_path: Path, own
         proxy.wait_for_log("the database ended backend")
 
 
-def test_pg_fast_shutdown_error_reaches_the_client_once(tmp_path: Path, own_pg: PostgresInstance) -> None:
+def test_pg_terminated_commit_is_unknown_and_the_client_stays(tmp_path: Path, own_pg: PostgresInstance) -> None:
+    """Replay on (the default): pg_terminate_backend during a COMMIT gives 08007 once; the connection stays."""
     with pg_proxy_for(tmp_path, own_pg) as proxy:
+        conn = pg_client(proxy)
+        conn.execute("INSERT INTO slow_commit VALUES (3)")
+        threading.Timer(1.0, own_pg.psql, args=("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                                "WHERE usename = 'app' AND query = 'COMMIT'",)).start()
+        with pytest.raises(psycopg.errors.TransactionResolutionUnknown):
+            conn.commit()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        conn.close()
+
+
+def test_pg_fast_shutdown_error_reaches_the_client_once(tmp_path: Path, own_pg: PostgresInstance) -> None:
+    with pg_proxy_for(tmp_path, own_pg, replay=False) as proxy:
         conn = pg_client(proxy)
         conn.execute("INSERT INTO slow_commit VALUES (2)")
         stopper = threading.Timer(1.0, own_pg.stop)

@@ -64,6 +64,9 @@ class PgLinkedClient(LinkedClient, Protocol):
     @property
     def transport(self) -> asyncio.Transport: ...
     @property
+    def recovers(self) -> bool: ...  # a lost backend is recovered from: the server's shutdown FATAL is not its
+    def deliver(self, out: bytes) -> None: ...  # gives the client replies (and notes them for a replay)
+    @property
     def statements(self) -> StatementBook: ...
     def backend_ready(self, backend: PostgresBackend, count: int) -> None: ...
     def server_reported(self, name: str, value: str) -> None: ...
@@ -111,6 +114,7 @@ class PostgresBackend(BackendConnection):
     def link(self, client: PgLinkedClient) -> None:
         self.client = client
         self.replies.reset(client.process_id)
+        self.replies.withhold_shutdown = client.recovers
         self.notifications.clear()  # (not delivered to the session they belonged to: not for this client)
         if self._buffer:  # unsolicited output while idle (a notice): pass it on
             data = self.take_buffered()
@@ -131,6 +135,11 @@ class PostgresBackend(BackendConnection):
     def tx_status(self) -> int:
         """The transaction status of the server's last ReadyForQuery."""
         return self.replies.tx_status
+
+    @property
+    def client_at_boundary(self) -> bool:
+        """What the client was given of the server's replies ends at a message boundary."""
+        return self.replies.client_at_boundary
 
     @property
     def ended_by_server(self) -> bool:
@@ -298,7 +307,7 @@ class PostgresBackend(BackendConnection):
         if replies.eventful:
             self._replies_read(client, out)
         elif out:
-            client.transport.write(out)
+            client.deliver(out)
         ready = replies.ready
         if ready and self.client is client:
             client.backend_ready(self, ready)
@@ -311,8 +320,8 @@ class PostgresBackend(BackendConnection):
         if replies.failed:
             self._failed(client.statements)
         if out:
-            client.transport.write(out)
-        if replies.resume:
+            client.deliver(out)
+        if replies.resume and self.client is client:
             client.resume_held(self)
 
     def _reported(self, client: PgLinkedClient) -> None:

@@ -37,6 +37,15 @@ class PgBorrow(PgSettings):
     def resume_held(self, backend: PostgresBackend) -> None:
         raise NotImplementedError  # (PgForward)
 
+    def _take_held(self) -> bytes:
+        """What the client sent while it had no backend, taken to be sent to the one it gets (PgReplay records it)."""
+        data = bytes(self._held)
+        self._held.clear()
+        return data
+
+    def _transaction_done(self) -> None:
+        """Nothing runs or is open on the backend any more (PgReplay starts its record afresh)."""
+
     # --- getting a backend ---
 
     def _start_work(self) -> None:
@@ -182,8 +191,7 @@ class PgBorrow(PgSettings):
         """Link a ready backend and send it what the client sent meanwhile."""
         self.backend = backend
         backend.link(self)
-        data = bytes(self._held)
-        self._held.clear()
+        data = self._take_held()
         if not backend.pool.session_mode:  # sequence values: only this client's on this session from now on
             discard, hold = seq.attach(backend, self.process_id, self._seq_words)
             self._seq_words = set()
@@ -210,6 +218,7 @@ class PgBorrow(PgSettings):
                 or self._message is not None or not backend.at_boundary or self._checking):
             return
         self.pending = 0
+        self._transaction_done()
         pool = backend.pool
         if self._state_dirty and not pool.session_mode:
             self._state_dirty = False

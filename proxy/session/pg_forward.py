@@ -19,7 +19,7 @@ from proxy.protocol.pg.extended import (
     EXPECT_SYNC,
 )
 from proxy.session.client import State
-from proxy.session.pg_borrow import PgBorrow
+from proxy.session.pg_replay import PgReplay
 from proxy.session.pg_settings import SESSION_WORDS
 from proxy.session.pg_statements import HOLD
 
@@ -53,7 +53,7 @@ SCAN_OVERLAP = 32  # bytes of one part kept to find a word cut by the next part
 TURN_BYTES = 128 * 1024
 
 
-class PgForward(PgBorrow):
+class PgForward(PgReplay):
     """Passes the client's bytes to its backend as they come, noting what each request expects in reply."""
 
     def data_received(self, data: bytes) -> None:
@@ -62,6 +62,15 @@ class PgForward(PgBorrow):
                 super().data_received(data)
             return
         self.active = True
+        replay_log = self.replay_log
+        if replay_log is not None and (self.backend is not None or self._replaying):
+            replay_log.record(data)  # (with no backend, what is held is recorded when it is sent)
+        if self._replaying:  # replies of a replay are compared: the client's next messages wait for the result
+            self._replay_extra += data
+            return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         backend = self.backend
         if backend is None or self._acquiring is not None or self._queued or self._checking:
             self._held += data
@@ -89,6 +98,8 @@ class PgForward(PgBorrow):
 
     def _dispatch_unlinked(self) -> None:
         """With no backend: answer what needs none (Sync, Flush, Terminate, stray COPY data), else borrow one."""
+        if (self._aborted or self._to_sync) and not self._answer_locally():
+            return  # (a transaction block that failed with its lost backend: see pg_replay)
         held = self._held
         if self._dropping:
             dropped = min(self._dropping, len(held))
@@ -211,7 +222,7 @@ class PgForward(PgBorrow):
         self._message = None
         self._forward(bytes(message), backend)
         if len(data) > missing and not self.closed:
-            self.data_received(data[missing:])  # the backend may have gone back to the pool meanwhile
+            self._received(data[missing:])  # the backend may have gone back to the pool meanwhile
 
     def _keep_rest(self, scan: bytes, hold: int, gather: int) -> None:
         """The end of `scan` from `hold` waits for more: a message to gather whole, or an incomplete header."""
@@ -349,4 +360,4 @@ class PgForward(PgBorrow):
     def _inject(self, backend: PostgresBackend, reply: bytes) -> None:
         """A reply the proxy gives itself, in its place among the backend's replies."""
         if not backend.inject(reply):
-            self.write(reply)
+            self.deliver(reply)

@@ -125,6 +125,7 @@ class PgLogin(PgForward):
         out.append(pg.READY_FOR_QUERY_IDLE)
         self.write(b"".join(out))
         self.stats.logins_ok += 1
+        self._init_replay(pool)
         self.state = State.READY
         leftover = self.take_buffered()
         if leftover:

@@ -7,8 +7,10 @@ import asyncio
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
 from proxy.session.client import ClientConnection, State
+from proxy.session.pg_replay_rules import Loss
 from proxy.session.pg_service import PostgresService
 from proxy.session.pg_statements import ClientStatement, Statements
+from proxy.session.replay_log import ReplayCheck, ReplayLog
 from proxy.session.state import SessionState
 
 PgSessionState = SessionState[str, ClientStatement]  # settings as the server's text; named statements by name
@@ -60,6 +62,28 @@ class PgSession(ClientConnection):
         self._scan_tail = b""  # the end of the previous part of that text
         self._yielding = False  # reading paused until the event loop's next turn
         self._dropping = 0  # bytes still to come of a stray COPY message dropped without a backend
+        # Replay of the current transaction after a lost backend (see pg_replay).
+        self.replay_log: ReplayLog | None = None  # its messages and a digest of its replies (None: not recorded)
+        self._answered = 0  # ReadyForQuery messages given to the client in the current transaction
+        self._replaying = False  # a replay's replies are being compared; the client's next messages wait
+        self._replay_check: ReplayCheck | None = None
+        self._replays = 0  # replays of the current transaction
+        self._replay_loss: Loss | None = None  # what the loss that started the replay left
+        self._replay_size = 0  # bytes of the replayed messages
+        self._replay_extra = bytearray()  # what the client sent during the replay
+        self._aborted = False  # the client's transaction block failed: its requests are answered by the proxy
+        self._to_sync = 0  # a failed extended-query batch: skip to its Sync, then ReadyForQuery with this status
+        self._owed_error = b""  # an error the client is given at its next request (it waited for nothing)
+        self._ending = False  # an extended-query ROLLBACK (or COMMIT) of a failed block is being answered
+
+    @property
+    def recovers(self) -> bool:
+        """A lost backend is recovered from (see pg_replay): the server's FATAL 57P01/57P02 is not for the client."""
+        return self.replay_log is not None
+
+    def deliver(self, out: bytes) -> None:
+        """Replies of the linked backend for the client (PgReplay notes them for a replay)."""
+        self.transport.write(out)
 
     def _mid_message_on_backend(self) -> bool:
         """Part of a message has reached the linked backend (or is held for it) and the rest has not come."""

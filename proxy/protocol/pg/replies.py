@@ -30,6 +30,8 @@ ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may co
 DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does not see
 # In an ErrorResponse, the non-localized severity field ('V') after the first field: the server ends the session.
 SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
+# The SQLSTATE field of a server's shutdown (admin_shutdown, crash_shutdown): the session ends with the server.
+SHUTDOWN_CODES = (b"\x00C57P01\x00", b"\x00C57P02\x00")
 # An ErrorResponse up to this size is read whole before it passes; a longer one (a client's RAISE of megabytes)
 # streams through like any other reply.
 WHOLE_ERROR_LIMIT = 64 * 1024
@@ -60,7 +62,7 @@ class ReplyMatcher:
     """
 
     __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "eventful", "expect", "failed",
-                 "ready", "reported", "resume", "server_pid", "tx_status")
+                 "ready", "reported", "resume", "server_pid", "shut_down", "tx_status", "withhold_shutdown")
 
     def __init__(self) -> None:
         self.expect: deque[Expectation] = deque()
@@ -68,6 +70,8 @@ class ReplyMatcher:
         self.server_pid = b""  # the server session's process id as sent in a NotificationResponse
         self.client_pid = 0  # the process id the client knows: its own notifications carry this one instead
         self.ended_by_server = False  # a FATAL or PANIC ErrorResponse was passed to the client
+        self.withhold_shutdown = False  # a FATAL of the server's shutdown is not passed: the client is recovered
+        self.shut_down = False  # such a FATAL was read (and withheld)
         self.ready = 0
         self.resume = False
         self.eventful = False  # any of `resume`, `reported`, `failed` after the last feed()
@@ -89,6 +93,11 @@ class ReplyMatcher:
     def at_boundary(self) -> bool:
         """What the server sent so far ends at a message boundary (nothing half-passed to a client)."""
         return not self._skip and not self._partial
+
+    @property
+    def client_at_boundary(self) -> bool:
+        """What the client was given ends at a message boundary (a message held back or dropped is not given)."""
+        return not self._skip or self._dropping
 
     def feed(self, data: bytes) -> bytes:
         """Read `data` from the server; return the bytes for the client. Raises ProtocolViolation on a bad length."""
@@ -147,6 +156,15 @@ class ReplyMatcher:
                     break
                 body_end = min(pos + 1 + length, end)
                 if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
+                    if self.withhold_shutdown and body_end == pos + 1 + length and any(
+                            scan.find(code, pos + 4, body_end) >= 0 for code in SHUTDOWN_CODES):
+                        self.shut_down = True  # the server goes away; its client is recovered, not told
+                        if pieces is None:
+                            pieces = []
+                        pieces.append(scan[run_start:pos])
+                        pos += 1 + length
+                        run_start = pos
+                        continue
                     self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
             action = FORWARD
             if expect:
