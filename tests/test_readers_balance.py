@@ -287,6 +287,11 @@ def test_postgres_a_lagging_standby_is_left_out_until_it_catches_up(pg: PgCluste
     writer = pg.connect("rw")
     ro, strict = pg.read("ro"), pg.read("strict")
     with Writes(lambda: writer.execute("INSERT INTO t DEFAULT VALUES") and None) as writes:
+        # Its lag is counted from its last replayed commit: let it replay one first (else the lag is unknown).
+        deadline = time.monotonic() + 10
+        while s1.psql("SELECT pg_last_xact_replay_timestamp() IS NOT NULL").strip() != "t":
+            assert time.monotonic() < deadline, "the standby replayed no commit"
+            time.sleep(0.05)
         s1.pause_replay()
         paused_at = time.monotonic()
         try:
