@@ -15,8 +15,12 @@ from typing import NoReturn
 
 import uvloop
 
+from proxy.channel import ChannelError
+from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
 from proxy.config import Config, load_config
+from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
+from proxy.local_commands import LocalCommands
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
@@ -61,10 +65,12 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     pid_file = None
+    control: ControlSocket | None = None
     if config_path is not None:  # without a file (the demo, built-in defaults) there is nothing to reload
         reloads = Reloads(lambda: reload_from_file(server, config_path))
         loop.add_signal_handler(signal.SIGHUP, reloads.request)
         pid_file = pid_file_path(config_path, config.server.pid_file)
+        control = await _serve_control(server, pid_file)
         write_pid_file(pid_file)
     try:
         if ready_message:
@@ -74,8 +80,22 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
         log.info("shutting down")
         await server.stop()
     finally:
+        if control is not None:
+            control.close()
         if pid_file is not None:
             remove_pid_file(pid_file)
+
+
+async def _serve_control(server: ProxyServer, pid_file: Path) -> ControlSocket | None:
+    """The control socket beside the pid file; this process is its only worker."""
+    control = ControlSocket(control_socket_path(pid_file))
+    commands = Commands(lambda: server.config, local_fanout(LocalCommands(server).handlers()))
+    try:
+        await control.start(commands.handlers())
+    except OSError as exc:
+        log.error("no control socket at %s: %s", control.path, exc.strerror or exc)
+        return None
+    return control
 
 
 async def reload_from_file(server: ProxyServer, config_path: Path) -> None:
@@ -107,6 +127,24 @@ def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
     print(f"dbproxy: reload sent to pid {pid} ({path})", flush=True)
 
 
+def send_command(config_path: Path | None, pid_file: Path | None, message: dict[str, object],
+                 timeout: float) -> None:
+    """Send an operator command to the running proxy's control socket (beside its pid file) and print the answer;
+    exit status 1 when it failed or no proxy answers."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}; nothing sent", CONFIG_ERROR_STATUS)
+    path = control_socket_path(pid_file or pid_file_path(config_path, config.server.pid_file))
+    try:
+        answer = ask_control(path, message, timeout)
+    except ChannelError as exc:
+        _fail(f"no running dbproxy answers at {path}: {exc}", START_ERROR_STATUS)
+    if "error" in answer:
+        _fail(f"{message['kind']} failed: {answer.get('message', answer['error'])}", START_ERROR_STATUS)
+    print(f"dbproxy: {answer.get('message', 'done')}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dbproxy", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -119,6 +157,24 @@ def main(argv: list[str] | None = None) -> None:
     reload.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
     reload.add_argument("--pid-file", type=Path, default=None,
                         help="pid file of the running proxy (default: [server] pid_file, else derived from -c)")
+    instance = sub.add_parser("instance", help="commands about one instance of a cluster, in the running proxy")
+    instance_sub = instance.add_subparsers(dest="instance_command", required=True)
+    readmit = instance_sub.add_parser("readmit", help="let a fenced instance be chosen as a writer again")
+    readmit.add_argument("name", help="the instance: its name in the configuration, else host:port")
+    switchover = sub.add_parser("switchover", help="move read_write endpoints to another cluster (blue/green) in "
+                                                   "the running proxy, client connections kept")
+    switchover.add_argument("--to", required=True, help="the cluster that becomes the writer (a replica of the "
+                                                        "endpoints' cluster)")
+    switchover.add_argument("--endpoint", default=None, help="the endpoint to move (default: every read_write "
+                                                             "endpoint of the engine on another cluster)")
+    switchover.add_argument("--timeout", type=float, default=DEFAULT_SWITCHOVER_TIMEOUT,
+                            help="seconds writes may be held, and the replica may take to catch up before that "
+                                 "(default: %(default)s)")
+    for command in (readmit, switchover):
+        command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
+        command.add_argument("--pid-file", type=Path, default=None,
+                             help="pid file of the running proxy; its control socket is beside it (default: "
+                                  "[server] pid_file, else derived from -c)")
     demo = sub.add_parser("demo", help="start a throwaway PostgreSQL and MariaDB and serve them on "
                                        "127.0.0.1:6432 and 127.0.0.1:6033")
     demo.add_argument("--port", type=int, default=6432)
@@ -134,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "reload":
         send_reload(args.config, args.pid_file)
+        return
+    if args.command == "instance":
+        send_command(args.config, args.pid_file, {"kind": "readmit", "instance": args.name}, 10.0)
+        return
+    if args.command == "switchover":
+        send_command(args.config, args.pid_file, {"kind": "switchover", "to": args.to, "endpoint": args.endpoint,
+                                                  "timeout": args.timeout}, 2 * args.timeout + 30.0)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)

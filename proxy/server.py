@@ -84,6 +84,7 @@ class ProxyServer:
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
         self.reuse_port = False
+        self.held: set[str] = set()  # endpoints a switchover holds: no topology follower moves or resumes them
         self.followers: list[ClusterFollower] = self.make_followers()
 
     def make_followers(self) -> list[ClusterFollower]:
@@ -114,7 +115,8 @@ class ProxyServer:
         def endpoints() -> list[Followed]:
             return [Followed(listener.name, listener.endpoint.role, listener.service.target)
                     for listener in self.listeners.values()
-                    if listener.endpoint.engine == engine and listener.endpoint.cluster == cluster]
+                    if listener.endpoint.engine == engine and listener.endpoint.cluster == cluster
+                    and listener.name not in self.held]
         return endpoints
 
     def make_service(self, endpoint: Endpoint) -> Service:

@@ -284,7 +284,7 @@ class PgBorrow(PgSettings):
         now = self.loop.time()
         if writer and active and backend.pool.waiters and now - self._seq_hold_since > seq.HOLD_LIMIT_SECONDS:
             writer = False  # others wait: the hold is not renewed any more
-        if allowed and (writer or self._seq_holding is not None):
+        if allowed and not backend.pool.target.paused and (writer or self._seq_holding is not None):
             if not active:
                 self.stats.pinned_now += 1
                 self.stats.pinned(seq.HOLD_REASON)
