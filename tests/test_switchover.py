@@ -45,21 +45,21 @@ class Client:
     acked: list[tuple[int, float]] = field(default_factory=list)  # (n, when the write was acknowledged)
     errors: list[str] = field(default_factory=list)
     slowest: tuple[float, float] = (0.0, 0.0)  # (seconds, when it started) of the slowest write
+    n: int = 0  # the next row's number
 
     def run(self, stop: threading.Event) -> None:
-        n = 0
         while not stop.is_set():
             multi = self.number % 2 == 1
             started = time.monotonic()
             try:
-                self.write(self.conn, self.number, n, multi)
+                self.write(self.conn, self.number, self.n, multi)
             except Exception as exc:  # every error counts against the switchover
                 self.errors.append(f"{type(exc).__name__}: {exc}")
                 return
             ended = time.monotonic()
-            self.acked.extend((m, ended) for m in range(n, n + (2 if multi else 1)))
+            self.acked.extend((m, ended) for m in range(self.n, self.n + (2 if multi else 1)))
             self.slowest = max(self.slowest, (ended - started, started))
-            n += 2 if multi else 1
+            self.n += 2 if multi else 1
             time.sleep(0.005)
 
 
@@ -97,7 +97,7 @@ def _check_clients(clients: list[Client], rows: dict[tuple[int, int], int], afte
 
 
 def _held_ms(output: str) -> float:
-    found = re.search(r"writes held (\d+) ms", output)
+    found = re.search(r"writes (?:were )?held (\d+) ms", output)
     assert found, output
     return float(found.group(1))
 
@@ -247,7 +247,7 @@ def mariadb_pair(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInsta
 
 
 def _mariadb_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blue: MariaDBInstance,
-                   green: MariaDBInstance) -> ProxyProcess:
+                   green: MariaDBInstance, green_user: str = "root") -> ProxyProcess:
     monkeypatch.setenv("DBPROXY_PASSWORD_ROOT", blue.root_password)
     folder = tmp_path / "proxy"
     folder.mkdir()
@@ -259,7 +259,8 @@ def _mariadb_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blue: MariaD
         "mysql.clusters.blue": {"instances": [{"host": blue.host, "port": blue.port}],
                                 "monitor_interval": INTERVAL, "monitor_user": "root"},
         "mysql.clusters.green": {"instances": [{"host": green.host, "port": green.port}],
-                                 "monitor_interval": INTERVAL, "monitor_user": "root"},
+                                 "monitor_interval": INTERVAL if green_user == "root" else 0,
+                                 "monitor_user": green_user},
         "mysql.endpoints.rw": {"port": free_port(), "cluster": "blue", "role": "read_write"},
     })
     proxy = ProxyProcess(config, folder / "proxy.log")
@@ -287,20 +288,25 @@ def _mariadb_rows(instance: MariaDBInstance) -> dict[tuple[int, int], int]:
     return {(int(c), int(n)): int(p) for c, n, p in (line.split("\t") for line in rows.splitlines() if line)}
 
 
+def _mariadb_clients(proxy: ProxyProcess) -> list[Client]:
+    clients = []
+    for number in range(CLIENTS):
+        conn = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
+                                       database="app", autocommit=True)
+        cursor = conn.cursor()
+        cursor.execute(f"SET SESSION time_zone = '+0{number}:00'")
+        cursor.close()
+        clients.append(Client(number, conn, _mariadb_write))
+    return clients
+
+
 def test_mariadb_switchover_to_a_replica_keeps_every_client_and_write(
     tmp_path: Path, mariadb_pair: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blue, green = mariadb_pair
     proxy = _mariadb_proxy(tmp_path, monkeypatch, blue, green)
     try:
-        clients = []
-        for number in range(CLIENTS):
-            conn = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app",
-                                           password="app-secret", database="app", autocommit=True)
-            cursor = conn.cursor()
-            cursor.execute(f"SET SESSION time_zone = '+0{number}:00'")
-            cursor.close()
-            clients.append(Client(number, conn, _mariadb_write))
+        clients = _mariadb_clients(proxy)
         result: list[tuple[subprocess.CompletedProcess[str], float]] = []
         _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
         done, took = result[0]
@@ -320,5 +326,40 @@ def test_mariadb_switchover_to_a_replica_keeps_every_client_and_write(
         print(f"MariaDB switchover: writes held {_held_ms(done.stdout):.0f} ms (proxy's measure); slowest client "
               f"write {slowest[0] * 1000:.0f} ms; command took {took * 1000:.0f} ms; "
               f"{sum(len(c.acked) for c in clients)} rows acknowledged by {CLIENTS} clients, none lost")
+    finally:
+        proxy.stop()
+
+
+def test_mariadb_switchover_that_cannot_finish_stays_on_blue(
+    tmp_path: Path, mariadb_pair: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The green cluster's monitor_user may watch replication but not stop it: blue is writable again."""
+    blue, green = mariadb_pair
+    blue.sql("CREATE USER switcher@'%' IDENTIFIED BY 'Switcher-Secret-1';\n"
+             "GRANT REPLICA MONITOR ON *.* TO switcher@'%';")
+    green.wait_caught_up(blue.sql("SELECT @@gtid_binlog_pos"))
+    monkeypatch.setenv("DBPROXY_PASSWORD_SWITCHER", "Switcher-Secret-1")
+    proxy = _mariadb_proxy(tmp_path, monkeypatch, blue, green, green_user="switcher")
+    try:
+        clients = _mariadb_clients(proxy)
+        result: list[tuple[subprocess.CompletedProcess[str], float]] = []
+        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
+        done, _took = result[0]
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "promoting it" in done.stderr and "is writable again" in done.stderr, done.stderr
+        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
+        assert blue.sql("SELECT @@GLOBAL.read_only") == "0"
+        print(f"MariaDB switchover called off: writes held {_held_ms(done.stderr):.0f} ms")
+        # Green not catching up (its SQL thread stopped): refused before anything is held.
+        green.sql("START SLAVE")  # the failed promotion stopped it
+        green.pause_replay()
+        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
+        done, _took = result[1]
+        assert done.returncode == 1 and "within 1.0s" in done.stderr, done.stderr
+        assert blue.sql("SELECT @@GLOBAL.read_only") == "0"
+        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
+        for client in clients:
+            assert client.conn.is_connected()
+            client.conn.close()
     finally:
         proxy.stop()
