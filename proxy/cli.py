@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     instance = sub.add_parser("instance", help="commands about one instance of a cluster, in the running proxy")
     instance_sub = instance.add_subparsers(dest="instance_command", required=True)
     readmit = instance_sub.add_parser("readmit", help="let a fenced instance be chosen as a writer again")
-    readmit.add_argument("name", help="the instance: its name in the configuration, else host:port")
+    readmit.add_argument("name", help="the instance: its name in the configuration, or its host:port")
     switchover = sub.add_parser("switchover", help="move read_write endpoints to another cluster (blue/green) in "
                                                    "the running proxy, client connections kept")
     switchover.add_argument("--to", required=True, help="the cluster that becomes the writer (a replica of the "

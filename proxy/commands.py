@@ -134,8 +134,8 @@ class Commands:
         """{"instance": NAME}: let a fenced instance be chosen as a writer again, in every worker."""
         name = str(message.get("instance", ""))
         if not instance_addresses(self.config(), name):
-            return _error("unknown_instance", f"no instance {name!r} in the configuration (an instance is named by "
-                                              "its name, else host:port)")
+            return _error("unknown_instance", f"no instance {name!r} in the configuration (an instance is named "
+                                              "by its name or its host:port)")
         answers = await self.fanout({"kind": "readmit", "instance": name}, ANSWER_MARGIN)
         done = [answer for answer in answers if answer.get("readmitted")]
         if not done:

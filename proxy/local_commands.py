@@ -20,12 +20,12 @@ DRAIN_POLL = 0.002  # seconds between two looks at whether a held endpoint's tra
 
 
 def instance_addresses(config: Config, label: str) -> list[tuple[str, str, tuple[str, int]]]:
-    """(engine, cluster, address) of every instance of the configuration labelled `label` (its name or
-    host:port)."""
+    """(engine, cluster, address) of every instance of the configuration called `label`: its label (its name,
+    else host:port), or its host:port."""
     return [(engine, name, (instance.host, instance.port))
             for engine, settings in engine_settings(config) if uses_clusters(settings)
             for name, cluster in settings.clusters.items()
-            for instance in cluster.instances if instance.label == label]
+            for instance in cluster.instances if label in (instance.label, f"{instance.host}:{instance.port}")]
 
 
 def switched_config(config: Config, engine: str, endpoints: list[str], cluster: str) -> Config:
