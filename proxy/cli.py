@@ -20,7 +20,7 @@ from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
 from proxy.config import Config, load_config
 from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
-from proxy.local_commands import LocalCommands
+from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
@@ -67,10 +67,11 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
     pid_file = None
     control: ControlSocket | None = None
     if config_path is not None:  # without a file (the demo, built-in defaults) there is nothing to reload
-        reloads = Reloads(lambda: reload_from_file(server, config_path))
+        switched = SwitchedEndpoints()
+        reloads = Reloads(lambda: reload_from_file(server, config_path, switched))
         loop.add_signal_handler(signal.SIGHUP, reloads.request)
         pid_file = pid_file_path(config_path, config.server.pid_file)
-        control = await _serve_control(server, pid_file)
+        control = await _serve_control(server, pid_file, switched)
         write_pid_file(pid_file)
     try:
         if ready_message:
@@ -86,10 +87,12 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
             remove_pid_file(pid_file)
 
 
-async def _serve_control(server: ProxyServer, pid_file: Path) -> ControlSocket | None:
+async def _serve_control(server: ProxyServer, pid_file: Path, switched: SwitchedEndpoints) -> ControlSocket | None:
     """The control socket beside the pid file; this process is its only worker."""
     control = ControlSocket(control_socket_path(pid_file))
-    commands = Commands(lambda: server.config, local_fanout(LocalCommands(server).handlers()))
+    commands = Commands(lambda: server.config, local_fanout(LocalCommands(server).handlers()),
+                        lambda _config, plan: switched.record(plan.engine, plan.endpoints, plan.blue_name,
+                                                              plan.green_name))
     try:
         await control.start(commands.handlers())
     except OSError as exc:
@@ -98,12 +101,14 @@ async def _serve_control(server: ProxyServer, pid_file: Path) -> ControlSocket |
     return control
 
 
-async def reload_from_file(server: ProxyServer, config_path: Path) -> None:
-    """Re-read, validate and apply the configuration; one error line and no change when it does not validate."""
+async def reload_from_file(server: ProxyServer, config_path: Path, switched: SwitchedEndpoints | None = None) -> None:
+    """Re-read, validate and apply the configuration; one error line and no change when it does not validate.
+    Endpoints a switchover moved stay where it put them while the file still names the cluster they left."""
     log.info("reload: reading %s", config_path)
     try:
         ports = {name: listener.port for name, listener in server.listeners.items()}
-        await apply_config(server, prepare(config_path, server.config, ports))
+        config = prepare(config_path, server.config, ports)
+        await apply_config(server, switched.keep(config) if switched is not None else config)
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays: %s", exc)
 

@@ -106,12 +106,15 @@ def plan_switchover(config: Config, to: str, endpoint: str | None) -> Switchover
     return SwitchoverPlan(engine, names, blues[0], settings.clusters[blues[0]], to, settings.clusters[to])
 
 
+# Told the running configuration after a switchover (the endpoints under their new cluster) and what moved.
+Switched = Callable[[Config, SwitchoverPlan], None]
+
+
 class Commands:
-    """The control socket's handlers. `config` is the running configuration; `switched` is told the configuration
-    after a switchover (the endpoints under their new cluster)."""
+    """The control socket's handlers. `config` is the running configuration; `switched` is told of a switchover."""
 
     def __init__(self, config: Callable[[], Config], fanout: Fanout,
-                 switched: Callable[[Config], None] = lambda _config: None) -> None:
+                 switched: Switched = lambda _config, _plan: None) -> None:
         self.config = config
         self.fanout = fanout
         self.switched = switched
@@ -167,7 +170,7 @@ class Switchover:
     has applied blue's last position, promote green, then move the endpoints (or undo it all and say why)."""
 
     def __init__(self, plan: SwitchoverPlan, config: Config, fanout: Fanout, timeout: float,
-                 switched: Callable[[Config], None]) -> None:
+                 switched: Switched) -> None:
         self.plan = plan
         self.config = config
         self.fanout = fanout
@@ -272,7 +275,7 @@ class Switchover:
                                   f"(writes were held {held * 1000:.0f} ms)") from None
         # Green is the writer now: the running configuration says so before the workers move (a worker started
         # again from here on serves green too).
-        self.switched(switched_config(self.config, plan.engine, endpoints, plan.green_name))
+        self.switched(switched_config(self.config, plan.engine, endpoints, plan.green_name), plan)
         committed = await self.fanout({"kind": "switchover-commit", "engine": plan.engine, "endpoints": endpoints,
                                        "cluster": plan.green_name}, ANSWER_MARGIN)
         held = time.monotonic() - held_at

@@ -39,6 +39,32 @@ def switched_config(config: Config, engine: str, endpoints: list[str], cluster: 
     return config
 
 
+class SwitchedEndpoints:
+    """The endpoints switchovers moved: a reload of a file that still names the cluster an endpoint left keeps it
+    where the switchover put it (with a warning to change the file); once the file names another cluster, the file
+    rules again."""
+
+    def __init__(self) -> None:
+        self.moves: dict[tuple[str, str], tuple[str, str]] = {}  # (engine, endpoint) -> (cluster left, cluster now)
+
+    def record(self, engine: str, endpoints: list[str], left: str, now: str) -> None:
+        for endpoint in endpoints:
+            self.moves[(engine, endpoint)] = (left, now)
+
+    def keep(self, config: Config) -> Config:
+        """`config` (read from the file) with the endpoints moved since kept where they are."""
+        for (engine, endpoint), (left, now) in list(self.moves.items()):
+            settings = next((s for name, s in engine_settings(config) if name == engine), None)
+            found = settings.endpoints.get(endpoint) if settings is not None else None
+            if settings is None or found is None or found.cluster != left or now not in settings.clusters:
+                del self.moves[(engine, endpoint)]  # the file was changed since: it says where the endpoint is
+                continue
+            log.warning("reload: the configuration file still puts endpoint %s on cluster %s; it stays on cluster "
+                        "%s, where a switchover moved it (change the file to match)", endpoint, left, now)
+            config = switched_config(config, engine, [endpoint], now)
+        return config
+
+
 def lent_out(target: Target) -> int:
     """Backend connections of the target not idle in a pool: lent to a client, being connected or cleaned."""
     return target.open_connections - target.idle_count()

@@ -21,12 +21,12 @@ from pathlib import Path
 import uvloop
 
 from proxy import channel
-from proxy.commands import Commands, channel_fanout
+from proxy.commands import Commands, SwitchoverPlan, channel_fanout
 from proxy.config import Config, parse_config
 from proxy.control import ControlThread, control_socket_path
 from proxy.endpoints import resolve_endpoints, with_ports
 from proxy.errors import ConfigError
-from proxy.local_commands import LocalCommands
+from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.metrics import serve_metrics
 from proxy.reload import Reloads, keep_ports, prepare
 from proxy.reload import apply as apply_config
@@ -261,6 +261,7 @@ class _SupervisorReload:
         self.ready = False
         self.busy = False
         self.pending = False
+        self.switched = SwitchedEndpoints()  # a reload keeps what switchovers moved until the file follows
 
     def ports(self) -> dict[str, int]:
         return {endpoint.name: endpoint.settings.port for endpoint in resolve_endpoints(self.config)}
@@ -285,7 +286,7 @@ class _SupervisorReload:
         log.info("reload: reading %s", path)
         running = self.ports()
         try:
-            config = _fixed_ports(prepare(path, self.config, running), running)
+            config = _fixed_ports(self.switched.keep(prepare(path, self.config, running)), running)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             return
@@ -307,7 +308,8 @@ def _for_workers(config: Config) -> Config:
 def _start_control(pid_file: Path, reload: _SupervisorReload, folder: Path, count: int) -> ControlThread | None:
     """The control socket beside the pid file: operator commands, fanned out to every worker's channel."""
 
-    def switched(config: Config) -> None:
+    def switched(config: Config, plan: SwitchoverPlan) -> None:
+        reload.switched.record(plan.engine, plan.endpoints, plan.blue_name, plan.green_name)
         reload.config = config
         reload.worker_config = _for_workers(config)
 

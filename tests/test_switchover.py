@@ -96,6 +96,16 @@ def _check_clients(clients: list[Client], rows: dict[tuple[int, int], int], afte
         assert all(rows[(client.number, n)] == port for n in late), client.number
 
 
+def _reload_keeps_the_switch(proxy: ProxyProcess) -> None:
+    """`dbproxy reload` of the unchanged file: the endpoint stays on green (the file still says blue)."""
+    done = subprocess.run([sys.executable, "-m", "proxy", "reload", "-c", str(proxy.config)], capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    proxy.wait_for_log(r"reload: the configuration file still puts endpoint rw on cluster blue; it stays on "
+                       r"cluster green")
+    proxy.wait_for_log(r"reload: serving rw port")
+
+
 def _held_ms(output: str) -> float:
     found = re.search(r"writes (?:were )?held (\d+) ms", output)
     assert found, output
@@ -179,6 +189,7 @@ def test_postgres_switchover_to_a_standby_keeps_every_client_and_write(
         assert done.returncode == 0, (done.stdout, done.stderr, proxy.log()[-3000:])
         finished = time.monotonic() - 1.0  # the clients ran one more second after the command returned
         _check_clients(clients, _pg_rows(green), finished, green.port)
+        _reload_keeps_the_switch(proxy)
         for client in clients:  # the same connections: settings and prepared statements still work
             assert not client.conn.closed
             assert client.conn.execute("SHOW application_name").fetchone() == (f"writer-{client.number}",)
@@ -313,6 +324,7 @@ def test_mariadb_switchover_to_a_replica_keeps_every_client_and_write(
         assert done.returncode == 0, (done.stdout, done.stderr, proxy.log()[-3000:])
         finished = time.monotonic() - 1.0
         _check_clients(clients, _mariadb_rows(green), finished, green.port)
+        _reload_keeps_the_switch(proxy)
         for client in clients:  # the same connections: settings and prepared statements still work
             assert client.conn.is_connected()
             cursor = client.conn.cursor(prepared=True)
