@@ -13,6 +13,7 @@ from proxy.config import Config, engine_settings, uses_clusters
 from proxy.endpoints import resolve_endpoints
 from proxy.pool.pool import Target
 from proxy.server import Listener, ProxyServer
+from proxy.session.pg_client import PostgresClient
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ class LocalCommands:
         for listener in listeners:
             self.server.held.add(listener.name)  # the topology follower leaves it alone while held
             listener.service.target.pause()
+            for client in listener.clients:
+                if isinstance(client, PostgresClient):
+                    client.end_sequence_hold()
             self._cancel_watchdog(listener.name)
             self._watchdogs[listener.name] = loop.call_later(
                 float(message.get("hold", timeout + 10.0)), self._release, listener, "no decision came in time")

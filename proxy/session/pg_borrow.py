@@ -307,6 +307,12 @@ class PgBorrow(PgSettings):
             self.stats.unpinned()
         return False
 
+    def end_sequence_hold(self) -> None:
+        """Give back at once a backend kept idle for sequence values (its target is held for a switchover)."""
+        if self._reserved is not None and self._seq_holding is not None:
+            self._seq_holding.cancel()
+            self._sequence_hold_over(self._reserved)
+
     def _sequence_hold_over(self, backend: PostgresBackend) -> None:
         """The hold's time is up: a reserved backend goes back to the pool, a busy one at its transaction's end."""
         self._seq_holding = None
