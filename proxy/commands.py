@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 Fanout = Callable[[channel.Message, float], Awaitable[list[channel.Message]]]
 
 DEFAULT_SWITCHOVER_TIMEOUT = 10.0  # seconds writes may be held (and, before that, green may take to catch up)
+MAX_SWITCHOVER_TIMEOUT = 600.0
+STATEMENT_TIMEOUT = 5.0  # seconds for one administrative statement outside the hold (and to undo the read-only)
 HOLD_MARGIN = 10.0  # seconds past the timeout after which a worker releases a held endpoint by itself
 ANSWER_MARGIN = 5.0  # seconds a worker has to answer beyond the time its part may take
 
@@ -153,9 +155,12 @@ class Commands:
         """{"to": CLUSTER, "endpoint": NAME | None, "timeout": S}: move read_write endpoints to another cluster."""
         if self._switching.locked():
             return _error("busy", "a switchover is already running")
+        timeout = float(message.get("timeout") or DEFAULT_SWITCHOVER_TIMEOUT)
+        if not 0 < timeout <= MAX_SWITCHOVER_TIMEOUT:
+            return _error("bad_request", f"the timeout must be more than 0 and at most {MAX_SWITCHOVER_TIMEOUT:.0f} "
+                                         "seconds")
         async with self._switching:
             endpoint = message.get("endpoint")
-            timeout = float(message.get("timeout") or DEFAULT_SWITCHOVER_TIMEOUT)
             try:
                 plan = plan_switchover(self.config(), str(message.get("to", "")),
                                        None if endpoint is None else str(endpoint))
@@ -215,13 +220,15 @@ class Switchover:
             await blue.close()
             raise
         try:
-            if not await guarded("asking whether it replicates", green.where, green_password, green.is_replica()):
+            if not await guarded("asking whether it replicates", green.where, green_password, green.is_replica(),
+                                 STATEMENT_TIMEOUT):
                 raise SwitchoverError(f"{green.where} (cluster {plan.green_name}) does not replicate: nothing "
                                       "guarantees it has blue's writes")
             # Catch up before holding anything: the hold then only waits for the last few transactions.
-            position = await guarded("reading the position", blue.where, blue_password, blue.position())
+            position = await guarded("reading the position", blue.where, blue_password, blue.position(),
+                                     STATEMENT_TIMEOUT)
             await guarded("waiting for the replica", green.where, green_password,
-                          green.wait_applied(position, self.timeout))
+                          green.wait_applied(position, self.timeout), self.timeout + STATEMENT_TIMEOUT)
             return await self._switch(blue, blue_password, green, green_password)
         finally:
             await blue.close()
@@ -252,19 +259,22 @@ class Switchover:
                 raise SwitchoverError(f"the open transactions took longer than {self.timeout:.1f}s to finish")
             step("drained (workers: " + "/".join(str(answer.get("drained_ms")) for answer in answers) + ")")
             read_only_asked = True
-            await guarded("making it read-only", blue.where, blue_password, blue.make_read_only())
+            await guarded("making it read-only", blue.where, blue_password, blue.make_read_only(), remaining())
             step("read-only")
-            position = await guarded("reading the position", blue.where, blue_password, blue.position())
+            position = await guarded("reading the position", blue.where, blue_password, blue.position(),
+                                     remaining())
             await guarded("waiting for the replica", green.where, green_password,
-                          green.wait_applied(position, remaining()))
+                          green.wait_applied(position, remaining()), remaining() + 1.0)
             step("caught up")
-            await guarded("promoting it", green.where, green_password, green.promote(max(1.0, remaining())))
+            await guarded("promoting it", green.where, green_password, green.promote(max(1.0, remaining())),
+                          max(1.0, remaining()) + 1.0)
             step("promoted")
         except SwitchoverError as exc:
             undone = ""
             if read_only_asked:
                 try:
-                    await guarded("making it writable again", blue.where, blue_password, blue.make_writable())
+                    await guarded("making it writable again", blue.where, blue_password, blue.make_writable(),
+                                  STATEMENT_TIMEOUT)
                     undone = f"; {blue.where} is writable again"
                 except SwitchoverError as undo_failed:
                     undone = f"; and undoing failed: {undo_failed}"

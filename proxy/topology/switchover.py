@@ -189,10 +189,11 @@ async def connect_admin(engine: str, host: str, port: int, user: str, password: 
         raise SwitchoverError(f"cannot connect to {where} as {user}: {_reason(exc, password)}") from None
 
 
-async def guarded(step: str, where: str, password: str, work: Awaitable[T]) -> T:
-    """Await `work`; any failure but a SwitchoverError becomes one that names the step and the instance."""
+async def guarded(step: str, where: str, password: str, work: Awaitable[T], timeout: float) -> T:
+    """Await `work` for at most `timeout` seconds; any failure but a SwitchoverError becomes one that names the step
+    and the instance."""
     try:
-        return await work
+        return await asyncio.wait_for(work, max(0.1, timeout))
     except SwitchoverError:
         raise
     except Exception as exc:
