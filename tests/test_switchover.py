@@ -1,6 +1,6 @@
 """Blue/green switchover of a read_write endpoint in the running proxy (`dbproxy switchover`): clients writing
 through the proxy keep their connections, lose no acknowledged write and see no error; a switchover that cannot
-finish leaves them on blue, writable again."""
+finish leaves them on blue, writable again; a reload of the file that still names blue keeps them on green."""
 
 from __future__ import annotations
 
@@ -87,23 +87,26 @@ def _run_clients(clients: list[Client], action: Callable[[], None]) -> None:
 
 def _check_clients(clients: list[Client], rows: dict[tuple[int, int], int], after: float, port: int) -> None:
     """No client error, every acknowledged row stored, every row acknowledged after `after` written on `port`."""
+    # (a test is one story with the same clients: failed attempts first, then the switchover)
     assert not [c.errors for c in clients if c.errors], [c.errors for c in clients if c.errors]
     for client in clients:
         lost = [n for n, _ in client.acked if (client.number, n) not in rows]
         assert not lost, (client.number, lost[:10])
         late = [n for n, ended in client.acked if ended > after]
-        assert late, f"client {client.number} wrote nothing after the switchover"
+        assert late, f"client {client.number} wrote nothing after the command"
         assert all(rows[(client.number, n)] == port for n in late), client.number
 
 
-def _reload_keeps_the_switch(proxy: ProxyProcess) -> None:
-    """`dbproxy reload` of the unchanged file: the endpoint stays on green (the file still says blue)."""
+def _reload(proxy: ProxyProcess, wait_for: str) -> None:
     done = subprocess.run([sys.executable, "-m", "proxy", "reload", "-c", str(proxy.config)], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    proxy.wait_for_log(r"reload: the configuration file still puts endpoint rw on cluster blue; it stays on "
-                       r"cluster green")
-    proxy.wait_for_log(r"reload: serving rw port")
+    proxy.wait_for_log(wait_for)
+
+
+def _reload_keeps_the_switch(proxy: ProxyProcess) -> None:
+    """`dbproxy reload` of the file that still says blue: the endpoint stays on green."""
+    _reload(proxy, r"reload: the configuration file still puts endpoint rw on cluster blue; it stays on cluster green")
 
 
 def _held_ms(output: str) -> float:
@@ -129,26 +132,18 @@ def pg_pair(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance
         blue.stop()
 
 
-def _pg_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blue: PostgresInstance, green: PostgresInstance,
-              workers: int, green_user: str) -> ProxyProcess:
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + blue.superuser.upper(), blue.superuser_password)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "workers": workers, "pid_file": str(folder / "dbproxy.pid")},
+def _pg_config(folder: Path, blue: PostgresInstance, green: PostgresInstance, port: int, green_user: str) -> Path:
+    return write_config(folder, {
+        "server": {"log_level": "info", "workers": 2, "pid_file": str(folder / "dbproxy.pid")},
         "secrets": {"file": "secrets.toml"},
         "mysql": {"enabled": False},
         "postgresql.pool": {"max_connections": BACKENDS, "connection_borrow_timeout": 20.0},
         "postgresql.clusters.blue": {"instances": [{"name": "blue-1", "host": blue.host, "port": blue.port}],
                                      "monitor_interval": INTERVAL, "monitor_user": blue.superuser},
         "postgresql.clusters.green": {"instances": [{"name": "green-1", "host": green.host, "port": green.port}],
-                                      "monitor_interval": INTERVAL if green_user == blue.superuser else 0,
-                                      "monitor_user": green_user},
-        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "blue", "role": "read_write"},
+                                      "monitor_interval": INTERVAL, "monitor_user": green_user},
+        "postgresql.endpoints.rw": {"port": port, "cluster": "blue", "role": "read_write"},
     })
-    proxy = ProxyProcess(config, folder / "proxy.log")
-    proxy.start()
-    return proxy
 
 
 def _pg_write(conn: psycopg.Connection[Any], client: int, n: int, multi: bool) -> None:
@@ -176,19 +171,48 @@ def _pg_rows(instance: PostgresInstance) -> dict[tuple[int, int], int]:
         return {(c, n): p for c, n, p in conn.execute("SELECT client, n, port FROM t").fetchall()}
 
 
-def test_postgres_switchover_to_a_standby_keeps_every_client_and_write(
+def test_postgres_switchover_to_a_standby(
     tmp_path: Path, pg_pair: tuple[PostgresInstance, PostgresInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Two workers. Called off twice (green's monitor_user may not promote; green does not catch up), then done
+    once the file names a monitor_user that may."""
     blue, green = pg_pair
-    proxy = _pg_proxy(tmp_path, monkeypatch, blue, green, workers=2, green_user=blue.superuser)
+    monkeypatch.setenv("DBPROXY_PASSWORD_" + blue.superuser.upper(), blue.superuser_password)
+    folder = tmp_path / "proxy"
+    folder.mkdir()
+    port = free_port()
+    proxy = ProxyProcess(_pg_config(folder, blue, green, port, green_user="app"), folder / "proxy.log")
+    proxy.start()
     try:
         clients = _pg_clients(proxy)
-        result: list[tuple[subprocess.CompletedProcess[str], float]] = []
-        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
-        done, took = result[0]
+        runs: list[tuple[subprocess.CompletedProcess[str], float]] = []
+
+        # Blue was read-only for a moment and is writable again; the clients go on on blue.
+        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
+        done = runs[-1][0]
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "permission denied for function pg_promote" in done.stderr, done.stderr
+        assert "is writable again; the endpoints stay on cluster blue" in done.stderr, done.stderr
+        _check_clients(clients, _pg_rows(blue), time.monotonic() - 1.0, blue.port)
+        assert blue.psql("SHOW default_transaction_read_only") == "off"
+        assert green.psql("SELECT pg_is_in_recovery()") == "t"
+        called_off = _held_ms(done.stderr)
+
+        # Green not catching up: refused before anything is held.
+        green.pause_replay()
+        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
+        done = runs[-1][0]
+        assert done.returncode == 1 and "not" in done.stderr and "within 1.0s" in done.stderr, done.stderr
+        assert "held" not in done.stderr, done.stderr
+        _check_clients(clients, _pg_rows(blue), time.monotonic() - 1.0, blue.port)
+        green.resume_replay()
+
+        _pg_config(folder, blue, green, port, green_user=blue.superuser)
+        _reload(proxy, r"reload: serving rw port")
+        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
+        done, took = runs[-1]
         assert done.returncode == 0, (done.stdout, done.stderr, proxy.log()[-3000:])
-        finished = time.monotonic() - 1.0  # the clients ran one more second after the command returned
-        _check_clients(clients, _pg_rows(green), finished, green.port)
+        _check_clients(clients, _pg_rows(green), time.monotonic() - 1.0, green.port)
         _reload_keeps_the_switch(proxy)
         for client in clients:  # the same connections: settings and prepared statements still work
             assert not client.conn.closed
@@ -199,42 +223,9 @@ def test_postgres_switchover_to_a_standby_keeps_every_client_and_write(
         assert blue.psql("SHOW default_transaction_read_only") == "on"
         assert green.psql("SELECT pg_is_in_recovery()") == "f"
         slowest = max(client.slowest for client in clients)
-        print(f"PostgreSQL switchover: writes held {_held_ms(done.stdout):.0f} ms (proxy's measure); slowest client "
-              f"write {slowest[0] * 1000:.0f} ms; command took {took * 1000:.0f} ms; "
+        print(f"PostgreSQL switchover: writes held {_held_ms(done.stdout):.0f} ms (called off: {called_off:.0f} ms); "
+              f"slowest client write {slowest[0] * 1000:.0f} ms; command took {took * 1000:.0f} ms; "
               f"{sum(len(c.acked) for c in clients)} rows acknowledged by {CLIENTS} clients, none lost")
-    finally:
-        proxy.stop()
-
-
-def test_postgres_switchover_that_cannot_finish_stays_on_blue(
-    tmp_path: Path, pg_pair: tuple[PostgresInstance, PostgresInstance], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The green cluster's monitor_user may not promote: blue was read-only for a moment, is writable again."""
-    blue, green = pg_pair
-    proxy = _pg_proxy(tmp_path, monkeypatch, blue, green, workers=1, green_user="app")
-    try:
-        clients = _pg_clients(proxy)
-        result: list[tuple[subprocess.CompletedProcess[str], float]] = []
-        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
-        done, _took = result[0]
-        assert done.returncode == 1, (done.stdout, done.stderr)
-        assert "pg_promote" in done.stderr and "is writable again" in done.stderr, done.stderr
-        assert "the endpoints stay on cluster blue" in done.stderr, done.stderr
-        finished = time.monotonic() - 1.0
-        _check_clients(clients, _pg_rows(blue), finished, blue.port)
-        assert blue.psql("SHOW default_transaction_read_only") == "off"
-        assert green.psql("SELECT pg_is_in_recovery()") == "t"
-        print(f"PostgreSQL switchover called off: writes held {_held_ms(done.stderr):.0f} ms")
-        # Green not catching up: refused before anything is held.
-        green.pause_replay()
-        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
-        done, _took = result[1]
-        assert done.returncode == 1 and "not" in done.stderr and "within 1.0s" in done.stderr, done.stderr
-        assert blue.psql("SHOW default_transaction_read_only") == "off"
-        _check_clients(clients, _pg_rows(blue), time.monotonic() - 1.0, blue.port)
-        for client in clients:
-            assert not client.conn.closed
-            client.conn.close()
     finally:
         proxy.stop()
 
@@ -248,7 +239,9 @@ def mariadb_pair(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInsta
     green = None
     try:
         green = start_mariadb_replica(blue, tmp_path / "green")
-        blue.sql("CREATE TABLE app.t (client INT, n INT, port INT, PRIMARY KEY (client, n))")
+        blue.sql("CREATE TABLE app.t (client INT, n INT, port INT, PRIMARY KEY (client, n));\n"
+                 "CREATE USER switcher@'%' IDENTIFIED BY 'Switcher-Secret-1';\n"
+                 "GRANT REPLICA MONITOR ON *.* TO switcher@'%';")
         green.wait_caught_up(blue.sql("SELECT @@gtid_binlog_pos"))
         yield blue, green
     finally:
@@ -257,12 +250,8 @@ def mariadb_pair(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInsta
         blue.stop()
 
 
-def _mariadb_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blue: MariaDBInstance,
-                   green: MariaDBInstance, green_user: str = "root") -> ProxyProcess:
-    monkeypatch.setenv("DBPROXY_PASSWORD_ROOT", blue.root_password)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
+def _mariadb_config(folder: Path, blue: MariaDBInstance, green: MariaDBInstance, port: int, green_user: str) -> Path:
+    return write_config(folder, {
         "server": {"log_level": "info", "workers": 1},
         "secrets": {"file": "secrets.toml"},
         "postgresql": {"enabled": False},
@@ -270,13 +259,9 @@ def _mariadb_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blue: MariaD
         "mysql.clusters.blue": {"instances": [{"host": blue.host, "port": blue.port}],
                                 "monitor_interval": INTERVAL, "monitor_user": "root"},
         "mysql.clusters.green": {"instances": [{"host": green.host, "port": green.port}],
-                                 "monitor_interval": INTERVAL if green_user == "root" else 0,
-                                 "monitor_user": green_user},
-        "mysql.endpoints.rw": {"port": free_port(), "cluster": "blue", "role": "read_write"},
+                                 "monitor_interval": INTERVAL, "monitor_user": green_user},
+        "mysql.endpoints.rw": {"port": port, "cluster": "blue", "role": "read_write"},
     })
-    proxy = ProxyProcess(config, folder / "proxy.log")
-    proxy.start()
-    return proxy
 
 
 def _mariadb_write(conn: Any, client: int, n: int, multi: bool) -> None:
@@ -294,11 +279,6 @@ def _mariadb_write(conn: Any, client: int, n: int, multi: bool) -> None:
         cursor.close()
 
 
-def _mariadb_rows(instance: MariaDBInstance) -> dict[tuple[int, int], int]:
-    rows = instance.sql("SELECT client, n, port FROM app.t")
-    return {(int(c), int(n)): int(p) for c, n, p in (line.split("\t") for line in rows.splitlines() if line)}
-
-
 def _mariadb_clients(proxy: ProxyProcess) -> list[Client]:
     clients = []
     for number in range(CLIENTS):
@@ -311,19 +291,50 @@ def _mariadb_clients(proxy: ProxyProcess) -> list[Client]:
     return clients
 
 
-def test_mariadb_switchover_to_a_replica_keeps_every_client_and_write(
+def _mariadb_rows(instance: MariaDBInstance) -> dict[tuple[int, int], int]:
+    rows = instance.sql("SELECT client, n, port FROM app.t")
+    return {(int(c), int(n)): int(p) for c, n, p in (line.split("\t") for line in rows.splitlines() if line)}
+
+
+def test_mariadb_switchover_to_a_replica(
     tmp_path: Path, mariadb_pair: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One process. Called off twice (green's monitor_user may watch replication but not stop it; green does not
+    catch up), then done once the file names a monitor_user that may."""
     blue, green = mariadb_pair
-    proxy = _mariadb_proxy(tmp_path, monkeypatch, blue, green)
+    monkeypatch.setenv("DBPROXY_PASSWORD_ROOT", blue.root_password)
+    monkeypatch.setenv("DBPROXY_PASSWORD_SWITCHER", "Switcher-Secret-1")
+    folder = tmp_path / "proxy"
+    folder.mkdir()
+    port = free_port()
+    proxy = ProxyProcess(_mariadb_config(folder, blue, green, port, green_user="switcher"), folder / "proxy.log")
+    proxy.start()
     try:
         clients = _mariadb_clients(proxy)
-        result: list[tuple[subprocess.CompletedProcess[str], float]] = []
-        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
-        done, took = result[0]
+        runs: list[tuple[subprocess.CompletedProcess[str], float]] = []
+
+        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
+        done = runs[-1][0]
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "promoting it" in done.stderr and "is writable again" in done.stderr, done.stderr
+        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
+        assert blue.sql("SELECT @@GLOBAL.read_only") == "0"
+        called_off = _held_ms(done.stderr)
+
+        green.sql("START SLAVE")  # (the failed promotion stopped it)
+        green.pause_replay()
+        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
+        done = runs[-1][0]
+        assert done.returncode == 1 and "within 1.0s" in done.stderr and "held" not in done.stderr, done.stderr
+        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
+        green.resume_replay()
+
+        _mariadb_config(folder, blue, green, port, green_user="root")
+        _reload(proxy, r"reload: serving rw port")
+        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
+        done, took = runs[-1]
         assert done.returncode == 0, (done.stdout, done.stderr, proxy.log()[-3000:])
-        finished = time.monotonic() - 1.0
-        _check_clients(clients, _mariadb_rows(green), finished, green.port)
+        _check_clients(clients, _mariadb_rows(green), time.monotonic() - 1.0, green.port)
         _reload_keeps_the_switch(proxy)
         for client in clients:  # the same connections: settings and prepared statements still work
             assert client.conn.is_connected()
@@ -335,43 +346,8 @@ def test_mariadb_switchover_to_a_replica_keeps_every_client_and_write(
         assert blue.sql("SELECT @@GLOBAL.read_only") == "1"
         assert green.sql("SELECT @@GLOBAL.read_only") == "0" and green.slave_status() == {}
         slowest = max(client.slowest for client in clients)
-        print(f"MariaDB switchover: writes held {_held_ms(done.stdout):.0f} ms (proxy's measure); slowest client "
-              f"write {slowest[0] * 1000:.0f} ms; command took {took * 1000:.0f} ms; "
+        print(f"MariaDB switchover: writes held {_held_ms(done.stdout):.0f} ms (called off: {called_off:.0f} ms); "
+              f"slowest client write {slowest[0] * 1000:.0f} ms; command took {took * 1000:.0f} ms; "
               f"{sum(len(c.acked) for c in clients)} rows acknowledged by {CLIENTS} clients, none lost")
-    finally:
-        proxy.stop()
-
-
-def test_mariadb_switchover_that_cannot_finish_stays_on_blue(
-    tmp_path: Path, mariadb_pair: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The green cluster's monitor_user may watch replication but not stop it: blue is writable again."""
-    blue, green = mariadb_pair
-    blue.sql("CREATE USER switcher@'%' IDENTIFIED BY 'Switcher-Secret-1';\n"
-             "GRANT REPLICA MONITOR ON *.* TO switcher@'%';")
-    green.wait_caught_up(blue.sql("SELECT @@gtid_binlog_pos"))
-    monkeypatch.setenv("DBPROXY_PASSWORD_SWITCHER", "Switcher-Secret-1")
-    proxy = _mariadb_proxy(tmp_path, monkeypatch, blue, green, green_user="switcher")
-    try:
-        clients = _mariadb_clients(proxy)
-        result: list[tuple[subprocess.CompletedProcess[str], float]] = []
-        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
-        done, _took = result[0]
-        assert done.returncode == 1, (done.stdout, done.stderr)
-        assert "promoting it" in done.stderr and "is writable again" in done.stderr, done.stderr
-        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
-        assert blue.sql("SELECT @@GLOBAL.read_only") == "0"
-        print(f"MariaDB switchover called off: writes held {_held_ms(done.stderr):.0f} ms")
-        # Green not catching up (its SQL thread stopped): refused before anything is held.
-        green.sql("START SLAVE")  # the failed promotion stopped it
-        green.pause_replay()
-        _run_clients(clients, lambda: result.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
-        done, _took = result[1]
-        assert done.returncode == 1 and "within 1.0s" in done.stderr, done.stderr
-        assert blue.sql("SELECT @@GLOBAL.read_only") == "0"
-        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
-        for client in clients:
-            assert client.conn.is_connected()
-            client.conn.close()
     finally:
         proxy.stop()
