@@ -13,6 +13,7 @@ from pathlib import Path
 from proxy import channel
 from proxy.config import ClusterBase, Config, EndpointRole, engine_settings, uses_clusters
 from proxy.endpoints import writer_of
+from proxy.errors import ConfigError
 from proxy.local_commands import instance_addresses, switched_config
 from proxy.secrets import SecretStore
 from proxy.topology.switchover import AdminConnection, SwitchoverError, connect_admin, guarded
@@ -181,7 +182,10 @@ class Switchover:
         self.fanout = fanout
         self.timeout = timeout
         self.switched = switched
-        self.secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        try:
+            self.secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        except ConfigError as exc:
+            raise SwitchoverError(f"the secrets cannot be read: {exc}") from None
 
     def _login(self, cluster: ClusterBase, name: str) -> tuple[str, str]:
         secret = self.secrets.get(cluster.monitor_user) if cluster.monitor_user else None
