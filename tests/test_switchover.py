@@ -70,7 +70,8 @@ def _switchover(config: Path, *args: str) -> tuple[subprocess.CompletedProcess[s
     return done, time.monotonic() - started
 
 
-def _run_clients(clients: list[Client], action: Callable[[], None]) -> None:
+def _run_clients(clients: list[Client], action: Callable[[], None]) -> float:
+    """Run `action` while the clients write (one second before, one after); returns when it finished."""
     stop = threading.Event()
     threads = [threading.Thread(target=client.run, args=(stop,), daemon=True) for client in clients]
     for thread in threads:
@@ -78,11 +79,19 @@ def _run_clients(clients: list[Client], action: Callable[[], None]) -> None:
     try:
         time.sleep(1.0)
         action()
+        finished = time.monotonic()
         time.sleep(1.0)
     finally:
         stop.set()
         for thread in threads:
             thread.join(30)
+    return finished
+
+
+def _attempt(proxy: ProxyProcess, clients: list[Client], runs: list[tuple[subprocess.CompletedProcess[str], float]],
+             timeout: str) -> float:
+    """`dbproxy switchover --to green` while the clients write; returns when the command finished."""
+    return _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", timeout)))
 
 
 def _check_clients(clients: list[Client], rows: dict[tuple[int, int], int], after: float, port: int) -> None:
@@ -188,31 +197,33 @@ def test_postgres_switchover_to_a_standby(
         runs: list[tuple[subprocess.CompletedProcess[str], float]] = []
 
         # Blue was read-only for a moment and is writable again; the clients go on on blue.
-        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
+        finished = _attempt(proxy, clients, runs, "3")
         done = runs[-1][0]
         assert done.returncode == 1, (done.stdout, done.stderr)
         assert "permission denied for function pg_promote" in done.stderr, done.stderr
         assert "is writable again; the endpoints stay on cluster blue" in done.stderr, done.stderr
-        _check_clients(clients, _pg_rows(blue), time.monotonic() - 1.0, blue.port)
+        _check_clients(clients, _pg_rows(blue), finished, blue.port)
         assert blue.psql("SHOW default_transaction_read_only") == "off"
         assert green.psql("SELECT pg_is_in_recovery()") == "t"
         called_off = _held_ms(done.stderr)
 
         # Green not catching up: refused before anything is held.
         green.pause_replay()
-        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
+        finished = _attempt(proxy, clients, runs, "1")
         done = runs[-1][0]
         assert done.returncode == 1 and "not" in done.stderr and "within 1.0s" in done.stderr, done.stderr
         assert "held" not in done.stderr, done.stderr
-        _check_clients(clients, _pg_rows(blue), time.monotonic() - 1.0, blue.port)
+        _check_clients(clients, _pg_rows(blue), finished, blue.port)
         green.resume_replay()
 
         _pg_config(folder, blue, green, port, green_user=blue.superuser)
         _reload(proxy, r"reload: serving rw port")
-        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
+        for client in clients:
+            client.slowest = (0.0, 0.0)  # measured around the switchover only
+        finished = _attempt(proxy, clients, runs, "5")
         done, took = runs[-1]
         assert done.returncode == 0, (done.stdout, done.stderr, proxy.log()[-3000:])
-        _check_clients(clients, _pg_rows(green), time.monotonic() - 1.0, green.port)
+        _check_clients(clients, _pg_rows(green), finished, green.port)
         _reload_keeps_the_switch(proxy)
         for client in clients:  # the same connections: settings and prepared statements still work
             assert not client.conn.closed
@@ -313,28 +324,30 @@ def test_mariadb_switchover_to_a_replica(
         clients = _mariadb_clients(proxy)
         runs: list[tuple[subprocess.CompletedProcess[str], float]] = []
 
-        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "3")))
+        finished = _attempt(proxy, clients, runs, "3")
         done = runs[-1][0]
         assert done.returncode == 1, (done.stdout, done.stderr)
         assert "promoting it" in done.stderr and "is writable again" in done.stderr, done.stderr
-        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
+        _check_clients(clients, _mariadb_rows(blue), finished, blue.port)
         assert blue.sql("SELECT @@GLOBAL.read_only") == "0"
         called_off = _held_ms(done.stderr)
 
         green.sql("START SLAVE")  # (the failed promotion stopped it)
         green.pause_replay()
-        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "1")))
+        finished = _attempt(proxy, clients, runs, "1")
         done = runs[-1][0]
         assert done.returncode == 1 and "within 1.0s" in done.stderr and "held" not in done.stderr, done.stderr
-        _check_clients(clients, _mariadb_rows(blue), time.monotonic() - 1.0, blue.port)
+        _check_clients(clients, _mariadb_rows(blue), finished, blue.port)
         green.resume_replay()
 
         _mariadb_config(folder, blue, green, port, green_user="root")
         _reload(proxy, r"reload: serving rw port")
-        _run_clients(clients, lambda: runs.append(_switchover(proxy.config, "--to", "green", "--timeout", "5")))
+        for client in clients:
+            client.slowest = (0.0, 0.0)  # measured around the switchover only
+        finished = _attempt(proxy, clients, runs, "5")
         done, took = runs[-1]
         assert done.returncode == 0, (done.stdout, done.stderr, proxy.log()[-3000:])
-        _check_clients(clients, _mariadb_rows(green), time.monotonic() - 1.0, green.port)
+        _check_clients(clients, _mariadb_rows(green), finished, green.port)
         _reload_keeps_the_switch(proxy)
         for client in clients:  # the same connections: settings and prepared statements still work
             assert client.conn.is_connected()
