@@ -15,8 +15,12 @@ from typing import NoReturn
 
 import uvloop
 
+from proxy.channel import ChannelError
+from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
 from proxy.config import Config, load_config
+from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
+from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
@@ -61,10 +65,13 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     pid_file = None
+    control: ControlSocket | None = None
     if config_path is not None:  # without a file (the demo, built-in defaults) there is nothing to reload
-        reloads = Reloads(lambda: reload_from_file(server, config_path))
+        switched = SwitchedEndpoints()
+        reloads = Reloads(lambda: reload_from_file(server, config_path, switched))
         loop.add_signal_handler(signal.SIGHUP, reloads.request)
         pid_file = pid_file_path(config_path, config.server.pid_file)
+        control = await _serve_control(server, pid_file, switched)
         write_pid_file(pid_file)
     try:
         if ready_message:
@@ -74,16 +81,34 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
         log.info("shutting down")
         await server.stop()
     finally:
+        if control is not None:
+            control.close()
         if pid_file is not None:
             remove_pid_file(pid_file)
 
 
-async def reload_from_file(server: ProxyServer, config_path: Path) -> None:
-    """Re-read, validate and apply the configuration; one error line and no change when it does not validate."""
+async def _serve_control(server: ProxyServer, pid_file: Path, switched: SwitchedEndpoints) -> ControlSocket | None:
+    """The control socket beside the pid file; this process is its only worker."""
+    control = ControlSocket(control_socket_path(pid_file))
+    commands = Commands(lambda: server.config, local_fanout(LocalCommands(server).handlers()),
+                        lambda _config, plan: switched.record(plan.engine, plan.endpoints, plan.blue_name,
+                                                              plan.green_name))
+    try:
+        await control.start(commands.handlers())
+    except OSError as exc:
+        log.error("no control socket at %s: %s", control.path, exc.strerror or exc)
+        return None
+    return control
+
+
+async def reload_from_file(server: ProxyServer, config_path: Path, switched: SwitchedEndpoints | None = None) -> None:
+    """Re-read, validate and apply the configuration; one error line and no change when it does not validate.
+    Endpoints a switchover moved stay where it put them while the file still names the cluster they left."""
     log.info("reload: reading %s", config_path)
     try:
         ports = {name: listener.port for name, listener in server.listeners.items()}
-        await apply_config(server, prepare(config_path, server.config, ports))
+        config = prepare(config_path, server.config, ports)
+        await apply_config(server, switched.keep(config) if switched is not None else config)
     except ConfigError as exc:
         log.error("reload refused, the running configuration stays: %s", exc)
 
@@ -107,6 +132,24 @@ def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
     print(f"dbproxy: reload sent to pid {pid} ({path})", flush=True)
 
 
+def send_command(config_path: Path | None, pid_file: Path | None, message: dict[str, object],
+                 timeout: float) -> None:
+    """Send an operator command to the running proxy's control socket (beside its pid file) and print the answer;
+    exit status 1 when it failed or no proxy answers."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}; nothing sent", CONFIG_ERROR_STATUS)
+    path = control_socket_path(pid_file or pid_file_path(config_path, config.server.pid_file))
+    try:
+        answer = ask_control(path, message, timeout)
+    except ChannelError as exc:
+        _fail(f"no running dbproxy answers at {path}: {exc}", START_ERROR_STATUS)
+    if "error" in answer:
+        _fail(f"{message['kind']} failed: {answer.get('message', answer['error'])}", START_ERROR_STATUS)
+    print(f"dbproxy: {answer.get('message', 'done')}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dbproxy", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -119,6 +162,24 @@ def main(argv: list[str] | None = None) -> None:
     reload.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
     reload.add_argument("--pid-file", type=Path, default=None,
                         help="pid file of the running proxy (default: [server] pid_file, else derived from -c)")
+    instance = sub.add_parser("instance", help="commands about one instance of a cluster, in the running proxy")
+    instance_sub = instance.add_subparsers(dest="instance_command", required=True)
+    readmit = instance_sub.add_parser("readmit", help="let a fenced instance be chosen as a writer again")
+    readmit.add_argument("name", help="the instance: its name in the configuration, or its host:port")
+    switchover = sub.add_parser("switchover", help="move read_write endpoints to another cluster (blue/green) in "
+                                                   "the running proxy, client connections kept")
+    switchover.add_argument("--to", required=True, help="the cluster that becomes the writer (a replica of the "
+                                                        "endpoints' cluster)")
+    switchover.add_argument("--endpoint", default=None, help="the endpoint to move (default: every read_write "
+                                                             "endpoint of the engine on another cluster)")
+    switchover.add_argument("--timeout", type=float, default=DEFAULT_SWITCHOVER_TIMEOUT,
+                            help="seconds writes may be held, and the replica may take to catch up before that "
+                                 "(default: %(default)s)")
+    for command in (readmit, switchover):
+        command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
+        command.add_argument("--pid-file", type=Path, default=None,
+                             help="pid file of the running proxy; its control socket is beside it (default: "
+                                  "[server] pid_file, else derived from -c)")
     demo = sub.add_parser("demo", help="start a throwaway replicated PostgreSQL pair and MariaDB pair and serve "
                                        "them: read_write on 127.0.0.1:6432 and :6033, read_only on :6433 and :6034")
     demo.add_argument("--port", type=int, default=6432, help="PostgreSQL read_write endpoint")
@@ -139,6 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "reload":
         send_reload(args.config, args.pid_file)
+        return
+    if args.command == "instance":
+        send_command(args.config, args.pid_file, {"kind": "readmit", "instance": args.name}, 10.0)
+        return
+    if args.command == "switchover":
+        send_command(args.config, args.pid_file, {"kind": "switchover", "to": args.to, "endpoint": args.endpoint,
+                                                  "timeout": args.timeout}, 2 * args.timeout + 30.0)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)

@@ -87,6 +87,7 @@ class ProxyServer:
         self.ports: dict[str, int] = {}
         self.reuse_port = False
         self.causal_clusters: dict[tuple[str, str], CausalCluster] = {}  # (engine, cluster): see make_followers
+        self.held: set[str] = set()  # endpoints a switchover holds: no topology follower moves or resumes them
         self.followers: list[ClusterFollower] = self.make_followers()
 
     def make_followers(self) -> list[ClusterFollower]:
@@ -122,7 +123,8 @@ class ProxyServer:
             return [Followed(listener.name, listener.endpoint.role, listener.service.target, listener.service.group,
                              listener.endpoint.max_replica_lag, listener.endpoint.reader_fallback)
                     for listener in self.listeners.values()
-                    if listener.endpoint.engine == engine and listener.endpoint.cluster == cluster]
+                    if listener.endpoint.engine == engine and listener.endpoint.cluster == cluster
+                    and listener.name not in self.held]
         return endpoints
 
     def make_service(self, endpoint: Endpoint) -> Service:

@@ -21,9 +21,12 @@ from pathlib import Path
 import uvloop
 
 from proxy import channel
+from proxy.commands import Commands, SwitchoverPlan, channel_fanout
 from proxy.config import Config, parse_config
+from proxy.control import ControlThread, control_socket_path
 from proxy.endpoints import resolve_endpoints, with_ports
 from proxy.errors import ConfigError
+from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.metrics import serve_metrics
 from proxy.reload import Reloads, keep_ports, prepare
 from proxy.reload import apply as apply_config
@@ -98,7 +101,8 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
 
 def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
     """What a worker answers on its internal channel: its stats for the supervisor; cancels and KILLs for its own
-    clients asked on another worker (looked up when asked: a reload may add or remove endpoints)."""
+    clients asked on another worker (looked up when asked: a reload may add or remove endpoints); its part of the
+    operator commands the supervisor fans out."""
 
     async def stats(_message: channel.Message) -> channel.Message:
         return {"pid": os.getpid(), "snapshot": server.stats.snapshot()}
@@ -114,7 +118,7 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
             return {"error": "unknown", "message": "no such MySQL endpoint in this worker"}
         return await service.serve_kill(message)
 
-    return {"stats": stats, "cancel": cancel, "kill": kill}
+    return {"stats": stats, "cancel": cancel, "kill": kill, **LocalCommands(server).handlers()}
 
 
 def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
@@ -257,6 +261,7 @@ class _SupervisorReload:
         self.ready = False
         self.busy = False
         self.pending = False
+        self.switched = SwitchedEndpoints()  # a reload keeps what switchovers moved until the file follows
 
     def ports(self) -> dict[str, int]:
         return {endpoint.name: endpoint.settings.port for endpoint in resolve_endpoints(self.config)}
@@ -281,7 +286,7 @@ class _SupervisorReload:
         log.info("reload: reading %s", path)
         running = self.ports()
         try:
-            config = _fixed_ports(prepare(path, self.config, running), running)
+            config = _fixed_ports(self.switched.keep(prepare(path, self.config, running)), running)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             return
@@ -298,6 +303,27 @@ class _SupervisorReload:
 def _for_workers(config: Config) -> Config:
     """The workers' configuration: the supervisor serves the metrics."""
     return config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1})})
+
+
+def _start_control(pid_file: Path, reload: _SupervisorReload, folder: Path, count: int) -> ControlThread | None:
+    """The control socket beside the pid file: operator commands, fanned out to every worker's channel."""
+
+    def switched(config: Config, plan: SwitchoverPlan) -> None:
+        reload.switched.record(plan.engine, plan.endpoints, plan.blue_name, plan.green_name)
+        reload.config = config
+        reload.worker_config = _for_workers(config)
+
+    def handlers() -> dict[str, channel.Handler]:
+        fanout = channel_fanout(lambda: [worker_channel(index, folder) for index in range(count)])
+        return Commands(lambda: reload.config, fanout, switched).handlers()
+
+    control = ControlThread(control_socket_path(pid_file), handlers)
+    try:
+        control.start()
+    except OSError as exc:
+        log.error("no control socket at %s: %s", control.socket.path, exc.strerror or exc)
+        return None
+    return control
 
 
 def run_supervisor(config: Config, count: int, ready_message: str, config_path: Path | None = None) -> None:
@@ -317,6 +343,7 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
     folder = Path(tempfile.mkdtemp(prefix="dbproxy-"))
     reload = _SupervisorReload(config_path, config, folder, workers)
     pid_file = pid_file_path(config_path, config.server.pid_file) if config_path is not None else None
+    control: ControlThread | None = None
     ready_read, ready_write = os.pipe()
     os.set_blocking(ready_write, False)  # restarted workers announce themselves to nobody: never block on that
     signal.signal(signal.SIGTERM, stop)
@@ -348,6 +375,7 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
             raise
         if not stopping:
             if pid_file is not None:
+                control = _start_control(pid_file, reload, folder, count)
                 write_pid_file(pid_file)
             listeners = " ".join(f"{name} port {port}" for name, port in ports.items())
             print(ready_message.format(listeners=listeners, **ports), flush=True)
@@ -368,6 +396,8 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
             workers[_start_worker(reload.worker_config, index, count, folder, ready_write, restart=True)] = index
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if control is not None:
+            control.stop()
         if pid_file is not None:
             remove_pid_file(pid_file)
         os.close(ready_read)

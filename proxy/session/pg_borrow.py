@@ -333,7 +333,7 @@ class PgBorrow(PgSettings):
         now = self.loop.time()
         if writer and active and backend.pool.waiters and now - self._seq_hold_since > seq.HOLD_LIMIT_SECONDS:
             writer = False  # others wait: the hold is not renewed any more
-        if allowed and (writer or self._seq_holding is not None):
+        if allowed and not backend.pool.target.paused and (writer or self._seq_holding is not None):
             if not active:
                 self.stats.pinned_now += 1
                 self.stats.pinned(seq.HOLD_REASON)
@@ -355,6 +355,12 @@ class PgBorrow(PgSettings):
             self._seq_hold_over = False
             self.stats.unpinned()
         return False
+
+    def end_sequence_hold(self) -> None:
+        """Give back at once a backend kept idle for sequence values (its target is held for a switchover)."""
+        if self._reserved is not None and self._seq_holding is not None:
+            self._seq_holding.cancel()
+            self._sequence_hold_over(self._reserved)
 
     def _sequence_hold_over(self, backend: PostgresBackend) -> None:
         """The hold's time is up: a reserved backend goes back to the pool, a busy one at its transaction's end."""
