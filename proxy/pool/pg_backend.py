@@ -310,10 +310,19 @@ class PostgresBackend(BackendConnection):
             self._reported(client)
         if replies.failed:
             self._failed(client.statements)
+        if replies.trouble:
+            self._trouble()
         if out:
             client.transport.write(out)
         if replies.resume:
             client.resume_held(self)
+
+    def _trouble(self) -> None:
+        """The server answered that it is read-only or shutting down: the topology should look at it now."""
+        sqlstate, self.replies.trouble = self.replies.trouble, ""
+        target = self.pool.target
+        if target.on_trouble:
+            target.report_trouble(f"SQLSTATE {sqlstate} from {self.host}:{self.port}")
 
     def _reported(self, client: PgLinkedClient) -> None:
         """ParameterStatus passed to the client: the server session and the client's session have that setting."""
