@@ -178,7 +178,7 @@ class ClusterFollower:
         except AlreadyWriter:
             log.info("cluster %s: %s:%d is a writer already", self.cluster, candidate.host, candidate.port)
         except PromotionError as exc:
-            log.error("cluster %s: promoting %s:%d failed: %s", self.cluster, candidate.host, candidate.port, exc)
+            log.error("cluster %s: %s", self.cluster, exc)
             self._no_writer_since = time.monotonic()
             return
         except Exception:

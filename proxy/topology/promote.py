@@ -90,7 +90,7 @@ async def promote_mysql(host: str, port: int, user: str, password: str,
     """Promote a MariaDB replica: wait (at most ``catch_up_timeout`` seconds) until it has applied every event it
     received, then ``STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0``.
 
-    ``user`` needs REPLICATION SLAVE ADMIN, READ_ONLY ADMIN and REPLICA MONITOR (or SUPER).
+    ``user`` needs REPLICA MONITOR, REPLICATION SLAVE ADMIN, RELOAD (for RESET SLAVE) and READ_ONLY ADMIN.
     """
     try:
         conn = await asyncio.wait_for(aiomysql.connect(host=host, port=port, user=user, password=password,
@@ -116,7 +116,10 @@ async def promote_mysql(host: str, port: int, user: str, password: str,
                                          f"{catch_up_timeout:g} s")
                 await asyncio.sleep(CATCH_UP_POLL)
                 replica = await _replica_status(cursor)
-            await cursor.execute("STOP SLAVE")
+            threads = (None, None) if replica is None else (replica.get("Slave_IO_Running"),
+                                                            replica.get("Slave_SQL_Running"))
+            if replica is not None and threads != ("No", "No"):
+                await cursor.execute("STOP SLAVE")  # (with both threads stopped already it would only warn)
             await cursor.execute("RESET SLAVE ALL")
             await cursor.execute("SET GLOBAL read_only = 0")
     except (OSError, aiomysql.Error) as exc:
