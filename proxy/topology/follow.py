@@ -66,7 +66,6 @@ class ClusterFollower:
         self._waiting_for_writer = False  # a read_write endpoint is paused: rounds come every no_writer_interval
         self._no_writer_since: float | None = None  # monotonic time the follower first saw no healthy writer
         self._promotion: asyncio.Task[None] | None = None
-        self._hooked: set[int] = set()  # id() of the targets whose trouble reports come here
         monitor.on_change(self._changed)
 
     def start(self) -> None:
@@ -84,10 +83,9 @@ class ClusterFollower:
     def _hook_targets(self) -> None:
         """Hear the trouble reports of every endpoint target of the cluster (once per target)."""
         for endpoint in self._endpoints():
-            target = endpoint.target
-            if id(target) not in self._hooked:
-                self._hooked.add(id(target))
-                target.on_trouble.append(self.trouble)
+            hooks = endpoint.target.on_trouble
+            if self.trouble not in hooks:
+                hooks.append(self.trouble)
 
     # -- reacting to client traffic -------------------------------------------------
 
