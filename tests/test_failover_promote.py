@@ -229,6 +229,7 @@ def test_auto_promote_promotes_the_mariadb_replica(tmp_path: Path, monkeypatch: 
                                database="app", autocommit=True)
         with conn.cursor() as cursor:
             cursor.execute("INSERT INTO t (port) SELECT @@port")
+        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))  # (replication is asynchronous)
         pid = primary.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -242,7 +243,7 @@ def test_auto_promote_promotes_the_mariadb_replica(tmp_path: Path, monkeypatch: 
             cursor.execute("SELECT port FROM t WHERE id = LAST_INSERT_ID()")
             assert cursor.fetchone() == (replica.port,)
             cursor.execute("SELECT COUNT(*) FROM t")
-            assert cursor.fetchone() == (2,)  # the write made before the kill was replicated and kept
+            assert cursor.fetchone() == (2,)  # the write made before the kill is kept
         first = time.time()
         conn.close()
         assert replica.sql("SELECT @@read_only") == "0"
