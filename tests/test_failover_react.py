@@ -160,7 +160,7 @@ def test_a_demoted_writer_is_left_at_its_first_read_only_errors(
     # After the promotion, a client's read-only errors end within one reaction round (a few transactions).
     late = [r for r in errors if r.started > promoted_at]
     assert all(r.started - promoted_at < REACTION_ROUND for r in late), late
-    proxy.wait_for_log(r"SQLSTATE 25006 from .*; probing the instances now")
+    proxy.wait_for_log(r"read-only error \(SQLSTATE 25006\) from .*; probing the instances now")
     proxy.wait_for_log(rf"endpoint rw: writer is now 127\.0\.0\.1:{standby.port} \(timeline 2\)")
     print(f"read-only writer: first write on the promoted standby {first_write * 1000:.0f} ms after the promotion; "
           f"{len(errors)} read-only error(s) in all, {len(late)} after the promotion")

@@ -155,7 +155,7 @@ def test_a_writer_turned_read_only_is_left_at_its_first_errors(
     errors = [r for w in writers for r in w.records if r.errno]
     assert errors and {r.errno for r in errors} == {1290}, errors
     assert not [r for r in errors if r.started > promoted_at], errors  # held while there is no writer, not failed
-    proxy.wait_for_log(r"error 1290 from .*; probing the instances now")
+    proxy.wait_for_log(r"read-only error \(errno 1290\) from .*; probing the instances now")
     proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer")
     proxy.wait_for_log(rf"endpoint rw: writer is now 127\.0\.0\.1:{replica.port}")
     print(f"MySQL read-only writer: first write on the promoted replica {first_write * 1000:.0f} ms after the "

@@ -36,10 +36,11 @@ class Cluster:
         return self.probes // 2
 
 
-def _follower(cluster: Cluster, no_writer_interval: float = 0.1) -> tuple[ClusterFollower, Target]:
+def _follower(cluster: Cluster, no_writer_interval: float = 0.1,
+              role: EndpointRole = EndpointRole.READ_WRITE) -> tuple[ClusterFollower, Target]:
     target = Target("rw", *A, PoolSettings())
     monitor = TopologyMonitor([A, B], cluster.probe, interval=3600.0, timeout=1.0)
-    follower = ClusterFollower("main", monitor, lambda: [Followed("rw", EndpointRole.READ_WRITE, target)],
+    follower = ClusterFollower("main", monitor, lambda: [Followed("rw", role, target)],
                                no_writer_interval=no_writer_interval)
     follower.start()  # its first round runs now; the next one in an hour
     return follower, target
@@ -52,10 +53,10 @@ def test_reports_are_debounced_to_one_round_and_one_more() -> None:
         await asyncio.sleep(ROUND * 3)
         assert cluster.rounds == 1 and target.on_trouble == [follower.trouble]
         for _ in range(20):  # a burst: one round
-            target.report_trouble("SQLSTATE 25006 from 10.0.0.1:5432")
+            target.report_trouble("read-only error (SQLSTATE 25006) from 10.0.0.1:5432")
         await asyncio.sleep(ROUND / 2)
         for _ in range(20):  # during that round: one more right after it, however many
-            target.report_trouble("SQLSTATE 25006 from 10.0.0.1:5432")
+            target.report_trouble("read-only error (SQLSTATE 25006) from 10.0.0.1:5432")
         await asyncio.sleep(1.0)
         assert cluster.rounds == 3
         assert (target.host, target.port) == A and not target.paused
@@ -70,7 +71,7 @@ def test_a_demoted_writer_is_left_for_the_promoted_one_and_rounds_go_on_while_th
         follower, target = _follower(cluster)
         await asyncio.sleep(ROUND * 3)
         cluster.answers[A] = _status(A, Role.READER)  # read-only, and no writer yet
-        target.report_trouble("error 1290 from 10.0.0.1:5432")
+        target.report_trouble("read-only error (errno 1290) from 10.0.0.1:5432")
         await asyncio.sleep(ROUND * 3)
         assert target.paused and (target.host, target.port) == A
         waiting = cluster.rounds
@@ -82,6 +83,23 @@ def test_a_demoted_writer_is_left_for_the_promoted_one_and_rounds_go_on_while_th
         settled = cluster.rounds
         await asyncio.sleep(0.5)  # a writer again: the extra rounds stop
         assert cluster.rounds == settled
+        await follower.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_endpoint_hears_no_read_only_error() -> None:
+    async def scenario() -> None:
+        cluster = Cluster()
+        follower, target = _follower(cluster, role=EndpointRole.READ_ONLY)
+        await asyncio.sleep(ROUND * 3)
+        for _ in range(5):  # a client writing on a read-only endpoint: the reader's normal answer
+            target.report_trouble("read-only error (SQLSTATE 25006) from 10.0.0.1:5432")
+        await asyncio.sleep(ROUND * 3)
+        assert cluster.rounds == 1
+        target.report_trouble("a backend connection to 10.0.0.1:5432 was lost")  # but a lost backend counts
+        await asyncio.sleep(ROUND * 3)
+        assert cluster.rounds == 2
         await follower.stop()
 
     asyncio.run(scenario())

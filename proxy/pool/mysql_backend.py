@@ -26,6 +26,7 @@ from proxy.errors import (
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import LinkedClient
 from proxy.pool.mysql_server_session import ENABLE_TRACKING, MySQLServerError, MySQLServerSession, Profile
+from proxy.pool.pool import READ_ONLY_TROUBLE
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import INTERNAL, PREPARE
 from proxy.protocol.mysql.packets import (
@@ -275,7 +276,8 @@ class MySQLBackend(MySQLServerSession):
         """The server answered that it is read-only or shutting down: the topology should look at it now."""
         target = self.pool.target
         if target.on_trouble:
-            target.report_trouble(f"error {errno} from {self.host}:{self.port}")
+            kind = "shutdown error" if errno == ER_SERVER_SHUTDOWN else READ_ONLY_TROUBLE
+            target.report_trouble(f"{kind} (errno {errno}) from {self.host}:{self.port}")
 
     @property
     def ended_by_server(self) -> bool:

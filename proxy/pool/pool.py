@@ -31,6 +31,10 @@ RETRY_MYSQL_ERRNOS = frozenset({1040, 1053, 1927})
 # Connect failures that suggest the server itself is gone or going (not merely busy): the target reports trouble.
 TROUBLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 TROUBLE_MYSQL_ERRNOS = frozenset({1053})
+# How a trouble reason starts when the server refused a write as read-only: a sign of a demoted writer where writes
+# belong (a read_write endpoint), the normal answer of a reader elsewhere. Other reasons: "shutdown error ...",
+# "connect to ... failed", "a backend connection ... was lost".
+READ_ONLY_TROUBLE = "read-only error"
 
 
 def connect_retryable(exc: BaseException) -> bool:

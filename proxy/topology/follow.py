@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from proxy.config import EndpointRole
-from proxy.pool.pool import Target
+from proxy.pool.pool import READ_ONLY_TROUBLE, Target
 from proxy.topology.model import InstanceStatus, Role
 from proxy.topology.monitor import TopologyMonitor
 from proxy.topology.promote import AlreadyWriter, Promoter, PromotionError, promotion_candidate
@@ -81,11 +81,13 @@ class ClusterFollower:
         await self.monitor.stop()
 
     def _hook_targets(self) -> None:
-        """Hear the trouble reports of every endpoint target of the cluster (once per target)."""
+        """Hear the trouble reports of every endpoint target of the cluster (once per target): all of them from a
+        read_write endpoint, all but read-only errors (a reader's normal answer to a write) from the others."""
         for endpoint in self._endpoints():
             hooks = endpoint.target.on_trouble
-            if self.trouble not in hooks:
-                hooks.append(self.trouble)
+            hook = self.trouble if endpoint.role is EndpointRole.READ_WRITE else self._reader_trouble
+            if hook not in hooks:
+                hooks.append(hook)
 
     # -- reacting to client traffic -------------------------------------------------
 
@@ -97,6 +99,10 @@ class ClusterFollower:
             return
         log.info("cluster %s: %s; probing the instances now", self.cluster, reason)
         self._reaction = asyncio.get_running_loop().create_task(self._react(), name="topology-reaction")
+
+    def _reader_trouble(self, reason: str) -> None:
+        if not reason.startswith(READ_ONLY_TROUBLE):
+            self.trouble(reason)
 
     async def _react(self) -> None:
         loop = asyncio.get_running_loop()

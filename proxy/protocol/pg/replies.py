@@ -32,7 +32,8 @@ DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does n
 SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
 # SQLSTATEs that suggest the server is no longer the writer or is going away: read_only_sql_transaction,
 # admin_shutdown, crash_shutdown, cannot_connect_now. An ErrorResponse carrying one is `trouble` for the topology.
-TROUBLE_SQLSTATES = frozenset({b"25006", b"57P01", b"57P02", b"57P03"})
+READ_ONLY_SQLSTATE = "25006"
+TROUBLE_SQLSTATES = frozenset({READ_ONLY_SQLSTATE.encode(), b"57P01", b"57P02", b"57P03"})
 SQLSTATE_FIELD = b"\x00C"  # a field ends, the next is the code ('C'): its value is the SQLSTATE
 # An ErrorResponse up to this size is read whole before it passes; a longer one (a client's RAISE of megabytes)
 # streams through like any other reply.
