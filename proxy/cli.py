@@ -35,9 +35,11 @@ READY_MESSAGE = "dbproxy ready: {listeners}"
 CONFIG_ERROR_STATUS = 2  # exit status for a configuration that cannot work
 START_ERROR_STATUS = 1  # exit status for a start that failed (a port taken, a worker that died)
 # `dbproxy failover`: 1 the instance is unreachable or its promotion failed, 2 (CONFIG_ERROR_STATUS) no such
-# instance or no monitor_user password, 3 the instance is the writer already.
+# instance or no monitor_user password, 3 the instance is the writer already, 4 (MariaDB) another instance still
+# writes: the proxies could not tell which writer to follow.
 FAILOVER_FAILED_STATUS = 1
 ALREADY_WRITER_STATUS = 3
+OTHER_WRITER_STATUS = 4
 FAILOVER_PROBE_TIMEOUT = 5.0
 
 
@@ -119,6 +121,10 @@ def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
     print(f"dbproxy: reload sent to pid {pid} ({path})", flush=True)
 
 
+class OtherWriter(PromotionError):
+    """Another instance of the MariaDB cluster is a healthy writer: promoting would leave two."""
+
+
 def find_instance(config: Config, wanted: str, cluster_name: str | None) -> tuple[str, str, ClusterBase, Instance]:
     """(engine, cluster name, cluster, instance) of the instance named `wanted` (its name, or host:port) in the
     cluster `cluster_name` (any cluster when None); exits with a message when there is none or more than one."""
@@ -169,13 +175,15 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
         if not status.healthy:
             raise InstanceUnreachable(f"{label} is unreachable: {status.error}")
         if status.role is Role.WRITER:
-            raise AlreadyWriter(f"{label} is the writer already (timeline {status.timeline})")
+            raise AlreadyWriter(f"{label} is the writer already")
         for other in statuses:
             if other.healthy and other.role is Role.WRITER:
-                print(f"dbproxy: warning: {other.host}:{other.port} is still a healthy writer; the proxies choose "
-                      "the writer furthest ahead" + (" (the promoted timeline)" if engine == "postgresql" else
-                                                     ": make it read-only first, or use a switchover"),
-                      file=sys.stderr, flush=True)
+                if engine != "postgresql":  # no timeline tells the promoted writer from the old one
+                    raise OtherWriter(f"{other.host}:{other.port} still writes: make it read-only (SET GLOBAL "
+                                      f"read_only = 1) or stop it first; nothing was promoted")
+                print(f"dbproxy: warning: {other.host}:{other.port} still writes; the proxies follow the promoted "
+                      "standby (its new timeline) and fence it, but clients connected to it directly can still "
+                      "write there", file=sys.stderr, flush=True)
         started = time.monotonic()
         await promoter(engine, user, password)(instance.host, instance.port)
         return time.monotonic() - started
@@ -184,6 +192,8 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
         took = uvloop.run(promote())
     except AlreadyWriter as exc:
         _fail(str(exc), ALREADY_WRITER_STATUS)
+    except OtherWriter as exc:
+        _fail(str(exc), OTHER_WRITER_STATUS)
     except PromotionError as exc:  # unreachable, or the promotion itself failed
         _fail(str(exc), FAILOVER_FAILED_STATUS)
     print(f"dbproxy: promoted {label} in {engine} cluster {name} ({took * 1000:.0f} ms); running proxies follow "
@@ -205,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     promote = sub.add_parser("failover", help="promote an instance of a cluster now (the proxies follow it)",
                              description="Promote INSTANCE with the cluster's monitor_user. Exit status: 0 promoted; "
                              "1 unreachable or the promotion failed; 2 no such instance (or no password for the "
-                             "monitor_user); 3 the instance is the writer already.")
+                             "monitor_user); 3 the instance is the writer already; 4 (MariaDB) another instance "
+                             "still writes.")
     promote.add_argument("--to", required=True, metavar="INSTANCE", help="instance name, or host:port")
     promote.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
     promote.add_argument("--cluster", default=None, metavar="NAME", help="the cluster, when several have INSTANCE")

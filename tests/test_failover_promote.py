@@ -98,7 +98,7 @@ def test_failover_command_promotes_the_named_standby(
 
         writer = _dbproxy("failover", "--to", "one", "-c", config)
         assert writer.returncode == 3, writer
-        assert f"one ({primary.host}:{primary.port}) is the writer already" in writer.stderr
+        assert f"one ({primary.host}:{primary.port}) is the writer already" in writer.stderr, writer
 
         primary.kill()
         dead = _dbproxy("failover", "--to", "one", "-c", config)
@@ -225,6 +225,12 @@ def test_auto_promote_promotes_the_mariadb_replica(tmp_path: Path, monkeypatch: 
         }), folder / "proxy.log")
         proxy.start()
         proxy.wait_for_log(rf"instance .*:{replica.port} is now reader")
+        # By hand, while the primary lives: refused, since nothing would tell the proxies which writer to follow.
+        live = _dbproxy("failover", "--to", f"{replica.host}:{replica.port}", "-c", str(proxy.config))
+        assert live.returncode == 4, live
+        assert f"{primary.host}:{primary.port} still writes: make it read-only" in live.stderr
+        writer = _dbproxy("failover", "--to", f"{primary.host}:{primary.port}", "-c", str(proxy.config))
+        assert writer.returncode == 3 and "is the writer already" in writer.stderr, writer
         conn = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
                                database="app", autocommit=True)
         with conn.cursor() as cursor:
