@@ -66,6 +66,7 @@ class ClusterFollower:
         self._waiting_for_writer = False  # a read_write endpoint is paused: rounds come every no_writer_interval
         self._no_writer_since: float | None = None  # monotonic time the follower first saw no healthy writer
         self._promotion: asyncio.Task[None] | None = None
+        self._stopped = False  # after stop(), reports (of clients closed at shutdown) start nothing
         monitor.on_change(self._changed)
 
     def start(self) -> None:
@@ -73,6 +74,7 @@ class ClusterFollower:
         self.monitor.start()
 
     async def stop(self) -> None:
+        self._stopped = True
         for task in (self._reaction, self._promotion):
             if task is not None and not task.done():
                 task.cancel()
@@ -93,6 +95,8 @@ class ClusterFollower:
 
     def trouble(self, reason: str) -> None:
         """Traffic suggests an instance failed or was demoted: probe now (debounced) and follow the answer."""
+        if self._stopped:
+            return
         reaction = self._reaction
         if reaction is not None and not reaction.done():
             self._again = True
@@ -157,6 +161,8 @@ class ClusterFollower:
         now = time.monotonic()
         if self._no_writer_since is None:
             self._no_writer_since = now
+        if self._stopped:
+            return
         if waiting and (self._reaction is None or self._reaction.done()):
             self._reaction = asyncio.get_running_loop().create_task(self._react(), name="topology-reaction")
         auto = self._auto_promote
