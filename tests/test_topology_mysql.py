@@ -96,6 +96,27 @@ async def test_wrong_password_and_closed_port_are_unhealthy_without_the_secret(
     assert "Access denied" in denied.error and "Wrong-Secret-55aa" not in denied.error
 
 
+async def test_probe_keeps_one_connection_and_reconnects_after_a_restart(
+    cluster: tuple[MariaDBInstance, MariaDBInstance],
+) -> None:
+    _, replica = cluster
+    count_sql = f"SELECT COUNT(*) FROM information_schema.processlist WHERE user = '{MONITOR}'"
+    probe = mysql_probe(MONITOR, MONITOR_PASSWORD)
+    try:
+        for _ in range(5):
+            status = await probe(replica.host, replica.port, TIMEOUT)
+            assert status.healthy and status.role is Role.READER, status.error
+        assert (await asyncio.to_thread(replica.sql, count_sql)).strip() == "1"  # kept, not one per probe
+        await asyncio.to_thread(replica.stop)
+        await asyncio.to_thread(replica.start)
+        back = await probe(replica.host, replica.port, TIMEOUT)  # the stale connection is replaced at once
+        assert back.healthy and back.role is Role.READER, back.error
+    finally:
+        await probe.close()
+    await asyncio.sleep(0.2)  # the server notices the closed socket
+    assert (await asyncio.to_thread(replica.sql, count_sql)).strip() == "0"
+
+
 async def test_dead_primary_is_unhealthy_and_the_promoted_replica_is_writer(
     cluster: tuple[MariaDBInstance, MariaDBInstance],
 ) -> None:

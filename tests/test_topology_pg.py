@@ -135,3 +135,34 @@ def test_probe_failures_are_statuses_without_secrets(cluster: tuple[PostgresInst
         assert right.healthy and right.role is Role.WRITER
 
     asyncio.run(scenario())
+
+
+def test_probe_keeps_one_connection_and_reconnects_after_a_restart(
+        cluster: tuple[PostgresInstance, PostgresInstance]) -> None:
+    primary, _ = cluster
+    user = primary.superuser
+    count_sql = (f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND datname = 'postgres' "
+                 "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+
+    async def scenario() -> None:
+        probe = postgres_probe(user, primary.superuser_password, "postgres")
+        try:
+            for _ in range(5):
+                status = await probe(primary.host, primary.port, TIMEOUT)
+                assert status.healthy and status.role is Role.WRITER
+            assert (await asyncio.to_thread(primary.psql, count_sql)).strip() == "1"  # kept, not one per probe
+            await asyncio.to_thread(primary.stop)
+            await asyncio.to_thread(primary.start)
+            back = await probe(primary.host, primary.port, TIMEOUT)  # the stale connection is replaced at once
+            assert back.healthy and back.role is Role.WRITER, back.error
+            await asyncio.to_thread(primary.stop)
+            down = await probe(primary.host, primary.port, TIMEOUT)
+            assert not down.healthy and down.role is Role.UNKNOWN
+            await asyncio.to_thread(primary.start)
+            again = await probe(primary.host, primary.port, TIMEOUT)
+            assert again.healthy and again.role is Role.WRITER, again.error
+        finally:
+            await probe.close()
+        assert (await asyncio.to_thread(primary.psql, count_sql)).strip() == "0"
+
+    asyncio.run(scenario())

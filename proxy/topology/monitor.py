@@ -49,6 +49,9 @@ class TopologyMonitor:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        close = getattr(self._probe, "close", None)  # a probe that keeps connections closes them
+        if close is not None:
+            await close()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

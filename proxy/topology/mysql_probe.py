@@ -7,8 +7,9 @@ import time
 from typing import Any
 
 import aiomysql
+import pymysql
 
-from proxy.topology.model import InstanceStatus, Probe, Role
+from proxy.topology.model import InstanceStatus, Role
 
 _VARIABLES = "SELECT @@read_only, @@gtid_current_pos, @@gtid_binlog_pos, @@gtid_domain_id, @@server_id"
 
@@ -41,11 +42,12 @@ def _reason(exc: BaseException, password: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-def mysql_probe(user: str, password: str) -> Probe:
-    """A :data:`Probe` for MariaDB, logging in as ``user`` (needs ``REPLICA MONITOR`` for SHOW SLAVE STATUS).
+class MySQLProbe:
+    """Asks MariaDB instances who they are over one kept monitoring connection per instance (``user`` needs
+    ``REPLICA MONITOR`` for SHOW SLAVE STATUS).
 
-    Each probe opens a fresh aiomysql connection and closes it (simple, one TCP + auth handshake per
-    interval; a kept monitoring connection per instance can replace it without changing the answer).
+    The connection is opened at the first probe and kept; when it fails (the server restarted, wait_timeout
+    closed it) a fresh one is tried once within the same timeout.
 
     Role: WRITER when ``read_only`` is off and the instance is not configured as a replica (no row in
     ``SHOW SLAVE STATUS``); READER otherwise. ``lag_seconds`` is ``Seconds_Behind_Master`` while the SQL
@@ -55,25 +57,58 @@ def mysql_probe(user: str, password: str) -> Probe:
     is 0. Any failure gives an unhealthy UNKNOWN status whose ``error`` says why, never the password.
     """
 
-    async def probe(host: str, port: int, timeout: float) -> InstanceStatus:
+    def __init__(self, user: str, password: str) -> None:
+        self._user = user
+        self._password = password
+        self._kept: dict[tuple[str, int], aiomysql.Connection] = {}
+
+    def __repr__(self) -> str:
+        return f"MySQLProbe(user={self._user!r})"
+
+    async def __call__(self, host: str, port: int, timeout: float) -> InstanceStatus:
         try:
-            return await asyncio.wait_for(_ask(host, port, timeout), timeout)
+            return await asyncio.wait_for(self._ask(host, port, timeout), timeout)
+        except asyncio.CancelledError:
+            self._drop((host, port))
+            raise
         except Exception as exc:  # a dead or refusing instance is an answer, not an error of the caller
-            return InstanceStatus(host, port, Role.UNKNOWN, False, time.monotonic(), error=_reason(exc, password))
+            self._drop((host, port))
+            return InstanceStatus(host, port, Role.UNKNOWN, False, time.monotonic(),
+                                  error=_reason(exc, self._password))
 
-    async def _ask(host: str, port: int, timeout: float) -> InstanceStatus:
-        conn = await aiomysql.connect(
-            host=host, port=port, user=user, password=password, connect_timeout=timeout, autocommit=True
-        )
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(_VARIABLES)
-                variables = await cur.fetchone()
-            async with conn.cursor(aiomysql.DictCursor) as cur:
-                await cur.execute("SHOW SLAVE STATUS")
-                replica = await cur.fetchone()
-        finally:
+    async def _ask(self, host: str, port: int, timeout: float) -> InstanceStatus:
+        kept = self._kept.get((host, port))
+        if kept is not None and not kept.closed:
+            try:
+                return await _status(kept, host, port)
+            except (pymysql.err.OperationalError, pymysql.err.InterfaceError, OSError):
+                self._drop((host, port))  # a stale connection: one fresh try below
+        conn = await aiomysql.connect(host=host, port=port, user=self._user, password=self._password,
+                                      connect_timeout=timeout, autocommit=True)
+        self._kept[(host, port)] = conn
+        return await _status(conn, host, port)
+
+    def _drop(self, address: tuple[str, int]) -> None:
+        conn = self._kept.pop(address, None)
+        if conn is not None:
             conn.close()
-        return _status_from(host, port, tuple(variables), replica)
 
-    return probe
+    async def close(self) -> None:
+        """Close every kept connection (the monitor stops)."""
+        for address in list(self._kept):
+            self._drop(address)
+
+
+async def _status(conn: aiomysql.Connection, host: str, port: int) -> InstanceStatus:
+    async with conn.cursor() as cur:
+        await cur.execute(_VARIABLES)
+        variables = await cur.fetchone()
+    async with conn.cursor(aiomysql.DictCursor) as cur:
+        await cur.execute("SHOW SLAVE STATUS")
+        replica = await cur.fetchone()
+    return _status_from(host, port, tuple(variables), replica)
+
+
+def mysql_probe(user: str, password: str) -> MySQLProbe:
+    """A :data:`Probe` for MariaDB, logging in as ``user``."""
+    return MySQLProbe(user, password)
