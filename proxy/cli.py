@@ -25,7 +25,7 @@ from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remov
 from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
-from proxy.topology.model import Probe, Role
+from proxy.topology.model import Role
 from proxy.topology.mysql_probe import mysql_probe
 from proxy.topology.pg_probe import postgres_probe
 from proxy.topology.promote import AlreadyWriter, InstanceUnreachable, PromotionError, promoter
@@ -164,13 +164,16 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
         _fail(f"cluster {name}: no monitor_user, or no password for it in the secrets: the proxy has no admin "
               "connection to promote with", CONFIG_ERROR_STATUS)
     user, password = cluster.monitor_user, secret.password.decode()
-    probe: Probe = (postgres_probe(user, password, "postgres") if engine == "postgresql"
-                    else mysql_probe(user, password))
+    probe = (postgres_probe(user, password, "postgres") if engine == "postgresql"
+             else mysql_probe(user, password))
     label = f"{instance.label} ({instance.host}:{instance.port})" if instance.name else instance.label
 
     async def promote() -> float:
-        statuses = await asyncio.gather(*(probe(other.host, other.port, FAILOVER_PROBE_TIMEOUT)
-                                          for other in cluster.instances))
+        try:
+            statuses = await asyncio.gather(*(probe(other.host, other.port, FAILOVER_PROBE_TIMEOUT)
+                                              for other in cluster.instances))
+        finally:
+            await probe.close()
         status = next(s for s in statuses if s.address == (instance.host, instance.port))
         if not status.healthy:
             raise InstanceUnreachable(f"{label} is unreachable: {status.error}")
