@@ -22,7 +22,7 @@ from support import ProxyProcess, write_config
 CLIENTS = 3
 BACKENDS = 2
 INTERVAL = 30.0  # far longer than the test: only the reaction to traffic can explain a fast switch
-REACTION_ROUND = 0.6  # seconds: the gap between reaction rounds (0.2 s) plus a probe round, with room to spare
+REACTION_ROUND = 1.0  # seconds: the gap between reaction rounds (0.2 s) plus a probe round, with room to spare
 FOLLOW_WITHIN = 2.0  # seconds from the promotion until every client writes to the new writer
 
 
