@@ -1,4 +1,5 @@
-"""Command line: `dbproxy run` serves a config file; `dbproxy demo` starts a throwaway database and serves it."""
+"""Command line: `dbproxy run` serves a config file; `dbproxy demo` starts a throwaway database and serves it;
+`dbproxy failover` promotes an instance of a cluster."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -17,20 +19,32 @@ import uvloop
 
 from proxy.channel import ChannelError
 from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
-from proxy.config import Config, load_config
+from proxy.config import ClusterBase, Config, Instance, engine_active, engine_settings, load_config
 from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
 from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
+from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
+from proxy.topology.model import Role
+from proxy.topology.mysql_probe import mysql_probe
+from proxy.topology.pg_probe import postgres_probe
+from proxy.topology.promote import AlreadyWriter, InstanceUnreachable, PromotionError, promoter
 
 log = logging.getLogger("proxy")
 READY_MESSAGE = "dbproxy ready: {listeners}"
 CONFIG_ERROR_STATUS = 2  # exit status for a configuration that cannot work
 START_ERROR_STATUS = 1  # exit status for a start that failed (a port taken, a worker that died)
+# `dbproxy failover`: 1 the instance is unreachable or its promotion failed, 2 (CONFIG_ERROR_STATUS) no such
+# instance or no monitor_user password, 3 the instance is the writer already, 4 (MariaDB) another instance still
+# writes: the proxies could not tell which writer to follow.
+FAILOVER_FAILED_STATUS = 1
+ALREADY_WRITER_STATUS = 3
+OTHER_WRITER_STATUS = 4
+FAILOVER_PROBE_TIMEOUT = 5.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -150,6 +164,88 @@ def send_command(config_path: Path | None, pid_file: Path | None, message: dict[
     print(f"dbproxy: {answer.get('message', 'done')}", flush=True)
 
 
+class OtherWriter(PromotionError):
+    """Another instance of the MariaDB cluster is a healthy writer: promoting would leave two."""
+
+
+def find_instance(config: Config, wanted: str, cluster_name: str | None) -> tuple[str, str, ClusterBase, Instance]:
+    """(engine, cluster name, cluster, instance) of the instance named `wanted` (its name, or host:port) in the
+    cluster `cluster_name` (any cluster when None); exits with a message when there is none or more than one."""
+    found: list[tuple[str, str, ClusterBase, Instance]] = []
+    known: list[str] = []
+    for engine, settings in engine_settings(config):
+        if not engine_active(settings):
+            continue
+        for name, cluster in settings.clusters.items():
+            if cluster_name is not None and name != cluster_name:
+                continue
+            for instance in cluster.instances:
+                known.append(f"{name}/{instance.label}")
+                if wanted in (instance.label, f"{instance.host}:{instance.port}"):
+                    found.append((engine, name, cluster, instance))
+    if not found:
+        where = f"cluster '{cluster_name}'" if cluster_name is not None else "any cluster"
+        _fail(f"no instance '{wanted}' in {where} (known: {', '.join(known) or 'none'})", CONFIG_ERROR_STATUS)
+    if len(found) > 1:
+        clusters = ", ".join(f"{engine} cluster {name}" for engine, name, _, _ in found)
+        _fail(f"instance '{wanted}' is in more than one cluster ({clusters}); name one with --cluster",
+              CONFIG_ERROR_STATUS)
+    return found[0]
+
+
+def failover(config_path: Path | None, wanted: str, cluster_name: str | None) -> None:
+    """`dbproxy failover --to INSTANCE`: promote the instance with the cluster's monitor_user; the running proxies
+    follow at their next monitor round (and fence the writer it replaces)."""
+    try:
+        config = load_config(config_path)
+        secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
+    engine, name, cluster, instance = find_instance(config, wanted, cluster_name)
+    secret = secrets.get(cluster.monitor_user) if cluster.monitor_user else None
+    if secret is None:
+        _fail(f"cluster {name}: no monitor_user, or no password for it in the secrets: the proxy has no admin "
+              "connection to promote with", CONFIG_ERROR_STATUS)
+    user, password = cluster.monitor_user, secret.password.decode()
+    probe = (postgres_probe(user, password, "postgres") if engine == "postgresql"
+             else mysql_probe(user, password))
+    label = f"{instance.label} ({instance.host}:{instance.port})" if instance.name else instance.label
+
+    async def promote() -> float:
+        try:
+            statuses = await asyncio.gather(*(probe(other.host, other.port, FAILOVER_PROBE_TIMEOUT)
+                                              for other in cluster.instances))
+        finally:
+            await probe.close()
+        status = next(s for s in statuses if s.address == (instance.host, instance.port))
+        if not status.healthy:
+            raise InstanceUnreachable(f"{label} is unreachable: {status.error}")
+        if status.role is Role.WRITER:
+            raise AlreadyWriter(f"{label} is the writer already")
+        for other in statuses:
+            if other.healthy and other.role is Role.WRITER:
+                if engine != "postgresql":  # no timeline tells the promoted writer from the old one
+                    raise OtherWriter(f"{other.host}:{other.port} still writes: make it read-only (SET GLOBAL "
+                                      f"read_only = 1) or stop it first; nothing was promoted")
+                print(f"dbproxy: warning: {other.host}:{other.port} still writes; the proxies follow the promoted "
+                      "standby (its new timeline) and fence it, but clients connected to it directly can still "
+                      "write there", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        await promoter(engine, user, password)(instance.host, instance.port)
+        return time.monotonic() - started
+
+    try:
+        took = uvloop.run(promote())
+    except AlreadyWriter as exc:
+        _fail(str(exc), ALREADY_WRITER_STATUS)
+    except OtherWriter as exc:
+        _fail(str(exc), OTHER_WRITER_STATUS)
+    except PromotionError as exc:  # unreachable, or the promotion itself failed
+        _fail(str(exc), FAILOVER_FAILED_STATUS)
+    print(f"dbproxy: promoted {label} in {engine} cluster {name} ({took * 1000:.0f} ms); running proxies follow "
+          "it at their next monitor round", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dbproxy", description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -180,6 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--pid-file", type=Path, default=None,
                              help="pid file of the running proxy; its control socket is beside it (default: "
                                   "[server] pid_file, else derived from -c)")
+    promote = sub.add_parser("failover", help="promote an instance of a cluster now (the proxies follow it)",
+                             description="Promote INSTANCE with the cluster's monitor_user. Exit status: 0 promoted; "
+                             "1 unreachable or the promotion failed; 2 no such instance (or no password for the "
+                             "monitor_user); 3 the instance is the writer already; 4 (MariaDB) another instance "
+                             "still writes.")
+    promote.add_argument("--to", required=True, metavar="INSTANCE", help="instance name, or host:port")
+    promote.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
+    promote.add_argument("--cluster", default=None, metavar="NAME", help="the cluster, when several have INSTANCE")
     demo = sub.add_parser("demo", help="start a throwaway replicated PostgreSQL pair and MariaDB pair and serve "
                                        "them: read_write on 127.0.0.1:6432 and :6033, read_only on :6433 and :6034")
     demo.add_argument("--port", type=int, default=6432, help="PostgreSQL read_write endpoint")
@@ -207,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "switchover":
         send_command(args.config, args.pid_file, {"kind": "switchover", "to": args.to, "endpoint": args.endpoint,
                                                   "timeout": args.timeout}, 2 * args.timeout + 30.0)
+        return
+    if args.command == "failover":
+        failover(args.config, args.to, args.cluster)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)

@@ -217,7 +217,21 @@ class ClusterBase(Strict):
         True, description="read_only endpoints use the writer while no reader is eligible; false: new work waits "
         "for a reader (at most the borrow timeout)"
     )
+    auto_promote: bool = Field(
+        False, description="promote the most advanced healthy reader (by timeline, then position; a tie to the "
+        "lowest address) when the cluster has had no healthy writer for failover_grace seconds; needs "
+        "monitor_interval and a monitor_user allowed to promote"
+    )
+    failover_grace: float | None = Field(
+        None, gt=0, description="seconds without a healthy writer before auto_promote promotes a reader (long "
+        "enough for the writer's own restart); default: twice monitor_interval, at least 2 s"
+    )
     pool: PoolSettings = PoolSettings()  # only the keys given apply
+
+    @property
+    def promotion_grace(self) -> float:
+        """failover_grace, or its default: twice monitor_interval, at least 2 s."""
+        return self.failover_grace if self.failover_grace is not None else max(2.0, 2 * self.monitor_interval)
 
 
 class PostgresEndpoint(EndpointBase):
@@ -398,6 +412,8 @@ def _check_engine(engine: str, settings: EngineSettings) -> str | None:
             return f"'{engine}.clusters.{name}.instances': more than one instance has role \"writer\""
         if cluster.monitor_interval > 0 and not cluster.monitor_user:
             return f"'{engine}.clusters.{name}.monitor_user': monitor_interval is set but no monitor_user is given"
+        if cluster.auto_promote and cluster.monitor_interval <= 0:
+            return f"'{engine}.clusters.{name}.auto_promote': needs monitor_interval (the monitor sees the writer go)"
     for name, endpoint in settings.endpoints.items():
         key = f"{engine}.endpoints.{name}"
         if name in RESERVED_NAMES or (name in ENGINES and name != engine):

@@ -25,11 +25,12 @@ from proxy.session.pg_client import PostgresClient
 from proxy.session.pg_service import PostgresService
 from proxy.stats import StatsRegistry
 from proxy.tls import server_context
-from proxy.topology.follow import ClusterFollower, Followed
+from proxy.topology.follow import NO_WRITER_INTERVAL, AutoPromote, ClusterFollower, Followed
 from proxy.topology.model import Probe
 from proxy.topology.monitor import TopologyMonitor
 from proxy.topology.mysql_probe import mysql_probe
 from proxy.topology.pg_probe import postgres_probe
+from proxy.topology.promote import promoter
 from proxy.topology.writer_position import MariaDBWriter, PostgresWriter, WriterPosition
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,10 @@ class ProxyServer:
                 instances = [(instance.host, instance.port) for instance in cluster.instances]
                 timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
                 monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
-                followers.append(ClusterFollower(name, monitor, self._followed(engine, name)))
+                auto = (AutoPromote(promoter(engine, cluster.monitor_user, password), cluster.promotion_grace)
+                        if cluster.auto_promote else None)
+                followers.append(ClusterFollower(name, monitor, self._followed(engine, name), auto,
+                                                 min(NO_WRITER_INTERVAL, cluster.monitor_interval)))
                 # For causal reads: the writer's position over a kept admin connection (opened at first use).
                 writer = (PostgresWriter(cluster.monitor_user, password, timeout=timeout) if engine == "postgresql"
                           else MariaDBWriter(cluster.monitor_user, password, timeout=timeout))

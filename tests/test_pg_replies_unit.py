@@ -266,7 +266,8 @@ def run(case: Case, offsets: list[int]) -> tuple[ReplyMatcher, bytes, int, list[
     bounds = [0, *offsets, len(case.server)]
     for start, stop in pairwise(bounds):
         out += matcher.feed(case.server[start:stop])
-        assert matcher.eventful == bool(matcher.failed or matcher.reported or matcher.resume)
+        assert matcher.eventful == bool(matcher.failed or matcher.reported or matcher.resume or matcher.trouble)
+        matcher.trouble = ""
         ready += matcher.ready
         failed += [(e.kind, e.action, failing) for e, failing in matcher.failed]
         reported += matcher.reported

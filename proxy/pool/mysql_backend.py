@@ -26,6 +26,7 @@ from proxy.errors import (
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import LinkedClient
 from proxy.pool.mysql_server_session import ENABLE_TRACKING, MySQLServerError, MySQLServerSession, Profile
+from proxy.pool.pool import READ_ONLY_TROUBLE
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import INTERNAL, PREPARE
 from proxy.protocol.mysql.packets import (
@@ -83,6 +84,9 @@ PLAIN, RELABEL, SWALLOW = range(3)
 # once, as the server sent them, and nothing more of the proxy when the connection then closes.
 ER_SERVER_SHUTDOWN = 1053
 TERMINATION_ERRORS = frozenset({ER_SERVER_SHUTDOWN, 1152, 1927, 4031})
+# Errors that suggest the server is no longer the writer or is going away: ER_OPTION_PREVENTS_STATEMENT (1290,
+# --read-only), ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION (1792), server shutdown (1053), ER_READ_ONLY_MODE (1836).
+TROUBLE_ERRNOS = frozenset({1290, 1792, ER_SERVER_SHUTDOWN, 1836})
 # The client's commands after which the server's ROW_COUNT() and FOUND_ROWS() are the client's (see mysql_ids).
 ROW_COMMANDS = frozenset({my.COM_QUERY, my.COM_STMT_EXECUTE, my.COM_STMT_BULK_EXECUTE})
 
@@ -211,6 +215,8 @@ class MySQLBackend(MySQLServerSession):
                 if not tracker.done:
                     break
                 finished += 1
+                if tracker.error is not None and tracker.error in TROUBLE_ERRNOS:
+                    self._trouble(tracker.error)
                 if tracker.command in ROW_COMMANDS and self.special != SWALLOW:  # what ROW_COUNT() etc. now say
                     if tracker.row_sets:
                         client.found_rows = tracker.rows
@@ -260,8 +266,18 @@ class MySQLBackend(MySQLServerSession):
         if stop != end or int.from_bytes(data[pos + 5 : pos + 7], "little") not in TERMINATION_ERRORS:
             return b""
         self.terminated = True
+        errno = int.from_bytes(data[pos + 5 : pos + 7], "little")
+        if errno in TROUBLE_ERRNOS:
+            self._trouble(errno)
         log.info("backend %s: the server ended the session: %s", self, ErrPacket.parse(data[pos + 4 : stop]).message)
         return data[pos:stop]
+
+    def _trouble(self, errno: int) -> None:
+        """The server answered that it is read-only or shutting down: the topology should look at it now."""
+        target = self.pool.target
+        if target.on_trouble:
+            kind = "shutdown error" if errno == ER_SERVER_SHUTDOWN else READ_ONLY_TROUBLE
+            target.report_trouble(f"{kind} (errno {errno}) from {self.host}:{self.port}")
 
     @property
     def ended_by_server(self) -> bool:

@@ -16,6 +16,7 @@ from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable,
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection, LinkedClient
 from proxy.pool.pg_deadline import internal_deadline
+from proxy.pool.pool import READ_ONLY_TROUBLE
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import (
     CLOSE,
@@ -34,7 +35,7 @@ from proxy.protocol.pg.extended import (
     build_parse,
     build_target,
 )
-from proxy.protocol.pg.replies import NOTIFICATION, ReplyMatcher
+from proxy.protocol.pg.replies import NOTIFICATION, READ_ONLY_SQLSTATE, ReplyMatcher
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
@@ -319,10 +320,20 @@ class PostgresBackend(BackendConnection):
             self._reported(client)
         if replies.failed:
             self._failed(client.statements)
+        if replies.trouble:
+            self._trouble()
         if out:
             client.deliver(out)
         if replies.resume and self.client is client:
             client.resume_held(self)
+
+    def _trouble(self) -> None:
+        """The server answered that it is read-only or shutting down: the topology should look at it now."""
+        sqlstate, self.replies.trouble = self.replies.trouble, ""
+        target = self.pool.target
+        if target.on_trouble:
+            kind = READ_ONLY_TROUBLE if sqlstate == READ_ONLY_SQLSTATE else "shutdown error"
+            target.report_trouble(f"{kind} (SQLSTATE {sqlstate}) from {self.host}:{self.port}")
 
     def _reported(self, client: PgLinkedClient) -> None:
         """ParameterStatus passed to the client: the server session and the client's session have that setting."""

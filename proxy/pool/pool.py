@@ -28,6 +28,13 @@ RETRY_MAX = 1.0
 # connections (PostgreSQL SQLSTATEs; MySQL errnos 1040 too many connections, 1053 server shutdown, 1927 killed).
 RETRY_SQLSTATES = frozenset({"57P01", "57P03", "53300"})
 RETRY_MYSQL_ERRNOS = frozenset({1040, 1053, 1927})
+# Connect failures that suggest the server itself is gone or going (not merely busy): the target reports trouble.
+TROUBLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+TROUBLE_MYSQL_ERRNOS = frozenset({1053})
+# How a trouble reason starts when the server refused a write as read-only: a sign of a demoted writer where writes
+# belong (a read_write endpoint), the normal answer of a reader elsewhere. Other reasons: "shutdown error ...",
+# "connect to ... failed", "a backend connection ... was lost".
+READ_ONLY_TROUBLE = "read-only error"
 
 
 def connect_retryable(exc: BaseException) -> bool:
@@ -36,6 +43,16 @@ def connect_retryable(exc: BaseException) -> bool:
         return exc.transient
     if isinstance(exc, BackendError):
         return exc.sqlstate in RETRY_SQLSTATES or exc.mysql_errno in RETRY_MYSQL_ERRNOS
+    return False
+
+
+def connect_trouble(exc: BaseException) -> bool:
+    """Whether a failed backend connect suggests the server is down or shutting down (refused, reset, timed out,
+    admin shutdown, starting up), as opposed to busy (too many connections) or misconfigured (auth, TLS)."""
+    if isinstance(exc, BackendUnavailable):
+        return exc.transient
+    if isinstance(exc, BackendError):
+        return exc.sqlstate in TROUBLE_SQLSTATES or exc.mysql_errno in TROUBLE_MYSQL_ERRNOS
     return False
 
 
@@ -536,6 +553,8 @@ class Pool:
                 except ProxyError as exc:
                     self.stats.connect_failures += 1
                     target.last_connect_failure = exc.message
+                    if delay == RETRY_FIRST and target.on_trouble and connect_trouble(exc):
+                        target.report_trouble(f"connect to {target.host}:{target.port} failed: {exc.message}")
                     if not connect_retryable(exc):
                         raise
                     if loop.time() + delay >= deadline:

@@ -183,6 +183,9 @@ class ClientConnection(Connection):
         backend.pool.discard(backend)
         if self.backend is backend:
             self.backend = None
+            target = backend.pool.target
+            if target.on_trouble and self.state is not State.CLOSED:  # the server may be gone: have it looked at
+                target.report_trouble(f"a backend connection to {backend.host}:{backend.port} was lost")
             if backend.ended_by_server:  # the client has the server's own error: a second one would confuse it
                 log.warning("client %s: the database ended backend %s with an error passed to the client",
                             self.peer, backend)

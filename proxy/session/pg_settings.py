@@ -41,6 +41,10 @@ PIN_REASONS = {"!listen": "LISTEN", "!temp": "temporary table", "!advisory": "se
 STICKY_PINS = frozenset({"LOAD"})  # no catalog shows it: pinned until the client leaves
 
 FIXED_PARAMETERS = pg.READ_ONLY_PARAMETERS
+# Reported parameters an operator sets in a server's configuration to demote it (a reload reports the new value
+# to every session): reported while the client changed nothing in its session, they are the server's, not the
+# client's, and do not follow the client to another backend (or to the next writer after a failover).
+SERVER_CONFIGURED = frozenset({"default_transaction_read_only"})
 
 
 class PgSettings(PgSession):
@@ -62,7 +66,7 @@ class PgSettings(PgSession):
 
     def server_reported(self, name: str, value: str) -> None:
         """A ParameterStatus passed through from the backend: the client's session has that setting now."""
-        if name not in FIXED_PARAMETERS:
+        if name not in FIXED_PARAMETERS and (name not in SERVER_CONFIGURED or self._state_dirty):
             self.session.settings[name] = value
             backend = self.backend
             if backend is not None:  # the reporting backend has it already

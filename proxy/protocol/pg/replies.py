@@ -32,6 +32,11 @@ DROPPED = frozenset({SWALLOW, QUIET})  # actions whose replies the client does n
 SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
 # The SQLSTATE field of a server's shutdown (admin_shutdown, crash_shutdown): the session ends with the server.
 SHUTDOWN_CODES = (b"\x00C57P01\x00", b"\x00C57P02\x00")
+# SQLSTATEs that suggest the server is no longer the writer or is going away: read_only_sql_transaction,
+# admin_shutdown, crash_shutdown, cannot_connect_now. An ErrorResponse carrying one is `trouble` for the topology.
+READ_ONLY_SQLSTATE = "25006"
+TROUBLE_SQLSTATES = frozenset({READ_ONLY_SQLSTATE.encode(), b"57P01", b"57P02", b"57P03"})
+SQLSTATE_FIELD = b"\x00C"  # a field ends, the next is the code ('C'): its value is the SQLSTATE
 # An ErrorResponse up to this size is read whole before it passes; a longer one (a client's RAISE of megabytes)
 # streams through like any other reply.
 WHOLE_ERROR_LIMIT = 64 * 1024
@@ -57,12 +62,15 @@ class ReplyMatcher:
     After each feed(): `ready` is the number of ReadyForQuery messages the client got, `tx_status` the last status
     the server reported, `resume` whether a request marked `resume` ended; `reported` holds the ParameterStatus
     (name, value) pairs read and `failed` the (expectation, failing) pairs an ErrorResponse ended (failing: the
-    request the error answers; the others were skipped). The reader clears those two lists after each feed();
-    `eventful` says whether there is anything in them or in `resume` (one test on the hot path).
+    request the error answers; the others were skipped). `trouble` is the SQLSTATE of an ErrorResponse that says
+    the server is read-only or shutting down (TROUBLE_SQLSTATES; read from error replies only). The reader clears
+    those after each feed(); `eventful` says whether there is anything in them or in `resume` (one test on the hot
+    path).
     """
 
     __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "eventful", "expect", "failed",
-                 "ready", "reported", "resume", "server_pid", "shut_down", "tx_status", "withhold_shutdown")
+                 "ready", "reported", "resume", "server_pid", "shut_down", "trouble", "tx_status",
+                 "withhold_shutdown")
 
     def __init__(self) -> None:
         self.expect: deque[Expectation] = deque()
@@ -77,6 +85,7 @@ class ReplyMatcher:
         self.eventful = False  # any of `resume`, `reported`, `failed` after the last feed()
         self.reported: list[tuple[str, str]] = []
         self.failed: list[tuple[Expectation, bool]] = []
+        self.trouble = ""  # the SQLSTATE of an error reply that says the server is read-only or going away
         self._skip = 0  # bytes of the current message still to pass before the next header
         self._dropping = False  # the rest of the current message is dropped, not passed on
         self._partial = b""  # the start of a message whose header (or whole body) is needed, carried to next feed
@@ -166,6 +175,10 @@ class ReplyMatcher:
                         run_start = pos
                         continue
                     self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
+                code = scan.find(SQLSTATE_FIELD, pos + 5, body_end)
+                if code >= 0 and scan[code + 2 : code + 7] in TROUBLE_SQLSTATES:
+                    self.trouble = scan[code + 2 : code + 7].decode()
+                    eventful = True
             action = FORWARD
             if expect:
                 head: Expectation | None = expect[0]
