@@ -106,6 +106,10 @@ class PoolSettings(Strict):
         256, ge=1, description="prepared statements kept per backend connection (LRU); clients' own are unlimited"
     )
     reserved_connections: int = Field(3, ge=0, description="backend slots left free when sizing by percent")
+    replay_max_size: int = Field(
+        1024 * 1024, ge=0,
+        description="bytes of one transaction's client messages kept to replay it after a failover",
+    )
     internal_query_timeout: float = Field(
         10.0, gt=0, description="seconds the proxy waits on a backend for its own work (session read-back, "
         "settings, reset, cleanup after a client) before it closes that backend"
