@@ -322,3 +322,45 @@ def test_a_transaction_whose_replay_differs_is_rolled_back(
         same.close()
     finally:
         proxy.stop()
+
+
+def _kill_when_running(server: MariaDBInstance, statement: str, killed: list[str]) -> None:
+    """KILL CONNECTION the server thread that runs `statement` (as soon as it shows in the processlist)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = server.sql(f"SELECT ID FROM information_schema.PROCESSLIST WHERE INFO = '{statement}'")
+        if found:
+            server.sql(f"KILL CONNECTION {found.split()[0]}")
+            killed.append(found)
+            return
+        time.sleep(0.02)
+
+
+def test_a_transaction_whose_connection_is_killed_mid_statement_is_replayed(
+    mysql_proxy: ProxyProcess, mariadb_server: MariaDBInstance
+) -> None:
+    mariadb_server.sql("CREATE TABLE IF NOT EXISTS app.killed (a INT PRIMARY KEY); DELETE FROM app.killed;")
+    conn = pymysql.connect(host="127.0.0.1", port=mysql_proxy.ports["mysql"], user="app", password="app-secret",
+                           database="app", autocommit=True)
+    statement = "SELECT SLEEP(1.5) AS s, 7 AS seven"
+    killed: list[str] = []
+    with conn.cursor() as cursor:
+        conn.begin()
+        cursor.execute("INSERT INTO killed VALUES (1)")
+        killer = threading.Thread(target=_kill_when_running, args=(mariadb_server, statement, killed))
+        killer.start()
+        cursor.execute(statement)  # its server session is killed: replayed on another one
+        killer.join()
+        assert killed
+        assert cursor.fetchone() == (0, 7)  # (the replay slept the whole time)
+        cursor.execute("INSERT INTO killed VALUES (2)")
+        conn.commit()
+        # outside a transaction: a read is replayed, its first run's ERR never seen
+        killer = threading.Thread(target=_kill_when_running, args=(mariadb_server, statement, killed))
+        killer.start()
+        cursor.execute(statement)
+        killer.join()
+        assert len(killed) == 2 and cursor.fetchone() == (0, 7)
+    assert mariadb_server.sql("SELECT a FROM app.killed ORDER BY a") == "1\n2"
+    mysql_proxy.wait_for_log(r"replaying its command \(1 command\(s\)\)")
+    conn.close()

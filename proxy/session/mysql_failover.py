@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from proxy.errors import ProxyError
+from proxy.errors import BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
-from proxy.pool.mysql_backend import MySQLBackend
+from proxy.pool.mysql_backend import TERMINATION_ERRORS, MySQLBackend
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.outcome import (
     BEGIN,
@@ -20,6 +20,7 @@ from proxy.protocol.mysql.outcome import (
     WRITE,
     command_kind,
 )
+from proxy.protocol.mysql.packets import ErrPacket
 from proxy.protocol.mysql.statements import LAST_PREPARED
 from proxy.session.client import State
 from proxy.session.mysql_lifecycle import log
@@ -86,6 +87,7 @@ class MySQLFailover(MySQLLogin):
         self._lost_head = b""  # the start of that command, until it is whole
         self._answered = 0  # reply bytes the client had when its backend last had nothing outstanding
         self._took_over_end = False  # the server's ERR ending the session was kept from the client
+        self._ended_in_flight = False  # ... and it was the answer to the client's command
 
     # --- recording (the walk records the commands; the backend hands the replies to _reply) ---
 
@@ -100,6 +102,11 @@ class MySQLFailover(MySQLLogin):
         """Reply bytes for the client: counted and hashed; during a replay, checked before the client sees any."""
         replay = self.replay_log
         assert replay is not None
+        backend = self.backend
+        if backend is not None and backend.tracker.error is not None:
+            data = self._without_termination(backend, data)
+            if not data:
+                return
         replay.sent(data)
         failover = self._failover
         check = failover.check if failover is not None else None
@@ -116,6 +123,19 @@ class MySQLFailover(MySQLLogin):
             self.transport.write(fresh)
         self._replayed()
 
+    def _without_termination(self, backend: MySQLBackend, data: bytes) -> bytes:
+        """A reply ending in the server's ERR that ends the session (shutdown, KILL): the ERR is kept from the
+        client, whose command is then recovered as one lost in flight (see backend_lost)."""
+        tracker = backend.tracker
+        packet = tracker.error_packet
+        if (not tracker.done or tracker.error not in TERMINATION_ERRORS or packet is None or self._took_over_end
+                or not data.endswith(packet)):
+            return data
+        self._took_over_end = self._ended_in_flight = True
+        log.info("client %s: the server ended backend %s while a command ran: %s", self.peer, backend,
+                 ErrPacket.parse(packet).message)
+        return data[: len(data) - len(packet) - 4]
+
     def write(self, data: bytes) -> None:
         """The proxy's own answers while a backend is linked are replies of the transaction too."""
         if self.backend is not None and self.replies is not None and self.state is State.READY:
@@ -125,6 +145,8 @@ class MySQLFailover(MySQLLogin):
         super().write(data)
 
     def backend_progress(self, backend: MySQLBackend) -> None:
+        if self._ended_in_flight:  # the server closes this connection now: its command is recovered then
+            return
         failover = self._failover
         if (failover is not None and failover.check is not None and backend is self.backend and backend.idle
                 and not self._stalled):
@@ -157,17 +179,23 @@ class MySQLFailover(MySQLLogin):
             super().backend_lost(backend, exc)
             return
         took_over, self._took_over_end = self._took_over_end, False
+        ended_in_flight, self._ended_in_flight = self._ended_in_flight, False
         reason = str(exc) if exc else ("the server ended the session" if took_over else "closed")
         backend.pool.target.report_trouble(f"backend {backend} was lost: {reason}")
         if self._failover is not None:  # lost again, in the middle of the replay
             self._replay_failed(f"the server of the replay was lost too: {reason}")
             return
-        if not self._recover(backend, replay, reason):
-            if took_over:
-                backend.terminated = False  # the client never heard the server's ERR: it gets the proxy's
-            super().backend_lost(backend, exc)
+        if self._recover(backend, replay, reason, ended_in_flight):
+            return
+        if took_over:  # the client never heard the server's ERR: it gets the proxy's
+            self.backend = None
+            backend.pool.discard(backend)
+            log.warning("client %s: backend %s was lost: %s", self.peer, backend, reason)
+            self.fail(BackendUnavailable(self.BACKEND_LOST_TEXT))
+            return
+        super().backend_lost(backend, exc)
 
-    def _recover(self, backend: MySQLBackend, replay: ReplayLog, reason: str) -> bool:
+    def _recover(self, backend: MySQLBackend, replay: ReplayLog, reason: str, ended_in_flight: bool) -> bool:
         """Decide what becomes of the client's work on the lost `backend` and start it; False when nothing can be
         kept (the client is then failed as before: a pinned session, a cursor, a command half sent)."""
         if (backend.pool.session_mode or self.session.pins or self.cursors or self.long_data or self._skip
@@ -175,7 +203,7 @@ class MySQLFailover(MySQLLogin):
                 or backend.queue):
             return False
         tracker = backend.tracker
-        in_flight = not backend.idle
+        in_flight = not backend.idle or ended_in_flight
         in_transaction = bool(tracker.status_flags & my.SERVER_STATUS_IN_TRANS) or not backend.autocommit
         partial = in_flight and replay.sent_bytes != self._answered
         kinds = self._kinds(replay)
