@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mysql.connector
 import pymysql
 import pytest
 
@@ -26,6 +27,7 @@ from proxy.protocol.mysql.outcome import (
     READ,
     ROLLBACK,
     SESSION,
+    SETTING,
     WRITE,
     command_kind,
     query_kind,
@@ -54,6 +56,11 @@ def test_replay_log_records_until_its_limit_and_hashes_the_replies() -> None:
     replay.reset()
     assert replay.replayable and replay.messages == [] and replay.sent_bytes == 0
     assert replay.sent_digest() == hashlib.sha256().digest()
+    replay.record(b"q")
+    replay.sent(b"r" * 160)  # replies are hashed up to 16 times the limit
+    assert replay.replayable
+    replay.sent(b"r")
+    assert not replay.replayable and replay.sent_bytes == 161
 
 
 def test_replay_check_passes_only_what_the_client_has_not_seen() -> None:
@@ -93,8 +100,9 @@ def test_replay_check_passes_only_what_the_client_has_not_seen() -> None:
     (b"ROLLBACK AND CHAIN", MAY_COMMIT),
     (b"SAVEPOINT a", SESSION),
     (b"RELEASE SAVEPOINT a", SESSION),
-    (b"SET NAMES utf8mb4", SESSION),
-    (b"SET autocommit = 0", SESSION),
+    (b"SET NAMES utf8mb4", SETTING),
+    (b"SET autocommit = 0", SETTING),
+    (b"USE app", SETTING),
     (b"SET autocommit=1", MAY_COMMIT),
     (b"SET GLOBAL x = 1", MAY_COMMIT),
     (b"COMMIT", MAY_COMMIT),
@@ -111,7 +119,7 @@ def test_query_kind(text: bytes, kind: int) -> None:
 
 def test_command_kind() -> None:
     assert command_kind(bytes((my.COM_PING,))) == READ
-    assert command_kind(bytes((my.COM_INIT_DB,)) + b"app") == READ
+    assert command_kind(bytes((my.COM_INIT_DB,)) + b"app") == SETTING
     assert command_kind(bytes((my.COM_QUERY,)) + b"SELECT 1") == READ
     execute = bytes((my.COM_STMT_EXECUTE,)) + (1).to_bytes(4, "little") + b"\0\1\0\0\0"
     assert command_kind(execute, b"SELECT a FROM t WHERE id = ?") == READ
@@ -328,7 +336,7 @@ def _kill_when_running(server: MariaDBInstance, statement: str, killed: list[str
     """KILL CONNECTION the server thread that runs `statement` (as soon as it shows in the processlist)."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = server.sql(f"SELECT ID FROM information_schema.PROCESSLIST WHERE INFO = '{statement}'")
+        found = server.sql(f"SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE '{statement}'")
         if found:
             server.sql(f"KILL CONNECTION {found.split()[0]}")
             killed.append(found)
@@ -364,3 +372,34 @@ def test_a_transaction_whose_connection_is_killed_mid_statement_is_replayed(
     assert mariadb_server.sql("SELECT a FROM app.killed ORDER BY a") == "1\n2"
     mysql_proxy.wait_for_log(r"replaying its command \(1 command\(s\)\)")
     conn.close()
+
+
+def test_a_transaction_of_prepared_statements_is_replayed_with_its_statements_prepared_again(
+    mysql_proxy: ProxyProcess, mariadb_server: MariaDBInstance
+) -> None:
+    mariadb_server.sql("CREATE TABLE IF NOT EXISTS app.killed_prepared (a INT PRIMARY KEY); "
+                       "DELETE FROM app.killed_prepared;")
+    conn = mysql.connector.connect(host="127.0.0.1", port=mysql_proxy.ports["mysql"], user="app",
+                                   password="app-secret", database="app", use_pure=True, autocommit=True)
+    sleep = "SELECT SLEEP(?) AS s, ? AS v"
+    insert = "INSERT INTO killed_prepared VALUES (?)"
+    killed: list[str] = []
+    try:
+        reader = conn.cursor(prepared=True)
+        writer = conn.cursor(prepared=True)
+        reader.execute(sleep, (0, 1))  # prepared (and run) outside the transaction
+        assert reader.fetchall() == [(0, 1)]
+        writer.execute(insert, (10,))
+        conn.start_transaction()
+        writer.execute(insert, (11,))  # COM_STMT_EXECUTE only: the statement is the client's already
+        killer = threading.Thread(target=_kill_when_running, args=(mariadb_server, "SELECT SLEEP(%", killed))
+        killer.start()
+        reader.execute(sleep, (1.5, 7))  # killed; replayed where both statements are prepared again
+        assert reader.fetchall() == [(0, 7)]
+        killer.join()
+        assert killed
+        writer.execute(insert, (12,))
+        conn.commit()
+    finally:
+        conn.close()
+    assert mariadb_server.sql("SELECT a FROM app.killed_prepared ORDER BY a") == "10\n11\n12"

@@ -14,9 +14,11 @@ from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.outcome import (
     BEGIN,
     MAY_COMMIT,
+    NOT_REPLAYED,
     READ,
     ROLLBACK,
     SESSION,
+    SETTING,
     WRITE,
     command_kind,
 )
@@ -260,6 +262,8 @@ class MySQLFailover(MySQLLogin):
         kind = command_kind(payload, sql)
         if kind == BEGIN:
             return SESSION if first else MAY_COMMIT  # (a BEGIN inside a transaction commits it first)
+        if kind == SETTING:  # the replay starts from the session as it is now, after the change
+            return SESSION if first else NOT_REPLAYED
         return kind
 
     def _give_up(self, error: ProxyError, in_flight: bool, why: str) -> None:

@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 
 
+# Replies of one transaction hashed at most, per byte of `limit`: past that, hashing a bulk read would cost more
+# than replaying it could save (the transaction is then not replayable).
+REPLY_FACTOR = 16
+
+
 class ReplayLog:
     """The client's messages of the transaction in progress (up to `limit` bytes) and a running SHA-256 and byte
-    count of the replies forwarded to it; a replay on another server compares its replies with these."""
+    count of the replies forwarded to it (hashed up to REPLY_FACTOR * `limit` bytes); a replay on another server
+    compares its replies with these."""
 
-    __slots__ = ("_hash", "last", "limit", "messages", "replayable", "sent_bytes", "size")
+    __slots__ = ("_hash", "last", "limit", "messages", "replayable", "reply_limit", "sent_bytes", "size")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.reply_limit = limit * REPLY_FACTOR
         self.messages: list[bytes] = []
         self.last = b""  # the last message recorded (kept when the transaction is too large to replay)
         self.size = 0
@@ -35,7 +42,12 @@ class ReplayLog:
     def sent(self, data: bytes) -> None:
         """Reply bytes forwarded to the client."""
         self.sent_bytes += len(data)
-        self._hash.update(data)
+        if self.replayable:  # (never compared otherwise)
+            if self.sent_bytes > self.reply_limit:
+                self.replayable = False
+                self.messages.clear()
+                return
+            self._hash.update(data)
 
     def sent_digest(self) -> bytes:
         return self._hash.digest()

@@ -10,7 +10,8 @@ from proxy.protocol.mysql import constants as my
 # Kinds of command, for a command whose server was lost before it answered.
 READ = 0  # changes nothing: run it again anywhere
 WRITE = 1  # may write, but cannot end a transaction: inside one, it went with the rest
-SESSION = 6  # changes the session only (SET, savepoints): run it again anywhere
+SESSION = 6  # changes the transaction's savepoints only: run it again anywhere
+SETTING = 7  # changes the session (SET, USE): replayed, it must come first (what ran before it saw the old value)
 BEGIN = 2  # starts a transaction (inside one it would commit the open one first)
 ROLLBACK = 3  # ends the transaction without committing: the lost server did the same
 MAY_COMMIT = 4  # may have committed (COMMIT, DDL, a write outside a transaction, a procedure, unknown)
@@ -33,8 +34,8 @@ _STATEMENT_END = re.compile(rb";\s*\S")
 
 # Commands that change nothing on the server (or only what the session re-establishes).
 _READ_COMMANDS = frozenset({
-    my.COM_PING, my.COM_INIT_DB, my.COM_FIELD_LIST, my.COM_STATISTICS, my.COM_STMT_CLOSE, my.COM_STMT_RESET,
-    my.COM_STMT_SEND_LONG_DATA, my.COM_SET_OPTION,
+    my.COM_PING, my.COM_FIELD_LIST, my.COM_STATISTICS, my.COM_STMT_CLOSE, my.COM_STMT_RESET,
+    my.COM_STMT_SEND_LONG_DATA,
 })
 
 
@@ -78,7 +79,9 @@ def query_kind(text: bytes) -> int:
     if first == b"RELEASE":
         return SESSION if words[1:2] == [b"SAVEPOINT"] else MAY_COMMIT
     if first == b"SET":
-        return MAY_COMMIT if _SET_COMMITS.search(text) else SESSION
+        return MAY_COMMIT if _SET_COMMITS.search(text) else SETTING
+    if first == b"USE":
+        return SETTING
     return MAY_COMMIT
 
 
@@ -94,6 +97,8 @@ def command_kind(payload: bytes, statement_sql: bytes | None = None) -> int:
         return MAY_COMMIT if statement_sql is None else query_kind(statement_sql)
     if command in _READ_COMMANDS:
         return READ
+    if command in (my.COM_INIT_DB, my.COM_SET_OPTION):
+        return SETTING
     if command == my.COM_STMT_PREPARE:
         return NOT_REPLAYED
     return MAY_COMMIT
