@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 
-
 # Replies of one transaction hashed at most, per byte of `limit`: past that, hashing a bulk read would cost more
 # than replaying it could save (the transaction is then not replayable).
 REPLY_FACTOR = 16
