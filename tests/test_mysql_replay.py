@@ -291,17 +291,28 @@ def test_writers_keep_their_connections_and_rows_through_a_failover(
         proxy.stop()
 
 
-def test_a_transaction_whose_replay_differs_is_rolled_back(
+def _connect(proxy: ProxyProcess) -> pymysql.Connection:
+    return pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
+                           database="app", autocommit=True)
+
+
+def _run(conn: pymysql.Connection, statements: list[str], errors: list[BaseException]) -> None:
+    try:
+        with conn.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+    except pymysql.Error as exc:
+        errors.append(exc)
+
+
+def test_a_transaction_whose_replay_differs_is_rolled_back_and_a_commit_in_flight_is_unknown(
     tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, replica = cluster
     monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-    proxy = _proxy(tmp_path, primary, replica, max_connections=2)
+    proxy = _proxy(tmp_path, primary, replica, max_connections=4)
     try:
-        conn = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                               database="app", autocommit=True)
-        same = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                               database="app", autocommit=True)
+        conn, same, committer, writer = _connect(proxy), _connect(proxy), _connect(proxy), _connect(proxy)
         with conn.cursor() as cursor, same.cursor() as steady:
             conn.begin()
             cursor.execute("SELECT RAND()")  # the replay reads another number: it cannot stand for this one
@@ -309,12 +320,26 @@ def test_a_transaction_whose_replay_differs_is_rolled_back(
             same.begin()  # a transaction whose replay answers the same
             steady.execute("SELECT COUNT(*) FROM numbered")
             steady.execute("INSERT INTO numbered (client, n) VALUES (99, 1)")
+            # A COMMIT and an autocommit INSERT wait for the replica's acknowledgement, which never comes: their
+            # outcome is unknown when the primary dies (and here they are not on the replica).
+            replica.sql("STOP SLAVE IO_THREAD")
+            committer.begin()
+            _run(committer, ["INSERT INTO numbered (client, n) VALUES (98, 1)"], [])
+            unknown: list[BaseException] = []
+            waiting = [threading.Thread(target=_run, args=(committer, ["COMMIT"], unknown)),
+                       threading.Thread(target=_run, args=(writer, ["INSERT INTO numbered (client, n) VALUES (97, 1)"],
+                                                                unknown))]
+            for thread in waiting:
+                thread.start()
+            time.sleep(1.0)
+            assert all(thread.is_alive() for thread in waiting)  # in flight
             _kill(primary)
             proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
             replica.promote()
             with pytest.raises(pymysql.err.OperationalError) as raised:
                 cursor.execute("INSERT INTO t (note) VALUES ('after')")
             assert raised.value.args[0] == my.ER_LOCK_DEADLOCK
+            assert getattr(raised.value, "sqlstate", "40001") == "40001"
             assert "rolled back by a failover" in raised.value.args[1]
             conn.rollback()  # what the client does after the error: it succeeds
             steady.execute("INSERT INTO numbered (client, n) VALUES (99, 2)")
@@ -323,11 +348,21 @@ def test_a_transaction_whose_replay_differs_is_rolled_back(
             assert cursor.fetchone() == (0,)  # nothing of the rolled back transaction was committed
             cursor.execute("SELECT @@port")
             assert cursor.fetchone() == (replica.port,)  # the same connection goes on, on the new writer
+            for thread in waiting:
+                thread.join(10)
+            assert sorted((exc.args[0], getattr(exc, "sqlstate", "08007"), "outcome of the transaction is unknown"
+                           in exc.args[1]) for exc in unknown) == [(1180, "08007", True)] * 2
+            for client in (committer, writer):
+                client.rollback()  # (nothing to roll back: it succeeds)
+                with client.cursor() as other:
+                    other.execute("SELECT @@port")
+                    assert other.fetchone() == (replica.port,)
         assert replica.sql("SELECT n FROM app.numbered WHERE client = 99 ORDER BY n") == "1\n2"
-        proxy.wait_for_log(r"the replay of its transaction failed: its replies differ")
+        assert replica.sql("SELECT COUNT(*) FROM app.numbered WHERE client IN (97, 98)") == "0"
+        proxy.wait_for_log(r"the replay of its transaction failed: it(s replies differ| answered with fewer bytes)")
         proxy.wait_for_log(r"replayed 3 command\(s\) on")
-        conn.close()
-        same.close()
+        for client in (conn, same, committer, writer):
+            client.close()
     finally:
         proxy.stop()
 
