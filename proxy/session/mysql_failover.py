@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from proxy.config import PoolMode
 from proxy.errors import BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
 from proxy.pool.mysql_backend import TERMINATION_ERRORS, MySQLBackend
@@ -80,7 +81,9 @@ class MySQLFailover(MySQLLogin):
 
     def __init__(self, service: Any) -> None:
         super().__init__(service)
-        limit = service.settings.pool.replay_max_size
+        pool = service.settings.pool
+        # (a session-mode client keeps its server session, which no replay could bring back)
+        limit = pool.replay_max_size if pool.mode is PoolMode.TRANSACTION else 0
         self.replay_log: ReplayLog | None = ReplayLog(limit) if limit else None
         self.replies = self._reply if limit else None
         self._failover: Failover | None = None
