@@ -59,19 +59,22 @@ UNKNOWN_TEXT = ("Got error during COMMIT: the database server was lost by a fail
 REPLAYABLE_IN_TRANSACTION = frozenset({READ, WRITE, SESSION})
 REPLAYABLE_OUTSIDE = frozenset({READ, SESSION})
 RETRY_PAUSE = 0.05  # seconds between attempts to borrow a backend for a replay
+MAX_REPLAYS = 3  # replays of the same work in a row (each server lost in turn) before the client gets the error
 
 
 class Failover:
     """One replay under way: what it must match, and what the client had in flight."""
 
-    __slots__ = ("check", "commands", "error", "in_flight", "partial", "started")
+    __slots__ = ("check", "commands", "error", "in_flight", "in_transaction", "partial", "started")
 
-    def __init__(self, in_flight: bool, partial: bool, error: ProxyError, commands: int, started: float) -> None:
+    def __init__(self, in_flight: bool, partial: bool, error: ProxyError, commands: int, started: float,
+                 in_transaction: bool) -> None:
         self.in_flight = in_flight  # a command was waiting for its reply when the server was lost
         self.partial = partial  # ... and part of that reply had reached the client
         self.error = error  # what the client gets if the replay does not match
         self.commands = commands
         self.started = started
+        self.in_transaction = in_transaction
         self.check: ReplayCheck | None = None
 
 
@@ -93,6 +96,9 @@ class MySQLFailover(MySQLLogin):
         self._answered = 0  # reply bytes the client had when its backend last had nothing outstanding
         self._took_over_end = False  # the server's ERR ending the session was kept from the client
         self._ended_in_flight = False  # ... and it was the answer to the client's command
+        self._ended_packet = b""  # that ERR frame: what the client gets if its command cannot be recovered
+        self._replays = 0  # replays of the same work in a row
+        self._replayed_bytes = 0  # the reply bytes the last replay had to match (work past them is new)
 
     # --- recording (the walk records the commands; the backend hands the replies to _reply) ---
 
@@ -137,6 +143,7 @@ class MySQLFailover(MySQLLogin):
                 or not data.endswith(packet)):
             return data
         self._took_over_end = self._ended_in_flight = True
+        self._ended_packet = data[len(data) - len(packet) - 4 :]
         log.info("client %s: the server ended backend %s while a command ran: %s", self.peer, backend,
                  ErrPacket.parse(packet).message)
         return data[: len(data) - len(packet) - 4]
@@ -160,11 +167,14 @@ class MySQLFailover(MySQLLogin):
         super().backend_progress(backend)
         replay = self.replay_log
         if replay is not None and backend.idle and self._failover is None:
+            if replay.sent_bytes > self._replayed_bytes:  # the client's work went on past the last replay
+                self._replays = 0
             if backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS or self._hold_next == 1:
                 self._answered = replay.sent_bytes
             else:  # the transaction ended: nothing of it needs replaying
                 replay.reset()
                 self._answered = 0
+                self._replays = self._replayed_bytes = 0
 
     def server_ended(self, backend: MySQLBackend, packet: bytes) -> bool:
         """The server ends the session (shutdown, KILL) while the client waits for nothing: kept from the client
@@ -185,12 +195,13 @@ class MySQLFailover(MySQLLogin):
             return
         took_over, self._took_over_end = self._took_over_end, False
         ended_in_flight, self._ended_in_flight = self._ended_in_flight, False
+        ended_packet, self._ended_packet = self._ended_packet, b""
         reason = str(exc) if exc else ("the server ended the session" if took_over else "closed")
         backend.pool.target.report_trouble(f"backend {backend} was lost: {reason}")
         if self._failover is not None:  # lost again, in the middle of the replay
             self._replay_failed(f"the server of the replay was lost too: {reason}")
             return
-        if self._recover(backend, replay, reason, ended_in_flight):
+        if self._recover(backend, replay, reason, ended_in_flight, ended_packet):
             return
         if took_over:  # the client never heard the server's ERR: it gets the proxy's
             self.backend = None
@@ -200,7 +211,8 @@ class MySQLFailover(MySQLLogin):
             return
         super().backend_lost(backend, exc)
 
-    def _recover(self, backend: MySQLBackend, replay: ReplayLog, reason: str, ended_in_flight: bool) -> bool:
+    def _recover(self, backend: MySQLBackend, replay: ReplayLog, reason: str, ended_in_flight: bool,
+                 ended_packet: bytes) -> bool:
         """Decide what becomes of the client's work on the lost `backend` and start it; False when nothing can be
         kept (the client is then failed as before: a pinned session, a cursor, a command half sent)."""
         if (backend.pool.session_mode or self.session.pins or self.cursors or self.long_data or self._skip
@@ -236,8 +248,16 @@ class MySQLFailover(MySQLLogin):
             self._send_ok(1)
             self._resume()
             return True
-        if replayable:
-            self._start_replay(backend, replay, in_flight, partial, reason)
+        if replayable and self._replays < MAX_REPLAYS:
+            self._start_replay(backend, replay, in_flight, partial, in_transaction, reason)
+            return True
+        if replayable and ended_packet and in_flight:  # the server refuses it each time: its own words
+            log.warning("client %s: backend %s ended its session %d times in a row; the client gets the "
+                        "server's error", self.peer, backend, self._replays + 1)
+            replay.reset()
+            self._answered = self._replays = self._replayed_bytes = 0
+            super().write(ended_packet)
+            self._resume()
             return True
         may_have_committed = in_flight and (last == MAY_COMMIT or (last == WRITE and not in_transaction))
         error: ProxyError = (OutcomeUnknown(UNKNOWN_TEXT) if may_have_committed
@@ -288,9 +308,11 @@ class MySQLFailover(MySQLLogin):
     # --- the replay ---
 
     def _start_replay(self, backend: MySQLBackend, replay: ReplayLog, in_flight: bool, partial: bool,
-                      reason: str) -> None:
+                      in_transaction: bool, reason: str) -> None:
         failover = Failover(in_flight, partial, RolledBackByFailover(ROLLED_BACK_TEXT), len(replay.messages),
-                            self.loop.time())
+                            self.loop.time(), in_transaction)
+        self._replays += 1
+        self._replayed_bytes = replay.sent_bytes
         self._failover = failover
         detour = bytearray(self._held)  # the client's bytes after its transaction's: walked after the replay
         detour += self._partial
@@ -318,6 +340,8 @@ class MySQLFailover(MySQLLogin):
                 if self.loop.time() + RETRY_PAUSE >= deadline or self._failover is not failover:
                     self._busy = None
                     if self._failover is failover:
+                        if not failover.in_transaction and isinstance(exc, ProxyError):
+                            failover.error = exc  # a read with no server to run on: the borrow's error
                         self._replay_failed(f"no backend to replay it on: {getattr(exc, 'message', exc)}")
                     return
                 await asyncio.sleep(RETRY_PAUSE)
