@@ -923,8 +923,16 @@ class MariaDBInstance:
     def resume_replay(self) -> None:
         self.sql("START SLAVE SQL_THREAD")
 
-    def promote(self) -> None:
-        """Make this replica a writer: stop replication, forget the primary, clear read_only."""
+    def promote(self, timeout: float = TIMEOUT) -> None:
+        """Make this replica a writer: stop receiving, let the SQL thread (when it runs) apply what was received
+        (RESET SLAVE ALL would delete that relay log: acknowledged semi-synchronous commits with it), then stop
+        replication, forget the primary, clear read_only."""
+        status = self.slave_status()
+        if status.get("Slave_SQL_Running") == "Yes":
+            self.sql("STOP SLAVE IO_THREAD")
+            received = self.slave_status().get("Gtid_IO_Pos", "")
+            if received:
+                self.wait_caught_up(received, timeout)
         self.sql("STOP SLAVE;\nRESET SLAVE ALL;\nSET GLOBAL read_only = OFF;")
 
     def connect_kwargs(
@@ -1036,6 +1044,20 @@ def start_mariadb(
 
 
 REPLICATION_USER = "replicator"
+SEMI_SYNC_TIMEOUT_MS = 3_600_000  # a semi-synchronous primary waits this long for its replica's acknowledgement
+
+
+def _wait_semi_sync_client(primary: MariaDBInstance, timeout: float = TIMEOUT) -> None:
+    """Wait until a semi-synchronous replica is connected to ``primary`` and semi-sync is on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dict(line.split("\t", 1) for line in primary.sql(
+            "SHOW GLOBAL STATUS WHERE Variable_name IN "
+            "('Rpl_semi_sync_master_clients', 'Rpl_semi_sync_master_status')").split("\n") if line)
+        if status.get("Rpl_semi_sync_master_clients", "0") != "0" and status.get("Rpl_semi_sync_master_status") == "ON":
+            return
+        time.sleep(0.05)
+    raise DevServerError(f"no semi-synchronous replica connected to {primary.host}:{primary.port} in {timeout:.0f}s")
 
 
 def start_mariadb_replica(
@@ -1045,6 +1067,7 @@ def start_mariadb_replica(
     server_id: int = 2,
     settings: dict[str, str] | None = None,
     replication_password: str = "replicator-secret",
+    semi_sync: bool = False,
 ) -> MariaDBInstance:
     """A read-only GTID replica of ``primary`` (a fresh one: see below) under ``basedir``.
 
@@ -1053,8 +1076,15 @@ def start_mariadb_replica(
     primary's current ``gtid_binlog_pos`` (``MASTER_USE_GTID=slave_pos``) as ``replicator``, a user
     with REPLICATION SLAVE made on the primary (and so replicated). Tables the primary already has
     are not copied: call it before writing data, and with nothing writing to the primary meanwhile.
+
+    ``semi_sync``: the primary commits only once this replica has its transaction in its relay log
+    (``AFTER_SYNC``, with a timeout long enough that it never falls back to asynchronous replication): an
+    acknowledged commit survives the primary's loss, provided the promotion applies the relay log
+    (:meth:`MariaDBInstance.promote` does).
     """
     opts = {"server-id": str(server_id), **(settings or {})}
+    if semi_sync:
+        opts["rpl-semi-sync-slave-enabled"] = "ON"
     replica = start_mariadb(basedir, users=dict(primary.passwords), settings=opts,
                             root_password=primary.root_password)
     try:
@@ -1064,6 +1094,12 @@ def start_mariadb_replica(
             f"CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {_my_literal(replication_password)};\n"
             f"GRANT REPLICATION SLAVE, REPLICATION CLIENT ON *.* TO {account};"
         )
+        if semi_sync:
+            primary.sql(
+                f"SET GLOBAL rpl_semi_sync_master_timeout = {SEMI_SYNC_TIMEOUT_MS};\n"
+                "SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC;\n"
+                "SET GLOBAL rpl_semi_sync_master_enabled = ON;"
+            )
         replica.sql(
             "RESET MASTER;\n"  # its own setup is not history the primary has: no GTIDs of server_id here
             f"SET GLOBAL gtid_slave_pos = {_my_literal(position)};\n"
@@ -1074,6 +1110,8 @@ def start_mariadb_replica(
             "START SLAVE;"
         )
         replica.wait_replicating()
+        if semi_sync:
+            _wait_semi_sync_client(primary)
     except BaseException:
         replica.stop()
         raise

@@ -340,11 +340,13 @@ def test_unreachable_backend_mariadb_cli_shows_the_reason(unreachable_proxy: tup
 
 
 def test_mariadb_stopping_mid_query_gives_one_error(tmp_path: Path) -> None:
-    """MariaDB closes its sessions without an error of its own when it stops: the client hears one (the proxy's:
-    2013, or 1158 for the C library, which takes a server's ERR with a client errno for a malformed packet)."""
+    """MariaDB closes its sessions without an error of its own when it stops: the read in flight waits for a server
+    to run it again (see mysql_failover) and, with none within the borrow timeout, the client hears one error (not a
+    malformed packet for the C library) and keeps its connection."""
     server = start_mariadb(tmp_path / "db", users={"app": "app-secret"})
     try:
-        with running_proxy(tmp_path / "proxy", mariadb=server) as proxy:
+        with running_proxy(tmp_path / "proxy", mariadb=server,
+                           **{"mysql.pool": {"connection_borrow_timeout": 2.0}}) as proxy:
             raw = RawClient(proxy.ports["mysql"], timeout=30)
             raw.login()
             raw.send(frame(b"\x03SELECT SLEEP(20)", 0))
@@ -353,10 +355,13 @@ def test_mariadb_stopping_mid_query_gives_one_error(tmp_path: Path) -> None:
                  "-u", "app", "-papp-secret", "-e", "SELECT SLEEP(20)"], stderr=subprocess.PIPE, text=True)
             time.sleep(1.0)
             server.stop()
-            assert _error_codes(raw) == [2013]
+            _, payload = raw.packet()
+            assert payload[:1] == b"\xff", payload
+            assert ErrPacket.parse(payload).error_code == 1040  # (the borrow timed out)
+            assert raw.query("SELECT 1")[0][:1] == b"\xff"  # still no server; the connection stays
             raw.close()
             _, cli_errors = cli.communicate(timeout=30)
-            assert "ERROR 1158 (08S01)" in cli_errors and "malformed" not in cli_errors, cli_errors
+            assert "ERROR 1040 (08004)" in cli_errors and "malformed" not in cli_errors, cli_errors
     finally:
         server.stop()
 
@@ -434,29 +439,36 @@ async def _scripted_mysql(handled: list[bytes]) -> asyncio.Server:
 
 
 async def test_server_termination_error_reaches_the_client_once(tmp_path: Path) -> None:
-    """As the answer to a query, the client gets the server's 1053 and stays (its next statement gets another
-    backend); sent unsolicited inside a transaction, it gets that 1053 and the connection closes."""
+    """As the answer to a read, the server's 1053 makes the proxy run the read again on another backend; refused
+    that way each time, the client gets the server's 1053 once and stays. Sent unsolicited inside a transaction,
+    the transaction is replayed; ended again and again, the client's next statement gets ER_LOCK_DEADLOCK (its
+    transaction is gone), its ROLLBACK succeeds and it goes on."""
     handled: list[bytes] = []
     server = await _scripted_mysql(handled)
     port = server.sockets[0].getsockname()[1]
     stand_in = MariaDBInstance(datadir=tmp_path / "none", port=port, socket_path=tmp_path / "none.sock")
 
-    def client() -> tuple[bytes, bytes, list[int]]:
+    def client() -> tuple[bytes, bytes, bytes, bytes, bytes]:
         with running_proxy(tmp_path, mariadb=stand_in) as proxy:
             raw = RawClient(proxy.ports["mysql"], timeout=30)
             raw.login()
             answered = raw.query("SELECT SLEEP(20)")[0]
             after = raw.query("SELECT 1")[0]
-            raw.query("BEGIN")
-            codes = _error_codes(raw)
+            began = raw.query("BEGIN")[0]
+            time.sleep(3.0)  # (each replay of the BEGIN is ended again half a second later)
+            lost = raw.query("SELECT 2")[0]
+            rolled_back = raw.query("ROLLBACK")[0]
             raw.close()
-            return answered, after, codes
+            return answered, after, began, lost, rolled_back
 
     try:
-        answered, after, codes = await asyncio.to_thread(client)
+        answered, after, began, lost, rolled_back = await asyncio.to_thread(client)
     finally:
         server.close()
     assert answered == SHUTDOWN
     assert after[:1] == b"\x00"
-    assert codes == [1053]
+    assert began[:1] == b"\x00"
+    assert lost[:1] == b"\xff" and ErrPacket.parse(lost).error_code == my.ER_LOCK_DEADLOCK
+    assert rolled_back[:1] == b"\x00"
+    assert handled.count(b"\x03SELECT SLEEP(20)") == 4  # the first run and three replays
     assert b"\x03BEGIN" in handled

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.auth.mysql import (
@@ -98,6 +99,9 @@ class MySQLLinkedClient(LinkedClient, Protocol):
     kills_in_flight: int  # KILL QUERYs on their way to this backend's thread: it stays linked meanwhile
     found_rows: int  # what FOUND_ROWS() says for the client: set when a result set completes
     row_count: int  # what ROW_COUNT() says for the client: set when a statement completes
+    # Where reply bytes go instead of straight to the client's socket (None: straight there), so the client can
+    # keep what it needs to replay its transaction on another server (see session/mysql_replay).
+    replies: Callable[[bytes], None] | None
 
     @property
     def peer(self) -> str: ...
@@ -112,6 +116,11 @@ class MySQLLinkedClient(LinkedClient, Protocol):
     def fail(self, error: ProxyError) -> None: ...
 
     def kill_settled(self) -> None: ...
+
+    def server_ended(self, backend: MySQLBackend, packet: bytes) -> bool:
+        """The server ended the session with the ERR `packet` while no command was outstanding: True when the
+        client takes over (a failover keeps its transaction), False to pass the packet on."""
+        ...
 
 
 class MySQLBackend(MySQLServerSession):
@@ -248,11 +257,15 @@ class MySQLBackend(MySQLServerSession):
         if out is not None:
             out.append(data[sent:pos])
             forward = b"".join(out)
-            if forward:
+        else:
+            forward = data[:pos] if pos < end else data
+        if forward:
+            replies = client.replies
+            if replies is None:
                 client.transport.write(forward)
-        elif pos:
-            client.transport.write(data[:pos] if pos < end else data)
-        if ending:
+            else:
+                replies(forward)
+        if ending and not client.server_ended(self, ending):
             client.transport.write(ending)
         if finished or tracker.expects_local_infile:
             client.backend_progress(self)

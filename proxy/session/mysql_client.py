@@ -11,6 +11,7 @@ from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import EXECUTE, FETCH, INTERNAL, PREPARE, QUERY, RESET, SCHEMA, SET_OPTION, STMT_RESET
 from proxy.protocol.mysql.packets import frame
 from proxy.session import mysql_ids as ids
+from proxy.session.mysql_failover import MySQLFailover
 from proxy.session.mysql_inspect import (
     ANSWER_ERR,
     ANSWER_OK,
@@ -26,7 +27,6 @@ from proxy.session.mysql_inspect import (
     inspect_query,
 )
 from proxy.session.mysql_lifecycle import State, log, violation
-from proxy.session.mysql_login import MySQLLogin
 
 INSPECT_LIMIT = 64 * 1024  # bytes of a command looked at before forwarding (the whole command if shorter)
 
@@ -48,7 +48,7 @@ STATEMENT_COMMANDS = frozenset({
 })
 
 
-class MySQLClient(MySQLLogin):
+class MySQLClient(MySQLFailover):
     """One client connection: walks the client's bytes, forwards whole commands, answers some itself."""
 
     def data_received(self, data: bytes) -> None:
@@ -57,6 +57,13 @@ class MySQLClient(MySQLLogin):
                 super().data_received(data)
             return
         self.active = True
+        if self._detour is not None:  # its transaction is being recovered after the loss of its server
+            self._detour += data
+            return
+        if self._lost is not None:  # its transaction was lost: the next command gets the error
+            data = self._answer_lost(data)
+            if not data:
+                return
         if self._busy is not None or self._stalled:
             self._held += data
             if len(self._held) > HELD_LIMIT and not self.peer_paused_us:
@@ -89,6 +96,7 @@ class MySQLClient(MySQLLogin):
     def _walk(self, scan: bytes) -> None:
         """Forward whole commands to the linked backend; answer what needs none; borrow a backend when needed."""
         backend = self.backend
+        replay = self.replay_log  # the commands of the transaction in progress are recorded (see mysql_failover)
         end = len(scan)
         pos = start = 0
         if self._drop or self._skip:
@@ -128,6 +136,10 @@ class MySQLClient(MySQLLogin):
                 step = self._statement_command(command, scan, pos, length, head, start)
                 if step is None:
                     return
+                if replay is not None and self.backend is not None:
+                    replay.record(scan[pos : step[0]])
+                    if self._skip or self._drop:
+                        replay.replayable = False
                 pos, start = step
                 backend = self.backend
                 continue
@@ -138,6 +150,10 @@ class MySQLClient(MySQLLogin):
                     self._need_backend()
                     return
                 effect = inspection.effect
+                if replay is not None:
+                    replay.record(scan[pos : pos + 4 + length])
+                    if length > end - pos - 4 or length == my.MAX_PACKET:
+                        replay.replayable = False
                 if effect is not None:
                     start, done = self._forward_with_effect(backend, command, effect, scan, pos, length, start)
                     if done:
@@ -163,7 +179,13 @@ class MySQLClient(MySQLLogin):
                     return
                 need = 4 + length
                 break
+            answered_at = pos
             pos = start = self._answer_command(inspection, command, scan, pos, length, start)
+            if replay is not None and self.backend is not None:
+                if pos < 0:
+                    replay.replayable = False
+                else:
+                    replay.record(scan[answered_at:pos])
             if pos < 0:
                 return
         self._walked(backend, scan, start, pos, need)
@@ -215,6 +237,8 @@ class MySQLClient(MySQLLogin):
             return -1
         self._size = size
         self._seq = (seq + 1) & 0xFF
+        if self.replay_log is not None:
+            self.replay_log.replayable = False  # (the rest of a long packet, or a file: not kept)
         if self._infile and not self._cont and length == 0:
             self._infile = False
             backend.infile_sent()

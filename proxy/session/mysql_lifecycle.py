@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from proxy.auth.failures import FailedLogins
@@ -157,6 +158,14 @@ class MySQLClientBase(ClientConnection):
         # A login waiting for the client's bytes was just woken and ends with ConnectionClosed (logged) instead,
         # and one in the TLS handshake ends with the handshake's failure (one warning line).
         return self._waiter is None and not self._handshaking
+
+    # Where a linked backend hands its reply bytes (None: straight to the socket; see mysql_failover).
+    replies: Callable[[bytes], None] | None = None
+
+    def server_ended(self, backend: MySQLBackend, packet: bytes) -> bool:
+        """The server ended its session while nothing was outstanding: the client hears its ERR (see
+        mysql_failover for when it does not)."""
+        return False
 
     def _session_closed(self) -> None:
         if self.session.pins:
