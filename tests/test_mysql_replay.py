@@ -32,7 +32,7 @@ from proxy.protocol.mysql.outcome import (
     command_kind,
     query_kind,
 )
-from proxy.session.mysql_replay import ReplayCheck, ReplayLog
+from proxy.session.replay_log import ReplayCheck, ReplayLog
 from support import ProxyProcess, write_config
 
 MONITOR = "monitor"
@@ -46,15 +46,15 @@ def test_replay_log_records_until_its_limit_and_hashes_the_replies() -> None:
     replay = ReplayLog(10)
     replay.record(b"abcd")
     replay.record(b"efgh")
-    assert replay.messages == [b"abcd", b"efgh"] and replay.replayable
+    assert replay.chunks == [b"abcd", b"efgh"] and replay.replayable
     replay.sent(b"xy")
     replay.sent(b"z")
     assert replay.sent_bytes == 3
     assert replay.sent_digest() == hashlib.sha256(b"xyz").digest()
     replay.record(b"ijk")  # 11 bytes: over the limit
-    assert not replay.replayable and replay.messages == [] and replay.last == b"ijk"
+    assert not replay.replayable and replay.chunks == [] and replay.last == b"ijk"
     replay.reset()
-    assert replay.replayable and replay.messages == [] and replay.sent_bytes == 0
+    assert replay.replayable and replay.chunks == [] and replay.sent_bytes == 0
     assert replay.sent_digest() == hashlib.sha256().digest()
     replay.record(b"q")
     replay.sent(b"r" * 160)  # replies are hashed up to 16 times the limit
@@ -65,14 +65,14 @@ def test_replay_log_records_until_its_limit_and_hashes_the_replies() -> None:
 
 def test_replay_check_passes_only_what_the_client_has_not_seen() -> None:
     first = b"0123456789"
-    check = ReplayCheck(6, hashlib.sha256(first[:6]).digest())
-    assert check.feed(first[:4]) == b"" and check.verdict is None
-    assert check.feed(first[4:8]) == b"67" and check.verdict is True
+    check = ReplayCheck(hashlib.sha256(first[:6]).digest(), 6)
+    assert check.feed(first[:4]) == b"" and not check.done
+    assert check.feed(first[4:8]) == b"67" and check.done and check.matches
     assert check.feed(b"89") == b"89"
-    differs = ReplayCheck(6, hashlib.sha256(first[:6]).digest())
-    assert differs.feed(b"012399") == b"" and differs.verdict is False
-    nothing_seen = ReplayCheck(0, hashlib.sha256().digest())
-    assert nothing_seen.verdict is True and nothing_seen.feed(b"ab") == b"ab"
+    differs = ReplayCheck(hashlib.sha256(first[:6]).digest(), 6)
+    assert differs.feed(b"012399") == b"" and differs.done and not differs.matches
+    nothing_seen = ReplayCheck(hashlib.sha256().digest(), 0)
+    assert nothing_seen.done and nothing_seen.matches and nothing_seen.feed(b"ab") == b"ab"
 
 
 @pytest.mark.parametrize(("text", "kind"), [

@@ -100,7 +100,7 @@ class MySQLLinkedClient(LinkedClient, Protocol):
     found_rows: int  # what FOUND_ROWS() says for the client: set when a result set completes
     row_count: int  # what ROW_COUNT() says for the client: set when a statement completes
     # Where reply bytes go instead of straight to the client's socket (None: straight there), so the client can
-    # keep what it needs to replay its transaction on another server (see session/mysql_replay).
+    # keep what it needs to replay its transaction on another server (see session/replay_log).
     replies: Callable[[bytes], None] | None
 
     @property

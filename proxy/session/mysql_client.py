@@ -139,7 +139,7 @@ class MySQLClient(MySQLFailover):
                 if replay is not None and self.backend is not None:
                     replay.record(scan[pos : step[0]])
                     if self._skip or self._drop:
-                        replay.replayable = False
+                        replay.spoil()
                 pos, start = step
                 backend = self.backend
                 continue
@@ -153,7 +153,7 @@ class MySQLClient(MySQLFailover):
                 if replay is not None:
                     replay.record(scan[pos : pos + 4 + length])
                     if length > end - pos - 4 or length == my.MAX_PACKET:
-                        replay.replayable = False
+                        replay.spoil()
                 if effect is not None:
                     start, done = self._forward_with_effect(backend, command, effect, scan, pos, length, start)
                     if done:
@@ -183,7 +183,7 @@ class MySQLClient(MySQLFailover):
             pos = start = self._answer_command(inspection, command, scan, pos, length, start)
             if replay is not None and self.backend is not None:
                 if pos < 0:
-                    replay.replayable = False
+                    replay.spoil()
                 else:
                     replay.record(scan[answered_at:pos])
             if pos < 0:
@@ -238,7 +238,7 @@ class MySQLClient(MySQLFailover):
         self._size = size
         self._seq = (seq + 1) & 0xFF
         if self.replay_log is not None:
-            self.replay_log.replayable = False  # (the rest of a long packet, or a file: not kept)
+            self.replay_log.spoil()  # (the rest of a long packet, or a file: not kept)
         if self._infile and not self._cont and length == 0:
             self._infile = False
             backend.infile_sent()

@@ -28,7 +28,7 @@ from proxy.protocol.mysql.statements import LAST_PREPARED
 from proxy.session.client import State
 from proxy.session.mysql_lifecycle import log
 from proxy.session.mysql_login import MySQLLogin
-from proxy.session.mysql_replay import ReplayCheck, ReplayLog
+from proxy.session.replay_log import ReplayCheck, ReplayLog
 
 ER_ERROR_DURING_COMMIT = 1180
 
@@ -125,9 +125,9 @@ class MySQLFailover(MySQLLogin):
             self.transport.write(data)
             return
         fresh = check.feed(data)
-        if check.verdict is None:
+        if not check.done:
             return
-        if not check.verdict:
+        if not check.matches:
             self._replay_failed("its replies differ from those the client already has")
             return
         if fresh:
@@ -271,7 +271,7 @@ class MySQLFailover(MySQLLogin):
         """The kind of each recorded command (see protocol.mysql.outcome), None when they cannot be replayed."""
         if not replay.replayable:
             return None
-        return [self._kind(message, index == 0) for index, message in enumerate(replay.messages)]
+        return [self._kind(message, index == 0) for index, message in enumerate(replay.chunks)]
 
     def _kind(self, message: bytes, first: bool) -> int:
         payload = message[4:]
@@ -309,7 +309,7 @@ class MySQLFailover(MySQLLogin):
 
     def _start_replay(self, backend: MySQLBackend, replay: ReplayLog, in_flight: bool, partial: bool,
                       in_transaction: bool, reason: str) -> None:
-        failover = Failover(in_flight, partial, RolledBackByFailover(ROLLED_BACK_TEXT), len(replay.messages),
+        failover = Failover(in_flight, partial, RolledBackByFailover(ROLLED_BACK_TEXT), len(replay.chunks),
                             self.loop.time(), in_transaction)
         self._replays += 1
         self._replayed_bytes = replay.sent_bytes
@@ -321,7 +321,7 @@ class MySQLFailover(MySQLLogin):
         self._detour = detour
         log.info("client %s: backend %s was lost (%s); replaying its %s (%d command(s))", self.peer, backend, reason,
                  "transaction" if failover.commands > 1 or not in_flight else "command", failover.commands)
-        self._busy = self.loop.create_task(self._replay(failover, list(replay.messages), replay.sent_bytes,
+        self._busy = self.loop.create_task(self._replay(failover, list(replay.chunks), replay.sent_bytes,
                                                         replay.sent_digest()))
 
     async def _replay(self, failover: Failover, messages: list[bytes], sent_bytes: int, digest: bytes) -> None:
@@ -353,8 +353,8 @@ class MySQLFailover(MySQLLogin):
         assert replay is not None
         replay.reset()  # the replay records the transaction again
         self._link(backend)
-        check = ReplayCheck(sent_bytes, digest)
-        if not check.verdict:
+        check = ReplayCheck(digest, sent_bytes)
+        if not check.done:
             failover.check = check
         self._held[:0] = b"".join(messages)
         self._resume()

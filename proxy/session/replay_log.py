@@ -5,10 +5,12 @@ Engine-neutral: the engine decides when a transaction starts and ends and what m
 `ReplayLog(limit)` keeps, between two `reset()` calls (a transaction's end):
   - `record(data)`: the client's bytes in the order they arrived (the slices in hand are kept, never copied), up to
     `limit` bytes; beyond it recording stops and `replayable` is False until the next `reset()` (`spoil()` says the
-    same for another reason);
+    same for another reason); `last` is the latest piece recorded, kept even then;
   - `sent(data)`: every byte given to the client, as a running SHA-256 (`sent_digest()`) and a count
-    (`sent_bytes`).
-`messages` is what was recorded, joined. `replay_check()` gives a `ReplayCheck` of what was sent so far and starts
+    (`sent_bytes`); hashed up to REPLY_FACTOR x `limit` bytes (past that, hashing a bulk read would cost more than
+    a replay could save: the transaction is then not replayable).
+`chunks` are the pieces recorded (an engine that records one command per piece replays them one by one),
+`messages` the same joined. `replay_check()` gives a `ReplayCheck` of what was sent so far and starts
 the digest again (the replay's replies are what the client is given from then on).
 
 `ReplayCheck(digest, size)` compares the replies of a replay with what the client was given before: `feed(data)`
@@ -22,16 +24,20 @@ import hashlib
 
 # An empty transaction's digest: a check of zero bytes is done (and matches) at once.
 EMPTY_DIGEST = hashlib.sha256().digest()
+# Reply bytes of one transaction hashed at most, per byte of `limit`.
+REPLY_FACTOR = 16
 
 
 class ReplayLog:
     """The client's messages of the current transaction (at most `limit` bytes) and a digest of its replies."""
 
-    __slots__ = ("_chunks", "_hash", "limit", "replayable", "sent_bytes", "size")
+    __slots__ = ("_hash", "chunks", "last", "limit", "replayable", "reply_limit", "sent_bytes", "size")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._chunks: list[bytes] = []
+        self.reply_limit = limit * REPLY_FACTOR
+        self.chunks: list[bytes] = []
+        self.last = b""  # the latest piece recorded (kept when the transaction is too large to replay)
         self.size = 0  # bytes recorded
         self.replayable = True
         self._hash = hashlib.sha256()
@@ -39,33 +45,44 @@ class ReplayLog:
 
     def record(self, data: bytes) -> None:
         """The client sent `data` (kept as is: the caller never changes it afterwards)."""
+        self.last = data
         if self.replayable:
             size = self.size + len(data)
             if size > self.limit:
                 self.spoil()
                 return
-            self._chunks.append(data)
+            self.chunks.append(data)
             self.size = size
 
     def spoil(self) -> None:
         """The transaction can no longer be replayed: what was recorded is let go until the next reset()."""
         self.replayable = False
-        self._chunks.clear()
+        self.chunks.clear()
         self.size = 0
 
     def sent(self, data: bytes) -> None:
         """`data` was given to the client."""
-        self._hash.update(data)
         self.sent_bytes += len(data)
+        if self.replayable:  # (never compared otherwise)
+            if self.sent_bytes > self.reply_limit:
+                self.spoil()
+                return
+            self._hash.update(data)
 
     def reset(self) -> None:
         """The transaction ended: start empty (cheap when nothing was kept)."""
+        self.last = b""
         if self.size or self.sent_bytes or not self.replayable:
-            self._chunks.clear()
+            self.chunks.clear()
             self.size = 0
             self.replayable = True
             self._hash = hashlib.sha256()
             self.sent_bytes = 0
+
+    @property
+    def empty(self) -> bool:
+        """Nothing recorded, nothing sent, still replayable: a transaction that has not started."""
+        return not self.chunks and not self.sent_bytes and self.replayable
 
     def replay_check(self) -> ReplayCheck:
         """A check of the bytes sent so far; the digest and count start again for the replay's replies."""
@@ -81,7 +98,7 @@ class ReplayLog:
     @property
     def messages(self) -> bytes:
         """The client's bytes of the current transaction, joined (only while `replayable`)."""
-        return b"".join(self._chunks)
+        return b"".join(self.chunks)
 
     def sent_digest(self) -> bytes:
         """The SHA-256 of the bytes given to the client in the current transaction."""
