@@ -22,11 +22,9 @@ from typing import TypeVar
 
 from proxy.errors import BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
-from proxy.pool.mysql_backend import MySQLBackend, Profile
+from proxy.pool.mysql_backend import MySQLBackend
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
-from proxy.session.mysql_service import MySQLService
-from proxy.session.pg_service import PostgresService
 from proxy.topology.model import InstanceStatus
 from proxy.topology.monitor import TopologyMonitor
 from proxy.topology.mysql_probe import gtid_sequence
@@ -54,7 +52,7 @@ class CausalReads:
     (they follow reloads and failovers)."""
 
     def __init__(self, endpoint: str, cluster: Callable[[], CausalCluster | None],
-                 writer_service: Callable[[], PostgresService | MySQLService | None]) -> None:
+                 writer_service: Callable[[], object | None]) -> None:
         self.endpoint = endpoint
         self._cluster = cluster
         self._writer_service = writer_service
@@ -99,7 +97,8 @@ class CausalReads:
             return ""
         return f"the replica did not replay the writer's position {_shown(position)} within {timeout:g} s"
 
-    def writer_service(self) -> PostgresService | MySQLService:
+    def writer_service(self) -> object:
+        """The service of the cluster's read_write endpoint (its engine's type: the caller checks it)."""
         found = self._writer_service()
         if found is None:
             raise BackendUnavailable("causal read: the cluster has no read_write endpoint to serve it")
@@ -132,7 +131,7 @@ def _lsn(position: int) -> str:
     return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
-async def _from_writer(pool: Pool, sync: Callable[[B], Awaitable[None]], kind: type[B]) -> B:
+async def from_writer(pool: Pool, sync: Callable[[B], Awaitable[None]], kind: type[B]) -> B:
     """A backend of the writer's pool, given the client's session."""
     while True:
         backend = await pool.borrow()
@@ -148,7 +147,7 @@ async def _from_writer(pool: Pool, sync: Callable[[B], Awaitable[None]], kind: t
     return backend
 
 
-async def _checked(reads: CausalReads, backend: B, timeout: float,
+async def checked(reads: CausalReads, backend: B, timeout: float,
                    wait: Callable[[B, Position, float], Awaitable[bool]], peer: str) -> bool:
     """Whether the replica backend may serve; if not, it has gone back to its pool (or was dropped)."""
     pool = backend.pool
@@ -170,7 +169,7 @@ async def _checked(reads: CausalReads, backend: B, timeout: float,
 
 # --- PostgreSQL ---
 
-async def _pg_replayed(backend: PostgresBackend, position: Position, deadline: float) -> bool:
+async def pg_replayed(backend: PostgresBackend, position: Position, deadline: float) -> bool:
     """Look at the standby's replay position until it reaches `position` (pauses doubling up to LAST_PAUSE)."""
     assert isinstance(position, int)
     sql = f"SELECT COALESCE(pg_last_wal_replay_lsn() >= '{_lsn(position)}'::pg_lsn, false)"
@@ -187,24 +186,9 @@ async def _pg_replayed(backend: PostgresBackend, position: Position, deadline: f
         pause = min(2 * pause, LAST_PAUSE)
 
 
-async def postgres_ready(service: PostgresService, backend: PostgresBackend,
-                         sync: Callable[[PostgresBackend], Awaitable[None]], peer: str) -> PostgresBackend:
-    """The backend a PostgreSQL transaction of a causal read_only endpoint runs on: `backend` once its standby has
-    caught up, else one of the writer's in the client's session (`sync` gives it the session)."""
-    reads = service.causal
-    if reads is None or backend.pool.session_mode:
-        return backend
-    pool = backend.pool
-    if await _checked(reads, backend, service.endpoint.causal_read_timeout, _pg_replayed, peer):
-        return backend
-    writer = reads.writer_service()
-    assert isinstance(writer, PostgresService)
-    return await _from_writer(writer.pool_for(pool.database, pool.user), sync, PostgresBackend)
-
-
 # --- MariaDB ---
 
-async def _mariadb_replayed(backend: MySQLBackend, position: Position, deadline: float) -> bool:
+async def mariadb_replayed(backend: MySQLBackend, position: Position, deadline: float) -> bool:
     """MASTER_GTID_WAIT on the replica until it has applied `position` (the server bounds the wait)."""
     assert isinstance(position, str)
     if not position:
@@ -214,19 +198,3 @@ async def _mariadb_replayed(backend: MySQLBackend, position: Position, deadline:
     quoted = position.replace("\\", "\\\\").replace("'", "\\'")
     rows = await backend.query(f"SELECT MASTER_GTID_WAIT('{quoted}', {left:.6f})")
     return bool(rows) and rows[0][0] == b"0"
-
-
-async def mariadb_ready(service: MySQLService, backend: MySQLBackend, sync: Callable[[MySQLBackend], Awaitable[None]],
-                        profile: Profile, peer: str) -> MySQLBackend:
-    """The backend a MariaDB transaction of a causal read_only endpoint runs on: `backend` once its replica has
-    applied the writer's GTID position, else one of the writer's in the client's session."""
-    reads = service.causal
-    if reads is None or backend.pool.session_mode:
-        return backend
-    pool = backend.pool
-    if await _checked(reads, backend, service.endpoint.causal_read_timeout, _mariadb_replayed, peer):
-        return backend
-    writer = reads.writer_service()
-    assert isinstance(writer, MySQLService)
-    return await _from_writer(writer.pool_for(pool.database, pool.user, profile), sync, MySQLBackend)
-

@@ -8,7 +8,7 @@ from proxy.pool.balance import no_eligible_instance
 from proxy.pool.mysql_backend import MySQLBackend, MySQLServerError
 from proxy.pool.pool import Pool
 from proxy.protocol.mysql import constants as my
-from proxy.session.causal import mariadb_ready
+from proxy.session.causal_borrow import mariadb_ready
 from proxy.session.mysql_inspect import FOUND_ROWS
 from proxy.session.mysql_lifecycle import BUSY_FLAGS, log, release_backend
 from proxy.session.mysql_settings import MySQLSessionTracking

@@ -14,7 +14,7 @@ from proxy.pool.pg_deadline import cancel_in_background, expire
 from proxy.pool.pool import Backend, Pool
 from proxy.protocol.pg import messages as pg
 from proxy.session import pg_sequences as seq
-from proxy.session.causal import postgres_ready
+from proxy.session.causal_borrow import postgres_ready
 from proxy.session.pg_settings import PgSettings
 
 log = logging.getLogger(__name__)
