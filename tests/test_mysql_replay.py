@@ -12,7 +12,9 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import mysql.connector
 import pymysql
@@ -38,6 +40,7 @@ from support import ProxyProcess, write_config
 MONITOR = "monitor"
 MONITOR_PASSWORD = "Monitor-Secret-7c1d"
 INTERVAL = 0.2
+GRACE = 1.0  # seconds without a writer before the proxy promotes the replica (auto_promote)
 
 # --- the recorder ---
 
@@ -151,7 +154,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]
         primary.stop()
 
 
-def _proxy(tmp_path: Path, primary: MariaDBInstance, replica: MariaDBInstance, max_connections: int) -> ProxyProcess:
+def _proxy(tmp_path: Path, primary: MariaDBInstance, replica: MariaDBInstance, max_connections: int,
+           **cluster: Any) -> ProxyProcess:
     folder = tmp_path / "proxy"
     folder.mkdir()
     config = write_config(folder, {
@@ -162,7 +166,7 @@ def _proxy(tmp_path: Path, primary: MariaDBInstance, replica: MariaDBInstance, m
         "mysql.clusters.main": {
             "instances": [{"host": primary.host, "port": primary.port, "role": "writer"},
                           {"host": replica.host, "port": replica.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": MONITOR},
+            "monitor_interval": INTERVAL, "monitor_user": MONITOR, **cluster},
         "mysql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
     })
     proxy = ProxyProcess(config, folder / "proxy.log")
@@ -233,12 +237,24 @@ class Writer(threading.Thread):
             conn.close()
 
 
+def _log_monotonic(line: str) -> float:
+    """The time.monotonic() reading at the wall-clock time of a proxy log line (its asctime prefix)."""
+    wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return wall - time.time() + time.monotonic()
+
+
+@pytest.mark.parametrize("promoter", ["test", "proxy"])
 def test_writers_keep_their_connections_and_rows_through_a_failover(
-    tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch, promoter: str
 ) -> None:
     primary, replica = cluster
     monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-    proxy = _proxy(tmp_path, primary, replica, max_connections=6)
+    promotion: dict[str, Any] = {}
+    if promoter == "proxy":  # a monitor_user that may promote: stop and forget replication, clear read_only
+        primary.sql(f"GRANT REPLICATION SLAVE ADMIN, RELOAD, READ_ONLY ADMIN ON *.* TO {MONITOR}@'%';")
+        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
+        promotion = {"auto_promote": True, "failover_grace": GRACE}
+    proxy = _proxy(tmp_path, primary, replica, max_connections=6, **promotion)
     stop = threading.Event()
     writers = [Writer(proxy.ports["rw"], client, client % 2 == 0, stop) for client in range(20)]
     try:
@@ -249,10 +265,15 @@ def test_writers_keep_their_connections_and_rows_through_a_failover(
             time.sleep(0.05)
         assert all(w.acknowledged for w in writers), [w.failures for w in writers]
         time.sleep(0.5)
+        killed_at = time.monotonic()
         _kill(primary)
         proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
-        replica.promote()
-        promoted_at = time.monotonic()
+        if promoter == "proxy":
+            line = proxy.wait_for_log(rf"cluster main: promoted 127\.0\.0\.1:{replica.port} in \d+ ms", timeout=10.0)
+            promoted_at = _log_monotonic(line)
+        else:
+            replica.promote()
+            promoted_at = time.monotonic()
         deadline = promoted_at + 10.0
         while time.monotonic() < deadline and not all(
                 any(t > promoted_at for t in w.acknowledged_at) for w in writers if not w.failures):
@@ -282,9 +303,13 @@ def test_writers_keep_their_connections_and_rows_through_a_failover(
         aborted = len(re.findall(r"WARNING .*(?:cannot be replayed|the replay of its transaction failed)", log_text))
         retried = sum(w.retried for w in writers)
         unknown = sum(w.unknown for w in writers)
-        print(f"failover with 20 writers: {replayed} replayed, {aborted} ended with an error "
-              f"({retried} rolled back and retried [1213], {unknown} outcome unknown [1180]); "
-              f"first write acknowledged {first_write * 1000:.0f} ms after the promotion")
+        if promoter == "proxy":
+            assert log_text.count("; promoting ") == 1
+        print(f"failover with 20 writers, promoted by the {promoter}: {replayed} replayed, {aborted} ended with an "
+              f"error ({retried} rolled back and retried [1213], {unknown} outcome unknown [1180]); promoted "
+              f"{(promoted_at - killed_at) * 1000:.0f} ms after the kill; first write acknowledged "
+              f"{(first_write + promoted_at - killed_at) * 1000:.0f} ms after the kill, "
+              f"{first_write * 1000:.0f} ms after the promotion")
         assert replayed + retried + unknown > 0  # the kill caught work in flight
     finally:
         stop.set()
