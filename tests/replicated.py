@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import psycopg
+import pymysql
 import pytest
 
 from devtools.servers import (
@@ -142,6 +143,41 @@ def connect_pg(proxy: ProxyProcess, endpoint: str = "rw") -> psycopg.Connection[
     """A psycopg connection as app through an endpoint of the proxy."""
     return psycopg.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
                            dbname="app", connect_timeout=10)
+
+
+def connect_my(proxy: ProxyProcess, endpoint: str = "rw") -> pymysql.Connection[Any]:
+    """A PyMySQL connection (autocommit) as app through an endpoint of the proxy."""
+    return pymysql.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
+                           database="app", autocommit=True)
+
+
+class LoopingWriter(Protocol):
+    conn: Any
+
+    def run(self, stop: threading.Event) -> None: ...
+
+
+Looping = TypeVar("Looping", bound=LoopingWriter)
+
+
+def writers_around(writers: list[Looping], event: Callable[[], float], after: float) -> float:
+    """Run `writers` in threads from 0.5 s before `event` (which returns when the new writer accepts writes) until
+    `after` seconds after it, then close their connections; returns what `event` returned."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in writers]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        promoted_at = event()
+        time.sleep(after)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    for w in writers:
+        w.conn.close()
+    return promoted_at
 
 
 @dataclass
