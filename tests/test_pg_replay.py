@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -18,8 +17,9 @@ import psycopg
 import pytest
 from asyncpg.transaction import Transaction
 
-from devtools.servers import PostgresInstance, free_port, start_postgres, start_postgres_standby
-from support import ProxyProcess, write_config
+from devtools.servers import PostgresInstance
+from replicated import cluster_config, log_monotonic, monitor_secret, postgres_pair, running_proxy
+from support import ProxyProcess
 
 CLIENTS = 20
 BACKENDS = 6  # fewer backends than clients
@@ -30,16 +30,8 @@ GRACE = 1.0  # seconds without a writer before the proxy promotes the standby (a
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        primary.psql("CREATE TABLE rows (client int NOT NULL, n int NOT NULL)", db="app", user="app")
-        standby = start_postgres_standby(primary, tmp_path, synchronous=True)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path, "CREATE TABLE rows (client int NOT NULL, n int NOT NULL)", synchronous=True) as pair:
+        yield pair
 
 
 @pytest.fixture()
@@ -54,25 +46,11 @@ def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance], mo
     primary, standby = cluster
     backends = getattr(request, "param", BACKENDS)
     promotion = {"auto_promote": True, "failover_grace": GRACE} if promoter == "proxy" else {}
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql.pool": {"max_connections": backends, "connection_borrow_timeout": 30.0},
-        "postgresql.clusters.main": {
-            "instances": [{"name": "one", "host": primary.host, "port": primary.port, "role": "writer"},
-                          {"name": "two", "host": standby.host, "port": standby.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": primary.superuser, **promotion},
-        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
-    process = ProxyProcess(config, folder / "proxy.log")
-    process.start()
-    try:
+    config = cluster_config(primary, standby, names=True,
+                            pool={"max_connections": backends, "connection_borrow_timeout": 30.0},
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary), **promotion)
+    with running_proxy(tmp_path / "proxy", config) as process:
         yield process
-    finally:
-        process.stop()
 
 
 def _connect(proxy: ProxyProcess, autocommit: bool = True) -> psycopg.Connection[tuple[int, ...]]:
@@ -140,12 +118,6 @@ def _log_count(proxy: ProxyProcess, pattern: str) -> int:
     return len(re.findall(pattern, proxy.log()))
 
 
-def _log_monotonic(line: str) -> float:
-    """The time.monotonic() reading at the wall-clock time of a proxy log line (its asctime prefix)."""
-    wall = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return wall - time.time() + time.monotonic()
-
-
 @pytest.mark.parametrize("promoter", ["test", "proxy"])
 def test_writes_in_flight_survive_the_writer_dying(
     cluster: tuple[PostgresInstance, PostgresInstance], proxy: ProxyProcess, promoter: str
@@ -165,7 +137,7 @@ def test_writes_in_flight_survive_the_writer_dying(
         primary.kill()
         if promoter == "proxy":
             line = proxy.wait_for_log(rf"cluster main: promoted 127\.0\.0\.1:{standby.port} in \d+ ms", timeout=10.0)
-            promoted_at = _log_monotonic(line)
+            promoted_at = log_monotonic(line)
         else:
             time.sleep(0.5)
             standby.promote()
