@@ -44,7 +44,8 @@ def postgres_pair(tmp_path: Path, setup_sql: str = PG_PORT_TABLE, *, settings: d
     """A PostgreSQL primary (user app, `setup_sql` run in database app) and its streaming standby."""
     primary = start_postgres(tmp_path, users={"app": "app-secret"}, settings=settings)
     try:
-        primary.psql(setup_sql, db="app", user="app")
+        if setup_sql:
+            primary.psql(setup_sql, db="app", user="app")
         standby = start_postgres_standby(primary, tmp_path, settings=standby_settings, synchronous=synchronous)
         try:
             yield primary, standby
@@ -52,6 +53,12 @@ def postgres_pair(tmp_path: Path, setup_sql: str = PG_PORT_TABLE, *, settings: d
             standby.stop()
     finally:
         primary.stop()
+
+
+def monitor_user_sql(grants: str = MONITOR_GRANTS) -> str:
+    """The MariaDB statements creating the MONITOR user with `grants` (run on a primary: they replicate)."""
+    return (f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
+            f"GRANT {grants} ON *.* TO {MONITOR}@'%';\n")
 
 
 @contextmanager
@@ -62,8 +69,7 @@ def mariadb_pair(tmp_path: Path, setup_sql: str = MY_PORT_TABLE, *, grants: str 
     replica = None
     try:
         replica = start_mariadb_replica(primary, tmp_path / "replica", **replica_options)
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT {grants} ON *.* TO {MONITOR}@'%';\n" + setup_sql)
+        primary.sql(monitor_user_sql(grants) + setup_sql)
         replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
         yield primary, replica
     finally:
@@ -83,10 +89,12 @@ def monitor_secret(monkeypatch: pytest.MonkeyPatch, primary: PostgresInstance | 
 
 
 def cluster_config(primary: PostgresInstance | MariaDBInstance, replica: PostgresInstance | MariaDBInstance, *,
-                   pool: dict[str, Any], endpoints: dict[str, str] | None = None, login_timeout: float | None = 3.0,
-                   names: bool = False, roles: bool = True, **cluster: Any) -> dict[str, dict[str, Any]]:
-    """The config of one proxy worker with cluster main (the primary, then the replica) and its endpoints
-    (name -> role; default: rw, read_write); `cluster` adds keys to the cluster (monitor_interval, ...)."""
+                   pool: dict[str, Any] | None = None, endpoints: dict[str, str | dict[str, Any]] | None = None,
+                   login_timeout: float | None = 3.0, names: bool = False, roles: bool = True,
+                   **cluster: Any) -> dict[str, dict[str, Any]]:
+    """The config of one proxy worker with cluster main (the primary, then the replica) and its endpoints (name ->
+    role, or -> the endpoint's keys with its role; default: rw, read_write); `cluster` adds keys to the cluster
+    (monitor_interval, ...)."""
     engine = "postgresql" if isinstance(primary, PostgresInstance) else "mysql"
     instances: list[dict[str, Any]] = []
     for name, role, instance in (("one", "writer", primary), ("two", "reader", replica)):
@@ -102,10 +110,12 @@ def cluster_config(primary: PostgresInstance | MariaDBInstance, replica: Postgre
     sections: dict[str, dict[str, Any]] = {"server": server, "secrets": {"file": "secrets.toml"}}
     if engine == "mysql":
         sections["postgresql"] = {"enabled": False}
-    sections[f"{engine}.pool"] = pool
+    if pool is not None:
+        sections[f"{engine}.pool"] = pool
     sections[f"{engine}.clusters.main"] = {"instances": instances, **cluster}
-    for endpoint, role in (endpoints or {"rw": "read_write"}).items():
-        sections[f"{engine}.endpoints.{endpoint}"] = {"port": free_port(), "cluster": "main", "role": role}
+    for endpoint, keys in (endpoints or {"rw": "read_write"}).items():
+        sections[f"{engine}.endpoints.{endpoint}"] = {"port": free_port(), "cluster": "main",
+                                                      **({"role": keys} if isinstance(keys, str) else keys)}
     return sections
 
 
@@ -139,10 +149,10 @@ def log_monotonic(line: str) -> float:
     return log_time(line) - time.time() + time.monotonic()
 
 
-def connect_pg(proxy: ProxyProcess, endpoint: str = "rw") -> psycopg.Connection[tuple[int]]:
+def connect_pg(proxy: ProxyProcess, endpoint: str = "rw", autocommit: bool = False) -> psycopg.Connection[Any]:
     """A psycopg connection as app through an endpoint of the proxy."""
     return psycopg.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
-                           dbname="app", connect_timeout=10)
+                           dbname="app", connect_timeout=10, autocommit=autocommit)
 
 
 def connect_my(proxy: ProxyProcess, endpoint: str = "rw") -> pymysql.Connection[Any]:
