@@ -49,6 +49,10 @@ def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance], mo
     config = cluster_config(primary, standby, names=True,
                             pool={"max_connections": backends, "connection_borrow_timeout": 30.0},
                             monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary), **promotion)
+    # No backend kept between a client's transactions for its sequence values (table rows has no sequence): with
+    # the default hold, the autocommit writers would keep the backends and the transactions would wait in line at
+    # the kill instead of being on a backend.
+    config["postgresql"] = {"sequence_hold": 0}
     with running_proxy(tmp_path / "proxy", config) as process:
         yield process
 
