@@ -18,39 +18,36 @@ import psycopg
 import pymysql
 import pytest
 
-from devtools.servers import (
-    MariaDBInstance,
-    PostgresInstance,
-    free_port,
-    start_mariadb,
-    start_mariadb_replica,
-    start_postgres,
-    start_postgres_standby,
-)
+from devtools.servers import MariaDBInstance, PostgresInstance
 from proxy.config import parse_config
 from proxy.errors import ConfigError
 from proxy.topology.writer_position import SingleFlight, pg_replay_target
-from support import ProxyProcess, write_config
+from replicated import (
+    cluster_config,
+    connect_my,
+    connect_pg,
+    mariadb_pair,
+    monitor_secret,
+    postgres_pair,
+    running_proxy,
+)
+from support import ProxyProcess
 
 ITERATIONS = 1000
 CLIENTS = 8  # concurrent clients, more than the 4 backends of each endpoint ...
 CLIENT_ITERATIONS = 40  # ... each writing its own row and reading it back this many times
 INTERVAL = 0.2
 APPLY_DELAY_MS = 50  # the standby applies each commit this long after the primary made it
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-5c1d"
 
 Reads = tuple[int, list[float]]  # (stale reads, read latencies in seconds)
 Client = tuple[Callable[[int], None], Callable[[], int], Callable[[], None]]  # write, read, close
 
 
-def _endpoints(engine: str) -> dict[str, dict[str, Any]]:
-    return {
-        f"{engine}.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-        f"{engine}.endpoints.causal": {"port": free_port(), "cluster": "main", "role": "read_only",
-                                       "causal_reads": True, "causal_read_timeout": 1.0},
-        f"{engine}.endpoints.plain": {"port": free_port(), "cluster": "main", "role": "read_only"},
-    }
+ENDPOINTS: dict[str, str | dict[str, Any]] = {
+    "rw": "read_write",
+    "causal": {"role": "read_only", "causal_reads": True, "causal_read_timeout": 1.0},
+    "plain": "read_only",
+}
 
 
 def _write_then_read(write: Callable[[int], None], plain: Callable[[], int], causal: Callable[[], int],
@@ -135,50 +132,27 @@ def _report(engine: str, off: Reads, on: Reads, quiet_off: list[float],
 def pg_cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
     # Commits acknowledged once flushed, as in production (the development default, off, makes the standby trail
     # by up to wal_writer_delay on top of its apply delay).
-    primary = start_postgres(tmp_path, users={"app": "app-secret"}, settings={"synchronous_commit": "on"})
-    try:
-        primary.psql("CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL); "
-                     f"INSERT INTO t SELECT generate_series(1, {CLIENTS}), 0", db="app", user="app")
-        standby = start_postgres_standby(primary, tmp_path,
-                                         settings={"recovery_min_apply_delay": f"{APPLY_DELAY_MS}ms"})
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path, "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL); "
+                       f"INSERT INTO t SELECT generate_series(1, {CLIENTS}), 0",
+                       settings={"synchronous_commit": "on"},
+                       standby_settings={"recovery_min_apply_delay": f"{APPLY_DELAY_MS}ms"}) as pair:
+        yield pair
 
 
 @pytest.fixture()
 def pg_proxy(tmp_path: Path, pg_cluster: tuple[PostgresInstance, PostgresInstance],
              monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
     primary, standby = pg_cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql.pool": {"max_connections": 4},
-        "postgresql.clusters.main": {
-            "instances": [{"host": primary.host, "port": primary.port, "role": "writer"},
-                          {"host": standby.host, "port": standby.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": primary.superuser, "max_replica_lag": 0},
-        **_endpoints("postgresql"),
-    })
-    process = ProxyProcess(config, folder / "proxy.log")
-    process.start()
-    try:
+    config = cluster_config(primary, standby, login_timeout=None, pool={"max_connections": 4}, endpoints=ENDPOINTS,
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary),
+                            max_replica_lag=0)
+    with running_proxy(tmp_path / "proxy", config) as process:
         process.wait_for_log(rf"instance .*:{standby.port} is now reader")
         yield process
-    finally:
-        process.stop()
 
 
 def _pg(proxy: ProxyProcess, endpoint: str) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
-                           dbname="app", connect_timeout=10, autocommit=True)
-    return conn
+    return connect_pg(proxy, endpoint, autocommit=True)
 
 
 def test_postgres_causal_reads_see_the_write_before_them(
@@ -277,53 +251,26 @@ def test_postgres_a_reload_turns_causal_reads_on(
 
 @pytest.fixture()
 def my_cluster(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
-    primary = start_mariadb(tmp_path / "primary", users={"app": "app-secret"})
-    replica = None
-    try:
-        replica = start_mariadb_replica(primary, tmp_path / "replica")
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT REPLICA MONITOR ON *.* TO {MONITOR}@'%';\n"
-                    "CREATE TABLE app.t (id INT PRIMARY KEY, v INT NOT NULL);\n"
-                    "INSERT INTO app.t VALUES " + ", ".join(f"({row}, 0)" for row in range(1, CLIENTS + 1)) + ";")
-        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
-        yield primary, replica
-    finally:
-        if replica is not None:
-            replica.stop()
-        primary.stop()
+    with mariadb_pair(tmp_path, "CREATE TABLE app.t (id INT PRIMARY KEY, v INT NOT NULL);\nINSERT INTO app.t VALUES "
+                      + ", ".join(f"({row}, 0)" for row in range(1, CLIENTS + 1)) + ";") as pair:
+        yield pair
 
 
 @pytest.fixture()
 def my_proxy(tmp_path: Path, my_cluster: tuple[MariaDBInstance, MariaDBInstance],
              monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
     primary, replica = my_cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql": {"enabled": False},
-        "mysql.pool": {"max_connections": 4},
-        "mysql.clusters.main": {
-            "instances": [{"host": primary.host, "port": primary.port, "role": "writer"},
-                          {"host": replica.host, "port": replica.port, "role": "reader"}],
-            # No lag limit: the replica's SQL thread stops and starts (its lag is then unknown), yet it serves.
-            "monitor_interval": INTERVAL, "monitor_user": MONITOR, "max_replica_lag": 0},
-        **_endpoints("mysql"),
-    })
-    process = ProxyProcess(config, folder / "proxy.log")
-    process.start()
-    try:
+    # No lag limit: the replica's SQL thread stops and starts (its lag is then unknown), yet it serves.
+    config = cluster_config(primary, replica, login_timeout=None, pool={"max_connections": 4}, endpoints=ENDPOINTS,
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary),
+                            max_replica_lag=0)
+    with running_proxy(tmp_path / "proxy", config) as process:
         process.wait_for_log(rf"instance .*:{replica.port} is now reader")
         yield process
-    finally:
-        process.stop()
 
 
 def _my(proxy: ProxyProcess, endpoint: str) -> pymysql.Connection[Any]:
-    return pymysql.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
-                           database="app", autocommit=True)
+    return connect_my(proxy, endpoint)
 
 
 class ReplayFlicker:

@@ -12,23 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from devtools.servers import PostgresInstance, free_port, start_postgres, start_postgres_standby
+from devtools.servers import PostgresInstance
 from proxy import channel
 from proxy.control import ask_control, control_socket_path
+from replicated import cluster_config, monitor_secret, postgres_pair
 from support import ProxyProcess, write_config
 
 
 @pytest.fixture()
 def pair(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        standby = start_postgres_standby(primary, tmp_path)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path, "") as instances:
+        yield instances
 
 
 def _dbproxy(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,19 +33,13 @@ def test_readmit_a_fenced_instance_through_the_control_socket(
     tmp_path: Path, pair: tuple[PostgresInstance, PostgresInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, standby = pair
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
     folder = tmp_path / "proxy"
     folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "workers": 2, "pid_file": str(folder / "dbproxy.pid")},
-        "secrets": {"file": "secrets.toml"},
-        "mysql": {"enabled": False},
-        "postgresql.clusters.main": {
-            "instances": [{"name": "one", "host": primary.host, "port": primary.port},
-                          {"name": "two", "host": standby.host, "port": standby.port}],
-            "monitor_interval": 0.2, "monitor_user": primary.superuser},
-        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
+    sections = cluster_config(primary, standby, login_timeout=None, names=True, roles=False, monitor_interval=0.2,
+                              monitor_user=monitor_secret(monkeypatch, primary))
+    sections["server"].update(workers=2, pid_file=str(folder / "dbproxy.pid"))
+    sections["mysql"] = {"enabled": False}
+    config = write_config(folder, sections)
     assert "no running dbproxy answers" in _dbproxy("instance", "readmit", "one", "-c", str(config)).stderr
     proxy = ProxyProcess(config, folder / "proxy.log")
     proxy.start()

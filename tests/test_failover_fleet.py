@@ -4,6 +4,7 @@ the old timeline, neither sends it anything: it stays fenced."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -12,8 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from devtools.servers import PostgresInstance, free_port, start_postgres, start_postgres_standby
-from support import ProxyProcess, backend_connections, write_config
+from devtools.servers import PostgresInstance
+from replicated import cluster_config, monitor_secret, postgres_pair, running_proxy
+from support import ProxyProcess, backend_connections
 
 INTERVAL = 0.5
 GRACE = 1.0
@@ -21,45 +23,20 @@ GRACE = 1.0
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        primary.psql("CREATE TABLE t (id serial PRIMARY KEY, proxy int, port int)", db="app", user="app")
-        standby = start_postgres_standby(primary, tmp_path)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path, "CREATE TABLE t (id serial PRIMARY KEY, proxy int, port int)") as pair:
+        yield pair
 
 
 @pytest.fixture()
 def fleet(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
           monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ProxyProcess]]:
     primary, standby = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
-    proxies = []
-    for number in range(2):
-        folder = tmp_path / f"proxy{number}"
-        folder.mkdir()
-        proxies.append(ProxyProcess(write_config(folder, {
-            "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-            "secrets": {"file": "secrets.toml"},
-            "postgresql.pool": {"max_connections": 2, "connection_borrow_timeout": 20.0},
-            "postgresql.clusters.main": {
-                "instances": [{"host": primary.host, "port": primary.port},
-                              {"host": standby.host, "port": standby.port}],
-                "monitor_interval": INTERVAL, "monitor_user": primary.superuser, "auto_promote": True,
-                "failover_grace": GRACE},
-            "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-        }), folder / "proxy.log"))
-    try:
-        for proxy in proxies:
-            proxy.start()
-        yield proxies
-    finally:
-        for proxy in proxies:
-            proxy.stop()
+    monitor_user = monitor_secret(monkeypatch, primary)
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(running_proxy(tmp_path / f"proxy{number}", cluster_config(
+            primary, standby, roles=False, pool={"max_connections": 2, "connection_borrow_timeout": 20.0},
+            monitor_interval=INTERVAL, monitor_user=monitor_user, auto_promote=True, failover_grace=GRACE)))
+            for number in range(2)]
 
 
 class Writes:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from devtools.servers import PostgresInstance, free_port, start_postgres, start_postgres_standby
-from support import ProxyProcess, write_config
+from devtools.servers import PostgresInstance
+from replicated import PortWriter, cluster_config, connect_pg, monitor_secret, postgres_pair, running_proxy
+from support import ProxyProcess
 
 CLIENTS = 6
 BACKENDS = 2  # fewer backends than clients: the clients share them
@@ -21,84 +20,22 @@ INTERVAL = 0.2
 FOLLOW_WITHIN = 2.0  # seconds from the promotion until every client writes to the new writer
 
 
-@dataclass
-class Record:
-    started: float
-    ended: float
-    port: int | None = None  # inet_server_port() of a committed transaction
-    error: str = ""
-
-
-@dataclass
-class Writer:
-    """One client connection through the proxy running short write transactions in a loop."""
-
-    connect: Callable[[], psycopg.Connection[tuple[int]]]
-    records: list[Record] = field(default_factory=list)
-    closed: list[Record] = field(default_factory=list)  # the transactions after which the connection was gone
-
-    def __post_init__(self) -> None:
-        self.conn = self.connect()
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                with self.conn.transaction():
-                    row = self.conn.execute("INSERT INTO t (port) SELECT inet_server_port() RETURNING port").fetchone()
-                assert row is not None
-                self.records.append(Record(started, time.monotonic(), port=row[0]))
-            except psycopg.Error as exc:
-                self.records.append(Record(started, time.monotonic(), error=f"{type(exc).__name__}: {exc}"))
-                if self.conn.closed:  # as an application does: note it and connect again
-                    self.closed.append(self.records[-1])
-                    self.conn = self.connect()
-            time.sleep(0.02)
-
-
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        primary.psql("CREATE TABLE t (id serial PRIMARY KEY, port int)", db="app", user="app")
-        standby = start_postgres_standby(primary, tmp_path)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path) as pair:
+        yield pair
 
 
 @pytest.fixture()
 def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
           monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
     primary, standby = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql.pool": {"max_connections": BACKENDS, "connection_borrow_timeout": 20.0},
-        "postgresql.clusters.main": {
-            "instances": [{"name": "one", "host": primary.host, "port": primary.port, "role": "writer"},
-                          {"name": "two", "host": standby.host, "port": standby.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": primary.superuser},
-        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-        "postgresql.endpoints.ro": {"port": free_port(), "cluster": "main", "role": "read_only"},
-    })
-    process = ProxyProcess(config, folder / "proxy.log")
-    process.start()
-    try:
+    config = cluster_config(primary, standby, names=True,
+                            pool={"max_connections": BACKENDS, "connection_borrow_timeout": 20.0},
+                            endpoints={"rw": "read_write", "ro": "read_only"},
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary))
+    with running_proxy(tmp_path / "proxy", config) as process:
         yield process
-    finally:
-        process.stop()
-
-
-def _connect(proxy: ProxyProcess, endpoint: str = "rw") -> psycopg.Connection[tuple[int]]:
-    return psycopg.connect(host="127.0.0.1", port=proxy.ports[endpoint], user="app", password="app-secret",
-                           dbname="app", connect_timeout=10)
 
 
 def test_read_write_endpoint_follows_the_promoted_standby(
@@ -106,7 +43,7 @@ def test_read_write_endpoint_follows_the_promoted_standby(
 ) -> None:
     primary, standby = cluster
     proxy.wait_for_log(rf"instance .*:{primary.port} is now writer")
-    writers = [Writer(lambda: _connect(proxy)) for _ in range(CLIENTS)]
+    writers = [PortWriter(lambda: connect_pg(proxy)) for _ in range(CLIENTS)]
     stop = threading.Event()
     threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in writers]
     try:
@@ -117,7 +54,7 @@ def test_read_write_endpoint_follows_the_promoted_standby(
         primary.kill()
         proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
         # A client arriving while there is no writer: its transaction waits for one, then succeeds.
-        late = Writer(lambda: _connect(proxy))
+        late = PortWriter(lambda: connect_pg(proxy))
         late_thread = threading.Thread(target=late.run, args=(stop,), daemon=True)
         late_thread.start()
         time.sleep(1.0)
@@ -170,7 +107,7 @@ def test_read_only_endpoint_leaves_a_dead_standby_for_the_writer(
 ) -> None:
     primary, standby = cluster
     proxy.wait_for_log(rf"instance .*:{standby.port} is now reader")
-    with _connect(proxy, "ro") as reader:
+    with connect_pg(proxy, "ro") as reader:
         reader.autocommit = True
         assert reader.execute("SELECT inet_server_port()").fetchone() == (standby.port,)
         standby.kill()

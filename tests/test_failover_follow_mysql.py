@@ -3,73 +3,39 @@ statement runs on the promoted replica; while there is no writer, its statement 
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pymysql
 import pytest
 
-from devtools.servers import MariaDBInstance, free_port, start_mariadb, start_mariadb_replica
-from support import ProxyProcess, write_config
+from devtools.servers import MariaDBInstance
+from replicated import cluster_config, connect_my, kill_mariadb, mariadb_pair, monitor_secret, running_proxy
 
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-3e9a"
 INTERVAL = 0.2
 
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
-    primary = start_mariadb(tmp_path / "primary", users={"app": "app-secret"})
-    replica = None
-    try:
-        replica = start_mariadb_replica(primary, tmp_path / "replica")
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT REPLICA MONITOR ON *.* TO {MONITOR}@'%';\n"
-                    "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT);")
-        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
-        yield primary, replica
-    finally:
-        if replica is not None:
-            replica.stop()
-        primary.stop()
+    with mariadb_pair(tmp_path) as pair:
+        yield pair
 
 
 def test_read_write_endpoint_follows_the_promoted_replica(
     tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, replica = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql": {"enabled": False},
-        "mysql.pool": {"max_connections": 2, "connection_borrow_timeout": 20.0},
-        "mysql.clusters.main": {
-            "instances": [{"host": primary.host, "port": primary.port, "role": "writer"},
-                          {"host": replica.host, "port": replica.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": MONITOR},
-        "mysql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
-    proxy = ProxyProcess(config, folder / "proxy.log")
-    proxy.start()
-    try:
+    config = cluster_config(primary, replica, pool={"max_connections": 2, "connection_borrow_timeout": 20.0},
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary))
+    with running_proxy(tmp_path / "proxy", config) as proxy:
         proxy.wait_for_log(rf"instance .*:{primary.port} is now writer")
-        conn = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                               database="app", autocommit=True)
+        conn = connect_my(proxy)
         with conn.cursor() as cursor:
             cursor.execute("INSERT INTO t (port) SELECT @@port")
             cursor.execute("SELECT @@port")
             assert cursor.fetchone() == (primary.port,)
-        pid = primary.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        primary.stop()  # reaps the killed process
+        kill_mariadb(primary)
         proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
         answer: list[object] = []
 
@@ -93,5 +59,3 @@ def test_read_write_endpoint_follows_the_promoted_replica(
         proxy.wait_for_log(rf"endpoint rw: writer is now 127\.0\.0\.1:{replica.port} \(timeline 0\), "
                            rf"was 127\.0\.0\.1:{primary.port}")
         conn.close()
-    finally:
-        proxy.stop()

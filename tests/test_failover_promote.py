@@ -6,31 +6,31 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pymysql
 import pytest
 
-from devtools.servers import (
-    MariaDBInstance,
-    PostgresInstance,
-    free_port,
-    start_mariadb,
-    start_mariadb_replica,
-    start_postgres,
-    start_postgres_standby,
-)
+from devtools.servers import PostgresInstance
 from proxy.topology.model import InstanceStatus, Role
 from proxy.topology.promote import promotion_candidate
+from replicated import (
+    PROMOTER_GRANTS,
+    cluster_config,
+    connect_my,
+    kill_mariadb,
+    log_time,
+    mariadb_pair,
+    monitor_secret,
+    postgres_pair,
+    running_proxy,
+)
 from support import ProxyProcess, write_config
 
 GRACE = 1.0  # seconds without a writer before auto_promote promotes
@@ -38,31 +38,16 @@ GRACE = 1.0  # seconds without a writer before auto_promote promotes
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        primary.psql("CREATE TABLE t (id serial PRIMARY KEY, port int)", db="app", user="app")
-        standby = start_postgres_standby(primary, tmp_path)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path) as pair:
+        yield pair
 
 
 def _proxy(folder: Path, primary: PostgresInstance, standby: PostgresInstance, **cluster: Any) -> ProxyProcess:
     folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql.pool": {"max_connections": 2, "connection_borrow_timeout": 20.0},
-        "postgresql.clusters.main": {
-            "instances": [{"name": "one", "host": primary.host, "port": primary.port},
-                          {"name": "two", "host": standby.host, "port": standby.port}],
-            "monitor_user": primary.superuser, **cluster},
-        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
-    return ProxyProcess(config, folder / "proxy.log")
+    config = cluster_config(primary, standby, names=True, roles=False,
+                            pool={"max_connections": 2, "connection_borrow_timeout": 20.0},
+                            monitor_user=primary.superuser, **cluster)
+    return ProxyProcess(write_config(folder, config), folder / "proxy.log")
 
 
 def _dbproxy(*args: str) -> subprocess.CompletedProcess[str]:
@@ -82,7 +67,7 @@ def test_failover_command_promotes_the_named_standby(
     tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, standby = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
+    monitor_secret(monkeypatch, primary)
     proxy = _proxy(tmp_path / "proxy", primary, standby, monitor_interval=0.5)
     proxy.start()
     try:
@@ -119,17 +104,11 @@ def test_failover_command_promotes_the_named_standby(
         proxy.stop()
 
 
-def _log_time(line: str) -> float:
-    """The wall-clock time of a proxy log line (its asctime prefix)."""
-    stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-    return stamp.timestamp()
-
-
 def test_auto_promote_promotes_the_standby_when_the_primary_is_gone(
     tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, standby = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
+    monitor_secret(monkeypatch, primary)
     proxy = _proxy(tmp_path / "proxy", primary, standby, monitor_interval=0.5, auto_promote=True,
                    failover_grace=GRACE)
     proxy.start()
@@ -170,7 +149,7 @@ def test_auto_promote_promotes_the_standby_when_the_primary_is_gone(
     log = proxy.log()
     assert re.search(rf"no healthy writer for \d+\.\d s; promoting 127\.0\.0\.1:{standby.port} \(timeline 1", log)
     assert log.count("; promoting ") == 1, log
-    promoted_at = _log_time(line)
+    promoted_at = log_time(line)
     first = next(t for t, port in ports if port == standby.port)
     assert promoted_at - killed_at >= GRACE
     assert first - promoted_at < 2.0, first - promoted_at
@@ -192,38 +171,16 @@ def test_the_candidate_is_the_reader_furthest_ahead_then_the_lowest_address() ->
     assert promotion_candidate([]) is None
 
 
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-51ab"
 
 
 def test_auto_promote_promotes_the_mariadb_replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    primary = start_mariadb(tmp_path / "primary", users={"app": "app-secret"})
-    replica: MariaDBInstance | None = None
-    proxy: ProxyProcess | None = None
-    try:
-        replica = start_mariadb_replica(primary, tmp_path / "replica")
-        # A monitor_user that may promote: REPLICA MONITOR to probe, the admin privileges to stop and forget
-        # replication and to clear read_only.
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT REPLICA MONITOR, REPLICATION SLAVE ADMIN, RELOAD, READ_ONLY ADMIN ON *.* "
-                    f"TO {MONITOR}@'%';\n"
-                    "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT);")
-        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
-        monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-        folder = tmp_path / "proxy"
-        folder.mkdir()
-        proxy = ProxyProcess(write_config(folder, {
-            "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-            "secrets": {"file": "secrets.toml"},
-            "postgresql": {"enabled": False},
-            "mysql.pool": {"max_connections": 2, "connection_borrow_timeout": 20.0},
-            "mysql.clusters.main": {
-                "instances": [{"host": primary.host, "port": primary.port},
-                              {"host": replica.host, "port": replica.port}],
-                "monitor_interval": 0.5, "monitor_user": MONITOR, "auto_promote": True, "failover_grace": GRACE},
-            "mysql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-        }), folder / "proxy.log")
-        proxy.start()
+    # A monitor_user that may promote: REPLICA MONITOR to probe, the admin privileges to stop and forget
+    # replication and to clear read_only.
+    with mariadb_pair(tmp_path, grants=PROMOTER_GRANTS) as (primary, replica), running_proxy(
+            tmp_path / "proxy", cluster_config(
+                primary, replica, roles=False, pool={"max_connections": 2, "connection_borrow_timeout": 20.0},
+                monitor_interval=0.5, monitor_user=monitor_secret(monkeypatch, primary), auto_promote=True,
+                failover_grace=GRACE)) as proxy:
         proxy.wait_for_log(rf"instance .*:{replica.port} is now reader")
         # By hand, while the primary lives: refused, since nothing would tell the proxies which writer to follow.
         live = _dbproxy("failover", "--to", f"{replica.host}:{replica.port}", "-c", str(proxy.config))
@@ -231,19 +188,14 @@ def test_auto_promote_promotes_the_mariadb_replica(tmp_path: Path, monkeypatch: 
         assert f"{primary.host}:{primary.port} still writes: make it read-only" in live.stderr
         writer = _dbproxy("failover", "--to", f"{primary.host}:{primary.port}", "-c", str(proxy.config))
         assert writer.returncode == 3 and "is the writer already" in writer.stderr, writer
-        conn = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                               database="app", autocommit=True)
+        conn = connect_my(proxy)
         with conn.cursor() as cursor:
             cursor.execute("INSERT INTO t (port) SELECT @@port")
         replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))  # (replication is asynchronous)
-        pid = primary.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        primary.stop()  # reaps the killed process
+        kill_mariadb(primary)
         line = proxy.wait_for_log(rf"cluster main: promoted 127\.0\.0\.1:{replica.port} in \d+ ms", timeout=10.0)
-        promoted_at = _log_time(line)
-        conn = pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                               database="app", autocommit=True)
+        promoted_at = log_time(line)
+        conn = connect_my(proxy)
         with conn.cursor() as cursor:
             cursor.execute("INSERT INTO t (port) SELECT @@port")
             cursor.execute("SELECT port FROM t WHERE id = LAST_INSERT_ID()")
@@ -255,9 +207,3 @@ def test_auto_promote_promotes_the_mariadb_replica(tmp_path: Path, monkeypatch: 
         assert replica.sql("SELECT @@read_only") == "0"
         print(f"MySQL auto_promote: first write through the proxy {(first - promoted_at) * 1000:.0f} ms after the "
               "promotion")
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        if replica is not None:
-            replica.stop()
-        primary.stop()

@@ -7,17 +7,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from devtools.servers import PostgresInstance, free_port, start_postgres, start_postgres_standby
+from devtools.servers import PostgresInstance
 from proxy.protocol.pg import messages as pg
 from proxy.protocol.pg.extended import FORWARD, QUERY, Expectation
 from proxy.protocol.pg.replies import ReplyMatcher
-from support import ProxyProcess, write_config
+from replicated import (
+    PortWriter,
+    cluster_config,
+    connect_pg,
+    monitor_secret,
+    postgres_pair,
+    running_proxy,
+    writers_around,
+)
+from support import ProxyProcess
 
 CLIENTS = 3
 BACKENDS = 2
@@ -26,106 +34,30 @@ REACTION_ROUND = 1.0  # seconds: the gap between reaction rounds (0.2 s) plus a 
 FOLLOW_WITHIN = 2.0  # seconds from the promotion until every client writes to the new writer
 
 
-@dataclass
-class Record:
-    started: float
-    ended: float
-    port: int | None = None  # inet_server_port() of a committed transaction
-    error: str = ""
-    sqlstate: str = ""
-
-
-@dataclass
-class Writer:
-    """One client connection through the proxy running short write transactions in a loop."""
-
-    connect: Callable[[], psycopg.Connection[tuple[int]]]
-    records: list[Record] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.conn = self.connect()
-
-    def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                with self.conn.transaction():
-                    row = self.conn.execute("INSERT INTO t (port) SELECT inet_server_port() RETURNING port").fetchone()
-                assert row is not None
-                self.records.append(Record(started, time.monotonic(), port=row[0]))
-            except psycopg.Error as exc:
-                self.records.append(Record(started, time.monotonic(), error=f"{type(exc).__name__}: {exc}",
-                                           sqlstate=exc.sqlstate or ""))
-                if self.conn.closed:  # as an application does: connect again
-                    self.conn = self.connect()
-            time.sleep(0.02)
-
-
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        primary.psql("CREATE TABLE t (id serial PRIMARY KEY, port int)", db="app", user="app")
-        standby = start_postgres_standby(primary, tmp_path)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path) as pair:
+        yield pair
 
 
 @pytest.fixture()
 def proxy(tmp_path: Path, cluster: tuple[PostgresInstance, PostgresInstance],
           monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
     primary, standby = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + primary.superuser.upper(), primary.superuser_password)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql.pool": {"max_connections": BACKENDS, "connection_borrow_timeout": 20.0},
-        "postgresql.clusters.main": {
-            "instances": [{"name": "one", "host": primary.host, "port": primary.port, "role": "writer"},
-                          {"name": "two", "host": standby.host, "port": standby.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": primary.superuser},
-        "postgresql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
-    process = ProxyProcess(config, folder / "proxy.log")
-    process.start()
-    try:
+    config = cluster_config(primary, standby, names=True,
+                            pool={"max_connections": BACKENDS, "connection_borrow_timeout": 20.0},
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary))
+    with running_proxy(tmp_path / "proxy", config) as process:
         yield process
-    finally:
-        process.stop()
 
 
-def _connect(proxy: ProxyProcess) -> psycopg.Connection[tuple[int]]:
-    return psycopg.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                           dbname="app", connect_timeout=10)
-
-
-def _run_writers(proxy: ProxyProcess, event: Callable[[], float]) -> tuple[list[Writer], float]:
+def _run_writers(proxy: ProxyProcess, event: Callable[[], float]) -> tuple[list[PortWriter], float]:
     """Clients writing through the proxy around `event` (which returns when the new writer accepts writes)."""
-    writers = [Writer(lambda: _connect(proxy)) for _ in range(CLIENTS)]
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in writers]
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)
-        promoted_at = event()
-        time.sleep(FOLLOW_WITHIN + 0.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    for w in writers:
-        w.conn.close()
-    return writers, promoted_at
+    writers = [PortWriter(lambda: connect_pg(proxy)) for _ in range(CLIENTS)]
+    return writers, writers_around(writers, event, FOLLOW_WITHIN + 0.5)
 
 
-def _check_followed(writers: list[Writer], old: PostgresInstance, new: PostgresInstance, promoted_at: float,
+def _check_followed(writers: list[PortWriter], old: PostgresInstance, new: PostgresInstance, promoted_at: float,
                     ) -> float:
     """Every client wrote to the old writer before and to the new one within FOLLOW_WITHIN after the promotion,
     nothing to the old one after; returns the first write's delay in seconds."""
@@ -191,7 +123,7 @@ def test_a_backend_lost_mid_transaction_has_the_instances_probed_at_once(
 ) -> None:
     primary, standby = cluster
     proxy.wait_for_log(rf"instance .*:{primary.port} is now writer")
-    with _connect(proxy) as conn:
+    with connect_pg(proxy) as conn:
         conn.autocommit = True
         assert conn.execute("SELECT inet_server_port()").fetchone() == (primary.port,)
         failure: list[BaseException] = []

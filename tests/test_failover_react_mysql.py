@@ -4,8 +4,6 @@ the monitor interval set far longer than that."""
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,11 +13,18 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from devtools.servers import MariaDBInstance, free_port, start_mariadb, start_mariadb_replica
-from support import ProxyProcess, write_config
+from devtools.servers import MariaDBInstance
+from replicated import (
+    cluster_config,
+    connect_my,
+    kill_mariadb,
+    mariadb_pair,
+    monitor_secret,
+    running_proxy,
+    writers_around,
+)
+from support import ProxyProcess
 
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-7c1d"
 CLIENTS = 3
 INTERVAL = 30.0  # far longer than the test: only the reaction to traffic can explain a fast switch
 FOLLOW_WITHIN = 2.0  # seconds from the promotion until every client writes to the new writer
@@ -64,68 +69,25 @@ class Writer:
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
-    primary = start_mariadb(tmp_path / "primary", users={"app": "app-secret"})
-    replica = None
-    try:
-        replica = start_mariadb_replica(primary, tmp_path / "replica")
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT REPLICA MONITOR ON *.* TO {MONITOR}@'%';\n"
-                    "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, port INT);")
-        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
-        yield primary, replica
-    finally:
-        if replica is not None:
-            replica.stop()
-        primary.stop()
+    with mariadb_pair(tmp_path) as pair:
+        yield pair
 
 
 @pytest.fixture()
 def proxy(tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance],
           monkeypatch: pytest.MonkeyPatch) -> Iterator[ProxyProcess]:
     primary, replica = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-    folder = tmp_path / "proxy"
-    folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 3.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql": {"enabled": False},
-        "mysql.pool": {"max_connections": 2, "connection_borrow_timeout": 20.0},
-        "mysql.clusters.main": {
-            "instances": [{"host": primary.host, "port": primary.port, "role": "writer"},
-                          {"host": replica.host, "port": replica.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": MONITOR},
-        "mysql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
-    process = ProxyProcess(config, folder / "proxy.log")
-    process.start()
-    try:
+    config = cluster_config(primary, replica, pool={"max_connections": 2, "connection_borrow_timeout": 20.0},
+                            monitor_interval=INTERVAL, monitor_user=monitor_secret(monkeypatch, primary))
+    with running_proxy(tmp_path / "proxy", config) as process:
         process.wait_for_log(rf"instance .*:{primary.port} is now writer")
         yield process
-    finally:
-        process.stop()
 
 
 def _run_writers(proxy: ProxyProcess, event: Callable[[], float]) -> tuple[list[Writer], float]:
     """Clients writing through the proxy around `event` (which returns when the new writer accepts writes)."""
-    writers = [Writer(lambda: pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app",
-                                              password="app-secret", database="app", autocommit=True))
-               for _ in range(CLIENTS)]
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in writers]
-    try:
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)
-        promoted_at = event()
-        time.sleep(FOLLOW_WITHIN + 0.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(30)
-    for w in writers:
-        w.conn.close()
-    return writers, promoted_at
+    writers = [Writer(lambda: connect_my(proxy)) for _ in range(CLIENTS)]
+    return writers, writers_around(writers, event, FOLLOW_WITHIN + 0.5)
 
 
 def _check_followed(writers: list[Writer], old: MariaDBInstance, new: MariaDBInstance, promoted_at: float) -> float:
@@ -172,10 +134,7 @@ def test_a_killed_writer_is_left_at_once(
     primary, replica = cluster
 
     def kill_and_promote() -> float:
-        pid = primary.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        primary.stop()  # reaps the killed process
+        kill_mariadb(primary)
         replica.promote()
         return time.monotonic()
 

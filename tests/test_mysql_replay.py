@@ -6,19 +6,18 @@ replicating semi-synchronously."""
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mysql.connector
 import pymysql
 import pytest
 
-from devtools.servers import MariaDBInstance, free_port, start_mariadb, start_mariadb_replica
+from devtools.servers import MariaDBInstance
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.outcome import (
     BEGIN,
@@ -33,11 +32,20 @@ from proxy.protocol.mysql.outcome import (
     query_kind,
 )
 from proxy.session.replay_log import ReplayCheck, ReplayLog
+from replicated import (
+    MONITOR,
+    PROMOTER_GRANTS,
+    cluster_config,
+    connect_my,
+    kill_mariadb,
+    log_monotonic,
+    mariadb_pair,
+    monitor_secret,
+)
 from support import ProxyProcess, write_config
 
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-7c1d"
 INTERVAL = 0.2
+GRACE = 1.0  # seconds without a writer before the proxy promotes the replica (auto_promote)
 
 # --- the recorder ---
 
@@ -135,47 +143,23 @@ def test_command_kind() -> None:
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
-    primary = start_mariadb(tmp_path / "primary", users={"app": "app-secret"})
-    replica = None
-    try:
-        replica = start_mariadb_replica(primary, tmp_path / "replica", semi_sync=True)
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT REPLICA MONITOR ON *.* TO {MONITOR}@'%';\n"
-                    "CREATE TABLE app.numbered (client INT, n INT, PRIMARY KEY (client, n));\n"
-                    "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(40));")
-        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
-        yield primary, replica
-    finally:
-        if replica is not None:
-            replica.stop()
-        primary.stop()
+    with mariadb_pair(tmp_path, "CREATE TABLE app.numbered (client INT, n INT, PRIMARY KEY (client, n));\n"
+                      "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, note VARCHAR(40));",
+                      semi_sync=True) as pair:
+        yield pair
 
 
-def _proxy(tmp_path: Path, primary: MariaDBInstance, replica: MariaDBInstance, max_connections: int) -> ProxyProcess:
+def _proxy(tmp_path: Path, primary: MariaDBInstance, replica: MariaDBInstance, max_connections: int,
+           **cluster: Any) -> ProxyProcess:
+    config = cluster_config(primary, replica, login_timeout=5.0,
+                            pool={"max_connections": max_connections, "connection_borrow_timeout": 20.0},
+                            monitor_interval=INTERVAL, monitor_user=MONITOR, **cluster)
     folder = tmp_path / "proxy"
     folder.mkdir()
-    config = write_config(folder, {
-        "server": {"log_level": "info", "client_login_timeout": 5.0, "workers": 1},
-        "secrets": {"file": "secrets.toml"},
-        "postgresql": {"enabled": False},
-        "mysql.pool": {"max_connections": max_connections, "connection_borrow_timeout": 20.0},
-        "mysql.clusters.main": {
-            "instances": [{"host": primary.host, "port": primary.port, "role": "writer"},
-                          {"host": replica.host, "port": replica.port, "role": "reader"}],
-            "monitor_interval": INTERVAL, "monitor_user": MONITOR},
-        "mysql.endpoints.rw": {"port": free_port(), "cluster": "main", "role": "read_write"},
-    })
-    proxy = ProxyProcess(config, folder / "proxy.log")
+    proxy = ProxyProcess(write_config(folder, config), folder / "proxy.log")
     proxy.start()
     proxy.wait_for_log(rf"instance .*:{primary.port} is now writer")
     return proxy
-
-
-def _kill(primary: MariaDBInstance) -> None:
-    pid = primary.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    primary.stop()  # reaps the killed process
 
 
 class Writer(threading.Thread):
@@ -233,12 +217,18 @@ class Writer(threading.Thread):
             conn.close()
 
 
+@pytest.mark.parametrize("promoter", ["test", "proxy"])
 def test_writers_keep_their_connections_and_rows_through_a_failover(
-    tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch, promoter: str
 ) -> None:
     primary, replica = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
-    proxy = _proxy(tmp_path, primary, replica, max_connections=6)
+    monitor_secret(monkeypatch, primary)
+    promotion: dict[str, Any] = {}
+    if promoter == "proxy":  # a monitor_user that may promote: stop and forget replication, clear read_only
+        primary.sql(f"GRANT {PROMOTER_GRANTS} ON *.* TO {MONITOR}@'%';")
+        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
+        promotion = {"auto_promote": True, "failover_grace": GRACE}
+    proxy = _proxy(tmp_path, primary, replica, max_connections=6, **promotion)
     stop = threading.Event()
     writers = [Writer(proxy.ports["rw"], client, client % 2 == 0, stop) for client in range(20)]
     try:
@@ -249,10 +239,15 @@ def test_writers_keep_their_connections_and_rows_through_a_failover(
             time.sleep(0.05)
         assert all(w.acknowledged for w in writers), [w.failures for w in writers]
         time.sleep(0.5)
-        _kill(primary)
+        killed_at = time.monotonic()
+        kill_mariadb(primary)
         proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
-        replica.promote()
-        promoted_at = time.monotonic()
+        if promoter == "proxy":
+            line = proxy.wait_for_log(rf"cluster main: promoted 127\.0\.0\.1:{replica.port} in \d+ ms", timeout=10.0)
+            promoted_at = log_monotonic(line)
+        else:
+            replica.promote()
+            promoted_at = time.monotonic()
         deadline = promoted_at + 10.0
         while time.monotonic() < deadline and not all(
                 any(t > promoted_at for t in w.acknowledged_at) for w in writers if not w.failures):
@@ -282,18 +277,17 @@ def test_writers_keep_their_connections_and_rows_through_a_failover(
         aborted = len(re.findall(r"WARNING .*(?:cannot be replayed|the replay of its transaction failed)", log_text))
         retried = sum(w.retried for w in writers)
         unknown = sum(w.unknown for w in writers)
-        print(f"failover with 20 writers: {replayed} replayed, {aborted} ended with an error "
-              f"({retried} rolled back and retried [1213], {unknown} outcome unknown [1180]); "
-              f"first write acknowledged {first_write * 1000:.0f} ms after the promotion")
+        if promoter == "proxy":
+            assert log_text.count("; promoting ") == 1
+        print(f"failover with 20 writers, promoted by the {promoter}: {replayed} replayed, {aborted} ended with an "
+              f"error ({retried} rolled back and retried [1213], {unknown} outcome unknown [1180]); promoted "
+              f"{(promoted_at - killed_at) * 1000:.0f} ms after the kill; first write acknowledged "
+              f"{(first_write + promoted_at - killed_at) * 1000:.0f} ms after the kill, "
+              f"{first_write * 1000:.0f} ms after the promotion")
         assert replayed + retried + unknown > 0  # the kill caught work in flight
     finally:
         stop.set()
         proxy.stop()
-
-
-def _connect(proxy: ProxyProcess) -> pymysql.Connection:
-    return pymysql.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                           database="app", autocommit=True)
 
 
 def _run(conn: pymysql.Connection, statements: list[str], errors: list[BaseException]) -> None:
@@ -309,10 +303,10 @@ def test_a_transaction_whose_replay_differs_is_rolled_back_and_a_commit_in_fligh
     tmp_path: Path, cluster: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     primary, replica = cluster
-    monkeypatch.setenv("DBPROXY_PASSWORD_" + MONITOR.upper(), MONITOR_PASSWORD)
+    monitor_secret(monkeypatch, primary)
     proxy = _proxy(tmp_path, primary, replica, max_connections=4)
     try:
-        conn, same, committer, writer = _connect(proxy), _connect(proxy), _connect(proxy), _connect(proxy)
+        conn, same, committer, writer = connect_my(proxy), connect_my(proxy), connect_my(proxy), connect_my(proxy)
         with conn.cursor() as cursor, same.cursor() as steady:
             conn.begin()
             cursor.execute("SELECT RAND()")  # the replay reads another number: it cannot stand for this one
@@ -333,7 +327,7 @@ def test_a_transaction_whose_replay_differs_is_rolled_back_and_a_commit_in_fligh
                 thread.start()
             time.sleep(1.0)
             assert all(thread.is_alive() for thread in waiting)  # in flight
-            _kill(primary)
+            kill_mariadb(primary)
             proxy.wait_for_log(r"endpoint rw: cluster main has no healthy writer", timeout=5.0)
             replica.promote()
             with pytest.raises(pymysql.err.OperationalError) as raised:

@@ -30,13 +30,12 @@ from devtools.servers import (
     start_postgres,
     start_postgres_standby,
 )
+from replicated import MONITOR, MONITOR_PASSWORD, monitor_user_sql
 from support import ProxyProcess, metric_value, scrape, write_config
 
 INTERVAL = 0.2
 MAX_LAG = 1.0
 STRICT_TIMEOUT = 2.0  # the borrow timeout of the endpoint without fallback
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-7c1d"
 FAIR = 0.3  # each of two readers gets at least this share of the reads
 
 
@@ -396,9 +395,8 @@ def my(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MyCluster]:
     os.environ["DBPROXY_PASSWORD_" + MONITOR.upper()] = MONITOR_PASSWORD
     try:
         replicas = [start_mariadb_replica(primary, base / f"replica{n}", server_id=n + 1) for n in (1, 2)]
-        primary.sql(f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-                    f"GRANT REPLICA MONITOR ON *.* TO {MONITOR}@'%';\n"
-                    "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, at TIMESTAMP(6) DEFAULT NOW(6));")
+        primary.sql(monitor_user_sql()
+                    + "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, at TIMESTAMP(6) DEFAULT NOW(6));")
         position = primary.sql("SELECT @@gtid_binlog_pos")
         for replica in replicas:
             replica.wait_caught_up(position)

@@ -22,11 +22,8 @@ from devtools.servers import (
     MariaDBInstance,
     PostgresInstance,
     free_port,
-    start_mariadb,
-    start_mariadb_replica,
-    start_postgres,
-    start_postgres_standby,
 )
+from replicated import mariadb_pair, monitor_secret, postgres_pair
 from support import ProxyProcess, write_config
 
 CLIENTS = 8
@@ -130,16 +127,8 @@ def _held_ms(output: str) -> float:
 
 @pytest.fixture()
 def pg_pair(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    blue = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        blue.psql("CREATE TABLE t (client int, n int, port int, PRIMARY KEY (client, n))", db="app", user="app")
-        green = start_postgres_standby(blue, tmp_path)
-        try:
-            yield blue, green
-        finally:
-            green.stop()
-    finally:
-        blue.stop()
+    with postgres_pair(tmp_path, "CREATE TABLE t (client int, n int, port int, PRIMARY KEY (client, n))") as pair:
+        yield pair
 
 
 def _pg_config(folder: Path, blue: PostgresInstance, green: PostgresInstance, port: int, green_user: str) -> Path:
@@ -248,20 +237,9 @@ def test_postgres_switchover_to_a_standby(
 
 
 @pytest.fixture()
-def mariadb_pair(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
-    blue = start_mariadb(tmp_path / "blue", users={"app": "app-secret"})
-    green = None
-    try:
-        green = start_mariadb_replica(blue, tmp_path / "green")
-        blue.sql("CREATE TABLE app.t (client INT, n INT, port INT, PRIMARY KEY (client, n));\n"
-                 "CREATE USER switcher@'%' IDENTIFIED BY 'Switcher-Secret-1';\n"
-                 "GRANT REPLICA MONITOR ON *.* TO switcher@'%';")
-        green.wait_caught_up(blue.sql("SELECT @@gtid_binlog_pos"))
-        yield blue, green
-    finally:
-        if green is not None:
-            green.stop()
-        blue.stop()
+def blue_green(tmp_path: Path) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
+    with mariadb_pair(tmp_path, "CREATE TABLE app.t (client INT, n INT, port INT, PRIMARY KEY (client, n));") as pair:
+        yield pair
 
 
 def _mariadb_config(folder: Path, blue: MariaDBInstance, green: MariaDBInstance, port: int, green_user: str) -> Path:
@@ -311,17 +289,17 @@ def _mariadb_rows(instance: MariaDBInstance) -> dict[tuple[int, int], int]:
 
 
 def test_mariadb_switchover_to_a_replica(
-    tmp_path: Path, mariadb_pair: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, blue_green: tuple[MariaDBInstance, MariaDBInstance], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One process. Called off twice (green's monitor_user may watch replication but not stop it; green does not
     catch up), then done once the file names a monitor_user that may."""
-    blue, green = mariadb_pair
+    blue, green = blue_green
     monkeypatch.setenv("DBPROXY_PASSWORD_ROOT", blue.root_password)
-    monkeypatch.setenv("DBPROXY_PASSWORD_SWITCHER", "Switcher-Secret-1")
+    watcher = monitor_secret(monkeypatch, blue)  # may watch replication, not stop it
     folder = tmp_path / "proxy"
     folder.mkdir()
     port = free_port()
-    proxy = ProxyProcess(_mariadb_config(folder, blue, green, port, green_user="switcher"), folder / "proxy.log")
+    proxy = ProxyProcess(_mariadb_config(folder, blue, green, port, green_user=watcher), folder / "proxy.log")
     proxy.start()
     try:
         clients = _mariadb_clients(proxy)

@@ -9,32 +9,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from devtools.servers import MariaDBInstance, start_mariadb, start_mariadb_replica
+from devtools.servers import MariaDBInstance
 from proxy.topology.model import Role
 from proxy.topology.mysql_probe import gtid_sequence, mysql_probe
+from replicated import MONITOR, MONITOR_PASSWORD, mariadb_pair
 
-MONITOR = "monitor"
-MONITOR_PASSWORD = "Monitor-Secret-8c1f"
 TIMEOUT = 5.0
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MariaDBInstance, MariaDBInstance]]:
-    primary = start_mariadb(tmp_path_factory.mktemp("topo-primary"), users={"app": "app-secret"})
-    replica = None
-    try:
-        replica = start_mariadb_replica(primary, tmp_path_factory.mktemp("topo-replica"))
-        primary.sql(  # replicated: the replica gets the monitoring user too
-            f"CREATE USER {MONITOR}@'%' IDENTIFIED BY '{MONITOR_PASSWORD}';\n"
-            f"GRANT REPLICA MONITOR ON *.* TO {MONITOR}@'%';\n"
-            "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT);"
-        )
-        replica.wait_caught_up(primary.sql("SELECT @@gtid_binlog_pos"))
-        yield primary, replica
-    finally:
-        if replica is not None:
-            replica.stop()
-        primary.stop()
+    table = "CREATE TABLE app.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT);"
+    with mariadb_pair(tmp_path_factory.mktemp("topo"), table) as pair:  # (the replica gets the monitor user too)
+        yield pair
 
 
 def _write(primary: MariaDBInstance, rows: int) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from devtools.servers import PostgresInstance, start_postgres, start_postgres_standby
+from devtools.servers import PostgresInstance
 from proxy.topology.model import InstanceStatus, Role
 from proxy.topology.monitor import TopologyMonitor
 from proxy.topology.pg_probe import postgres_probe
+from replicated import postgres_pair
 
 INTERVAL = 0.2
 TIMEOUT = 1.0
@@ -21,15 +22,8 @@ MAX_LAG = 0.5
 
 @pytest.fixture()
 def cluster(tmp_path: Path) -> Iterator[tuple[PostgresInstance, PostgresInstance]]:
-    primary = start_postgres(tmp_path, users={"app": "app-secret"})
-    try:
-        standby = start_postgres_standby(primary, tmp_path)
-        try:
-            yield primary, standby
-        finally:
-            standby.stop()
-    finally:
-        primary.stop()
+    with postgres_pair(tmp_path, "") as pair:
+        yield pair
 
 
 def _monitor(*instances: PostgresInstance) -> TopologyMonitor:
