@@ -246,7 +246,8 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
           "it at their next monitor round", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+    """The command line: run, reload, instance readmit, switchover, failover, demo."""
     parser = argparse.ArgumentParser(prog="dbproxy", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="serve the configuration file")
@@ -292,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--mysql-read-only-port", type=int, default=None,
                       help="MariaDB read_only endpoint (--mysql-port + 1)")
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.command == "demo":
         from devtools.demo import DemoPorts, run_demo
 

@@ -321,19 +321,12 @@ class PostgresBackend(BackendConnection):
         if replies.failed:
             self._failed(client.statements)
         if replies.trouble:
-            self._trouble()
+            _report_trouble(self)
         if out:
             client.deliver(out)
         if replies.resume and self.client is client:
             client.resume_held(self)
 
-    def _trouble(self) -> None:
-        """The server answered that it is read-only or shutting down: the topology should look at it now."""
-        sqlstate, self.replies.trouble = self.replies.trouble, ""
-        target = self.pool.target
-        if target.on_trouble:
-            kind = READ_ONLY_TROUBLE if sqlstate == READ_ONLY_SQLSTATE else "shutdown error"
-            target.report_trouble(f"{kind} (SQLSTATE {sqlstate}) from {self.host}:{self.port}")
 
     def _reported(self, client: PgLinkedClient) -> None:
         """ParameterStatus passed to the client: the server session and the client's session have that setting."""
@@ -487,6 +480,15 @@ class PostgresBackend(BackendConnection):
         if error is not None:
             raise BackendError(error.get("M", "error"), error.get("C"))
         return rows
+
+
+def _report_trouble(backend: PostgresBackend) -> None:
+    """The server answered that it is read-only or shutting down: the topology should look at it now."""
+    sqlstate, backend.replies.trouble = backend.replies.trouble, ""
+    target = backend.pool.target
+    if target.on_trouble:
+        kind = READ_ONLY_TROUBLE if sqlstate == READ_ONLY_SQLSTATE else "shutdown error"
+        target.report_trouble(f"{kind} (SQLSTATE {sqlstate}) from {backend.host}:{backend.port}")
 
 
 def _quote(value: str) -> str:

@@ -163,21 +163,14 @@ class ReplyMatcher:
                 if end - pos < length + 1 and length <= WHOLE_ERROR_LIMIT:
                     hold = pos  # read whole: its severity says whether the session ends, its bytes may be kept
                     break
-                body_end = min(pos + 1 + length, end)
-                if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
-                    if self.withhold_shutdown and body_end == pos + 1 + length and any(
-                            scan.find(code, pos + 4, body_end) >= 0 for code in SHUTDOWN_CODES):
-                        self.shut_down = True  # the server goes away; its client is recovered, not told
-                        if pieces is None:
-                            pieces = []
-                        pieces.append(scan[run_start:pos])
-                        pos += 1 + length
-                        run_start = pos
-                        continue
-                    self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
-                code = scan.find(SQLSTATE_FIELD, pos + 5, body_end)
-                if code >= 0 and scan[code + 2 : code + 7] in TROUBLE_SQLSTATES:
-                    self.trouble = scan[code + 2 : code + 7].decode()
+                if self._error_seen(scan, pos, min(pos + 1 + length, end), length):
+                    if pieces is None:  # a shutdown kept from the client
+                        pieces = []
+                    pieces.append(scan[run_start:pos])
+                    pos += 1 + length
+                    run_start = pos
+                    continue
+                if self.trouble:
                     eventful = True
             action = FORWARD
             if expect:
@@ -242,6 +235,20 @@ class ReplyMatcher:
         if run_start < hold:
             pieces.append(scan[run_start:hold])
         return b"".join(pieces)
+
+    def _error_seen(self, scan: bytes, pos: int, body_end: int, length: int) -> bool:
+        """An ErrorResponse at `pos` (whole, or the start of a long one): note whether it ends the session and
+        whether it is `trouble` for the topology; True for a shutdown the client is not to see (it is recovered)."""
+        if any(scan.find(mark, pos + 5, body_end) >= 0 for mark in SESSION_ENDING):
+            if self.withhold_shutdown and body_end == pos + 1 + length and any(
+                    scan.find(code, pos + 4, body_end) >= 0 for code in SHUTDOWN_CODES):
+                self.shut_down = True  # the server goes away; its client is recovered, not told
+                return True
+            self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
+        code = scan.find(SQLSTATE_FIELD, pos + 5, body_end)
+        if code >= 0 and scan[code + 2 : code + 7] in TROUBLE_SQLSTATES:
+            self.trouble = scan[code + 2 : code + 7].decode()
+        return False
 
     def _pop_injections(self, pieces: list[bytes]) -> None:
         expect = self.expect
