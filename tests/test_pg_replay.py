@@ -230,6 +230,10 @@ def test_what_cannot_be_replayed_ends_with_an_error_and_the_connection_stays(
     same_reads = _connect(proxy)  # replays the same replies: its transaction goes on
     slow_read = _connect(proxy)  # an autocommit read in flight: replayed
     slow_write = _connect(proxy)  # an autocommit write in flight: 08007
+    _connect(proxy).execute("INSERT INTO rows (client, n) VALUES (300, 1)")
+    changed_row = _connect(proxy, autocommit=False)  # read a row another client then changed: its replay differs
+    assert changed_row.execute("SELECT n FROM rows WHERE client = 300").fetchone() == (1,)
+    primary.psql("UPDATE rows SET n = 2 WHERE client = 300", db="app", user="app")  # committed on the standby too
     for number, conn in ((100, random_then_write), (101, random_then_commit), (102, same_reads),
                          (104, random_then_rollback)):
         if conn.autocommit:
@@ -285,18 +289,26 @@ def test_what_cannot_be_replayed_ends_with_an_error_and_the_connection_stays(
     random_then_rollback.execute("ROLLBACK")
     assert random_then_rollback.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
+    with pytest.raises(psycopg.Error) as raised:  # the row it read is not what it was: never silently committed
+        changed_row.execute("UPDATE rows SET n = 3 WHERE client = 300")
+    assert raised.value.sqlstate == "40001"
+    changed_row.rollback()
+    assert changed_row.execute("SELECT n FROM rows WHERE client = 300").fetchone() == (2,)
+    changed_row.commit()
+
     same_reads.execute("INSERT INTO rows (client, n) VALUES (102, 2)")
     same_reads.execute("COMMIT")
     loop.run_until_complete(_asyncpg_finish(asyncpg_conn, transaction))
     loop.close()
 
-    for conn in (random_then_write, random_then_commit, random_then_rollback, same_reads, slow_read, slow_write):
+    for conn in (random_then_write, random_then_commit, random_then_rollback, same_reads, slow_read, slow_write,
+                 changed_row):
         assert conn.execute("SELECT 1").fetchone() == (1,)
         conn.close()
     rows = standby.psql("SELECT client, n FROM rows WHERE client >= 100 ORDER BY client, n", db="app", user="app")
     written = {tuple(map(int, line.split("|"))) for line in rows.splitlines()}
     assert {(100, 1), (100, 2), (101, 1), (104, 1)}.isdisjoint(written), written
-    kept = {(102, 1), (102, 2), (103, 1), (103, 2)}
+    kept = {(102, 1), (102, 2), (103, 1), (103, 2), (300, 2)}
     assert kept <= written, written
     assert written - kept <= {(200, 1)}, written  # the 08007 write may or may not be there
     proxy.wait_for_log(r"the replayed transaction was rolled back: its replies differ \(40001\)")
