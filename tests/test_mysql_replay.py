@@ -304,10 +304,16 @@ def test_a_transaction_whose_replay_differs_is_rolled_back_and_a_commit_in_fligh
 ) -> None:
     primary, replica = cluster
     monitor_secret(monkeypatch, primary)
-    proxy = _proxy(tmp_path, primary, replica, max_connections=4)
+    proxy = _proxy(tmp_path, primary, replica, max_connections=5)
     try:
         conn, same, committer, writer = connect_my(proxy), connect_my(proxy), connect_my(proxy), connect_my(proxy)
-        with conn.cursor() as cursor, same.cursor() as steady:
+        changed = connect_my(proxy)  # read a row another client then changed: its replay differs
+        with conn.cursor() as cursor, same.cursor() as steady, changed.cursor() as reader:
+            _run(writer, ["INSERT INTO numbered (client, n) VALUES (300, 1)"], [])
+            changed.begin()
+            reader.execute("SELECT n FROM numbered WHERE client = 300")
+            assert reader.fetchone() == (1,)
+            primary.sql("UPDATE app.numbered SET n = 2 WHERE client = 300")  # acknowledged by the replica too
             conn.begin()
             cursor.execute("SELECT RAND()")  # the replay reads another number: it cannot stand for this one
             cursor.execute("INSERT INTO t (note) VALUES ('random')")
@@ -336,6 +342,12 @@ def test_a_transaction_whose_replay_differs_is_rolled_back_and_a_commit_in_fligh
             assert getattr(raised.value, "sqlstate", "40001") == "40001"
             assert "rolled back by a failover" in raised.value.args[1]
             conn.rollback()  # what the client does after the error: it succeeds
+            with pytest.raises(pymysql.err.OperationalError) as raised:  # never silently committed
+                reader.execute("UPDATE numbered SET n = 3 WHERE client = 300")
+            assert raised.value.args[0] == my.ER_LOCK_DEADLOCK
+            changed.rollback()
+            reader.execute("SELECT n FROM numbered WHERE client = 300")
+            assert reader.fetchone() == (2,)
             steady.execute("INSERT INTO numbered (client, n) VALUES (99, 2)")
             same.commit()
             cursor.execute("SELECT COUNT(*) FROM t")
@@ -355,7 +367,7 @@ def test_a_transaction_whose_replay_differs_is_rolled_back_and_a_commit_in_fligh
         assert replica.sql("SELECT COUNT(*) FROM app.numbered WHERE client IN (97, 98)") == "0"
         proxy.wait_for_log(r"the replay of its transaction failed: it(s replies differ| answered with fewer bytes)")
         proxy.wait_for_log(r"replayed 3 command\(s\) on")
-        for client in (conn, same, committer, writer):
+        for client in (conn, same, committer, writer, changed):
             client.close()
     finally:
         proxy.stop()
