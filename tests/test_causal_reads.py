@@ -37,7 +37,7 @@ ITERATIONS = 1000
 CLIENTS = 8  # concurrent clients, more than the 4 backends of each endpoint ...
 CLIENT_ITERATIONS = 40  # ... each writing its own row and reading it back this many times
 INTERVAL = 0.2
-APPLY_DELAY_MS = 50  # the standby applies each commit this long after the primary made it
+APPLY_DELAY_MS = 15  # the standby applies each commit this long after the primary made it
 
 Reads = tuple[int, list[float]]  # (stale reads, read latencies in seconds)
 Client = tuple[Callable[[int], None], Callable[[], int], Callable[[], None]]  # write, read, close
