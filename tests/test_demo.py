@@ -10,6 +10,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,7 +66,18 @@ def _banner(process: subprocess.Popen[str], timeout: float) -> list[str]:
 
 
 @pytest.fixture()
-def demo(tmp_path: Path) -> Iterator[Demo]:
+def short_dir() -> Iterator[Path]:
+    """Where the demo runs: a short path (its servers' unix sockets must stay under 108 bytes, and pytest's own
+    temporary folders can be deep)."""
+    folder = Path(tempfile.mkdtemp(prefix="demo-", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture()
+def demo(short_dir: Path) -> Iterator[Demo]:
     command = readme_demo_command()
     assert command == ["dbproxy", "demo"], command
     program = shutil.which(command[0])
@@ -76,8 +88,8 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     began = time.monotonic()
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=(tmp_path / "demo.log").open("w"),
-                               text=True, env=env)
+    process = subprocess.Popen(argv, cwd=short_dir, stdout=subprocess.PIPE,
+                               stderr=(short_dir / "demo.log").open("w"), text=True, env=env)
     try:
         output = _banner(process, READY_WITHIN)
         started_in = time.monotonic() - began
@@ -148,7 +160,7 @@ def _writes_to(demo: Demo, endpoint: str) -> int | None:
         return None
 
 
-def test_demo_serves_four_endpoints_and_stops_everything(demo: Demo, tmp_path: Path) -> None:
+def test_demo_serves_four_endpoints_and_stops_everything(demo: Demo, short_dir: Path) -> None:
     assert demo.instances["pg1"][0] == "writer" and demo.instances["pg2"][0] == "reader"
     assert any("kill -9" in line and str(demo.instances["pg1"][2]) in line for line in demo.output)
     pids = [pid for _, _, pid in demo.instances.values()]
@@ -205,7 +217,7 @@ def test_demo_serves_four_endpoints_and_stops_everything(demo: Demo, tmp_path: P
     assert demo.process.wait(STOP_WITHIN) == 0
     left = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"servers still running after the demo stopped: {left}"
-    folder = str(tmp_path)
+    folder = str(short_dir)
     strays = []
     for process in psutil.process_iter(["pid", "cmdline"]):
         if any(folder in part for part in process.info["cmdline"] or ()):
