@@ -234,12 +234,30 @@ class ClusterBase(Strict):
         return self.failover_grace if self.failover_grace is not None else max(2.0, 2 * self.monitor_interval)
 
 
+# Auth passthrough's default queries. MySQL: the account the server matches for the proxy's own host (the host part
+# of USER() on the lookup connection, which comes from where the backend connections come from), an exact host first.
+PG_AUTH_QUERY = "SELECT passwd FROM pg_catalog.pg_shadow WHERE usename = $1"
+MYSQL_AUTH_QUERY = ("SELECT plugin, authentication_string FROM mysql.user WHERE User = %s"
+                    " AND SUBSTRING_INDEX(USER(), '@', -1) LIKE Host"
+                    " ORDER BY LOCATE('%%', Host) + LOCATE('_', Host) > 0, LENGTH(Host) DESC LIMIT 1")
+
+
 class PostgresEndpoint(EndpointBase):
     auth_method: ClientAuthMethod | None = None
+    # auth passthrough (the engine section's keys, for this endpoint only)
+    auth_passthrough: bool | None = None
+    auth_user: str | None = None
+    auth_query: str | None = None
+    auth_cache_ttl: float | None = Field(None, ge=0)
 
 
 class PostgresCluster(ClusterBase):
     auth_method: ClientAuthMethod | None = None
+    # auth passthrough (the engine section's keys, for this cluster's endpoints)
+    auth_passthrough: bool | None = None
+    auth_user: str | None = None
+    auth_query: str | None = None
+    auth_cache_ttl: float | None = Field(None, ge=0)
 
 
 class PostgresSettings(Strict):
@@ -262,6 +280,13 @@ class PostgresSettings(Strict):
         default_factory=list,
         description="RDS Proxy SessionPinningFilters: exclude_variable_sets stops tracking SET statements",
     )
+    # auth passthrough: a user with no stored secret is checked against the database (proxy.auth.pg_passthrough)
+    auth_passthrough: bool = Field(
+        False, description="users without a stored secret log in with their database password: the proxy looks "
+        "up their SCRAM verifier with auth_query as auth_user and logs in to the backend with their SCRAM keys")
+    auth_user: str = Field("", description="the user (with a stored secret) that runs auth_query")
+    auth_query: str = Field(PG_AUTH_QUERY, description="returns the verifier (pg_shadow.passwd) of the user $1")
+    auth_cache_ttl: float = Field(60.0, ge=0, description="seconds a found verifier is kept; 0: looked up each time")
     pool: PoolSettings = PoolSettings()
     clusters: dict[Name, PostgresCluster] = Field(default_factory=dict)
     endpoints: dict[Name, PostgresEndpoint] = Field(default_factory=dict)
@@ -282,12 +307,22 @@ class MySQLPoolSettings(PoolSettings):
 class MySQLEndpoint(EndpointBase):
     auth_method: MySQLAuthMethod | None = None
     caching_sha2_full_auth: bool | None = None
+    # auth passthrough (the engine section's keys, for this endpoint only)
+    auth_passthrough: bool | None = None
+    auth_user: str | None = None
+    auth_query: str | None = None
+    auth_cache_ttl: float | None = Field(None, ge=0)
     pool: MySQLPoolSettings = MySQLPoolSettings()  # only the keys given apply
 
 
 class MySQLCluster(ClusterBase):
     auth_method: MySQLAuthMethod | None = None
     caching_sha2_full_auth: bool | None = None
+    # auth passthrough (the engine section's keys, for this cluster's endpoints)
+    auth_passthrough: bool | None = None
+    auth_user: str | None = None
+    auth_query: str | None = None
+    auth_cache_ttl: float | None = Field(None, ge=0)
     pool: MySQLPoolSettings = MySQLPoolSettings()  # only the keys given apply
 
 
@@ -313,6 +348,14 @@ class MySQLSettings(Strict):
         description="RDS Proxy SessionPinningFilters: exclude_variable_sets lets SET statements the proxy cannot "
         "track run without pinning",
     )
+    # auth passthrough: a user with no stored secret is checked against the database (proxy.auth.mysql_passthrough)
+    auth_passthrough: bool = Field(
+        False, description="users without a stored secret log in with their database password: the proxy looks "
+        "up their mysql_native_password hash with auth_query as auth_user and logs in to the backend with it")
+    auth_user: str = Field("", description="the user (with a stored secret) that runs auth_query")
+    auth_query: str = Field(MYSQL_AUTH_QUERY, description="returns (plugin, authentication_string) of the user %s "
+                            "(a literal percent sign is written %%)")
+    auth_cache_ttl: float = Field(60.0, ge=0, description="seconds a found hash is kept; 0: looked up each time")
     pool: MySQLPoolSettings = MySQLPoolSettings()
     clusters: dict[Name, MySQLCluster] = Field(default_factory=dict)
     endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)

@@ -81,6 +81,7 @@ class ScramServer:
         self._nonce = ""
         self._client_first_bare = ""
         self._server_first = ""
+        self.client_key = b""  # recovered from the client's proof once it verifies (auth passthrough keeps it)
 
     def server_first(self, client_first: bytes) -> bytes:
         try:
@@ -124,6 +125,7 @@ class ScramServer:
         client_key = _xor(proof, signature)
         if not hmac.compare_digest(_sha256(client_key), self._keys.stored_key):
             raise AuthenticationFailed("password authentication failed")
+        self.client_key = client_key
         return b"v=" + base64.b64encode(_hmac(self._keys.server_key, auth_message))
 
 
@@ -145,13 +147,17 @@ class ScramClient:
         nonce, salt, iterations = attrs.get("r", ""), attrs.get("s", ""), attrs.get("i", "")
         if not nonce.startswith(self._nonce) or not salt or not iterations.isdigit():
             raise ProtocolViolation("malformed SCRAM server-first-message from the backend")
-        salted = salted_password(self._password, _b64decode(salt), int(iterations))
-        client_key = _hmac(salted, b"Client Key")
+        client_key, server_key = self._keys(_b64decode(salt), int(iterations))
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._client_first_bare},{text},{without_proof}".encode()
         proof = _xor(client_key, _hmac(_sha256(client_key), auth_message))
-        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
+        self._server_signature = _hmac(server_key, auth_message)
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+
+    def _keys(self, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+        """ClientKey and ServerKey for the server's salt and iteration count."""
+        salted = salted_password(self._password, salt, iterations)
+        return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
 
     def verify_server_final(self, server_final: bytes) -> None:
         attrs = _attributes(server_final.decode(errors="replace"))

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 
+from proxy.auth import pg_passthrough
 from proxy.auth.md5 import check_md5_response
 from proxy.auth.scram import MECHANISM, ScramKeys, ScramServer
 from proxy.config import ClientAuthMethod, ClientTLSMode
@@ -154,6 +155,10 @@ class PgLogin(PgForward):
         method = service.settings.auth_method
         user = self.session.user
         secret = service.secrets.get(user)
+        if method is ClientAuthMethod.SCRAM_SHA_256 and secret is None and service.settings.auth_passthrough:
+            self.login_method = "passthrough"
+            await pg_passthrough.authenticate(self, service, user)
+            return
         if method is ClientAuthMethod.SCRAM_SHA_256:
             await self._authenticate_scram(user, secret)
             return

@@ -1,0 +1,167 @@
+"""Auth passthrough on PostgreSQL: roles the proxy has no secret for log in with their own database password."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from devtools.servers import PostgresInstance, start_postgres
+from passthrough_support import memory_holds, passthrough_proxy
+from support import ProxyProcess
+
+TTL = 1.0
+BACKENDS = 2  # the pool's max_connections: fewer than the concurrent clients below
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresInstance]:
+    instance = start_postgres(tmp_path_factory.mktemp("pg"), users={"app": "app-secret", "bench": "bench-secret"})
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, server: PostgresInstance) -> Iterator[ProxyProcess]:
+    settings = {"auth_passthrough": True, "auth_user": "postgres", "auth_cache_ttl": TTL}
+    with passthrough_proxy(tmp_path_factory.mktemp("proxy"), {"postgres": server.superuser_password}, server,
+                           postgresql=settings, postgresql__pool={"max_connections": BACKENDS}) as running:
+        yield running
+
+
+def create_role(server: PostgresInstance, name: str, password: str) -> None:
+    server.psql(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'; GRANT ALL ON SCHEMA public TO {name}", db="app")
+
+
+def drop_role(server: PostgresInstance, name: str) -> None:
+    server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'; "
+                f"DROP OWNED BY {name}; DROP ROLE {name}", db="app")
+
+
+def psql(proxy: ProxyProcess, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PGPASSWORD=password, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
+    return subprocess.run(["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(proxy.ports["postgresql"]), "-U", user,
+                           "-d", "app", "-c", sql], env=env, capture_output=True, text=True, timeout=30)
+
+
+async def connect(proxy: ProxyProcess, user: str, password: str) -> asyncpg.Connection:
+    return await asyncpg.connect(host="127.0.0.1", port=proxy.ports["postgresql"], user=user, password=password,
+                                 database="app", ssl=False, statement_cache_size=0)
+
+
+async def test_role_created_after_start_logs_in(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    create_role(server, "late_pg", "late-pg-password-1")
+    done = psql(proxy, "late_pg", "late-pg-password-1", "SELECT current_user, 40 + 2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "late_pg|42"
+    conn = await connect(proxy, "late_pg", "late-pg-password-1")
+    try:
+        await conn.execute("CREATE TABLE late_pg_rows (n int)")
+        await conn.execute("INSERT INTO late_pg_rows SELECT generate_series(1, 10)")
+        assert await conn.fetchval("SELECT sum(n) FROM late_pg_rows") == 55
+        assert await conn.fetchval("SELECT session_user") == "late_pg"  # the backend logged in as the role itself
+    finally:
+        await conn.close()
+    assert "late-pg-password-1" not in proxy.log()
+
+
+async def test_more_clients_than_backends(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    create_role(server, "many_pg", "many-pg-password-2")
+
+    async def client(number: int) -> int:
+        conn = await connect(proxy, "many_pg", "many-pg-password-2")
+        try:
+            total = 0
+            for step in range(20):
+                async with conn.transaction():
+                    total += await conn.fetchval("SELECT $1::int + $2::int", number, step)
+            return total
+        finally:
+            await conn.close()
+
+    totals = await asyncio.gather(*(client(number) for number in range(8)))
+    assert totals == [20 * number + sum(range(20)) for number in range(8)]
+    on_server = int(server.psql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'many_pg'"))
+    assert 1 <= on_server <= BACKENDS
+
+
+async def test_wrong_password_is_refused(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    create_role(server, "guarded_pg", "guarded-pg-password-3")
+    with pytest.raises(asyncpg.InvalidPasswordError) as info:
+        await connect(proxy, "guarded_pg", "not-the-password")
+    assert info.value.sqlstate == "28P01"
+    done = psql(proxy, "guarded_pg", "not-the-password", "SELECT 1")
+    assert done.returncode != 0 and 'password authentication failed for user "guarded_pg"' in done.stderr
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await connect(proxy, "nobody_at_all", "whatever")
+    conn = await connect(proxy, "guarded_pg", "guarded-pg-password-3")  # a refusal left nothing behind
+    assert await conn.fetchval("SELECT current_user") == "guarded_pg"
+    await conn.close()
+
+
+async def test_dropped_role_refused_after_ttl(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    create_role(server, "gone_pg", "gone-pg-password-4")
+    conn = await connect(proxy, "gone_pg", "gone-pg-password-4")
+    assert await conn.fetchval("SELECT 1") == 1
+    await conn.close()
+    drop_role(server, "gone_pg")
+    time.sleep(TTL + 0.2)
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await connect(proxy, "gone_pg", "gone-pg-password-4")
+
+
+async def test_password_change_seen_after_ttl(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    create_role(server, "moved_pg", "moved-pg-password-5")
+    conn = await connect(proxy, "moved_pg", "moved-pg-password-5")
+    await conn.close()
+    server.psql("ALTER ROLE moved_pg PASSWORD 'moved-pg-password-6'; "
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'moved_pg'")
+    time.sleep(TTL + 0.2)
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await connect(proxy, "moved_pg", "moved-pg-password-5")
+    conn = await connect(proxy, "moved_pg", "moved-pg-password-6")  # new backends log in with the new keys
+    assert await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE usename = 'moved_pg'") >= 1
+    await conn.close()
+
+
+async def test_stored_secret_users_unchanged(proxy: ProxyProcess) -> None:
+    conn = await connect(proxy, "app", "app-secret")
+    assert await conn.fetchval("SELECT current_user") == "app"
+    await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await connect(proxy, "app", "app-password-of-the-database-is-not-asked")
+
+
+async def test_no_copy_of_the_password_in_log_or_memory(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    password = "secret-in-memory-" + os.urandom(8).hex()
+    create_role(server, "hidden_pg", password)
+    for _ in range(3):
+        assert psql(proxy, "hidden_pg", password, "SELECT 1").stdout.strip() == "1"
+        conn = await connect(proxy, "hidden_pg", password)
+        assert await conn.fetchval("SELECT current_user") == "hidden_pg"
+        await conn.close()
+    assert "hidden_pg" in server.psql("SELECT usename FROM pg_stat_activity WHERE usename = 'hidden_pg'")
+    assert password not in proxy.log()
+    assert memory_holds(proxy.pid, password.encode()) == []
+    assert memory_holds(os.getpid(), password.encode()) != []  # the search finds it where it is (this process)
+
+
+async def test_lookup_failure_is_a_clear_error(tmp_path: Path, server: PostgresInstance) -> None:
+    settings = {"auth_passthrough": True, "auth_user": "postgres", "auth_cache_ttl": TTL}
+    with passthrough_proxy(tmp_path, {"postgres": "not-the-superuser-password"}, server,
+                           postgresql=settings) as broken:
+        create_role(server, "stuck_pg", "stuck-pg-password-7")
+        started = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError, match="auth passthrough: the database could not check user"):
+            await connect(broken, "stuck_pg", "stuck-pg-password-7")
+        assert time.monotonic() - started < 5
+        conn = await connect(broken, "app", "app-secret")  # users with a secret go on
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert "not-the-superuser-password" not in broken.log()
