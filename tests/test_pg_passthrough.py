@@ -11,9 +11,9 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from passthrough_support import memory_holds, passthrough_proxy
 
 from devtools.servers import PostgresInstance, start_postgres
-from passthrough_support import memory_holds, passthrough_proxy
 from support import ProxyProcess
 
 TTL = 1.0

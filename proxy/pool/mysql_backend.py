@@ -15,9 +15,9 @@ from proxy.auth.mysql import (
     scramble_caching_sha2,
     scramble_native_password,
 )
+from proxy.auth.mysql_passthrough import NativeCredential, backend_answer, backend_credential
 from proxy.config import BackendTLSMode, MySQLSettings
 from proxy.errors import (
-    AuthenticationFailed,
     BackendError,
     BackendUnavailable,
     BackendUnreachable,
@@ -326,9 +326,8 @@ class MySQLBackend(MySQLServerSession):
         """Log in as the pool's user with the stored secret; returns the server's greeting."""
         pool = self.pool
         secret = secrets.get(pool.user)
-        if secret is None:
-            raise AuthenticationFailed(f"no secret is stored for user {pool.user!r}")
-        password = secret.password
+        keyed = backend_credential(pool.user) if secret is None else None  # auth passthrough, else refused
+        password = secret.password if secret is not None else b""
         database = pool.database if database is None else database
         seq, payload = await self.read_packet(1 << 16)
         if payload[:1] == b"\xff":
@@ -361,17 +360,19 @@ class MySQLBackend(MySQLServerSession):
         self.multi_statements = bool(caps & my.CLIENT_MULTI_STATEMENTS)
         plugin = greeting.auth_plugin_name or my.MYSQL_NATIVE_PASSWORD
         nonce = greeting.auth_plugin_data
-        if plugin not in (my.MYSQL_NATIVE_PASSWORD, my.CACHING_SHA2_PASSWORD):
+        if plugin not in (my.MYSQL_NATIVE_PASSWORD, my.CACHING_SHA2_PASSWORD) or keyed is not None:
             plugin = my.MYSQL_NATIVE_PASSWORD  # the server switches us if it wants another one
+        answer = _scramble(plugin, password, nonce) if keyed is None else keyed.answer(nonce)
         response = HandshakeResponse41(
-            caps, pool.user, _scramble(plugin, password, nonce), database or None, plugin,
+            caps, pool.user, answer, database or None, plugin,
             CONNECT_ATTRS if caps & my.CLIENT_CONNECT_ATTRS else None, my.MAX_PACKET, self.profile.charset,
         )
         self.write(frame(response.build(), seq))
-        await self._authenticate(plugin, nonce, password)
+        await self._authenticate(plugin, nonce, password, keyed)
         return greeting
 
-    async def _authenticate(self, plugin: str, nonce: bytes, password: bytes) -> None:
+    async def _authenticate(self, plugin: str, nonce: bytes, password: bytes,
+                            keyed: NativeCredential | None = None) -> None:
         """The server's answers to the login, up to its OK: auth switches, caching_sha2 full authentication."""
         public_key_requested = False
         while True:
@@ -386,7 +387,9 @@ class MySQLBackend(MySQLServerSession):
             if head == b"\xfe":
                 switch = AuthSwitchRequest.parse(payload)
                 plugin, nonce = switch.plugin_name, switch.scramble
-                if plugin == my.MYSQL_CLEAR_PASSWORD:
+                if keyed is not None:
+                    answer = backend_answer(keyed, plugin, nonce)
+                elif plugin == my.MYSQL_CLEAR_PASSWORD:
                     if not self.is_tls:
                         raise BackendError("the backend asks for a clear-text password on a connection without TLS")
                     answer = clear_password_response(password)

@@ -13,7 +13,7 @@ from proxy.auth.md5 import md5_response
 from proxy.auth.pg_passthrough import backend_sasl_step
 from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.config import BackendTLSMode, PostgresSettings
-from proxy.errors import AuthenticationFailed, BackendError, BackendUnavailable, ProtocolViolation
+from proxy.errors import BackendError, BackendUnavailable, ProtocolViolation
 from proxy.netio import ConnectionClosed
 from proxy.pool.backend import BackendConnection, LinkedClient
 from proxy.pool.pg_deadline import internal_deadline

@@ -8,6 +8,7 @@ import os
 import ssl
 from typing import Any, cast
 
+from proxy.auth import mysql_passthrough
 from proxy.auth.mysql import (
     check_caching_sha2,
     check_clear_password,
@@ -174,6 +175,10 @@ class MySQLLogin(MySQLStatementCommands):
         service = self.service
         method = service.settings.auth_method
         secret = service.secrets.get(self.user)
+        if secret is None and service.settings.auth_passthrough and method is not MySQLAuthMethod.CLEAR:
+            self.login_method = "passthrough"
+            await mysql_passthrough.authenticate(self, service, plugin, response, plugin_auth)
+            return
         known, password = (True, secret.password) if secret is not None else (False, _NOBODYS_PASSWORD)
         if method is MySQLAuthMethod.CLEAR and not self.is_tls:
             raise AuthorizationFailed(f"Access denied for user '{self.user}': mysql_clear_password is allowed only "

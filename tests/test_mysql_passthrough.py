@@ -1,0 +1,169 @@
+"""Auth passthrough on MariaDB: users the proxy has no secret for log in with their own database password."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+from passthrough_support import memory_holds, passthrough_proxy
+
+from devtools.servers import MARIADB_CLIENT, MariaDBInstance, start_mariadb
+from support import ProxyProcess
+
+TTL = 1.0
+BACKENDS = 2  # the pool's max_connections: fewer than the concurrent clients below
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBInstance]:
+    instance = start_mariadb(tmp_path_factory.mktemp("mariadb"), users={"app": "app-secret", "bench": "bench-secret"})
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, server: MariaDBInstance) -> Iterator[ProxyProcess]:
+    settings = {"auth_passthrough": True, "auth_user": "root", "auth_cache_ttl": TTL}
+    with passthrough_proxy(tmp_path_factory.mktemp("proxy"), {"root": server.root_password}, mariadb=server,
+                           mysql=settings, mysql__pool={"max_connections": BACKENDS}) as running:
+        yield running
+
+
+def create_user(server: MariaDBInstance, name: str, password: str, how: str = "") -> None:
+    server.sql(f"CREATE USER '{name}'@'%' {how or f'IDENTIFIED BY {password!r}'}; GRANT ALL ON app.* TO '{name}'@'%'")
+
+
+def connect(proxy: ProxyProcess, user: str, password: str) -> pymysql.connections.Connection:
+    return pymysql.connect(host="127.0.0.1", port=proxy.ports["mysql"], user=user, password=password,
+                           database="app", autocommit=True, connect_timeout=10)
+
+
+def query(conn: pymysql.connections.Connection, sql: str) -> tuple[object, ...]:
+    with conn.cursor() as cursor:
+        cursor.execute(sql)
+        return tuple(cursor.fetchone() or ())
+
+
+def mariadb_client(proxy: ProxyProcess, user: str, password: str, sql: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MARIADB_CLIENT, "--no-defaults", "--protocol=TCP", "-h", "127.0.0.1", "-P",
+                           str(proxy.ports["mysql"]), "-u", user, "-D", "app", "-N", "-B", "--connect-timeout=10",
+                           "-e", sql], env=dict(os.environ, MYSQL_PWD=password), capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_user_created_after_start_logs_in(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "late_my", "late-my-password-1")
+    done = mariadb_client(proxy, "late_my", "late-my-password-1", "SELECT CURRENT_USER(), 40 + 2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "late_my@%\t42"
+    conn = connect(proxy, "late_my", "late-my-password-1")
+    try:
+        query(conn, "CREATE TABLE late_my_rows (n int)")
+        query(conn, "INSERT INTO late_my_rows VALUES (1), (2), (3), (4)")
+        assert query(conn, "SELECT SUM(n), CURRENT_USER() FROM late_my_rows") == (10, "late_my@%")
+    finally:
+        conn.close()
+    assert "late-my-password-1" not in proxy.log()
+
+
+def test_more_clients_than_backends(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "many_my", "many-my-password-2")
+    totals: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def client(number: int) -> None:
+        try:
+            conn = connect(proxy, "many_my", "many-my-password-2")
+            try:
+                totals[number] = sum(int(query(conn, f"SELECT {number} + {step}")[0]) for step in range(20))
+            finally:
+                conn.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert totals == {number: 20 * number + sum(range(20)) for number in range(8)}
+    on_server = int(server.sql("SELECT COUNT(*) FROM information_schema.processlist WHERE user = 'many_my'"))
+    assert 1 <= on_server <= BACKENDS
+
+
+def test_wrong_password_is_refused(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "guarded_my", "guarded-my-password-3")
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(proxy, "guarded_my", "not-the-password")
+    assert info.value.args[0] == 1045
+    done = mariadb_client(proxy, "guarded_my", "not-the-password", "SELECT 1")
+    assert done.returncode != 0 and "Access denied for user 'guarded_my'" in done.stderr
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(proxy, "nobody_at_all", "whatever")
+    assert info.value.args[0] == 1045
+    conn = connect(proxy, "guarded_my", "guarded-my-password-3")
+    assert query(conn, "SELECT CURRENT_USER()") == ("guarded_my@%",)
+    conn.close()
+
+
+def test_other_plugins_refused_clearly(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "socket_my", "", how="IDENTIFIED VIA unix_socket")
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(proxy, "socket_my", "any-password")
+    assert info.value.args[0] == 1045
+    assert "auth passthrough supports mysql_native_password accounts only" in str(info.value)
+    proxy.wait_for_log(r"user 'socket_my' uses the 'unix_socket' plugin on the database")
+
+
+def test_dropped_user_refused_after_ttl(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "gone_my", "gone-my-password-4")
+    conn = connect(proxy, "gone_my", "gone-my-password-4")
+    assert query(conn, "SELECT 1") == (1,)
+    conn.close()
+    server.sql("DROP USER 'gone_my'@'%'")
+    time.sleep(TTL + 0.2)
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(proxy, "gone_my", "gone-my-password-4")
+    assert info.value.args[0] == 1045
+
+
+def test_stored_secret_users_unchanged(proxy: ProxyProcess) -> None:
+    conn = connect(proxy, "app", "app-secret")
+    assert query(conn, "SELECT CURRENT_USER()") == ("app@%",)
+    conn.close()
+    with pytest.raises(pymysql.err.OperationalError):
+        connect(proxy, "app", "some-other-password")
+
+
+def test_no_copy_of_the_password_in_log_or_memory(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    password = "secret-in-memory-" + os.urandom(8).hex()
+    create_user(server, "hidden_my", password)
+    for _ in range(3):
+        assert mariadb_client(proxy, "hidden_my", password, "SELECT 1").stdout.strip() == "1"
+        conn = connect(proxy, "hidden_my", password)
+        assert query(conn, "SELECT CURRENT_USER()") == ("hidden_my@%",)
+        conn.close()
+    assert password not in proxy.log()
+    assert memory_holds(proxy.pid, password.encode()) == []
+    assert memory_holds(os.getpid(), password.encode()) != []  # the search finds it where it is (this process)
+
+
+def test_lookup_failure_is_a_clear_error(tmp_path: Path, server: MariaDBInstance) -> None:
+    settings = {"auth_passthrough": True, "auth_user": "root", "auth_cache_ttl": TTL}
+    with passthrough_proxy(tmp_path, {"root": "not-the-root-password"}, mariadb=server, mysql=settings) as broken:
+        create_user(server, "stuck_my", "stuck-my-password-5")
+        started = time.monotonic()
+        with pytest.raises(pymysql.err.MySQLError, match="auth passthrough: the database could not check user"):
+            connect(broken, "stuck_my", "stuck-my-password-5")
+        assert time.monotonic() - started < 5
+        conn = connect(broken, "app", "app-secret")
+        assert query(conn, "SELECT 1") == (1,)
+        conn.close()
+        assert "not-the-root-password" not in broken.log()
