@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import threading
@@ -14,6 +15,8 @@ import pytest
 from passthrough_support import memory_holds, passthrough_proxy
 
 from devtools.servers import MARIADB_CLIENT, MariaDBInstance, start_mariadb
+from proxy.auth.mysql import native_password_hash, scramble_native_password
+from proxy.auth.mysql_passthrough import NativeCredential, stored_hash
 from support import ProxyProcess
 
 TTL = 1.0
@@ -167,3 +170,28 @@ def test_lookup_failure_is_a_clear_error(tmp_path: Path, server: MariaDBInstance
         assert query(conn, "SELECT 1") == (1,)
         conn.close()
         assert "not-the-root-password" not in broken.log()
+
+
+def test_lookup_connection_reopened_when_lost(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "before_my", "before-my-password-6")
+    connect(proxy, "before_my", "before-my-password-6").close()
+    ids = server.sql("SELECT id FROM information_schema.processlist WHERE user = 'root' AND id <> CONNECTION_ID()")
+    assert len(ids.split()) == 1  # the proxy's one lookup connection
+    server.sql(f"KILL {ids.strip()}")
+    create_user(server, "after_my", "after-my-password-7")
+    conn = connect(proxy, "after_my", "after-my-password-7")
+    assert query(conn, "SELECT CURRENT_USER()") == ("after_my@%",)
+    conn.close()
+    proxy.wait_for_log(r"auth passthrough: the lookup connection to .* failed .*; opening another")
+
+
+def test_credentials_never_show_their_keys() -> None:
+    stage1 = hashlib.sha1(b"a password").digest()
+    credential = NativeCredential(stage1)
+    for text in (repr(credential), str(credential), f"{credential}"):
+        assert text == "NativeCredential()"
+    nonce = b"n" * 20
+    assert credential.answer(nonce) == scramble_native_password(b"a password", nonce)
+    account = ("mysql_native_password", "*" + native_password_hash(b"a password").hex().upper())
+    assert stored_hash(account) == native_password_hash(b"a password")
+    assert stored_hash(("ed25519", "x" * 43)) is None

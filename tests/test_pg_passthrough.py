@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 import time
@@ -14,6 +15,10 @@ import pytest
 from passthrough_support import memory_holds, passthrough_proxy
 
 from devtools.servers import PostgresInstance, start_postgres
+from proxy.auth.pg_passthrough import ScramCredential, parse_verifier
+from proxy.auth.scram import ScramKeys
+from proxy.config import PostgresSettings, parse_config
+from proxy.endpoints import resolve_endpoints
 from support import ProxyProcess
 
 TTL = 1.0
@@ -165,3 +170,46 @@ async def test_lookup_failure_is_a_clear_error(tmp_path: Path, server: PostgresI
         assert await conn.fetchval("SELECT 1") == 1
         await conn.close()
         assert "not-the-superuser-password" not in broken.log()
+
+
+async def test_lookup_connection_reopened_when_lost(proxy: ProxyProcess, server: PostgresInstance) -> None:
+    create_role(server, "before_pg", "before-pg-password-8")
+    conn = await connect(proxy, "before_pg", "before-pg-password-8")
+    await conn.close()
+    killed = server.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                         "WHERE usename = 'postgres' AND datname = 'postgres' AND pid <> pg_backend_pid()")
+    assert int(killed) == 1  # the proxy's one lookup connection
+    create_role(server, "after_pg", "after-pg-password-9")
+    conn = await connect(proxy, "after_pg", "after-pg-password-9")
+    assert await conn.fetchval("SELECT current_user") == "after_pg"
+    await conn.close()
+    proxy.wait_for_log(r"auth passthrough: the lookup connection to .* failed .*; opening another")
+
+
+def test_credentials_never_show_their_keys() -> None:
+    keys = ScramKeys.derive(b"a password", b"0123456789abcdef")
+    credential = ScramCredential(keys.salt, keys.iterations, b"\x01" * 32, keys.server_key)
+    for text in (repr(credential), str(credential), f"{credential}", repr([credential])):
+        assert text == "ScramCredential(iterations=4096)" or text == "[ScramCredential(iterations=4096)]"
+    verifier = ("SCRAM-SHA-256$4096:" + base64.b64encode(keys.salt).decode() + "$"
+                + base64.b64encode(keys.stored_key).decode() + ":" + base64.b64encode(keys.server_key).decode())
+    assert parse_verifier(verifier) == keys
+    assert parse_verifier("md5" + "0" * 32) is None
+    assert parse_verifier("SCRAM-SHA-256$4096:not base64$x:y") is None
+
+
+def test_endpoints_and_clusters_override_the_engine_settings() -> None:
+    config = parse_config({"postgresql": {
+        "auth_passthrough": True, "auth_user": "lookup",
+        "clusters": {"main": {"instances": [{"host": "127.0.0.1", "port": 5999}], "auth_cache_ttl": 5.0}},
+        "endpoints": {"open": {"port": 0, "cluster": "main"},
+                      "closed": {"port": 0, "cluster": "main", "auth_passthrough": False,
+                                 "auth_query": "SELECT lookup_verifier($1)"}},
+    }})
+    found = {endpoint.name: endpoint.settings for endpoint in resolve_endpoints(config)}
+    assert isinstance(found["open"], PostgresSettings) and isinstance(found["closed"], PostgresSettings)
+    opened = found["open"]
+    assert (opened.auth_passthrough, opened.auth_user, opened.auth_cache_ttl) == (True, "lookup", 5)
+    assert found["open"].auth_query == "SELECT passwd FROM pg_catalog.pg_shadow WHERE usename = $1"
+    assert (found["closed"].auth_passthrough, found["closed"].auth_query) == (False, "SELECT lookup_verifier($1)")
+    assert PostgresSettings().auth_passthrough is False and PostgresSettings().auth_cache_ttl == 60

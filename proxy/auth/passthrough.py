@@ -153,11 +153,16 @@ class AdminLookup(Generic[T]):
                 raise
 
     async def _ask(self, user: str, settings: LookupSettings, password: str) -> T | None:
-        if self._address != settings.address or self._auth_user != settings.auth_user:
-            await self.close()
-        if self._address is None:
-            await self._connect(settings, password)
-            self._address, self._auth_user = settings.address, settings.auth_user
+        if (self._address, self._auth_user) == (settings.address, settings.auth_user):
+            try:
+                return await self._query(user, settings)
+            except Exception as exc:  # the kept connection was lost (the server restarted, an idle timeout)
+                log.info("auth passthrough: the lookup connection to %s:%d failed (%s); opening another",
+                         *settings.address, scrubbed(exc, password))
+        await self.close()
+        await self._connect(settings, password)
+        self._address, self._auth_user = settings.address, settings.auth_user
+        log.info("auth passthrough: lookup connection to %s:%d as %r open", *settings.address, settings.auth_user)
         return await self._query(user, settings)
 
     async def close(self) -> None:
