@@ -213,3 +213,25 @@ def test_endpoints_and_clusters_override_the_engine_settings() -> None:
     assert found["open"].auth_query == "SELECT passwd FROM pg_catalog.pg_shadow WHERE usename = $1"
     assert (found["closed"].auth_passthrough, found["closed"].auth_query) == (False, "SELECT lookup_verifier($1)")
     assert PostgresSettings().auth_passthrough is False and PostgresSettings().auth_cache_ttl == 60
+
+
+async def test_md5_verifiers_with_auth_method_md5(tmp_path: Path) -> None:
+    md5_server = start_postgres(tmp_path / "pg", users={"app": "app-secret"}, auth="md5")
+    try:
+        settings = {"auth_passthrough": True, "auth_user": "postgres", "auth_method": "md5"}
+        with passthrough_proxy(tmp_path / "proxy", {"postgres": md5_server.superuser_password}, md5_server,
+                               postgresql=settings) as md5_proxy:
+            md5_server.psql("CREATE ROLE old_md5 LOGIN PASSWORD 'old-md5-password-10'; SET password_encryption = "
+                            "'scram-sha-256'; CREATE ROLE new_scram LOGIN PASSWORD 'new-scram-password-11'")
+            assert md5_server.psql("SELECT left(passwd, 3) FROM pg_shadow WHERE usename = 'old_md5'") == "md5"
+            done = psql(md5_proxy, "old_md5", "old-md5-password-10", "SELECT current_user")
+            assert done.returncode == 0 and done.stdout.strip() == "old_md5", done.stderr
+            for user, password in (("old_md5", "old-md5-password-10"), ("new_scram", "new-scram-password-11")):
+                conn = await connect(md5_proxy, user, password)  # an md5 one answers md5, a SCRAM one SCRAM
+                assert await conn.fetchval("SELECT session_user") == user
+                await conn.close()
+                with pytest.raises(asyncpg.InvalidPasswordError):
+                    await connect(md5_proxy, user, password + "-wrong")
+            assert memory_holds(md5_proxy.pid, b"old-md5-password-10") == []
+    finally:
+        md5_server.stop()

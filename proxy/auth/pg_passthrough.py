@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import logging
+import os
+import re
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -14,7 +18,7 @@ import asyncpg
 
 from proxy.auth.passthrough import AdminLookup, BackendCredentials, LookupSettings, lookup_for
 from proxy.auth.scram import MECHANISM, ScramClient, ScramKeys, ScramServer
-from proxy.config import PostgresSettings
+from proxy.config import ClientAuthMethod, PostgresSettings
 from proxy.endpoints import Endpoint
 from proxy.errors import AuthenticationFailed, BackendError, ProtocolViolation
 from proxy.protocol.pg import messages as pg
@@ -45,8 +49,22 @@ class ScramCredential:
     __str__ = __repr__
 
 
-# Per user, by salt and iteration count: the keys the latest client logins of this process gave.
+@dataclass(frozen=True, eq=False)
+class Md5Credential:
+    """An md5 verifier (`md5` + md5(password + user) in hex) a client proved it knows the password of."""
+
+    stored: bytes
+
+    def __repr__(self) -> str:
+        return "Md5Credential()"
+
+    __str__ = __repr__
+
+
+# Per user, by salt and iteration count (md5: by verifier): what the latest client logins of this process gave.
 CREDENTIALS: BackendCredentials[ScramCredential] = BackendCredentials()
+MD5_CREDENTIALS: BackendCredentials[Md5Credential] = BackendCredentials()
+MD5_VERIFIER = re.compile(r"^md5[0-9a-f]{32}$")
 
 
 def _verifier_key(salt: bytes, iterations: int) -> bytes:
@@ -122,8 +140,9 @@ def _password_failed(user: str) -> AuthenticationFailed:
 
 
 async def authenticate(client: SaslPeer, service: PassthroughService, user: str) -> None:
-    """SCRAM-SHA-256 with the client against the verifier the database holds for `user` (cached for
-    auth_cache_ttl once a proof verified); the recovered ClientKey is kept for that user's backend logins."""
+    """The client against the verifier the database holds for `user` (cached for auth_cache_ttl once the client
+    proved its password): SCRAM-SHA-256 for a SCRAM verifier, md5 for an md5 one when the endpoint's method is
+    md5. What the proof gives (the ClientKey, or the md5 hash) is kept for that user's backend logins."""
     settings = service.settings
     lookup = lookup_for("postgresql", service.endpoint.name, PgLookup)
     assert isinstance(lookup, PgLookup)
@@ -134,9 +153,12 @@ async def authenticate(client: SaslPeer, service: PassthroughService, user: str)
     secret = service.secrets.get(settings.auth_user) if settings.auth_user else None
     verifier = await lookup.verifier(user, where, secret.password.decode() if secret is not None else None)
     keys = parse_verifier(verifier) if verifier is not None else None
+    if keys is None and settings.auth_method is ClientAuthMethod.MD5:
+        await _authenticate_md5(client, lookup, user, verifier, settings.auth_cache_ttl)
+        return
     if verifier is not None and keys is None:
-        log.warning("auth passthrough: user %r has no SCRAM-SHA-256 verifier on the database (only those are "
-                    "supported)", user)
+        log.warning("auth passthrough: user %r has no SCRAM-SHA-256 verifier on the database (an md5 one needs "
+                    "auth_method md5)", user)
     exchange = ScramServer(keys or service.secrets.fake_scram_keys(user))
     final = await _exchange(client, exchange, user)
     if keys is None or verifier is None:
@@ -145,6 +167,28 @@ async def authenticate(client: SaslPeer, service: PassthroughService, user: str)
     CREDENTIALS.put(user, _verifier_key(keys.salt, keys.iterations),
                     ScramCredential(keys.salt, keys.iterations, exchange.client_key, keys.server_key))
     client.write(pg.authentication(pg.AUTH_SASL_FINAL, final))
+
+
+async def _authenticate_md5(client: SaslPeer, lookup: PgLookup, user: str, verifier: str | None,
+                            ttl: float) -> None:
+    """md5 with the client against an `md5<hex>` verifier: it answers md5(hex + salt) for a fresh salt."""
+    stored = verifier.encode() if verifier is not None and MD5_VERIFIER.match(verifier) else None
+    salt = os.urandom(4)
+    client.write(pg.authentication(pg.AUTH_MD5, salt))
+    kind, body = await client.read_typed(LOGIN_MESSAGE_LIMIT)
+    if kind != ord("p"):
+        raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
+    answer = pg.parse_password(body)
+    if stored is None or verifier is None or not hmac.compare_digest(answer, _md5_answer(stored, salt)):
+        lookup.cache.forget(user)
+        raise _password_failed(user)
+    lookup.cache.put(user, verifier, ttl)
+    MD5_CREDENTIALS.put(user, stored, Md5Credential(stored))
+
+
+def _md5_answer(stored: bytes, salt: bytes) -> bytes:
+    """What md5 authentication answers a salt with, from the stored `md5<hex>` (md5(password + user) in hex)."""
+    return b"md5" + hashlib.md5(stored[3:] + salt).hexdigest().encode()
 
 
 async def _exchange(client: SaslPeer, exchange: ScramServer, user: str) -> bytes:
@@ -185,10 +229,12 @@ class BackendWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
-def backend_sasl_step(backend: BackendWriter, user: str, code: int, body: bytes,
-                      scram: ScramClient | None) -> ScramClient:
-    """One step of a backend login for a user with no stored secret: SCRAM with the keys its client's login left.
-    Anything else (no keys, another method) is refused as a user without a secret is."""
+def backend_auth_step(backend: BackendWriter, user: str, code: int, body: bytes,
+                      scram: ScramClient | None) -> ScramClient | None:
+    """One step of a backend login for a user with no stored secret: SCRAM with the keys its client's login left,
+    or md5 with the verifier it proved. Anything else (nothing left, another method) is refused as a user
+    without a secret is."""
+    md5 = MD5_CREDENTIALS.newest(user) if code == pg.AUTH_MD5 else None
     if code == pg.AUTH_SASL and CREDENTIALS.newest(user) is not None:
         if MECHANISM.encode() not in body[4:].split(b"\x00"):
             raise BackendError("the backend offers no SASL mechanism the proxy supports")
@@ -198,7 +244,8 @@ def backend_sasl_step(backend: BackendWriter, user: str, code: int, body: bytes,
         backend.write(pg.password_message(scram.client_final(body[4:])))
     elif code == pg.AUTH_SASL_FINAL and isinstance(scram, KeyedScramClient):
         scram.verify_server_final(body[4:])
+    elif md5 is not None:
+        backend.write(pg.password_message(_md5_answer(md5.stored, body[4:8]) + b"\x00"))
     else:
         raise AuthenticationFailed(f"no secret is stored for user {user!r}")
     return scram
-

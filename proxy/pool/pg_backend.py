@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.auth.md5 import md5_response
-from proxy.auth.pg_passthrough import backend_sasl_step
+from proxy.auth.pg_passthrough import backend_auth_step
 from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import BackendError, BackendUnavailable, ProtocolViolation
@@ -383,8 +383,8 @@ class PostgresBackend(BackendConnection):
             code = int.from_bytes(body[:4], "big")
             if code == pg.AUTH_OK:
                 break
-            if password is None:  # auth passthrough: the keys of the user's client login, else refused
-                scram = backend_sasl_step(self, pool.user, code, body, scram)
+            if password is None:  # auth passthrough: what the user's client login proved, else refused
+                scram = backend_auth_step(self, pool.user, code, body, scram)
                 continue
             if code == pg.AUTH_CLEARTEXT:
                 self.write(pg.password_message(password + b"\x00"))

@@ -155,7 +155,7 @@ class PgLogin(PgForward):
         method = service.settings.auth_method
         user = self.session.user
         secret = service.secrets.get(user)
-        if method is ClientAuthMethod.SCRAM_SHA_256 and secret is None and service.settings.auth_passthrough:
+        if secret is None and service.settings.auth_passthrough and method is not ClientAuthMethod.PASSWORD:
             self.login_method = "passthrough"
             await pg_passthrough.authenticate(self, service, user)
             return
