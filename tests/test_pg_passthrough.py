@@ -235,3 +235,22 @@ async def test_md5_verifiers_with_auth_method_md5(tmp_path: Path) -> None:
             assert memory_holds(md5_proxy.pid, b"old-md5-password-10") == []
     finally:
         md5_server.stop()
+
+
+async def test_unprivileged_auth_user_through_a_security_definer_function(tmp_path: Path,
+                                                                          server: PostgresInstance) -> None:
+    server.psql("CREATE ROLE lookup LOGIN PASSWORD 'lookup-secret';"
+                "CREATE FUNCTION public.user_lookup(name text, OUT usename name, OUT passwd text) RETURNS record "
+                "LANGUAGE sql SECURITY DEFINER AS "
+                "$$ SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = name $$;"
+                "REVOKE ALL ON FUNCTION public.user_lookup(text) FROM public;"
+                "GRANT EXECUTE ON FUNCTION public.user_lookup(text) TO lookup")
+    settings = {"auth_passthrough": True, "auth_user": "lookup",
+                "auth_query": "SELECT usename, passwd FROM public.user_lookup($1)"}  # PgBouncer's form
+    with passthrough_proxy(tmp_path, {"lookup": "lookup-secret"}, server, postgresql=settings) as lookup_proxy:
+        create_role(server, "via_function", "via-function-password-12")
+        conn = await connect(lookup_proxy, "via_function", "via-function-password-12")
+        assert await conn.fetchval("SELECT current_user") == "via_function"
+        await conn.close()
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await connect(lookup_proxy, "via_function", "wrong")

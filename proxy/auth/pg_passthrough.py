@@ -104,7 +104,10 @@ class PgLookup(AdminLookup[str]):
     async def _query(self, user: str, settings: LookupSettings) -> str | None:
         if self._conn is None or self._conn.is_closed():
             raise ConnectionError("the lookup connection was lost")
-        value = await self._conn.fetchval(settings.auth_query, user, timeout=settings.timeout)
+        row = await self._conn.fetchrow(settings.auth_query, user, timeout=settings.timeout)
+        if row is None:
+            return None
+        value = row["passwd"] if "passwd" in row.keys() else row[len(row) - 1]  # PgBouncer's (usename, passwd) too
         return value if isinstance(value, str) and value else None
 
     async def _close(self) -> None:
