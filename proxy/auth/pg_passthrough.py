@@ -107,7 +107,7 @@ class PgLookup(AdminLookup[str]):
         row = await self._conn.fetchrow(settings.auth_query, user, timeout=settings.timeout)
         if row is None:
             return None
-        value = row["passwd"] if "passwd" in row.keys() else row[len(row) - 1]  # PgBouncer's (usename, passwd) too
+        value = row.get("passwd", row[len(row) - 1])  # PgBouncer's (usename, passwd) too
         return value if isinstance(value, str) and value else None
 
     async def _close(self) -> None:
