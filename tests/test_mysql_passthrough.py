@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mysql.connector
 import pymysql
 import pytest
 from passthrough_support import memory_holds, passthrough_proxy
@@ -195,3 +196,33 @@ def test_credentials_never_show_their_keys() -> None:
     account = ("mysql_native_password", "*" + native_password_hash(b"a password").hex().upper())
     assert stored_hash(account) == native_password_hash(b"a password")
     assert stored_hash(("ed25519", "x" * 43)) is None
+
+
+def test_password_change_seen_after_ttl(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "moved_my", "moved-my-password-8")
+    connect(proxy, "moved_my", "moved-my-password-8").close()
+    server.sql("ALTER USER 'moved_my'@'%' IDENTIFIED BY 'moved-my-password-9'")
+    time.sleep(TTL + 0.2)
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        connect(proxy, "moved_my", "moved-my-password-8")
+    assert info.value.args[0] == 1045
+    conn = connect(proxy, "moved_my", "moved-my-password-9")
+    assert query(conn, "SELECT CURRENT_USER()") == ("moved_my@%",)
+    conn.close()
+
+
+def test_change_user_to_a_passthrough_user(proxy: ProxyProcess, server: MariaDBInstance) -> None:
+    create_user(server, "switched_my", "switched-my-password-10")
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["mysql"], user="app", password="app-secret",
+                                   database="app", auth_plugin="mysql_native_password", ssl_disabled=True)
+    try:
+        conn.cmd_change_user(username="switched_my", password="switched-my-password-10", database="app")
+        cursor = conn.cursor()
+        cursor.execute("SELECT CURRENT_USER()")
+        assert cursor.fetchone() == ("switched_my@%",)
+        cursor.close()
+        with pytest.raises(mysql.connector.Error) as info:
+            conn.cmd_change_user(username="switched_my", password="wrong", database="app")
+        assert info.value.errno == 1045
+    finally:
+        conn.close()
