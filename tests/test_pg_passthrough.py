@@ -254,3 +254,18 @@ async def test_unprivileged_auth_user_through_a_security_definer_function(tmp_pa
         await conn.close()
         with pytest.raises(asyncpg.InvalidPasswordError):
             await connect(lookup_proxy, "via_function", "wrong")
+
+
+async def test_a_lookup_that_hangs_ends_in_a_clear_error(tmp_path: Path, server: PostgresInstance) -> None:
+    settings = {"auth_passthrough": True, "auth_user": "postgres", "backend_connect_timeout": 1.0,
+                "auth_query": "SELECT passwd FROM pg_catalog.pg_shadow, pg_sleep(30) WHERE usename = $1"}
+    with passthrough_proxy(tmp_path, {"postgres": server.superuser_password}, server,
+                           postgresql=settings) as slow:
+        create_role(server, "slow_pg", "slow-pg-password-13")
+        started = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError, match="the database did not answer in time"):
+            await connect(slow, "slow_pg", "slow-pg-password-13")
+        assert time.monotonic() - started < 5
+        conn = await connect(slow, "app", "app-secret")
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()

@@ -138,17 +138,20 @@ class AdminLookup(Generic[T]):
         if not settings.auth_user or password is None:
             raise BackendUnavailable(f"auth passthrough: no secret is stored for auth_user {settings.auth_user!r}",
                                      transient=False)
+        try:  # the wait for the connection (another user's lookup) counts too
+            return await asyncio.wait_for(self._locked(user, settings, password), settings.timeout)
+        except Exception as exc:
+            reason = scrubbed(exc, password)
+            log.warning("auth passthrough: looking up user %r at %s:%d as %r failed: %s", user,
+                        *settings.address, settings.auth_user, reason)
+            raise BackendUnavailable(f"auth passthrough: the database could not check user {user!r} "
+                                     f"({reason})") from None
+
+    async def _locked(self, user: str, settings: LookupSettings, password: str) -> T | None:
         async with self._lock:
             try:
-                return await asyncio.wait_for(self._ask(user, settings, password), settings.timeout)
-            except Exception as exc:
-                await self.close()
-                reason = scrubbed(exc, password)
-                log.warning("auth passthrough: looking up user %r at %s:%d as %r failed: %s", user,
-                            *settings.address, settings.auth_user, reason)
-                raise BackendUnavailable(f"auth passthrough: the database could not check user {user!r} "
-                                         f"({reason})") from None
-            except BaseException:
+                return await self._ask(user, settings, password)
+            except BaseException:  # (a timeout too: the connection is left mid-query)
                 await self.close()
                 raise
 
@@ -189,12 +192,4 @@ def lookup_for(engine: str, endpoint: str, make: Callable[[], AdminLookup[T]]) -
     if found is None:
         found = _LOOKUPS[key] = make()  # type: ignore[assignment]
     return found  # type: ignore[return-value]
-
-
-async def close_lookups() -> None:
-    """Close every kept administrative connection of the process."""
-    lookups = list(_LOOKUPS.values())
-    _LOOKUPS.clear()
-    for lookup in lookups:
-        await lookup.close()
 
