@@ -226,3 +226,15 @@ def test_change_user_to_a_passthrough_user(proxy: ProxyProcess, server: MariaDBI
         assert info.value.errno == 1045
     finally:
         conn.close()
+
+
+def test_caching_sha2_endpoint_switches_passthrough_users_to_native(tmp_path: Path, server: MariaDBInstance) -> None:
+    settings = {"auth_passthrough": True, "auth_user": "root", "auth_method": "caching_sha2_password"}
+    with passthrough_proxy(tmp_path, {"root": server.root_password}, mariadb=server, mysql=settings) as sha2:
+        create_user(server, "sha2_my", "sha2-my-password-11")
+        conn = connect(sha2, "sha2_my", "sha2-my-password-11")
+        assert query(conn, "SELECT CURRENT_USER()") == ("sha2_my@%",)
+        conn.close()
+        conn = connect(sha2, "app", "app-secret")  # a user with a secret: caching_sha2 as before
+        assert query(conn, "SELECT CURRENT_USER()") == ("app@%",)
+        conn.close()
