@@ -198,9 +198,16 @@ class JwksUrl:
                                    headers={"Accept": "application/json"}) as response:
                 if response.status != 200:
                     raise KeySourceError(f"{self.name}: HTTP status {response.status}")
+                too_large = KeySourceError(f"{self.name}: JWKS document larger than {MAX_DOCUMENT_SIZE} bytes")
                 if (response.content_length or 0) > MAX_DOCUMENT_SIZE:
-                    raise KeySourceError(f"{self.name}: JWKS document larger than {MAX_DOCUMENT_SIZE} bytes")
-                return await response.content.read(MAX_DOCUMENT_SIZE + 1)
+                    raise too_large
+                chunks, size = [], 0
+                async for chunk in response.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > MAX_DOCUMENT_SIZE:
+                        raise too_large
+                    chunks.append(chunk)
+                return b"".join(chunks)
 
 
 class KeyRing:
@@ -261,6 +268,11 @@ class KeyRing:
             self._keys = {kid: key for keys in self._by_source.values() for kid, key in keys.items()}
             if not failed:
                 self._loaded_at = self._tried_at
+
+    async def settled(self) -> None:
+        """Wait for a background refresh under way, if any."""
+        if self._background is not None:
+            await asyncio.shield(self._background)
 
     def close(self) -> None:
         if self._background is not None:
