@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
@@ -185,6 +184,8 @@ class JwksUrl:
         return context
 
     async def load(self) -> dict[str, VerificationKey]:
+        import aiohttp  # only when a URL is configured (half a second of start time otherwise)
+
         try:
             raw = await self._fetch()
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
@@ -192,6 +193,8 @@ class JwksUrl:
         return keys_from_document(raw, self.name)
 
     async def _fetch(self) -> bytes:
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.get(self.url, ssl=self._ssl(), allow_redirects=False,
