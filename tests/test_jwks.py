@@ -303,3 +303,18 @@ async def test_jwks_file_from_keys_init_and_an_hmac_key_in_a_document(tmp_path: 
     header = base64.urlsafe_b64encode(b'{"alg":"ES256","kid":"h"}').rstrip(b"=")
     forged_es = b".".join((header, *forged.split(b".")[1:]))  # the header now says ES256
     assert await refused(everything, forged_es) == "unknown key"
+
+
+async def test_a_failing_source_leaves_the_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "keys"
+    kid = create_key(folder, "ES256")
+    url = "http://reader:hunter2@127.0.0.1:9/jwks?access_token=abc"  # the discard port: nothing listens
+    settings = TokenSettings(keys_dir=folder, jwks_url=url)
+    check = TokenVerifier.from_settings(settings)
+    assert check is not None
+    token = generate_token(folder, "app", "main", 300, "dbproxy", kid).encode()
+    with caplog.at_level(logging.WARNING, "proxy.tokens"):
+        assert (await check.verify(token, user="app", endpoint="main")).key_id == kid
+    assert len(caplog.records) == 1 and "JWKS URL http://127.0.0.1:9/jwks:" in caplog.text
+    assert "hunter2" not in caplog.text and "access_token" not in caplog.text
+    check.close()

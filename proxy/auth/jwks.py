@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -174,7 +175,8 @@ class JwksUrl:
         self.url = url
         self.ca_file = ca_file
         self.timeout = timeout
-        self.name = f"JWKS URL {url}"
+        parts = urlsplit(url)  # the name shown in logs: no user info, no query (either may hold a credential)
+        self.name = f"JWKS URL {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
     def _ssl(self) -> ssl.SSLContext | bool:
         if not self.url.startswith("https:"):
@@ -188,7 +190,7 @@ class JwksUrl:
 
         try:
             raw = await self._fetch()
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, ValueError) as exc:
             raise KeySourceError(f"{self.name}: {type(exc).__name__}: {exc}") from None
         return keys_from_document(raw, self.name)
 
