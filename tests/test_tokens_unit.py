@@ -49,7 +49,8 @@ class Keys:
         body.update(claims)
         body = {name: value for name, value in body.items() if value is not None}
         signer = key if key is not None else self.private(kid)
-        return jwt.encode(body, signer, algorithm=alg, headers={"kid": kid, **(header or {})}).encode()
+        payload = json.dumps(body).encode()  # any claims, even those jwt.encode would refuse
+        return jwt.PyJWS().encode(payload, signer, algorithm=alg, headers={"kid": kid, **(header or {})}).encode()
 
 
 def b64(data: bytes) -> bytes:
@@ -111,7 +112,8 @@ async def test_time_claims(keys: Keys) -> None:
     await check.verify(keys.sign(exp=int(NOW) + 900), user="app", endpoint="main")
     assert await reason(check, keys.sign(exp=None)) == "missing claim 'exp'"
     assert await reason(check, keys.sign(iat=None)) == "missing claim 'iat'"
-    assert await reason(check, keys.sign(exp="tomorrow")) == "malformed"
+    for odd in ("tomorrow", float("nan"), float("inf"), True, [int(NOW) + 60]):
+        assert await reason(check, keys.sign(exp=odd)) == "malformed"
     strict = verifier(keys, leeway=0, max_lifetime=60)
     assert await reason(strict, keys.sign(iat=int(NOW) - 600, exp=int(NOW) - 1)) == "expired"
     assert await reason(strict, keys.sign()) == "lifetime too long"
@@ -121,6 +123,8 @@ async def test_issuer_and_audience(keys: Keys) -> None:
     check = verifier(keys, issuers=["dbproxy", "https://issuer.example"], audiences=["shop-databases"])
     assert await reason(check, keys.sign(iss="someone-else")) == "wrong issuer"
     assert await reason(check, keys.sign(iss=None)) == "wrong issuer"
+    assert await reason(check, keys.sign(iss=["dbproxy"])) == "wrong issuer"
+    assert await reason(check, keys.sign(aud={"main": True})) == "wrong audience"
     await check.verify(keys.sign(iss="https://issuer.example"), user="app", endpoint="main")
     assert await reason(check, keys.sign(aud="other")) == "wrong audience"
     assert await reason(check, keys.sign(aud=None)) == "wrong audience"

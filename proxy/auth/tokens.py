@@ -131,7 +131,8 @@ class TokenVerifier:
             raise TokenRejected("issued in the future", user)
         if expires - issued > self.settings.max_lifetime:
             raise TokenRejected("lifetime too long", user)
-        if claims.get("iss") not in self.issuers:
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or issuer not in self.issuers:
             raise TokenRejected("wrong issuer", user)
         if not _names_audience(claims.get("aud"), self.audiences | {endpoint}):
             raise TokenRejected("wrong audience", user)
