@@ -110,3 +110,14 @@ def test_ttl_issuer_and_errors(tmp_path: Path) -> None:
     for text in ("0", "-5m", "15 minutes", "1d", ""):
         with pytest.raises(CommandError):
             parse_ttl(text)
+
+
+def test_keys_follow_the_configured_algorithms(tmp_path: Path) -> None:
+    config = tmp_path / "rsa.toml"
+    config.write_text('[tokens]\nkeys_dir = "keys"\nalgorithms = ["RS256"]\n')
+    assert " RS256 signing key " in dbproxy("keys", "init", "-c", str(config)).stdout  # the default follows
+    refused = dbproxy("keys", "init", "-c", str(config), "--algorithm", "ES256", status=2).stderr
+    assert "does not accept it (RS256)" in refused
+    dbproxy("keys", "init", "--dir", str(tmp_path / "keys"), "--algorithm", "ES256")  # without the configuration
+    refused = dbproxy("token", "generate", "--user", "a", "--endpoint", "e", "-c", str(config), status=2).stderr
+    assert "signs with ES256, which [tokens] algorithms does not accept (RS256)" in refused
