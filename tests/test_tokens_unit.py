@@ -21,7 +21,7 @@ from proxy.auth.policy import Policy, Rule, claim_at
 from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token
 from proxy.config import TokenPolicyRule, TokenSettings, load_config
 from proxy.errors import ConfigError
-from proxy.token_commands import PRIVATE_SUFFIX, create_key
+from proxy.token_commands import PRIVATE_SUFFIX, create_key, retire_key
 
 NOW = time.time()
 
@@ -284,22 +284,39 @@ def test_tokens_section_of_the_configuration(tmp_path: Path) -> None:
     assert TokenVerifier.from_settings(TokenSettings()) is None
 
 
-async def test_a_key_added_to_the_folder_is_found_by_its_kid_and_nothing_is_logged_of_tokens(
+async def test_keys_added_or_retired_in_the_folder_count_at_once_and_nothing_is_logged_of_tokens(
         keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
     clock = [0.0]
     ring = KeyRing([KeysFolder(keys.folder)], refresh_interval=30, clock=lambda: clock[0])
     check = TokenVerifier(ring, TokenSettings(keys_dir=keys.folder))
     caplog.set_level(logging.DEBUG)
-    await check.verify(keys.sign(), user="app", endpoint="main")
-    newer = create_key(keys.folder, "ES256")
+    older = keys.sign()
+    await check.verify(older, user="app", endpoint="main")
+    newer = create_key(keys.folder, "ES256")  # `dbproxy keys init`: the folder changed, it is read again
     token = keys.sign(kid=newer)
-    assert await reason(check, token) == "unknown key"  # the folder was read a moment ago: not again so soon
+    await check.verify(token, user="app", endpoint="main")
+    retire_key(keys.folder, keys.es)
+    assert await reason(check, older) == "unknown key"
+    assert ring.refreshes == 1  # only the changed folder was read again, no refetch for the unknown kid
+    stranger = keys.sign(kid="nobody", key=keys.private(newer))
     clock[0] = 31.0
-    await check.verify(token, user="app", endpoint="main")  # read again for the unknown kid
-    assert await reason(check, keys.sign(kid="nobody", key=keys.private(newer))) == "unknown key"
-    assert ring.refreshes == 2
+    assert await reason(check, stranger) == "unknown key"
+    assert await reason(check, stranger) == "unknown key"
+    assert ring.refreshes == 2  # an unknown kid: read again at most once per refresh_interval
     clock[0] = 62.0
-    assert await reason(check, keys.sign(kid="nobody", key=keys.private(newer))) == "unknown key"
+    assert await reason(check, stranger) == "unknown key"
     assert ring.refreshes == 3
     assert all(token.split(b".")[2].decode() not in record.getMessage() for record in caplog.records)
     check.close()
+
+
+async def test_a_missing_keys_folder_is_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "keys"
+    check = TokenVerifier.from_settings(TokenSettings(keys_dir=folder))
+    assert check is not None
+    token = jwt.encode(good_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                       headers={"kid": "k"}).encode()
+    with caplog.at_level(logging.WARNING, "proxy.tokens"):
+        assert await reason(check, token) == "unknown key"
+        assert await reason(check, token) == "unknown key"
+    assert len(caplog.records) == 1 and "not a folder" in caplog.text
