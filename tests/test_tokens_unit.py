@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.auth.jwks import PUBLIC_SUFFIX, KeyRing, KeysFolder
 from proxy.auth.policy import Policy, Rule, claim_at
-from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token
+from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token, settings_problem
 from proxy.config import TokenPolicyRule, TokenSettings, load_config
 from proxy.errors import ConfigError
 from proxy.token_commands import PRIVATE_SUFFIX, create_key, retire_key
@@ -320,3 +320,19 @@ async def test_a_missing_keys_folder_is_one_log_line(tmp_path: Path, caplog: pyt
         assert await reason(check, token) == "unknown key"
         assert await reason(check, token) == "unknown key"
     assert len(caplog.records) == 1 and "not a folder" in caplog.text
+
+
+def test_settings_problem_names_the_key_sources_that_cannot_work(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    assert settings_problem(TokenSettings()) is None
+    assert settings_problem(TokenSettings(keys_dir=folder)) == f"'tokens.keys_dir': keys folder {folder}: not a folder"
+    folder.mkdir()
+    assert "holds no usable public key" in (settings_problem(TokenSettings(keys_dir=folder)) or "")
+    create_key(folder, "ES256")
+    assert settings_problem(TokenSettings(keys_dir=folder, jwks_file=folder / "jwks.json")) is None
+    assert "No such file" in (settings_problem(TokenSettings(jwks_file=tmp_path / "none.json")) or "")
+    (tmp_path / "bad.json").write_text("{}")
+    assert "no 'keys' list" in (settings_problem(TokenSettings(jwks_file=tmp_path / "bad.json")) or "")
+    ca = tmp_path / "ca.pem"
+    assert "not an https:// URL" in (settings_problem(TokenSettings(jwks_url="http://x/j", jwks_ca_file=ca)) or "")
+    assert "cannot read" in (settings_problem(TokenSettings(jwks_url="https://x/j", jwks_ca_file=ca)) or "")

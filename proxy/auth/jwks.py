@@ -186,7 +186,7 @@ class JwksFile:
     def changed(self) -> bool:
         return file_stamp(self.path) != self.stamp  # rewritten, or replaced (a Kubernetes ConfigMap's swap)
 
-    async def load(self) -> dict[str, VerificationKey]:
+    def read(self) -> dict[str, VerificationKey]:
         self.stamp = file_stamp(self.path)
         try:
             with self.path.open("rb") as file:
@@ -194,6 +194,9 @@ class JwksFile:
         except OSError as exc:
             raise KeySourceError(f"{self.name}: {exc.strerror}") from None
         return keys_from_document(raw, self.name)
+
+    async def load(self) -> dict[str, VerificationKey]:
+        return self.read()
 
 
 class JwksUrl:
