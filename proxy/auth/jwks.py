@@ -105,7 +105,9 @@ def keys_from_document(raw: bytes, where: str) -> dict[str, VerificationKey]:
         try:
             key = key_from_jwk(entry)
         except ValueError as exc:
-            log.warning("token keys: %s: key skipped: %s", where, exc)
+            for_encryption = isinstance(entry, dict) and entry.get("use", "sig") != "sig"  # common beside sig keys
+            log.log(logging.DEBUG if for_encryption else logging.WARNING, "token keys: %s: key skipped: %s", where,
+                    exc)
             continue
         keys[key.kid] = key
     return keys

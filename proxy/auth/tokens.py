@@ -143,7 +143,7 @@ class TokenVerifier:
         return subject, expires
 
     def close(self) -> None:
-        """Stop background refreshes and close the HTTP session, if any."""
+        """Stop a background refresh, if any (each fetch has its own HTTP session, closed when it ends)."""
         self.keys.close()
 
 
