@@ -96,6 +96,7 @@ async def test_valid_es256_and_rs256_tokens_are_accepted(keys: Keys) -> None:
     identity = await check.verify(keys.sign(alg="ES256"), user="app", endpoint="main")
     assert identity == TokenIdentity("app", keys.es, float(int(NOW) + 600), identity.claims)
     assert identity.claims["aud"] == "main" and "signature" not in repr(identity)
+    await check.verify(keys.sign() + b"\n", user="app", endpoint="main")  # as read from a file
     rs = await check.verify(keys.sign(alg="RS256"), user="app", endpoint="main")
     assert rs.key_id == keys.rs
     assert looks_like_token(keys.sign()) and not looks_like_token(b"app-secret")

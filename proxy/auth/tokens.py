@@ -82,6 +82,7 @@ class TokenVerifier:
         """The identity of a valid token that the policy lets log in as `user` on `endpoint`; TokenRejected if not."""
         if len(token) > self.settings.max_token_size:
             raise TokenRejected("too large", user)
+        token = token.strip()  # a token read from a file may end with a newline
         key, alg = await self._key_for(token, user)
         try:
             claims = jwt.decode(token, key.key, algorithms=[alg], options=SIGNATURE_ONLY)  # type: ignore[arg-type]
