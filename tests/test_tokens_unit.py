@@ -15,6 +15,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.auth.jwks import PUBLIC_SUFFIX, KeyRing, KeysFolder
 from proxy.auth.policy import Policy, Rule, claim_at
@@ -337,3 +339,31 @@ def test_settings_problem_names_the_key_sources_that_cannot_work(tmp_path: Path)
     ca = tmp_path / "ca.pem"
     assert "not an https:// URL" in (settings_problem(TokenSettings(jwks_url="http://x/j", jwks_ca_file=ca)) or "")
     assert "cannot read" in (settings_problem(TokenSettings(jwks_url="https://x/j", jwks_ca_file=ca)) or "")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+async def test_any_bytes_or_mutation_is_an_identity_or_a_refusal(keys: Keys, data: st.DataObject) -> None:
+    check = verifier(keys, algorithms=["ES256", "RS256", "PS256"])
+    token = keys.sign()
+    kind = data.draw(st.sampled_from(["bytes", "flip", "segment"]))
+    if kind == "bytes":
+        candidate = data.draw(st.binary(max_size=300))
+    elif kind == "flip":
+        at = data.draw(st.integers(0, len(token) - 1))
+        candidate = token[:at] + bytes([data.draw(st.integers(0, 255))]) + token[at + 1:]
+    else:  # a header or payload of any JSON
+        value = data.draw(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                                       lambda inner: st.lists(inner, max_size=3)
+                                       | st.dictionaries(st.sampled_from(["alg", "kid", "crit", "exp", "iat",
+                                                                          "sub", "aud", "iss", "x"]), inner),
+                                       max_leaves=8))
+        parts = token.split(b".")
+        parts[data.draw(st.integers(0, 1))] = b64(json.dumps(value).encode())
+        candidate = b".".join(parts)
+    try:
+        identity = await check.verify(candidate, user="app", endpoint="main")
+    except TokenRejected as exc:
+        assert exc.reason
+    else:
+        assert identity.subject == "app"
