@@ -29,6 +29,7 @@ from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remov
 from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
+from proxy.token_commands import add_token_commands, run_token_command
 from proxy.topology.model import Role
 from proxy.topology.mysql_probe import mysql_probe
 from proxy.topology.pg_probe import postgres_probe
@@ -293,6 +294,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--mysql-read-only-port", type=int, default=None,
                       help="MariaDB read_only endpoint (--mysql-port + 1)")
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
+    add_token_commands(sub)
     return parser
 
 
@@ -319,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "failover":
         failover(args.config, args.to, args.cluster)
+        return
+    if args.command in ("keys", "token"):
+        run_token_command(args)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)

@@ -94,6 +94,53 @@ class SecretsSettings(Strict):
     env_prefix: str = "DBPROXY_PASSWORD_"
 
 
+TokenAlgorithm = Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
+DEFAULT_TOKEN_ALGORITHMS: list[TokenAlgorithm] = ["ES256", "RS256"]
+
+
+class TokenPolicyRule(Strict):
+    """One rule of the token policy (like IAM's rds-db:connect): who (subject, claims) may log in as which users on
+    which endpoints; a login is allowed if any rule matches."""
+
+    subject: str = Field("*", description="glob the token's `sub` must match")
+    claims: dict[str, str] = Field(
+        default_factory=dict, description="claim path ('/' between levels, e.g. 'kubernetes.io/namespace') to a "
+        "glob its value must match (a list claim matches if any element does)"
+    )
+    users: list[str] = Field(
+        default_factory=lambda: ["{sub}"], min_length=1,
+        description="database users (globs) it may log in as; the literal '{sub}' is the token's subject"
+    )
+    endpoints: list[str] = Field(default_factory=lambda: ["*"], min_length=1, description="endpoint name globs")
+
+
+class TokenSettings(Strict):
+    """Signed login tokens (JWT) sent as the password: where the public keys come from, what a token must say."""
+
+    keys_dir: Path | None = Field(None, description="folder of `dbproxy keys init`: public keys by key id")
+    jwks_file: Path | None = Field(None, description="a JWKS document (JSON) of public keys")
+    jwks_url: str = Field("", pattern=r"^(https?://.+)?$", description="a JWKS document fetched over HTTP(S)")
+    jwks_ca_file: Path | None = Field(None, description="CA bundle for an https jwks_url (default: the system's)")
+    issuers: list[str] = Field(default_factory=lambda: ["dbproxy"], min_length=1, description="accepted `iss`")
+    audiences: list[str] = Field(
+        default_factory=list, description="accepted `aud` values besides the endpoint's name (always accepted)"
+    )
+    algorithms: list[TokenAlgorithm] = Field(
+        default_factory=lambda: list(DEFAULT_TOKEN_ALGORITHMS), min_length=1,
+        description="accepted signature algorithms"
+    )
+    max_lifetime: float = Field(900.0, gt=0, description="seconds a token may live at most (exp - iat)")
+    leeway: float = Field(30.0, ge=0, le=300, description="seconds of clock skew allowed on exp, nbf and iat")
+    max_token_size: int = Field(8192, ge=256, le=1 << 20, description="bytes; a longer token is refused unread")
+    jwks_cache_ttl: float = Field(3600.0, gt=0, description="seconds fetched keys are used before a refetch")
+    jwks_refresh_interval: float = Field(
+        30.0, ge=0, description="seconds between two refetches asked by an unknown key id (or a failed fetch)"
+    )
+    policy: list[TokenPolicyRule] = Field(
+        default_factory=list, description="who may log in as whom; none: the subject must be the database user"
+    )
+
+
 class PoolSettings(Strict):
     """RDS Proxy's connection pool knobs, with its meanings and defaults."""
 
@@ -356,6 +403,7 @@ class Config(Strict):
     secrets: SecretsSettings = SecretsSettings()
     postgresql: PostgresSettings = PostgresSettings()
     mysql: MySQLSettings = MySQLSettings()
+    tokens: TokenSettings = TokenSettings()
 
 
 def _describe(error: Any) -> str:
@@ -375,6 +423,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     part[key] = str(base / value)
 
     for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+                          ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),
                           ("mysql", ("backend_ca_file", "rsa_private_key_file"))):
         part = data.get(section)
