@@ -12,9 +12,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-
-from devtools.servers import PostgresInstance, free_port
-from support import ProxyProcess, backend_connections
 from token_support import (
     Issuer,
     JwksServer,
@@ -26,6 +23,9 @@ from token_support import (
     tokens_section,
     write_projected_token,
 )
+
+from devtools.servers import PostgresInstance, free_port
+from support import ProxyProcess, backend_connections
 
 NAMESPACE, ACCOUNT = "shop", "orders"  # the service account the policy lets log in as app
 POOL_SIZE = 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -164,8 +165,9 @@ def init_keys(folder: Path) -> Path:
     return folder
 
 
+@functools.cache
 def generate_token(keys: Path, user: str, endpoint: str, ttl: str = "15m") -> str:
-    """`dbproxy token generate`: what `aws rds generate-db-auth-token` is to RDS Proxy."""
+    """`dbproxy token generate`: what `aws rds generate-db-auth-token` is to RDS Proxy (one per test run)."""
     return dbproxy("token", "generate", "--user", user, "--endpoint", endpoint, "--keys", str(keys),
                    "--ttl", ttl).strip()
 

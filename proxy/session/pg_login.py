@@ -137,12 +137,12 @@ class PgLogin(PgForward):
         """The user and database of the startup packet into `session`; returns the settings it requests."""
         if self.service.config.tls.mode is ClientTLSMode.REQUIRE and not self.is_tls:
             raise AuthorizationFailed("the proxy requires TLS (sslmode=require)")
-        if self.service.settings.require_tls and not self.is_tls:
-            raise AuthorizationFailed(f"endpoint {self.service.endpoint.name} requires TLS (sslmode=require)")
         session = self.session
         session.user = params.get("user", "")
         if not session.user:
             raise AuthorizationFailed("no PostgreSQL user name specified in startup packet")
+        if self.service.settings.require_tls and not self.is_tls:
+            raise AuthorizationFailed(f"endpoint {self.service.endpoint.name} requires TLS (sslmode=require)")
         session.database = params.get("database") or session.user
         if "replication" in params and params["replication"].lower() not in ("false", "off", "0", "no"):
             raise AuthorizationFailed("replication connections are not supported through the proxy")
