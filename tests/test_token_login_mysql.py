@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import mysql.connector
 import pymysql
@@ -52,7 +53,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def proxy(tmp_path_factory: pytest.TempPathFactory, mariadb_server: MariaDBInstance, keys: Path,
           jwks: JwksServer) -> Iterator[ProxyProcess]:
     """Endpoints tok (tokens required), either (token or password) and secure (TLS required; bench by token)."""
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "server": {"log_level": "info", "client_login_timeout": 5.0, "workers": 1},
         "secrets": {"file": "secrets.toml"},
         "postgresql": {"enabled": False},

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -51,7 +53,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance, keys: Path,
           jwks: JwksServer) -> Iterator[ProxyProcess]:
     """Endpoints tok (tokens required), either (token or password) and secure (TLS required; bench by token)."""
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "server": {"log_level": "info", "client_login_timeout": 5.0, "workers": 1},
         "secrets": {"file": "secrets.toml"},
         "postgresql.pool": {"max_connections": POOL_SIZE, "connection_borrow_timeout": 30.0},
@@ -225,3 +227,22 @@ def test_token_auth_without_a_key_source_is_a_config_error(tmp_path: Path) -> No
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "endpoint postgresql: token_auth is on but [tokens] gives no key source" in done.stderr
+
+
+async def test_workers_verify_tokens_and_a_reload_without_keys_is_refused(
+        tmp_path: Path, pg_server: PostgresInstance, keys: Path) -> None:
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"log_level": "info", "workers": 2},
+        "secrets": {"file": "secrets.toml"},
+        "postgresql": {"port": free_port(), "backend_port": pg_server.port, "token_auth": "required"},
+        "mysql": {"enabled": False},
+    }
+    with token_proxy(tmp_path, sections, f'\n[tokens]\nkeys_dir = "{keys}"\n') as workers:
+        token = generate_token(keys, "app", "postgresql")
+        names = await asyncio.gather(*(current_user(workers, "postgresql", token) for _ in range(8)))
+        assert names == ["app"] * 8
+        workers.config.write_text(workers.config.read_text().replace(f'keys_dir = "{keys}"', ""))
+        os.kill(workers.pid, signal.SIGHUP)
+        workers.wait_for_log("reload refused, the running configuration stays: .*endpoint postgresql: token_auth is "
+                             r"on but \[tokens\] gives no key source")
+        assert await current_user(workers, "postgresql", token) == "app"
