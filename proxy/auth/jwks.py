@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 
-import aiohttp
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
@@ -175,7 +175,8 @@ class JwksUrl:
         self.url = url
         self.ca_file = ca_file
         self.timeout = timeout
-        self.name = f"JWKS URL {url}"
+        parts = urlsplit(url)  # the name shown in logs: no user info, no query (either may hold a credential)
+        self.name = f"JWKS URL {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
     def _ssl(self) -> ssl.SSLContext | bool:
         if not self.url.startswith("https:"):
@@ -185,22 +186,33 @@ class JwksUrl:
         return context
 
     async def load(self) -> dict[str, VerificationKey]:
+        import aiohttp  # only when a URL is configured (half a second of start time otherwise)
+
         try:
             raw = await self._fetch()
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError, ValueError) as exc:
             raise KeySourceError(f"{self.name}: {type(exc).__name__}: {exc}") from None
         return keys_from_document(raw, self.name)
 
     async def _fetch(self) -> bytes:
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.timeout)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             async with session.get(self.url, ssl=self._ssl(), allow_redirects=False,
                                    headers={"Accept": "application/json"}) as response:
                 if response.status != 200:
                     raise KeySourceError(f"{self.name}: HTTP status {response.status}")
+                too_large = KeySourceError(f"{self.name}: JWKS document larger than {MAX_DOCUMENT_SIZE} bytes")
                 if (response.content_length or 0) > MAX_DOCUMENT_SIZE:
-                    raise KeySourceError(f"{self.name}: JWKS document larger than {MAX_DOCUMENT_SIZE} bytes")
-                return await response.content.read(MAX_DOCUMENT_SIZE + 1)
+                    raise too_large
+                chunks, size = [], 0
+                async for chunk in response.content.iter_chunked(65536):
+                    size += len(chunk)
+                    if size > MAX_DOCUMENT_SIZE:
+                        raise too_large
+                    chunks.append(chunk)
+                return b"".join(chunks)
 
 
 class KeyRing:
@@ -261,6 +273,11 @@ class KeyRing:
             self._keys = {kid: key for keys in self._by_source.values() for kid, key in keys.items()}
             if not failed:
                 self._loaded_at = self._tried_at
+
+    async def settled(self) -> None:
+        """Wait for a background refresh under way, if any."""
+        if self._background is not None:
+            await asyncio.shield(self._background)
 
     def close(self) -> None:
         if self._background is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
-from jwt.exceptions import DecodeError, InvalidAlgorithmError, InvalidSignatureError, InvalidTokenError
+from jwt.exceptions import InvalidAlgorithmError, InvalidSignatureError, InvalidTokenError
 
 from proxy.auth.jwks import JwksFile, JwksUrl, KeyRing, KeysFolder, KeySource, VerificationKey
 from proxy.auth.policy import Policy
@@ -88,7 +88,7 @@ class TokenVerifier:
             raise TokenRejected("bad signature", user) from None
         except InvalidAlgorithmError:
             raise TokenRejected("algorithm not allowed", user) from None
-        except InvalidTokenError:
+        except (InvalidTokenError, ValueError, TypeError):
             raise TokenRejected("malformed", user) from None
         subject, expires = self._check_claims(claims, user, endpoint)
         if not self.policy.allows(subject, claims, user, endpoint):
@@ -101,7 +101,7 @@ class TokenVerifier:
         set, never one the key's type does not have: no HMAC with a public key, no `none`)."""
         try:
             header = jwt.get_unverified_header(token)
-        except (DecodeError, UnicodeDecodeError):
+        except (InvalidTokenError, ValueError, TypeError):  # not base64url JSON, an unsupported critical extension
             raise TokenRejected("malformed", user) from None
         alg, kid = header.get("alg"), header.get("kid")
         if not isinstance(alg, str) or alg not in self.algorithms:
