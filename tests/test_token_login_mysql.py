@@ -220,3 +220,18 @@ def test_no_token_in_the_log(proxy: ProxyProcess, issuer: Issuer, keys: Path) ->
     for token in tokens:
         for part in token.split("."):
             assert not part or part not in log
+
+
+def test_change_user_with_a_token(proxy: ProxyProcess, keys: Path) -> None:
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["secure"], user="app", database="app",
+                                   password="app-secret", use_pure=True)
+    try:
+        conn.cmd_change_user(username="bench", password=generate_token(keys, "bench", "secure"), database="bench")
+        cur = conn.cursor()
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchone() == ("bench@%",)
+        with pytest.raises(mysql.connector.errors.ProgrammingError) as info:
+            conn.cmd_change_user(username="bench", password="bench-secret", database="bench")
+        assert info.value.errno == 1045
+    finally:
+        conn.close()
