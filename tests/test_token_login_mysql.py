@@ -112,9 +112,11 @@ def test_pymysql_with_a_token(proxy: ProxyProcess, keys: Path) -> None:
     assert current_user(proxy, "tok", generate_token(keys, "app", "tok")) == "app@%"
 
 
-def test_mysql_connector_with_a_token(proxy: ProxyProcess, keys: Path) -> None:
+@pytest.mark.parametrize("plugin", ["mysql_native_password", "mysql_clear_password"])
+def test_mysql_connector_with_a_token(proxy: ProxyProcess, keys: Path, plugin: str) -> None:
+    """Switched to mysql_clear_password, or sending it in its first answer (over TLS, so no switch)."""
     conn = mysql.connector.connect(host="127.0.0.1", port=proxy.ports["tok"], user="app", database="app",
-                                   password=generate_token(keys, "app", "tok"), use_pure=True)
+                                   password=generate_token(keys, "app", "tok"), use_pure=True, auth_plugin=plugin)
     try:
         cur = conn.cursor()
         cur.execute("SELECT CURRENT_USER()")
