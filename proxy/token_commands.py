@@ -9,6 +9,7 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -132,13 +133,17 @@ def parse_ttl(text: str) -> int:
 
 
 def generate_token(folder: Path, user: str, endpoint: str, ttl: int, issuer: str, kid: str | None = None,
-                   now: float | None = None) -> str:
-    """A token signed by the folder's newest key with a private key (or by `kid`): sub=user, aud=endpoint."""
+                   accepted: Collection[str] = SIGNING_ALGORITHMS, now: float | None = None) -> str:
+    """A token signed by the folder's newest key with a private key (or by `kid`): sub=user, aud=endpoint; the
+    key's algorithm must be one the proxy accepts."""
     signers = [key for key in read_keys(folder) if key.has_private and (kid is None or key.kid == kid)]
     if not signers:
         raise CommandError(f"no key '{kid}' with its private key in {folder}" if kid
                            else f"no signing key in {folder}: create one with `dbproxy keys init`")
     signer = signers[-1]
+    if signer.algorithm not in accepted:
+        raise CommandError(f"key {signer.kid} signs with {signer.algorithm}, which [tokens] algorithms does not "
+                           f"accept ({', '.join(accepted)})")
     private = serialization.load_pem_private_key((folder / f"{signer.kid}{PRIVATE_SUFFIX}").read_bytes(), None)
     issued = int(time.time() if now is None else now)
     claims = {"iss": issuer, "sub": user, "aud": endpoint, "iat": issued, "nbf": issued, "exp": issued + ttl}
@@ -151,7 +156,8 @@ def add_token_commands(sub: Any) -> None:
     keys = sub.add_parser("keys", help="token signing keys: create, list, retire (rotation)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create a new signing key (the newest signs; older ones still verify)")
-    init.add_argument("--algorithm", choices=SIGNING_ALGORITHMS, default="ES256")
+    init.add_argument("--algorithm", choices=SIGNING_ALGORITHMS, default=None,
+                      help="default: ES256, or RS256 when [tokens] algorithms accepts only that")
     listing = keys_sub.add_parser("list", help="the keys of the folder, oldest first")
     retire = keys_sub.add_parser("retire", help="remove a key: its tokens are refused once proxies reread the keys")
     retire.add_argument("kid", help="the key id, as `dbproxy keys list` shows it")
@@ -186,10 +192,15 @@ def _run(args: argparse.Namespace) -> str:
         ttl = parse_ttl(args.ttl)
         if ttl > settings.max_lifetime:
             raise CommandError(f"--ttl {args.ttl}: longer than max_lifetime ({settings.max_lifetime:g} s)")
-        return generate_token(folder, args.user, args.endpoint, ttl, args.issuer or settings.issuers[0], args.kid)
+        return generate_token(folder, args.user, args.endpoint, ttl, args.issuer or settings.issuers[0], args.kid,
+                              settings.algorithms)
     if args.keys_command == "init":
-        kid = create_key(folder, args.algorithm)
-        return f"dbproxy: new {args.algorithm} signing key {kid} in {folder} (public keys: {folder / JWKS_NAME})"
+        algorithm = args.algorithm or next((a for a in SIGNING_ALGORITHMS if a in settings.algorithms), "ES256")
+        if algorithm not in settings.algorithms:
+            raise CommandError(f"--algorithm {algorithm}: [tokens] algorithms does not accept it "
+                               f"({', '.join(settings.algorithms)})")
+        kid = create_key(folder, algorithm)
+        return f"dbproxy: new {algorithm} signing key {kid} in {folder} (public keys: {folder / JWKS_NAME})"
     if args.keys_command == "retire":
         retire_key(folder, args.kid)
         return f"dbproxy: key {args.kid} retired from {folder}"

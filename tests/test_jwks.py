@@ -22,7 +22,7 @@ from proxy.auth.jwks import MAX_DOCUMENT_SIZE, MAX_KEYS, JwksFile, JwksUrl, KeyR
 from proxy.auth.tokens import TokenRejected, TokenVerifier
 from proxy.config import TokenSettings
 from proxy.tls import self_signed_pair
-from proxy.token_commands import JWKS_NAME, create_key, generate_token
+from proxy.token_commands import JWKS_NAME, create_key, generate_token, retire_key
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 
@@ -289,6 +289,12 @@ async def test_jwks_file_from_keys_init_and_an_hmac_key_in_a_document(tmp_path: 
     for kid in (es, rs):
         token = generate_token(folder, "app", "main", 300, "dbproxy", kid).encode()
         assert (await check.verify(token, user="app", endpoint="main")).key_id == kid
+    old_token = generate_token(folder, "app", "main", 300, "dbproxy", es).encode()
+    newest = create_key(folder, "ES256")  # jwks.json rewritten (replaced): read again at the next login
+    token = generate_token(folder, "app", "main", 300, "dbproxy").encode()
+    assert (await check.verify(token, user="app", endpoint="main")).key_id == newest
+    retire_key(folder, es)
+    assert await refused(check, old_token, user="app") == "unknown key"
     # an HMAC key published under a kid: skipped, so an HS256 token made with it finds nothing to verify it
     hostile = tmp_path / "hostile.json"
     secret = b"a shared secret of thirty-two bytes"

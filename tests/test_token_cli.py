@@ -73,12 +73,10 @@ async def test_rotation_and_retire(tmp_path: Path) -> None:
         f"dbproxy: key {old} retired from {folder}")
     assert not list(folder.glob(f"{old}*"))
     assert [key["kid"] for key in json.loads((folder / "jwks.json").read_text())["keys"]] == [new]
-    fresh = TokenVerifier.from_settings(load_config(None).tokens.model_copy(update={"keys_dir": folder}))
-    assert fresh is not None
-    with pytest.raises(TokenRejected) as caught:
-        await fresh.verify(old_token.strip().encode(), user="app", endpoint="main")
+    with pytest.raises(TokenRejected) as caught:  # the same verifier: a retired key stops verifying at once
+        await verifier.verify(old_token.strip().encode(), user="app", endpoint="main")
     assert caught.value.reason == "unknown key"
-    await fresh.verify(new_token.encode(), user="app", endpoint="main")
+    await verifier.verify(new_token.encode(), user="app", endpoint="main")
     assert f"no key '{old}'" in dbproxy("keys", "retire", old, "--dir", str(folder), status=2).stderr
 
 
@@ -110,3 +108,14 @@ def test_ttl_issuer_and_errors(tmp_path: Path) -> None:
     for text in ("0", "-5m", "15 minutes", "1d", ""):
         with pytest.raises(CommandError):
             parse_ttl(text)
+
+
+def test_keys_follow_the_configured_algorithms(tmp_path: Path) -> None:
+    config = tmp_path / "rsa.toml"
+    config.write_text('[tokens]\nkeys_dir = "keys"\nalgorithms = ["RS256"]\n')
+    assert " RS256 signing key " in dbproxy("keys", "init", "-c", str(config)).stdout  # the default follows
+    refused = dbproxy("keys", "init", "-c", str(config), "--algorithm", "ES256", status=2).stderr
+    assert "does not accept it (RS256)" in refused
+    dbproxy("keys", "init", "--dir", str(tmp_path / "keys"), "--algorithm", "ES256")  # without the configuration
+    refused = dbproxy("token", "generate", "--user", "a", "--endpoint", "e", "-c", str(config), status=2).stderr
+    assert "signs with ES256, which [tokens] algorithms does not accept (RS256)" in refused

@@ -15,13 +15,15 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proxy.auth.jwks import PUBLIC_SUFFIX, KeyRing, KeysFolder
 from proxy.auth.policy import Policy, Rule, claim_at
-from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token
+from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token, settings_problem
 from proxy.config import TokenPolicyRule, TokenSettings, load_config
 from proxy.errors import ConfigError
-from proxy.token_commands import PRIVATE_SUFFIX, create_key
+from proxy.token_commands import PRIVATE_SUFFIX, create_key, retire_key
 
 NOW = time.time()
 
@@ -49,7 +51,8 @@ class Keys:
         body.update(claims)
         body = {name: value for name, value in body.items() if value is not None}
         signer = key if key is not None else self.private(kid)
-        return jwt.encode(body, signer, algorithm=alg, headers={"kid": kid, **(header or {})}).encode()
+        payload = json.dumps(body).encode()  # any claims, even those jwt.encode would refuse
+        return jwt.PyJWS().encode(payload, signer, algorithm=alg, headers={"kid": kid, **(header or {})}).encode()
 
 
 def b64(data: bytes) -> bytes:
@@ -95,6 +98,7 @@ async def test_valid_es256_and_rs256_tokens_are_accepted(keys: Keys) -> None:
     identity = await check.verify(keys.sign(alg="ES256"), user="app", endpoint="main")
     assert identity == TokenIdentity("app", keys.es, float(int(NOW) + 600), identity.claims)
     assert identity.claims["aud"] == "main" and "signature" not in repr(identity)
+    await check.verify(keys.sign() + b"\n", user="app", endpoint="main")  # as read from a file
     rs = await check.verify(keys.sign(alg="RS256"), user="app", endpoint="main")
     assert rs.key_id == keys.rs
     assert looks_like_token(keys.sign()) and not looks_like_token(b"app-secret")
@@ -111,7 +115,8 @@ async def test_time_claims(keys: Keys) -> None:
     await check.verify(keys.sign(exp=int(NOW) + 900), user="app", endpoint="main")
     assert await reason(check, keys.sign(exp=None)) == "missing claim 'exp'"
     assert await reason(check, keys.sign(iat=None)) == "missing claim 'iat'"
-    assert await reason(check, keys.sign(exp="tomorrow")) == "malformed"
+    for odd in ("tomorrow", float("nan"), float("inf"), True, [int(NOW) + 60]):
+        assert await reason(check, keys.sign(exp=odd)) == "malformed"
     strict = verifier(keys, leeway=0, max_lifetime=60)
     assert await reason(strict, keys.sign(iat=int(NOW) - 600, exp=int(NOW) - 1)) == "expired"
     assert await reason(strict, keys.sign()) == "lifetime too long"
@@ -121,6 +126,8 @@ async def test_issuer_and_audience(keys: Keys) -> None:
     check = verifier(keys, issuers=["dbproxy", "https://issuer.example"], audiences=["shop-databases"])
     assert await reason(check, keys.sign(iss="someone-else")) == "wrong issuer"
     assert await reason(check, keys.sign(iss=None)) == "wrong issuer"
+    assert await reason(check, keys.sign(iss=["dbproxy"])) == "wrong issuer"
+    assert await reason(check, keys.sign(aud={"main": True})) == "wrong audience"
     await check.verify(keys.sign(iss="https://issuer.example"), user="app", endpoint="main")
     assert await reason(check, keys.sign(aud="other")) == "wrong audience"
     assert await reason(check, keys.sign(aud=None)) == "wrong audience"
@@ -280,22 +287,83 @@ def test_tokens_section_of_the_configuration(tmp_path: Path) -> None:
     assert TokenVerifier.from_settings(TokenSettings()) is None
 
 
-async def test_a_key_added_to_the_folder_is_found_by_its_kid_and_nothing_is_logged_of_tokens(
+async def test_keys_added_or_retired_in_the_folder_count_at_once_and_nothing_is_logged_of_tokens(
         keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
     clock = [0.0]
     ring = KeyRing([KeysFolder(keys.folder)], refresh_interval=30, clock=lambda: clock[0])
     check = TokenVerifier(ring, TokenSettings(keys_dir=keys.folder))
     caplog.set_level(logging.DEBUG)
-    await check.verify(keys.sign(), user="app", endpoint="main")
-    newer = create_key(keys.folder, "ES256")
+    older = keys.sign()
+    await check.verify(older, user="app", endpoint="main")
+    newer = create_key(keys.folder, "ES256")  # `dbproxy keys init`: the folder changed, it is read again
     token = keys.sign(kid=newer)
-    assert await reason(check, token) == "unknown key"  # the folder was read a moment ago: not again so soon
+    await check.verify(token, user="app", endpoint="main")
+    retire_key(keys.folder, keys.es)
+    assert await reason(check, older) == "unknown key"
+    assert ring.refreshes == 1  # only the changed folder was read again, no refetch for the unknown kid
+    stranger = keys.sign(kid="nobody", key=keys.private(newer))
     clock[0] = 31.0
-    await check.verify(token, user="app", endpoint="main")  # read again for the unknown kid
-    assert await reason(check, keys.sign(kid="nobody", key=keys.private(newer))) == "unknown key"
-    assert ring.refreshes == 2
+    assert await reason(check, stranger) == "unknown key"
+    assert await reason(check, stranger) == "unknown key"
+    assert ring.refreshes == 2  # an unknown kid: read again at most once per refresh_interval
     clock[0] = 62.0
-    assert await reason(check, keys.sign(kid="nobody", key=keys.private(newer))) == "unknown key"
+    assert await reason(check, stranger) == "unknown key"
     assert ring.refreshes == 3
     assert all(token.split(b".")[2].decode() not in record.getMessage() for record in caplog.records)
     check.close()
+
+
+async def test_a_missing_keys_folder_is_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "keys"
+    check = TokenVerifier.from_settings(TokenSettings(keys_dir=folder))
+    assert check is not None
+    token = jwt.encode(good_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                       headers={"kid": "k"}).encode()
+    with caplog.at_level(logging.WARNING, "proxy.tokens"):
+        assert await reason(check, token) == "unknown key"
+        assert await reason(check, token) == "unknown key"
+    assert len(caplog.records) == 1 and "not a folder" in caplog.text
+
+
+def test_settings_problem_names_the_key_sources_that_cannot_work(tmp_path: Path) -> None:
+    folder = tmp_path / "keys"
+    assert settings_problem(TokenSettings()) is None
+    assert settings_problem(TokenSettings(keys_dir=folder)) == f"'tokens.keys_dir': keys folder {folder}: not a folder"
+    folder.mkdir()
+    assert "holds no usable public key" in (settings_problem(TokenSettings(keys_dir=folder)) or "")
+    create_key(folder, "ES256")
+    assert settings_problem(TokenSettings(keys_dir=folder, jwks_file=folder / "jwks.json")) is None
+    assert "No such file" in (settings_problem(TokenSettings(jwks_file=tmp_path / "none.json")) or "")
+    (tmp_path / "bad.json").write_text("{}")
+    assert "no 'keys' list" in (settings_problem(TokenSettings(jwks_file=tmp_path / "bad.json")) or "")
+    ca = tmp_path / "ca.pem"
+    assert "not an https:// URL" in (settings_problem(TokenSettings(jwks_url="http://x/j", jwks_ca_file=ca)) or "")
+    assert "cannot read" in (settings_problem(TokenSettings(jwks_url="https://x/j", jwks_ca_file=ca)) or "")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+async def test_any_bytes_or_mutation_is_an_identity_or_a_refusal(keys: Keys, data: st.DataObject) -> None:
+    check = verifier(keys, algorithms=["ES256", "RS256", "PS256"])
+    token = keys.sign()
+    kind = data.draw(st.sampled_from(["bytes", "flip", "segment"]))
+    if kind == "bytes":
+        candidate = data.draw(st.binary(max_size=300))
+    elif kind == "flip":
+        at = data.draw(st.integers(0, len(token) - 1))
+        candidate = token[:at] + bytes([data.draw(st.integers(0, 255))]) + token[at + 1:]
+    else:  # a header or payload of any JSON
+        value = data.draw(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                                       lambda inner: st.lists(inner, max_size=3)
+                                       | st.dictionaries(st.sampled_from(["alg", "kid", "crit", "exp", "iat",
+                                                                          "sub", "aud", "iss", "x"]), inner),
+                                       max_leaves=8))
+        parts = token.split(b".")
+        parts[data.draw(st.integers(0, 1))] = b64(json.dumps(value).encode())
+        candidate = b".".join(parts)
+    try:
+        identity = await check.verify(candidate, user="app", endpoint="main")
+    except TokenRejected as exc:
+        assert exc.reason
+    else:
+        assert identity.subject == "app"

@@ -105,7 +105,9 @@ def keys_from_document(raw: bytes, where: str) -> dict[str, VerificationKey]:
         try:
             key = key_from_jwk(entry)
         except ValueError as exc:
-            log.warning("token keys: %s: key skipped: %s", where, exc)
+            for_encryption = isinstance(entry, dict) and entry.get("use", "sig") != "sig"  # common beside sig keys
+            log.log(logging.DEBUG if for_encryption else logging.WARNING, "token keys: %s: key skipped: %s", where,
+                    exc)
             continue
         keys[key.kid] = key
     return keys
@@ -118,6 +120,22 @@ class KeySource(Protocol):
 
     async def load(self) -> dict[str, VerificationKey]: ...
 
+    def changed(self) -> bool:
+        """Whether the source changed since it was loaded, as far as it can tell cheaply (a local file's stat)."""
+        ...
+
+
+FileStamp = tuple[int, int, int] | None
+
+
+def file_stamp(path: Path) -> FileStamp:
+    """What tells a file or folder changed: modification time, size, inode (None when missing)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
 
 class KeysFolder:
     """A folder written by `dbproxy keys init`: <kid>.pub.pem public keys (private keys beside them are not read)."""
@@ -125,8 +143,15 @@ class KeysFolder:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.name = f"keys folder {folder}"
+        self.stamp: FileStamp = None
+
+    def changed(self) -> bool:
+        return file_stamp(self.folder) != self.stamp  # a key added or retired changes the folder
 
     def read(self) -> dict[str, VerificationKey]:
+        self.stamp = file_stamp(self.folder)
+        if not self.folder.is_dir():
+            raise KeySourceError(f"{self.name}: not a folder")
         try:
             files = sorted(self.folder.glob(f"*{PUBLIC_SUFFIX}"))
         except OSError as exc:
@@ -158,14 +183,22 @@ class JwksFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.name = f"JWKS file {path}"
+        self.stamp: FileStamp = None
 
-    async def load(self) -> dict[str, VerificationKey]:
+    def changed(self) -> bool:
+        return file_stamp(self.path) != self.stamp  # rewritten, or replaced (a Kubernetes ConfigMap's swap)
+
+    def read(self) -> dict[str, VerificationKey]:
+        self.stamp = file_stamp(self.path)
         try:
             with self.path.open("rb") as file:
                 raw = file.read(MAX_DOCUMENT_SIZE + 1)
         except OSError as exc:
             raise KeySourceError(f"{self.name}: {exc.strerror}") from None
         return keys_from_document(raw, self.name)
+
+    async def load(self) -> dict[str, VerificationKey]:
+        return self.read()
 
 
 class JwksUrl:
@@ -177,6 +210,9 @@ class JwksUrl:
         self.timeout = timeout
         parts = urlsplit(url)  # the name shown in logs: no user info, no query (either may hold a credential)
         self.name = f"JWKS URL {parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+    def changed(self) -> bool:
+        return False  # known only by fetching it
 
     def _ssl(self) -> ssl.SSLContext | bool:
         if not self.url.startswith("https:"):
@@ -217,8 +253,9 @@ class JwksUrl:
 
 class KeyRing:
     """The keys of every source, by kid. Loaded at first use; refetched when older than `cache_ttl` (in the
-    background) or when an unknown kid arrives, at most once per `refresh_interval`. A source that fails keeps
-    its previous keys and logs one line."""
+    background) or when an unknown kid arrives, at most once per `refresh_interval`; a local file or folder that
+    changed (a key added or retired) is read again at once. A source that fails keeps its previous keys and logs
+    one line."""
 
     def __init__(self, sources: Sequence[KeySource], *, cache_ttl: float = 3600.0, refresh_interval: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -241,6 +278,8 @@ class KeyRing:
     async def get(self, kid: str) -> VerificationKey | None:
         """The key `kid`; an unknown kid (or the first use) refetches the sources unless that was done lately."""
         now = self.clock()
+        if self._tried_at is not None and any(source.changed() for source in self.sources):
+            await self._reload_changed()
         if self._tried_at is None or (kid not in self._keys and self._may_refresh(now)):
             await self.refresh()
         elif self._loaded_at is None or now - self._loaded_at >= self.cache_ttl:
@@ -262,17 +301,27 @@ class KeyRing:
                 return  # another caller refreshed while this one waited
             self._tried_at = self.clock()
             self.refreshes += 1
-            failed = False
-            for source in self.sources:
-                try:
-                    self._by_source[source.name] = await source.load()
-                except KeySourceError as exc:
-                    failed = True
-                    kept = len(self._by_source.get(source.name, {}))
-                    log.warning("token keys: %s; keeping the %d keys loaded before", exc, kept)
-            self._keys = {kid: key for keys in self._by_source.values() for kid, key in keys.items()}
-            if not failed:
+            loaded = [await self._load(source) for source in self.sources]
+            if all(loaded):
                 self._loaded_at = self._tried_at
+
+    async def _reload_changed(self) -> None:
+        async with self._lock:
+            for source in self.sources:
+                if source.changed():
+                    await self._load(source)
+
+    async def _load(self, source: KeySource) -> bool:
+        """Load one source into the ring (under the lock); False, one log line and its old keys kept on failure."""
+        try:
+            self._by_source[source.name] = await source.load()
+        except KeySourceError as exc:
+            kept = len(self._by_source.get(source.name, {}))
+            log.warning("token keys: %s; keeping the %d keys loaded before", exc, kept)
+            return False
+        finally:
+            self._keys = {kid: key for keys in self._by_source.values() for kid, key in keys.items()}
+        return True
 
     async def settled(self) -> None:
         """Wait for a background refresh under way, if any."""

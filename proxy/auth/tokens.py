@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 import jwt
 from jwt.exceptions import InvalidAlgorithmError, InvalidSignatureError, InvalidTokenError
 
-from proxy.auth.jwks import JwksFile, JwksUrl, KeyRing, KeysFolder, KeySource, VerificationKey
+from proxy.auth.jwks import JwksFile, JwksUrl, KeyRing, KeysFolder, KeySource, KeySourceError, VerificationKey
 from proxy.auth.policy import Policy
 from proxy.config import TokenSettings
 from proxy.errors import AuthenticationFailed
@@ -81,6 +82,7 @@ class TokenVerifier:
         """The identity of a valid token that the policy lets log in as `user` on `endpoint`; TokenRejected if not."""
         if len(token) > self.settings.max_token_size:
             raise TokenRejected("too large", user)
+        token = token.strip()  # a token read from a file may end with a newline
         key, alg = await self._key_for(token, user)
         try:
             claims = jwt.decode(token, key.key, algorithms=[alg], options=SIGNATURE_ONLY)  # type: ignore[arg-type]
@@ -131,7 +133,8 @@ class TokenVerifier:
             raise TokenRejected("issued in the future", user)
         if expires - issued > self.settings.max_lifetime:
             raise TokenRejected("lifetime too long", user)
-        if claims.get("iss") not in self.issuers:
+        issuer = claims.get("iss")
+        if not isinstance(issuer, str) or issuer not in self.issuers:
             raise TokenRejected("wrong issuer", user)
         if not _names_audience(claims.get("aud"), self.audiences | {endpoint}):
             raise TokenRejected("wrong audience", user)
@@ -141,7 +144,7 @@ class TokenVerifier:
         return subject, expires
 
     def close(self) -> None:
-        """Stop background refreshes and close the HTTP session, if any."""
+        """Stop a background refresh, if any (each fetch has its own HTTP session, closed when it ends)."""
         self.keys.close()
 
 
@@ -165,3 +168,25 @@ def shown(name: str) -> str:
     """A name from a client or a token as a refusal reason shows it: printable, at most SHOWN_LENGTH characters."""
     clean = "".join(c if c.isprintable() and c != "'" else "?" for c in name[:SHOWN_LENGTH])
     return clean + ("..." if len(name) > SHOWN_LENGTH else "")
+
+
+def settings_problem(settings: TokenSettings) -> str | None:
+    """The first reason the local key sources of [tokens] cannot work, as "'key': reason" (for a start or a
+    reload to refuse); a JWKS URL is fetched at the first login, not here."""
+    local: list[tuple[str, KeysFolder | JwksFile]] = []
+    if settings.keys_dir is not None:
+        local.append(("keys_dir", KeysFolder(settings.keys_dir)))
+    if settings.jwks_file is not None:
+        local.append(("jwks_file", JwksFile(settings.jwks_file)))
+    for key, source in local:
+        try:
+            if not source.read():
+                return f"'tokens.{key}': {source.name} holds no usable public key (`dbproxy keys init` makes one)"
+        except KeySourceError as exc:
+            return f"'tokens.{key}': {exc}"
+    ca_file = settings.jwks_ca_file
+    if ca_file is not None and not settings.jwks_url.startswith("https://"):
+        return "'tokens.jwks_ca_file': given, but jwks_url is not an https:// URL"
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        return f"'tokens.jwks_ca_file': cannot read {ca_file}"
+    return None
