@@ -246,3 +246,13 @@ async def test_workers_verify_tokens_and_a_reload_without_keys_is_refused(
         workers.wait_for_log("reload refused, the running configuration stays: .*endpoint postgresql: token_auth is "
                              r"on but \[tokens\] gives no key source")
         assert await current_user(workers, "postgresql", token) == "app"
+
+
+def test_a_keys_folder_without_keys_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    config = tmp_path / "proxy.toml"
+    config.write_text('[postgresql]\nport = 0\ntoken_auth = "required"\n[tokens]\nkeys_dir = "keys"\n')
+    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--check", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "'tokens.keys_dir':" in done.stderr and "holds no usable public key" in done.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token
+from proxy.auth.tokens import TokenIdentity, TokenRejected, TokenVerifier, looks_like_token, settings_problem
 from proxy.config import Config, MySQLSettings, PostgresSettings, TokenAuthMode
 from proxy.endpoints import resolve_endpoints
 from proxy.errors import ConfigError
@@ -23,8 +23,11 @@ def uses_tokens(settings: PostgresSettings | MySQLSettings) -> bool:
 
 
 def make_verifier(config: Config) -> TokenVerifier | None:
-    """The process's token verifier (None without a key source); ConfigError if an endpoint takes tokens and
-    [tokens] gives nothing to verify them with."""
+    """The process's token verifier (None without a key source); ConfigError if a key source cannot work, or if
+    an endpoint takes tokens and [tokens] gives nothing to verify them with."""
+    problem = settings_problem(config.tokens)
+    if problem:
+        raise ConfigError(problem)
     verifier = TokenVerifier.from_settings(config.tokens)
     if verifier is None:
         for endpoint in resolve_endpoints(config):
