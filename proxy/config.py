@@ -46,6 +46,12 @@ class ClientTLSMode(StrEnum):
     REQUIRE = "require"  # plaintext logins refused
 
 
+class TokenAuthMode(StrEnum):
+    DISABLED = "disabled"  # passwords only
+    REQUIRED = "required"  # a signed token sent as the password, over TLS
+    OPTIONAL = "optional"  # over TLS a token or the password; without TLS the password (SCRAM/MD5/native)
+
+
 class ServerSettings(Strict):
     """Process-wide settings: where to listen and how long to wait for clients."""
 
@@ -242,6 +248,10 @@ class EndpointBase(Strict):
         1.0, gt=0, le=60, description="seconds a causal read waits for its replica to catch up before the writer "
         "serves the transaction instead"
     )
+    # Token logins and client TLS for this endpoint (None: the cluster's, else the engine section's).
+    token_auth: TokenAuthMode | None = None
+    token_auth_users: dict[str, TokenAuthMode] | None = Field(None, description="user -> token_auth for that user")
+    require_tls: bool | None = Field(None, description="refuse plaintext logins to this endpoint")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -273,6 +283,10 @@ class ClusterBase(Strict):
         None, gt=0, description="seconds without a healthy writer before auto_promote promotes a reader (long "
         "enough for the writer's own restart); default: twice monitor_interval, at least 2 s"
     )
+    # Token logins and client TLS for this cluster's endpoints (None: the engine section's).
+    token_auth: TokenAuthMode | None = None
+    token_auth_users: dict[str, TokenAuthMode] | None = Field(None, description="user -> token_auth for that user")
+    require_tls: bool | None = Field(None, description="refuse plaintext logins to its endpoints")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
     @property
@@ -334,6 +348,14 @@ class PostgresSettings(Strict):
     auth_user: str = Field("", description="the user (with a stored secret) that runs auth_query")
     auth_query: str = Field(PG_AUTH_QUERY, description="returns the verifier (pg_shadow.passwd) of the user $1")
     auth_cache_ttl: float = Field(60.0, ge=0, description="seconds a found verifier is kept; 0: looked up each time")
+    # Token logins and client TLS (clusters and endpoints may override each key).
+    token_auth: TokenAuthMode = Field(
+        TokenAuthMode.DISABLED, description="signed login tokens sent as the password: disabled, required or optional"
+    )
+    token_auth_users: dict[str, TokenAuthMode] = Field(
+        default_factory=dict, description="user -> token_auth for that user (over token_auth)"
+    )
+    require_tls: bool = Field(False, description="refuse plaintext logins (the [tls] mode applies too)")
     pool: PoolSettings = PoolSettings()
     clusters: dict[Name, PostgresCluster] = Field(default_factory=dict)
     endpoints: dict[Name, PostgresEndpoint] = Field(default_factory=dict)
@@ -403,6 +425,14 @@ class MySQLSettings(Strict):
     auth_query: str = Field(MYSQL_AUTH_QUERY, description="returns (plugin, authentication_string) of the user %s "
                             "(a literal percent sign is written %%)")
     auth_cache_ttl: float = Field(60.0, ge=0, description="seconds a found hash is kept; 0: looked up each time")
+    # Token logins and client TLS (clusters and endpoints may override each key).
+    token_auth: TokenAuthMode = Field(
+        TokenAuthMode.DISABLED, description="signed login tokens sent as the password: disabled, required or optional"
+    )
+    token_auth_users: dict[str, TokenAuthMode] = Field(
+        default_factory=dict, description="user -> token_auth for that user (over token_auth)"
+    )
+    require_tls: bool = Field(False, description="refuse plaintext logins (the [tls] mode applies too)")
     pool: MySQLPoolSettings = MySQLPoolSettings()
     clusters: dict[Name, MySQLCluster] = Field(default_factory=dict)
     endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)

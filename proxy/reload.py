@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from proxy.auth.token_login import make_verifier
 from proxy.config import Config, load_config
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
@@ -100,15 +101,19 @@ async def apply(server: ProxyServer, config: Config) -> None:
     secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
-    if config.tls != old.tls or config.tls.cert_file is not None:  # certificate files are read again
-        server.tls = client_tls(config)
+    # certificate files are read again
+    tls = client_tls(config) if config.tls != old.tls or config.tls.cert_file is not None else server.tls
+    tokens = make_verifier(config)  # keys and JWKS read again (a rotation adds or removes keys)
+    server.tls = tls
     server.config, server.secrets = config, secrets
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
     if config.server.log_level != old.server.log_level:
         logging.getLogger().setLevel(config.server.log_level.upper())
+    server.close_tokens()
+    server.tokens = tokens
     for service in server.services():
-        service.config, service.server, service.secrets, service.server_tls = (
-            config, config.server, secrets, server.tls)
+        service.config, service.server, service.secrets, service.server_tls, service.tokens = (
+            config, config.server, secrets, server.tls, tokens)
     wanted = {endpoint.name: endpoint for endpoint in resolve_endpoints(config)}
     moving: list[Listener] = []
     for name, listener in list(server.listeners.items()):

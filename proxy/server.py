@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
+from proxy.auth.token_login import make_verifier
 from proxy.config import ClientTLSMode, Config, EndpointRole, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
@@ -78,6 +79,7 @@ class ProxyServer:
         self.config = config
         self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
         self.tls = client_tls(config)
+        self.tokens = make_verifier(config)  # one per process, handed to every service
         self.stats = StatsRegistry()
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
@@ -140,6 +142,7 @@ class ProxyServer:
         else:
             service = MySQLService(self.config, endpoint, self.secrets, self.tls, self.stats,
                                    self.first_service(MySQLService))
+        service.tokens = self.tokens
         if endpoint.role is EndpointRole.READ_ONLY:  # used while its causal_reads is on (a reload may turn it on)
             service.causal = CausalReads(
                 endpoint.name, lambda: self.causal_clusters.get((service.endpoint.engine, service.endpoint.cluster)),
@@ -226,6 +229,11 @@ class ProxyServer:
         del self.listeners[listener.name]
         self.retiring.append(listener)
 
+    def close_tokens(self) -> None:
+        if self.tokens is not None:
+            self.tokens.close()
+            self.tokens = None
+
     async def _run_janitor(self) -> None:
         while True:
             await asyncio.sleep(JANITOR_INTERVAL)
@@ -276,5 +284,6 @@ class ProxyServer:
             if listener.server is not None:
                 await listener.server.wait_closed()
         flush_failed_logins()
+        self.close_tokens()
         for server in self.servers:
             await server.wait_closed()

@@ -41,7 +41,7 @@ def check_startup(config: Config) -> None:
 
     check_host(config)
     with _quiet_logs():
-        ProxyServer(config)
+        ProxyServer(config).close_tokens()
 
 
 def describe_start_error(exc: BaseException) -> str:

@@ -58,6 +58,7 @@ class ClientConnection(Connection):
     state: IntEnum = State.LOGIN
     server: ServerSettings  # the process's server settings (set by the subclass)
     pool: Any = None  # the pool this client's backends come from, once logged in
+    login_method = ""  # how the client authenticates ("scram-sha-256", "token", ...): set before it does
     backend: Any = None  # the backend linked to this client now, if any
     active = True  # data seen since the janitor last looked
     idle_since = 0.0

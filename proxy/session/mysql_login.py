@@ -16,7 +16,9 @@ from proxy.auth.mysql import (
     parse_clear_password,
     rsa_decrypt_password,
 )
-from proxy.config import ClientTLSMode, MySQLAuthMethod
+from proxy.auth.token_login import password_matches, token_mode, verify_token
+from proxy.auth.tokens import looks_like_token
+from proxy.config import ClientTLSMode, MySQLAuthMethod, TokenAuthMode
 from proxy.errors import AuthenticationFailed, AuthorizationFailed, BackendUnavailable, ProtocolViolation, ProxyError
 from proxy.netio import WRITE_HIGH_WATER, WRITE_LOW_WATER, ConnectionClosed
 from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, Profile
@@ -108,6 +110,9 @@ class MySQLLogin(MySQLStatementCommands):
         self.session.user = response.username
         if service.config.tls.mode is ClientTLSMode.REQUIRE and not self.is_tls:
             raise AuthorizationFailed("Connections using insecure transport are prohibited: the proxy requires TLS")
+        if service.settings.require_tls and not self.is_tls:
+            raise AuthorizationFailed("Connections using insecure transport are prohibited: endpoint "
+                                      f"{service.endpoint.name} requires TLS")
         await self._authenticate(response.auth_plugin_name, response.auth_response,
                                  bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
         self.session.database = (response.database or "") if response.capabilities & my.CLIENT_CONNECT_WITH_DB else ""
@@ -173,7 +178,12 @@ class MySQLLogin(MySQLStatementCommands):
     async def _authenticate(self, plugin: str | None, response: bytes, plugin_auth: bool) -> None:
         """Check the client's password with the configured method; an auth switch if it used another one."""
         service = self.service
+        mode = token_mode(service.settings, self.user)
+        if mode is TokenAuthMode.REQUIRED or (mode is TokenAuthMode.OPTIONAL and self.is_tls):
+            await self._authenticate_token(plugin, response, plugin_auth, mode is TokenAuthMode.REQUIRED)
+            return
         method = service.settings.auth_method
+        self.login_method = method.value
         secret = service.secrets.get(self.user)
         if secret is None and service.settings.auth_passthrough and method is not MySQLAuthMethod.CLEAR:
             self.login_method = "passthrough"
@@ -218,8 +228,31 @@ class MySQLLogin(MySQLStatementCommands):
                     given = None
             ok = hmac.compare_digest(given or b"", password) and given is not None and known
         if not ok:
-            raise AuthenticationFailed(f"Access denied for user '{self.user}'@'{self.peer.rpartition(':')[0]}' "
-                                       f"(using password: {'YES' if response else 'NO'})")
+            raise self._access_denied(response)
+
+    def _access_denied(self, response: bytes) -> AuthenticationFailed:
+        return AuthenticationFailed(f"Access denied for user '{self.user}'@'{self.peer.rpartition(':')[0]}' "
+                                    f"(using password: {'YES' if response else 'NO'})")
+
+    async def _authenticate_token(self, plugin: str | None, response: bytes, plugin_auth: bool,
+                                  required: bool) -> None:
+        """mysql_clear_password over TLS: a token (the only answer `required` takes), else the stored password."""
+        user = self.user
+        if not self.is_tls:
+            raise AuthorizationFailed(f"Access denied for user '{user}': token authentication requires TLS")
+        clear = MySQLAuthMethod.CLEAR.value
+        self.login_method = "token" if required else clear
+        if plugin != clear:
+            if not plugin_auth:
+                raise AuthorizationFailed(f"Access denied for user '{user}': the client cannot switch to {clear}")
+            self._write_login(AuthSwitchRequest(clear, b"").build())
+            response = await self._read_login_packet()
+        answer = parse_clear_password(response)
+        if required or looks_like_token(answer):
+            self.login_method = "token"
+            await verify_token(self.service.tokens, answer, user, self.service.endpoint.name)
+        elif not password_matches(self.service.secrets.get(user), answer):
+            raise self._access_denied(response)
 
     async def _change_user(self, payload: bytes) -> None:
         """COM_CHANGE_USER: the session starts over as another user (authenticated by the proxy)."""

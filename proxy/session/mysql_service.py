@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import channel
 from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
+from proxy.auth.tokens import TokenVerifier
 from proxy.config import Config, MySQLAuthMethod, MySQLSettings, ServerSettings
 from proxy.endpoints import Endpoint
 from proxy.errors import (
@@ -133,6 +134,7 @@ class MySQLService:
         self._learned_generation = -1  # the target generation whose server the two above come from
         self.target.on_repoint.append(self._forget_server)
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
+        self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:

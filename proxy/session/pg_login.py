@@ -11,7 +11,9 @@ import shlex
 from proxy.auth import pg_passthrough
 from proxy.auth.md5 import check_md5_response
 from proxy.auth.scram import MECHANISM, ScramKeys, ScramServer
-from proxy.config import ClientAuthMethod, ClientTLSMode
+from proxy.auth.token_login import password_matches, token_mode, verify_token
+from proxy.auth.tokens import looks_like_token
+from proxy.config import ClientAuthMethod, ClientTLSMode, TokenAuthMode
 from proxy.errors import AuthenticationFailed, AuthorizationFailed, ProtocolViolation
 from proxy.pool.pool import Pool
 from proxy.protocol.pg import messages as pg
@@ -140,6 +142,8 @@ class PgLogin(PgForward):
         session.user = params.get("user", "")
         if not session.user:
             raise AuthorizationFailed("no PostgreSQL user name specified in startup packet")
+        if self.service.settings.require_tls and not self.is_tls:
+            raise AuthorizationFailed(f"endpoint {self.service.endpoint.name} requires TLS (sslmode=require)")
         session.database = params.get("database") or session.user
         if "replication" in params and params["replication"].lower() not in ("false", "off", "0", "no"):
             raise AuthorizationFailed("replication connections are not supported through the proxy")
@@ -155,10 +159,15 @@ class PgLogin(PgForward):
         method = service.settings.auth_method
         user = self.session.user
         secret = service.secrets.get(user)
+        mode = token_mode(service.settings, user)
+        if mode is TokenAuthMode.REQUIRED or (mode is TokenAuthMode.OPTIONAL and self.is_tls):
+            await self._authenticate_token(user, secret, required=mode is TokenAuthMode.REQUIRED)
+            return
         if secret is None and service.settings.auth_passthrough and method is not ClientAuthMethod.PASSWORD:
             self.login_method = "passthrough"
             await pg_passthrough.authenticate(self, service, user)
             return
+        self.login_method = method.value
         if method is ClientAuthMethod.SCRAM_SHA_256:
             await self._authenticate_scram(user, secret)
             return
@@ -169,10 +178,7 @@ class PgLogin(PgForward):
             self.write(pg.authentication(pg.AUTH_MD5, salt))
         else:
             self.write(pg.authentication(pg.AUTH_CLEARTEXT))
-        kind, body = await self.read_typed(LOGIN_MESSAGE_LIMIT)
-        if kind != ord("p"):
-            raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
-        answer = pg.parse_password(body)
+        answer = await self._read_password()
         if secret is None:
             raise _password_failed(user)
         if method is ClientAuthMethod.MD5:
@@ -180,6 +186,25 @@ class PgLogin(PgForward):
         else:
             ok = hmac.compare_digest(answer, secret.password)
         if not ok:
+            raise _password_failed(user)
+
+    async def _read_password(self) -> bytes:
+        kind, body = await self.read_typed(LOGIN_MESSAGE_LIMIT)
+        if kind != ord("p"):
+            raise ProtocolViolation(f"expected PasswordMessage, got message type {chr(kind)!r}")
+        return pg.parse_password(body)
+
+    async def _authenticate_token(self, user: str, secret: Secret | None, required: bool) -> None:
+        """A cleartext password over TLS: a token (the only answer `required` takes), else the stored password."""
+        if not self.is_tls:
+            raise AuthorizationFailed("token authentication requires TLS (sslmode=require)")
+        self.login_method = "token" if required else ClientAuthMethod.PASSWORD.value
+        self.write(pg.authentication(pg.AUTH_CLEARTEXT))
+        answer = await self._read_password()
+        if required or looks_like_token(answer):
+            self.login_method = "token"
+            await verify_token(self.service.tokens, answer, user, self.service.endpoint.name)
+        elif not password_matches(secret, answer):
             raise _password_failed(user)
 
     async def _authenticate_scram(self, user: str, secret: Secret | None) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy import channel
+from proxy.auth.tokens import TokenVerifier
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
 from proxy.endpoints import Endpoint
 from proxy.pool.balance import TargetGroup, target_group
@@ -67,6 +68,7 @@ class PostgresService:
         self._process_ids: itertools.count[int] = peer._process_ids if peer is not None else itertools.count(first_id)
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
+        self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
