@@ -76,8 +76,10 @@ def keys(tmp_path: Path) -> Keys:
 
 
 def verifier(keys: Keys, **settings: Any) -> TokenVerifier:
+    """A verifier whose clock stands at NOW, the time the test tokens are signed for (the suite may run long)."""
     found = TokenVerifier.from_settings(TokenSettings(keys_dir=keys.folder, **settings))
     assert found is not None
+    found.clock = lambda: NOW
     return found
 
 
@@ -291,7 +293,7 @@ async def test_keys_added_or_retired_in_the_folder_count_at_once_and_nothing_is_
         keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
     clock = [0.0]
     ring = KeyRing([KeysFolder(keys.folder)], refresh_interval=30, clock=lambda: clock[0])
-    check = TokenVerifier(ring, TokenSettings(keys_dir=keys.folder))
+    check = TokenVerifier(ring, TokenSettings(keys_dir=keys.folder), clock=lambda: NOW)
     caplog.set_level(logging.DEBUG)
     older = keys.sign()
     await check.verify(older, user="app", endpoint="main")
