@@ -8,12 +8,13 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import uvloop
 
@@ -30,6 +31,7 @@ from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
 from proxy.token_commands import add_token_commands, run_token_command
+from proxy.top_sql import ORDERS, format_top
 from proxy.topology.model import Role
 from proxy.topology.mysql_probe import mysql_probe
 from proxy.topology.pg_probe import postgres_probe
@@ -148,7 +150,7 @@ def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
 
 
 def send_command(config_path: Path | None, pid_file: Path | None, message: dict[str, object],
-                 timeout: float) -> None:
+                 timeout: float, show: Callable[[dict[str, Any]], str] | None = None) -> None:
     """Send an operator command to the running proxy's control socket (beside its pid file) and print the answer;
     exit status 1 when it failed or no proxy answers."""
     try:
@@ -162,7 +164,7 @@ def send_command(config_path: Path | None, pid_file: Path | None, message: dict[
         _fail(f"no running dbproxy answers at {path}: {exc}", START_ERROR_STATUS)
     if "error" in answer:
         _fail(f"{message['kind']} failed: {answer.get('message', answer['error'])}", START_ERROR_STATUS)
-    print(f"dbproxy: {answer.get('message', 'done')}", flush=True)
+    print(show(answer) if show is not None else f"dbproxy: {answer.get('message', 'done')}", flush=True)
 
 
 class OtherWriter(PromotionError):
@@ -273,7 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     switchover.add_argument("--timeout", type=float, default=DEFAULT_SWITCHOVER_TIMEOUT,
                             help="seconds writes may be held, and the replica may take to catch up before that "
                                  "(default: %(default)s)")
-    for command in (readmit, switchover):
+    top_sql = sub.add_parser("top", help="the statements with the most load (or calls, errors, rows, mean time) "
+                                         "in the running proxy, over all its workers")
+    top_sql.add_argument("--by", choices=ORDERS, default="load", help="order (default: %(default)s: total time)")
+    top_sql.add_argument("-n", "--limit", type=int, default=20, help="statements shown (default: %(default)s)")
+    top_sql.add_argument("--json", action="store_true", help="print the answer as JSON")
+    for command in (readmit, switchover, top_sql):
         command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
         command.add_argument("--pid-file", type=Path, default=None,
                              help="pid file of the running proxy; its control socket is beside it (default: "
@@ -318,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "switchover":
         send_command(args.config, args.pid_file, {"kind": "switchover", "to": args.to, "endpoint": args.endpoint,
                                                   "timeout": args.timeout}, 2 * args.timeout + 30.0)
+        return
+    if args.command == "top":
+        send_command(args.config, args.pid_file, {"kind": "top", "by": args.by, "limit": args.limit}, 15.0,
+                     lambda answer: format_top(answer, args.json, shutil.get_terminal_size().columns))
         return
     if args.command == "failover":
         failover(args.config, args.to, args.cluster)

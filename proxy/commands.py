@@ -16,6 +16,7 @@ from proxy.endpoints import writer_of
 from proxy.errors import ConfigError
 from proxy.local_commands import instance_addresses, switched_config
 from proxy.secrets import SecretStore
+from proxy.top_sql import top_handler
 from proxy.topology.switchover import AdminConnection, SwitchoverError, connect_admin, guarded
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ class Commands:
         self._switching = asyncio.Lock()
 
     def handlers(self) -> dict[str, channel.Handler]:
-        return {"readmit": self._guard(self.readmit), "switchover": self._guard(self.switchover)}
+        return {"readmit": self._guard(self.readmit), "switchover": self._guard(self.switchover),
+                "top": self._guard(top_handler(self.fanout))}
 
     @staticmethod
     def _guard(handler: channel.Handler) -> channel.Handler:

@@ -14,6 +14,7 @@ from proxy.endpoints import resolve_endpoints
 from proxy.pool.pool import Target
 from proxy.server import Listener, ProxyServer
 from proxy.session.pg_client import PostgresClient
+from proxy.top_sql import local_statements
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class LocalCommands:
 
     def handlers(self) -> dict[str, channel.Handler]:
         return {"readmit": self.readmit, "switchover-targets": self.targets, "switchover-prepare": self.prepare,
-                "switchover-commit": self.commit, "switchover-abort": self.abort}
+                "switchover-commit": self.commit, "switchover-abort": self.abort,
+                "statements": local_statements(self.server.stats)}
 
     async def readmit(self, message: channel.Message) -> channel.Message:
         """{"instance": label}: re-admit the instance in every cluster monitor that fenced it."""

@@ -81,6 +81,7 @@ class ProxyServer:
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
         self.stats = StatsRegistry()
+        self.stats.keep_insights(config.server.statement_insights)
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
         for endpoint in resolve_endpoints(config):

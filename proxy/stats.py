@@ -6,6 +6,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from proxy.insights import Insights
+from proxy.query_clock import QueryClock
+from proxy.sql_digest import Digester
+
 ENDPOINT_LABELS = ("engine", "endpoint", "cluster")
 POOL_LABELS = ("engine", "endpoint", "cluster", "instance", "database", "user")
 
@@ -119,6 +123,27 @@ class StatsRegistry:
         self.endpoints: dict[tuple[str, ...], EndpointStats] = {}
         self.targets: dict[tuple[str, ...], TargetStats] = {}
         self.max_clients = 0  # this process's share of max_client_connections (0: no limit)
+        self.insights: Insights | None = None  # statement statistics, when switched on
+        self._digesters: dict[str, Digester] = {}
+
+    def keep_insights(self, max_statements: int) -> None:
+        """Switch the statement statistics on (kept across reloads) or off (max_statements 0)."""
+        if max_statements <= 0:
+            self.insights = None
+        elif self.insights is None:
+            self.insights = Insights(max_statements)
+        else:
+            self.insights.max_statements = max_statements
+
+    def clock(self, engine: str, user: str, database: str, endpoint: str) -> QueryClock | None:
+        """A new client's query clock, or None while the statement statistics are off."""
+        insights = self.insights
+        if insights is None:
+            return None
+        digester = self._digesters.get(engine)
+        if digester is None:
+            digester = self._digesters[engine] = Digester(engine)
+        return QueryClock(insights, digester, user, database, endpoint)
 
     def endpoint(self, engine: str, endpoint: str, cluster: str) -> EndpointStats:
         key = (engine, endpoint, cluster)

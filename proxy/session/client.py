@@ -22,6 +22,7 @@ from proxy.errors import (
     TooManyClients,
 )
 from proxy.netio import Connection, ConnectionClosed
+from proxy.query_clock import QueryClock
 from proxy.rundir import worker_count
 from proxy.stats import EndpointStats
 
@@ -66,6 +67,7 @@ class ClientConnection(Connection):
     LOGIN_TIMEOUT_TEXT = "the client did not complete its login in time"
     MESSAGE_TIMEOUT_TEXT = "closing the connection: the client stopped in the middle of a message for more than {:g} s"
     BACKEND_LOST_TEXT = "the database connection was lost"
+    clock: QueryClock | None = None  # times its statements for the statement statistics (when they are on)
     stats: EndpointStats  # the counters of the endpoint this client came in on (set by the subclass)
     over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
     # The server's set of its clients, which this one leaves as soon as its socket is gone: a client kept there

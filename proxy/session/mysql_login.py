@@ -129,6 +129,8 @@ class MySQLLogin(MySQLStatementCommands):
         service.clients[self.connection_id] = self
         self._send_ok(self._seq)
         self.stats.logins_ok += 1
+        self.clock = self.stats.registry.clock("mysql", self.session.user, self.session.database,
+                                               self.stats.labels["endpoint"])
         self.state = State.READY
         self._seq = 0
         leftover = self.take_buffered()
@@ -295,6 +297,8 @@ class MySQLLogin(MySQLStatementCommands):
             return
         self.service.clients[self.connection_id] = self
         self._send_ok(self._seq)
+        self.clock = self.stats.registry.clock("mysql", self.session.user, self.session.database,
+                                               self.stats.labels["endpoint"])
         self.state = State.READY
         self._seq = 0
         self._busy = None

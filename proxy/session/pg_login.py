@@ -129,6 +129,8 @@ class PgLogin(PgForward):
         self.write(b"".join(out))
         self.stats.logins_ok += 1
         self._init_replay(pool)
+        self.clock = self.stats.registry.clock("postgresql", session.user, session.database,
+                                               self.stats.labels["endpoint"])
         self.state = State.READY
         leftover = self.take_buffered()
         if leftover:

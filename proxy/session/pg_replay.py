@@ -115,6 +115,11 @@ class PgReplay(PgBorrow):
                 self._forward(data, backend)
 
     def backend_ready(self, backend: PostgresBackend, count: int) -> None:
+        clock = self.clock
+        if clock is not None:
+            replies = backend.replies
+            clock.done(count, replies.errors, replies.rows)
+            replies.errors = replies.rows = 0
         replay_log = self.replay_log
         if replay_log is None:
             super().backend_ready(backend, count)
