@@ -150,6 +150,10 @@ class MySQLBackend(MySQLServerSession):
 
     # --- linking to a client ---
 
+    @property
+    def in_transaction(self) -> bool:
+        return self.tracker.in_transaction
+
     def link(self, client: MySQLLinkedClient) -> None:
         self.client = client
         self._partial = b""

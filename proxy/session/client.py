@@ -120,6 +120,15 @@ class ClientConnection(Connection):
     async def _login(self) -> None:
         raise NotImplementedError
 
+    def logged_in(self, engine: str, user: str, database: str) -> None:
+        """The login succeeded: counted, and the client's requests timed from now on."""
+        stats = self.stats
+        stats.logins_ok += 1
+        if self.is_tls:
+            stats.logins_tls += 1
+        registry = stats.registry
+        self.clock = QueryClock(stats, registry.insights, registry.digester(engine), user, database)
+
     async def _after_login(self) -> None:
         """What the login does after its timeout no longer applies (nothing unless the engine says)."""
 
