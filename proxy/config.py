@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -9,11 +10,24 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from proxy.errors import ConfigError
 
 PERCENT = re.compile(r"^\s*(\d{1,3})\s*%\s*$")
+
+
+def _check_cidr(value: str) -> str:
+    """An IPv4 or IPv6 network ("10.0.0.0/8", "2001:db8::/32"; a bare address is one host), in its normal form."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=True))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 network ({exc})") from None
+
+
+CIDR = Annotated[str, AfterValidator(_check_cidr)]
+ALLOWED_CIDRS_HELP = ("client addresses (networks such as '10.0.0.0/8' or '2001:db8::/32') that may connect, like a "
+                      "security group; absent: every address, an empty list: none (unix sockets always may)")
 
 
 class Strict(BaseModel):
@@ -252,6 +266,7 @@ class EndpointBase(Strict):
     token_auth: TokenAuthMode | None = None
     token_auth_users: dict[str, TokenAuthMode] | None = Field(None, description="user -> token_auth for that user")
     require_tls: bool | None = Field(None, description="refuse plaintext logins to this endpoint")
+    allowed_cidrs: list[CIDR] | None = Field(None, description=ALLOWED_CIDRS_HELP + "; default: the cluster's")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -287,6 +302,8 @@ class ClusterBase(Strict):
     token_auth: TokenAuthMode | None = None
     token_auth_users: dict[str, TokenAuthMode] | None = Field(None, description="user -> token_auth for that user")
     require_tls: bool | None = Field(None, description="refuse plaintext logins to its endpoints")
+    allowed_cidrs: list[CIDR] | None = Field(
+        None, description=ALLOWED_CIDRS_HELP + "; default for its endpoints, else the engine section's")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
     @property
@@ -356,6 +373,8 @@ class PostgresSettings(Strict):
         default_factory=dict, description="user -> token_auth for that user (over token_auth)"
     )
     require_tls: bool = Field(False, description="refuse plaintext logins (the [tls] mode applies too)")
+    allowed_cidrs: list[CIDR] | None = Field(
+        None, description=ALLOWED_CIDRS_HELP + "; default for every endpoint of the engine")
     pool: PoolSettings = PoolSettings()
     clusters: dict[Name, PostgresCluster] = Field(default_factory=dict)
     endpoints: dict[Name, PostgresEndpoint] = Field(default_factory=dict)
@@ -433,6 +452,8 @@ class MySQLSettings(Strict):
         default_factory=dict, description="user -> token_auth for that user (over token_auth)"
     )
     require_tls: bool = Field(False, description="refuse plaintext logins (the [tls] mode applies too)")
+    allowed_cidrs: list[CIDR] | None = Field(
+        None, description=ALLOWED_CIDRS_HELP + "; default for every endpoint of the engine")
     pool: MySQLPoolSettings = MySQLPoolSettings()
     clusters: dict[Name, MySQLCluster] = Field(default_factory=dict)
     endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)

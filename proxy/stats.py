@@ -18,8 +18,8 @@ Snapshot = dict[str, list[Series]]
 class EndpointStats:
     """Counters of the clients of one endpoint; plain attribute increments on the hot path."""
 
-    COUNTERS = ("clients_accepted", "clients_refused", "logins_ok", "logins_failed", "protocol_errors",
-                "cancel_requests", "idle_client_timeouts", "login_timeouts")
+    COUNTERS = ("clients_accepted", "clients_refused", "clients_refused_network", "logins_ok", "logins_failed",
+                "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts")
     GAUGES = ("clients_current", "pinned_now")
     __slots__ = ("registry", "labels", "pins", *COUNTERS, *GAUGES)
 
@@ -29,6 +29,7 @@ class EndpointStats:
         self.pins: dict[str, int] = {}  # times a session was pinned, by reason
         self.clients_accepted = 0
         self.clients_refused = 0  # turned away at connect: max_client_connections reached
+        self.clients_refused_network = 0  # closed at connect: the address is not in the endpoint's allowed_cidrs
         self.logins_ok = 0
         self.logins_failed = 0
         self.protocol_errors = 0

@@ -10,6 +10,7 @@ from enum import IntEnum
 from typing import Any
 
 from proxy.auth.failures import FailedLogins
+from proxy.auth.networks import AllowList
 from proxy.config import ServerSettings
 from proxy.errors import (
     AuthenticationFailed,
@@ -26,6 +27,12 @@ from proxy.rundir import worker_count
 from proxy.stats import EndpointStats
 
 log = logging.getLogger(__name__)
+# Connections from addresses outside an endpoint's allowed_cidrs: the first per address in each interval in full,
+# the rest as one summary line per address.
+refused_connections = FailedLogins(
+    log, full_lines=1, summary="client %s: %d more connection(s) refused within %g s (address not in "
+    "allowed_cidrs), not logged one by one: %s")
+REFUSED_LINE = "client %s: connection to endpoint %s refused: the address is not in its allowed_cidrs (%s)"
 
 # Before authentication no message may be larger than this (PostgreSQL allows 10 000 bytes for a startup packet
 # and 64 kB for an authentication token; MySQL login packets are capped at 64 kB separately).
@@ -72,12 +79,18 @@ class ClientConnection(Connection):
     # until the janitor's next pass outlives the young generations of the garbage collector, and the closed clients
     # of a burst of connections (each a reference cycle with its transport) pile up for a full collection.
     registry: set[Any] | None = None
+    allowed: AllowList | None = None  # the endpoint's allowed_cidrs (None: every address; set by the subclass)
+    refused = False  # closed at connect: its address is not allowed (never counted as a current client)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         stats = self.stats
+        allowed = self.allowed
+        if allowed is not None and isinstance(peer, tuple) and not allowed.admits(peer[0]):
+            self._refuse_network(peer[0], allowed)
+            return
         stats.clients_accepted += 1
         stats.clients_current += 1
         self.buffer_limit = LOGIN_BUFFER_LIMIT
@@ -86,6 +99,15 @@ class ClientConnection(Connection):
             self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
                                              f"{stats.registry.max_clients * worker_count()})")
         self._task = self.loop.create_task(self._login_with_timeout())
+
+    def _refuse_network(self, host: str, allowed: AllowList) -> None:
+        """A peer outside the allow-list: closed before a byte is read or written, counted, logged (summarised)."""
+        self.refused = True
+        self.state = State.CLOSED
+        self.stats.clients_refused_network += 1
+        endpoint = self.stats.labels.get("endpoint", "")
+        refused_connections.record(host, endpoint, REFUSED_LINE, self.peer, endpoint, allowed.text)
+        self.transport.abort()
 
     # --- login ---
 
@@ -153,6 +175,8 @@ class ClientConnection(Connection):
 
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
+        if self.refused:
+            return
         self.stats.clients_current -= 1
         if self.pool is not None:
             self.pool.clients.discard(self)

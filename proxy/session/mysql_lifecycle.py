@@ -77,6 +77,7 @@ class MySQLClientBase(ClientConnection):
         self.service = service
         self.server = service.server
         self.stats = service.stats
+        self.allowed = service.allowed
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
         self.connection_id = 0

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy import channel
+from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
 from proxy.endpoints import Endpoint
@@ -60,6 +61,7 @@ class PostgresService:
         self.target: Target = self.group.home
         self.stats = stats.endpoint("postgresql", endpoint.name, endpoint.cluster)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.allowed = allow_list(self.settings.allowed_cidrs)  # who may connect (None: anyone)
         # process id -> PostgresClient (for CancelRequest), one registry for every endpoint of the process
         self.clients: dict[int, CancelTarget] = peer.clients if peer is not None else {}
         self.worker = worker_index()
@@ -147,3 +149,4 @@ class PostgresService:
         if (old.backend_tls, old.backend_ca_file) != (self.settings.backend_tls, self.settings.backend_ca_file):
             self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.allowed = allow_list(self.settings.allowed_cidrs)
