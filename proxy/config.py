@@ -108,6 +108,23 @@ class SecretsSettings(Strict):
     env_prefix: str = "DBPROXY_PASSWORD_"
 
 
+class AuthSettings(Strict):
+    """Login protection for every endpoint: the failed-login throttle per source address, and the audit file."""
+
+    failed_login_limit: int = Field(
+        20, ge=0, description="failed logins from one address within failed_login_window that lock it out; 0: off")
+    failed_login_window: float = Field(60.0, gt=0, description="seconds over which failed logins are counted")
+    failed_login_lockout: float = Field(
+        60.0, gt=0, description="seconds a locked-out address has its logins refused before any password check")
+    audit_file: Path | None = Field(
+        None, description="file to append one JSON line per login outcome to (reopened at a reload); empty: none")
+
+    @field_validator("audit_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+
 TokenAlgorithm = Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 DEFAULT_TOKEN_ALGORITHMS: list[TokenAlgorithm] = ["ES256", "RS256"]
 
@@ -468,6 +485,7 @@ class Config(Strict):
     postgresql: PostgresSettings = PostgresSettings()
     mysql: MySQLSettings = MySQLSettings()
     tokens: TokenSettings = TokenSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 def _describe(error: Any) -> str:
@@ -487,6 +505,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     part[key] = str(base / value)
 
     for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+                          ("auth", ("audit_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),
                           ("mysql", ("backend_ca_file", "rsa_private_key_file"))):

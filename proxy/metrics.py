@@ -23,6 +23,8 @@ ENDPOINT_METRICS = (  # (metric, kind, help, field of EndpointStats)
      "clients_refused_network"),
     ("client_connections_setup_succeeded", "counter", "Client logins that succeeded", "logins_ok"),
     ("client_connections_setup_failed_auth", "counter", "Client logins refused", "logins_failed"),
+    ("client_connections_throttled", "counter",
+     "Client logins refused before any password check: too many failed logins from the address", "logins_throttled"),
     ("protocol_errors", "counter", "Clients closed for protocol violations", "protocol_errors"),
     ("idle_client_timeouts", "counter", "Clients closed by the idle client timeout", "idle_client_timeouts"),
     ("login_timeouts", "counter", "Clients closed by the login timeout", "login_timeouts"),

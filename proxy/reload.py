@@ -111,6 +111,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
         logging.getLogger().setLevel(config.server.log_level.upper())
     server.close_tokens()
     server.tokens = tokens
+    server.guard.configure(config.auth)  # the audit file reopened (after logrotate), the throttle's new limits
     for service in server.services():
         service.config, service.server, service.secrets, service.server_tls, service.tokens = (
             config, config.server, secrets, server.tls, tokens)

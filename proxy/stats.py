@@ -19,7 +19,7 @@ class EndpointStats:
     """Counters of the clients of one endpoint; plain attribute increments on the hot path."""
 
     COUNTERS = ("clients_accepted", "clients_refused", "clients_refused_network", "logins_ok", "logins_failed",
-                "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts")
+                "logins_throttled", "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts")
     GAUGES = ("clients_current", "pinned_now")
     __slots__ = ("registry", "labels", "pins", *COUNTERS, *GAUGES)
 
@@ -32,6 +32,7 @@ class EndpointStats:
         self.clients_refused_network = 0  # closed at connect: the address is not in the endpoint's allowed_cidrs
         self.logins_ok = 0
         self.logins_failed = 0
+        self.logins_throttled = 0  # refused before any password check: the address had too many failed logins
         self.protocol_errors = 0
         self.cancel_requests = 0
         self.idle_client_timeouts = 0

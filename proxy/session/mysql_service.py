@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import channel
+from proxy.auth.guard import LoginGuard
 from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
 from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
@@ -137,6 +138,7 @@ class MySQLService:
         self.target.on_repoint.append(self._forget_server)
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
+        self.guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the server)
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:

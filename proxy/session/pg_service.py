@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy import channel
+from proxy.auth.guard import LoginGuard
 from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
@@ -71,6 +72,7 @@ class PostgresService:
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
+        self.guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the server)
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 

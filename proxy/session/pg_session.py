@@ -29,6 +29,7 @@ class PgSession(ClientConnection):
         self.server = service.server
         self.stats = service.stats
         self.allowed = service.allowed
+        self.guard = service.guard
         self.state = State.LOGIN
         self.session: PgSessionState = SessionState()
         self.pool: Pool | None = None
