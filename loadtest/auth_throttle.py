@@ -115,8 +115,8 @@ def measure(engine: str, port: int, args: argparse.Namespace) -> int:
           f"once) in {seconds:.2f} s: {throttled} throttled, {failed} failed the password check"
           + "".join(f", {count} {code}" for code, count in sorted(codes.items())
                     if code not in (THROTTLED[engine], FAILED[engine])))
-    # (attempts in flight passed the check before the limit-th failure: up to limit + concurrency - 1 get through)
-    return 0 if throttled >= args.attempts - (args.limit + args.concurrency - 1) else 1
+    # (attempts in flight when the address was locked out are refused too, whatever their answer)
+    return 0 if throttled == args.attempts - args.limit else 1
 
 
 def main(argv: list[str] | None = None) -> int:

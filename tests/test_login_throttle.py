@@ -88,15 +88,27 @@ def test_an_address_with_too_many_failed_logins_is_locked_out_for_a_while(
             assert (await mysql_login(my_port, "app", "app-secret", source="127.0.0.4", database="app")).ok
 
         asyncio.run(run())
+
+        async def burst() -> None:  # logins opened at once all pass the first check: their answers are not told
+            outcomes = await asyncio.gather(*(pg_login(pg_port, "app", None, source="127.0.0.5") for _ in range(30)))
+            codes = [outcome.code for outcome in outcomes]
+            assert codes.count("28P01") == LIMIT and codes.count("28000") == 30 - LIMIT, codes
+            outcomes = await asyncio.gather(*(mysql_login(my_port, "app", "wrong", source="127.0.0.6",
+                                                          database="app") for _ in range(30)))
+            codes = [outcome.code for outcome in outcomes]
+            assert codes.count("1045") == LIMIT and codes.count("1129") == 30 - LIMIT, codes
+
+        asyncio.run(burst())
         with psycopg.connect(host="127.0.0.1", port=pg_port, user="app", password="app-secret", dbname="app") as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         pymysql.connect(host="127.0.0.1", port=my_port, user="app", password="app-secret", database="app").close()
         metrics = scrape(proxy)
-        assert metric_value(metrics, "dbproxy_client_connections_throttled_total", engine="postgresql") == 2
-        assert metric_value(metrics, "dbproxy_client_connections_throttled_total", engine="mysql") == 2
-        assert metric_value(metrics, "dbproxy_client_connections_setup_failed_auth_total") == 2 * LIMIT
+        throttled = 2 + 30 - LIMIT
+        assert metric_value(metrics, "dbproxy_client_connections_throttled_total", engine="postgresql") == throttled
+        assert metric_value(metrics, "dbproxy_client_connections_throttled_total", engine="mysql") == throttled
+        assert metric_value(metrics, "dbproxy_client_connections_setup_failed_auth_total") == 4 * LIMIT
         log = proxy.log()
-        for source in ("127.0.0.2", "127.0.0.3"):
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.5", "127.0.0.6"):
             assert log.count(f"client address {source}: {LIMIT} failed logins within 60 s: its logins are refused "
                              f"for the next {LOCKOUT:g} s") == 1
         # After the lockout: the right password from the same address logs in.

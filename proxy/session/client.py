@@ -167,38 +167,54 @@ class ClientConnection(Connection):
 
     def check_throttle(self) -> None:
         """Before any password check: LoginsThrottled if the client's address is locked out (a dict look-up)."""
+        error = self._throttled()
+        if error is not None:
+            raise error
+
+    def _throttled(self) -> LoginsThrottled | None:
         guard = self.guard
-        if guard is not None:
-            left = guard.throttle.locked_for(self.host)
-            if left:
-                raise LoginsThrottled(self.THROTTLED_TEXT.format(math.ceil(left), self.host))
+        if guard is None:
+            return None
+        left = guard.throttle.locked_for(self.host)
+        return LoginsThrottled(self.THROTTLED_TEXT.format(math.ceil(left), self.host)) if left else None
 
     def authenticated(self) -> None:
-        """The client proved who it is (its session may still fail to start: a backend, a setting)."""
+        """The client proved who it is (its session may still fail to start: a backend, a setting). A login that
+        was already past `check_throttle` when its address got locked out is refused all the same, whatever its
+        answer: a burst of logins opened at once gets no more answers than the limit."""
+        self.check_throttle()
         self.audit_event(audit.AUTH_SUCCESS)
 
     def login_refused(self, error: ProxyError) -> None:
-        """A login that did not pass: a failed authentication counts toward the throttle; each is audited and
-        sent to the client; the throttle's refusals are logged in summary."""
+        """A login that did not pass: a failed authentication counts toward the throttle (one from an address
+        locked out meanwhile is refused as throttled: its answer is not told); each is audited and sent to the
+        client; the throttle's refusals are logged in summary."""
         if isinstance(error, AuthenticationFailed):
-            self.stats.logins_failed += 1
-            guard = self.guard
-            if guard is not None and guard.throttle.failed(self.host):
-                throttle = guard.throttle
-                log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
-            self.audit_event(audit.AUTH_FAILURE, failure_reason(error, self.known_user()))
-            self.refuse_login(error)
-        elif isinstance(error, LoginsThrottled):
+            throttled = self._throttled()
+            if throttled is None:
+                self._authentication_failed(error)
+                return
+            error = throttled
+        if isinstance(error, LoginsThrottled):
             self.stats.logins_throttled += 1
             self.audit_event(audit.AUTH_THROTTLED)
             user = self.session.user
             left = self.guard.throttle.locked_for(self.host) if self.guard is not None else 0.0
             throttled_logins.record(self.host, user, THROTTLED_LINE, self.peer, user, left)
             self.fail(error, logged=True)
-        else:
-            if isinstance(error, AuthorizationFailed):
-                self.audit_event(audit.AUTH_FAILURE, error.reason)
-            self.fail(error)
+            return
+        if isinstance(error, AuthorizationFailed):
+            self.audit_event(audit.AUTH_FAILURE, error.reason)
+        self.fail(error)
+
+    def _authentication_failed(self, error: AuthenticationFailed) -> None:
+        self.stats.logins_failed += 1
+        guard = self.guard
+        if guard is not None and guard.throttle.failed(self.host):
+            throttle = guard.throttle
+            log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
+        self.audit_event(audit.AUTH_FAILURE, failure_reason(error, self.known_user()))
+        self.refuse_login(error)
 
     def known_user(self) -> bool:
         """Whether the login's user has a stored secret (or is checked elsewhere): wrong_password, not
