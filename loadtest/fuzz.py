@@ -46,7 +46,9 @@ def proxy_config(folder: Path, pg_port: int | None, mysql_port: int | None, pool
     """Write a proxy config (small pools, short login timeout) and its secrets file; returns the config path."""
     (folder / "secrets.toml").write_text("[users]\n" + "".join(f'{u} = "{p}"\n' for u, p in SECRETS.items()))
     lines = ["[server]", 'log_level = "info"', "client_login_timeout = 3.0", "workers = 1", "",
-             "[secrets]", 'file = "secrets.toml"', ""]
+             "[secrets]", 'file = "secrets.toml"', "",
+             # the fuzzed logins' wrong credentials come from the bystanders' address: no lockout of them
+             "[auth]", "failed_login_limit = 0", ""]
     if pg_port is not None:
         lines += ["[postgresql]", f"port = {free_port()}", f"backend_port = {pg_port}", "",
                   "[postgresql.pool]", f"max_connections = {pool_size}", "connection_borrow_timeout = 30.0", ""]

@@ -224,6 +224,8 @@ class ProxyProcess:
         self.mysql_problem = ""
         #: Worker processes found still running after the main process had stopped (a proxy shutdown problem).
         self.orphans_seen = 0
+        #: TOML appended to the configuration (sections the code in code_dir knows, e.g. [auth]).
+        self.extra_config = ""
         self.proc: subprocess.Popen[str] | None = None
         self._stdout: list[str] = []
         self._reader: threading.Thread | None = None
@@ -278,7 +280,7 @@ class ProxyProcess:
                 lines += self._pool_lines("mysql")
             elif "enabled" in known:
                 lines += ["[mysql]", "enabled = false"]  # never the default port 6033 when nothing is behind it
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + self.extra_config
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -385,6 +387,12 @@ class ProxyProcess:
             return self.log_file.stat().st_size
         except OSError:
             return 0
+
+
+def knows_auth_section(code_dir: Path) -> bool:
+    """Whether the proxy code in `code_dir` has an [auth] section (the failed-login throttle came with it)."""
+    config = code_dir / "proxy" / "config.py"
+    return config.exists() and "class AuthSettings" in config.read_text()
 
 
 def snapshot_proxy_code(destination: Path) -> Path:

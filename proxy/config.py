@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -9,11 +10,24 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from proxy.errors import ConfigError
 
 PERCENT = re.compile(r"^\s*(\d{1,3})\s*%\s*$")
+
+
+def _check_cidr(value: str) -> str:
+    """An IPv4 or IPv6 network ("10.0.0.0/8", "2001:db8::/32"; a bare address is one host), in its normal form."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=True))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 network ({exc})") from None
+
+
+CIDR = Annotated[str, AfterValidator(_check_cidr)]
+ALLOWED_CIDRS_HELP = ("client addresses (networks such as '10.0.0.0/8' or '2001:db8::/32') that may connect, like a "
+                      "security group; absent: every address, an empty list: none (unix sockets always may)")
 
 
 class Strict(BaseModel):
@@ -95,6 +109,23 @@ class SecretsSettings(Strict):
 
     file: Path | None = None
     env_prefix: str = "DBPROXY_PASSWORD_"
+
+
+class AuthSettings(Strict):
+    """Login protection for every endpoint: the failed-login throttle per source address, and the audit file."""
+
+    failed_login_limit: int = Field(
+        20, ge=0, description="failed logins from one address within failed_login_window that lock it out; 0: off")
+    failed_login_window: float = Field(60.0, gt=0, description="seconds over which failed logins are counted")
+    failed_login_lockout: float = Field(
+        60.0, gt=0, description="seconds a locked-out address has its logins refused before any password check")
+    audit_file: Path | None = Field(
+        None, description="file to append one JSON line per login outcome to (reopened at a reload); empty: none")
+
+    @field_validator("audit_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
 
 TokenAlgorithm = Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
@@ -255,6 +286,7 @@ class EndpointBase(Strict):
     token_auth: TokenAuthMode | None = None
     token_auth_users: dict[str, TokenAuthMode] | None = Field(None, description="user -> token_auth for that user")
     require_tls: bool | None = Field(None, description="refuse plaintext logins to this endpoint")
+    allowed_cidrs: list[CIDR] | None = Field(None, description=ALLOWED_CIDRS_HELP + "; default: the cluster's")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
 
@@ -290,6 +322,8 @@ class ClusterBase(Strict):
     token_auth: TokenAuthMode | None = None
     token_auth_users: dict[str, TokenAuthMode] | None = Field(None, description="user -> token_auth for that user")
     require_tls: bool | None = Field(None, description="refuse plaintext logins to its endpoints")
+    allowed_cidrs: list[CIDR] | None = Field(
+        None, description=ALLOWED_CIDRS_HELP + "; default for its endpoints, else the engine section's")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
 
     @property
@@ -359,6 +393,8 @@ class PostgresSettings(Strict):
         default_factory=dict, description="user -> token_auth for that user (over token_auth)"
     )
     require_tls: bool = Field(False, description="refuse plaintext logins (the [tls] mode applies too)")
+    allowed_cidrs: list[CIDR] | None = Field(
+        None, description=ALLOWED_CIDRS_HELP + "; default for every endpoint of the engine")
     pool: PoolSettings = PoolSettings()
     clusters: dict[Name, PostgresCluster] = Field(default_factory=dict)
     endpoints: dict[Name, PostgresEndpoint] = Field(default_factory=dict)
@@ -436,6 +472,8 @@ class MySQLSettings(Strict):
         default_factory=dict, description="user -> token_auth for that user (over token_auth)"
     )
     require_tls: bool = Field(False, description="refuse plaintext logins (the [tls] mode applies too)")
+    allowed_cidrs: list[CIDR] | None = Field(
+        None, description=ALLOWED_CIDRS_HELP + "; default for every endpoint of the engine")
     pool: MySQLPoolSettings = MySQLPoolSettings()
     clusters: dict[Name, MySQLCluster] = Field(default_factory=dict)
     endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)
@@ -450,6 +488,7 @@ class Config(Strict):
     postgresql: PostgresSettings = PostgresSettings()
     mysql: MySQLSettings = MySQLSettings()
     tokens: TokenSettings = TokenSettings()
+    auth: AuthSettings = AuthSettings()
 
 
 def _describe(error: Any) -> str:
@@ -469,6 +508,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                     part[key] = str(base / value)
 
     for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+                          ("auth", ("audit_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),
                           ("mysql", ("backend_ca_file", "rsa_private_key_file"))):

@@ -33,11 +33,23 @@ class AuthenticationFailed(ProxyError):
 
 
 class AuthorizationFailed(ProxyError):
-    """The client may not use this authentication method or database."""
+    """The client may not use this authentication method or database; `reason` names why for the audit log."""
 
     sqlstate = "28000"
     mysql_errno = 1045
     mysql_sqlstate = "28000"
+
+    def __init__(self, message: str, reason: str = "not_authorized") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class LoginsThrottled(ProxyError):
+    """Too many failed logins from the client's address: its logins are refused until its lockout ends."""
+
+    sqlstate = "28000"  # invalid_authorization_specification
+    mysql_errno = 1129  # ER_HOST_IS_BLOCKED
+    mysql_sqlstate = "HY000"
 
 
 class LoginTimeout(ProxyError):

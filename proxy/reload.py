@@ -104,6 +104,12 @@ async def apply(server: ProxyServer, config: Config) -> None:
     # certificate files are read again
     tls = client_tls(config) if config.tls != old.tls or config.tls.cert_file is not None else server.tls
     tokens = make_verifier(config)  # keys and JWKS read again (a rotation adds or removes keys)
+    try:
+        server.guard.configure(config.auth)  # the audit file reopened (after logrotate), the throttle's new limits
+    except ConfigError:
+        if tokens is not None:
+            tokens.close()
+        raise
     server.tls = tls
     server.config, server.secrets = config, secrets
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())

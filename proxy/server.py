@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
+from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
@@ -80,6 +81,7 @@ class ProxyServer:
         self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
+        self.guard = LoginGuard(config.auth)  # the same: the failed-login throttle and the audit log
         self.stats = StatsRegistry()
         self.stats.keep_insights(config.server.statement_insights)
         self.listeners: dict[str, Listener] = {}
@@ -162,6 +164,7 @@ class ProxyServer:
             service = MySQLService(self.config, endpoint, self.secrets, self.tls, self.stats,
                                    self.first_service(MySQLService))
         service.tokens = self.tokens
+        service.guard = self.guard
         if endpoint.role is EndpointRole.READ_ONLY:  # used while its causal_reads is on (a reload may turn it on)
             service.causal = CausalReads(
                 endpoint.name, lambda: self.causal_clusters.get((service.endpoint.engine, service.endpoint.cluster)),
@@ -304,5 +307,6 @@ class ProxyServer:
                 await listener.server.wait_closed()
         flush_failed_logins()
         self.close_tokens()
+        self.guard.close()
         for server in self.servers:
             await server.wait_closed()

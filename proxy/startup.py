@@ -41,7 +41,9 @@ def check_startup(config: Config) -> None:
 
     check_host(config)
     with _quiet_logs():
-        ProxyServer(config).close_tokens()
+        server = ProxyServer(config)
+        server.close_tokens()
+        server.guard.close()
 
 
 def describe_start_error(exc: BaseException) -> str:

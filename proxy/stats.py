@@ -56,8 +56,9 @@ def add_histograms(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any
 class EndpointStats:
     """Counters of the clients of one endpoint; plain attribute increments on the hot path."""
 
-    COUNTERS = ("clients_accepted", "clients_refused", "logins_ok", "logins_failed", "protocol_errors",
-                "cancel_requests", "idle_client_timeouts", "login_timeouts", "logins_tls", "queries", "query_errors")
+    COUNTERS = ("clients_accepted", "clients_refused", "clients_refused_network", "logins_ok", "logins_failed",
+                "logins_throttled", "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts",
+                "logins_tls", "queries", "query_errors")
     GAUGES = ("clients_current", "pinned_now")
     HISTOGRAMS = ("query_latency", "database_latency")
     __slots__ = ("labels", "pins", "registry", "replays", *COUNTERS, *GAUGES, *HISTOGRAMS)
@@ -69,8 +70,10 @@ class EndpointStats:
         self.replays: dict[str, int] = {}  # transactions carried to another backend, by outcome
         self.clients_accepted = 0
         self.clients_refused = 0  # turned away at connect: max_client_connections reached
+        self.clients_refused_network = 0  # closed at connect: the address is not in the endpoint's allowed_cidrs
         self.logins_ok = 0
         self.logins_failed = 0
+        self.logins_throttled = 0  # refused before any password check: the address had too many failed logins
         self.protocol_errors = 0
         self.cancel_requests = 0
         self.idle_client_timeouts = 0

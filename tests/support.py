@@ -34,7 +34,10 @@ def _toml_value(value: Any) -> str:
 
 
 def write_config(folder: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    """Write a TOML config (sections may be dotted, e.g. 'postgresql.pool') and a secrets file beside it."""
+    """Write a TOML config (sections may be dotted, e.g. 'postgresql.pool') and a secrets file beside it. The
+    failed-login throttle is off unless [auth] sets failed_login_limit: many tests fail logins from 127.0.0.1 on
+    purpose, then log in from there."""
+    sections = {**sections, "auth": {"failed_login_limit": 0, **sections.get("auth", {})}}
     (folder / "secrets.toml").write_text(
         "[users]\n" + "".join(f"{user} = {_toml_value(pw)}\n" for user, pw in SECRETS.items())
     )

@@ -52,3 +52,18 @@ def test_idle_probe_reports_memory_per_connection() -> None:
     match = re.search(r"^\s*200 idle clients: RSS .* ([\d.]+) KiB per connection", done.stdout, re.MULTILINE)
     assert match, done.stdout
     assert float(match.group(1)) > 0
+
+
+@pytest.mark.timeout(60)
+def test_auth_throttle_prints_latencies_and_throttled_attempts() -> None:
+    done = _run(["loadtest.auth_throttle", "--engine", "postgresql", "--attempts", "100", "--concurrency", "10",
+                 "--quiet", "0.5", "--good-rate", "50"], timeout=40)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    for phase in ("before", "during"):
+        assert re.search(rf"good logins from 127\.0\.0\.1, {phase} the burst: n=\s*\d+\s+p50\s+[\d.]+ ms\s+p99\s+"
+                         r"[\d.]+ ms", done.stdout), done.stdout
+    found = re.search(r"100 wrong-password attempts \(10 at once\) in [\d.]+ s: (\d+) throttled, (\d+) failed",
+                      done.stdout)
+    assert found is not None, done.stdout
+    throttled, failed = int(found.group(1)), int(found.group(2))
+    assert (throttled, failed) == (80, 20), done.stdout

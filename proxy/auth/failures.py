@@ -12,6 +12,7 @@ USERS_NAMED = 10  # user names a summary line lists, with their counts (the rest
 USERS_KEPT = 100  # user names counted one by one per address; beyond that they only add to the total
 HOSTS_KEPT = 1000  # addresses counted one by one; the failed logins of any further ones are summed up together
 OTHER_HOSTS = "(other addresses)"
+SUMMARY_LINE = "client %s: %d more failed login(s) within %g s, not logged one by one: %s"
 NAME_SHOWN = 64  # characters of a user name a summary line shows
 _ALL: list[FailedLogins] = []  # one per protocol's client module
 
@@ -27,8 +28,10 @@ class FailedLogins:
     password guesser, a misconfigured client) becomes one summary line per interval with counts per user, so
     that the burst costs the proxy neither a formatted line per attempt nor an unbounded log."""
 
-    def __init__(self, logger: logging.Logger, interval: float = INTERVAL, full_lines: int = FULL_LINES) -> None:
+    def __init__(self, logger: logging.Logger, interval: float = INTERVAL, full_lines: int = FULL_LINES,
+                 summary: str = SUMMARY_LINE) -> None:
         self._log = logger
+        self.summary = summary  # the summary line: address, count, interval, "'name' xN, ..." (what was counted)
         self.interval = interval
         self.full_lines = full_lines
         self._window_end = 0.0
@@ -83,5 +86,4 @@ class FailedLogins:
             rest = total - sum(count for _, count in named)
             if rest:
                 listed += f", other users x{rest}"
-            self._log.warning("client %s: %d more failed login(s) within %g s, not logged one by one: %s",
-                              host, total, self.interval, listed)
+            self._log.warning(self.summary, host, total, self.interval, listed)

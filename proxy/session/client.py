@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from enum import IntEnum
 from typing import Any
 
+from proxy.auth import audit
 from proxy.auth.failures import FailedLogins
+from proxy.auth.guard import LoginGuard, failure_reason
+from proxy.auth.networks import AllowList
 from proxy.config import ServerSettings
 from proxy.errors import (
     AuthenticationFailed,
+    AuthorizationFailed,
     BackendUnavailable,
     ClientMessageTimeout,
     IdleClientTimeout,
+    LoginsThrottled,
     LoginTimeout,
     ProtocolViolation,
     ProxyError,
@@ -27,6 +33,18 @@ from proxy.rundir import worker_count
 from proxy.stats import EndpointStats
 
 log = logging.getLogger(__name__)
+# Connections from addresses outside an endpoint's allowed_cidrs: the first per address in each interval in full,
+# the rest as one summary line per address.
+refused_connections = FailedLogins(
+    log, full_lines=1, summary="client %s: %d more connection(s) refused within %g s (address not in "
+    "allowed_cidrs), not logged one by one: %s")
+REFUSED_LINE = "client %s: connection to endpoint %s refused: the address is not in its allowed_cidrs (%s)"
+# Logins refused while their address is locked out: the first per address in each interval, then a summary.
+throttled_logins = FailedLogins(
+    log, full_lines=1, summary="client %s: %d more login(s) refused within %g s (too many failed logins from the "
+    "address), not logged one by one: %s")
+THROTTLED_LINE = "client %s (user %r): login refused: too many failed logins from this address (%.0f s left)"
+LOCKOUT_LINE = "client address %s: %d failed logins within %g s: its logins are refused for the next %g s"
 
 # Before authentication no message may be larger than this (PostgreSQL allows 10 000 bytes for a startup packet
 # and 64 kB for an authentication token; MySQL login packets are capped at 64 kB separately).
@@ -65,6 +83,7 @@ class ClientConnection(Connection):
     idle_since = 0.0
     # Texts of the errors the lifecycle sends, in each engine's wording (overridden where it differs).
     LOGIN_TIMEOUT_TEXT = "the client did not complete its login in time"
+    THROTTLED_TEXT = "too many failed logins from this address; try again in {} s"  # .format(seconds, host)
     MESSAGE_TIMEOUT_TEXT = "closing the connection: the client stopped in the middle of a message for more than {:g} s"
     BACKEND_LOST_TEXT = "the database connection was lost"
     clock: QueryClock | None = None  # times its statements for the statement statistics (when they are on)
@@ -74,12 +93,22 @@ class ClientConnection(Connection):
     # until the janitor's next pass outlives the young generations of the garbage collector, and the closed clients
     # of a burst of connections (each a reference cycle with its transport) pile up for a full collection.
     registry: set[Any] | None = None
+    allowed: AllowList | None = None  # the endpoint's allowed_cidrs (None: every address; set by the subclass)
+    guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the subclass)
+    refused = False  # closed at connect: its address is not allowed (never counted as a current client)
+    host = "?"  # the peer's address without its port
+    session: Any  # the engine's session state: its `user` and `database` are the login's
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.host = peer[0] if isinstance(peer, tuple) else self.peer
         stats = self.stats
+        allowed = self.allowed
+        if allowed is not None and isinstance(peer, tuple) and not allowed.admits(peer[0]):
+            self._refuse_network(peer[0], allowed)
+            return
         stats.clients_accepted += 1
         stats.clients_current += 1
         self.buffer_limit = LOGIN_BUFFER_LIMIT
@@ -88,6 +117,16 @@ class ClientConnection(Connection):
             self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
                                              f"{stats.registry.max_clients * worker_count()})")
         self._task = self.loop.create_task(self._login_with_timeout())
+
+    def _refuse_network(self, host: str, allowed: AllowList) -> None:
+        """A peer outside the allow-list: closed before a byte is read or written, counted, logged (summarised)."""
+        self.refused = True
+        self.state = State.CLOSED
+        self.stats.clients_refused_network += 1
+        endpoint = self.stats.labels.get("endpoint", "")
+        refused_connections.record(host, endpoint, REFUSED_LINE, self.peer, endpoint, allowed.text)
+        self.audit_event(audit.CONNECTION_REFUSED_NETWORK)
+        self.transport.abort()
 
     # --- login ---
 
@@ -108,9 +147,8 @@ class ClientConnection(Connection):
         except ConnectionClosed:
             log.info("client %s closed the connection during login", self.peer)
             self.close()
-        except AuthenticationFailed as exc:
-            self.stats.logins_failed += 1
-            self.refuse_login(exc)
+        except (AuthenticationFailed, AuthorizationFailed, LoginsThrottled) as exc:
+            self.login_refused(exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an error for this client only
@@ -135,6 +173,76 @@ class ClientConnection(Connection):
     def refuse_login(self, error: AuthenticationFailed) -> None:
         """A failed authentication: log it (see `log_failed_login`) and fail the client."""
         self.fail(error)
+
+    # --- the login guard: throttle and audit (one hook for both engines, at connect and at a change of user) ---
+
+    def check_throttle(self) -> None:
+        """Before any password check: LoginsThrottled if the client's address is locked out (a dict look-up)."""
+        error = self._throttled()
+        if error is not None:
+            raise error
+
+    def _throttled(self) -> LoginsThrottled | None:
+        guard = self.guard
+        if guard is None:
+            return None
+        left = guard.throttle.locked_for(self.host)
+        return LoginsThrottled(self.THROTTLED_TEXT.format(math.ceil(left), self.host)) if left else None
+
+    def authenticated(self) -> None:
+        """The client proved who it is (its session may still fail to start: a backend, a setting). A login that
+        was already past `check_throttle` when its address got locked out is refused all the same, whatever its
+        answer: a burst of logins opened at once gets no more answers than the limit."""
+        self.check_throttle()
+        self.audit_event(audit.AUTH_SUCCESS)
+
+    def login_refused(self, error: ProxyError) -> None:
+        """A login that did not pass: a failed authentication counts toward the throttle (one from an address
+        locked out meanwhile is refused as throttled: its answer is not told); each is audited and sent to the
+        client; the throttle's refusals are logged in summary."""
+        if isinstance(error, AuthenticationFailed):
+            throttled = self._throttled()
+            if throttled is None:
+                self._authentication_failed(error)
+                return
+            error = throttled
+        if isinstance(error, LoginsThrottled):
+            self.stats.logins_throttled += 1
+            self.audit_event(audit.AUTH_THROTTLED)
+            user = self.session.user
+            left = self.guard.throttle.locked_for(self.host) if self.guard is not None else 0.0
+            throttled_logins.record(self.host, user, THROTTLED_LINE, self.peer, user, left)
+            self.fail(error, logged=True)
+            return
+        if isinstance(error, AuthorizationFailed):
+            self.audit_event(audit.AUTH_FAILURE, error.reason)
+        self.fail(error)
+
+    def _authentication_failed(self, error: AuthenticationFailed) -> None:
+        self.stats.logins_failed += 1
+        guard = self.guard
+        if guard is not None and guard.throttle.failed(self.host):
+            throttle = guard.throttle
+            log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
+        self.audit_event(audit.AUTH_FAILURE, failure_reason(error, self.known_user()))
+        self.refuse_login(error)
+
+    def known_user(self) -> bool:
+        """Whether the login's user has a stored secret (or is checked elsewhere): wrong_password, not
+        unknown_user, in the audit."""
+        return True
+
+    def audit_event(self, event: str, reason: str = "") -> None:
+        """One line in the audit file (if there is one): never a password or a token."""
+        guard = self.guard
+        if guard is None or not guard.audit.enabled:
+            return
+        session = getattr(self, "session", None)
+        labels = self.stats.labels
+        guard.audit.write(event, engine=labels.get("engine", ""), endpoint=labels.get("endpoint", ""),
+                          user=session.user if session is not None else "",
+                          database=session.database if session is not None else "", source=self.peer,
+                          method=self.login_method, tls=self.is_tls, reason=reason)
 
     def log_failed_login(self, failed: FailedLogins, user: str, message: str, *args: object) -> None:
         """A password that did not match: its warning line goes through `failed` (one each while they are few, a
@@ -164,6 +272,8 @@ class ClientConnection(Connection):
 
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
+        if self.refused:
+            return
         self.stats.clients_current -= 1
         if self.pool is not None:
             self.pool.clients.discard(self)

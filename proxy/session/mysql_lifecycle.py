@@ -77,6 +77,8 @@ class MySQLClientBase(ClientConnection):
         self.service = service
         self.server = service.server
         self.stats = service.stats
+        self.allowed = service.allowed
+        self.guard = service.guard
         self.state = State.LOGIN
         self._handshaking = False  # in the TLS handshake after an SSLRequest
         self.connection_id = 0
@@ -130,12 +132,16 @@ class MySQLClientBase(ClientConnection):
     MESSAGE_TIMEOUT_TEXT = ("Got timeout reading communication packets: the client stopped in the middle of a "
                             "packet for more than {:g} s")
     BACKEND_LOST_TEXT = "Lost connection to the database server"
+    THROTTLED_TEXT = "Host '{1}' is blocked because of too many failed logins; try again in {0} s"
 
     async def _after_login(self) -> None:
         await self._login_ready()  # may wait for a backend: the borrow timeout applies, not the login timeout
 
     def refuse_login(self, error: AuthenticationFailed) -> None:
         refuse_login(self, error)
+
+    def known_user(self) -> bool:
+        return self.login_method in ("passthrough", "token") or self.service.secrets.get(self.user) is not None
 
     def log_failure(self, error: ProxyError) -> None:
         log.warning(FAIL_LINE, self.peer, self.user, error.message, error.mysql_errno, error.mysql_sqlstate)

@@ -33,7 +33,7 @@ from proxy.protocol.mysql.packets import (
     is_ssl_request,
 )
 from proxy.session.client import TLSHandshakeFailed
-from proxy.session.mysql_lifecycle import C_LIBRARIES, State, refuse_login, violation
+from proxy.session.mysql_lifecycle import C_LIBRARIES, State, violation
 from proxy.session.mysql_statement_commands import MySQLStatementCommands
 
 LOGIN_PACKET_LIMIT = 64 * 1024
@@ -109,13 +109,16 @@ class MySQLLogin(MySQLStatementCommands):
         self.c_library = (response.connect_attrs or {}).get("_client_name") in C_LIBRARIES
         self.session.user = response.username
         if service.config.tls.mode is ClientTLSMode.REQUIRE and not self.is_tls:
-            raise AuthorizationFailed("Connections using insecure transport are prohibited: the proxy requires TLS")
+            raise AuthorizationFailed("Connections using insecure transport are prohibited: the proxy requires TLS",
+                                      "tls_required")
         if service.settings.require_tls and not self.is_tls:
             raise AuthorizationFailed("Connections using insecure transport are prohibited: endpoint "
-                                      f"{service.endpoint.name} requires TLS")
+                                      f"{service.endpoint.name} requires TLS", "tls_required")
+        self.session.database = (response.database or "") if response.capabilities & my.CLIENT_CONNECT_WITH_DB else ""
+        self.check_throttle()
         await self._authenticate(response.auth_plugin_name, response.auth_response,
                                  bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
-        self.session.database = (response.database or "") if response.capabilities & my.CLIENT_CONNECT_WITH_DB else ""
+        self.authenticated()
         self.profile = Profile(self.capabilities & RELAYED_CAPABILITIES, response.charset)
         self.multi_statements = bool(self.capabilities & my.CLIENT_MULTI_STATEMENTS)
         self.session.autocommit = self._default_autocommit
@@ -192,12 +195,12 @@ class MySQLLogin(MySQLStatementCommands):
         known, password = (True, secret.password) if secret is not None else (False, _NOBODYS_PASSWORD)
         if method is MySQLAuthMethod.CLEAR and not self.is_tls:
             raise AuthorizationFailed(f"Access denied for user '{self.user}': mysql_clear_password is allowed only "
-                                      "over TLS")
+                                      "over TLS", "cleartext_without_tls")
         nonce = self.scramble
         if (plugin or my.MYSQL_NATIVE_PASSWORD) != method.value:
             if not plugin_auth and method is not MySQLAuthMethod.NATIVE:
                 raise AuthorizationFailed(f"Access denied for user '{self.user}': the client cannot switch to "
-                                          f"{method.value}")
+                                          f"{method.value}", "method_not_supported")
             if method is MySQLAuthMethod.CLEAR:
                 self._write_login(AuthSwitchRequest(method.value, b"").build())
             else:
@@ -238,13 +241,15 @@ class MySQLLogin(MySQLStatementCommands):
                                   required: bool) -> None:
         """mysql_clear_password over TLS: a token (the only answer `required` takes), else the stored password."""
         user = self.user
-        if not self.is_tls:
-            raise AuthorizationFailed(f"Access denied for user '{user}': token authentication requires TLS")
         clear = MySQLAuthMethod.CLEAR.value
         self.login_method = "token" if required else clear
+        if not self.is_tls:
+            raise AuthorizationFailed(f"Access denied for user '{user}': token authentication requires TLS",
+                                      "token_without_tls")
         if plugin != clear:
             if not plugin_auth:
-                raise AuthorizationFailed(f"Access denied for user '{user}': the client cannot switch to {clear}")
+                raise AuthorizationFailed(f"Access denied for user '{user}': the client cannot switch to {clear}",
+                                          "method_not_supported")
             self._write_login(AuthSwitchRequest(clear, b"").build())
             response = await self._read_login_packet()
         answer = parse_clear_password(response)
@@ -275,11 +280,13 @@ class MySQLLogin(MySQLStatementCommands):
         self.service.clients.pop(self.connection_id, None)
         try:
             self.session.user = request.username
+            self.session.database = request.database
+            self.check_throttle()
             await self._authenticate(request.auth_plugin_name, request.auth_response,
                                      bool(self.capabilities & my.CLIENT_PLUGIN_AUTH))
+            self.authenticated()
             if request.charset is not None:
                 self.profile = Profile(self.profile.capabilities, request.charset & 0xFF)
-            self.session.database = request.database
             await self._prepare_session()
         except ConnectionClosed:
             self._busy = None
@@ -287,11 +294,7 @@ class MySQLLogin(MySQLStatementCommands):
             return
         except ProxyError as exc:
             self._busy = None
-            if isinstance(exc, AuthenticationFailed):
-                self.stats.logins_failed += 1
-                refuse_login(self, exc)
-            else:
-                self.fail(exc)
+            self.login_refused(exc)
             return
         self.service.clients[self.connection_id] = self
         self._send_ok(self._seq)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Protocol, cast
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy import channel
+from proxy.auth.guard import LoginGuard
 from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_pem
+from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
 from proxy.config import Config, MySQLAuthMethod, MySQLSettings, ServerSettings
 from proxy.endpoints import Endpoint
@@ -129,12 +131,14 @@ class MySQLService:
         self._probe: asyncio.Task[HandshakeV10] | None = None
         self.session_tracking = False  # the backends report session state changes (CLIENT_SESSION_TRACK)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.allowed = allow_list(self.settings.allowed_cidrs)  # who may connect (None: anyone)
         self.read_only_variables: set[bytes] = set(READ_ONLY_VARIABLES)  # reported, never re-applied
         self.collations: frozenset[int] = frozenset()  # collation ids the server knows (empty: not learned)
         self._learned_generation = -1  # the target generation whose server the two above come from
         self.target.on_repoint.append(self._forget_server)
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
+        self.guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the server)
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:
@@ -440,6 +444,7 @@ class MySQLService:
         if (old.backend_tls, old.backend_ca_file) != (self.settings.backend_tls, self.settings.backend_ca_file):
             self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.allowed = allow_list(self.settings.allowed_cidrs)
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2 and (
                 self.rsa_key is None or old.rsa_private_key_file != self.settings.rsa_private_key_file):
             self._load_rsa_key()

@@ -37,6 +37,10 @@ class PostgresClient(PgLogin):
         self.log_failed_login(failed_logins, user, FAIL_LINE, self.peer, user, error.message, error.sqlstate)
         self.fail(error, logged=True)
 
+    def known_user(self) -> bool:
+        return (self.login_method in ("passthrough", "token")
+                or self.service.secrets.get(self.session.user) is not None)
+
     def _login_may_be_cancelled(self) -> bool:
         return not self._buffer  # (with bytes still buffered, e.g. a CancelRequest and a close, let it finish)
 

@@ -111,7 +111,9 @@ class PgLogin(PgForward):
                                   + b"".join(pg.cstring(k) for k in unknown)))
             params = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
         requested = self._startup_session(params)
+        self.check_throttle()
         await self._authenticate()
+        self.authenticated()
         session = self.session
         pool = self.pool = service.pool_for(session.database, session.user)
         pool.clients.add(self)  # kept while it serves a client
@@ -137,16 +139,18 @@ class PgLogin(PgForward):
     def _startup_session(self, params: dict[str, str]) -> dict[str, str]:
         """The user and database of the startup packet into `session`; returns the settings it requests."""
         if self.service.config.tls.mode is ClientTLSMode.REQUIRE and not self.is_tls:
-            raise AuthorizationFailed("the proxy requires TLS (sslmode=require)")
+            raise AuthorizationFailed("the proxy requires TLS (sslmode=require)", "tls_required")
         session = self.session
         session.user = params.get("user", "")
         if not session.user:
-            raise AuthorizationFailed("no PostgreSQL user name specified in startup packet")
+            raise AuthorizationFailed("no PostgreSQL user name specified in startup packet", "no_user")
         if self.service.settings.require_tls and not self.is_tls:
-            raise AuthorizationFailed(f"endpoint {self.service.endpoint.name} requires TLS (sslmode=require)")
+            raise AuthorizationFailed(f"endpoint {self.service.endpoint.name} requires TLS (sslmode=require)",
+                                      "tls_required")
         session.database = params.get("database") or session.user
         if "replication" in params and params["replication"].lower() not in ("false", "off", "0", "no"):
-            raise AuthorizationFailed("replication connections are not supported through the proxy")
+            raise AuthorizationFailed("replication connections are not supported through the proxy",
+                                      "replication_refused")
         requested = {k: v for k, v in params.items() if k not in STARTUP_ONLY}
         requested.update(_options_settings(params.get("options", "")))
         for name in requested:
@@ -172,7 +176,8 @@ class PgLogin(PgForward):
             await self._authenticate_scram(user, secret)
             return
         if method is ClientAuthMethod.PASSWORD and not self.is_tls:
-            raise AuthorizationFailed("cleartext password authentication is allowed only over TLS")
+            raise AuthorizationFailed("cleartext password authentication is allowed only over TLS",
+                                      "cleartext_without_tls")
         salt = os.urandom(4)
         if method is ClientAuthMethod.MD5:
             self.write(pg.authentication(pg.AUTH_MD5, salt))
@@ -196,9 +201,9 @@ class PgLogin(PgForward):
 
     async def _authenticate_token(self, user: str, secret: Secret | None, required: bool) -> None:
         """A cleartext password over TLS: a token (the only answer `required` takes), else the stored password."""
-        if not self.is_tls:
-            raise AuthorizationFailed("token authentication requires TLS (sslmode=require)")
         self.login_method = "token" if required else ClientAuthMethod.PASSWORD.value
+        if not self.is_tls:
+            raise AuthorizationFailed("token authentication requires TLS (sslmode=require)", "token_without_tls")
         self.write(pg.authentication(pg.AUTH_CLEARTEXT))
         answer = await self._read_password()
         if required or looks_like_token(answer):

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 from proxy import channel
+from proxy.auth.guard import LoginGuard
+from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
 from proxy.endpoints import Endpoint
@@ -60,6 +62,7 @@ class PostgresService:
         self.target: Target = self.group.home
         self.stats = stats.endpoint("postgresql", endpoint.name, endpoint.cluster)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.allowed = allow_list(self.settings.allowed_cidrs)  # who may connect (None: anyone)
         # process id -> PostgresClient (for CancelRequest), one registry for every endpoint of the process
         self.clients: dict[int, CancelTarget] = peer.clients if peer is not None else {}
         self.worker = worker_index()
@@ -69,6 +72,7 @@ class PostgresService:
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
+        self.guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the server)
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
@@ -147,3 +151,4 @@ class PostgresService:
         if (old.backend_tls, old.backend_ca_file) != (self.settings.backend_tls, self.settings.backend_ca_file):
             self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
+        self.allowed = allow_list(self.settings.allowed_cidrs)

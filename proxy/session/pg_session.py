@@ -28,6 +28,8 @@ class PgSession(ClientConnection):
         self.service = service
         self.server = service.server
         self.stats = service.stats
+        self.allowed = service.allowed
+        self.guard = service.guard
         self.state = State.LOGIN
         self.session: PgSessionState = SessionState()
         self.pool: Pool | None = None
