@@ -199,7 +199,7 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
     follow at their next monitor round (and fence the writer it replaces)."""
     try:
         config = load_config(config_path)
-        secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        secrets = SecretStore.from_settings(config.secrets)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
     engine, name, cluster, instance = find_instance(config, wanted, cluster_name)

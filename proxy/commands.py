@@ -183,7 +183,7 @@ class Switchover:
         self.timeout = timeout
         self.switched = switched
         try:
-            self.secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+            self.secrets = SecretStore.from_settings(config.secrets)
         except ConfigError as exc:
             raise SwitchoverError(f"the secrets cannot be read: {exc}") from None
 

@@ -98,22 +98,25 @@ async def apply(server: ProxyServer, config: Config) -> None:
     """Make the running process serve `config` (validated, its restart-only keys as running): secrets re-read,
     endpoints added, removed, re-pointed, resized. A removed endpoint stops listening at once; its clients stay
     until they leave. Raises ConfigError (the secrets file, the TLS certificate) before anything changes."""
-    secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+    secrets = SecretStore.from_settings(config.secrets)
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
     # certificate files are read again
     tls = client_tls(config) if config.tls != old.tls or config.tls.cert_file is not None else server.tls
     tokens = make_verifier(config)  # keys and JWKS read again (a rotation adds or removes keys)
     server.tls = tls
-    server.config, server.secrets = config, secrets
+    server.config = config
+    server.use_secrets(secrets)
+    server.secrets_watch.loaded(config.secrets)
+    log.info("secrets reloaded (%d users)", len(secrets.users))
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
     if config.server.log_level != old.server.log_level:
         logging.getLogger().setLevel(config.server.log_level.upper())
     server.close_tokens()
     server.tokens = tokens
     for service in server.services():
-        service.config, service.server, service.secrets, service.server_tls, service.tokens = (
-            config, config.server, secrets, server.tls, tokens)
+        service.config, service.server, service.server_tls, service.tokens = (
+            config, config.server, server.tls, tokens)
     wanted = {endpoint.name: endpoint for endpoint in resolve_endpoints(config)}
     moving: list[Listener] = []
     for name, listener in list(server.listeners.items()):
@@ -135,7 +138,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
         elif endpoint != found.endpoint:
             _update(found, endpoint, server.stats)
     if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
-        secrets.warm_up()
+        secrets.warm_up()  # for endpoints this reload added
     log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())
              or "no endpoint")
 

@@ -18,6 +18,7 @@ from proxy.config import ClientTLSMode, Config, EndpointRole, engine_active, eng
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
+from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
 from proxy.session.causal import CausalCluster, CausalReads
 from proxy.session.mysql_client import MySQLClient
@@ -77,7 +78,7 @@ class ProxyServer:
 
     def __init__(self, config: Config, secrets: SecretStore | None = None) -> None:
         self.config = config
-        self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        self.secrets = secrets or SecretStore.from_settings(config.secrets)
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
         self.stats = StatsRegistry()
@@ -92,6 +93,15 @@ class ProxyServer:
         self.causal_clusters: dict[tuple[str, str], CausalCluster] = {}  # (engine, cluster): see make_followers
         self.held: set[str] = set()  # endpoints a switchover holds: no topology follower moves or resumes them
         self.followers: list[ClusterFollower] = self.make_followers()
+        self.secrets_watch = SecretsWatch(lambda: self.config.secrets, self.use_secrets)
+
+    def use_secrets(self, secrets: SecretStore) -> None:
+        """New logins (of clients and to the database) use `secrets`; connected ones carry on."""
+        self.secrets = secrets
+        for service in self.services():
+            service.secrets = secrets
+        if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in self.services()):
+            secrets.warm_up()
 
     def make_followers(self) -> list[ClusterFollower]:
         """A topology monitor and follower per cluster with a monitor_interval (in each worker process)."""
@@ -186,6 +196,7 @@ class ProxyServer:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
         self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+        self.secrets_watch.start()
         for follower in self.followers:
             follower.start()
         # What the start made (modules, configuration, listeners) lives as long as the process: out of the garbage
@@ -270,6 +281,7 @@ class ProxyServer:
             server.close()
         if self._janitor is not None:
             self._janitor.cancel()
+        self.secrets_watch.stop()
         deadline = time.monotonic() + self.config.server.shutdown_grace
         while time.monotonic() < deadline and any(
             client.backend is not None and (isinstance(client, PostgresClient) or not client.backend.idle)
