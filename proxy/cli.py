@@ -26,6 +26,7 @@ from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
+from proxy.secret_commands import add_secret_commands, run_secret_command
 from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
@@ -295,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="MariaDB read_only endpoint (--mysql-port + 1)")
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
     add_token_commands(sub)
+    add_secret_commands(sub)
     return parser
 
 
@@ -324,6 +326,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command in ("keys", "token"):
         run_token_command(args)
+        return
+    if args.command == "secrets":
+        run_secret_command(args)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)
