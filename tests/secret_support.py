@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+from support import ProxyProcess
 
 _serial = itertools.count()
 
@@ -30,3 +35,17 @@ def kubelet_write(folder: Path, entries: dict[str, str]) -> None:
         for file in (folder / old).iterdir():
             file.unlink()
         (folder / old).rmdir()
+
+
+def dbproxy(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m proxy ARGS` (this checkout's), its output captured."""
+    return subprocess.run([sys.executable, "-m", "proxy", *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def wait_for_count(proxy: ProxyProcess, text: str, count: int, timeout: float = 10.0) -> None:
+    """Wait until `text` appears `count` times in the proxy's log."""
+    deadline = time.monotonic() + timeout
+    while proxy.log().count(text) < count:
+        assert time.monotonic() < deadline, proxy.log()[-3000:]
+        time.sleep(0.05)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from secret_support import dbproxy, wait_for_count
 
 from devtools.servers import PostgresInstance
 from support import ProxyProcess, running_proxy
@@ -21,11 +22,6 @@ CLIENT_PASSWORD = "rot-client-pw-7Q"  # clients' password to the proxy, and the 
 CLONE_PASSWORD = "rot-clone-pw-3K"
 ROTATIONS = 2
 BENCH_SECONDS = 20
-
-
-def dbproxy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60,
-                          env=env)
 
 
 def make_roles(pg: PostgresInstance, user: str, clone: str | None) -> None:
@@ -100,13 +96,6 @@ def run_rotations(proxy: ProxyProcess, user: str, strategy: str, pg: PostgresIns
             bench.kill()
             bench.wait()
     return subprocess.CompletedProcess(bench.args, bench.returncode, out, err), outputs, seen
-
-
-def wait_for_count(proxy: ProxyProcess, text: str, count: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while proxy.log().count(text) < count:
-        assert time.monotonic() < deadline, proxy.log()[-3000:]
-        time.sleep(0.05)
 
 
 def check_bench(result: subprocess.CompletedProcess[str]) -> int:

@@ -95,3 +95,20 @@ def test_failed_backend_login_then_reload_by_signal(tmp_path: Path, pg_server: P
             assert current_user(client) == USER
         log = proxy.log()
     assert "live-pw-" not in log
+
+
+def test_pending_password_is_tried_when_the_stored_one_is_refused(tmp_path: Path, pg_server: PostgresInstance,
+                                                                  live_role: str) -> None:
+    """A rotation in flight: the database has the new password, the secrets hold it as pending only, no watch. A new
+    backend login is refused with the current password, then made with the pending one read from the folder."""
+    folder = tmp_path / "mounted"
+    kubelet_write(folder, {USER: "live-pw-1"})
+    with running_proxy(tmp_path / "proxy", pg_server, secrets={"dir": str(folder), "watch_interval": 0}) as proxy:
+        kubelet_write(folder, {USER: "live-pw-1", f"{USER}.pending": "live-pw-2"})
+        pg_server.psql(f"ALTER ROLE {USER} PASSWORD 'live-pw-2'")
+        with connect(proxy, "live-pw-1") as client:  # the client-facing password is unchanged
+            assert current_user(client) == USER
+        assert "the database refused the stored password; trying the secrets read again" in proxy.log()
+        assert "secrets reloaded" not in proxy.log()
+        log = proxy.log()
+    assert "live-pw-" not in log
