@@ -112,3 +112,18 @@ def test_pending_password_is_tried_when_the_stored_one_is_refused(tmp_path: Path
         assert "secrets reloaded" not in proxy.log()
         log = proxy.log()
     assert "live-pw-" not in log
+
+
+def test_every_worker_picks_the_change_up(tmp_path: Path, pg_server: PostgresInstance, live_role: str) -> None:
+    folder = tmp_path / "mounted"
+    kubelet_write(folder, {USER: "live-pw-1"})
+    with running_proxy(tmp_path / "proxy", pg_server, server={"workers": 2},
+                       secrets={"dir": str(folder), "watch_interval": 0.2}) as proxy:
+        pg_server.psql(f"ALTER ROLE {USER} PASSWORD 'live-pw-2'")
+        kubelet_write(folder, {USER: "live-pw-2"})
+        wait_reloaded(proxy, 2)  # one line per worker
+        for _ in range(6):  # whichever worker the kernel hands the connection to
+            with connect(proxy, "live-pw-2") as client:
+                assert current_user(client) == USER
+        log = proxy.log()
+    assert "live-pw-" not in log
