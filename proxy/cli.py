@@ -204,7 +204,7 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
     except ConfigError as exc:
         _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
     engine, name, cluster, instance = find_instance(config, wanted, cluster_name)
-    secret = secrets.get(cluster.monitor_user) if cluster.monitor_user else None
+    secret = secrets.backend_login(cluster.monitor_user) if cluster.monitor_user else None
     if secret is None:
         _fail(f"cluster {name}: no monitor_user, or no password for it in the secrets: the proxy has no admin "
               "connection to promote with", CONFIG_ERROR_STATUS)

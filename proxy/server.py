@@ -112,7 +112,7 @@ class ProxyServer:
             for name, cluster in settings.clusters.items():
                 if cluster.monitor_interval <= 0:
                     continue
-                secret = self.secrets.get(cluster.monitor_user)
+                secret = self.secrets.backend_login(cluster.monitor_user)
                 if secret is None:
                     log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
                               "monitored and its endpoints stay where the configuration points them", name,
