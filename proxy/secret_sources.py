@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 
 from proxy.config import SecretsSettings
@@ -117,20 +118,42 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
 # --- writing ---
 
 
-def writable_source(settings: SecretsSettings) -> str:
-    """The source changes go to: the one that wins (the folder, else the encrypted file, else the TOML file)."""
-    if settings.dir is not None:
-        return "dir"
-    if settings.encrypted_file is not None:
-        return "encrypted_file"
-    if settings.file is not None:
-        return "file"
-    raise ConfigError("[secrets] names no dir, encrypted_file or file to store secrets in")
+SOURCE_ORDER = ("dir", "encrypted_file", "file")  # the one that wins first
+
+
+def _writable(kind: str, path: Path) -> bool:
+    if kind == "dir":
+        return os.access(path, os.W_OK | os.X_OK)
+    return os.access(path.parent, os.W_OK | os.X_OK) and (not path.exists() or os.access(path, os.W_OK))
+
+
+def writable_source(settings: SecretsSettings, names: Iterable[str] = ()) -> str:
+    """The source changes go to: the first configured one (in the order they win) that can be written; a source
+    before it that cannot be written must not hold any of `names` (it would hide the change)."""
+    configured = [(kind, Path(path)) for kind in SOURCE_ORDER if (path := getattr(settings, kind)) is not None]
+    if not configured:
+        raise ConfigError("[secrets] names no dir, encrypted_file or file to store secrets in")
+    for kind, path in configured:
+        if _writable(kind, path):
+            return kind
+        hiding = sorted(set(names) & set(_read(kind, path, settings)))
+        if hiding:
+            raise ConfigError(f"{path} cannot be written and holds {', '.join(hiding)}, which would hide the change")
+    kind, path = configured[0]
+    raise ConfigError(f"cannot write the secrets: {path} is not writable")
+
+
+def _read(kind: str, path: Path, settings: SecretsSettings) -> dict[str, str]:
+    if kind == "dir":
+        return read_dir(path)
+    if kind == "encrypted_file":
+        return read_encrypted(path, settings.master_key_file) if path.exists() else {}
+    return read_toml(path) if path.exists() else {}
 
 
 def update(settings: SecretsSettings, changes: dict[str, str | None]) -> str:
-    """Set (or, for None, remove) entries in the source that wins, atomically; returns where they went."""
-    source = writable_source(settings)
+    """Set (or, for None, remove) entries in the source changes go to, atomically; returns where they went."""
+    source = writable_source(settings, changes)
     try:
         if source == "dir":
             assert settings.dir is not None

@@ -16,6 +16,7 @@ import pytest
 from secret_support import dbproxy, wait_for_count
 
 from devtools.servers import PostgresInstance
+from proxy.secret_sources import read_toml
 from support import ProxyProcess, running_proxy
 
 CLIENT_PASSWORD = "rot-client-pw-7Q"  # clients' password to the proxy, and the databases users' first one
@@ -154,3 +155,39 @@ def test_rotation_under_pgbench(tmp_path: Path, pg_server: PostgresInstance, str
                 assert password not in text
     finally:
         drop_roles(pg_server, user, *([clone] if clone else []))
+
+
+def test_refused_rotation_changes_nothing(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """The admin login fails: exit status 1, one line without any password, no pending entry left, the database
+    user keeps its password. Misconfigurations are refused before anything is stored."""
+    user = "rot_refused"
+    make_roles(pg_server, user, None)
+    folder = tmp_path / "proxy"
+    folder.mkdir()
+    (folder / "secrets.toml").write_text(f'[users]\n{user} = "{CLIENT_PASSWORD}"\npostgres = "wrong-admin-pw"\n')
+    config = folder / "proxy.toml"
+    body = f'[postgresql]\nport = 0\nbackend_port = {pg_server.port}\n'
+    try:
+        config.write_text('[secrets]\nfile = "secrets.toml"\nrotation_user = "postgres"\n' + body)
+        before = read_toml(folder / "secrets.toml")
+        done = dbproxy("secrets", "rotate", "--user", user, "-c", str(config))
+        assert done.returncode == 1 and "rotation failed: postgresql 127.0.0.1:" in done.stderr, done.stderr
+        assert "password authentication failed" in done.stderr
+        assert "wrong-admin-pw" not in done.stderr + done.stdout
+        assert read_toml(folder / "secrets.toml") == before  # no pending entry left
+        assert direct_login(pg_server, user, CLIENT_PASSWORD)
+        for settings, message in (
+            ('[secrets]\nfile = "secrets.toml"\n', "rotation_user is not set"),
+            ('[secrets]\nfile = "secrets.toml"\nrotation_user = "nobody"\n', "no password for rotation_user nobody"),
+            (f'[secrets]\nfile = "secrets.toml"\nrotation_user = "postgres"\n[secrets.alternating]\n{user} = "c"\n',
+             "rotate it with --strategy alternating"),
+        ):
+            config.write_text(settings + body)
+            refused = dbproxy("secrets", "rotate", "--user", user, "-c", str(config))
+            assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+        config.write_text('[secrets]\nfile = "secrets.toml"\nrotation_user = "postgres"\n' + body)
+        refused = dbproxy("secrets", "rotate", "--user", user, "--strategy", "alternating", "-c", str(config))
+        assert refused.returncode == 1 and "no clone for" in refused.stderr, refused.stderr
+        assert read_toml(folder / "secrets.toml") == before
+    finally:
+        drop_roles(pg_server, user)

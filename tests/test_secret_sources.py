@@ -123,3 +123,22 @@ def test_reprs_show_no_secret(tmp_path: Path) -> None:
     shown = " ".join([repr(store), str(store), repr(settings), str(settings), repr(store.get("app")),
                       str(store.get("app")), repr(store.backend_login("app")), str(store.backend_login("app"))])
     assert "very-secret" not in shown
+
+
+def test_changes_go_to_the_first_writable_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mounted folder (as Kubernetes mounts a Secret): changes go to the file below it, unless the
+    folder holds the entry (it would hide the change)."""
+    import proxy.secret_sources as sources
+
+    kubelet_write(tmp_path / "mounted", {"app": "client-pw"})
+    (tmp_path / "s.toml").write_text('[users]\nadmin = "x"\n')
+    settings = SecretsSettings(dir=tmp_path / "mounted", file=tmp_path / "s.toml")
+    monkeypatch.setattr(sources, "_writable", lambda kind, path: kind != "dir")
+    assert update(settings, {"app.backend": "db-pw"}) == str(tmp_path / "s.toml")
+    login = SecretStore.from_settings(settings).backend_login("app")
+    assert login is not None and login.password == b"db-pw"
+    with pytest.raises(ConfigError, match="cannot be written and holds app"):
+        update(settings, {"app": "new"})
+    monkeypatch.setattr(sources, "_writable", lambda kind, path: False)
+    with pytest.raises(ConfigError, match="is not writable"):
+        update(settings, {"other": "x"})
