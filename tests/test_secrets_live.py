@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -77,8 +78,9 @@ def test_failed_backend_login_then_reload_by_signal(tmp_path: Path, pg_server: P
     usable (nothing wedged) once the secrets follow."""
     folder = tmp_path / "mounted"
     kubelet_write(folder, {USER: "live-pw-1"})
+    pool: dict[str, Any] = {"postgresql.pool": {"max_connections": 1, "connection_borrow_timeout": 5.0}}
     with running_proxy(tmp_path / "proxy", pg_server, secrets={"dir": str(folder), "watch_interval": 0},
-                       **{"postgresql.pool": {"max_connections": 1, "connection_borrow_timeout": 5.0}}) as proxy:
+                       **pool) as proxy:
         with connect(proxy, "live-pw-1") as first:
             assert current_user(first) == USER
         pg_server.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{USER}'")
