@@ -22,7 +22,7 @@ from proxy.auth.scram import ScramKeys
 from proxy.config import Config, EndpointRole
 from proxy.endpoints import resolve_endpoints
 from proxy.errors import ConfigError
-from proxy.secret_sources import update
+from proxy.secret_sources import locked, update
 from proxy.secrets import ACTIVE_SUFFIX, BACKEND_SUFFIX, PENDING_SUFFIX, SecretStore
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,12 @@ def _pg_ident(name: str) -> str:
 
 def rotate(config: Config, user: str, strategy: str) -> Rotated:
     """Rotate `user`'s database credential: pending stored, set on every writer, then stored as current (and, when
-    alternating, made the active one)."""
+    alternating, made the active one); one rotation at a time per secrets source."""
+    with locked(config.secrets):
+        return _rotate(config, user, strategy)
+
+
+def _rotate(config: Config, user: str, strategy: str) -> Rotated:
     settings = config.secrets
     if not settings.rotation_user:
         raise RotationError("[secrets] rotation_user is not set: no admin connection to change passwords with")

@@ -15,7 +15,7 @@ from proxy.errors import ConfigError
 from proxy.rotation import RotationError, check_strategy, rotate
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file
 from proxy.secret_crypto import new_master_key
-from proxy.secret_sources import read_all, update
+from proxy.secret_sources import locked, read_all, update
 from proxy.secrets import SecretStore
 
 USAGE_STATUS = 2  # a configuration or a file that cannot work
@@ -82,7 +82,9 @@ def _run(args: argparse.Namespace) -> str:
                 f"{', '.join(done.servers)} and stored in {done.where}{reloaded}")
     settings = _settings(args)
     if command == "put":
-        where = update(settings, {args.user: _read_password(args.password_stdin)})
+        password = _read_password(args.password_stdin)
+        with locked(settings, [args.user]):
+            where = update(settings, {args.user: password})
         return f"dbproxy: stored the password of {args.user} in {where}"
     if command == "get":
         store = SecretStore.from_settings(settings, quiet=True)

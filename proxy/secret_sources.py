@@ -4,12 +4,13 @@ reading, writing (atomically) and a cheap fingerprint that changes when any of t
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from proxy.config import SecretsSettings
@@ -141,6 +142,24 @@ def writable_source(settings: SecretsSettings, names: Iterable[str] = ()) -> str
             raise ConfigError(f"{path} cannot be written and holds {', '.join(hiding)}, which would hide the change")
     kind, path = configured[0]
     raise ConfigError(f"cannot write the secrets: {path} is not writable")
+
+
+@contextlib.contextmanager
+def locked(settings: SecretsSettings, names: Iterable[str] = ()) -> Iterator[None]:
+    """Hold the lock of the source changes go to (a hidden file beside it), so that two commands changing the
+    secrets (two rotations) run one after the other."""
+    kind = writable_source(settings, names)
+    path = Path(getattr(settings, kind))
+    lock = path / ".dbproxy-secrets.lock" if kind == "dir" else path.with_name(f".{path.name}.lock")
+    try:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{lock}: cannot lock the secrets: {exc.strerror}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def _read(kind: str, path: Path, settings: SecretsSettings) -> dict[str, str]:

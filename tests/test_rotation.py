@@ -193,3 +193,29 @@ def test_refused_rotation_changes_nothing(tmp_path: Path, pg_server: PostgresIns
         assert read_toml(folder / "secrets.toml") == before
     finally:
         drop_roles(pg_server, user)
+
+
+def test_concurrent_rotations_stay_consistent(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """Two rotations at once run one after the other (a lock beside the secrets): the password stored last is the
+    one the database has."""
+    user = "rot_twice"
+    make_roles(pg_server, user, None)
+    folder = tmp_path / "proxy"
+    folder.mkdir()
+    (folder / "secrets.toml").write_text(f'[users]\n{user} = "{CLIENT_PASSWORD}"\npostgres = "postgres"\n')
+    config = folder / "proxy.toml"
+    config.write_text('[secrets]\nfile = "secrets.toml"\nrotation_user = "postgres"\n'
+                      f'[postgresql]\nport = 0\nbackend_port = {pg_server.port}\n')
+    try:
+        runs = [subprocess.Popen([sys.executable, "-m", "proxy", "secrets", "rotate", "--user", user, "-c",
+                                  str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(3)]
+        for run in runs:
+            _, err = run.communicate(timeout=60)
+            assert run.returncode == 0, err
+        entries = read_toml(folder / "secrets.toml")
+        assert f"{user}.pending" not in entries and entries[user] == CLIENT_PASSWORD
+        assert direct_login(pg_server, user, entries[f"{user}.backend"])
+        assert not direct_login(pg_server, user, CLIENT_PASSWORD)
+    finally:
+        drop_roles(pg_server, user)
