@@ -15,6 +15,7 @@ from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
 from proxy.pool.balance import member_targets
 from proxy.rundir import worker_count
+from proxy.secret_sources import fingerprint
 from proxy.secrets import SecretStore
 from proxy.server import Listener, ProxyServer, client_tls
 from proxy.session.mysql_service import MySQLService
@@ -98,6 +99,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
     """Make the running process serve `config` (validated, its restart-only keys as running): secrets re-read,
     endpoints added, removed, re-pointed, resized. A removed endpoint stops listening at once; its clients stay
     until they leave. Raises ConfigError (the secrets file, the TLS certificate) before anything changes."""
+    seen = fingerprint(config.secrets)
     secrets = SecretStore.from_settings(config.secrets)
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
@@ -107,7 +109,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
     server.tls = tls
     server.config = config
     server.use_secrets(secrets)
-    server.secrets_watch.loaded(config.secrets)
+    server.secrets_watch.loaded(seen)
     log.info("secrets reloaded (%d users)", len(secrets.users))
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
     if config.server.log_level != old.server.log_level:

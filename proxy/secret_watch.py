@@ -18,10 +18,11 @@ log = logging.getLogger(__name__)
 class SecretsWatch:
     """Polls the secrets' sources of `settings()`; `use` receives each store that loads after a change."""
 
-    def __init__(self, settings: Callable[[], SecretsSettings], use: Callable[[SecretStore], None]) -> None:
+    def __init__(self, settings: Callable[[], SecretsSettings], use: Callable[[SecretStore], None],
+                 seen: tuple[object, ...]) -> None:
         self.settings = settings
         self.use = use
-        self.seen: tuple[object, ...] = fingerprint(settings())
+        self.seen = seen  # the fingerprint taken before the running store was read
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -32,9 +33,9 @@ class SecretsWatch:
             self.task.cancel()
             self.task = None
 
-    def loaded(self, settings: SecretsSettings) -> None:
-        """A store was loaded from `settings` elsewhere (a reload): changes are counted from here."""
-        self.seen = fingerprint(settings)
+    def loaded(self, seen: tuple[object, ...]) -> None:
+        """A store was loaded elsewhere (a reload) after the sources showed `seen`: changes count from there."""
+        self.seen = seen
 
     def check(self) -> bool:
         """Load the secrets if their sources changed since last seen; whether a new store was handed over."""

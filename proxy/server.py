@@ -18,6 +18,7 @@ from proxy.config import ClientTLSMode, Config, EndpointRole, engine_active, eng
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
+from proxy.secret_sources import fingerprint
 from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
 from proxy.session.causal import CausalCluster, CausalReads
@@ -78,6 +79,7 @@ class ProxyServer:
 
     def __init__(self, config: Config, secrets: SecretStore | None = None) -> None:
         self.config = config
+        seen = fingerprint(config.secrets)  # before reading: a change meanwhile is picked up by the watch
         self.secrets = secrets or SecretStore.from_settings(config.secrets)
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
@@ -93,7 +95,7 @@ class ProxyServer:
         self.causal_clusters: dict[tuple[str, str], CausalCluster] = {}  # (engine, cluster): see make_followers
         self.held: set[str] = set()  # endpoints a switchover holds: no topology follower moves or resumes them
         self.followers: list[ClusterFollower] = self.make_followers()
-        self.secrets_watch = SecretsWatch(lambda: self.config.secrets, self.use_secrets)
+        self.secrets_watch = SecretsWatch(lambda: self.config.secrets, self.use_secrets, seen)
 
     def use_secrets(self, secrets: SecretStore) -> None:
         """New logins (of clients and to the database) use `secrets`; connected ones carry on."""
