@@ -142,3 +142,24 @@ def test_changes_go_to_the_first_writable_source(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(sources, "_writable", lambda kind, path: False)
     with pytest.raises(ConfigError, match="is not writable"):
         update(settings, {"other": "x"})
+
+
+def test_watch_keeps_the_store_when_the_change_does_not_load(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from proxy.secret_watch import SecretsWatch
+
+    caplog.set_level("INFO")
+    path = tmp_path / "s.toml"
+    path.write_text('[users]\napp = "pw-one"\n')
+    settings = SecretsSettings(file=path)
+    used: list[SecretStore] = []
+    watch = SecretsWatch(lambda: settings, used.append, fingerprint(settings))
+    assert not watch.check() and used == []  # nothing changed
+    path.write_text('[users]\napp = "pw-two\n')  # half written: not TOML
+    assert not watch.check() and used == []
+    assert "secrets changed but cannot be loaded; the previous ones stay in use" in caplog.text
+    path.write_text('[users]\napp = "pw-three"\nbench = "x"\n')
+    assert watch.check() and len(used) == 1
+    secret = used[0].get("app")
+    assert secret is not None and secret.password == b"pw-three"
+    assert "secrets reloaded (2 users)" in caplog.text and "pw-" not in caplog.text
