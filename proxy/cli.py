@@ -27,6 +27,7 @@ from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.reload import Reloads, prepare
 from proxy.reload import apply as apply_config
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
+from proxy.secret_commands import add_secret_commands, run_secret_command
 from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
@@ -201,11 +202,11 @@ def failover(config_path: Path | None, wanted: str, cluster_name: str | None) ->
     follow at their next monitor round (and fence the writer it replaces)."""
     try:
         config = load_config(config_path)
-        secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        secrets = SecretStore.from_settings(config.secrets)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
     engine, name, cluster, instance = find_instance(config, wanted, cluster_name)
-    secret = secrets.get(cluster.monitor_user) if cluster.monitor_user else None
+    secret = secrets.backend_login(cluster.monitor_user) if cluster.monitor_user else None
     if secret is None:
         _fail(f"cluster {name}: no monitor_user, or no password for it in the secrets: the proxy has no admin "
               "connection to promote with", CONFIG_ERROR_STATUS)
@@ -302,6 +303,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="MariaDB read_only endpoint (--mysql-port + 1)")
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
     add_token_commands(sub)
+    add_secret_commands(sub)
     return parser
 
 
@@ -335,6 +337,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command in ("keys", "token"):
         run_token_command(args)
+        return
+    if args.command == "secrets":
+        run_secret_command(args)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)

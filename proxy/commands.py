@@ -185,12 +185,12 @@ class Switchover:
         self.timeout = timeout
         self.switched = switched
         try:
-            self.secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+            self.secrets = SecretStore.from_settings(config.secrets)
         except ConfigError as exc:
             raise SwitchoverError(f"the secrets cannot be read: {exc}") from None
 
     def _login(self, cluster: ClusterBase, name: str) -> tuple[str, str]:
-        secret = self.secrets.get(cluster.monitor_user) if cluster.monitor_user else None
+        secret = self.secrets.backend_login(cluster.monitor_user) if cluster.monitor_user else None
         if secret is None:
             raise SwitchoverError(f"cluster {name}: no monitor_user with a password in the secrets to administer it")
         return cluster.monitor_user, secret.password.decode()

@@ -105,10 +105,30 @@ class TLSSettings(Strict):
 
 
 class SecretsSettings(Strict):
-    """Where database user passwords come from: a TOML file of `user = "password"` and the environment."""
+    """Where database user passwords come from: the environment over a folder (a mounted Kubernetes Secret: a file
+    per user) over an encrypted file or a TOML file of `user = "password"`; watched for changes."""
 
-    file: Path | None = None
+    file: Path | None = Field(None, description="TOML file of user = \"password\" lines (under [users])")
+    dir: Path | None = Field(None, description="folder with one file per user holding its password (a mounted "
+                             "Kubernetes Secret); hidden entries are skipped")
+    encrypted_file: Path | None = Field(None, description="JSON file sealed by `dbproxy secrets put` "
+                                        "(envelope encryption, AES-256-GCM)")
+    master_key_file: Path | None = Field(None, description="the encrypted file's master key (`dbproxy secrets "
+                                         "master-key`); else DBPROXY_MASTER_KEY (base64) in the environment")
     env_prefix: str = "DBPROXY_PASSWORD_"
+    watch_interval: float = Field(2.0, ge=0, description="seconds between checks of the files for changes "
+                                  "(new passwords used without a restart); 0: only at a reload")
+    rotation_user: str = Field("", description="the database user (its password in the secrets) that "
+                               "`dbproxy secrets rotate` sets new passwords with")
+    alternating: dict[str, str] = Field(
+        default_factory=dict, description="user -> its clone: two database users the backend logins of the "
+        "user's clients alternate between, a rotation changing the one not in use")
+
+    def __repr__(self) -> str:
+        return (f"SecretsSettings(file={self.file!r}, dir={self.dir!r}, encrypted_file={self.encrypted_file!r}, "
+                f"watch_interval={self.watch_interval!r})")
+
+    __str__ = __repr__
 
 
 class AuthSettings(Strict):
@@ -507,7 +527,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 if isinstance(value, str) and value and not os.path.isabs(value):
                     part[key] = str(base / value)
 
-    for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+    for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")),
+                          ("secrets", ("file", "dir", "encrypted_file", "master_key_file")),
                           ("auth", ("audit_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),

@@ -15,6 +15,7 @@ from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
 from proxy.pool.balance import member_targets
 from proxy.rundir import worker_count
+from proxy.secret_sources import fingerprint
 from proxy.secrets import SecretStore
 from proxy.server import Listener, ProxyServer, client_tls
 from proxy.session.mysql_service import MySQLService
@@ -98,7 +99,8 @@ async def apply(server: ProxyServer, config: Config) -> None:
     """Make the running process serve `config` (validated, its restart-only keys as running): secrets re-read,
     endpoints added, removed, re-pointed, resized. A removed endpoint stops listening at once; its clients stay
     until they leave. Raises ConfigError (the secrets file, the TLS certificate) before anything changes."""
-    secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+    seen = fingerprint(config.secrets)
+    secrets = SecretStore.from_settings(config.secrets)
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
     # certificate files are read again
@@ -111,7 +113,10 @@ async def apply(server: ProxyServer, config: Config) -> None:
             tokens.close()
         raise
     server.tls = tls
-    server.config, server.secrets = config, secrets
+    server.config = config
+    server.use_secrets(secrets)
+    server.secrets_watch.loaded(seen)
+    log.info("secrets reloaded (%d users)", len(secrets.users))
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
     server.stats.keep_insights(config.server.statement_insights)
     if config.server.log_level != old.server.log_level:
@@ -119,8 +124,8 @@ async def apply(server: ProxyServer, config: Config) -> None:
     server.close_tokens()
     server.tokens = tokens
     for service in server.services():
-        service.config, service.server, service.secrets, service.server_tls, service.tokens = (
-            config, config.server, secrets, server.tls, tokens)
+        service.config, service.server, service.server_tls, service.tokens = (
+            config, config.server, server.tls, tokens)
     wanted = {endpoint.name: endpoint for endpoint in resolve_endpoints(config)}
     moving: list[Listener] = []
     for name, listener in list(server.listeners.items()):
@@ -142,7 +147,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
         elif endpoint != found.endpoint:
             _update(found, endpoint, server.stats)
     if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
-        secrets.warm_up()
+        secrets.warm_up()  # for endpoints this reload added
     log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())
              or "no endpoint")
 

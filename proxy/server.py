@@ -19,6 +19,8 @@ from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engin
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
+from proxy.secret_sources import fingerprint
+from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
 from proxy.session.causal import CausalCluster, CausalReads
 from proxy.session.mysql_client import MySQLClient
@@ -78,7 +80,8 @@ class ProxyServer:
 
     def __init__(self, config: Config, secrets: SecretStore | None = None) -> None:
         self.config = config
-        self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        seen = fingerprint(config.secrets)  # before reading: a change meanwhile is picked up by the watch
+        self.secrets = secrets or SecretStore.from_settings(config.secrets)
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
         self.guard = LoginGuard(config.auth)  # the same: the failed-login throttle and the audit log
@@ -97,6 +100,15 @@ class ProxyServer:
         self.monitored: list[tuple[str, str, ClusterBase, TopologyMonitor]] = []  # (engine, name, cluster, monitor)
         self.followers: list[ClusterFollower] = self.make_followers()
         self.stats.instances = self.instance_series
+        self.secrets_watch = SecretsWatch(lambda: self.config.secrets, self.use_secrets, seen)
+
+    def use_secrets(self, secrets: SecretStore) -> None:
+        """New logins (of clients and to the database) use `secrets`; connected ones carry on."""
+        self.secrets = secrets
+        for service in self.services():
+            service.secrets = secrets
+        if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in self.services()):
+            secrets.warm_up()
 
     def instance_series(self) -> list[Series]:
         """Each monitored instance's role, availability and lag as the monitors saw them last."""
@@ -122,7 +134,7 @@ class ProxyServer:
             for name, cluster in settings.clusters.items():
                 if cluster.monitor_interval <= 0:
                     continue
-                secret = self.secrets.get(cluster.monitor_user)
+                secret = self.secrets.backend_login(cluster.monitor_user)
                 if secret is None:
                     log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
                               "monitored and its endpoints stay where the configuration points them", name,
@@ -208,6 +220,7 @@ class ProxyServer:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
         self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+        self.secrets_watch.start()
         for follower in self.followers:
             follower.start()
         # What the start made (modules, configuration, listeners) lives as long as the process: out of the garbage
@@ -292,6 +305,7 @@ class ProxyServer:
             server.close()
         if self._janitor is not None:
             self._janitor.cancel()
+        self.secrets_watch.stop()
         deadline = time.monotonic() + self.config.server.shutdown_grace
         while time.monotonic() < deadline and any(
             client.backend is not None and (isinstance(client, PostgresClient) or not client.backend.idle)
