@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from leakcheck import record_output
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.servers import MariaDBInstance, PostgresInstance, free_port
@@ -151,7 +152,9 @@ def mysql_backend_connections(mariadb: MariaDBInstance, user: str = "app") -> in
 
 def scrape(proxy: ProxyProcess) -> str:
     """The proxy's /metrics page."""
-    return str(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode())
+    page = str(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode())
+    record_output("/metrics", page)
+    return page
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
