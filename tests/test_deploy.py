@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import fnmatch
 import http.server
 import os
 import re
@@ -9,16 +11,23 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
+import yaml
 
+from devtools import kustomize
 from devtools.dockerfile import Instruction, Stage, parse_file
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
-BASE_CONFIG = REPO / "deploy" / "k8s" / "base" / "dbproxy.toml"
+K8S = REPO / "deploy" / "k8s"
+BASE_CONFIG = K8S / "base" / "dbproxy.toml"
 #: Where the image keeps things, and where the test puts them instead (under its temporary folder).
 IMAGE_PATHS = ("/opt/dbproxy", "/wheels", "/src")
 
@@ -111,8 +120,9 @@ def test_healthcheck_command_follows_the_status(stages: list[Stage], health_serv
     assert (result.returncode == 0) == (status == 200)
 
 
-def loadable_config(text: str, folder: Path) -> str:
-    """The container's config made checkable here: its absolute paths moved under `folder` (created there).
+def loadable_config(text: str, folder: Path, mounts: dict[str, dict[str, str]]) -> str:
+    """The container's config made checkable here: each absolute path it names must lie in one of `mounts` (mount
+    path -> file name -> content), which is written under `folder`, and the path moved there.
 
     The `[api]` section (health endpoints) belongs to the control API; a proxy without it refuses the section, so
     it is dropped then, after checking that it names only the keys that API defines.
@@ -120,15 +130,13 @@ def loadable_config(text: str, folder: Path) -> str:
     from proxy.config import Config
 
     for path in sorted(set(re.findall(r'"(/[^"]+)"', text))):
-        local = folder / path.lstrip("/")
-        if path.endswith(("/secrets", "/keys")):
-            local.mkdir(parents=True, exist_ok=True)
-            if path.endswith("/secrets"):
-                (local / "app").write_text("secret-for-check\n")
-        else:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy("/etc/ssl/certs/ca-certificates.crt", local)
-        text = text.replace(f'"{path}"', f'"{local}"')
+        mount = next((m for m in mounts if path == m or path.startswith(m + "/")), None)
+        assert mount is not None, f"{path} is in no volume the container mounts"
+        local = folder / mount.lstrip("/")
+        local.mkdir(parents=True, exist_ok=True)
+        for name, content in mounts[mount].items():
+            (local / name).write_text(content)
+        text = text.replace(f'"{path}"', f'"{folder / path.lstrip("/")}"')
     if "api" not in Config.model_fields:
         match = re.search(r"^\[api\]\n(.*?)(?=^\[)", text, re.S | re.M)
         if match:
@@ -136,6 +144,35 @@ def loadable_config(text: str, folder: Path) -> str:
             assert keys <= {"host", "port", "token", "token_file", "health_port"}, keys
             text = text.replace(match.group(0), "")
     return text
+
+
+def _secret_files(secret: dict[str, Any]) -> dict[str, str]:
+    files = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    return {**files, **secret.get("stringData", {})}
+
+
+def _mounts(objects: list[dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """What each of the container's volume mounts holds, from the rendered ConfigMaps and Secrets."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts: dict[str, dict[str, str]] = {}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            (secret,) = _find(objects, "Secret", volume["secret"]["secretName"])
+            mounts[mount["mountPath"]] = _secret_files(secret)
+        elif "configMap" in volume and volume["configMap"]["name"] in BUILTIN_CONFIGMAPS:
+            mounts[mount["mountPath"]] = {"ca.crt": Path("/etc/ssl/certs/ca-certificates.crt").read_text()}
+        elif "configMap" in volume:
+            (configmap,) = _find(objects, "ConfigMap", volume["configMap"]["name"])
+            mounts[mount["mountPath"]] = configmap["data"]
+        else:
+            mounts[mount["mountPath"]] = {}
+    return mounts
+
+
+def _base_mounts() -> dict[str, dict[str, str]]:
+    (secret,) = yaml.safe_load_all((K8S / "base" / "secret.yaml").read_text())
+    return {"/etc/dbproxy/secrets": _secret_files(secret)}
 
 
 def _image_path(folder: Path, command: str) -> str:
@@ -169,7 +206,7 @@ def test_the_install_commands_work_in_a_fresh_virtualenv(stages: list[Stage], tm
                    timeout=150)
     venv = tmp_path / "opt" / "dbproxy"
     config = tmp_path / "dbproxy.toml"
-    config.write_text(loadable_config(BASE_CONFIG.read_text(), tmp_path / "mounted"))
+    config.write_text(loadable_config(BASE_CONFIG.read_text(), tmp_path / "mounted", _base_mounts()))
     where = subprocess.run([venv / "bin" / "python", "-c", "import proxy; print(proxy.__file__)"], env=env,
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert where.stdout.startswith(str(venv)), where.stdout  # the installed copy, not the checkout
@@ -177,3 +214,235 @@ def test_the_install_commands_work_in_a_fresh_virtualenv(stages: list[Stage], tm
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == f"{config}: OK"
+
+
+# --- Kubernetes manifests -------------------------------------------------------------------------------------
+
+OVERLAYS = ("sidecar", "fleet")
+#: The oldest Kubernetes the manifests are meant for (native sidecars: init containers with restartPolicy), and
+#: the newest schema kubernetes-validate has.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+#: ConfigMaps Kubernetes itself puts in every namespace.
+BUILTIN_CONFIGMAPS = {"kube-root-ca.crt"}
+#: The Prometheus Operator's ServiceMonitor is a custom resource: no Kubernetes schema; the fields used here.
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "endpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "properties": {"matchLabels": {"type": "object"}}},
+                "namespaceSelector": {"type": "object"},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["port"], "additionalProperties": False,
+                    "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                                   "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                                   "scheme": {"enum": ["http", "https"]}},
+                }},
+            },
+        },
+    },
+}
+
+
+def _validate(obj: dict[str, Any]) -> None:
+    if obj["kind"] == "ServiceMonitor":
+        jsonschema.validate(obj, SERVICE_MONITOR_SCHEMA)
+        return
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def _manifest_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("path", _manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_manifest_file_validates(path: Path) -> None:
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert documents
+    for document in documents:
+        _validate(document)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
+    return request.param, kustomize.build(K8S / "overlays" / request.param)
+
+
+def _find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
+
+
+def _config(objects: list[dict[str, Any]]) -> str:
+    (configmap,) = _find(objects, "ConfigMap", "dbproxy-config")
+    text: str = configmap["data"]["dbproxy.toml"]
+    return text
+
+
+def _pod(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (deployment,) = _find(objects, "Deployment", name)
+    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
+    return spec
+
+
+def _proxy_container(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    for deployment in _find(objects, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            if container["name"] == "dbproxy":
+                return spec, container
+    raise AssertionError("no dbproxy container")
+
+
+def test_overlay_renders_and_validates(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objects = rendered
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "ClusterRoleBinding"} == {
+        {"sidecar": "shop", "fleet": "databases"}[name]}
+    for obj in objects:
+        _validate(obj)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    for deployment in _find(objects, "Deployment"):
+        template = deployment["spec"]["template"]
+        labels = template["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        for volume in template["spec"].get("volumes", []):
+            if "configMap" in volume:
+                ref = volume["configMap"]["name"]
+                assert ref in BUILTIN_CONFIGMAPS or ("ConfigMap", ref) in names, ref
+            if "secret" in volume:
+                assert ("Secret", volume["secret"]["secretName"]) in names
+        account = template["spec"].get("serviceAccountName")
+        assert account is None or ("ServiceAccount", account) in names
+        for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
+            assert not any("subPath" in m for m in container.get("volumeMounts", [])), "subPath mounts never update"
+            assert container["image"].count(":") == 1
+
+
+def test_proxy_container_probes_and_mounts(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    name, objects = rendered
+    pod, container = _proxy_container(objects)
+    config = tomllib.loads(_config(objects))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["health"] == config["api"]["health_port"]
+    assert ports["metrics"] == config["server"]["metrics_port"]
+    assert {"name": "DBPROXY_HEALTH_PORT", "value": str(ports["health"])} in container["env"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert config["api"]["host"] == "0.0.0.0", "the kubelet probes the Pod's address"
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert container["command"][-1].startswith("/etc/dbproxy/config/")
+    assert mounts["/etc/dbproxy/config"] == "config"
+    assert config["secrets"]["dir"] == "/etc/dbproxy/secrets" and mounts["/etc/dbproxy/secrets"] == "secrets"
+    assert "/tmp" in mounts and container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["securityContext"]["runAsUser"] == 10001  # the image's user
+    grace = config["server"]["shutdown_grace"]
+    if name == "sidecar":
+        assert container["restartPolicy"] == "Always", "a native sidecar: up before the app, down after it"
+        assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+        app = pod["containers"][0]
+        assert {"name": "PGHOST", "value": "127.0.0.1"} in app["env"]
+        assert {"name": "PGPORT", "value": str(config["postgresql"]["port"])} in app["env"]
+        assert config["server"]["host"] == "127.0.0.1"
+    else:
+        sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep"
+        assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + grace
+        endpoints = {e["port"]: n for n, e in config["postgresql"]["endpoints"].items()}
+        assert ports["pg-rw"] in endpoints and endpoints[ports["pg-rw"]] == "rw"
+        assert ports["pg-ro"] in endpoints and endpoints[ports["pg-ro"]] == "ro"
+
+
+def test_fleet_services_autoscaling_and_monitoring() -> None:
+    objects = kustomize.build(K8S / "overlays" / "fleet")
+    _, container = _proxy_container(objects)
+    (deployment,) = _find(objects, "Deployment", "dbproxy")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    port_names = {p["name"] for p in container["ports"]}
+    services = {s["metadata"]["name"]: s for s in _find(objects, "Service")}
+    assert {"dbproxy-rw", "dbproxy-ro", "dbproxy-metrics"} <= services.keys()
+    for service in services.values():
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert all(p["targetPort"] in port_names for p in service["spec"]["ports"])
+    (hpa,) = _find(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "dbproxy" and hpa["spec"]["minReplicas"] >= 2
+    (pdb,) = _find(objects, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a node drain can always evict one"
+    (monitor,) = _find(objects, "ServiceMonitor")
+    scraped = [s for s in services.values()
+               if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert [s["metadata"]["name"] for s in scraped] == ["dbproxy-metrics"]
+    assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in scraped[0]["spec"]["ports"]}
+    (credentials,) = _find(objects, "Secret", "dbproxy-credentials")
+    config = tomllib.loads(_config(objects))
+    monitor_user = config["postgresql"]["clusters"]["main"]["monitor_user"]
+    assert {"app", monitor_user} <= credentials["stringData"].keys()
+    assert _find(objects, "Secret", "dbproxy-token-keys")
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["token-keys"] == config["tokens"]["keys_dir"]
+
+
+def test_projected_tokens_are_what_the_proxy_accepts(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """Each projected token's audience, issuer and subject pass the proxy's [tokens] settings and policy."""
+    _, objects = rendered
+    config = tomllib.loads(_config(objects))
+    tokens = config["tokens"]
+    assert "https://kubernetes.default.svc.cluster.local" in tokens["issuers"]
+    assert tokens["jwks_url"] == "https://kubernetes.default.svc/openid/v1/jwks"
+    _, container = _proxy_container(objects)
+    ca_mount = Path(tokens["jwks_ca_file"]).parent
+    assert any(m["mountPath"] == str(ca_mount) and m["name"] == "cluster-ca" for m in container["volumeMounts"])
+    found = 0
+    for deployment in _find(objects, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        for volume in spec.get("volumes", []):
+            for source in volume.get("projected", {}).get("sources", []):
+                token = source.get("serviceAccountToken")
+                if not token:
+                    continue
+                found += 1
+                assert token["audience"] in tokens["audiences"]
+                assert token["expirationSeconds"] <= tokens["max_lifetime"]
+                subject = f"system:serviceaccount:{deployment['metadata']['namespace']}:{spec['serviceAccountName']}"
+                rules = [r for r in tokens["policy"] if fnmatch.fnmatchcase(subject, r["subject"])]
+                assert any("app" in r.get("users", []) for r in rules), subject
+    assert found == 1
+    assert config["postgresql"]["token_auth"] == "optional"
+
+
+@pytest.mark.timeout(60)
+def test_configmap_configs_are_accepted_by_the_proxy(rendered: tuple[str, list[dict[str, Any]]],
+                                                     tmp_path: Path) -> None:
+    from proxy.config import load_config
+
+    _, objects = rendered
+    pod, container = _proxy_container(objects)
+    path = tmp_path / "dbproxy.toml"
+    path.write_text(loadable_config(_config(objects), tmp_path / "mounted", _mounts(objects, pod, container)))
+    config = load_config(path)
+    assert str(config.server.host) in ("0.0.0.0", "127.0.0.1")
+    check = subprocess.run([sys.executable, "-m", "proxy", "run", "--check", "-c", str(path)], cwd=REPO,
+                           capture_output=True, text=True, timeout=50)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == f"{path}: OK"
+
+
+def test_renderer_merges_and_refuses_what_it_does_not_render(tmp_path: Path) -> None:
+    base = {"spec": {"containers": [{"name": "a", "image": "x:1", "env": [{"name": "A", "value": "1"}]}],
+                     "volumes": [{"name": "v", "emptyDir": {}}]}}
+    patch = {"spec": {"containers": [{"name": "a", "env": [{"name": "B", "value": "2"}]}, {"name": "b"}]}}
+    merged = kustomize.strategic_merge(base, patch)
+    assert merged["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]
+    assert [c["name"] for c in merged["spec"]["containers"]] == ["a", "b"]
+    assert merged["spec"]["volumes"] == base["spec"]["volumes"]
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
+    with pytest.raises(kustomize.KustomizeError, match="namePrefix"):
+        kustomize.build(tmp_path)
