@@ -36,7 +36,7 @@ from rich.live import Live
 from rich.table import Table
 
 from devtools.servers import PG_OS_USER, MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
-from loadtest.machine import raise_open_files_limit
+from loadtest.machine import code_version, machine_facts, raise_open_files_limit
 from loadtest.serverless_client import (
     ENGINES,
     MYSQL,
@@ -49,7 +49,7 @@ from loadtest.serverless_client import (
 )
 from loadtest.serverless_profiles import PROFILES, Shape, arrivals
 from loadtest.serverless_report import Run, markdown, plot, table
-from loadtest.targets import BENCH_PASSWORD, BENCH_USER, PgBouncer, ProxyProcess, temporary_workdir
+from loadtest.targets import BENCH_PASSWORD, BENCH_USER, REPO_ROOT, PgBouncer, ProxyProcess, temporary_workdir
 
 DEFAULT_OUT = Path("docs/serverless")
 DATABASE_MAX_CONNECTIONS = 50
@@ -465,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if isinstance(source, OwnStack):
                 source.close()
-    report = write_report(runs, args.out, source.setup(), command)
+    facts = machine_facts()
+    machine = ", ".join(f"{k} {facts[k]}" for k in ("CPU", "PostgreSQL", "MariaDB", "PgBouncer") if k in facts)
+    setup = [*source.setup(), f"- Machine: {machine}; {code_version(REPO_ROOT)}."]
+    report = write_report(runs, args.out, setup, command)
     print(report.read_text())
     print(f"report: {report}", file=sys.stderr)
     return 0
