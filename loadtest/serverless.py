@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import pwd
 import random
@@ -354,7 +355,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--period", type=float, default=2.0, help="seconds: a sawtooth ramp, between waves")
     parser.add_argument("--waves", type=int, default=4, help="cold-start waves")
     parser.add_argument("--max-concurrency", type=int, default=1000, help="invocations running at once at most")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to connect, or for one query")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each target, in turn (default 3)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to connect, or for one query")
     parser.add_argument("--query-ms", type=float, default=5.0, help="server-side sleep of queries 2 and 3")
     parser.add_argument("--direct", metavar="HOST:PORT", help="the database itself (also where sessions are counted)")
     parser.add_argument("--proxy", metavar="HOST:PORT", help="dbproxy")
@@ -413,11 +415,14 @@ async def run_all(args: argparse.Namespace, source: OwnStack | GivenTargets, con
     with live or contextlib.nullcontext():
         refresher = asyncio.create_task(_refresh(live, progress)) if live else None
         for engine in engines:
-            for profile in profiles:
+            for profile, round_ in itertools.product(profiles, range(1, args.rounds + 1)):
                 scenario = Scenario(profile, shape, args.max_concurrency, args.timeout, args.query_ms / 1000.0)
-                for name in source.targets(engine):
+                names = source.targets(engine)
+                shift = (round_ - 1) % len(names)
+                for name in names[shift:] + names[:shift]:  # each target goes first in some round
                     with source.target(engine, name) as target:
                         run = await _run_target(engine, target, credentials, scenario, progress)
+                    run.round = round_
                     progress.finished.append(run)
                     progress.label = ""
                     if live is None:
@@ -451,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
     command = shlex.join(["python", "-m", "loadtest.serverless", *(sys.argv[1:] if argv is None else argv)])
     own = not (args.direct or args.proxy or args.pgbouncer)
+    load_at_start = os.getloadavg()
     with temporary_workdir() as workdir:
         source: OwnStack | GivenTargets
         if own:
@@ -467,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                 source.close()
     facts = machine_facts()
     machine = ", ".join(f"{k} {facts[k]}" for k in ("CPU", "PostgreSQL", "MariaDB", "PgBouncer") if k in facts)
-    setup = [*source.setup(), f"- Machine: {machine}; {code_version(REPO_ROOT)}."]
+    load = ", ".join(f"{v:.1f}" for v in load_at_start)
+    setup = [*source.setup(), f"- Machine: {machine}; load average {load} at the start (the machine is shared); "
+             f"{code_version(REPO_ROOT)}.", f"- Each target ran {args.rounds} time(s), in turn; an invocation "
+             f"that could not connect, or run a query, within {args.timeout:g} s counts as a timeout."]
     report = write_report(runs, args.out, setup, command)
     print(report.read_text())
     print(f"report: {report}", file=sys.stderr)

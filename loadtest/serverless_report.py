@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ class Run:
     backends: list[tuple[float, int]]  # (seconds from the start, the user's sessions on the database)
     wall: float  # seconds from the first start to the last end
     limit: str = ""  # what bounds the backend sessions (the database's max_connections, or the pool size)
+    round: int = 1
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,43 +80,64 @@ def _errors(errors: dict[str, int]) -> str:
 def table(runs: list[Run]) -> list[str]:
     lines = [
         "| engine | profile | target | invocations | served | errors by kind | connect ms p50 / p95 / p99 | "
-        "query ms p50 / p95 / p99 | connects/s | peak backends | bound |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "query ms p50 / p95 / p99 | connects/s | peak backends | bound | round |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for run in runs:
         f = figures(run)
         lines.append(
             f"| {run.engine} | {run.profile} | {run.target} | {f.invocations:,} | {f.served:,} ({f.success:.1f}%) | "
             f"{_errors(f.errors)} | {_ms(f.connect_ms)} | {_ms(f.query_ms)} | {f.connects_per_second:,.0f} | "
-            f"{'-' if f.peak_backends is None else f.peak_backends} | {run.limit} |")
+            f"{'-' if f.peak_backends is None else f.peak_backends} | {run.limit} | {run.round} |")
     return lines
 
 
+def _rate(values: list[float]) -> str:
+    text = f"{statistics.median(values):,.0f}"
+    if len(values) == 1:
+        return text
+    return f"{text} (median of {len(values)} rounds, {min(values):,.0f}-{max(values):,.0f})"
+
+
 def headline(runs: list[Run]) -> list[str]:
-    """The sentences the report leads with: direct vs proxy success, proxy vs PgBouncer connects per second."""
+    """The sentences the report leads with: direct vs proxy success, proxy vs PgBouncer connects per second
+    (summed, or the median, over the rounds)."""
     lines: list[str] = []
-    by_key = {(r.engine, r.profile, r.target): r for r in runs}
-    for (engine, profile, target), run in by_key.items():
+    groups: dict[tuple[str, str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.engine, run.profile, run.target), []).append(run)
+    for (engine, profile, target), proxy_runs in groups.items():
         if target != "proxy":
             continue
-        proxy = figures(run)
-        direct_run = by_key.get((engine, profile, "direct"))
-        if direct_run is not None:
-            direct = figures(direct_run)
-            refused = sum(n for kind, n in direct.errors.items() if "too many" in kind)
+        proxy = [figures(r) for r in proxy_runs]
+        served, invocations = sum(f.served for f in proxy), sum(f.invocations for f in proxy)
+        peak = max((f.peak_backends or 0) for f in proxy)
+        each = f"{len(proxy)} rounds of {proxy[0].invocations:,}" if len(proxy) > 1 else f"{invocations:,}"
+        proxy_text = (f"through the proxy {served:,} of {invocations:,} served ({100.0 * served / invocations:.1f}%) "
+                      f"on at most {peak} backend connections ({proxy_runs[0].limit})")
+        direct_runs = groups.get((engine, profile, "direct"))
+        if direct_runs:
+            direct = [figures(r) for r in direct_runs]
+            d_served, d_total = sum(f.served for f in direct), sum(f.invocations for f in direct)
+            refused = sum(n for f in direct for kind, n in f.errors.items() if "too many" in kind)
             lines.append(
-                f"- **{engine}, {profile}, {proxy.invocations:,} invocations**: directly "
-                f"{direct.served:,} served ({direct.success:.1f}%), {direct.invocations - direct.served:,} failed "
-                f"({refused:,} refused by the server at max_connections); through the proxy {proxy.served:,} served "
-                f"({proxy.success:.1f}%) on at most {proxy.peak_backends} backend connections ({run.limit}).")
-        bouncer_run = by_key.get((engine, profile, "pgbouncer"))
-        if bouncer_run is not None:
-            bouncer = figures(bouncer_run)
-            ratio = proxy.connects_per_second / bouncer.connects_per_second if bouncer.connects_per_second else 0.0
+                f"- **{engine}, {profile}, {each} invocations**: directly {d_served:,} of {d_total:,} served "
+                f"({100.0 * d_served / d_total:.1f}%), {d_total - d_served:,} failed ({refused:,} refused by the "
+                f"server at max_connections, {direct_runs[0].limit}); {proxy_text}.")
+        else:
+            lines.append(f"- **{engine}, {profile}, {each} invocations**: {proxy_text}.")
+        bouncer_runs = groups.get((engine, profile, "pgbouncer"))
+        if bouncer_runs:
+            bouncer = [figures(r) for r in bouncer_runs]
+            mine = [f.connects_per_second for f in proxy]
+            theirs = [f.connects_per_second for f in bouncer]
+            ratio = statistics.median(mine) / statistics.median(theirs) if statistics.median(theirs) else 0.0
+            p99 = [f.connect_ms[2] for f in proxy if f.connect_ms]
+            bp99 = [f.connect_ms[2] for f in bouncer if f.connect_ms]
             lines.append(
-                f"- **{engine}, {profile}: connects per second**: proxy {proxy.connects_per_second:,.0f}, "
-                f"PgBouncer {bouncer.connects_per_second:,.0f} ({ratio:.2f}x); connect p50 / p95 / p99 proxy "
-                f"{_ms(proxy.connect_ms)} ms, PgBouncer {_ms(bouncer.connect_ms)} ms.")
+                f"- **{engine}, {profile}: connects per second**: proxy {_rate(mine)}, PgBouncer {_rate(theirs)}: "
+                f"{ratio:.2f}x; connect p99 (median over rounds) proxy {statistics.median(p99):,.0f} ms, PgBouncer "
+                f"{statistics.median(bp99):,.0f} ms.")
     return lines
 
 
@@ -128,7 +151,9 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     written: list[Path] = []
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.engine, run.profile), []).append(run)
+        if run.round == 1:
+            groups.setdefault((run.engine, run.profile), []).append(run)
+    rounds = max((r.round for r in runs), default=1)
     for (engine, profile), group in groups.items():
         fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 10))
         for run in group:
@@ -146,7 +171,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             if latencies:
                 bottom.plot(latencies, [i / len(run.outcomes) for i in range(1, len(latencies) + 1)],
                             label=run.target, color=colour)
-        top.set(title=f"{engine}, {profile}: backend sessions of the invocations' user", xlabel="seconds",
+        which = f" (round 1 of {rounds})" if rounds > 1 else ""
+        top.set(title=f"{engine}, {profile}{which}: backend sessions of the invocations' user", xlabel="seconds",
                 ylabel="sessions")
         middle.set(title="invocations served and failed (cumulative)", xlabel="seconds", ylabel="invocations")
         bottom.set(title="connect + login latency (share of all invocations connected within)", xlabel="ms",

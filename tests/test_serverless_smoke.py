@@ -30,7 +30,7 @@ def _rows(report: str) -> dict[str, list[str]]:
     rows = {}
     for line in report.split("## Results", 1)[1].splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 11 and cells[2] in ("direct", "pgbouncer", "proxy"):
+        if len(cells) == 12 and cells[2] in ("direct", "pgbouncer", "proxy"):
             rows[cells[2]] = cells
     return rows
 
@@ -38,7 +38,7 @@ def _rows(report: str) -> dict[str, list[str]]:
 @pytest.mark.timeout(90)
 def test_spike_fails_direct_and_is_served_by_the_proxy_on_a_bounded_pool(tmp_path: Path) -> None:
     report = _run(["--engine", "postgresql", "--profile", "spike", "--invocations", "150", "--max-connections", "20",
-                   "--pool-size", "5"], tmp_path)
+                   "--pool-size", "5", "--rounds", "1"], tmp_path)
     rows = _rows(report)
     assert set(rows) == {"direct", "pgbouncer", "proxy"}, report
     assert "too many connections (53300)" in rows["direct"][5], rows["direct"]
@@ -48,7 +48,7 @@ def test_spike_fails_direct_and_is_served_by_the_proxy_on_a_bounded_pool(tmp_pat
         assert 1 <= int(rows[target][9]) <= 5, f"{target} used more backends than its pool: {rows[target]}"
         assert float(rows[target][8].replace(",", "")) > 0
         assert re.fullmatch(r"[\d,.]+ / [\d,.]+ / [\d,.]+", rows[target][6])
-    assert "through the proxy 150 served (100.0%)" in report
+    assert "through the proxy 150 of 150 served (100.0%)" in report
     assert "connects per second**: proxy" in report
     png = tmp_path / "postgresql-spike.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,7 +61,7 @@ def test_given_targets_and_password_from_the_environment(tmp_path: Path, mariadb
     env = {**os.environ, "SERVERLESS_PASSWORD": "app-secret"}
     report = _run(["--engine", "mysql", "--profile", "steady", "--rate", "100", "--duration", "1",
                    "--direct", f"127.0.0.1:{mariadb_server.port}", "--proxy", f"127.0.0.1:{mysql_proxy.ports['mysql']}",
-                   "--user", "app", "--password-env", "SERVERLESS_PASSWORD"], tmp_path, env)
+                   "--user", "app", "--password-env", "SERVERLESS_PASSWORD", "--rounds", "1"], tmp_path, env)
     rows = _rows(report)
     assert set(rows) == {"direct", "proxy"}
     for cells in rows.values():
@@ -72,7 +72,7 @@ def test_given_targets_and_password_from_the_environment(tmp_path: Path, mariadb
 
 def test_wrong_password_is_counted_as_an_authentication_error(tmp_path: Path, mariadb_server: MariaDBInstance,
                                                                mysql_proxy: ProxyProcess) -> None:
-    report = _run(["--engine", "mysql", "--profile", "spike", "--invocations", "10",
+    report = _run(["--engine", "mysql", "--profile", "spike", "--invocations", "10", "--rounds", "1",
                    "--proxy", f"127.0.0.1:{mysql_proxy.ports['mysql']}", "--user", "app", "--password", "wrong"],
                   tmp_path)
     (cells,) = _rows(report).values()
