@@ -192,7 +192,11 @@ def markdown(runs: list[Run], plots: list[Path], setup: list[str], command: str)
     lines = ["# Serverless invocations: directly, through PgBouncer and through dbproxy", "",
              f"Made by `{command}`.", "", "## Headline", ""]
     lines += headline(runs) or ["- (no proxy run to compare)"]
-    lines += ["", "## Setup", "", *setup, "", "## Results", "", *table(runs), ""]
+    lines += ["", "## Setup", "", *setup, "", "## Results", "",
+              "Served: the invocation connected, logged in, ran its queries and closed. Connect: from the "
+              "invocation's start to the end of its login. Connects/s: the invocations that connected, divided by "
+              "the seconds from the first start to the last login. Peak backends: the most sessions of the "
+              "invocations' user the database had at one sample.", "", *table(runs), ""]
     notes = [f"- {run.engine}/{run.profile}/{run.target}: {note}" for run in runs for note in run.notes]
     if notes:
         lines += ["## Notes", "", *notes, ""]
