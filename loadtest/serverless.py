@@ -235,7 +235,7 @@ class OwnStack:
                 "derived once per salt, as if each function had its own CPU for it (`--derive-every-key` "
                 "derives it at every login, in this one process).",
                 f"- Backend sessions: counted every {SAMPLE_INTERVAL * 1000:.0f} ms from a thread of the harness "
-                "(pg_stat_activity, information_schema.processlist)."]
+                "(pg_stat_activity, information_schema.processlist); less often while the harness's CPU is busy."]
 
     def _sampler(self, engine: str) -> BackendSampler:
         if engine == POSTGRESQL:
