@@ -17,12 +17,14 @@ from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
+from proxy.errors import SHUTDOWN_TEXT, ShuttingDown
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
 from proxy.secret_sources import fingerprint
 from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
 from proxy.session.causal import CausalCluster, CausalReads
+from proxy.session.client import State
 from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
@@ -43,6 +45,7 @@ JANITOR_INTERVAL = 1.0
 
 Service = PostgresService | MySQLService
 Client = PostgresClient | MySQLClient
+SHUTDOWN = ShuttingDown(SHUTDOWN_TEXT)
 S = TypeVar("S", PostgresService, MySQLService)
 
 
@@ -293,6 +296,33 @@ class ProxyServer:
     def _clients(self) -> list[Client]:
         return [client for listener in [*self.listeners.values(), *self.retiring] for client in listener.clients]
 
+    async def _drain(self) -> None:
+        """Let clients go as soon as they are at rest (nothing running, no transaction open), each with the
+        protocol's shutdown error (57P01 / 1053); after shutdown_grace, the rest go too, their open transactions
+        rolled back by the server as their backends close (nothing of them was acknowledged)."""
+        grace = self.config.server.shutdown_grace
+        deadline = time.monotonic() + grace
+        for service in self.services():
+            service.draining = True  # a client asking for a backend from now on gets the shutdown error
+        clients = [client for client in self._clients() if not client.closed]
+        log.info("shutting down: %d client connections, waiting up to %.1f s for their transactions", len(clients),
+                 grace)
+        while clients:
+            for client in clients:
+                if client.state is State.LOGIN or client.at_rest:
+                    client.fail(SHUTDOWN, logged=True)
+            clients = [client for client in clients if not client.closed]
+            if not clients or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for client in clients:
+            client.fail(SHUTDOWN, logged=True)
+        if clients:
+            log.warning("shutdown: %d clients were still in a transaction after %.1f s and were closed", len(clients),
+                        grace)
+        for client in self._clients():
+            client.abort()
+
     async def stop(self) -> None:
         for follower in self.followers:
             await follower.stop()
@@ -306,14 +336,7 @@ class ProxyServer:
         if self._janitor is not None:
             self._janitor.cancel()
         self.secrets_watch.stop()
-        deadline = time.monotonic() + self.config.server.shutdown_grace
-        while time.monotonic() < deadline and any(
-            client.backend is not None and (isinstance(client, PostgresClient) or not client.backend.idle)
-            for client in self._clients() if not client.closed
-        ):
-            await asyncio.sleep(0.05)
-        for client in self._clients():
-            client.abort()
+        await self._drain()
         for service in self.services():
             service.close()
         for listener in self.listeners.values():
