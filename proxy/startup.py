@@ -7,6 +7,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from proxy.api.token import read_token
 from proxy.config import Config
 from proxy.errors import ConfigError
 
@@ -40,6 +41,8 @@ def check_startup(config: Config) -> None:
     from proxy.server import ProxyServer  # the server pulls in every session module; only needed here
 
     check_host(config)
+    if config.api.port >= 0:
+        read_token(config.api)
     with _quiet_logs():
         ProxyServer(config).close_tokens()
 

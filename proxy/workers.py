@@ -104,9 +104,6 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
     clients asked on another worker (looked up when asked: a reload may add or remove endpoints); its part of the
     operator commands the supervisor fans out."""
 
-    async def stats(_message: channel.Message) -> channel.Message:
-        return {"pid": os.getpid(), "snapshot": server.stats.snapshot()}
-
     async def cancel(message: channel.Message) -> channel.Message:
         service = server.postgres
         return {} if service is None else await service.serve_cancel(message)
@@ -118,7 +115,7 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
             return {"error": "unknown", "message": "no such MySQL endpoint in this worker"}
         return await service.serve_kill(message)
 
-    return {"stats": stats, "cancel": cancel, "kill": kill, **LocalCommands(server).handlers()}
+    return {"cancel": cancel, "kill": kill, **LocalCommands(server).handlers()}
 
 
 def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
