@@ -26,9 +26,12 @@ def _first(views: list[channel.Message]) -> channel.Message:
     return next((view for view in views if "error" not in view), {"endpoints": {}, "clusters": {}})
 
 
-def _instances(config: Config) -> list[tuple[str, str, bool, str, str, int, str | None]]:
+InstanceRow = tuple[str, str, bool, str, str, int, str | None]
+
+
+def _instances(config: Config) -> list[InstanceRow]:
     """(engine, cluster, monitored, label, host, port, configured role) of every instance served."""
-    rows = []
+    rows: list[InstanceRow] = []
     for engine, settings in engine_settings(config):
         if not engine_active(settings):
             continue
