@@ -227,7 +227,19 @@ def _parser() -> argparse.ArgumentParser:
     switchover.add_argument("--timeout", type=float, default=DEFAULT_SWITCHOVER_TIMEOUT,
                             help="seconds writes may be held, and the replica may take to catch up before that "
                                  "(default: %(default)s)")
-    for command in (readmit, switchover):
+    pause = sub.add_parser("pause", help="hold new transactions (every endpoint, or one) until `dbproxy resume`; "
+                                         "transactions under way finish, waiting clients wait (at most their "
+                                         "borrow timeout)")
+    resume = sub.add_parser("resume", help="let paused endpoints lend backend connections again")
+    reconnect = sub.add_parser("reconnect", help="replace every backend connection: idle ones now, lent-out ones "
+                                                 "when given back")
+    for command in (pause, resume, reconnect):
+        command.add_argument("--endpoint", default=None, help="only this endpoint (default: every one)")
+    kill = sub.add_parser("kill", help="end a client with an admin-shutdown error (PostgreSQL 57P01, MySQL 1927)")
+    kill.add_argument("id", type=int, help="the client's id: its PostgreSQL process id (the BackendKeyData "
+                                           "the proxy sent it, libpq's PQbackendPID) or MySQL connection id "
+                                           "(CONNECTION_ID() through the proxy)")
+    for command in (readmit, switchover, pause, resume, reconnect, kill):
         command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
         command.add_argument("--pid-file", type=Path, default=None,
                              help="pid file of the running proxy; its control socket is beside it (default: "
@@ -272,6 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "switchover":
         send_command(args.config, args.pid_file, {"kind": "switchover", "to": args.to, "endpoint": args.endpoint,
                                                   "timeout": args.timeout}, 2 * args.timeout + 30.0)
+        return
+    if args.command in ("pause", "resume", "reconnect"):
+        send_command(args.config, args.pid_file, {"kind": args.command, "endpoint": args.endpoint}, 10.0)
+        return
+    if args.command == "kill":
+        send_command(args.config, args.pid_file, {"kind": "kill-client", "id": args.id}, 10.0)
         return
     if args.command == "failover":
         failover(args.config, args.to, args.cluster)
