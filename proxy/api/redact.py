@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from proxy.config import Config
@@ -9,6 +10,7 @@ from proxy.config import Config
 REDACTED = "<redacted>"
 SECRET_KEYS = frozenset({"token", "password", "secret"})
 SECRET_SUFFIXES = ("_token", "_password", "_secret")
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URL (a jwks_url may carry them)
 
 
 def _secret(key: str) -> bool:
@@ -21,6 +23,8 @@ def _redact(value: Any) -> Any:
                 for key, item in value.items()}
     if isinstance(value, list):
         return [_redact(item) for item in value]
+    if isinstance(value, str) and "@" in value:
+        return URL_CREDENTIALS.sub(REDACTED + "@", value)
     return value
 
 
