@@ -80,22 +80,40 @@ def clusters(config: Config, views: list[channel.Message]) -> list[Row]:
     return list(found.values())
 
 
+def _labels(config: Config) -> dict[tuple[str, str, str, int], str]:
+    """(engine, cluster, host, port) -> the instance's label."""
+    return {(engine, cluster, host, port): label for engine, cluster, _, label, host, port, _ in _instances(config)}
+
+
+def _by_address(first: Row, endpoint: Endpoint, labels: dict[tuple[str, str, str, int], str]) -> tuple[list[str], Row]:
+    """The instances a worker's endpoint serves and has, named by where its targets point now (a failover or a
+    switchover re-points a target that keeps its first name)."""
+    def label(target: Row) -> str:
+        return labels.get((endpoint.engine, endpoint.cluster, target["host"], target["port"]),
+                          f"{target['host']}:{target['port']}")
+
+    instances = {label(target): target for target in first.get("instances", {}).values()}
+    serving = [label(first["instances"][name]) for name in first.get("serving", []) if name in first["instances"]]
+    return serving, instances
+
+
 def endpoints(config: Config, views: list[channel.Message]) -> list[Row]:
     """Every endpoint: where it listens, the instances it serves now, whether it is paused, its clients."""
     rows = []
+    labels = _labels(config)
     for endpoint in resolve_endpoints(config):
         seen = [view["endpoints"][endpoint.name] for view in views
                 if "error" not in view and endpoint.name in view.get("endpoints", {})]
         first = seen[0] if seen else {}
+        serving, instances = _by_address(first, endpoint, labels) if first else (list(endpoint.serving), {})
         rows.append({
             "name": endpoint.name, "engine": endpoint.engine, "cluster": endpoint.cluster,
             "role": endpoint.role.value, "port": first.get("port", endpoint.settings.port),
             "pool_mode": endpoint.settings.pool.mode.value,
             "listening": bool(seen) and len(seen) == len(views) and all(part["listening"] for part in seen),
-            "serving": first.get("serving", list(endpoint.serving)),
-            "paused": any(part["paused"] for part in seen), "held": any(part["held"] for part in seen),
-            "clients": sum(part["clients"] for part in seen),
-            "instances": first.get("instances", {})})
+            "serving": serving, "paused": any(part["paused"] for part in seen),
+            "held": any(part["held"] for part in seen), "clients": sum(part["clients"] for part in seen),
+            "instances": instances})
     return rows
 
 
