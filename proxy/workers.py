@@ -308,8 +308,7 @@ class _SupervisorReload:
         self.pending = True
         while self.pending:
             self.pending = False
-            self._reload(path, self.edits)
-            if self.ready:
+            if self._reload(path, self.edits) is None:
                 _stop_workers(self.workers, signal.SIGHUP)
                 log.info("reload: passed to %d workers", len(self.workers))
 
