@@ -1,5 +1,6 @@
 """Command line: `dbproxy run` serves a config file; `dbproxy demo` starts a throwaway database and serves it;
-`dbproxy failover` promotes an instance of a cluster."""
+`dbproxy failover` promotes an instance of a cluster; `reload`, `pause`, `resume`, `reconnect`, `kill`, `instance
+readmit` and `switchover` act on the running proxy."""
 
 from __future__ import annotations
 
