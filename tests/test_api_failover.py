@@ -72,7 +72,7 @@ def test_failover_through_the_api(tmp_path: Path, pair: tuple[PostgresInstance, 
         assert standby.psql("SELECT pg_is_in_recovery()") == "f"
         _wait_for_writer(api, "two")
         with psycopg.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                             dbname="app", autocommit=True, connect_timeout=10) as conn:
+                             dbname="app", autocommit=True, connect_timeout=30) as conn:
             deadline = time.monotonic() + 10
             while True:  # each worker follows at its own monitor round
                 try:
@@ -102,7 +102,7 @@ def test_switchover_through_the_api(tmp_path: Path, pair: tuple[PostgresInstance
         api = Api(proxy)
         _wait_for_writer(api, "blue-1")
         with psycopg.connect(host="127.0.0.1", port=proxy.ports["rw"], user="app", password="app-secret",
-                             dbname="app", autocommit=True, connect_timeout=10) as conn:
+                             dbname="app", autocommit=True, connect_timeout=30) as conn:
             assert _write(conn) == blue.port
             status, answer = api.call("POST", "/v1/switchover", {"to": "blue"})
             assert status == 409 and "outside cluster 'blue'" in answer["error"], answer
