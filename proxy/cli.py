@@ -9,11 +9,12 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import uvloop
 
@@ -33,6 +34,7 @@ from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
 from proxy.stats import Snapshot
 from proxy.token_commands import add_token_commands, run_token_command
+from proxy.top_sql import ORDERS, format_top
 
 log = logging.getLogger("proxy")
 READY_MESSAGE = "dbproxy ready: {listeners}"
@@ -160,7 +162,7 @@ def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
 
 
 def send_command(config_path: Path | None, pid_file: Path | None, message: dict[str, object],
-                 timeout: float) -> None:
+                 timeout: float, show: Callable[[dict[str, Any]], str] | None = None) -> None:
     """Send an operator command to the running proxy's control socket (beside its pid file) and print the answer;
     exit status 1 when it failed or no proxy answers."""
     try:
@@ -174,7 +176,7 @@ def send_command(config_path: Path | None, pid_file: Path | None, message: dict[
         _fail(f"no running dbproxy answers at {path}: {exc}", START_ERROR_STATUS)
     if "error" in answer:
         _fail(f"{message['kind']} failed: {answer.get('message', answer['error'])}", START_ERROR_STATUS)
-    print(f"dbproxy: {answer.get('message', 'done')}", flush=True)
+    print(show(answer) if show is not None else f"dbproxy: {answer.get('message', 'done')}", flush=True)
 
 
 def failover(config_path: Path | None, wanted: str, cluster_name: str | None) -> None:
@@ -240,7 +242,12 @@ def _parser() -> argparse.ArgumentParser:
     kill.add_argument("id", type=int, help="the client's id: its PostgreSQL process id (the BackendKeyData "
                                            "the proxy sent it, libpq's PQbackendPID) or MySQL connection id "
                                            "(CONNECTION_ID() through the proxy)")
-    for command in (readmit, switchover, pause, resume, reconnect, kill):
+    top_sql = sub.add_parser("top", help="the statements with the most load (or calls, errors, rows, mean time) "
+                                         "in the running proxy, over all its workers")
+    top_sql.add_argument("--by", choices=ORDERS, default="load", help="order (default: %(default)s: total time)")
+    top_sql.add_argument("-n", "--limit", type=int, default=20, help="statements shown (default: %(default)s)")
+    top_sql.add_argument("--json", action="store_true", help="print the answer as JSON")
+    for command in (readmit, switchover, top_sql, pause, resume, reconnect, kill):
         command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
         command.add_argument("--pid-file", type=Path, default=None,
                              help="pid file of the running proxy; its control socket is beside it (default: "
@@ -291,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "kill":
         send_command(args.config, args.pid_file, {"kind": "kill-client", "id": args.id}, 10.0)
+        return
+    if args.command == "top":
+        send_command(args.config, args.pid_file, {"kind": "top", "by": args.by, "limit": args.limit}, 15.0,
+                     lambda answer: format_top(answer, args.json, shutil.get_terminal_size().columns))
         return
     if args.command == "failover":
         failover(args.config, args.to, args.cluster)

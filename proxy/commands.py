@@ -17,6 +17,7 @@ from proxy.endpoints import resolve_endpoints, writer_of
 from proxy.errors import ConfigError
 from proxy.local_commands import instance_addresses, switched_config
 from proxy.secrets import SecretStore
+from proxy.top_sql import top_handler
 from proxy.topology.switchover import AdminConnection, SwitchoverError, connect_admin, guarded
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class Commands:
     def handlers(self) -> dict[str, channel.Handler]:
         return {name: self._guard(handler) for name, handler in (
             ("readmit", self.readmit), ("switchover", self.switchover), ("pause", self.pause),
-            ("resume", self.resume), ("reconnect", self.reconnect), ("kill-client", self.kill_client))}
+            ("resume", self.resume), ("reconnect", self.reconnect), ("kill-client", self.kill_client),
+            ("top", top_handler(self.fanout)))}
 
     async def pause(self, message: channel.Message) -> channel.Message:
         """{"endpoint": NAME | None}: hold new transactions on the endpoint (every one) until resumed."""

@@ -80,6 +80,9 @@ class ServerSettings(Strict):
     shutdown_grace: float = Field(10.0, ge=0)
     workers: int = Field(0, ge=0, le=64, description="worker processes sharing the ports; 0 means one per core")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus endpoint port; -1 off, 0 a free port")
+    statement_insights: int = Field(
+        5000, ge=0, le=1_000_000,
+        description="statement statistics: distinct statements kept per process (least recent evicted); 0 off")
     pid_file: Path | None = Field(None, description="where the running process writes its pid for `dbproxy "
                                   "reload`; empty means a file in the temporary folder named after the config file")
 

@@ -16,9 +16,10 @@ Key = tuple[str, str, str, str]  # (statement, user, database, endpoint)
 class StatementStats:
     """Counters and a latency histogram of one statement for one user, database and endpoint."""
 
-    __slots__ = ("buckets", "calls", "errors", "rows", "total", "wait")
+    __slots__ = ("buckets", "calls", "errors", "evicted", "rows", "total", "wait")
 
     def __init__(self) -> None:
+        self.evicted = False  # dropped from its Insights: whoever holds it must look the key up again
         self.calls = 0
         self.errors = 0
         self.rows = 0
@@ -71,7 +72,7 @@ class Insights:
         if found is None:
             found = self.stats[key] = StatementStats()
             if len(self.stats) > self.max_statements:
-                self.stats.popitem(last=False)
+                self.stats.popitem(last=False)[1].evicted = True
                 self.evicted += 1
         else:
             self.stats.move_to_end(key)

@@ -16,6 +16,7 @@ from proxy.errors import ConnectionKilled
 from proxy.pool.pool import Target
 from proxy.server import Listener, ProxyServer
 from proxy.session.pg_client import PostgresClient
+from proxy.top_sql import local_statements
 from proxy.topology.model import InstanceStatus
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class LocalCommands:
         return {"readmit": self.readmit, "switchover-targets": self.targets, "switchover-prepare": self.prepare,
                 "switchover-commit": self.commit, "switchover-abort": self.abort, "stats": self.stats,
                 "view": self.view, "pause": self.pause, "resume": self.resume, "reconnect": self.reconnect,
-                "kill-client": self.kill_client}
+                "kill-client": self.kill_client, "statements": local_statements(self.server.stats)}
 
     async def stats(self, _message: channel.Message) -> channel.Message:
         return {"pid": os.getpid(), "snapshot": self.server.stats.snapshot()}

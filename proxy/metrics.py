@@ -6,10 +6,10 @@ import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from proxy.stats import ENDPOINT_LABELS, POOL_LABELS, Snapshot
+from proxy.stats import ENDPOINT_LABELS, INSTANCE_LABELS, METRIC_BOUNDS, POOL_LABELS, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,10 @@ ENDPOINT_METRICS = (  # (metric, kind, help, field of EndpointStats)
     ("idle_client_timeouts", "counter", "Clients closed by the idle client timeout", "idle_client_timeouts"),
     ("login_timeouts", "counter", "Clients closed by the login timeout", "login_timeouts"),
     ("cancel_requests", "counter", "PostgreSQL CancelRequests received", "cancel_requests"),
+    ("client_connections_tls", "counter", "Client logins that succeeded over TLS", "logins_tls"),
+    ("query_requests", "counter", "Statements answered (a Query, an extended-query batch, a MySQL command)",
+     "queries"),
+    ("query_errors", "counter", "Statements answered with an error", "query_errors"),
     ("database_connections_currently_session_pinned", "gauge", "Client sessions pinned to their backend now",
      "pinned_now"),
 )
@@ -38,6 +42,29 @@ POOL_METRICS = (  # (metric, kind, help, field of PoolStats or gauge of the pool
     ("database_connections_closed", "counter", "Backend connections closed", "closed"),
     ("database_connection_failures", "counter", "Backend connections that failed to open", "connect_failures"),
     ("transactions", "counter", "Transactions (or statements) served", "transactions"),
+    ("database_connections_setup_succeeded_tls", "counter", "Backend connections opened with TLS", "opened_tls"),
+    ("database_connections_currently_in_transaction", "gauge", "Backend connections lent out with a transaction "
+     "open", "in_transaction"),
+    ("max_database_connections_allowed", "gauge", "Backend connections the pool's target may open",
+     "max_allowed"),
+    ("database_connection_requests_waiting", "gauge", "Clients waiting for a backend connection now", "waiting"),
+)
+INSTANCE_METRICS = (
+    ("instance_available", "gauge", "1 when the instance answered its last probe (by the role it reported)",
+     "available"),
+    ("instance_replica_lag_seconds", "gauge", "How far the instance's replay is behind its writer", "lag_seconds"),
+)
+CLUSTER_METRICS = (
+    ("cluster_writer_changes", "counter", "Failovers seen: times the cluster's writer moved to another instance",
+     "writer_changes"),
+)
+HISTOGRAMS = (  # (metric, help, field, rows: "endpoints" or "pools")
+    ("query_response_latency_seconds", "Time from a statement's arrival at the proxy to the end of its reply",
+     "query_latency", "endpoints"),
+    ("database_response_latency_seconds", "Time from a statement's start on a backend connection to the end of "
+     "its reply", "database_latency", "endpoints"),
+    ("database_connection_borrow_latency_seconds", "Time a client waited for a backend connection",
+     "borrow_wait", "pools"),
 )
 
 
@@ -63,7 +90,39 @@ def families(data: Snapshot) -> Iterator[Metric]:
         for reason, count in sorted(row.get("pins", {}).items()):
             pins.add_metric([*(str(row.get(label, "")) for label in ENDPOINT_LABELS), reason], count)
     yield pins
+    replays = CounterMetricFamily("dbproxy_transaction_replays", "Transactions whose backend was lost, by what "
+                                  "became of them (succeeded on another backend, or aborted and why)",
+                                  labels=[*ENDPOINT_LABELS, "outcome"])
+    for row in endpoints:
+        for outcome, count in sorted(row.get("replays", {}).items()):
+            replays.add_metric([*(str(row.get(label, "")) for label in ENDPOINT_LABELS), outcome], count)
+    yield replays
     yield from _table(data.get("pools", []), POOL_LABELS, POOL_METRICS)
+    instances = data.get("instances", [])
+    yield from _table(instances, INSTANCE_LABELS, INSTANCE_METRICS)
+    clusters = {(row["engine"], row["cluster"]): row for row in instances}
+    yield from _table(list(clusters.values()), ("engine", "cluster"), CLUSTER_METRICS)
+    for name, help_text, field, rows in HISTOGRAMS:
+        labels = ENDPOINT_LABELS if rows == "endpoints" else POOL_LABELS
+        family = HistogramMetricFamily(f"dbproxy_{name}", help_text, labels=list(labels))
+        for row in data.get(rows, []):
+            found = row.get(field)
+            if found:
+                family.add_metric([str(row.get(label, "")) for label in labels], *_buckets(row, field, found))
+        yield family
+
+
+def _buckets(row: dict[str, object], field: str, data: dict[str, object]) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative buckets and the sum of a histogram's data. A borrow that did not wait is not observed (the hot
+    path stays lean): those borrows count in the first bucket."""
+    counts = list(data["counts"])  # type: ignore[call-overload]
+    if field == "borrow_wait":
+        counts[0] += max(0, int(row.get("borrows", 0)) - sum(counts))  # type: ignore[call-overload]
+    buckets, seen = [], 0
+    for bound, count in zip([*METRIC_BOUNDS, float("inf")], counts, strict=True):
+        seen += count
+        buckets.append(("+Inf" if bound == float("inf") else repr(bound), float(seen)))
+    return buckets, float(data["sum"])  # type: ignore[arg-type]
 
 
 class SnapshotCollector(Collector):

@@ -114,6 +114,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
     server.tls = tls
     server.config, server.secrets = config, secrets
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
+    server.stats.keep_insights(config.server.statement_insights)
     if config.server.log_level != old.server.log_level:
         logging.getLogger().setLevel(config.server.log_level.upper())
     server.close_tokens()

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.auth.token_login import make_verifier
-from proxy.config import ClientTLSMode, Config, EndpointRole, engine_active, engine_settings
+from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
@@ -24,7 +24,7 @@ from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
 from proxy.session.pg_service import PostgresService
-from proxy.stats import StatsRegistry
+from proxy.stats import Series, StatsRegistry
 from proxy.tls import server_context
 from proxy.topology.follow import NO_WRITER_INTERVAL, AutoPromote, ClusterFollower, Followed
 from proxy.topology.model import Probe
@@ -81,6 +81,7 @@ class ProxyServer:
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
         self.stats = StatsRegistry()
+        self.stats.keep_insights(config.server.statement_insights)
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
         for endpoint in resolve_endpoints(config):
@@ -91,11 +92,28 @@ class ProxyServer:
         self.reuse_port = False
         self.causal_clusters: dict[tuple[str, str], CausalCluster] = {}  # (engine, cluster): see make_followers
         self.held: set[str] = set()  # endpoints a switchover holds: no topology follower moves or resumes them
+        self.monitored: list[tuple[str, str, ClusterBase, TopologyMonitor]] = []  # (engine, name, cluster, monitor)
         self.followers: list[ClusterFollower] = self.make_followers()
+        self.stats.instances = self.instance_series
+
+    def instance_series(self) -> list[Series]:
+        """Each monitored instance's role, availability and lag as the monitors saw them last."""
+        rows: list[Series] = []
+        for engine, name, cluster, monitor in self.monitored:
+            statuses = monitor.snapshot()
+            for instance in cluster.instances:
+                status = statuses.get((instance.host, instance.port))
+                rows.append({"engine": engine, "cluster": name, "instance": instance.label,
+                             "role": status.role.value if status is not None else "unknown",
+                             "available": int(status is not None and status.healthy),
+                             "lag_seconds": (status.lag_seconds or 0.0) if status is not None else 0.0,
+                             "writer_changes": monitor.writer_changes})
+        return rows
 
     def make_followers(self) -> list[ClusterFollower]:
         """A topology monitor and follower per cluster with a monitor_interval (in each worker process)."""
         followers: list[ClusterFollower] = []
+        self.monitored = []
         for engine, settings in engine_settings(self.config):
             if not engine_active(settings):
                 continue
@@ -114,6 +132,7 @@ class ProxyServer:
                 instances = [(instance.host, instance.port) for instance in cluster.instances]
                 timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
                 monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
+                self.monitored.append((engine, name, cluster, monitor))
                 auto = (AutoPromote(promoter(engine, cluster.monitor_user, password), cluster.promotion_grace)
                         if cluster.auto_promote else None)
                 followers.append(ClusterFollower(name, monitor, self._followed(engine, name), auto,

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from proxy.insights import Insights
+from proxy.sql_digest import Digester
+
 ENDPOINT_LABELS = ("engine", "endpoint", "cluster")
+INSTANCE_LABELS = ("engine", "cluster", "instance", "role")
+POOL_GAUGES = ("open", "borrowed", "in_transaction", "max_allowed", "waiting")
 POOL_LABELS = ("engine", "endpoint", "cluster", "instance", "database", "user")
 
 # A snapshot: {"endpoints": [series], "pools": [series]}, each series a flat dict of its labels and its values
@@ -14,19 +20,53 @@ POOL_LABELS = ("engine", "endpoint", "cluster", "instance", "database", "user")
 Series = dict[str, Any]
 Snapshot = dict[str, list[Series]]
 
+# Upper bounds (seconds) of the latency histograms the metrics show; the last bucket is everything above.
+METRIC_BOUNDS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Counts of observed durations per bucket of METRIC_BOUNDS, and their sum (a Prometheus histogram)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(METRIC_BOUNDS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(METRIC_BOUNDS, seconds)] += 1
+        self.total += seconds
+
+    def data(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.total}
+
+    def add(self, other: Histogram) -> None:
+        for index, count in enumerate(other.counts):
+            self.counts[index] += count
+        self.total += other.total
+
+
+def add_histograms(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Two histograms' data summed."""
+    return {"counts": [a + b for a, b in zip(total["counts"], more["counts"], strict=True)],
+            "sum": total["sum"] + more["sum"]}
+
 
 class EndpointStats:
     """Counters of the clients of one endpoint; plain attribute increments on the hot path."""
 
     COUNTERS = ("clients_accepted", "clients_refused", "logins_ok", "logins_failed", "protocol_errors",
-                "cancel_requests", "idle_client_timeouts", "login_timeouts")
+                "cancel_requests", "idle_client_timeouts", "login_timeouts", "logins_tls", "queries", "query_errors")
     GAUGES = ("clients_current", "pinned_now")
-    __slots__ = ("registry", "labels", "pins", *COUNTERS, *GAUGES)
+    HISTOGRAMS = ("query_latency", "database_latency")
+    __slots__ = ("labels", "pins", "registry", "replays", *COUNTERS, *GAUGES, *HISTOGRAMS)
 
     def __init__(self, registry: StatsRegistry, labels: dict[str, str]) -> None:
         self.registry = registry
         self.labels = labels
         self.pins: dict[str, int] = {}  # times a session was pinned, by reason
+        self.replays: dict[str, int] = {}  # transactions carried to another backend, by outcome
         self.clients_accepted = 0
         self.clients_refused = 0  # turned away at connect: max_client_connections reached
         self.logins_ok = 0
@@ -35,8 +75,16 @@ class EndpointStats:
         self.cancel_requests = 0
         self.idle_client_timeouts = 0
         self.login_timeouts = 0
+        self.logins_tls = 0  # logins over TLS
+        self.queries = 0  # statements answered (a Query, an extended-query batch up to Sync, a MySQL command)
+        self.query_errors = 0  # ... that ended in an error
         self.clients_current = 0
         self.pinned_now = 0  # client sessions pinned to their backend now
+        self.query_latency = Histogram()  # from the request's arrival at the proxy to its reply's end
+        self.database_latency = Histogram()  # the part of that after a backend was linked
+
+    def replayed(self, outcome: str) -> None:
+        self.replays[outcome] = self.replays.get(outcome, 0) + 1
 
     def pinned(self, reason: str) -> None:
         self.pins[reason] = self.pins.get(reason, 0) + 1
@@ -46,15 +94,16 @@ class EndpointStats:
 
     def series(self) -> Series:
         values = {name: getattr(self, name) for name in (*self.COUNTERS, *self.GAUGES)}
-        return {**self.labels, **values, "pins": dict(self.pins)}
+        histograms = {name: getattr(self, name).data() for name in self.HISTOGRAMS}
+        return {**self.labels, **values, **histograms, "pins": dict(self.pins), "replays": dict(self.replays)}
 
 
 class PoolStats:
     """Counters of one pool of backend connections (one database and user); plain attribute increments."""
 
     COUNTERS = ("borrows", "waits", "wait_time", "borrow_timeouts", "opened", "closed", "connect_failures",
-                "transactions")
-    __slots__ = ("labels", "gauges", *COUNTERS)
+                "transactions", "opened_tls")
+    __slots__ = ("borrow_wait", "gauges", "labels", *COUNTERS)
 
     def __init__(self, labels: dict[str, str] | None = None) -> None:
         self.labels = labels or {}
@@ -67,6 +116,8 @@ class PoolStats:
         self.closed = 0
         self.connect_failures = 0
         self.transactions = 0
+        self.opened_tls = 0  # backend connections opened with TLS
+        self.borrow_wait = Histogram()  # borrows that waited: how long (the others took no time)
 
     def as_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.COUNTERS}
@@ -74,10 +125,11 @@ class PoolStats:
     def add(self, other: PoolStats) -> None:
         for name in self.COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.borrow_wait.add(other.borrow_wait)
 
     def series(self) -> Series:
-        gauges = self.gauges() if self.gauges is not None else {"open": 0, "borrowed": 0}
-        return {**self.labels, **self.as_dict(), **gauges}
+        gauges = self.gauges() if self.gauges is not None else dict.fromkeys(POOL_GAUGES, 0)
+        return {**self.labels, **self.as_dict(), **gauges, "borrow_wait": self.borrow_wait.data()}
 
 
 class TargetStats:
@@ -119,6 +171,27 @@ class StatsRegistry:
         self.endpoints: dict[tuple[str, ...], EndpointStats] = {}
         self.targets: dict[tuple[str, ...], TargetStats] = {}
         self.max_clients = 0  # this process's share of max_client_connections (0: no limit)
+        # The monitored instances as this process sees them: labels, "available" (0/1), "lag_seconds" and the
+        # cluster's "writer_changes" (set by the server: it owns the topology monitors).
+        self.instances: Callable[[], list[Series]] = list
+        self.insights: Insights | None = None  # statement statistics, when switched on
+        self._digesters: dict[str, Digester] = {}
+
+    def keep_insights(self, max_statements: int) -> None:
+        """Switch the statement statistics on (kept across reloads) or off (max_statements 0)."""
+        if max_statements <= 0:
+            self.insights = None
+        elif self.insights is None:
+            self.insights = Insights(max_statements)
+        else:
+            self.insights.max_statements = max_statements
+
+    def digester(self, engine: str) -> Digester:
+        """The statement normalizer of `engine` (one per process: its cache is shared by every client)."""
+        digester = self._digesters.get(engine)
+        if digester is None:
+            digester = self._digesters[engine] = Digester(engine)
+        return digester
 
     def endpoint(self, engine: str, endpoint: str, cluster: str) -> EndpointStats:
         key = (engine, endpoint, cluster)
@@ -146,13 +219,21 @@ class StatsRegistry:
         pools: list[Series] = []
         for target in list(self.targets.values()):
             pools.extend(target.series())
-        return {"endpoints": [stats.series() for stats in list(self.endpoints.values())], "pools": pools}
+        return {"endpoints": [stats.series() for stats in list(self.endpoints.values())], "pools": pools,
+                "instances": self.instances()}
 
 
 def merge(parts: Iterable[Snapshot]) -> Snapshot:
     """Add up the snapshots of several workers, series by series (same labels: same series)."""
     parts = list(parts)
-    merged: Snapshot = {"endpoints": [], "pools": []}
+    merged: Snapshot = {"endpoints": [], "pools": [], "instances": []}
+    seen: set[tuple[str, ...]] = set()
+    for part in parts:  # every worker monitors the same instances: the first answer for each is shown
+        for series in part.get("instances", []):
+            key = tuple(str(series.get(label, "")) for label in INSTANCE_LABELS[:3])
+            if key not in seen:
+                seen.add(key)
+                merged["instances"].append(series)
     for kind, labels in (("endpoints", ENDPOINT_LABELS), ("pools", POOL_LABELS)):
         found: dict[tuple[str, ...], Series] = {}
         for part in parts:
@@ -160,12 +241,16 @@ def merge(parts: Iterable[Snapshot]) -> Snapshot:
                 key = tuple(str(series.get(label, "")) for label in labels)
                 total = found.get(key)
                 if total is None:
-                    found[key] = {**series, "pins": dict(series["pins"])} if "pins" in series else dict(series)
+                    found[key] = {name: dict(value) if name in ("pins", "replays") else value
+                                  for name, value in series.items()}
                     continue
                 for name, value in series.items():
-                    if name == "pins":
+                    if name in ("pins", "replays"):
+                        kept = total.setdefault(name, {})
                         for reason, count in value.items():
-                            total["pins"][reason] = total["pins"].get(reason, 0) + count
+                            kept[reason] = kept.get(reason, 0) + count
+                    elif isinstance(value, dict) and "counts" in value:
+                        total[name] = add_histograms(total[name], value) if name in total else value
                     elif name not in labels and isinstance(value, int | float):
                         total[name] = total.get(name, 0) + value
         merged[kind] = list(found.values())
@@ -174,9 +259,9 @@ def merge(parts: Iterable[Snapshot]) -> Snapshot:
 
 def _counters_only(snapshot: Snapshot) -> Snapshot:
     """The snapshot with its gauges at zero: what a worker that is gone still adds to the totals."""
-    gauges = {*EndpointStats.GAUGES, "open", "borrowed"}
+    gauges = {*EndpointStats.GAUGES, *POOL_GAUGES}
     return {kind: [{name: 0 if name in gauges else value for name, value in series.items()} for series in rows]
-            for kind, rows in snapshot.items()}
+            for kind, rows in snapshot.items() if kind != "instances"}
 
 
 class WorkerSum:

@@ -14,6 +14,9 @@ from proxy.pool.pool import Backend, Pool, Target
 
 
 class FakeBackend:
+    is_tls = False
+    in_transaction = False
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.closed = False

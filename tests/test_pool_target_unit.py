@@ -13,6 +13,9 @@ from proxy.pool.pool import Backend, Pool, Target
 
 
 class FakeBackend:
+    is_tls = False
+    in_transaction = False
+
     def __init__(self, address: tuple[str, int]) -> None:
         self.address = address
         self.closed = False

@@ -11,6 +11,9 @@ from proxy.stats import StatsRegistry
 
 
 class FakeBackend:
+    is_tls = False
+    in_transaction = False
+
     def __init__(self) -> None:
         self.closed = False
         self.forgotten = False

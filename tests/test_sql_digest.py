@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.insights import BOUNDS, Insights, merged, top
 from proxy.sql_digest import MAX_TEXT, Digester, normalize
@@ -51,9 +53,15 @@ def test_the_digester_folds_numbers_but_not_names() -> None:
     assert digester.digest(b"SELECT c FROM sbtest1 WHERE id=77") == "SELECT c FROM sbtest1 WHERE id=?"
     assert digester.digest(b"select a -1") == "select a - ?" and digester.digest(b"select = -1") == "select = ?"
     assert digester.digest(b"SELECT $1 + 2") == "SELECT $1 + ?"
+    assert digester.digest(b"SELECT $2 + 3") == "SELECT $2 + ?"  # one shape, the kept digit picks the digest
+    assert digester.digest(b"SELECT 0x1F, 'x9' /* 7 */") == "SELECT ?, ?"
+    assert digester.digest(b"SELECT 1x1F") != "SELECT ?"  # (not a literal: a shape with 0x is kept by its text)
+    assert digester.digest("SELECT 'ä', 5 FROM t1".encode()) == "SELECT ?, ? FROM t1"
+    assert digester.digest("SELECT 'ä', 6 FROM t2".encode()) == "SELECT ?, ? FROM t2"
     for n in range(10):
         digester.digest(b"SELECT %d FROM t%d" % (n, n))
-    assert len(digester._cache) == 4  # bounded
+        digester.digest(b"SELECT %d FROM t%d %s" % (n, n, "é".encode()))
+    assert len(digester._shapes) == len(digester._texts) == 4  # bounded
 
 
 def test_statistics_are_bounded_ranked_and_merged() -> None:
@@ -73,3 +81,14 @@ def test_statistics_are_bounded_ranked_and_merged() -> None:
     assert BOUNDS[0] <= 0.0002 <= BOUNDS[-1]
     with pytest.raises(ValueError, match="unknown order"):
         top(both, by="nonsense")
+
+
+@settings(max_examples=400, deadline=None)
+@given(texts=st.lists(st.text(alphabet="SELCT ab$_.0123456789xX'\"-/*=(),;\n`#e", max_size=40), min_size=1,
+                      max_size=8),
+       engine=st.sampled_from(["postgresql", "mysql"]))
+def test_the_digester_agrees_with_normalize(texts: list[str], engine: str) -> None:
+    digester = Digester(engine, cache_size=8)
+    shifted = [text.translate(str.maketrans("0123456789", "1234567890")) for text in texts]  # the same shapes
+    for text in texts + shifted + texts:  # the last round from the cache
+        assert digester.digest(text.encode()) == normalize(text, engine), text

@@ -39,6 +39,11 @@ class BackendConnection(Connection):
         self.port = target.port
         self.generation = target.generation
 
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction is open on the server session (each engine says how it knows)."""
+        raise NotImplementedError
+
     def opened_to(self, host: str, port: int, generation: int) -> None:
         """Record the address and generation read from the target when the connect began."""
         self.host, self.port, self.generation = host, port, generation

@@ -39,6 +39,7 @@ from proxy.protocol.mysql.packets import (
     frame,
     strip_session_state,
 )
+from proxy.query_clock import QueryClock
 from proxy.rundir import worker_count
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class MySQLLinkedClient(LinkedClient, Protocol):
     kills_in_flight: int  # KILL QUERYs on their way to this backend's thread: it stays linked meanwhile
     found_rows: int  # what FOUND_ROWS() says for the client: set when a result set completes
     row_count: int  # what ROW_COUNT() says for the client: set when a statement completes
+    clock: QueryClock | None  # times the client's statements (when the statement statistics are on)
     # Where reply bytes go instead of straight to the client's socket (None: straight there), so the client can
     # keep what it needs to replay its transaction on another server (see session/replay_log).
     replies: Callable[[bytes], None] | None
@@ -147,6 +149,10 @@ class MySQLBackend(MySQLServerSession):
         return self.tracker.done and not self.queue and not self._partial and not self.tracker.skip
 
     # --- linking to a client ---
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tracker.in_transaction
 
     def link(self, client: MySQLLinkedClient) -> None:
         self.client = client
@@ -232,6 +238,10 @@ class MySQLBackend(MySQLServerSession):
                         client.row_count = -1
                     else:
                         client.row_count = -1 if tracker.error is not None else tracker.affected_rows
+                    clock = client.clock
+                    if clock is not None:
+                        clock.done(1, tracker.error is not None,
+                                   tracker.rows if tracker.row_sets else tracker.affected_rows)
                 effect = self.effect
                 if effect is not None or tracker.session_state is not None or tracker.last_insert_id:
                     self.effect = None

@@ -139,6 +139,10 @@ class PostgresBackend(BackendConnection):
         return self.replies.tx_status
 
     @property
+    def in_transaction(self) -> bool:
+        return self.replies.tx_status != pg.IDLE
+
+    @property
     def client_at_boundary(self) -> bool:
         """What the client was given of the server's replies ends at a message boundary."""
         return self.replies.client_at_boundary

@@ -65,6 +65,12 @@ class Backend(Protocol):
     idle_since: float
     generation: int  # the target's generation when its address was read for this connection (set by the pool)
 
+    @property
+    def in_transaction(self) -> bool: ...
+
+    @property
+    def is_tls(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -448,7 +454,10 @@ class Pool:
         return name
 
     def _gauges(self) -> dict[str, int]:
-        return {"open": len(self.idle) + len(self.busy), "borrowed": len(self.busy)}
+        busy = self.busy
+        return {"open": len(self.idle) + len(busy), "borrowed": len(busy),
+                "in_transaction": sum(1 for backend in busy if backend.in_transaction),
+                "max_allowed": self.target.limit, "waiting": sum(1 for waiter in self.waiters if waiter.waiting())}
 
     def unused(self) -> bool:
         """No backend (idle or lent out), no live waiter and no client session (a connect in progress is always
@@ -526,7 +535,9 @@ class Pool:
                     continue
                 backend = handed
                 break
-        stats.wait_time += loop.time() - started
+        waited = loop.time() - started
+        stats.wait_time += waited
+        stats.borrow_wait.observe(waited)
         return backend
 
     def borrow_idle(self) -> Backend | None:
@@ -601,6 +612,8 @@ class Pool:
         target.owned.add(backend)
         target.last_connect_failure = ""
         self.stats.opened += 1
+        if backend.is_tls:
+            self.stats.opened_tls += 1
         self.busy.add(backend)
         return backend
 

@@ -22,6 +22,7 @@ from proxy.errors import (
     TooManyClients,
 )
 from proxy.netio import Connection, ConnectionClosed
+from proxy.query_clock import QueryClock
 from proxy.rundir import worker_count
 from proxy.stats import EndpointStats
 
@@ -66,6 +67,7 @@ class ClientConnection(Connection):
     LOGIN_TIMEOUT_TEXT = "the client did not complete its login in time"
     MESSAGE_TIMEOUT_TEXT = "closing the connection: the client stopped in the middle of a message for more than {:g} s"
     BACKEND_LOST_TEXT = "the database connection was lost"
+    clock: QueryClock | None = None  # times its statements for the statement statistics (when they are on)
     stats: EndpointStats  # the counters of the endpoint this client came in on (set by the subclass)
     over_limit: TooManyClients | None = None  # set when this client came beyond max_clients: it is refused
     # The server's set of its clients, which this one leaves as soon as its socket is gone: a client kept there
@@ -117,6 +119,15 @@ class ClientConnection(Connection):
 
     async def _login(self) -> None:
         raise NotImplementedError
+
+    def logged_in(self, engine: str, user: str, database: str) -> None:
+        """The login succeeded: counted, and the client's requests timed from now on."""
+        stats = self.stats
+        stats.logins_ok += 1
+        if self.is_tls:
+            stats.logins_tls += 1
+        registry = stats.registry
+        self.clock = QueryClock(stats, registry.insights, registry.digester(engine), user, database)
 
     async def _after_login(self) -> None:
         """What the login does after its timeout no longer applies (nothing unless the engine says)."""

@@ -65,6 +65,8 @@ class MySQLBorrowing(MySQLSessionTracking):
         """The held command needs a backend: link an idle one at once, or borrow one in a task."""
         pool = self.pool
         assert pool is not None
+        if self.clock is not None:
+            self.clock.waiting()
         if not self.service.group.single:  # the endpoint spreads its work: this transaction's instance
             chosen = self._work_pool()
             if chosen is None:  # no instance is eligible now: wait for one (at most the borrow timeout)

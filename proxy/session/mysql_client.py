@@ -165,6 +165,8 @@ class MySQLClient(MySQLFailover):
                 self._seq = 1
                 self._cont = length == my.MAX_PACKET
                 available = end - pos - 4
+                if command == my.COM_QUERY and self.clock is not None:
+                    self.clock.query(scan[pos + 5 : pos + 4 + min(length, available)])
                 if length > available:
                     self._skip = length - available
                     pos = end

@@ -298,6 +298,7 @@ class MySQLFailover(MySQLLogin):
         log.warning("client %s: %s; %s [%d %s]", self.peer, why,
                     "its command gets the error" if in_flight else "its next command gets the error",
                     error.mysql_errno, error.mysql_sqlstate)
+        self.stats.replayed(f"aborted_{error.mysql_errno}")
         if in_flight:
             self._send_error(error, 1)
         else:
@@ -368,6 +369,7 @@ class MySQLFailover(MySQLLogin):
         self._failover = None
         log.info("client %s: replayed %d command(s) on %s in %.0f ms; the client goes on", self.peer,
                  failover.commands, self.backend, (self.loop.time() - failover.started) * 1000)
+        self.stats.replayed("succeeded")
         self.loop.call_soon(self._end_detour)
 
     def _replay_failed(self, why: str) -> None:

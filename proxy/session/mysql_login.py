@@ -128,7 +128,7 @@ class MySQLLogin(MySQLStatementCommands):
         await self._prepare_session()
         service.clients[self.connection_id] = self
         self._send_ok(self._seq)
-        self.stats.logins_ok += 1
+        self.logged_in("mysql", self.session.user, self.session.database)
         self.state = State.READY
         self._seq = 0
         leftover = self.take_buffered()
@@ -295,6 +295,7 @@ class MySQLLogin(MySQLStatementCommands):
             return
         self.service.clients[self.connection_id] = self
         self._send_ok(self._seq)
+        self.logged_in("mysql", self.session.user, self.session.database)  # (COM_CHANGE_USER: a login too)
         self.state = State.READY
         self._seq = 0
         self._busy = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.errors import NotSupported
-from proxy.pool.mysql_backend import STATEMENT_LIMIT, MySQLBackend
+from proxy.pool.mysql_backend import ROW_COMMANDS, STATEMENT_LIMIT, MySQLBackend
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.effects import EXECUTE, FETCH, INTERNAL, PREPARE, STMT_RESET
 from proxy.protocol.mysql.packets import ErrPacket, OkPacket, frame
@@ -145,6 +145,8 @@ class MySQLStatementCommands(MySQLBorrowing):
             next_pos = end
         if self._hold_next == 1:
             self._hold_next = 2
+        if self.clock is not None and command in ROW_COMMANDS:
+            self.clock.query(stmt.sql)
         backend.expect(command, effect)
         self._seq = 1
         self._cont = length == my.MAX_PACKET

@@ -18,6 +18,7 @@ from proxy.protocol.pg.extended import (
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
+from proxy.query_clock import UNKNOWN
 from proxy.session.client import State
 from proxy.session.pg_replay import PgReplay
 from proxy.session.pg_settings import SESSION_WORDS
@@ -36,6 +37,7 @@ QUERY_BYTE, FUNCTION_CALL_BYTE, PARSE_BYTE, BIND_BYTE, DESCRIBE_BYTE, EXECUTE_BY
 STATEMENT = ord("S")
 EXECUTE_WORD = re.compile(rb"(?i)\s*execute\s")
 HELD_LIMIT = 256 * 1024
+LONG_QUERY = "(a query streamed through: too long to normalize)"
 
 # A Query at least this long that arrives in parts streams through (scanned for SESSION_WORDS as it passes)
 # instead of being held whole; other inspected messages are gathered in a growing buffer.
@@ -128,6 +130,8 @@ class PgForward(PgReplay):
                 if action == SYNC:
                     self.write(pg.READY_FOR_QUERY_IDLE)
                 continue
+            if self.clock is not None:
+                self.clock.waiting()
             self._start_work()
             return
 
@@ -146,6 +150,7 @@ class PgForward(PgReplay):
         limit = self.max_message
         action_of = ACTION
         expect_reply = backend.expect_reply
+        clock = self.clock
         pieces: list[bytes] | None = None  # set once a message is rewritten or dropped
         run_start = 0
         hold = end
@@ -187,10 +192,14 @@ class PgForward(PgReplay):
                 self.pending += 1
                 self.in_extended = False
                 expect_reply(EXPECT_SYNC)
+                if clock is not None:
+                    clock.synced()
             elif action == EXTENDED:
                 self.in_extended = True
                 if kind == EXECUTE_BYTE:
                     expect_reply(EXPECT_EXECUTE)
+                    if clock is not None:
+                        clock.executing = True
             elif action != COPY:
                 self._write_pieces(backend, pieces, scan, run_start, pos)
                 if action == TERMINATE:
@@ -249,6 +258,8 @@ class PgForward(PgReplay):
         self.pending += 1
         self.in_extended = False  # (as for any Query: see _inspect)
         backend.expect_reply(EXPECT_QUERY)
+        if self.clock is not None:
+            self.clock.request(LONG_QUERY)
         self._scanning = True
         self._scan_streamed_query(head, first=True)
 
@@ -300,6 +311,7 @@ class PgForward(PgReplay):
         HOLD means a statement check went out first: the client's bytes from this message on wait for its reply."""
         expect_reply = backend.expect_reply
         statements = self.statements
+        clock = self.clock
         if kind == QUERY_BYTE:
             if statements.named and EXECUTE_WORD.match(body):
                 replacement = statements.execute_sql(body[:-1], backend)
@@ -308,7 +320,11 @@ class PgForward(PgReplay):
                         self.pending += 1
                         self.in_extended = False
                         statements.forget_unnamed(backend)
+                        if clock is not None:
+                            clock.query(body[:-1])
                     return replacement
+            if clock is not None:
+                clock.query(body[:-1])
             self.pending += 1
             statements.forget_unnamed(backend)
             replacement = None
@@ -322,6 +338,8 @@ class PgForward(PgReplay):
             self.in_extended = False
             return replacement
         if kind == FUNCTION_CALL_BYTE:
+            if clock is not None:
+                clock.request(UNKNOWN)
             self.pending += 1
             expect_reply(EXPECT_FUNCTION_CALL)
             return None
@@ -331,12 +349,19 @@ class PgForward(PgReplay):
             session_words = SESSION_WORDS.search(rest) is not None
             if session_words:
                 self._note_session_words(ext.parse_query_text(rest))
+            if clock is not None:
+                if name:
+                    clock.current = clock.prepared(name, ext.parse_query_text(rest))
+                else:
+                    clock.current = clock.digest(ext.parse_query_text(rest))
             if not name:
                 statements.parse_unnamed(rest, backend, session_words)
                 return None
             return statements.parse_named(name, rest, backend, session_words)
         if kind == BIND_BYTE:
             portal, name, rest = ext.split_bind(body)
+            if clock is not None and name:
+                clock.current = clock.named.get(name, UNKNOWN)
             if (not name and backend.holds_unnamed(statements, statements.unnamed_serial)
                     and statements.check is None and not statements.unnamed_words):
                 expect_reply(EXPECT_BIND)  # the client's own unnamed statement, parsed on this backend

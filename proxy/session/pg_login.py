@@ -127,7 +127,7 @@ class PgLogin(PgForward):
         out.append(pg.backend_key_data(self.process_id, self.secret_key))
         out.append(pg.READY_FOR_QUERY_IDLE)
         self.write(b"".join(out))
-        self.stats.logins_ok += 1
+        self.logged_in("postgresql", session.user, session.database)
         self._init_replay(pool)
         self.state = State.READY
         leftover = self.take_buffered()

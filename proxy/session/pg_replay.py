@@ -103,6 +103,7 @@ class PgReplay(PgBorrow):
         backend = self.backend
         log.info("client %s: transaction replayed on %s after its backend was lost; the replies matched",
                  self.peer, backend)
+        self.stats.replayed("succeeded")
         if rest:
             self.transport.write(rest)
         extra = self._replay_extra
@@ -115,6 +116,11 @@ class PgReplay(PgBorrow):
                 self._forward(data, backend)
 
     def backend_ready(self, backend: PostgresBackend, count: int) -> None:
+        clock = self.clock
+        if clock is not None:
+            replies = backend.replies
+            clock.done(count, replies.errors, replies.rows)
+            replies.errors = replies.rows = 0
         replay_log = self.replay_log
         if replay_log is None:
             super().backend_ready(backend, count)
@@ -178,6 +184,7 @@ class PgReplay(PgBorrow):
         if loss.plan == REPLAY and self._replays >= REPLAY_ATTEMPTS:
             log.warning("client %s: backend %s was lost (%s) during replay %d of its transaction; giving up (40001)",
                         self.peer, backend, why, self._replays)
+            self.stats.replayed("aborted_lost_again")
             self._end_locally(loss, "40001", ROLLED_BACK_TEXT)
         elif loss.plan == REPLAY:
             self._replays += 1
@@ -186,10 +193,12 @@ class PgReplay(PgBorrow):
         elif loss.plan == ROLLED_BACK:
             log.warning("client %s: backend %s was lost (%s); the transaction cannot be replayed (40001)",
                         self.peer, backend, why)
+            self.stats.replayed("aborted_not_replayable")
             self._end_locally(loss, "40001", ROLLED_BACK_TEXT)
         else:
             log.warning("client %s: backend %s was lost (%s) during a COMMIT or an autocommit write; its outcome "
                         "is unknown (08007)", self.peer, backend, why)
+            self.stats.replayed("aborted_commit_in_flight")
             self._end_locally(loss, "08007", UNKNOWN_TEXT)
 
     def _lost_error(self) -> BackendUnavailable:
@@ -290,6 +299,7 @@ class PgReplay(PgBorrow):
         loss = self._replay_loss
         assert loss is not None
         log.warning("client %s: the replayed transaction was rolled back: %s (40001)", self.peer, why)
+        self.stats.replayed("aborted_replies_differ")
         if backend is not None:
             self.backend = None
             backend.unlink()

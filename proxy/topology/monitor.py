@@ -34,6 +34,7 @@ class TopologyMonitor:
         # even when it comes back claiming to write, until an operator re-admits it.
         self._chosen: Address | None = None
         self._fenced: set[Address] = set()
+        self.writer_changes = 0  # times the chosen writer moved to another instance (failovers seen)
 
     def on_change(self, callback: ChangeCallback) -> None:
         self._callbacks.append(callback)
@@ -119,6 +120,7 @@ class TopologyMonitor:
         if best is not None and best.address != self._chosen:
             if self._chosen is not None:
                 self.fence(self._chosen)
+                self.writer_changes += 1
             self._chosen = best.address
         return best
 

@@ -24,6 +24,7 @@ from proxy.protocol.pg.extended import (
 READY = 0x5A  # 'Z': ReadyForQuery
 PARAMETER_STATUS = 0x53  # 'S'
 ERROR = 0x45  # 'E': ErrorResponse
+COMMAND_COMPLETE = 0x43  # 'C': its tag ends with the number of rows for most commands
 PARAMETER_DESCRIPTION = 0x74  # 't'
 NOTIFICATION = 0x41  # 'A': NotificationResponse (process id, channel, payload)
 ASYNC_REPLIES = frozenset(b"NA")  # NoticeResponse, NotificationResponse: may come at any time
@@ -68,8 +69,8 @@ class ReplyMatcher:
     path).
     """
 
-    __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "eventful", "expect", "failed",
-                 "ready", "reported", "resume", "server_pid", "shut_down", "trouble", "tx_status",
+    __slots__ = ("_dropping", "_partial", "_skip", "client_pid", "ended_by_server", "errors", "eventful", "expect",
+                 "failed", "ready", "reported", "resume", "rows", "server_pid", "shut_down", "trouble", "tx_status",
                  "withhold_shutdown")
 
     def __init__(self) -> None:
@@ -81,6 +82,8 @@ class ReplyMatcher:
         self.withhold_shutdown = False  # a FATAL of the server's shutdown is not passed: the client is recovered
         self.shut_down = False  # such a FATAL was read (and withheld)
         self.ready = 0
+        self.errors = 0  # ErrorResponses read, and rows the CommandCompletes read gave: the reader resets them
+        self.rows = 0
         self.resume = False
         self.eventful = False  # any of `resume`, `reported`, `failed` after the last feed()
         self.reported: list[tuple[str, str]] = []
@@ -172,6 +175,8 @@ class ReplyMatcher:
                     continue
                 if self.trouble:
                     eventful = True
+            elif kind == COMMAND_COMPLETE and end - pos > length:
+                self.rows += _tag_rows(scan, pos + 5, pos + length)
             action = FORWARD
             if expect:
                 head: Expectation | None = expect[0]
@@ -245,6 +250,7 @@ class ReplyMatcher:
                 self.shut_down = True  # the server goes away; its client is recovered, not told
                 return True
             self.ended_by_server = True  # the server's own FATAL reaches the client; it closes next
+        self.errors += 1
         code = scan.find(SQLSTATE_FIELD, pos + 5, body_end)
         if code >= 0 and scan[code + 2 : code + 7] in TROUBLE_SQLSTATES:
             self.trouble = scan[code + 2 : code + 7].decode()
@@ -271,3 +277,10 @@ class ReplyMatcher:
             resume = resume or failed.resume
             failing = False
         return resume
+
+
+def _tag_rows(scan: bytes, start: int, stop: int) -> int:
+    """The row count at the end of a CommandComplete tag (scan[start:stop], its NUL excluded), or 0."""
+    space = scan.rfind(b" ", start, stop)
+    count = scan[space + 1 : stop]
+    return int(count) if space >= 0 and count.isdigit() else 0
