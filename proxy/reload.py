@@ -201,8 +201,12 @@ def _update_group(service: PostgresService | MySQLService, endpoint: Endpoint, o
     group = service.group
     if endpoint.members != old.members or endpoint.serving != old.serving or endpoint.cluster != old.cluster:
         targets, home = member_targets(endpoint.engine, endpoint, registry)
+        paused = any(target.operator_paused for target in group.all())
         left = group.reshape(targets, endpoint.serving or (home,), home)
         service.target = group.home
+        if paused:  # an instance that joins an endpoint the operator paused is paused too
+            for target in group.all():
+                target.pause(operator=True)
         log.info("reload: endpoint %s now uses %s (serving %s)%s", endpoint.name,
                  ", ".join(f"{m.label} at {m.host}:{m.port}" for m in endpoint.members), ", ".join(group.serving),
                  f"; no longer {', '.join(t.name for t in left)}" if left else "")
