@@ -39,10 +39,14 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
+        log.warning("api: %s %s from %s: %d %s", request.method, request.path, request.remote, exc.status,
+                    exc.message)
         return json_error(exc.status, exc.message)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        log.warning("api: %s %s from %s: %d %s", request.method, request.path, request.remote, exc.status,
+                    exc.reason)
         return json_error(exc.status, exc.reason)
     except Exception as exc:
         log.exception("api: %s %s failed", request.method, request.path)
@@ -55,6 +59,8 @@ def bearer_auth(token: bytes) -> Callable[..., Awaitable[web.StreamResponse]]:
         if request.path in OPEN_PATHS:
             return await handler(request)
         if not bearer_matches(request.headers.get("Authorization"), token):
+            log.warning("api: %s %s from %s: 401 no valid bearer token", request.method, request.path,
+                        request.remote)
             response = json_error(401, "a valid bearer token is required (Authorization: Bearer TOKEN)")
             response.headers["WWW-Authenticate"] = 'Bearer realm="dbproxy"'
             return response

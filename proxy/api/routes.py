@@ -163,7 +163,7 @@ async def post_failover(request: web.Request) -> web.Response:
 # --- endpoint edits (kept over the file at each reload until the process restarts) ---
 
 
-async def _edit(context: ApiContext, make: Any) -> channel.Message:
+async def _edit(context: ApiContext, what: str, make: Any) -> channel.Message:
     try:
         edits = make(context.edits(), context.config())
     except EditRefused as exc:
@@ -172,6 +172,7 @@ async def _edit(context: ApiContext, make: Any) -> channel.Message:
     if "error" in answer:
         raise ApiError(STATUS.get(str(answer["error"]), 400) if answer["error"] != "reload_refused" else 400,
                        str(answer.get("message", answer["error"])))
+    log.warning("api: %s (until the next restart: the configuration file is not rewritten)", what)
     return answer
 
 
@@ -187,7 +188,7 @@ async def post_endpoint(request: web.Request) -> web.Response:
     if not isinstance(engine, str):
         raise ApiError(400, "'engine' must be a string")
     context = _context(request)
-    await _edit(context, lambda edits, config: edits.add(config, engine, name, body))
+    await _edit(context, f"endpoint {name} added", lambda edits, config: edits.add(config, engine, name, body))
     return web.json_response(_endpoint_row(context, name, await views.worker_views(context.fanout)), status=201)
 
 
@@ -197,14 +198,14 @@ async def patch_endpoint(request: web.Request) -> web.Response:
     if "name" in body or "engine" in body:
         raise ApiError(400, "an endpoint's name and engine do not change (remove it and add another)")
     context = _context(request)
-    await _edit(context, lambda edits, config: edits.change(config, name, body))
+    await _edit(context, f"endpoint {name} changed", lambda edits, config: edits.change(config, name, body))
     return web.json_response(_endpoint_row(context, name, await views.worker_views(context.fanout)))
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     context = _context(request)
-    await _edit(context, lambda edits, config: edits.remove(config, name))
+    await _edit(context, f"endpoint {name} removed", lambda edits, config: edits.remove(config, name))
     return web.json_response({"ok": True, "message": f"endpoint {name} removed"})
 
 
