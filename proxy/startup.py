@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,8 +44,13 @@ def check_startup(config: Config) -> None:
     check_host(config)
     if config.api.port >= 0:
         read_token(config.api)
+    before = set(threading.enumerate())
     with _quiet_logs():
         ProxyServer(config).close_tokens()
+    # The threads that load started (the SCRAM key warm-up) end before anything forks: a worker forked while
+    # another thread holds one of OpenSSL's locks would wait for it forever at its first TLS handshake or PBKDF2.
+    for thread in set(threading.enumerate()) - before:
+        thread.join()
 
 
 def describe_start_error(exc: BaseException) -> str:
