@@ -265,7 +265,6 @@ def test_cli_commands(api: Api) -> None:
     done = _dbproxy(api.proxy, "resume")
     assert done.returncode == 0 and "resumed" in done.stdout, done.stderr
     assert api.endpoint("rw")["paused"] is False
-    assert _dbproxy(api.proxy, "reconnect").returncode == 0
     with _pg(api.proxy.ports["rw"]) as conn:
         conn.execute("SELECT 1")
         done = _dbproxy(api.proxy, "kill", str(conn.info.backend_pid))
@@ -302,13 +301,8 @@ def test_readyz_follows_the_only_instance(tmp_path: Path) -> None:
         pg.stop()
 
 
-def test_api_needs_a_token(tmp_path: Path, pg_server: PostgresInstance) -> None:
+def test_api_token_file_must_be_readable(tmp_path: Path, pg_server: PostgresInstance) -> None:
     sections = _sections(pg_server, workers=1)
-    sections["api"] = {"port": 0}
-    config = write_config(tmp_path, sections)
-    done = subprocess.run([sys.executable, "-m", "proxy", "run", "--check", "-c", str(config)], capture_output=True,
-                          text=True, timeout=30)
-    assert done.returncode == 2 and "token" in done.stderr
     sections["api"] = {"port": 0, "token_file": "missing-token"}
     config = write_config(tmp_path, sections)
     done = subprocess.run([sys.executable, "-m", "proxy", "run", "--check", "-c", str(config)], capture_output=True,
