@@ -164,6 +164,7 @@ class Api:
                 status, text = response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             status, text = exc.code, exc.read().decode()
+        record_output(f"{method} {path}", text)
         try:
             return status, json.loads(text)
         except ValueError:

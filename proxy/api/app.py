@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTEXT: web.AppKey[ApiContext] = web.AppKey("context", ApiContext)
 MAX_BODY = 1 << 20  # bytes of a request body
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # served without the token on the API port too
+# Served without the token on the API port too (the dashboard page holds no data: it asks /v1/dashboard with it).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/dashboard"})
 
 
 class ApiError(Exception):

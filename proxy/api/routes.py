@@ -3,6 +3,8 @@ endpoint edits (each reusing the command the control socket runs)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -12,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import channel
-from proxy.api import views
+from proxy.api import dashboard, views
 from proxy.api.app import CONTEXT, ApiError, json_body
 from proxy.api.context import ApiContext
 from proxy.api.redact import redacted_config
@@ -28,6 +30,7 @@ from proxy.failover import (
     promote_instance,
 )
 from proxy.secrets import SecretStore
+from proxy.top_sql import top_handler
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ STATUS = {"bad_request": 400, "unknown_endpoint": 404, "unknown_client": 404, "u
           "not_fenced": 409, "busy": 409, "switchover_failed": 409, "reload_refused": 409, "no_file": 409,
           "unreachable": 502, "timeout": 504}
 NAME = re.compile(NAME_PATTERN)
+HISTORY: web.AppKey[dashboard.History] = web.AppKey("history", dashboard.History)
+SAMPLER: web.AppKey[asyncio.Task[None]] = web.AppKey("sampler", asyncio.Task)
 
 
 def _context(request: web.Request) -> ApiContext:
@@ -85,6 +90,30 @@ async def get_stats(request: web.Request) -> web.Response:
 
 async def get_config(request: web.Request) -> web.Response:
     return web.json_response(redacted_config(_context(request).config()))
+
+
+async def get_top_sql(request: web.Request) -> web.Response:
+    """?limit=N&by=load|calls|errors|rows|mean: the statements with the most of it, over every worker."""
+    query = request.query
+    limit = query.get("limit", "10")
+    if not limit.isdigit():
+        raise ApiError(400, "limit is a number")
+    answer = await top_handler(_context(request).fanout)({"limit": int(limit), "by": query.get("by", "load")})
+    return answered(answer)
+
+
+async def get_dashboard(request: web.Request) -> web.Response:
+    return web.json_response(await dashboard.dashboard_data(_context(request), request.app[HISTORY]))
+
+
+async def _start_sampling(app: web.Application) -> None:
+    app[SAMPLER] = asyncio.get_running_loop().create_task(dashboard.sample_forever(app[CONTEXT], app[HISTORY]))
+
+
+async def _stop_sampling(app: web.Application) -> None:
+    app[SAMPLER].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await app[SAMPLER]
 
 
 async def get_openapi(_request: web.Request) -> web.Response:
@@ -211,9 +240,13 @@ async def delete_endpoint(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     router = app.router
+    app[HISTORY] = dashboard.History()
+    app.on_startup.append(_start_sampling)
+    app.on_cleanup.append(_stop_sampling)
+    router.add_get("/dashboard", dashboard.page, allow_head=False)
     for path, handler in (("clusters", get_clusters), ("instances", get_instances), ("endpoints", get_endpoints),
                           ("pools", get_pools), ("stats", get_stats), ("config", get_config),
-                          ("openapi.json", get_openapi)):
+                          ("openapi.json", get_openapi), ("top-sql", get_top_sql), ("dashboard", get_dashboard)):
         router.add_get(f"/v1/{path}", handler, allow_head=False)
     for path, handler in (("reload", post_reload), ("pause", post_pause), ("resume", post_resume),
                           ("pools/reconnect", post_reconnect), ("clients/{id}/kill", post_kill),
