@@ -38,6 +38,13 @@ EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "client %s: replayed %d command(s) on %s in %.0f ms; the client goes on": (
         "transaction_replayed", ("client", "commands", "backend", "milliseconds")),
     "client %s: the replayed transaction was rolled back: %s (40001)": ("replay_aborted", ("client", "reason")),
+    # enhanced SQL logging
+    "sql: client %s (user %r, database %r) on endpoint %s ran on %s in %.3f ms (%d rows%s): %s": (
+        "sql_statement", ("client", "user", "database", "endpoint", "backend", "milliseconds", "rows", "failed",
+                          "statement")),
+    "sql logging on endpoint %s for %.0f s: statement texts (with their literals) are logged": (
+        "sql_logging_on", ("endpoint", "seconds")),
+    "sql logging on endpoint %s switched off": ("sql_logging_off", ("endpoint",)),
     # topology, failover and switchover
     "instance %s is now %s (timeline %d)": ("instance_role", ("instance", "role", "timeline")),
     "instance %s is unhealthy: %s": ("instance_unhealthy", ("instance", "reason")),

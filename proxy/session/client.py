@@ -172,7 +172,7 @@ class ClientConnection(Connection):
             log.debug("client %s logged in as %r to database %r (%s, tls %s)", self.peer, user, database,
                       self.login_method or "password", self.is_tls)
         registry = stats.registry
-        self.clock = QueryClock(stats, registry.insights, registry.digester(engine), user, database)
+        self.clock = QueryClock(stats, registry.insights, registry.digester(engine), user, database, self.peer)
 
     async def _after_login(self) -> None:
         """What the login does after its timeout no longer applies (nothing unless the engine says)."""
