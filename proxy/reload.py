@@ -153,6 +153,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
             await _add(server, endpoint)
         elif endpoint != found.endpoint:
             _update(found, endpoint, server.stats)
+    await server.refollow(old)
     if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
         secrets.warm_up()  # for endpoints this reload added
     log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())

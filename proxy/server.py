@@ -129,36 +129,64 @@ class ProxyServer:
 
     def make_followers(self) -> list[ClusterFollower]:
         """A topology monitor and follower per cluster with a monitor_interval (in each worker process)."""
-        followers: list[ClusterFollower] = []
         self.monitored = []
-        for engine, settings in engine_settings(self.config):
-            if not engine_active(settings):
-                continue
-            for name, cluster in settings.clusters.items():
-                if cluster.monitor_interval <= 0:
-                    continue
-                secret = self.secrets.backend_login(cluster.monitor_user)
-                if secret is None:
-                    log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
-                              "monitored and its endpoints stay where the configuration points them", name,
-                              cluster.monitor_user)
-                    continue
-                password = secret.password.decode()
-                probe: Probe = (postgres_probe(cluster.monitor_user, password, "postgres") if engine == "postgresql"
-                                else mysql_probe(cluster.monitor_user, password))
-                instances = [(instance.host, instance.port) for instance in cluster.instances]
-                timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
-                monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
-                self.monitored.append((engine, name, cluster, monitor))
-                auto = (AutoPromote(promoter(engine, cluster.monitor_user, password), cluster.promotion_grace)
-                        if cluster.auto_promote else None)
-                followers.append(ClusterFollower(name, monitor, self._followed(engine, name), auto,
-                                                 min(NO_WRITER_INTERVAL, cluster.monitor_interval)))
-                # For causal reads: the writer's position over a kept admin connection (opened at first use).
-                writer = (PostgresWriter(cluster.monitor_user, password, timeout=timeout) if engine == "postgresql"
-                          else MariaDBWriter(cluster.monitor_user, password, timeout=timeout))
-                self.causal_clusters[(engine, name)] = CausalCluster(monitor, WriterPosition(monitor, writer))
-        return followers
+        followers = [self._follow_cluster(engine, name, cluster) for engine, name, cluster in _clusters(self.config)]
+        return [follower for follower in followers if follower is not None]
+
+    def _follow_cluster(self, engine: str, name: str, cluster: ClusterBase) -> ClusterFollower | None:
+        """The monitor and follower of one cluster (None: not monitored); its causal-reads writer position too."""
+        if cluster.monitor_interval <= 0:
+            return None
+        secret = self.secrets.backend_login(cluster.monitor_user)
+        if secret is None:
+            log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
+                      "monitored and its endpoints stay where the configuration points them", name,
+                      cluster.monitor_user)
+            return None
+        password = secret.password.decode()
+        probe: Probe = (postgres_probe(cluster.monitor_user, password, "postgres") if engine == "postgresql"
+                        else mysql_probe(cluster.monitor_user, password))
+        instances = [(instance.host, instance.port) for instance in cluster.instances]
+        timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
+        monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
+        self.monitored.append((engine, name, cluster, monitor))
+        auto = (AutoPromote(promoter(engine, cluster.monitor_user, password), cluster.promotion_grace)
+                if cluster.auto_promote else None)
+        # For causal reads: the writer's position over a kept admin connection (opened at first use).
+        writer = (PostgresWriter(cluster.monitor_user, password, timeout=timeout) if engine == "postgresql"
+                  else MariaDBWriter(cluster.monitor_user, password, timeout=timeout))
+        self.causal_clusters[(engine, name)] = CausalCluster(monitor, WriterPosition(monitor, writer))
+        return ClusterFollower(name, monitor, self._followed(engine, name), auto,
+                               min(NO_WRITER_INTERVAL, cluster.monitor_interval))
+
+    async def refollow(self, old: Config) -> None:
+        """After a reload: each cluster that was added, removed or changed (its instances, its monitoring) gets a
+        new monitor and follower; the others keep theirs, with what they learned (roles, fenced writers)."""
+        before = {(engine, name): cluster for engine, name, cluster in _clusters(old)}
+        after = {(engine, name): cluster for engine, name, cluster in _clusters(self.config)}
+        changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+        if not changed:
+            return
+        kept: list[tuple[ClusterFollower, tuple[str, str, ClusterBase, TopologyMonitor]]] = []
+        for follower, monitored in zip(self.followers, self.monitored, strict=True):
+            if (monitored[0], monitored[1]) in changed:
+                await follower.stop()
+                causal = self.causal_clusters.pop((monitored[0], monitored[1]), None)
+                if causal is not None:
+                    await causal.position.close()
+            else:
+                kept.append((follower, monitored))
+        self.followers = [follower for follower, _ in kept]
+        self.monitored = [monitored for _, monitored in kept]
+        for engine, name in sorted(changed & after.keys()):
+            added = self._follow_cluster(engine, name, after[(engine, name)])
+            if added is not None:
+                self.followers.append(added)
+                added.start()
+                log.info("reload: cluster %s: monitoring %s", name,
+                         ", ".join(instance.label for instance in after[(engine, name)].instances))
+        for _engine, name in sorted(changed - after.keys()):
+            log.info("reload: cluster %s removed: no longer monitored", name)
 
     def _followed(self, engine: str, cluster: str) -> Callable[[], list[Followed]]:
         def endpoints() -> list[Followed]:
@@ -347,3 +375,9 @@ class ProxyServer:
         self.guard.close()
         for server in self.servers:
             await server.wait_closed()
+
+
+def _clusters(config: Config) -> list[tuple[str, str, ClusterBase]]:
+    """(engine, name, cluster) of every cluster of an active engine."""
+    return [(engine, name, cluster) for engine, settings in engine_settings(config) if engine_active(settings)
+            for name, cluster in settings.clusters.items()]

@@ -248,6 +248,69 @@ async def delete_endpoint(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "message": f"endpoint {name} removed"})
 
 
+def _cluster_row(context: ApiContext, name: str, views_: list[channel.Message]) -> dict[str, Any]:
+    return next((row for row in views.clusters(context.config(), views_) if row["name"] == name), {"name": name})
+
+
+async def _cluster_answer(context: ApiContext, name: str, status: int = 200) -> web.Response:
+    return web.json_response(_cluster_row(context, name, await views.worker_views(context.fanout)), status=status)
+
+
+async def post_cluster(request: web.Request) -> web.Response:
+    body = await json_body(request, required=True)
+    name, engine = body.pop("name", None), body.pop("engine", "postgresql")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ApiError(400, "'name' is required: letters, digits and underscores, not starting with a digit")
+    if not isinstance(engine, str):
+        raise ApiError(400, "'engine' must be a string")
+    context = _context(request)
+    await _edit(context, f"cluster {name} added", lambda edits, config: edits.add_cluster(config, engine, name, body))
+    return await _cluster_answer(context, name, 201)
+
+
+async def patch_cluster(request: web.Request) -> web.Response:
+    body = await json_body(request, required=True)
+    name = request.match_info["name"]
+    if "name" in body or "engine" in body:
+        raise ApiError(400, "a cluster's name and engine do not change (add another and move the endpoints)")
+    context = _context(request)
+    await _edit(context, f"cluster {name} changed", lambda edits, config: edits.change_cluster(config, name, body))
+    return await _cluster_answer(context, name)
+
+
+async def delete_cluster(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    context = _context(request)
+    await _edit(context, f"cluster {name} removed", lambda edits, config: edits.remove_cluster(config, name))
+    return web.json_response({"ok": True, "message": f"cluster {name} removed"})
+
+
+async def post_instance(request: web.Request) -> web.Response:
+    body = await json_body(request, required=True)
+    name = request.match_info["name"]
+    context = _context(request)
+    await _edit(context, f"cluster {name}: instance added",
+                lambda edits, config: edits.add_instance(config, name, body))
+    return await _cluster_answer(context, name, 201)
+
+
+async def patch_instance(request: web.Request) -> web.Response:
+    body = await json_body(request, required=True)
+    name, instance = request.match_info["name"], request.match_info["instance"]
+    context = _context(request)
+    await _edit(context, f"cluster {name}: instance {instance} changed",
+                lambda edits, config: edits.change_instance(config, name, instance, body))
+    return await _cluster_answer(context, name)
+
+
+async def delete_instance(request: web.Request) -> web.Response:
+    name, instance = request.match_info["name"], request.match_info["instance"]
+    context = _context(request)
+    await _edit(context, f"cluster {name}: instance {instance} removed",
+                lambda edits, config: edits.remove_instance(config, name, instance))
+    return await _cluster_answer(context, name)
+
+
 def add_routes(app: web.Application) -> None:
     router = app.router
     app[HISTORY] = dashboard.History()
@@ -265,4 +328,10 @@ def add_routes(app: web.Application) -> None:
         router.add_post(f"/v1/{path}", handler)
     router.add_patch("/v1/endpoints/{name}", patch_endpoint)
     router.add_post("/v1/endpoints/{name}/sql-logging", post_sql_logging)
+    router.add_post("/v1/clusters", post_cluster)
+    router.add_patch("/v1/clusters/{name}", patch_cluster)
+    router.add_delete("/v1/clusters/{name}", delete_cluster)
+    router.add_post("/v1/clusters/{name}/instances", post_instance)
+    router.add_patch("/v1/clusters/{name}/instances/{instance}", patch_instance)
+    router.add_delete("/v1/clusters/{name}/instances/{instance}", delete_instance)
     router.add_delete("/v1/endpoints/{name}", delete_endpoint)
