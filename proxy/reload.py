@@ -9,10 +9,13 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from proxy import channel
 from proxy.auth.token_login import make_verifier
 from proxy.config import Config, load_config
+from proxy.endpoint_edits import EndpointEdits
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
+from proxy.local_commands import SwitchedEndpoints
 from proxy.pool.balance import member_targets
 from proxy.rundir import worker_count
 from proxy.secret_sources import fingerprint
@@ -29,12 +32,13 @@ log = logging.getLogger(__name__)
 RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
 
 
-def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:
-    """The configuration at `path`, validated as a start validates it (secrets, certificates, keys, and ports
-    free for the endpoints that would newly listen), with the [server] keys that need a restart kept at their
-    running values and endpoints given port 0 keeping the `ports` they listen on; ConfigError if it does not
-    validate."""
-    config = load_config(path)
+def prepare(path: Path | None, running: Config, ports: dict[str, int],
+            edit: Callable[[dict[str, Any]], None] | None = None) -> Config:
+    """The configuration at `path` (changed by `edit`: the control API's endpoint edits), validated as a start
+    validates it (secrets, certificates, keys, and ports free for the endpoints that would newly listen), with the
+    [server] keys that need a restart and the [api] section kept at their running values and endpoints given port
+    0 keeping the `ports` they listen on; ConfigError if it does not validate."""
+    config = load_config(path, edit)
     check_startup(config)
     kept = {key: getattr(running.server, key) for key in RESTART_KEYS
             if getattr(config.server, key) != getattr(running.server, key)}
@@ -42,6 +46,9 @@ def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:
         log.warning("reload: [server] %s changes only with a restart; keeping %r", key, kept[key])
     if kept:
         config = config.model_copy(update={"server": config.server.model_copy(update=kept)})
+    if config.api != running.api:
+        log.warning("reload: [api] changes only with a restart; keeping the running one")
+        config = config.model_copy(update={"api": running.api})
     config = keep_ports(config, ports)
     for endpoint in resolve_endpoints(config):
         port = endpoint.settings.port
@@ -146,6 +153,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
             await _add(server, endpoint)
         elif endpoint != found.endpoint:
             _update(found, endpoint, server.stats)
+    await server.refollow(old)
     if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
         secrets.warm_up()  # for endpoints this reload added
     log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())
@@ -205,8 +213,12 @@ def _update_group(service: PostgresService | MySQLService, endpoint: Endpoint, o
     group = service.group
     if endpoint.members != old.members or endpoint.serving != old.serving or endpoint.cluster != old.cluster:
         targets, home = member_targets(endpoint.engine, endpoint, registry)
+        paused = any(target.operator_paused for target in group.all())
         left = group.reshape(targets, endpoint.serving or (home,), home)
         service.target = group.home
+        if paused:  # an instance that joins an endpoint the operator paused is paused too
+            for target in group.all():
+                target.pause(operator=True)
         log.info("reload: endpoint %s now uses %s (serving %s)%s", endpoint.name,
                  ", ".join(f"{m.label} at {m.host}:{m.port}" for m in endpoint.members), ", ".join(group.serving),
                  f"; no longer {', '.join(t.name for t in left)}" if left else "")
@@ -214,3 +226,36 @@ def _update_group(service: PostgresService | MySQLService, endpoint: Endpoint, o
         if target.settings != endpoint.settings.pool:
             target.apply_settings(endpoint.settings.pool)
         target.relabel(registry.target(endpoint.engine, endpoint.name, endpoint.cluster, label))
+
+
+class ProcessReload:
+    """Reloads of a single process (SIGHUP, `dbproxy reload`, the control API), one at a time: the file, with the
+    endpoints switchovers moved and the API's endpoint edits kept over it. Answers in the commands' form."""
+
+    def __init__(self, server: ProxyServer, config_path: Path | None, switched: SwitchedEndpoints) -> None:
+        self.server = server
+        self.config_path = config_path
+        self.switched = switched
+        self.edits = EndpointEdits()
+        self._lock = asyncio.Lock()
+
+    async def from_signal(self) -> None:
+        await self(None)
+
+    async def __call__(self, edits: EndpointEdits | None = None) -> channel.Message:
+        """Reload with `edits` over the file (None: the edits kept so far); kept once they reloaded."""
+        if self.config_path is None:
+            log.warning("reload: started without a configuration file; nothing to reload")
+            return {"error": "no_file", "message": "started without a configuration file: nothing to reload"}
+        async with self._lock:
+            server, candidate = self.server, self.edits if edits is None else edits
+            log.info("reload: reading %s%s", self.config_path, " with the API's endpoint edits" if candidate else "")
+            try:
+                ports = {name: listener.port for name, listener in server.listeners.items()}
+                config = prepare(self.config_path, server.config, ports, candidate.apply if candidate else None)
+                await apply(server, self.switched.keep(config))
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                return {"error": "reload_refused", "message": f"reload refused: {exc}"}
+            self.edits = candidate
+            return {"ok": True, "message": "reloaded", "ports": dict(server.ports)}

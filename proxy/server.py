@@ -17,12 +17,14 @@ from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.endpoints import Endpoint, resolve_endpoints
+from proxy.errors import SHUTDOWN_TEXT, ShuttingDown
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
 from proxy.secret_sources import fingerprint
 from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
 from proxy.session.causal import CausalCluster, CausalReads
+from proxy.session.client import State
 from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
@@ -43,6 +45,7 @@ JANITOR_INTERVAL = 1.0
 
 Service = PostgresService | MySQLService
 Client = PostgresClient | MySQLClient
+SHUTDOWN = ShuttingDown(SHUTDOWN_TEXT)
 S = TypeVar("S", PostgresService, MySQLService)
 
 
@@ -126,36 +129,64 @@ class ProxyServer:
 
     def make_followers(self) -> list[ClusterFollower]:
         """A topology monitor and follower per cluster with a monitor_interval (in each worker process)."""
-        followers: list[ClusterFollower] = []
         self.monitored = []
-        for engine, settings in engine_settings(self.config):
-            if not engine_active(settings):
-                continue
-            for name, cluster in settings.clusters.items():
-                if cluster.monitor_interval <= 0:
-                    continue
-                secret = self.secrets.backend_login(cluster.monitor_user)
-                if secret is None:
-                    log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
-                              "monitored and its endpoints stay where the configuration points them", name,
-                              cluster.monitor_user)
-                    continue
-                password = secret.password.decode()
-                probe: Probe = (postgres_probe(cluster.monitor_user, password, "postgres") if engine == "postgresql"
-                                else mysql_probe(cluster.monitor_user, password))
-                instances = [(instance.host, instance.port) for instance in cluster.instances]
-                timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
-                monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
-                self.monitored.append((engine, name, cluster, monitor))
-                auto = (AutoPromote(promoter(engine, cluster.monitor_user, password), cluster.promotion_grace)
-                        if cluster.auto_promote else None)
-                followers.append(ClusterFollower(name, monitor, self._followed(engine, name), auto,
-                                                 min(NO_WRITER_INTERVAL, cluster.monitor_interval)))
-                # For causal reads: the writer's position over a kept admin connection (opened at first use).
-                writer = (PostgresWriter(cluster.monitor_user, password, timeout=timeout) if engine == "postgresql"
-                          else MariaDBWriter(cluster.monitor_user, password, timeout=timeout))
-                self.causal_clusters[(engine, name)] = CausalCluster(monitor, WriterPosition(monitor, writer))
-        return followers
+        followers = [self._follow_cluster(engine, name, cluster) for engine, name, cluster in _clusters(self.config)]
+        return [follower for follower in followers if follower is not None]
+
+    def _follow_cluster(self, engine: str, name: str, cluster: ClusterBase) -> ClusterFollower | None:
+        """The monitor and follower of one cluster (None: not monitored); its causal-reads writer position too."""
+        if cluster.monitor_interval <= 0:
+            return None
+        secret = self.secrets.backend_login(cluster.monitor_user)
+        if secret is None:
+            log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
+                      "monitored and its endpoints stay where the configuration points them", name,
+                      cluster.monitor_user)
+            return None
+        password = secret.password.decode()
+        probe: Probe = (postgres_probe(cluster.monitor_user, password, "postgres") if engine == "postgresql"
+                        else mysql_probe(cluster.monitor_user, password))
+        instances = [(instance.host, instance.port) for instance in cluster.instances]
+        timeout = min(5.0, max(1.0, 2 * cluster.monitor_interval))
+        monitor = TopologyMonitor(instances, probe, cluster.monitor_interval, timeout)
+        self.monitored.append((engine, name, cluster, monitor))
+        auto = (AutoPromote(promoter(engine, cluster.monitor_user, password), cluster.promotion_grace)
+                if cluster.auto_promote else None)
+        # For causal reads: the writer's position over a kept admin connection (opened at first use).
+        writer = (PostgresWriter(cluster.monitor_user, password, timeout=timeout) if engine == "postgresql"
+                  else MariaDBWriter(cluster.monitor_user, password, timeout=timeout))
+        self.causal_clusters[(engine, name)] = CausalCluster(monitor, WriterPosition(monitor, writer))
+        return ClusterFollower(name, monitor, self._followed(engine, name), auto,
+                               min(NO_WRITER_INTERVAL, cluster.monitor_interval))
+
+    async def refollow(self, old: Config) -> None:
+        """After a reload: each cluster that was added, removed or changed (its instances, its monitoring) gets a
+        new monitor and follower; the others keep theirs, with what they learned (roles, fenced writers)."""
+        before = {(engine, name): cluster for engine, name, cluster in _clusters(old)}
+        after = {(engine, name): cluster for engine, name, cluster in _clusters(self.config)}
+        changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+        if not changed:
+            return
+        kept: list[tuple[ClusterFollower, tuple[str, str, ClusterBase, TopologyMonitor]]] = []
+        for follower, monitored in zip(self.followers, self.monitored, strict=True):
+            if (monitored[0], monitored[1]) in changed:
+                await follower.stop()
+                causal = self.causal_clusters.pop((monitored[0], monitored[1]), None)
+                if causal is not None:
+                    await causal.position.close()
+            else:
+                kept.append((follower, monitored))
+        self.followers = [follower for follower, _ in kept]
+        self.monitored = [monitored for _, monitored in kept]
+        for engine, name in sorted(changed & after.keys()):
+            added = self._follow_cluster(engine, name, after[(engine, name)])
+            if added is not None:
+                self.followers.append(added)
+                added.start()
+                log.info("reload: cluster %s: monitoring %s", name,
+                         ", ".join(instance.label for instance in after[(engine, name)].instances))
+        for _engine, name in sorted(changed - after.keys()):
+            log.info("reload: cluster %s removed: no longer monitored", name)
 
     def _followed(self, engine: str, cluster: str) -> Callable[[], list[Followed]]:
         def endpoints() -> list[Followed]:
@@ -293,6 +324,33 @@ class ProxyServer:
     def _clients(self) -> list[Client]:
         return [client for listener in [*self.listeners.values(), *self.retiring] for client in listener.clients]
 
+    async def _drain(self) -> None:
+        """Let clients go as soon as they are at rest (nothing running, no transaction open), each with the
+        protocol's shutdown error (57P01 / 1053); after shutdown_grace, the rest go too, their open transactions
+        rolled back by the server as their backends close (nothing of them was acknowledged)."""
+        grace = self.config.server.shutdown_grace
+        deadline = time.monotonic() + grace
+        for service in self.services():
+            service.draining = True  # a client asking for a backend from now on gets the shutdown error
+        clients = [client for client in self._clients() if not client.closed]
+        log.info("shutting down: %d client connections, waiting up to %.1f s for their transactions", len(clients),
+                 grace)
+        while clients:
+            for client in clients:
+                if client.state is State.LOGIN or client.at_rest:
+                    client.fail(SHUTDOWN, logged=True)
+            clients = [client for client in clients if not client.closed]
+            if not clients or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for client in clients:
+            client.fail(SHUTDOWN, logged=True)
+        if clients:
+            log.warning("shutdown: %d clients were still in a transaction after %.1f s and were closed", len(clients),
+                        grace)
+        for client in self._clients():
+            client.abort()
+
     async def stop(self) -> None:
         for follower in self.followers:
             await follower.stop()
@@ -306,14 +364,7 @@ class ProxyServer:
         if self._janitor is not None:
             self._janitor.cancel()
         self.secrets_watch.stop()
-        deadline = time.monotonic() + self.config.server.shutdown_grace
-        while time.monotonic() < deadline and any(
-            client.backend is not None and (isinstance(client, PostgresClient) or not client.backend.idle)
-            for client in self._clients() if not client.closed
-        ):
-            await asyncio.sleep(0.05)
-        for client in self._clients():
-            client.abort()
+        await self._drain()
         for service in self.services():
             service.close()
         for listener in self.listeners.values():
@@ -324,3 +375,9 @@ class ProxyServer:
         self.guard.close()
         for server in self.servers:
             await server.wait_closed()
+
+
+def _clusters(config: Config) -> list[tuple[str, str, ClusterBase]]:
+    """(engine, name, cluster) of every cluster of an active engine."""
+    return [(engine, name, cluster) for engine, settings in engine_settings(config) if engine_active(settings)
+            for name, cluster in settings.clusters.items()]

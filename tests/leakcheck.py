@@ -53,7 +53,7 @@ def _leaks(root: Path | None) -> list[str]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     factory = getattr(session.config, "_tmp_path_factory", None)
-    root = factory.getbasetemp() if factory is not None else None
+    root = getattr(factory, "_basetemp", None)  # (None when no test made a temporary folder)
     leaks = _leaks(root)
     session.config.stash[_FOUND] = leaks
     if leaks:
