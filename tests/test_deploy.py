@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import yaml
 
 from devtools import kustomize
 from devtools.dockerfile import Instruction, Stage, parse_file
+from devtools.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -214,6 +217,37 @@ def test_the_install_commands_work_in_a_fresh_virtualenv(stages: list[Stage], tm
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == f"{config}: OK"
+    _serve_and_health_check(stages, venv, config, env, tmp_path)
+
+
+def _serve_and_health_check(stages: list[Stage], venv: Path, config: Path, env: dict[str, str], folder: Path) -> None:
+    """The installed proxy serves (ports moved to free ones); the image's HEALTHCHECK passes against it, /readyz
+    says 503 (no database behind it), and SIGTERM stops it."""
+    health = free_port()
+    text = config.read_text()
+    for old, new in (("port = 6432", f"port = {free_port()}"), ("health_port = 8081", f"health_port = {health}"),
+                     ("metrics_port = 9090", f"metrics_port = {free_port()}"), ("workers = 2", "workers = 1")):
+        assert old in text
+        text = text.replace(old, new)
+    config.write_text(text)
+    log = (folder / "proxy.log").open("w")
+    proxy = subprocess.Popen([venv / "bin" / "dbproxy", "run", "-c", config], env=env, cwd=folder,
+                             stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert proxy.stdout is not None
+        ready = proxy.stdout.readline()
+        assert ready.startswith("dbproxy ready"), (folder / "proxy.log").read_text()
+        command = _healthcheck_command(stages)
+        healthy = subprocess.run([venv / "bin" / command[0], *command[1:]], capture_output=True, timeout=10,
+                                 env={**env, "DBPROXY_HEALTH_PORT": str(health)})
+        assert healthy.returncode == 0, healthy.stderr
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=5)
+        assert refused.value.code == 503
+    finally:
+        proxy.terminate()
+        assert proxy.wait(30) == 0
+        log.close()
 
 
 # --- Kubernetes manifests -------------------------------------------------------------------------------------
