@@ -125,13 +125,7 @@ def test_healthcheck_command_follows_the_status(stages: list[Stage], health_serv
 
 def loadable_config(text: str, folder: Path, mounts: dict[str, dict[str, str]]) -> str:
     """The container's config made checkable here: each absolute path it names must lie in one of `mounts` (mount
-    path -> file name -> content), which is written under `folder`, and the path moved there.
-
-    The `[api]` section (health endpoints) belongs to the control API; a proxy without it refuses the section, so
-    it is dropped then, after checking that it names only the keys that API defines.
-    """
-    from proxy.config import Config
-
+    path -> file name -> content), which is written under `folder`, and the path moved there."""
     for path in sorted(set(re.findall(r'"(/[^"]+)"', text))):
         mount = next((m for m in mounts if path == m or path.startswith(m + "/")), None)
         assert mount is not None, f"{path} is in no volume the container mounts"
@@ -140,12 +134,6 @@ def loadable_config(text: str, folder: Path, mounts: dict[str, dict[str, str]]) 
         for name, content in mounts[mount].items():
             (local / name).write_text(content)
         text = text.replace(f'"{path}"', f'"{folder / path.lstrip("/")}"')
-    if "api" not in Config.model_fields:
-        match = re.search(r"^\[api\]\n(.*?)(?=^\[)", text, re.S | re.M)
-        if match:
-            keys = {line.split("=")[0].strip() for line in match.group(1).splitlines() if "=" in line}
-            assert keys <= {"host", "port", "token", "token_file", "health_port"}, keys
-            text = text.replace(match.group(0), "")
     return text
 
 
