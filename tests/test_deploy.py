@@ -365,6 +365,11 @@ def test_proxy_container_probes_and_mounts(rendered: tuple[str, list[dict[str, A
     assert config["secrets"]["dir"] == "/etc/dbproxy/secrets" and mounts["/etc/dbproxy/secrets"] == "secrets"
     assert "/tmp" in mounts and container["securityContext"]["readOnlyRootFilesystem"]
     assert container["securityContext"]["runAsUser"] == 10001  # the image's user
+    group = container["securityContext"]["runAsGroup"]
+    assert pod["securityContext"]["fsGroup"] == group, "Secret files are root's: the proxy reads them as a group"
+    for volume in pod["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"].get("defaultMode", 0o644) & 0o040, f"{volume['name']}: not group-readable"
     grace = config["server"]["shutdown_grace"]
     if name == "sidecar":
         assert container["restartPolicy"] == "Always", "a native sidecar: up before the app, down after it"
