@@ -18,14 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from token_support import Issuer, JwksServer, init_keys, token_proxy
 
 from devtools import kustomize
 from devtools.dockerfile import Instruction, Stage, parse_file
-from devtools.servers import free_port
+from devtools.servers import PostgresInstance, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -473,3 +475,42 @@ def test_renderer_merges_and_refuses_what_it_does_not_render(tmp_path: Path) -> 
     (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
     with pytest.raises(kustomize.KustomizeError, match="namePrefix"):
         kustomize.build(tmp_path)
+
+
+async def _login(port: int, token: str) -> str:
+    conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password=token, database="app",
+                                 ssl="require", timeout=10)
+    try:
+        return str(await conn.fetchval("SELECT current_user"))
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(60)
+async def test_the_fleet_token_settings_accept_the_example_clients_projected_token(
+        tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """The fleet's [tokens] section as rendered (the cluster's JWKS served here, the keys folder made here)
+    lets the example client's ServiceAccount in, and no other account or namespace."""
+    objects = kustomize.build(K8S / "overlays" / "fleet")
+    config = _config(objects)
+    tokens = config[config.index("[tokens]"):]
+    namespace = _find(objects, "ServiceAccount", "app")[0]["metadata"]["namespace"]
+    issuer = Issuer()
+    with JwksServer([issuer]) as jwks:
+        tokens = re.sub(r'^keys_dir = "[^"]*"', f'keys_dir = "{init_keys(tmp_path / "keys")}"', tokens, flags=re.M)
+        tokens = re.sub(r'^jwks_url = "[^"]*"', f'jwks_url = "{jwks.url}"', tokens, flags=re.M)
+        tokens = re.sub(r"^jwks_ca_file = .*\n", "", tokens, flags=re.M)  # the test's JWKS is served over http
+        port = free_port()
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"workers": 1},
+            "secrets": {"file": "secrets.toml"},
+            "postgresql.clusters.main": {"instances": [{"host": "127.0.0.1", "port": pg_server.port}]},
+            "postgresql.endpoints.rw": {"port": port, "cluster": "main",
+                                        "token_auth": tomllib.loads(config)["postgresql"]["token_auth"]},
+            "mysql": {"enabled": False},
+        }
+        with token_proxy(tmp_path / "proxy", sections, tokens):
+            assert await _login(port, issuer.service_account_token(namespace, "app")) == "app"
+            for other_namespace, account in ((namespace, "intruder"), ("elsewhere", "app")):
+                with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+                    await _login(port, issuer.service_account_token(other_namespace, account))
