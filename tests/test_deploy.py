@@ -486,15 +486,25 @@ async def _login(port: int, token: str) -> str:
         await conn.close()
 
 
+def _token_client(objects: list[dict[str, Any]]) -> tuple[str, str]:
+    """(namespace, service account) of the workload that mounts a projected token for the proxy."""
+    for deployment in _find(objects, "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        if any("projected" in v for v in spec.get("volumes", [])):
+            return deployment["metadata"]["namespace"], spec["serviceAccountName"]
+    raise AssertionError("no workload mounts a projected token")
+
+
 @pytest.mark.timeout(60)
-async def test_the_fleet_token_settings_accept_the_example_clients_projected_token(
-        tmp_path: Path, pg_server: PostgresInstance) -> None:
-    """The fleet's [tokens] section as rendered (the cluster's JWKS served here, the keys folder made here)
-    lets the example client's ServiceAccount in, and no other account or namespace."""
-    objects = kustomize.build(K8S / "overlays" / "fleet")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+async def test_the_token_settings_accept_the_clients_projected_token(
+        overlay: str, tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """The overlay's [tokens] section as rendered (the cluster's JWKS served here, a keys folder made here) lets
+    the service account of its client workload in, and neither another account nor another namespace."""
+    objects = kustomize.build(K8S / "overlays" / overlay)
     config = _config(objects)
     tokens = config[config.index("[tokens]"):]
-    namespace = _find(objects, "ServiceAccount", "app")[0]["metadata"]["namespace"]
+    namespace, account = _token_client(objects)
     issuer = Issuer()
     with JwksServer([issuer]) as jwks:
         tokens = re.sub(r'^keys_dir = "[^"]*"', f'keys_dir = "{init_keys(tmp_path / "keys")}"', tokens, flags=re.M)
@@ -510,7 +520,7 @@ async def test_the_fleet_token_settings_accept_the_example_clients_projected_tok
             "mysql": {"enabled": False},
         }
         with token_proxy(tmp_path / "proxy", sections, tokens):
-            assert await _login(port, issuer.service_account_token(namespace, "app")) == "app"
-            for other_namespace, account in ((namespace, "intruder"), ("elsewhere", "app")):
+            assert await _login(port, issuer.service_account_token(namespace, account)) == "app"
+            for other_namespace, other_account in ((namespace, "intruder"), ("elsewhere", account)):
                 with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
-                    await _login(port, issuer.service_account_token(other_namespace, account))
+                    await _login(port, issuer.service_account_token(other_namespace, other_account))
