@@ -15,8 +15,8 @@ from aiohttp import web
 
 from proxy import channel
 from proxy.api import dashboard, views
-from proxy.api.app import CONTEXT, ApiError, json_body
 from proxy.api.context import ApiContext
+from proxy.api.http import CONTEXT, ApiError, json_body
 from proxy.api.redact import redacted_config
 from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, MAX_SWITCHOVER_TIMEOUT
 from proxy.config import NAME_PATTERN
