@@ -21,6 +21,7 @@ import uvloop
 from proxy.channel import ChannelError
 from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
 from proxy.config import ClusterBase, Config, Instance, engine_active, engine_settings, load_config
+from proxy.console_local import install_console
 from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
 from proxy.local_commands import LocalCommands, SwitchedEndpoints
@@ -87,9 +88,12 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
         switched = SwitchedEndpoints()
         reloads = Reloads(lambda: reload_from_file(server, config_path, switched))
         loop.add_signal_handler(signal.SIGHUP, reloads.request)
+        install_console(server, LocalCommands(server).handlers(), reloads.request)
         pid_file = pid_file_path(config_path, config.server.pid_file)
         control = await _serve_control(server, pid_file, switched)
         write_pid_file(pid_file)
+    else:
+        install_console(server, LocalCommands(server).handlers())
     try:
         if ready_message:
             listeners = " ".join(f"{name} port {port}" for name, port in server.ports.items())

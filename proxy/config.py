@@ -128,6 +128,14 @@ class AuthSettings(Strict):
         return None if value == "" else value
 
 
+class AdminSettings(Strict):
+    """The admin console: the special database `dbproxy` (alias `pgbouncer`) on every endpoint."""
+
+    users: list[str] = Field(
+        default_factory=list,
+        description="users (with a stored secret) who may log in to the admin console; empty: the console is off")
+
+
 TokenAlgorithm = Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 DEFAULT_TOKEN_ALGORITHMS: list[TokenAlgorithm] = ["ES256", "RS256"]
 
@@ -489,6 +497,7 @@ class Config(Strict):
     mysql: MySQLSettings = MySQLSettings()
     tokens: TokenSettings = TokenSettings()
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
 
 
 def _describe(error: Any) -> str:

@@ -23,6 +23,7 @@ import uvloop
 from proxy import channel
 from proxy.commands import Commands, SwitchoverPlan, channel_fanout
 from proxy.config import Config, parse_config
+from proxy.console_local import ConsoleLocal, install_console
 from proxy.control import ControlThread, control_socket_path
 from proxy.endpoints import resolve_endpoints, with_ports
 from proxy.errors import ConfigError
@@ -85,6 +86,7 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
         await server.start(reuse_port=True)
         # Keep references: a listening server that is garbage-collected stops listening.
         server.servers.append(await channel.serve(worker_channel(index), _channel_handlers(server)))
+        install_console(server)
     except Exception as exc:
         raise _WorkerStartFailed(describe_start_error(exc)) from exc
     stop = asyncio.Event()
@@ -118,7 +120,8 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
             return {"error": "unknown", "message": "no such MySQL endpoint in this worker"}
         return await service.serve_kill(message)
 
-    return {"stats": stats, "cancel": cancel, "kill": kill, **LocalCommands(server).handlers()}
+    return {"stats": stats, "cancel": cancel, "kill": kill, **LocalCommands(server).handlers(),
+            **ConsoleLocal(server).handlers()}
 
 
 def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:

@@ -215,6 +215,12 @@ class Target:
             log.info("target %s: resumed", self.name)
             self._wake_waiters()
 
+    def reconnect(self) -> None:
+        """Renew every backend connection: idle ones close now, lent-out ones when given back (a repoint to the
+        same server)."""
+        log.info("target %s: reconnecting its backend connections", self.name)
+        self.repoint(self.host, self.port)
+
     def _wake_waiters(self) -> None:
         """Serve waiters oldest first: an idle backend of their pool, else a free slot to open one in."""
         if self.paused:

@@ -1,0 +1,200 @@
+"""One proxy process's part of the admin console: its clients, backends and pools as rows, and PAUSE, RESUME,
+RECONNECT and KILL on its own targets and clients; `install_console` gives its services the console."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from proxy import channel
+from proxy.commands import channel_fanout, local_fanout
+from proxy.console import Console
+from proxy.errors import ConnectionKilled, ConsoleCommandError
+from proxy.pool.pool import Pool, Target
+from proxy.rundir import run_dir, worker_channel, worker_count
+from proxy.server import Client, Listener, ProxyServer
+from proxy.session.client import State
+from proxy.session.pg_client import PostgresClient
+from proxy.top_sql import local_statements
+
+log = logging.getLogger(__name__)
+
+KILLED_TEXT = "terminating connection due to administrator command (KILL from the admin console)"
+
+
+def timestamp(wall: float) -> str:
+    """A time as PgBouncer shows one."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall)) if wall else ""
+
+
+def _wall(monotonic_time: float) -> float:
+    return time.time() - (time.monotonic() - monotonic_time)
+
+
+def _address(transport: Any, name: str) -> tuple[str, int]:
+    found = transport.get_extra_info(name) if transport is not None else None
+    return (str(found[0]), int(found[1])) if isinstance(found, tuple) else ("", 0)
+
+
+def client_id(client: Client) -> int:
+    return client.process_id if isinstance(client, PostgresClient) else client.connection_id
+
+
+def _client_row(client: Client, listener: Listener) -> dict[str, Any]:
+    addr, port = _address(client.transport, "peername")
+    local_addr, local_port = _address(client.transport, "sockname")
+    clock = client.clock
+    waited = time.monotonic() - clock.wait_started if clock is not None and clock.wait_started else 0.0
+    if getattr(client, "console", False):
+        state = "active"
+    elif client.state is State.LOGIN:
+        state = "login"
+    elif isinstance(client, PostgresClient):
+        state = "waiting" if client._acquiring is not None or client._queued else "active"
+    else:
+        state = "waiting" if client._borrowing else "active"
+    backend = client.backend
+    session = client.session
+    application = session.settings.get("application_name", "") if isinstance(client, PostgresClient) else ""
+    return {"type": "C", "user": session.user, "database": session.database, "state": state, "addr": addr,
+            "port": port, "local_addr": local_addr, "local_port": local_port,
+            "connect_time": timestamp(client.connected_at), "request_time": "", "wait": int(waited),
+            "wait_us": int((waited % 1) * 1_000_000), "close_needed": 0, "ptr": "",
+            "link": _backend_id(backend) if backend is not None else "", "remote_pid": 0,
+            "tls": "TLS" if client.is_tls else "", "application_name": str(application), "prepared_statements": 0,
+            "id": client_id(client), "engine": listener.endpoint.engine, "endpoint": listener.name,
+            "worker_pid": os.getpid(), "pinned": ",".join(sorted(session.pins)) if session.pins else ""}
+
+
+def _backend_id(backend: Any) -> int:
+    return int(getattr(backend, "process_id", 0) or getattr(backend, "thread_id", 0))
+
+
+def _server_row(backend: Any, pool: Pool, listener: Listener, state: str) -> dict[str, Any]:
+    addr, port = _address(getattr(backend, "transport", None), "peername")
+    local_addr, local_port = _address(getattr(backend, "transport", None), "sockname")
+    client = backend.client
+    return {"type": "S", "user": pool.user, "database": pool.database, "state": state,
+            "addr": addr or backend.host, "port": port or backend.port, "local_addr": local_addr,
+            "local_port": local_port, "connect_time": timestamp(_wall(backend.created_at)),
+            "request_time": timestamp(_wall(backend.idle_since)) if state == "idle" else "", "wait": 0,
+            "wait_us": 0, "close_needed": int(backend.generation != pool.target.generation), "ptr": "",
+            "link": client_id(client) if isinstance(client, Client) else "", "remote_pid": _backend_id(backend),
+            "tls": "TLS" if backend.is_tls else "", "application_name": "", "prepared_statements": 0,
+            "id": _backend_id(backend), "engine": listener.endpoint.engine, "endpoint": listener.name,
+            "worker_pid": os.getpid()}
+
+
+def _pool_row(pool: Pool, listener: Listener) -> dict[str, Any]:
+    waiting = sum(1 for waiter in pool.waiters if waiter.waiting())
+    oldest = min((waiter.waiting_since for waiter in pool.waiters if waiter.waiting()), default=0.0)
+    waited = time.monotonic() - oldest if oldest else 0.0
+    target = pool.target
+    endpoint = listener.endpoint
+    return {"database": pool.database, "user": pool.user, "cl_active": max(0, len(pool.clients) - waiting),
+            "cl_waiting": waiting, "cl_active_cancel_req": 0, "cl_waiting_cancel_req": 0,
+            "sv_active": len(pool.busy), "sv_active_cancel": 0, "sv_being_canceled": 0, "sv_idle": len(pool.idle),
+            "sv_used": 0, "sv_tested": 0, "sv_login": 0, "maxwait": int(waited),
+            "maxwait_us": int((waited % 1) * 1_000_000), "pool_mode": str(pool.mode), "engine": endpoint.engine,
+            "endpoint": listener.name, "cluster": endpoint.cluster,
+            "instance": target.stats.labels.get("instance", "") or f"{target.host}:{target.port}",
+            "max_connections": target.max_connections, "paused": int(target.paused)}
+
+
+class ConsoleLocal:
+    """The handlers a process answers for the console (a console in any worker asks every worker)."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def handlers(self) -> dict[str, channel.Handler]:
+        return {"console-state": self.state, "console-pause": self.pause, "console-resume": self.resume,
+                "console-reconnect": self.reconnect, "console-kill": self.kill,
+                "statements": local_statements(self.server.stats)}
+
+    def _listeners(self) -> list[Listener]:
+        return [*self.server.listeners.values(), *self.server.retiring]
+
+    async def state(self, _message: channel.Message) -> channel.Message:
+        pools: list[dict[str, Any]] = []
+        servers: list[dict[str, Any]] = []
+        clients: list[dict[str, Any]] = []
+        for listener in self._listeners():
+            for target in listener.service.group.all():
+                for pool in list(target.pools.values()):
+                    pools.append(_pool_row(pool, listener))
+                    servers.extend(_server_row(backend, pool, listener, "active") for backend in list(pool.busy))
+                    servers.extend(_server_row(backend, pool, listener, "idle") for backend in list(pool.idle))
+            clients.extend(_client_row(client, listener) for client in list(listener.clients) if not client.closed)
+        insights = self.server.stats.insights
+        return {"pid": os.getpid(), "pools": pools, "servers": servers, "clients": clients,
+                "snapshot": self.server.stats.snapshot(),
+                "statements": insights.snapshot() if insights is not None else [],
+                "paused": [listener.name for listener in self.server.listeners.values()
+                           if any(target.paused for target in listener.service.group.all())]}
+
+    def _targets(self, message: channel.Message) -> list[Target]:
+        name = message.get("endpoint")
+        return [target for listener in self.server.listeners.values() if name is None or listener.name == name
+                for target in listener.service.group.all()]
+
+    async def pause(self, message: channel.Message) -> channel.Message:
+        targets = self._targets(message)
+        for target in targets:
+            target.pause()
+        return {"pid": os.getpid(), "targets": len(targets)}
+
+    async def resume(self, message: channel.Message) -> channel.Message:
+        targets = self._targets(message)
+        for target in targets:
+            target.resume()
+        return {"pid": os.getpid(), "targets": len(targets)}
+
+    async def reconnect(self, message: channel.Message) -> channel.Message:
+        targets = self._targets(message)
+        for target in targets:
+            target.reconnect()
+        return {"pid": os.getpid(), "targets": len(targets)}
+
+    async def kill(self, message: channel.Message) -> channel.Message:
+        wanted = int(message["id"])
+        killed = 0
+        if wanted <= 0:
+            return {"pid": os.getpid(), "killed": 0}
+        for listener in self._listeners():
+            for client in list(listener.clients):
+                if not client.closed and client_id(client) == wanted:
+                    log.warning("client %s (user %r): killed from the admin console", client.peer,
+                                client.session.user)
+                    client.fail(ConnectionKilled(KILLED_TEXT), logged=True)
+                    killed += 1
+        return {"pid": os.getpid(), "killed": killed}
+
+
+def _reload_supervisor() -> None:
+    """A reload as `dbproxy reload` asks for one: SIGHUP to the supervisor, which checks the file and tells every
+    worker."""
+    os.kill(os.getppid(), signal.SIGHUP)
+
+
+def _no_reload() -> None:
+    raise ConsoleCommandError("the proxy was started without a configuration file: there is nothing to reload")
+
+
+def install_console(server: ProxyServer, handlers: dict[str, channel.Handler] | None = None,
+                    reload: Callable[[], None] | None = None) -> None:
+    """Give the server's services the console: over the workers' channels under a supervisor, else this process's
+    own handlers (`handlers`: those of the operator commands too; `reload`: its reload, if it has a file)."""
+    if run_dir() is not None:
+        reload = _reload_supervisor
+        count = worker_count()
+        fanout = channel_fanout(lambda: [worker_channel(index) for index in range(count)])
+    else:
+        fanout = local_fanout({**(handlers or {}), **ConsoleLocal(server).handlers()})
+    server.console = Console(lambda: server.config, fanout, reload or _no_reload)
+    for service in server.services():
+        service.console = server.console

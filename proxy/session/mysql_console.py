@@ -1,0 +1,98 @@
+"""The admin console over the MySQL protocol: COM_QUERY answered with text result sets by the proxy itself."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import TYPE_CHECKING
+
+from proxy.console import ConsoleResult, Value
+from proxy.errors import ProxyError, UnknownCommand
+from proxy.netio import ConnectionClosed
+from proxy.protocol.mysql import constants as my
+from proxy.protocol.mysql.packets import EofPacket, OkPacket, frame, frame_many, write_lenenc_int, write_lenenc_str
+
+if TYPE_CHECKING:
+    from proxy.session.mysql_login import MySQLLogin
+
+log = logging.getLogger(__name__)
+
+CONSOLE_PACKET_LIMIT = 64 * 1024  # a console command is one short line
+TYPE_VAR_STRING, TYPE_LONGLONG, TYPE_DOUBLE = 0xFD, 0x08, 0x05
+NUM_FLAG = 0x8000
+UTF8_GENERAL_CI = 33
+STATUS = my.SERVER_STATUS_AUTOCOMMIT
+COLUMN_TAIL = struct.Struct("<BHIBHB2x")  # 0x0c, charset, length, type, flags, decimals, filler
+
+
+def _column(name: str, rows: list[list[Value]], index: int) -> bytes:
+    """A column definition (protocol 4.1): numbers as BIGINT or DOUBLE, the rest as VARCHAR."""
+    kind, flags, decimals = TYPE_VAR_STRING, 0, 0x1F
+    for row in rows:
+        value = row[index]
+        if value is None:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            kind, flags, decimals = TYPE_LONGLONG, NUM_FLAG, 0
+        elif isinstance(value, float):
+            kind, flags, decimals = TYPE_DOUBLE, NUM_FLAG, 0x1F
+        break
+    text = name.encode()
+    return (write_lenenc_str(b"def") + write_lenenc_str(b"") * 3 + write_lenenc_str(text) + write_lenenc_str(text)
+            + COLUMN_TAIL.pack(0x0C, UTF8_GENERAL_CI, 1024, kind, flags, decimals))
+
+
+def _row(row: list[Value]) -> bytes:
+    return b"".join(b"\xfb" if value is None else write_lenenc_str(str(value).encode()) for value in row)
+
+
+def encode_result(result: ConsoleResult, capabilities: int) -> bytes:
+    """A text result set (sequence ids from 1) of a table; an OK with the message of an action."""
+    if not result.columns:
+        return frame(OkPacket(status_flags=STATUS, info=result.message).build(capabilities), 1)
+    deprecate_eof = bool(capabilities & my.CLIENT_DEPRECATE_EOF)
+    packets = [write_lenenc_int(len(result.columns))]
+    packets.extend(_column(name, result.rows, index) for index, name in enumerate(result.columns))
+    if not deprecate_eof:
+        packets.append(EofPacket(0, STATUS).build())
+    packets.extend(_row(row) for row in result.rows)
+    packets.append(OkPacket(status_flags=STATUS, header=my.EOF_HEADER).build(capabilities) if deprecate_eof
+                   else EofPacket(0, STATUS).build())
+    return frame_many(packets, 1)[0]
+
+
+async def _read_command(client: MySQLLogin) -> bytes:
+    header = await client.read_exact(4)
+    length = header[0] | (header[1] << 8) | (header[2] << 16)
+    payload = await client.read_exact(length)
+    if length >= CONSOLE_PACKET_LIMIT:
+        raise UnknownCommand("a command of 64 kB or more on the admin console")
+    return payload
+
+
+async def serve_console(client: MySQLLogin) -> None:
+    """Answer the console client's commands until it leaves: COM_QUERY, COM_PING, COM_QUIT; others get 1047."""
+    console = client.service.console
+    assert console is not None
+    who = f"{client.user}@{client.peer}"
+    try:
+        while not client.closed:
+            payload = await _read_command(client)
+            command = payload[0] if payload else -1
+            if command == my.COM_QUIT:
+                client.close()
+                return
+            try:
+                if command == my.COM_QUERY:
+                    result = await console.execute(payload[1:].decode("utf-8", "replace"), who)
+                    client.write(encode_result(result, client.capabilities))
+                elif command == my.COM_PING:
+                    client.write(frame(OkPacket(status_flags=STATUS).build(client.capabilities), 1))
+                else:
+                    raise UnknownCommand(f"command {command} is not served by the admin console (COM_QUERY, "
+                                         "COM_PING and COM_QUIT are)")
+            except ProxyError as exc:
+                log.warning("admin console %s: %s [%d]", who, exc.message, exc.mysql_errno)
+                client._send_error(exc, 1)
+    except ConnectionClosed:
+        client.close()
