@@ -25,6 +25,11 @@ REDACTED = "********"
 SECRET_WORDS = ("password", "secret", "private")  # config keys whose values are never shown
 
 Value = str | int | float | None
+# Session settings client libraries send at connect (PyMySQL's SET NAMES, JDBC's autocommit, ...): accepted, no-op.
+SESSION_SETTINGS = frozenset({"NAMES", "CHARACTER", "CHARSET", "AUTOCOMMIT", "SESSION", "SQL_MODE", "TIME_ZONE",
+                              "CLIENT_ENCODING", "APPLICATION_NAME", "EXTRA_FLOAT_DIGITS", "DATESTYLE",
+                              "@@SESSION.AUTOCOMMIT", "@@AUTOCOMMIT", "@@SQL_MODE"})
+VERSION_QUERIES = frozenset({"@@version_comment limit 1", "@@version_comment"})  # the mysql client's at start
 
 
 @dataclass
@@ -140,6 +145,10 @@ class Console:
         actions = {"PAUSE": self._pause, "RESUME": self._resume, "RECONNECT": self._reconnect}
         if verb in actions and len(args) <= 1:
             return await actions[verb](args[0] if args else None, who)
+        if verb == "SET" and args and args[0].split("=")[0].upper() in SESSION_SETTINGS:
+            return ConsoleResult("SET")  # what client libraries set at connect: nothing to do here
+        if verb == "SELECT" and " ".join(args).lower() in VERSION_QUERIES:
+            return ConsoleResult("SELECT", ["@@version_comment"], [["dbproxy admin console"]])
         if verb == "RELOAD" and not args:
             log.warning("admin console: %s asked for a reload", who)
             self.reload()

@@ -22,10 +22,12 @@ TYPE_VAR_STRING, TYPE_LONGLONG, TYPE_DOUBLE = 0xFD, 0x08, 0x05
 NUM_FLAG = 0x8000
 UTF8_GENERAL_CI = 33
 STATUS = my.SERVER_STATUS_AUTOCOMMIT
+# Either lets the server leave the column definitions out: it then says whether they follow (here always).
+METADATA_OPTIONAL = my.CLIENT_OPTIONAL_RESULTSET_METADATA | my.MARIADB_CLIENT_CACHE_METADATA
 COLUMN_TAIL = struct.Struct("<BHIBHB2x")  # 0x0c, charset, length, type, flags, decimals, filler
 
 
-def _column(name: str, rows: list[list[Value]], index: int) -> bytes:
+def _column(name: str, rows: list[list[Value]], index: int, capabilities: int) -> bytes:
     """A column definition (protocol 4.1): numbers as BIGINT or DOUBLE, the rest as VARCHAR."""
     kind, flags, decimals = TYPE_VAR_STRING, 0, 0x1F
     for row in rows:
@@ -38,8 +40,9 @@ def _column(name: str, rows: list[list[Value]], index: int) -> bytes:
             kind, flags, decimals = TYPE_DOUBLE, NUM_FLAG, 0x1F
         break
     text = name.encode()
+    extended = b"\x00" if capabilities & my.MARIADB_CLIENT_EXTENDED_METADATA else b""  # (no type info)
     return (write_lenenc_str(b"def") + write_lenenc_str(b"") * 3 + write_lenenc_str(text) + write_lenenc_str(text)
-            + COLUMN_TAIL.pack(0x0C, UTF8_GENERAL_CI, 1024, kind, flags, decimals))
+            + extended + COLUMN_TAIL.pack(0x0C, UTF8_GENERAL_CI, 1024, kind, flags, decimals))
 
 
 def _row(row: list[Value]) -> bytes:
@@ -51,8 +54,9 @@ def encode_result(result: ConsoleResult, capabilities: int) -> bytes:
     if not result.columns:
         return frame(OkPacket(status_flags=STATUS, info=result.message).build(capabilities), 1)
     deprecate_eof = bool(capabilities & my.CLIENT_DEPRECATE_EOF)
-    packets = [write_lenenc_int(len(result.columns))]
-    packets.extend(_column(name, result.rows, index) for index, name in enumerate(result.columns))
+    metadata_follows = b"\x01" if capabilities & METADATA_OPTIONAL else b""
+    packets = [write_lenenc_int(len(result.columns)) + metadata_follows]
+    packets.extend(_column(name, result.rows, index, capabilities) for index, name in enumerate(result.columns))
     if not deprecate_eof:
         packets.append(EofPacket(0, STATUS).build())
     packets.extend(_row(row) for row in result.rows)
