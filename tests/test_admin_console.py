@@ -71,7 +71,7 @@ def pg_connect(proxy: ProxyProcess) -> psycopg.Connection:
 
 def my_connect(proxy: ProxyProcess, **extra: object) -> pymysql.connections.Connection:
     return pymysql.connect(host="127.0.0.1", port=proxy.ports["mysql"], user="app", password="app-secret",
-                           database="app", **extra)  # type: ignore[arg-type]
+                           database="app", **extra)
 
 
 POOL_COLUMNS = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "maxwait",
