@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy import channel
+from proxy import __version__, channel
 from proxy.config import Config
 from proxy.errors import ConsoleCommandError, NoSuchThread
 from proxy.insights import merged, top
@@ -44,8 +44,8 @@ class ConsoleResult:
 
 POOL_COLUMNS = ["database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req", "cl_waiting_cancel_req",
                 "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested", "sv_login",
-                "maxwait", "maxwait_us", "pool_mode", "engine", "endpoint", "cluster", "instance", "max_connections",
-                "paused"]
+                "maxwait", "maxwait_us", "pool_mode", "engine", "endpoint", "cluster", "instance", "host", "port",
+                "max_connections", "server_lifetime", "paused"]
 CLIENT_COLUMNS = ["type", "user", "database", "state", "addr", "port", "local_addr", "local_port", "connect_time",
                   "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls",
                   "application_name", "prepared_statements", "id", "engine", "endpoint", "worker_pid", "pinned"]
@@ -60,8 +60,15 @@ ENDPOINT_COLUMNS = ["engine", "endpoint", "cluster", "clients_current", "clients
                     "logins_ok", "logins_failed", "logins_throttled", "queries", "query_errors", "pinned_now",
                     "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts", "paused"]
 INSTANCE_COLUMNS = ["engine", "cluster", "instance", "role", "available", "lag_seconds", "writer_changes"]
+DATABASE_COLUMNS = ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool",
+                    "server_lifetime", "pool_mode", "max_connections", "current_connections", "paused", "disabled",
+                    "engine", "endpoint"]
+LIST_NAMES = ["databases", "users", "pools", "free_clients", "used_clients", "login_clients", "free_servers",
+              "used_servers", "dns_names", "dns_zones", "dns_queries", "dns_pending"]
 TOP_COLUMNS = ["calls", "errors", "rows", "mean_ms", "p95_ms", "p99_ms", "wait_ms", "total_ms", "user", "database",
                "endpoint", "statement"]
+
+SAME_IN_EVERY_WORKER = ("port", "server_lifetime")  # pool columns not added up over the workers
 
 HELP = [
     ("SHOW POOLS", "backend pools: clients and server connections per database and user"),
@@ -73,6 +80,9 @@ HELP = [
     ("SHOW CONFIG", "the effective configuration (secrets redacted)"),
     ("SHOW PINS", "sessions pinned to their backend, by reason"),
     ("SHOW TOP [N]", "the N statements with the most load (default 10)"),
+    ("SHOW DATABASES", "the databases in use per endpoint, with their backend address and limits"),
+    ("SHOW LISTS", "how many databases, users, pools, clients and servers"),
+    ("SHOW VERSION", "the proxy's version"),
     ("SHOW HELP", "this list"),
     ("PAUSE [endpoint]", "hold new transactions (each waits at most its borrow timeout) until RESUME"),
     ("RESUME [endpoint]", "let held transactions go on"),
@@ -94,13 +104,13 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> ConsoleResult:
     return ConsoleResult("SHOW", columns, [[row.get(name) for name in columns] for row in rows])
 
 
-def _config_rows(current: Any, default: Any, prefix: str, changeable: bool) -> list[list[Value]]:
+def config_rows(current: Any, default: Any, prefix: str, changeable: bool) -> list[list[Value]]:
     """One row per leaf of the configuration: key, value, default, changeable."""
     if isinstance(current, dict):
         rows: list[list[Value]] = []
         for key, value in current.items():
             below = default.get(key) if isinstance(default, dict) else None
-            rows.extend(_config_rows(value, below, f"{prefix}.{key}" if prefix else str(key),
+            rows.extend(config_rows(value, below, f"{prefix}.{key}" if prefix else str(key),
                                      changeable and not (prefix == "server" and key in RESTART_KEYS)))
         return rows
     secret = any(word in prefix.rsplit(".", 1)[-1].lower() for word in SECRET_WORDS)
@@ -170,12 +180,15 @@ class Console:
             raise ConsoleCommandError(f"unknown admin console command {text.strip()[:200]!r} (SHOW HELP lists them)")
         if what == "HELP":
             return ConsoleResult("SHOW", ["command", "description"], [[name, about] for name, about in HELP])
+        if what == "VERSION":
+            return ConsoleResult("SHOW", ["version"], [[f"dbproxy {__version__}"]])
         if what == "CONFIG":
             config = self.config()
-            rows = _config_rows(config.model_dump(mode="json"), Config().model_dump(mode="json"), "", True)
+            rows = config_rows(config.model_dump(mode="json"), Config().model_dump(mode="json"), "", True)
             return ConsoleResult("SHOW", ["key", "value", "default", "changeable"], rows)
         shows = {"POOLS": self._pools, "CLIENTS": self._clients, "SERVERS": self._servers, "STATS": self._stats,
-                 "ENDPOINTS": self._endpoints, "INSTANCES": self._instances, "PINS": self._pins}
+                 "ENDPOINTS": self._endpoints, "INSTANCES": self._instances, "PINS": self._pins,
+                 "DATABASES": self._databases, "LISTS": self._lists}
         show = shows.get(what)
         if show is None:
             raise ConsoleCommandError(f"unknown admin console command {text.strip()[:200]!r} (SHOW HELP lists them)")
@@ -199,12 +212,44 @@ class Console:
                         continue
                     if name == "paused":
                         total[name] = int(bool(total[name] or value))
-                    elif isinstance(value, int) and name not in keys:
+                    elif isinstance(value, int) and name not in keys and name not in SAME_IN_EVERY_WORKER:
                         total[name] += value
                 if row["maxwait"] * 1_000_000 + row["maxwait_us"] > total["maxwait"] * 1_000_000 + total["maxwait_us"]:
                     total["maxwait"], total["maxwait_us"] = row["maxwait"], row["maxwait_us"]
         rows = sorted(found.values(), key=lambda row: tuple(str(row[name]) for name in keys))
         return _table(POOL_COLUMNS, rows)
+
+    @classmethod
+    def _databases(cls, answers: list[channel.Message]) -> ConsoleResult:
+        """One row per endpoint, instance and database (the pools of every user added up)."""
+        found: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for row in cls._pools(answers).rows:
+            pool = dict(zip(POOL_COLUMNS, row, strict=True))
+            key = (str(pool["endpoint"]), str(pool["instance"]), str(pool["database"]))
+            total = found.get(key)
+            if total is None:
+                total = found[key] = {
+                    "name": pool["database"], "host": pool["host"], "port": pool["port"],
+                    "database": pool["database"], "force_user": "", "pool_size": pool["max_connections"],
+                    "min_pool_size": 0, "reserve_pool": 0, "server_lifetime": pool["server_lifetime"],
+                    "pool_mode": pool["pool_mode"], "max_connections": pool["max_connections"],
+                    "current_connections": 0, "paused": 0, "disabled": 0, "engine": pool["engine"],
+                    "endpoint": pool["endpoint"]}
+            total["current_connections"] += int(pool["sv_active"] or 0) + int(pool["sv_idle"] or 0)
+            total["paused"] = int(bool(total["paused"] or pool["paused"]))
+        return _table(DATABASE_COLUMNS, [found[key] for key in sorted(found)])
+
+    @staticmethod
+    def _lists(answers: list[channel.Message]) -> ConsoleResult:
+        pools = [row for answer in answers for row in answer["pools"]]
+        clients = [row for answer in answers for row in answer["clients"]]
+        servers = sum(len(answer["servers"]) for answer in answers)
+        items = {"databases": len({(row["endpoint"], row["database"]) for row in pools}),
+                 "users": len({row["user"] for row in pools}),
+                 "pools": len({(row["endpoint"], row["instance"], row["database"], row["user"]) for row in pools}),
+                 "used_clients": len(clients), "login_clients": sum(row["state"] == "login" for row in clients),
+                 "used_servers": servers}
+        return ConsoleResult("SHOW", ["list", "items"], [[name, items.get(name, 0)] for name in LIST_NAMES])
 
     @staticmethod
     def _clients(answers: list[channel.Message]) -> ConsoleResult:

@@ -102,7 +102,8 @@ def _pool_row(pool: Pool, listener: Listener) -> dict[str, Any]:
             "maxwait_us": int((waited % 1) * 1_000_000), "pool_mode": str(pool.mode), "engine": endpoint.engine,
             "endpoint": listener.name, "cluster": endpoint.cluster,
             "instance": target.stats.labels.get("instance", "") or f"{target.host}:{target.port}",
-            "max_connections": target.max_connections, "paused": int(target.paused)}
+            "host": target.host, "port": target.port, "max_connections": target.max_connections,
+            "server_lifetime": round(pool.settings.max_connection_lifetime), "paused": int(target.paused)}
 
 
 class ConsoleLocal:

@@ -18,6 +18,7 @@ import pymysql
 import pytest
 
 from devtools.servers import MariaDBInstance, PostgresInstance
+from proxy.console import REDACTED, config_rows
 from support import ProxyProcess, running_proxy
 
 ADMIN_PASSWORD = "admin-secret"
@@ -244,9 +245,27 @@ def test_show_config_and_the_rest(proxy: ProxyProcess, tmp_path: Path) -> None:
     assert config["server.workers"]["value"] == "2" and config["server.workers"]["changeable"] == "no"
     assert config["admin.users"]["value"] == "['admin']"
     assert config["postgresql.pool.connection_borrow_timeout"]["changeable"] == "yes"
+    with pg_connect(proxy) as connection:
+        connection.execute("SELECT 1")
+        databases = [row for row in pg_table(proxy, "SHOW DATABASES") if row["endpoint"] == "postgresql"]
+        assert databases and databases[0]["name"] == "app" and databases[0]["host"] == "127.0.0.1"
+        assert databases[0]["server_lifetime"] == "86400" and int(databases[0]["pool_size"]) == 10
+        lists = {row["list"]: int(row["items"]) for row in pg_table(proxy, "SHOW LISTS")}
+        assert lists["used_clients"] >= 2 and lists["pools"] >= 1 and lists["dns_names"] == 0
+    assert pg_table(proxy, "SHOW VERSION")[0]["version"].startswith("dbproxy ")
     for command in ("SHOW INSTANCES", "SHOW PINS", "RECONNECT", "RELOAD"):
         done = psql(proxy, command)
         assert done.returncode == 0, (command, done.stderr)
     proxy.wait_for_log("reload: passed to 2 workers")
     with pg_connect(proxy) as connection:  # after RECONNECT: new backends serve
         assert connection.execute("SELECT 7").fetchone() == (7,)
+
+
+def testconfig_rows_redact_secrets() -> None:
+    rows = config_rows({"db": {"password": "hunter2", "auth_secret": "", "port": 5}, "admin": {"users": ["a"]}},
+                        {"db": {"password": "", "auth_secret": "", "port": 1}}, "", True)
+    shown = {row[0]: row for row in rows}
+    assert shown["db.password"] == ["db.password", REDACTED, "", "yes"]
+    assert shown["db.auth_secret"][1] == "" and shown["db.port"][1:3] == [5, 1]
+    assert shown["admin.users"][1] == "['a']"
+    assert all("hunter2" not in str(row) for row in rows)
