@@ -139,8 +139,10 @@ class ConsoleLocal:
                            if any(target.paused for target in listener.service.group.all())]}
 
     def _targets(self, message: channel.Message) -> list[Target]:
+        """The targets of the endpoint named (all if none), but those a switchover holds: it resumes them."""
         name = message.get("endpoint")
-        return [target for listener in self.server.listeners.values() if name is None or listener.name == name
+        return [target for listener in self.server.listeners.values()
+                if (name is None or listener.name == name) and listener.name not in self.server.held
                 for target in listener.service.group.all()]
 
     async def pause(self, message: channel.Message) -> channel.Message:
