@@ -269,3 +269,20 @@ def testconfig_rows_redact_secrets() -> None:
     assert shown["db.auth_secret"][1] == "" and shown["db.port"][1:3] == [5, 1]
     assert shown["admin.users"][1] == "['a']"
     assert all("hunter2" not in str(row) for row in rows)
+
+
+def test_single_process_console(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    """One process (no supervisor): the console asks its own handlers; RELOAD re-reads the file."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DBPROXY_PASSWORD_ADMIN", ADMIN_PASSWORD)
+        with running_proxy(tmp_path, pg_server, admin={"users": ["admin"]}) as single:
+            with pg_connect(single) as connection:
+                connection.execute("SELECT 1")
+                rows = [row for row in pg_table(single, "SHOW POOLS") if row["database"] == "app"]
+                assert rows and int(rows[0]["cl_active"]) == 1 and int(rows[0]["sv_idle"]) == 1
+                assert {row["worker_pid"] for row in pg_table(single, "SHOW CLIENTS")} == {str(single.pid)}
+                assert psql(single, f"KILL {connection.info.backend_pid}").returncode == 0
+                with pytest.raises(psycopg.OperationalError, match="administrator command"):
+                    connection.execute("SELECT 1")
+            assert psql(single, "RELOAD").returncode == 0
+            single.wait_for_log("reload: reading")
