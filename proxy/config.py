@@ -96,6 +96,10 @@ class ServerSettings(Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+# [server] keys a running process cannot take: a reload keeps the running value and says so.
+RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
+
+
 class TLSSettings(Strict):
     """Client-facing TLS: certificate and key; both empty means a self-signed pair made at start."""
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import __version__, channel
-from proxy.config import Config
+from proxy.config import RESTART_KEYS, Config
+from proxy.endpoints import resolve_endpoints
 from proxy.errors import ConsoleCommandError, NoSuchThread
 from proxy.insights import merged, top
 from proxy.stats import Series, merge
@@ -110,8 +111,8 @@ def config_rows(current: Any, default: Any, prefix: str, changeable: bool) -> li
         rows: list[list[Value]] = []
         for key, value in current.items():
             below = default.get(key) if isinstance(default, dict) else None
-            rows.extend(config_rows(value, below, f"{prefix}.{key}" if prefix else str(key),
-                                     changeable and not (prefix == "server" and key in RESTART_KEYS)))
+            fixed = (prefix == "server" and key in RESTART_KEYS) or (prefix.endswith("pool") and key == "mode")
+            rows.extend(config_rows(value, below, f"{prefix}.{key}" if prefix else str(key), changeable and not fixed))
         return rows
     secret = any(word in prefix.rsplit(".", 1)[-1].lower() for word in SECRET_WORDS)
 
@@ -129,9 +130,6 @@ def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
-
-
-RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")  # as proxy.reload keeps them
 
 
 class Console:
@@ -171,6 +169,9 @@ class Console:
         answers = await self.fanout(message, ANSWER_TIMEOUT)
         if all("error" in answer for answer in answers):
             raise ConsoleCommandError(f"no worker answered: {_failures(answers)}")
+        if any("error" in answer for answer in answers):
+            log.warning("admin console: %s: some workers did not answer, the answer is partial: %s",
+                        message["kind"], _failures(answers))
         return [answer for answer in answers if "error" not in answer]
 
     async def _show(self, what: str, args: list[str], text: str) -> ConsoleResult:
@@ -336,8 +337,6 @@ class Console:
                              message=f"{done} {what} ({targets} targets in {len(answers)} workers)")
 
     def _endpoint_names(self) -> list[str]:
-        from proxy.endpoints import resolve_endpoints  # (resolving is needed only here)
-
         return [endpoint.name for endpoint in resolve_endpoints(self.config())]
 
     async def _pause(self, endpoint: str | None, who: str) -> ConsoleResult:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.auth.token_login import make_verifier
-from proxy.config import Config, load_config
+from proxy.config import RESTART_KEYS, Config, load_config
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
 from proxy.pool.balance import member_targets
@@ -24,8 +24,6 @@ from proxy.stats import StatsRegistry
 
 log = logging.getLogger(__name__)
 
-# [server] keys a running process cannot take: a reload keeps the running value and says so.
-RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
 
 
 def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:

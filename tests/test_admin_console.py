@@ -245,6 +245,8 @@ def test_show_config_and_the_rest(proxy: ProxyProcess, tmp_path: Path) -> None:
     assert config["server.workers"]["value"] == "2" and config["server.workers"]["changeable"] == "no"
     assert config["admin.users"]["value"] == "['admin']"
     assert config["postgresql.pool.connection_borrow_timeout"]["changeable"] == "yes"
+    mode = config["postgresql.pool.mode"]
+    assert mode["value"] == "transaction" and mode["changeable"] == "no"
     with pg_connect(proxy) as connection:
         connection.execute("SELECT 1")
         databases = [row for row in pg_table(proxy, "SHOW DATABASES") if row["endpoint"] == "postgresql"]
