@@ -62,7 +62,9 @@ def _client_row(client: Client, listener: Listener) -> dict[str, Any]:
     application = session.settings.get("application_name", "") if isinstance(client, PostgresClient) else ""
     return {"type": "C", "user": session.user, "database": session.database, "state": state, "addr": addr,
             "port": port, "local_addr": local_addr, "local_port": local_port,
-            "connect_time": timestamp(client.connected_at), "request_time": "", "wait": int(waited),
+            "connect_time": timestamp(client.connected_at),
+            "request_time": timestamp(_wall(clock.latest)) if clock is not None and clock.latest else "",
+            "wait": int(waited),
             "wait_us": int((waited % 1) * 1_000_000), "close_needed": 0, "ptr": "",
             "link": _backend_id(backend) if backend is not None else "", "remote_pid": 0,
             "tls": "TLS" if client.is_tls else "", "application_name": str(application), "prepared_statements": 0,

@@ -99,7 +99,7 @@ def test_psql_shows_pools_while_pgbench_runs(proxy: ProxyProcess) -> None:
         assert int(row["sv_active"]) + int(row["sv_idle"]) >= 1
         clients = [row for row in pg_table(proxy, "SHOW CLIENTS") if row["user"] == "app"]
         assert len(clients) == 6 and {row["type"] for row in clients} == {"C"}
-        assert all(row["addr"] == "127.0.0.1" and row["connect_time"] for row in clients)
+        assert all(row["addr"] == "127.0.0.1" and row["connect_time"] and row["request_time"] for row in clients)
         servers = pg_table(proxy, "SHOW SERVERS")
         assert servers and all(row["type"] == "S" and int(row["remote_pid"]) > 0 for row in servers)
         # the alias PgBouncer's exporters use
