@@ -2,7 +2,10 @@
 pgbench and sysbench runs against one throwaway PostgreSQL and MariaDB; CPU microseconds per transaction and
 throughput of each, side by side, as ratios.
 
-Usage: python -m loadtest.insights_cost [--rounds 3] [--seconds 8] [--clients 20]
+Usage: python -m loadtest.insights_cost [--rounds 3] [--seconds 8] [--clients 20] [--baseline-commit REV]
+
+With --baseline-commit, a third proxy runs the code of that commit (checked out into a temporary folder), so the
+cost of the per-query timing itself (the latency histograms, always on) is measured too.
 """
 
 from __future__ import annotations
@@ -26,15 +29,17 @@ USER, PASSWORD = "bench", "bench-secret"
 
 
 @contextmanager
-def proxy(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int) -> Iterator[dict[str, int]]:
-    """A one-process proxy with `statement_insights` = `insights`; yields its pid and ports."""
+def proxy(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None,
+          code: Path | None = None) -> Iterator[dict[str, int]]:
+    """A one-process proxy with `statement_insights` = `insights` (None: a code that has no such key), running the
+    package in `code` (default: this one); yields its pid and ports."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "secrets.toml").write_text(f'[users]\n{USER} = "{PASSWORD}"\n')
     ports = {"postgresql": free_port(), "mysql": free_port()}
     (folder / "proxy.toml").write_text(f"""[server]
 log_level = "warning"
 workers = 1
-statement_insights = {insights}
+{"" if insights is None else f"statement_insights = {insights}"}
 [secrets]
 file = "secrets.toml"
 [postgresql]
@@ -49,8 +54,10 @@ backend_port = {mariadb.port}
 [mysql.pool]
 max_connections = 10
 """)
+    env = dict(os.environ, PYTHONPATH=str(code)) if code is not None else None
     process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],
-                               stdout=subprocess.PIPE, stderr=(folder / "proxy.log").open("w"), text=True)
+                               stdout=subprocess.PIPE, stderr=(folder / "proxy.log").open("w"), text=True,
+                               env=env, cwd=code)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -95,6 +102,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--baseline-commit", default="", help="also measure the proxy of this git commit")
+    parser.add_argument("--only", default="", help="run the scenarios whose name matches this regex")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="insights-cost-") as tmp, ExitStack() as stack:
         work = Path(tmp)
@@ -111,14 +120,22 @@ def main() -> None:
                        check=True, capture_output=True)
         proxies = {"on": stack.enter_context(proxy(work / "on", pg, mariadb, 5000)),
                    "off": stack.enter_context(proxy(work / "off", pg, mariadb, 0))}
+        if args.baseline_commit:
+            code = work / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(code), args.baseline_commit], check=True,
+                           capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+            stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(code)], capture_output=True,
+                           cwd=Path(__file__).resolve().parent.parent)
+            proxies["baseline"] = stack.enter_context(proxy(work / "base", pg, mariadb, None, code))
         scenarios = {"pgbench -S simple": lambda port: pgbench(port["postgresql"], "simple", args.clients,
                                                                args.seconds),
                      "pgbench -S prepared": lambda port: pgbench(port["postgresql"], "prepared", args.clients,
                                                                  args.seconds),
                      "sysbench point_select": lambda port: sysbench(port["mysql"], args.clients, args.seconds)}
+        scenarios = {name: run for name, run in scenarios.items() if re.search(args.only, name)}
         totals = {(name, side): [0.0, 0] for name in scenarios for side in proxies}  # cpu seconds, transactions
         for round_number in range(args.rounds):
-            order = ["on", "off"] if round_number % 2 == 0 else ["off", "on"]  # alternate who goes first
+            order = list(proxies) if round_number % 2 == 0 else list(reversed(proxies))  # alternate who goes first
             for name, run in scenarios.items():
                 for side in order:
                     ports = proxies[side]
@@ -128,14 +145,19 @@ def main() -> None:
                     totals[(name, side)][1] += done
             print(f"round {round_number + 1} of {args.rounds} done", file=sys.stderr, flush=True)
             time.sleep(1)
-        print(f"| scenario ({args.clients} clients, {args.rounds} x {args.seconds} s each) | statistics on: "
-              "µs CPU/tx | off: µs CPU/tx | CPU ratio on/off | tx ratio on/off |")
-        print("|---|---|---|---|---|")
+        sides = list(proxies)
+        print(f"| scenario ({args.clients} clients, {args.rounds} x {args.seconds} s each) | "
+              + " | ".join(f"{side}: µs CPU/tx | {side}: tx/s" for side in sides)
+              + " | CPU on/off | tx/s on/off |" + (" CPU on/baseline | tx/s on/baseline |" if len(sides) > 2 else ""))
+        print("|---" * (1 + 2 * len(sides) + 2 * (len(sides) - 1)) + "|")
         for name in scenarios:
-            cpu_on, tx_on = totals[(name, "on")]
-            cpu_off, tx_off = totals[(name, "off")]
-            per_on, per_off = cpu_on / tx_on * 1e6, cpu_off / tx_off * 1e6
-            print(f"| {name} | {per_on:.1f} | {per_off:.1f} | {per_on / per_off:.3f} | {tx_on / tx_off:.3f} |")
+            per = {side: totals[(name, side)][0] / totals[(name, side)][1] * 1e6 for side in sides}
+            rate = {side: totals[(name, side)][1] / (args.rounds * args.seconds) for side in sides}
+            cells = " | ".join(f"{per[side]:.1f} | {rate[side]:.0f}" for side in sides)
+            ratios = [per["on"] / per[other] for other in sides[1:]], [rate["on"] / rate[other] for other in sides[1:]]
+            print(f"| {name} | {cells} | " + " | ".join(f"{cpu:.3f} | {tx:.3f}" for cpu, tx in zip(*ratios,
+                                                                                                     strict=True))
+                  + " |")
 
 
 if __name__ == "__main__":

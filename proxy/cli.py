@@ -1,5 +1,6 @@
 """Command line: `dbproxy run` serves a config file; `dbproxy demo` starts a throwaway database and serves it;
-`dbproxy failover` promotes an instance of a cluster."""
+`dbproxy failover` promotes an instance of a cluster; `reload`, `pause`, `resume`, `reconnect`, `kill`, `instance
+readmit` and `switchover` act on the running proxy."""
 
 from __future__ import annotations
 
@@ -11,32 +12,31 @@ import os
 import shutil
 import signal
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import uvloop
 
+from proxy.api.context import ApiContext
+from proxy.api.serve import ApiServer
 from proxy.channel import ChannelError
 from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
-from proxy.config import ClusterBase, Config, Instance, engine_active, engine_settings, load_config
+from proxy.config import Config, load_config
 from proxy.console_local import install_console
 from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
+from proxy.failover import AlreadyWriter, FailoverRefused, OtherWriter, PromotionError, promote_instance
 from proxy.local_commands import LocalCommands, SwitchedEndpoints
-from proxy.reload import Reloads, prepare
-from proxy.reload import apply as apply_config
+from proxy.reload import ProcessReload, Reloads
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
+from proxy.secret_commands import add_secret_commands, run_secret_command
 from proxy.secrets import SecretStore
 from proxy.server import ProxyServer
 from proxy.startup import StartupError, check_host, check_startup, describe_start_error
+from proxy.stats import Snapshot
 from proxy.token_commands import add_token_commands, run_token_command
 from proxy.top_sql import ORDERS, format_top
-from proxy.topology.model import Role
-from proxy.topology.mysql_probe import mysql_probe
-from proxy.topology.pg_probe import postgres_probe
-from proxy.topology.promote import AlreadyWriter, InstanceUnreachable, PromotionError, promoter
 
 log = logging.getLogger("proxy")
 READY_MESSAGE = "dbproxy ready: {listeners}"
@@ -48,7 +48,6 @@ START_ERROR_STATUS = 1  # exit status for a start that failed (a port taken, a w
 FAILOVER_FAILED_STATUS = 1
 ALREADY_WRITER_STATUS = 3
 OTHER_WRITER_STATUS = 4
-FAILOVER_PROBE_TIMEOUT = 5.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -82,24 +81,31 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    switched = SwitchedEndpoints()
+    reload = ProcessReload(server, config_path, switched)
+    local = LocalCommands(server).handlers()
+    fanout = local_fanout(local)
+    install_console(server, local, reload)
+    commands = Commands(lambda: server.config, fanout,
+                        lambda _config, plan: switched.record(plan.engine, plan.endpoints, plan.blue_name,
+                                                              plan.green_name))
+    api = await _serve_api(server, ApiContext(lambda: server.config, commands, fanout, _stats(server), reload,
+                                              lambda: reload.edits))
     pid_file = None
     control: ControlSocket | None = None
     if config_path is not None:  # without a file (the demo, built-in defaults) there is nothing to reload
-        switched = SwitchedEndpoints()
-        reloads = Reloads(lambda: reload_from_file(server, config_path, switched))
-        loop.add_signal_handler(signal.SIGHUP, reloads.request)
-        install_console(server, LocalCommands(server).handlers(), reloads.request)
+        loop.add_signal_handler(signal.SIGHUP, Reloads(reload.from_signal).request)
         pid_file = pid_file_path(config_path, config.server.pid_file)
-        control = await _serve_control(server, pid_file, switched)
+        control = await _serve_control(commands, pid_file)
         write_pid_file(pid_file)
-    else:
-        install_console(server, LocalCommands(server).handlers())
     try:
         if ready_message:
-            listeners = " ".join(f"{name} port {port}" for name, port in server.ports.items())
-            print(ready_message.format(**server.ports, listeners=listeners), flush=True)
+            ports = {**server.ports, **api.ports}
+            listeners = " ".join(f"{name} port {port}" for name, port in ports.items())
+            print(ready_message.format(**ports, listeners=listeners), flush=True)
         await stop.wait()
         log.info("shutting down")
+        await api.stop()
         await server.stop()
     finally:
         if control is not None:
@@ -108,30 +114,36 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
             remove_pid_file(pid_file)
 
 
-async def _serve_control(server: ProxyServer, pid_file: Path, switched: SwitchedEndpoints) -> ControlSocket | None:
-    """The control socket beside the pid file; this process is its only worker."""
+def _stats(server: ProxyServer) -> Callable[[], Awaitable[Snapshot]]:
+    async def stats() -> Snapshot:
+        return server.stats.snapshot()
+    return stats
+
+
+async def _serve_api(server: ProxyServer, context: ApiContext) -> ApiServer:
+    """The control API and health endpoints of [api], if any; this process is its only worker."""
+    api = ApiServer(context, server.config.api)
+    if api.wanted:
+        try:
+            await api.start()
+        except OSError as exc:
+            await server.stop()
+            raise StartupError(f"[api]: {describe_start_error(exc)}") from None
+        except ConfigError:
+            await server.stop()
+            raise
+    return api
+
+
+async def _serve_control(commands: Commands, pid_file: Path) -> ControlSocket | None:
+    """The control socket beside the pid file."""
     control = ControlSocket(control_socket_path(pid_file))
-    commands = Commands(lambda: server.config, local_fanout(LocalCommands(server).handlers()),
-                        lambda _config, plan: switched.record(plan.engine, plan.endpoints, plan.blue_name,
-                                                              plan.green_name))
     try:
         await control.start(commands.handlers())
     except OSError as exc:
         log.error("no control socket at %s: %s", control.path, exc.strerror or exc)
         return None
     return control
-
-
-async def reload_from_file(server: ProxyServer, config_path: Path, switched: SwitchedEndpoints | None = None) -> None:
-    """Re-read, validate and apply the configuration; one error line and no change when it does not validate.
-    Endpoints a switchover moved stay where it put them while the file still names the cluster they left."""
-    log.info("reload: reading %s", config_path)
-    try:
-        ports = {name: listener.port for name, listener in server.listeners.items()}
-        config = prepare(config_path, server.config, ports)
-        await apply_config(server, switched.keep(config) if switched is not None else config)
-    except ConfigError as exc:
-        log.error("reload refused, the running configuration stays: %s", exc)
 
 
 def send_reload(config_path: Path | None, pid_file: Path | None) -> None:
@@ -171,86 +183,29 @@ def send_command(config_path: Path | None, pid_file: Path | None, message: dict[
     print(show(answer) if show is not None else f"dbproxy: {answer.get('message', 'done')}", flush=True)
 
 
-class OtherWriter(PromotionError):
-    """Another instance of the MariaDB cluster is a healthy writer: promoting would leave two."""
-
-
-def find_instance(config: Config, wanted: str, cluster_name: str | None) -> tuple[str, str, ClusterBase, Instance]:
-    """(engine, cluster name, cluster, instance) of the instance named `wanted` (its name, or host:port) in the
-    cluster `cluster_name` (any cluster when None); exits with a message when there is none or more than one."""
-    found: list[tuple[str, str, ClusterBase, Instance]] = []
-    known: list[str] = []
-    for engine, settings in engine_settings(config):
-        if not engine_active(settings):
-            continue
-        for name, cluster in settings.clusters.items():
-            if cluster_name is not None and name != cluster_name:
-                continue
-            for instance in cluster.instances:
-                known.append(f"{name}/{instance.label}")
-                if wanted in (instance.label, f"{instance.host}:{instance.port}"):
-                    found.append((engine, name, cluster, instance))
-    if not found:
-        where = f"cluster '{cluster_name}'" if cluster_name is not None else "any cluster"
-        _fail(f"no instance '{wanted}' in {where} (known: {', '.join(known) or 'none'})", CONFIG_ERROR_STATUS)
-    if len(found) > 1:
-        clusters = ", ".join(f"{engine} cluster {name}" for engine, name, _, _ in found)
-        _fail(f"instance '{wanted}' is in more than one cluster ({clusters}); name one with --cluster",
-              CONFIG_ERROR_STATUS)
-    return found[0]
-
-
 def failover(config_path: Path | None, wanted: str, cluster_name: str | None) -> None:
     """`dbproxy failover --to INSTANCE`: promote the instance with the cluster's monitor_user; the running proxies
     follow at their next monitor round (and fence the writer it replaces)."""
     try:
         config = load_config(config_path)
-        secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        secrets = SecretStore.from_settings(config.secrets)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}", CONFIG_ERROR_STATUS)
-    engine, name, cluster, instance = find_instance(config, wanted, cluster_name)
-    secret = secrets.get(cluster.monitor_user) if cluster.monitor_user else None
-    if secret is None:
-        _fail(f"cluster {name}: no monitor_user, or no password for it in the secrets: the proxy has no admin "
-              "connection to promote with", CONFIG_ERROR_STATUS)
-    user, password = cluster.monitor_user, secret.password.decode()
-    probe = (postgres_probe(user, password, "postgres") if engine == "postgresql"
-             else mysql_probe(user, password))
-    label = f"{instance.label} ({instance.host}:{instance.port})" if instance.name else instance.label
 
-    async def promote() -> float:
-        try:
-            statuses = await asyncio.gather(*(probe(other.host, other.port, FAILOVER_PROBE_TIMEOUT)
-                                              for other in cluster.instances))
-        finally:
-            await probe.close()
-        status = next(s for s in statuses if s.address == (instance.host, instance.port))
-        if not status.healthy:
-            raise InstanceUnreachable(f"{label} is unreachable: {status.error}")
-        if status.role is Role.WRITER:
-            raise AlreadyWriter(f"{label} is the writer already")
-        for other in statuses:
-            if other.healthy and other.role is Role.WRITER:
-                if engine != "postgresql":  # no timeline tells the promoted writer from the old one
-                    raise OtherWriter(f"{other.host}:{other.port} still writes: make it read-only (SET GLOBAL "
-                                      f"read_only = 1) or stop it first; nothing was promoted")
-                print(f"dbproxy: warning: {other.host}:{other.port} still writes; the proxies follow the promoted "
-                      "standby (its new timeline) and fence it, but clients connected to it directly can still "
-                      "write there", file=sys.stderr, flush=True)
-        started = time.monotonic()
-        await promoter(engine, user, password)(instance.host, instance.port)
-        return time.monotonic() - started
+    def warn(text: str) -> None:
+        print(f"dbproxy: warning: {text}", file=sys.stderr, flush=True)
 
     try:
-        took = uvloop.run(promote())
+        promoted = uvloop.run(promote_instance(config, secrets, wanted, cluster_name, warn))
+    except FailoverRefused as exc:
+        _fail(str(exc), CONFIG_ERROR_STATUS)
     except AlreadyWriter as exc:
         _fail(str(exc), ALREADY_WRITER_STATUS)
     except OtherWriter as exc:
         _fail(str(exc), OTHER_WRITER_STATUS)
     except PromotionError as exc:  # unreachable, or the promotion itself failed
         _fail(str(exc), FAILOVER_FAILED_STATUS)
-    print(f"dbproxy: promoted {label} in {engine} cluster {name} ({took * 1000:.0f} ms); running proxies follow "
-          "it at their next monitor round", flush=True)
+    print(f"dbproxy: {promoted.message}", flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -279,12 +234,24 @@ def _parser() -> argparse.ArgumentParser:
     switchover.add_argument("--timeout", type=float, default=DEFAULT_SWITCHOVER_TIMEOUT,
                             help="seconds writes may be held, and the replica may take to catch up before that "
                                  "(default: %(default)s)")
+    pause = sub.add_parser("pause", help="hold new transactions (every endpoint, or one) until `dbproxy resume`; "
+                                         "transactions under way finish, waiting clients wait (at most their "
+                                         "borrow timeout)")
+    resume = sub.add_parser("resume", help="let paused endpoints lend backend connections again")
+    reconnect = sub.add_parser("reconnect", help="replace every backend connection: idle ones now, lent-out ones "
+                                                 "when given back")
+    for command in (pause, resume, reconnect):
+        command.add_argument("--endpoint", default=None, help="only this endpoint (default: every one)")
+    kill = sub.add_parser("kill", help="end a client with an admin-shutdown error (PostgreSQL 57P01, MySQL 1927)")
+    kill.add_argument("id", type=int, help="the client's id: its PostgreSQL process id (the BackendKeyData "
+                                           "the proxy sent it, libpq's PQbackendPID) or MySQL connection id "
+                                           "(CONNECTION_ID() through the proxy)")
     top_sql = sub.add_parser("top", help="the statements with the most load (or calls, errors, rows, mean time) "
                                          "in the running proxy, over all its workers")
     top_sql.add_argument("--by", choices=ORDERS, default="load", help="order (default: %(default)s: total time)")
     top_sql.add_argument("-n", "--limit", type=int, default=20, help="statements shown (default: %(default)s)")
     top_sql.add_argument("--json", action="store_true", help="print the answer as JSON")
-    for command in (readmit, switchover, top_sql):
+    for command in (readmit, switchover, top_sql, pause, resume, reconnect, kill):
         command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
         command.add_argument("--pid-file", type=Path, default=None,
                              help="pid file of the running proxy; its control socket is beside it (default: "
@@ -306,6 +273,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="MariaDB read_only endpoint (--mysql-port + 1)")
     demo.add_argument("--dir", type=Path, default=Path(".demo"))
     add_token_commands(sub)
+    add_secret_commands(sub)
     return parser
 
 
@@ -330,6 +298,12 @@ def main(argv: list[str] | None = None) -> None:
         send_command(args.config, args.pid_file, {"kind": "switchover", "to": args.to, "endpoint": args.endpoint,
                                                   "timeout": args.timeout}, 2 * args.timeout + 30.0)
         return
+    if args.command in ("pause", "resume", "reconnect"):
+        send_command(args.config, args.pid_file, {"kind": args.command, "endpoint": args.endpoint}, 10.0)
+        return
+    if args.command == "kill":
+        send_command(args.config, args.pid_file, {"kind": "kill-client", "id": args.id}, 10.0)
+        return
     if args.command == "top":
         send_command(args.config, args.pid_file, {"kind": "top", "by": args.by, "limit": args.limit}, 15.0,
                      lambda answer: format_top(answer, args.json, shutil.get_terminal_size().columns))
@@ -339,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command in ("keys", "token"):
         run_token_command(args)
+        return
+    if args.command == "secrets":
+        run_secret_command(args)
         return
     config_path = getattr(args, "config", None)
     checking = getattr(args, "check", False)

@@ -1,5 +1,6 @@
-"""Operator commands on a running proxy (instance readmit, switchover), whatever transport carries them: each takes
-a message, asks every worker process for its part (proxy/local_commands.py) and answers with what they said."""
+"""Operator commands on a running proxy (instance readmit, switchover, pause, resume, reconnect, client kill), whatever
+transport carries them (the control socket, the HTTP API): each takes a message, asks every worker process for its
+part (proxy/local_commands.py) and answers with what they said."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from proxy import channel
 from proxy.config import ClusterBase, Config, EndpointRole, engine_settings, uses_clusters
-from proxy.endpoints import writer_of
+from proxy.endpoints import resolve_endpoints, writer_of
 from proxy.errors import ConfigError
 from proxy.local_commands import instance_addresses, switched_config
 from proxy.secrets import SecretStore
@@ -125,8 +126,52 @@ class Commands:
         self._switching = asyncio.Lock()
 
     def handlers(self) -> dict[str, channel.Handler]:
-        return {"readmit": self._guard(self.readmit), "switchover": self._guard(self.switchover),
-                "top": self._guard(top_handler(self.fanout))}
+        return {name: self._guard(handler) for name, handler in (
+            ("readmit", self.readmit), ("switchover", self.switchover), ("pause", self.pause),
+            ("resume", self.resume), ("reconnect", self.reconnect), ("kill-client", self.kill_client),
+            ("top", top_handler(self.fanout)))}
+
+    async def pause(self, message: channel.Message) -> channel.Message:
+        """{"endpoint": NAME | None}: hold new transactions on the endpoint (every one) until resumed."""
+        return await self._each_endpoint("pause", "paused", message)
+
+    async def resume(self, message: channel.Message) -> channel.Message:
+        return await self._each_endpoint("resume", "resumed", message)
+
+    async def reconnect(self, message: channel.Message) -> channel.Message:
+        """{"endpoint": NAME | None}: replace every backend connection (idle now, lent-out when given back)."""
+        return await self._each_endpoint("reconnect", "reconnecting", message)
+
+    async def _each_endpoint(self, kind: str, done: str, message: channel.Message) -> channel.Message:
+        endpoint = message.get("endpoint")
+        if endpoint is not None:
+            endpoint = str(endpoint)
+            if endpoint not in {found.name for found in resolve_endpoints(self.config())}:
+                return _error("unknown_endpoint", f"no endpoint {endpoint!r} in the configuration")
+        answers = await self.fanout({"kind": kind, "endpoint": endpoint}, ANSWER_MARGIN)
+        failed = _failures(answers)
+        names = sorted({str(name) for answer in answers for name in answer.get("endpoints", [])})
+        if failed:
+            return _error("failed", f"{kind}: not every worker answered: {failed}", answers)
+        log.warning("control: %s %s", done, ", ".join(names) or "no endpoint")
+        return {"ok": True, "endpoints": names, "message": f"{done}: {', '.join(names) or 'no endpoint'}",
+                "workers": answers}
+
+    async def kill_client(self, message: channel.Message) -> channel.Message:
+        """{"id": N}: end the client with that id (PostgreSQL BackendKeyData process id, MySQL connection id) with
+        an admin-shutdown error, in whichever worker serves it."""
+        try:
+            number = int(message["id"])
+        except (KeyError, TypeError, ValueError):
+            return _error("bad_request", "give the client id as a number")
+        if not 0 < number < 1 << 32:
+            return _error("bad_request", "a client id is a number from 1 to 4294967295")
+        answers = await self.fanout({"kind": "kill-client", "id": number}, ANSWER_MARGIN)
+        killed = [answer for answer in answers if answer.get("killed")]
+        if not killed:
+            failed = _failures(answers)
+            return _error("unknown_client", f"no client {number} is connected" + (f" ({failed})" if failed else ""))
+        return {"ok": True, "message": f"client {number} ({killed[0].get('peer')}) ended", "id": number}
 
     @staticmethod
     def _guard(handler: channel.Handler) -> channel.Handler:
@@ -185,12 +230,12 @@ class Switchover:
         self.timeout = timeout
         self.switched = switched
         try:
-            self.secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+            self.secrets = SecretStore.from_settings(config.secrets)
         except ConfigError as exc:
             raise SwitchoverError(f"the secrets cannot be read: {exc}") from None
 
     def _login(self, cluster: ClusterBase, name: str) -> tuple[str, str]:
-        secret = self.secrets.get(cluster.monitor_user) if cluster.monitor_user else None
+        secret = self.secrets.backend_login(cluster.monitor_user) if cluster.monitor_user else None
         if secret is None:
             raise SwitchoverError(f"cluster {name}: no monitor_user with a password in the secrets to administer it")
         return cluster.monitor_user, secret.password.decode()

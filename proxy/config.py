@@ -6,11 +6,22 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from proxy.errors import ConfigError
 
@@ -100,6 +111,28 @@ class ServerSettings(Strict):
 RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
 
 
+class ApiSettings(Strict):
+    """The HTTP control API (bearer token) and the health endpoints, served by the supervisor (or the single
+    process). Changes take a restart."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(-1, ge=-1, le=65535, description="control API port (/v1, bearer token); -1 off, 0 a free port")
+    token: SecretStr | None = Field(None, description="the bearer token the API asks for (or token_file)")
+    token_file: Path | None = Field(None, description="a file holding the bearer token (read at start)")
+    health_port: int = Field(-1, ge=-1, le=65535, description="/healthz, /readyz and /metrics without auth; -1 off, "
+                             "0 a free port")
+
+    @model_validator(mode="after")
+    def _token_given(self) -> ApiSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if self.port >= 0 and self.token is None and self.token_file is None:
+            raise ValueError("port is set: give token or token_file (the API asks every request for it)")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("token is empty")
+        return self
+
+
 class TLSSettings(Strict):
     """Client-facing TLS: certificate and key; both empty means a self-signed pair made at start."""
 
@@ -109,10 +142,30 @@ class TLSSettings(Strict):
 
 
 class SecretsSettings(Strict):
-    """Where database user passwords come from: a TOML file of `user = "password"` and the environment."""
+    """Where database user passwords come from: the environment over a folder (a mounted Kubernetes Secret: a file
+    per user) over an encrypted file or a TOML file of `user = "password"`; watched for changes."""
 
-    file: Path | None = None
+    file: Path | None = Field(None, description="TOML file of user = \"password\" lines (under [users])")
+    dir: Path | None = Field(None, description="folder with one file per user holding its password (a mounted "
+                             "Kubernetes Secret); hidden entries are skipped")
+    encrypted_file: Path | None = Field(None, description="JSON file sealed by `dbproxy secrets put` "
+                                        "(envelope encryption, AES-256-GCM)")
+    master_key_file: Path | None = Field(None, description="the encrypted file's master key (`dbproxy secrets "
+                                         "master-key`); else DBPROXY_MASTER_KEY (base64) in the environment")
     env_prefix: str = "DBPROXY_PASSWORD_"
+    watch_interval: float = Field(2.0, ge=0, description="seconds between checks of the files for changes "
+                                  "(new passwords used without a restart); 0: only at a reload")
+    rotation_user: str = Field("", description="the database user (its password in the secrets) that "
+                               "`dbproxy secrets rotate` sets new passwords with")
+    alternating: dict[str, str] = Field(
+        default_factory=dict, description="user -> its clone: two database users the backend logins of the "
+        "user's clients alternate between, a rotation changing the one not in use")
+
+    def __repr__(self) -> str:
+        return (f"SecretsSettings(file={self.file!r}, dir={self.dir!r}, encrypted_file={self.encrypted_file!r}, "
+                f"watch_interval={self.watch_interval!r})")
+
+    __str__ = __repr__
 
 
 class AuthSettings(Strict):
@@ -243,7 +296,7 @@ def resolve_count(value: int | str, backend_max: int) -> int:
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # endpoint names appear as listener names ("<name> port <n>")
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-RESERVED_NAMES = frozenset({"metrics", "listeners"})  # other listeners of the ready line
+RESERVED_NAMES = frozenset({"metrics", "listeners", "api", "health"})  # other listeners of the ready line
 
 
 class InstanceRole(StrEnum):
@@ -495,6 +548,7 @@ class Config(Strict):
     """The whole configuration."""
 
     server: ServerSettings = ServerSettings()
+    api: ApiSettings = ApiSettings()
     tls: TLSSettings = TLSSettings()
     secrets: SecretsSettings = SecretsSettings()
     postgresql: PostgresSettings = PostgresSettings()
@@ -520,7 +574,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 if isinstance(value, str) and value and not os.path.isabs(value):
                     part[key] = str(base / value)
 
-    for section, keys in (("server", ("pid_file",)), ("tls", ("cert_file", "key_file")), ("secrets", ("file",)),
+    for section, keys in (("server", ("pid_file",)), ("api", ("token_file",)), ("tls", ("cert_file", "key_file")),
+                          ("secrets", ("file", "dir", "encrypted_file", "master_key_file")),
                           ("auth", ("audit_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),
@@ -656,8 +711,12 @@ def check_endpoints(config: Config) -> str | None:
             return problem
     names: dict[str, str] = {}
     ports: dict[int, str] = {}
-    if config.server.metrics_port > 0:
-        ports[config.server.metrics_port] = "server.metrics_port"
+    for key, port in (("server.metrics_port", config.server.metrics_port), ("api.port", config.api.port),
+                      ("api.health_port", config.api.health_port)):
+        if port > 0:
+            if port in ports:
+                return f"'{key}': port {port} is already taken by '{ports[port]}'"
+            ports[port] = key
     for name, key, port in listener_ports(config):
         if name in names:
             return f"'{key}': a second endpoint named '{name}' (also {names[name]})"
@@ -681,10 +740,11 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
     return config
 
 
-def load_config(path: Path | str | None) -> Config:
-    """Read and validate a TOML configuration file (None gives the defaults)."""
+def load_config(path: Path | str | None, edit: Callable[[dict[str, Any]], None] | None = None) -> Config:
+    """Read and validate a TOML configuration file (None gives the defaults); `edit` changes the file's data
+    before it is validated (the endpoints the control API added, changed or removed)."""
     if path is None:
-        return Config()
+        return Config() if edit is None else parse_config(_edited({}, edit), "<defaults>")
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -695,4 +755,9 @@ def load_config(path: Path | str | None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     _resolve_paths(data, path.resolve().parent)
-    return parse_config(data, str(path))
+    return parse_config(data if edit is None else _edited(data, edit), str(path))
+
+
+def _edited(data: dict[str, Any], edit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    edit(data)
+    return data

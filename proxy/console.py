@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy import __version__, channel
+from proxy.api.redact import redacted_config
 from proxy.config import RESTART_KEYS, Config
 from proxy.endpoints import resolve_endpoints
 from proxy.errors import ConsoleCommandError, NoSuchThread
@@ -22,10 +23,9 @@ CONSOLE_DATABASES = frozenset({"dbproxy", "pgbouncer"})
 ANSWER_TIMEOUT = 5.0  # seconds a worker has to answer
 DEFAULT_TOP = 10
 MAX_TOP = 1000
-REDACTED = "********"
-SECRET_WORDS = ("password", "secret", "private")  # config keys whose values are never shown
 
 Value = str | int | float | None
+Reload = Callable[[], Awaitable[channel.Message]]  # a reload of the configuration file; its answer
 # Session settings client libraries send at connect (PyMySQL's SET NAMES, JDBC's autocommit, ...): accepted, no-op.
 SESSION_SETTINGS = frozenset({"NAMES", "CHARACTER", "CHARSET", "AUTOCOMMIT", "SESSION", "SQL_MODE", "TIME_ZONE",
                               "CLIENT_ENCODING", "APPLICATION_NAME", "EXTRA_FLOAT_DIGITS", "DATESTYLE",
@@ -105,8 +105,8 @@ def _table(columns: list[str], rows: list[dict[str, Any]]) -> ConsoleResult:
     return ConsoleResult("SHOW", columns, [[row.get(name) for name in columns] for row in rows])
 
 
-def config_rows(current: Any, default: Any, prefix: str, changeable: bool) -> list[list[Value]]:
-    """One row per leaf of the configuration: key, value, default, changeable."""
+def config_rows(current: Any, default: Any, prefix: str = "", changeable: bool = True) -> list[list[Value]]:
+    """One row per leaf of the configuration data (secrets already redacted): key, value, default, changeable."""
     if isinstance(current, dict):
         rows: list[list[Value]] = []
         for key, value in current.items():
@@ -114,11 +114,8 @@ def config_rows(current: Any, default: Any, prefix: str, changeable: bool) -> li
             fixed = (prefix == "server" and key in RESTART_KEYS) or (prefix.endswith("pool") and key == "mode")
             rows.extend(config_rows(value, below, f"{prefix}.{key}" if prefix else str(key), changeable and not fixed))
         return rows
-    secret = any(word in prefix.rsplit(".", 1)[-1].lower() for word in SECRET_WORDS)
 
     def shown(value: Any) -> Value:
-        if secret and value not in (None, "", [], {}):
-            return REDACTED
         return value if isinstance(value, str | int | float) and not isinstance(value, bool) else _text(value)
 
     return [[prefix, shown(current), shown(default), "yes" if changeable else "no"]]
@@ -136,7 +133,7 @@ class Console:
     """Runs console commands for the whole proxy: `fanout` asks every worker (this one included) for its part;
     `reload` asks for a configuration reload as SIGHUP would."""
 
-    def __init__(self, config: Callable[[], Config], fanout: Fanout, reload: Callable[[], None]) -> None:
+    def __init__(self, config: Callable[[], Config], fanout: Fanout, reload: Reload) -> None:
         self.config = config
         self.fanout = fanout
         self.reload = reload
@@ -159,8 +156,10 @@ class Console:
             return ConsoleResult("SELECT", ["@@version_comment"], [["dbproxy admin console"]])
         if verb == "RELOAD" and not args:
             log.warning("admin console: %s asked for a reload", who)
-            self.reload()
-            return ConsoleResult("RELOAD", message="reload requested")
+            answer = await self.reload()
+            if "error" in answer:
+                raise ConsoleCommandError(str(answer.get("message", answer["error"])))
+            return ConsoleResult("RELOAD", message=str(answer.get("message", "reloaded")))
         if verb == "KILL" and len(args) == 1 and args[0].isdigit():
             return await self._kill(int(args[0]), who)
         raise ConsoleCommandError(f"unknown admin console command {text.strip()[:200]!r} (SHOW HELP lists them)")
@@ -185,7 +184,7 @@ class Console:
             return ConsoleResult("SHOW", ["version"], [[f"dbproxy {__version__}"]])
         if what == "CONFIG":
             config = self.config()
-            rows = config_rows(config.model_dump(mode="json"), Config().model_dump(mode="json"), "", True)
+            rows = config_rows(redacted_config(config), redacted_config(Config()))
             return ConsoleResult("SHOW", ["key", "value", "default", "changeable"], rows)
         shows = {"POOLS": self._pools, "CLIENTS": self._clients, "SERVERS": self._servers, "STATS": self._stats,
                  "ENDPOINTS": self._endpoints, "INSTANCES": self._instances, "PINS": self._pins,
@@ -327,29 +326,28 @@ class Console:
     # --- actions ---
 
     async def _act(self, kind: str, endpoint: str | None, who: str, done: str) -> ConsoleResult:
-        if endpoint is not None and not any(endpoint == name for name in self._endpoint_names()):
+        """PAUSE, RESUME, RECONNECT: the operator commands' own handlers in every worker."""
+        if endpoint is not None and endpoint not in self._endpoint_names():
             raise ConsoleCommandError(f"no endpoint {endpoint[:100]!r} (SHOW ENDPOINTS lists them)")
         answers = await self._ask({"kind": kind, "endpoint": endpoint})
-        targets = sum(int(answer.get("targets", 0)) for answer in answers)
         what = f"endpoint {endpoint}" if endpoint is not None else "every endpoint"
         log.warning("admin console: %s: %s %s", who, done, what)
-        return ConsoleResult(kind.removeprefix("console-").upper(),
-                             message=f"{done} {what} ({targets} targets in {len(answers)} workers)")
+        return ConsoleResult(kind.upper(), message=f"{done} {what} in {len(answers)} worker(s)")
 
     def _endpoint_names(self) -> list[str]:
         return [endpoint.name for endpoint in resolve_endpoints(self.config())]
 
     async def _pause(self, endpoint: str | None, who: str) -> ConsoleResult:
-        return await self._act("console-pause", endpoint, who, "paused")
+        return await self._act("pause", endpoint, who, "paused")
 
     async def _resume(self, endpoint: str | None, who: str) -> ConsoleResult:
-        return await self._act("console-resume", endpoint, who, "resumed")
+        return await self._act("resume", endpoint, who, "resumed")
 
     async def _reconnect(self, endpoint: str | None, who: str) -> ConsoleResult:
-        return await self._act("console-reconnect", endpoint, who, "reconnecting")
+        return await self._act("reconnect", endpoint, who, "reconnecting")
 
     async def _kill(self, client_id: int, who: str) -> ConsoleResult:
-        answers = await self._ask({"kind": "console-kill", "id": client_id})
+        answers = await self._ask({"kind": "kill-client", "id": client_id})
         if not any(answer.get("killed") for answer in answers):
             raise NoSuchThread(f"no client with id {client_id} (SHOW CLIENTS lists them)")
         log.warning("admin console: %s: client %d killed", who, client_id)

@@ -1,5 +1,5 @@
-"""One proxy process's part of the admin console: its clients, backends and pools as rows, and PAUSE, RESUME,
-RECONNECT and KILL on its own targets and clients; `install_console` gives its services the console."""
+"""One proxy process's part of the admin console: its clients, backends and pools as rows (PAUSE, RESUME, RECONNECT
+and KILL are the operator commands' own handlers); `install_console` gives its services the console."""
 
 from __future__ import annotations
 
@@ -7,23 +7,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 from proxy import channel
 from proxy.commands import channel_fanout, local_fanout
-from proxy.console import Console
-from proxy.errors import ConnectionKilled, ConsoleCommandError
-from proxy.pool.pool import Pool, Target
+from proxy.console import Console, Reload
+from proxy.pool.pool import Pool
 from proxy.rundir import run_dir, worker_channel, worker_count
 from proxy.server import Client, Listener, ProxyServer
 from proxy.session.client import State
 from proxy.session.pg_client import PostgresClient
-from proxy.top_sql import local_statements
 
 log = logging.getLogger(__name__)
-
-KILLED_TEXT = "terminating connection due to administrator command (KILL from the admin console)"
 
 
 def timestamp(wall: float) -> str:
@@ -115,9 +110,7 @@ class ConsoleLocal:
         self.server = server
 
     def handlers(self) -> dict[str, channel.Handler]:
-        return {"console-state": self.state, "console-pause": self.pause, "console-resume": self.resume,
-                "console-reconnect": self.reconnect, "console-kill": self.kill,
-                "statements": local_statements(self.server.stats)}
+        return {"console-state": self.state}
 
     def _listeners(self) -> list[Listener]:
         return [*self.server.listeners.values(), *self.server.retiring]
@@ -140,66 +133,28 @@ class ConsoleLocal:
                 "paused": [listener.name for listener in self.server.listeners.values()
                            if any(target.paused for target in listener.service.group.all())]}
 
-    def _targets(self, message: channel.Message) -> list[Target]:
-        """The targets of the endpoint named (all if none), but those a switchover holds: it resumes them."""
-        name = message.get("endpoint")
-        return [target for listener in self.server.listeners.values()
-                if (name is None or listener.name == name) and listener.name not in self.server.held
-                for target in listener.service.group.all()]
 
-    async def pause(self, message: channel.Message) -> channel.Message:
-        targets = self._targets(message)
-        for target in targets:
-            target.pause()
-        return {"pid": os.getpid(), "targets": len(targets)}
-
-    async def resume(self, message: channel.Message) -> channel.Message:
-        targets = self._targets(message)
-        for target in targets:
-            target.resume()
-        return {"pid": os.getpid(), "targets": len(targets)}
-
-    async def reconnect(self, message: channel.Message) -> channel.Message:
-        targets = self._targets(message)
-        for target in targets:
-            target.reconnect()
-        return {"pid": os.getpid(), "targets": len(targets)}
-
-    async def kill(self, message: channel.Message) -> channel.Message:
-        wanted = int(message["id"])
-        killed = 0
-        if wanted <= 0:
-            return {"pid": os.getpid(), "killed": 0}
-        for listener in self._listeners():
-            for client in list(listener.clients):
-                if not client.closed and client_id(client) == wanted:
-                    log.warning("client %s (user %r): killed from the admin console", client.peer,
-                                client.session.user)
-                    client.fail(ConnectionKilled(KILLED_TEXT), logged=True)
-                    killed += 1
-        return {"pid": os.getpid(), "killed": killed}
-
-
-def _reload_supervisor() -> None:
-    """A reload as `dbproxy reload` asks for one: SIGHUP to the supervisor, which checks the file and tells every
-    worker."""
+async def _reload_supervisor() -> channel.Message:
+    """A reload as SIGHUP asks for one: the supervisor checks the file and tells every worker (its log says how
+    it went)."""
     os.kill(os.getppid(), signal.SIGHUP)
-
-
-def _no_reload() -> None:
-    raise ConsoleCommandError("the proxy was started without a configuration file: there is nothing to reload")
+    return {"ok": True, "message": "reload asked of the supervisor"}
 
 
 def install_console(server: ProxyServer, handlers: dict[str, channel.Handler] | None = None,
-                    reload: Callable[[], None] | None = None) -> None:
+                    reload: Reload | None = None) -> None:
     """Give the server's services the console: over the workers' channels under a supervisor, else this process's
-    own handlers (`handlers`: those of the operator commands too; `reload`: its reload, if it has a file)."""
+    own handlers (`handlers`: the operator commands' handlers of the process; `reload`: its reload)."""
     if run_dir() is not None:
-        reload = _reload_supervisor
         count = worker_count()
         fanout = channel_fanout(lambda: [worker_channel(index) for index in range(count)])
+        reload = _reload_supervisor
     else:
         fanout = local_fanout({**(handlers or {}), **ConsoleLocal(server).handlers()})
     server.console = Console(lambda: server.config, fanout, reload or _no_reload)
     for service in server.services():
         service.console = server.console
+
+
+async def _no_reload() -> channel.Message:
+    return {"error": "no_file", "message": "started without a configuration file: nothing to reload"}

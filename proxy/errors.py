@@ -121,6 +121,9 @@ class BackendError(ProxyError):
             self.sqlstate = sqlstate
 
 
+SHUTDOWN_TEXT = "terminating connection: the proxy is shutting down"
+
+
 class ShuttingDown(ProxyError):
     """The proxy is shutting down."""
 

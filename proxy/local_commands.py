@@ -1,5 +1,5 @@
 """One proxy process's part of the operator commands: re-admit a fenced instance; hold, re-point or release an
-endpoint for a switchover."""
+endpoint for a switchover; pause, resume or reconnect pools; end a client; tell its stats and what it serves."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import asyncio
 import logging
 import os
 import time
+from typing import Any
 
 from proxy import channel
 from proxy.config import Config, engine_settings, uses_clusters
 from proxy.endpoints import resolve_endpoints
+from proxy.errors import ConnectionKilled
 from proxy.pool.pool import Target
 from proxy.server import Listener, ProxyServer
 from proxy.session.pg_client import PostgresClient
 from proxy.top_sql import local_statements
+from proxy.topology.model import InstanceStatus
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,67 @@ class LocalCommands:
 
     def handlers(self) -> dict[str, channel.Handler]:
         return {"readmit": self.readmit, "switchover-targets": self.targets, "switchover-prepare": self.prepare,
-                "switchover-commit": self.commit, "switchover-abort": self.abort,
-                "statements": local_statements(self.server.stats)}
+                "switchover-commit": self.commit, "switchover-abort": self.abort, "stats": self.stats,
+                "view": self.view, "pause": self.pause, "resume": self.resume, "reconnect": self.reconnect,
+                "kill-client": self.kill_client, "statements": local_statements(self.server.stats)}
+
+    async def stats(self, _message: channel.Message) -> channel.Message:
+        return {"pid": os.getpid(), "snapshot": self.server.stats.snapshot()}
+
+    def _chosen(self, message: channel.Message) -> list[Listener]:
+        """The endpoint named by {"endpoint": NAME} (none if this process does not serve it), else every one."""
+        name = message.get("endpoint")
+        if name is None:
+            return list(self.server.listeners.values())
+        listener = self.server.listeners.get(str(name))
+        return [] if listener is None else [listener]
+
+    async def pause(self, message: channel.Message) -> channel.Message:
+        """{"endpoint": NAME | None}: lend no backend connection for new transactions until resumed (clients
+        wait, each at most its borrow timeout); transactions under way go on."""
+        listeners = self._chosen(message)
+        for listener in listeners:
+            for target in listener.service.group.all():
+                target.pause(operator=True)
+        return {"pid": os.getpid(), "endpoints": [listener.name for listener in listeners]}
+
+    async def resume(self, message: channel.Message) -> channel.Message:
+        listeners = self._chosen(message)
+        for listener in listeners:
+            for target in listener.service.group.all():
+                target.resume(operator=True)
+        return {"pid": os.getpid(), "endpoints": [listener.name for listener in listeners]}
+
+    async def reconnect(self, message: channel.Message) -> channel.Message:
+        """{"endpoint": NAME | None}: close idle backend connections now, lent-out ones when given back."""
+        listeners = self._chosen(message)
+        for listener in listeners:
+            for target in listener.service.group.all():
+                target.reconnect()
+        return {"pid": os.getpid(), "endpoints": [listener.name for listener in listeners]}
+
+    async def kill_client(self, message: channel.Message) -> channel.Message:
+        """{"id": N}: end the client with that PostgreSQL process id (BackendKeyData) or MySQL connection id, with
+        the admin-shutdown error (57P01 / 1927), if it is a client of this process."""
+        number = int(message["id"])
+        found: Any = None
+        for service in (self.server.postgres, self.server.mysql):
+            if service is not None and found is None:
+                found = service.clients.get(number)
+        if found is None or found.closed:
+            return {"pid": os.getpid(), "killed": False}
+        log.warning("client %s (id %d) ended by the operator", found.peer, number)
+        found.fail(ConnectionKilled("terminating connection due to administrator command"
+                                    if isinstance(found, PostgresClient) else "Connection was killed"), logged=True)
+        return {"pid": os.getpid(), "killed": True, "peer": found.peer}
+
+    async def view(self, _message: channel.Message) -> channel.Message:
+        """What this process serves: each endpoint's port, instances, pause and clients; each monitored cluster's
+        instance statuses (role, health, lag) as its topology monitor last saw them."""
+        endpoints = {listener.name: _listener_view(listener) for listener in self.server.listeners.values()}
+        clusters = {f"{engine}/{name}": _monitor_view(causal.monitor.snapshot(), causal.monitor.fenced())
+                    for (engine, name), causal in self.server.causal_clusters.items()}
+        return {"pid": os.getpid(), "endpoints": endpoints, "clusters": clusters}
 
     async def readmit(self, message: channel.Message) -> channel.Message:
         """{"instance": label}: re-admit the instance in every cluster monitor that fenced it."""
@@ -191,3 +253,22 @@ class LocalCommands:
         if handle is not None:
             handle.cancel()
 
+
+
+def _listener_view(listener: Listener) -> channel.Message:
+    service = listener.service
+    group = service.group
+    return {"port": listener.port, "listening": listener.server is not None, "clients": len(listener.clients),
+            "serving": list(group.serving), "paused": any(target.operator_paused for target in group.all()),
+            "held": any(target.held for target in group.all()),
+            "instances": {label: {"host": target.host, "port": target.port, "open": target.open_connections,
+                                  "last_connect_failure": target.last_connect_failure}
+                          for label, target in group.targets.items()}}
+
+
+def _monitor_view(statuses: dict[tuple[str, int], InstanceStatus], fenced: set[tuple[str, int]]) -> channel.Message:
+    now = time.monotonic()
+    return {f"{host}:{port}": {"role": status.role.value, "healthy": status.healthy, "lag_seconds": status.lag_seconds,
+                               "timeline": status.timeline, "error": status.error, "fenced": (host, port) in fenced,
+                               "checked_seconds_ago": round(now - status.checked_at, 3)}
+            for (host, port), status in statuses.items()}

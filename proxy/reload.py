@@ -9,12 +9,16 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from proxy import channel
 from proxy.auth.token_login import make_verifier
 from proxy.config import RESTART_KEYS, Config, load_config
+from proxy.endpoint_edits import EndpointEdits
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
+from proxy.local_commands import SwitchedEndpoints
 from proxy.pool.balance import member_targets
 from proxy.rundir import worker_count
+from proxy.secret_sources import fingerprint
 from proxy.secrets import SecretStore
 from proxy.server import Listener, ProxyServer, client_tls
 from proxy.session.mysql_service import MySQLService
@@ -26,12 +30,13 @@ log = logging.getLogger(__name__)
 
 
 
-def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:
-    """The configuration at `path`, validated as a start validates it (secrets, certificates, keys, and ports
-    free for the endpoints that would newly listen), with the [server] keys that need a restart kept at their
-    running values and endpoints given port 0 keeping the `ports` they listen on; ConfigError if it does not
-    validate."""
-    config = load_config(path)
+def prepare(path: Path | None, running: Config, ports: dict[str, int],
+            edit: Callable[[dict[str, Any]], None] | None = None) -> Config:
+    """The configuration at `path` (changed by `edit`: the control API's endpoint edits), validated as a start
+    validates it (secrets, certificates, keys, and ports free for the endpoints that would newly listen), with the
+    [server] keys that need a restart and the [api] section kept at their running values and endpoints given port
+    0 keeping the `ports` they listen on; ConfigError if it does not validate."""
+    config = load_config(path, edit)
     check_startup(config)
     kept = {key: getattr(running.server, key) for key in RESTART_KEYS
             if getattr(config.server, key) != getattr(running.server, key)}
@@ -39,6 +44,9 @@ def prepare(path: Path, running: Config, ports: dict[str, int]) -> Config:
         log.warning("reload: [server] %s changes only with a restart; keeping %r", key, kept[key])
     if kept:
         config = config.model_copy(update={"server": config.server.model_copy(update=kept)})
+    if config.api != running.api:
+        log.warning("reload: [api] changes only with a restart; keeping the running one")
+        config = config.model_copy(update={"api": running.api})
     config = keep_ports(config, ports)
     for endpoint in resolve_endpoints(config):
         port = endpoint.settings.port
@@ -96,7 +104,8 @@ async def apply(server: ProxyServer, config: Config) -> None:
     """Make the running process serve `config` (validated, its restart-only keys as running): secrets re-read,
     endpoints added, removed, re-pointed, resized. A removed endpoint stops listening at once; its clients stay
     until they leave. Raises ConfigError (the secrets file, the TLS certificate) before anything changes."""
-    secrets = SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+    seen = fingerprint(config.secrets)
+    secrets = SecretStore.from_settings(config.secrets)
     config = keep_ports(config, {name: listener.port for name, listener in server.listeners.items()})
     old = server.config
     # certificate files are read again
@@ -109,7 +118,10 @@ async def apply(server: ProxyServer, config: Config) -> None:
             tokens.close()
         raise
     server.tls = tls
-    server.config, server.secrets = config, secrets
+    server.config = config
+    server.use_secrets(secrets)
+    server.secrets_watch.loaded(seen)
+    log.info("secrets reloaded (%d users)", len(secrets.users))
     server.stats.max_clients = max(1, config.server.max_client_connections // worker_count())
     server.stats.keep_insights(config.server.statement_insights)
     if config.server.log_level != old.server.log_level:
@@ -117,8 +129,8 @@ async def apply(server: ProxyServer, config: Config) -> None:
     server.close_tokens()
     server.tokens = tokens
     for service in server.services():
-        service.config, service.server, service.secrets, service.server_tls, service.tokens = (
-            config, config.server, secrets, server.tls, tokens)
+        service.config, service.server, service.server_tls, service.tokens = (
+            config, config.server, server.tls, tokens)
     wanted = {endpoint.name: endpoint for endpoint in resolve_endpoints(config)}
     moving: list[Listener] = []
     for name, listener in list(server.listeners.items()):
@@ -140,7 +152,7 @@ async def apply(server: ProxyServer, config: Config) -> None:
         elif endpoint != found.endpoint:
             _update(found, endpoint, server.stats)
     if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in server.services()):
-        secrets.warm_up()
+        secrets.warm_up()  # for endpoints this reload added
     log.info("reload: serving %s", ", ".join(f"{name} port {port}" for name, port in server.ports.items())
              or "no endpoint")
 
@@ -198,8 +210,12 @@ def _update_group(service: PostgresService | MySQLService, endpoint: Endpoint, o
     group = service.group
     if endpoint.members != old.members or endpoint.serving != old.serving or endpoint.cluster != old.cluster:
         targets, home = member_targets(endpoint.engine, endpoint, registry)
+        paused = any(target.operator_paused for target in group.all())
         left = group.reshape(targets, endpoint.serving or (home,), home)
         service.target = group.home
+        if paused:  # an instance that joins an endpoint the operator paused is paused too
+            for target in group.all():
+                target.pause(operator=True)
         log.info("reload: endpoint %s now uses %s (serving %s)%s", endpoint.name,
                  ", ".join(f"{m.label} at {m.host}:{m.port}" for m in endpoint.members), ", ".join(group.serving),
                  f"; no longer {', '.join(t.name for t in left)}" if left else "")
@@ -207,3 +223,36 @@ def _update_group(service: PostgresService | MySQLService, endpoint: Endpoint, o
         if target.settings != endpoint.settings.pool:
             target.apply_settings(endpoint.settings.pool)
         target.relabel(registry.target(endpoint.engine, endpoint.name, endpoint.cluster, label))
+
+
+class ProcessReload:
+    """Reloads of a single process (SIGHUP, `dbproxy reload`, the control API), one at a time: the file, with the
+    endpoints switchovers moved and the API's endpoint edits kept over it. Answers in the commands' form."""
+
+    def __init__(self, server: ProxyServer, config_path: Path | None, switched: SwitchedEndpoints) -> None:
+        self.server = server
+        self.config_path = config_path
+        self.switched = switched
+        self.edits = EndpointEdits()
+        self._lock = asyncio.Lock()
+
+    async def from_signal(self) -> None:
+        await self(None)
+
+    async def __call__(self, edits: EndpointEdits | None = None) -> channel.Message:
+        """Reload with `edits` over the file (None: the edits kept so far); kept once they reloaded."""
+        if self.config_path is None:
+            log.warning("reload: started without a configuration file; nothing to reload")
+            return {"error": "no_file", "message": "started without a configuration file: nothing to reload"}
+        async with self._lock:
+            server, candidate = self.server, self.edits if edits is None else edits
+            log.info("reload: reading %s%s", self.config_path, " with the API's endpoint edits" if candidate else "")
+            try:
+                ports = {name: listener.port for name, listener in server.listeners.items()}
+                config = prepare(self.config_path, server.config, ports, candidate.apply if candidate else None)
+                await apply(server, self.switched.keep(config))
+            except ConfigError as exc:
+                log.error("reload refused, the running configuration stays: %s", exc)
+                return {"error": "reload_refused", "message": f"reload refused: {exc}"}
+            self.edits = candidate
+            return {"ok": True, "message": "reloaded", "ports": dict(server.ports)}

@@ -1,4 +1,9 @@
-"""Database user secrets from a TOML file and the environment, with SCRAM keys derived once per secret."""
+"""Database user secrets from the configured sources and the environment, with SCRAM keys derived once per secret.
+
+Entry names: `USER` is the password clients log in to the proxy with, and the proxy's password on the database for
+USER unless `USER.backend` gives another one; `USER.pending` is a database password being set by a rotation (tried
+when the current one is refused); `USER.active` names which of USER and its clone ([secrets.alternating]) the
+backend logins of USER's clients use."""
 
 from __future__ import annotations
 
@@ -7,14 +12,30 @@ import hmac
 import logging
 import os
 import threading
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.auth.scram import DEFAULT_ITERATIONS, ScramKeys
+from proxy.config import SecretsSettings
 from proxy.errors import ConfigError
+from proxy.secret_sources import describe, read_all
 
 log = logging.getLogger(__name__)
+
+BACKEND_SUFFIX = ".backend"
+PENDING_SUFFIX = ".pending"
+ACTIVE_SUFFIX = ".active"
+RESERVED_SUFFIXES = (BACKEND_SUFFIX, PENDING_SUFFIX, ACTIVE_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """How the proxy logs in to the database for a pool's user: the database user, its password, and the password a
+    rotation is setting (tried once when the current one is refused); never shown by repr or str."""
+
+    user: str
+    password: bytes = field(repr=False)
+    pending: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,11 +68,52 @@ class Secret:
 class SecretStore:
     """Looks up a user's secret: the environment (prefix + upper-cased user) wins over the file."""
 
-    def __init__(self, secrets: dict[str, str], env_prefix: str = "DBPROXY_PASSWORD_") -> None:
+    def __init__(self, secrets: dict[str, str], env_prefix: str = "DBPROXY_PASSWORD_",
+                 settings: SecretsSettings | None = None) -> None:
         self._env_prefix = env_prefix
-        self._salt_key = _salt_key(secrets, env_prefix)
-        self._secrets = {user: Secret(user, pw.encode(), self.scram_salt(user)) for user, pw in secrets.items()}
+        self.settings = settings
+        self._alternating = dict(settings.alternating) if settings is not None else {}
+        self._entries = {name: value for name, value in secrets.items() if name.endswith(RESERVED_SUFFIXES)}
+        users = {user: pw for user, pw in secrets.items() if user not in self._entries}
+        self._salt_key = _salt_key(users, env_prefix)
+        self._secrets = {user: Secret(user, pw.encode(), self.scram_salt(user)) for user, pw in users.items()}
         self._fake_scram: dict[str, ScramKeys] = {}
+
+    @property
+    def users(self) -> list[str]:
+        """The users with a password (client-facing), without the environment's."""
+        return sorted(self._secrets)
+
+    def backend_login(self, user: str) -> Credential | None:
+        """The database credential for `user`'s pools (None: no stored secret, auth passthrough decides)."""
+        db_user = user
+        clone = self._alternating.get(user)
+        if clone is not None and self._entries.get(user + ACTIVE_SUFFIX) == clone:
+            db_user = clone
+        password = self._entries.get(db_user + BACKEND_SUFFIX)
+        if password is None:
+            secret = self.get(db_user)
+            if secret is None:
+                return None
+            encoded = secret.password
+        else:
+            encoded = password.encode()
+        pending = self._entries.get(db_user + PENDING_SUFFIX)
+        return Credential(db_user, encoded, pending.encode() if pending is not None else None)
+
+    def reread(self) -> SecretStore:
+        """A store freshly read from the same sources (itself when it has none)."""
+        if self.settings is None:
+            return self
+        return SecretStore.from_settings(self.settings, quiet=True)
+
+    @classmethod
+    def from_settings(cls, settings: SecretsSettings, quiet: bool = False) -> SecretStore:
+        """The secrets of every configured source (ConfigError when one cannot be read or opened)."""
+        store = cls(read_all(settings), settings.env_prefix, settings)
+        if not quiet:
+            log.info("secrets loaded for %d user(s) from %s", len(store.users), describe(settings))
+        return store
 
     def scram_salt(self, user: str) -> bytes:
         """The salt shown for `user`, known or not: the same in every process loading the same secrets."""
@@ -95,28 +157,13 @@ class SecretStore:
 
     @classmethod
     def from_file(cls, path: Path | None, env_prefix: str = "DBPROXY_PASSWORD_") -> SecretStore:
-        secrets: dict[str, str] = {}
-        if path is not None:
-            try:
-                data = tomllib.loads(Path(path).read_bytes().decode())
-            except OSError as exc:
-                raise ConfigError(f"{path}: cannot read secrets file: {exc.strerror}") from None
-            except UnicodeDecodeError:
-                raise ConfigError(f"{path}: secrets file is not UTF-8 text") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: secrets file is not valid TOML: {exc}") from None
-            users = data.get("users", data)
-            if not isinstance(users, dict):
-                raise ConfigError(f"{path}: [users] must be a table of user = \"password\" lines")
-            for user, password in users.items():
-                if not isinstance(password, str):
-                    raise ConfigError(f"{path}: the secret for '{user}' must be a string")
-                secrets[user] = password
-        store = cls(secrets, env_prefix)
-        log.info("secrets loaded for %d user(s) from %s", len(secrets), path or "the environment only")
-        return store
+        """The secrets of a TOML file (None: the environment only)."""
+        return cls.from_settings(SecretsSettings(file=path, env_prefix=env_prefix))
 
     def get(self, user: str) -> Secret | None:
+        """The password clients log in as `user` with (the environment over the sources)."""
+        if user.endswith(RESERVED_SUFFIXES):
+            return None
         from_env = os.environ.get(self._env_prefix + user.upper())
         if from_env is not None:
             cached = self._secrets.get(user)
@@ -136,3 +183,24 @@ def _salt_key(secrets: dict[str, str], env_prefix: str) -> bytes:
     for name, value in entries:
         material.update(b"%d:%s%d:%s" % (len(name), name.encode(), len(value), value.encode()))
     return material.digest()
+
+
+AUTH_FAILED_SQLSTATES = frozenset({"28P01", "28000"})  # PostgreSQL: invalid password, invalid authorization
+AUTH_FAILED_MYSQL_ERRNOS = frozenset({1045})  # ER_ACCESS_DENIED_ERROR
+
+
+def retry_password(store: SecretStore, user: str, tried: Credential) -> tuple[Credential, bytes] | None:
+    """What to try once after the database refused `tried`: the pending password of the secrets read again (a
+    rotation under way), else their current one, else the pending one known before; None when nothing differs."""
+    try:
+        fresh = store.reread().backend_login(user)
+    except ConfigError as exc:
+        log.warning("secrets could not be read again: %s", exc)
+        fresh = None
+    for credential in (fresh, tried):
+        if credential is None:
+            continue
+        for password in (credential.pending, credential.password):
+            if password is not None and (credential.user, password) != (tried.user, tried.password):
+                return credential, password
+    return None

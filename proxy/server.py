@@ -18,10 +18,14 @@ from proxy.auth.token_login import make_verifier
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.console import Console
 from proxy.endpoints import Endpoint, resolve_endpoints
+from proxy.errors import SHUTDOWN_TEXT, ShuttingDown
 from proxy.metrics import serve_metrics
 from proxy.rundir import worker_count
+from proxy.secret_sources import fingerprint
+from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
 from proxy.session.causal import CausalCluster, CausalReads
+from proxy.session.client import State
 from proxy.session.mysql_client import MySQLClient
 from proxy.session.mysql_service import MySQLService
 from proxy.session.pg_client import PostgresClient
@@ -42,6 +46,7 @@ JANITOR_INTERVAL = 1.0
 
 Service = PostgresService | MySQLService
 Client = PostgresClient | MySQLClient
+SHUTDOWN = ShuttingDown(SHUTDOWN_TEXT)
 S = TypeVar("S", PostgresService, MySQLService)
 
 
@@ -79,7 +84,8 @@ class ProxyServer:
 
     def __init__(self, config: Config, secrets: SecretStore | None = None) -> None:
         self.config = config
-        self.secrets = secrets or SecretStore.from_file(config.secrets.file, config.secrets.env_prefix)
+        seen = fingerprint(config.secrets)  # before reading: a change meanwhile is picked up by the watch
+        self.secrets = secrets or SecretStore.from_settings(config.secrets)
         self.tls = client_tls(config)
         self.tokens = make_verifier(config)  # one per process, handed to every service
         self.guard = LoginGuard(config.auth)  # the same: the failed-login throttle and the audit log
@@ -99,6 +105,15 @@ class ProxyServer:
         self.followers: list[ClusterFollower] = self.make_followers()
         self.stats.instances = self.instance_series
         self.console: Console | None = None  # the admin console's commands (see proxy.console_local)
+        self.secrets_watch = SecretsWatch(lambda: self.config.secrets, self.use_secrets, seen)
+
+    def use_secrets(self, secrets: SecretStore) -> None:
+        """New logins (of clients and to the database) use `secrets`; connected ones carry on."""
+        self.secrets = secrets
+        for service in self.services():
+            service.secrets = secrets
+        if any(getattr(s.settings, "auth_method", None) == "scram-sha-256" for s in self.services()):
+            secrets.warm_up()
 
     def instance_series(self) -> list[Series]:
         """Each monitored instance's role, availability and lag as the monitors saw them last."""
@@ -124,7 +139,7 @@ class ProxyServer:
             for name, cluster in settings.clusters.items():
                 if cluster.monitor_interval <= 0:
                     continue
-                secret = self.secrets.get(cluster.monitor_user)
+                secret = self.secrets.backend_login(cluster.monitor_user)
                 if secret is None:
                     log.error("cluster %s: no password for monitor_user %s in the secrets; the cluster is not "
                               "monitored and its endpoints stay where the configuration points them", name,
@@ -211,6 +226,7 @@ class ProxyServer:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
         self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
+        self.secrets_watch.start()
         for follower in self.followers:
             follower.start()
         # What the start made (modules, configuration, listeners) lives as long as the process: out of the garbage
@@ -283,6 +299,33 @@ class ProxyServer:
     def _clients(self) -> list[Client]:
         return [client for listener in [*self.listeners.values(), *self.retiring] for client in listener.clients]
 
+    async def _drain(self) -> None:
+        """Let clients go as soon as they are at rest (nothing running, no transaction open), each with the
+        protocol's shutdown error (57P01 / 1053); after shutdown_grace, the rest go too, their open transactions
+        rolled back by the server as their backends close (nothing of them was acknowledged)."""
+        grace = self.config.server.shutdown_grace
+        deadline = time.monotonic() + grace
+        for service in self.services():
+            service.draining = True  # a client asking for a backend from now on gets the shutdown error
+        clients = [client for client in self._clients() if not client.closed]
+        log.info("shutting down: %d client connections, waiting up to %.1f s for their transactions", len(clients),
+                 grace)
+        while clients:
+            for client in clients:
+                if client.state is State.LOGIN or client.at_rest:
+                    client.fail(SHUTDOWN, logged=True)
+            clients = [client for client in clients if not client.closed]
+            if not clients or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        for client in clients:
+            client.fail(SHUTDOWN, logged=True)
+        if clients:
+            log.warning("shutdown: %d clients were still in a transaction after %.1f s and were closed", len(clients),
+                        grace)
+        for client in self._clients():
+            client.abort()
+
     async def stop(self) -> None:
         for follower in self.followers:
             await follower.stop()
@@ -295,14 +338,8 @@ class ProxyServer:
             server.close()
         if self._janitor is not None:
             self._janitor.cancel()
-        deadline = time.monotonic() + self.config.server.shutdown_grace
-        while time.monotonic() < deadline and any(
-            client.backend is not None and (isinstance(client, PostgresClient) or not client.backend.idle)
-            for client in self._clients() if not client.closed
-        ):
-            await asyncio.sleep(0.05)
-        for client in self._clients():
-            client.abort()
+        self.secrets_watch.stop()
+        await self._drain()
         for service in self.services():
             service.close()
         for listener in self.listeners.values():

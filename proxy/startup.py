@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from proxy.api.token import read_token
 from proxy.config import Config
 from proxy.errors import ConfigError
 
@@ -40,10 +42,17 @@ def check_startup(config: Config) -> None:
     from proxy.server import ProxyServer  # the server pulls in every session module; only needed here
 
     check_host(config)
+    if config.api.port >= 0:
+        read_token(config.api)
+    before = set(threading.enumerate())
     with _quiet_logs():
         server = ProxyServer(config)
         server.close_tokens()
         server.guard.close()
+    # The threads that load started (the SCRAM key warm-up) end before anything forks: a worker forked while
+    # another thread holds one of OpenSSL's locks would wait for it forever at its first TLS handshake or PBKDF2.
+    for thread in set(threading.enumerate()) - before:
+        thread.join()
 
 
 def describe_start_error(exc: BaseException) -> str:

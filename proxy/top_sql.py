@@ -46,7 +46,7 @@ def top_handler(fanout: Fanout) -> channel.Handler:
         rows = top(merged(answer["statements"] for answer in usable), limit, by)
         return {"enabled": any(answer.get("enabled") for answer in usable), "by": by, "statements": rows,
                 "evicted": sum(int(answer.get("evicted", 0)) for answer in usable),
-                "workers": len(answers), "workers_answered": len(usable),
+                "processes": len(answers), "processes_answered": len(usable),
                 "message": f"{len(rows)} statements by {by}"}
 
     return top_sql

@@ -15,16 +15,20 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import uvloop
 
 from proxy import channel
-from proxy.commands import Commands, SwitchoverPlan, channel_fanout
-from proxy.config import Config, parse_config
+from proxy.api.context import ApiContext
+from proxy.api.serve import ApiThread
+from proxy.commands import Commands, Fanout, SwitchoverPlan, channel_fanout
+from proxy.config import ApiSettings, Config, parse_config
 from proxy.console_local import ConsoleLocal, install_console
 from proxy.control import ControlThread, control_socket_path
+from proxy.endpoint_edits import EndpointEdits
 from proxy.endpoints import resolve_endpoints, with_ports
 from proxy.errors import ConfigError
 from proxy.local_commands import LocalCommands, SwitchedEndpoints
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0  # seconds the workers have to start listening
 _READY = "ready"  # a worker's line on the pipe when it listens
 _FAILED = "failed "  # a worker's line when it cannot start, followed by why
+RELOAD_ANSWER_TIMEOUT = 30.0  # seconds each worker has to apply a reload the API asked for
 
 
 def _free_reusable_port(host: str) -> int:
@@ -85,14 +90,31 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
         server = ProxyServer(config)
         await server.start(reuse_port=True)
         # Keep references: a listening server that is garbage-collected stops listening.
-        server.servers.append(await channel.serve(worker_channel(index), _channel_handlers(server)))
+        handlers = _channel_handlers(server)
+        server.servers.append(await channel.serve(worker_channel(index), handlers))
         install_console(server)
     except Exception as exc:
         raise _WorkerStartFailed(describe_start_error(exc)) from exc
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reloads = Reloads(lambda: _reload_worker(server))
+    reloading = asyncio.Lock()  # a SIGHUP's reload and one the API asks for over the channel, one at a time
+
+    async def reload_once() -> str | None:
+        async with reloading:
+            return await _reload_worker(server)
+
+    async def reload_asked(_message: channel.Message) -> channel.Message:
+        error = await reload_once()
+        if error is not None:
+            return {"error": "reload_refused", "message": f"worker {index}: {error}", "pid": os.getpid()}
+        return {"pid": os.getpid(), "ports": dict(server.ports)}
+
+    async def reload_signalled() -> None:
+        await reload_once()
+
+    handlers["reload"] = reload_asked
+    reloads = Reloads(reload_signalled)
     loop.add_signal_handler(signal.SIGHUP, reloads.request)
     if _early_reloads:  # the supervisor asked before this worker could listen for it
         reloads.request()
@@ -106,9 +128,6 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
     clients asked on another worker (looked up when asked: a reload may add or remove endpoints); its part of the
     operator commands the supervisor fans out."""
 
-    async def stats(_message: channel.Message) -> channel.Message:
-        return {"pid": os.getpid(), "snapshot": server.stats.snapshot()}
-
     async def cancel(message: channel.Message) -> channel.Message:
         service = server.postgres
         return {} if service is None else await service.serve_cancel(message)
@@ -120,8 +139,7 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
             return {"error": "unknown", "message": "no such MySQL endpoint in this worker"}
         return await service.serve_kill(message)
 
-    return {"stats": stats, "cancel": cancel, "kill": kill, **LocalCommands(server).handlers(),
-            **ConsoleLocal(server).handlers()}
+    return {"cancel": cancel, "kill": kill, **LocalCommands(server).handlers(), **ConsoleLocal(server).handlers()}
 
 
 def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
@@ -134,14 +152,17 @@ def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:
         return None
 
 
-async def _reload_worker(server: ProxyServer) -> None:
-    """Serve the configuration the supervisor validated and wrote into the run folder (secrets re-read here)."""
+async def _reload_worker(server: ProxyServer) -> str | None:
+    """Serve the configuration the supervisor validated and wrote into the run folder (secrets re-read here);
+    returns why not, if it could not."""
     path = worker_config_path()
     try:
         config = parse_config(json.loads(path.read_text()), str(path))
         await apply_config(server, config)
     except (OSError, ValueError, ConfigError) as exc:
         log.error("worker %d: reload refused, the running configuration stays: %s", worker_index(), exc)
+        return f"reload refused: {exc}"
+    return None
 
 
 _early_reloads: list[int] = []  # SIGHUPs a worker got before its event loop listened for them
@@ -265,6 +286,8 @@ class _SupervisorReload:
         self.busy = False
         self.pending = False
         self.switched = SwitchedEndpoints()  # a reload keeps what switchovers moved until the file follows
+        self.edits = EndpointEdits()  # and the control API's endpoint edits until the process restarts
+        self._lock = threading.Lock()  # the signal handler (main thread) and the API (its thread)
 
     def ports(self) -> dict[str, int]:
         return {endpoint.name: endpoint.settings.port for endpoint in resolve_endpoints(self.config)}
@@ -273,52 +296,107 @@ class _SupervisorReload:
         if self.config_path is None:
             log.warning("reload: started without a configuration file; nothing to reload")
             return
-        if self.busy or not self.ready:
+        if self.busy or not self.ready or not self._lock.acquire(blocking=False):
             self.pending = True
             return
         self.busy = True
         try:
-            self.pending = True
-            while self.pending:
-                self.pending = False
-                self._reload(self.config_path)
+            self._pending_reloads(self.config_path)
         finally:
             self.busy = False
+            self._lock.release()
 
-    def _reload(self, path: Path) -> None:
-        log.info("reload: reading %s", path)
+    def _pending_reloads(self, path: Path) -> None:
+        self.pending = True
+        while self.pending:
+            self.pending = False
+            if self._reload(path, self.edits) is None:
+                _stop_workers(self.workers, signal.SIGHUP)
+                log.info("reload: passed to %d workers", len(self.workers))
+
+    def for_api(self, edits: EndpointEdits | None) -> str | None:
+        """The API's reload (in its thread): validate the file with `edits` over it (None: those kept) and write
+        it for the workers, which the API then asks to reload; returns why not, if it does not validate. A SIGHUP
+        that came meanwhile is served after it."""
+        if self.config_path is None:
+            return "started without a configuration file: nothing to reload"
+        with self._lock:
+            candidate = self.edits if edits is None else edits
+            error = self._reload(self.config_path, candidate)
+            if error is None:
+                self.edits = candidate
+            if self.pending:
+                self._pending_reloads(self.config_path)
+            return error
+
+    def _reload(self, path: Path, edits: EndpointEdits) -> str | None:
+        log.info("reload: reading %s%s", path, " with the API's endpoint edits" if edits else "")
         running = self.ports()
         try:
-            config = _fixed_ports(self.switched.keep(prepare(path, self.config, running)), running)
+            config = _fixed_ports(self.switched.keep(prepare(path, self.config, running,
+                                                             edits.apply if edits else None)), running)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
-            return
+            return f"reload refused: {exc}"
         self.config = config
         self.worker_config = _for_workers(config)
         target = worker_config_path(self.folder)
         partial = target.with_name(target.name + ".new")
         partial.write_text(self.worker_config.model_dump_json(exclude_unset=True))
         partial.replace(target)
-        _stop_workers(self.workers, signal.SIGHUP)
-        log.info("reload: passed to %d workers", len(self.workers))
+        return None
 
 
 def _for_workers(config: Config) -> Config:
-    """The workers' configuration: the supervisor serves the metrics."""
-    return config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1})})
+    """The workers' configuration: the supervisor serves the metrics and the API."""
+    return config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1}),
+                                     "api": ApiSettings()})
 
 
-def _start_control(pid_file: Path, reload: _SupervisorReload, folder: Path, count: int) -> ControlThread | None:
-    """The control socket beside the pid file: operator commands, fanned out to every worker's channel."""
+def _commands(reload: _SupervisorReload, folder: Path, count: int) -> Commands:
+    """The operator commands, fanned out to every worker's channel (made in the loop that runs them)."""
 
     def switched(config: Config, plan: SwitchoverPlan) -> None:
         reload.switched.record(plan.engine, plan.endpoints, plan.blue_name, plan.green_name)
         reload.config = config
         reload.worker_config = _for_workers(config)
 
+    return Commands(lambda: reload.config, _fanout(folder, count), switched)
+
+
+def _fanout(folder: Path, count: int) -> Fanout:
+    return channel_fanout(lambda: [worker_channel(index, folder) for index in range(count)])
+
+
+def _api_context(reload: _SupervisorReload, folder: Path, count: int, totals: WorkerSum) -> ApiContext:
+    """What the API thread asks of the workers: over their channels, like the control socket's commands."""
+    fanout = _fanout(folder, count)
+
+    async def stats() -> Snapshot:
+        answers = await fanout({"kind": "stats"}, 2.0)
+        return totals.add({index: None if "error" in answer else (int(answer["pid"]), dict(answer["snapshot"]))
+                           for index, answer in enumerate(answers)})
+
+    async def reload_workers(edits: EndpointEdits | None) -> channel.Message:
+        error = reload.for_api(edits)
+        if error is not None:
+            return {"error": "reload_refused", "message": error}
+        answers = await fanout({"kind": "reload"}, RELOAD_ANSWER_TIMEOUT)
+        failed = [str(answer.get("message", answer["error"])) for answer in answers if "error" in answer]
+        if failed:
+            return {"error": "failed", "message": "not every worker reloaded: " + "; ".join(failed)}
+        log.info("reload: %d workers serve the new configuration", len(answers))
+        return {"ok": True, "message": "reloaded", "ports": answers[0].get("ports", {}) if answers else {}}
+
+    return ApiContext(lambda: reload.config, _commands(reload, folder, count), fanout, stats, reload_workers,
+                      lambda: reload.edits, count)
+
+
+def _start_control(pid_file: Path, reload: _SupervisorReload, folder: Path, count: int) -> ControlThread | None:
+    """The control socket beside the pid file: operator commands, fanned out to every worker's channel."""
+
     def handlers() -> dict[str, channel.Handler]:
-        fanout = channel_fanout(lambda: [worker_channel(index, folder) for index in range(count)])
-        return Commands(lambda: reload.config, fanout, switched).handlers()
+        return _commands(reload, folder, count).handlers()
 
     control = ControlThread(control_socket_path(pid_file), handlers)
     try:
@@ -347,6 +425,7 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
     reload = _SupervisorReload(config_path, config, folder, workers)
     pid_file = pid_file_path(config_path, config.server.pid_file) if config_path is not None else None
     control: ControlThread | None = None
+    api: ApiThread | None = None
     ready_read, ready_write = os.pipe()
     os.set_blocking(ready_write, False)  # restarted workers announce themselves to nobody: never block on that
     signal.signal(signal.SIGTERM, stop)
@@ -360,8 +439,8 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
             if stopping:  # a signal while starting: pass it to the workers forked after it, too
                 _stop_workers(workers)
             ports: dict[str, int] = reload.ports()
+            totals = WorkerSum()
             if metrics_port >= 0 and not stopping:
-                totals = WorkerSum()
 
                 def merged() -> Snapshot:
                     return totals.add({index: _worker_snapshot(folder, index) for index in range(count)})
@@ -370,7 +449,16 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
                     ports["metrics"] = serve_metrics(merged, config.server.host, metrics_port)
                 except OSError as exc:
                     raise StartupError(f"metrics port {metrics_port}: {describe_start_error(exc)}") from None
+            if (config.api.port >= 0 or config.api.health_port >= 0) and not stopping:
+                api = ApiThread(config.api, lambda: _api_context(reload, folder, count, totals))
+                try:
+                    ports.update(api.start())
+                except (OSError, ConfigError) as exc:
+                    api = None
+                    raise StartupError(f"[api]: {describe_start_error(exc)}") from None
         except BaseException as exc:
+            if api is not None:
+                api.stop()
             _stop_workers(workers)
             _reap_all(workers)
             if isinstance(exc, StartupError | OSError):
@@ -399,6 +487,8 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
             workers[_start_worker(reload.worker_config, index, count, folder, ready_write, restart=True)] = index
     finally:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if api is not None:
+            api.stop()
         if control is not None:
             control.stop()
         if pid_file is not None:

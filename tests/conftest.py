@@ -11,6 +11,8 @@ import pytest
 from devtools.servers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
 from support import ProxyProcess, running_proxy
 
+pytest_plugins = ["leakcheck"]  # after the run: no test secret in any proxy log or interface output
+
 # --- database servers ---
 # Throwaway servers on free 127.0.0.1 ports, started once per session (never the machine's :5432/:3306).
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from leakcheck import record_output
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.servers import MariaDBInstance, PostgresInstance, free_port
@@ -138,6 +141,49 @@ def running_proxy(folder: Path, pg: PostgresInstance | None = None, mariadb: Mar
         proxy.stop()
 
 
+API_TOKEN = "api-token-7f3c9a1e5b"  # the [api] token of the tests
+
+
+class Api:
+    """Calls to the proxy's API port (and its health port)."""
+
+    def __init__(self, proxy: ProxyProcess) -> None:
+        self.proxy = proxy
+        self.base = f"http://127.0.0.1:{proxy.ports['api']}"
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = API_TOKEN,
+             raw: bytes | None = None, port: str = "api") -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        headers = {"Content-Type": "application/json"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        url = f"http://127.0.0.1:{self.proxy.ports[port]}{path}"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode()
+        record_output(f"{method} {path}", text)
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def get(self, path: str) -> Any:
+        status, answer = self.call("GET", path)
+        assert status == 200, answer
+        return answer
+
+    def post(self, path: str, body: Any = None, expect: int = 200) -> Any:
+        status, answer = self.call("POST", path, body)
+        assert status == expect, answer
+        return answer
+
+    def endpoint(self, name: str) -> dict[str, Any]:
+        return next(row for row in self.get("/v1/endpoints") if row["name"] == name)
+
+
 def backend_connections(pg: PostgresInstance, user: str = "app") -> int:
     """Client backends of `user` on the server right now (from pg_stat_activity)."""
     out = pg.psql(f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND backend_type = 'client backend'")
@@ -151,7 +197,9 @@ def mysql_backend_connections(mariadb: MariaDBInstance, user: str = "app") -> in
 
 def scrape(proxy: ProxyProcess) -> str:
     """The proxy's /metrics page."""
-    return str(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode())
+    page = str(urllib.request.urlopen(f"http://127.0.0.1:{proxy.ports['metrics']}/metrics").read().decode())
+    record_output("/metrics", page)
+    return page
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

@@ -181,3 +181,30 @@ async def test_the_pooling_mode_does_not_change_while_running() -> None:
     target, pool, _ = make()
     target.apply_settings(PoolSettings(mode="session", max_connections=5))
     assert target.settings.mode is pool.mode and pool.settings.max_connections == 5
+
+
+async def test_operator_pause_and_the_proxys_hold_are_released_independently() -> None:
+    target, pool, _ = make()
+    target.pause(operator=True)
+    target.pause()  # e.g. no writer for a moment
+    waiting = asyncio.ensure_future(pool.borrow())
+    await asyncio.sleep(0.01)
+    target.resume()  # the writer is back: the operator's pause still holds
+    await asyncio.sleep(0.01)
+    assert target.paused and not waiting.done()
+    target.resume(operator=True)
+    backend = await asyncio.wait_for(waiting, 1)
+    assert not target.paused
+    pool.release(backend)
+
+
+async def test_reconnect_closes_idle_now_and_lent_out_on_release() -> None:
+    target, pool, server = make()
+    lent, idle = await pool.borrow(), await pool.borrow()
+    pool.release(idle)
+    target.reconnect()
+    assert idle.closed and not lent.closed
+    pool.release(lent)
+    assert lent.closed and target.open_connections == 0
+    fresh = await pool.borrow()
+    assert fresh not in (lent, idle) and fresh.generation == target.generation and len(server.opened) == 3

@@ -38,7 +38,7 @@ def statements(proxy: ProxyProcess) -> list[dict[str, Any]]:
     result = top(proxy, "--json", "--by", "calls", "-n", "200")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer["enabled"] and answer["workers_answered"] == answer["workers"] == 2, answer
+    assert answer["enabled"] and answer["processes_answered"] == answer["processes"] == 2, answer
     return list(answer["statements"])
 
 

@@ -24,6 +24,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from leakcheck import register_secret
 
 from support import ProxyProcess, write_config
 
@@ -56,7 +57,9 @@ class Issuer:
                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
 
     def sign(self, claims: dict[str, Any]) -> str:
-        return jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
+        token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": self.kid})
+        register_secret(token)
+        return token
 
     def service_account_token(self, namespace: str, account: str, ttl: float = 600.0, **changes: Any) -> str:
         """A projected service-account token of a pod in `namespace` running as `account`; `changes` replace

@@ -165,7 +165,7 @@ async def _account(service: PassthroughService, user: str) -> Account | None:
     target = service.target
     where = LookupSettings(settings.auth_user, settings.auth_query, settings.auth_cache_ttl,
                            settings.backend_connect_timeout, (target.host, target.port))
-    secret = service.secrets.get(settings.auth_user) if settings.auth_user else None
+    secret = service.secrets.backend_login(settings.auth_user) if settings.auth_user else None  # rotated too
     return await lookup.verifier(user, where, secret.password.decode() if secret is not None else None)
 
 

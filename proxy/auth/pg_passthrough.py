@@ -153,7 +153,7 @@ async def authenticate(client: SaslPeer, service: PassthroughService, user: str)
     target = service.target
     where = LookupSettings(settings.auth_user, settings.auth_query, settings.auth_cache_ttl,
                            settings.backend_connect_timeout, (target.host, target.port))
-    secret = service.secrets.get(settings.auth_user) if settings.auth_user else None
+    secret = service.secrets.backend_login(settings.auth_user) if settings.auth_user else None  # rotated too
     verifier = await lookup.verifier(user, where, secret.password.decode() if secret is not None else None)
     keys = parse_verifier(verifier) if verifier is not None else None
     if keys is None and settings.auth_method is ClientAuthMethod.MD5:

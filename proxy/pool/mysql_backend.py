@@ -41,10 +41,10 @@ from proxy.protocol.mysql.packets import (
 )
 from proxy.query_clock import QueryClock
 from proxy.rundir import worker_count
+from proxy.secrets import AUTH_FAILED_MYSQL_ERRNOS, Credential, SecretStore, retry_password
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
-    from proxy.secrets import SecretStore
 
 log = logging.getLogger(__name__)
 
@@ -331,13 +331,15 @@ class MySQLBackend(MySQLServerSession):
 
     # --- login ---
 
-    async def login(self, settings: MySQLSettings, secrets: SecretStore, tls: ssl.SSLContext | None,
-                    database: str | None = None) -> HandshakeV10:
-        """Log in as the pool's user with the stored secret; returns the server's greeting."""
+    async def login(self, settings: MySQLSettings, credential: Credential | None, tls: ssl.SSLContext | None,
+                    database: str | None = None, password: bytes | None = None) -> HandshakeV10:
+        """Log in with `credential` (its `password`, else the current one; None: auth passthrough for the pool's
+        user); returns the server's greeting."""
         pool = self.pool
-        secret = secrets.get(pool.user)
-        keyed = backend_credential(pool.user) if secret is None else None  # auth passthrough, else refused
-        password = secret.password if secret is not None else b""
+        keyed = backend_credential(pool.user) if credential is None else None  # auth passthrough, else refused
+        if password is None:
+            password = credential.password if credential is not None else b""
+        user = credential.user if credential is not None else pool.user
         database = pool.database if database is None else database
         seq, payload = await self.read_packet(1 << 16)
         if payload[:1] == b"\xff":
@@ -374,7 +376,7 @@ class MySQLBackend(MySQLServerSession):
             plugin = my.MYSQL_NATIVE_PASSWORD  # the server switches us if it wants another one
         answer = _scramble(plugin, password, nonce) if keyed is None else keyed.answer(nonce)
         response = HandshakeResponse41(
-            caps, pool.user, answer, database or None, plugin,
+            caps, user, answer, database or None, plugin,
             CONNECT_ATTRS if caps & my.CLIENT_CONNECT_ATTRS else None, my.MAX_PACKET, self.profile.charset,
         )
         self.write(frame(response.build(), seq))
@@ -455,7 +457,25 @@ async def open_backend(
     *, database: str | None = None, pooled: bool = True, address: tuple[str, int] | None = None,
 ) -> tuple[MySQLBackend, HandshakeV10]:
     """Connect and log in a new backend connection for `pool` (pooled=False: one the pool never counts) to the
-    target's server, or to `address` (the server of an existing connection, for a KILL QUERY)."""
+    target's server, or to `address` (the server of an existing connection, for a KILL QUERY). A password the
+    database refuses is tried once more with the secrets read again (a rotation's pending or new password)."""
+    credential = secrets.backend_login(pool.user)
+    try:
+        return await _open_backend(pool, profile, settings, credential, tls, None, database, pooled, address)
+    except MySQLServerError as exc:
+        if credential is None or exc.mysql_errno not in AUTH_FAILED_MYSQL_ERRNOS:
+            raise
+        retry = retry_password(secrets, pool.user, credential)
+        if retry is None:
+            raise
+        log.info("pool %s: the database refused the stored password; trying the secrets read again", pool.name)
+        return await _open_backend(pool, profile, settings, retry[0], tls, retry[1], database, pooled, address)
+
+
+async def _open_backend(
+    pool: Pool, profile: Profile, settings: MySQLSettings, credential: Credential | None, tls: ssl.SSLContext | None,
+    password: bytes | None, database: str | None, pooled: bool, address: tuple[str, int] | None,
+) -> tuple[MySQLBackend, HandshakeV10]:
     loop = asyncio.get_running_loop()
     timeout = settings.backend_connect_timeout
     target = pool.target
@@ -471,7 +491,7 @@ async def open_backend(
     if not pooled:
         backend.forgotten = True
     try:
-        greeting = await asyncio.wait_for(backend.login(settings, secrets, tls, database), timeout)
+        greeting = await asyncio.wait_for(backend.login(settings, credential, tls, database, password), timeout)
         if pooled:
             if backend.capabilities & my.CLIENT_SESSION_TRACK:
                 try:

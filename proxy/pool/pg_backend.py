@@ -37,10 +37,10 @@ from proxy.protocol.pg.extended import (
     build_target,
 )
 from proxy.protocol.pg.replies import NOTIFICATION, READ_ONLY_SQLSTATE, ReplyMatcher
+from proxy.secrets import AUTH_FAILED_SQLSTATES, Credential, SecretStore, retry_password
 
 if TYPE_CHECKING:
     from proxy.pool.pool import Pool
-    from proxy.secrets import SecretStore
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,9 @@ class PostgresBackend(BackendConnection):
 
     # --- login ---
 
-    async def login(self, settings: PostgresSettings, secrets: SecretStore, tls: ssl.SSLContext | None) -> None:
+    async def login(self, settings: PostgresSettings, credential: Credential | None, tls: ssl.SSLContext | None,
+                    password: bytes | None = None) -> None:
+        """Log in with `credential` (its `password`, else the current one); None: auth passthrough."""
         pool = self.pool
         if settings.backend_tls is not BackendTLSMode.DISABLE:
             self.write(pg.ssl_request())
@@ -373,9 +375,10 @@ class PostgresBackend(BackendConnection):
                     raise BackendUnavailable("the backend does not accept TLS connections", transient=False)
             else:
                 raise ProtocolViolation("unexpected answer to SSLRequest from the backend")
-        secret = secrets.get(pool.user)
-        password = secret.password if secret is not None else None
-        self.write(pg.startup_message({"user": pool.user, "database": pool.database}))
+        if credential is not None and password is None:
+            password = credential.password
+        user = credential.user if credential is not None else pool.user
+        self.write(pg.startup_message({"user": user, "database": pool.database}))
         scram: ScramClient | None = None
         while True:
             kind, body = await self.read_typed()
@@ -393,7 +396,7 @@ class PostgresBackend(BackendConnection):
             if code == pg.AUTH_CLEARTEXT:
                 self.write(pg.password_message(password + b"\x00"))
             elif code == pg.AUTH_MD5:
-                self.write(pg.password_message(md5_response(pool.user.encode(), password, body[4:8]) + b"\x00"))
+                self.write(pg.password_message(md5_response(user.encode(), password, body[4:8]) + b"\x00"))
             elif code == pg.AUTH_SASL:
                 if MECHANISM.encode() not in body[4:].split(b"\x00"):
                     raise BackendError("the backend offers no SASL mechanism the proxy supports")
@@ -519,7 +522,23 @@ def _data_row(body: bytes) -> list[str | None]:
 async def open_backend(
     pool: Pool, settings: PostgresSettings, secrets: SecretStore, tls: ssl.SSLContext | None
 ) -> PostgresBackend:
-    """Connect and log in a new backend connection for `pool`."""
+    """Connect and log in a new backend connection for `pool`. A password the database refuses is tried once more
+    with the secrets read again (a rotation's pending password, or its new one not yet picked up)."""
+    credential = secrets.backend_login(pool.user)
+    try:
+        return await _open_backend(pool, settings, credential, tls)
+    except BackendError as exc:
+        if credential is None or exc.sqlstate not in AUTH_FAILED_SQLSTATES:
+            raise
+        retry = retry_password(secrets, pool.user, credential)
+        if retry is None:
+            raise
+        log.info("pool %s: the database refused the stored password; trying the secrets read again", pool.name)
+        return await _open_backend(pool, settings, retry[0], tls, retry[1])
+
+
+async def _open_backend(pool: Pool, settings: PostgresSettings, credential: Credential | None,
+                        tls: ssl.SSLContext | None, password: bytes | None = None) -> PostgresBackend:
     loop = asyncio.get_running_loop()
     timeout = settings.backend_connect_timeout
     target = pool.target
@@ -532,7 +551,7 @@ async def open_backend(
         raise BackendUnavailable(f"cannot connect to the database at {host}:{port}: {exc}") from None
     backend.opened_to(host, port, generation)
     try:
-        await asyncio.wait_for(backend.login(settings, secrets, tls), timeout)
+        await asyncio.wait_for(backend.login(settings, credential, tls, password), timeout)
     except BaseException as exc:
         backend.forgotten = True  # never counted by the pool as open
         backend.abort()

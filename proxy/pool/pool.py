@@ -82,7 +82,10 @@ class Target:
     up, whatever was learned from the old server is forgotten (the `on_repoint` hooks of the services, the pools'
     server parameters and validated settings, the limits once a new connection learns the new server's), idle
     connections of an older generation close at once and lent-out ones when they are given back. `pause` holds new
-    borrows (each waits at most the borrow timeout) until `resume`; connections already lent out go on.
+    borrows (each waits at most the borrow timeout) until `resume`; connections already lent out go on. Two holders
+    pause independently: the proxy itself (a cluster without a writer, a switchover) and the operator (PgBouncer's
+    PAUSE); the target lends again once neither holds it. `reconnect` replaces every connection (idle ones now,
+    lent-out ones when they are given back).
     """
 
     name: str
@@ -98,8 +101,9 @@ class Target:
     owned: set[object] = field(default_factory=set, repr=False)
     last_connect_failure: str = ""  # why the latest backend connect failed; empty once one succeeds
     stats: TargetStats = field(default_factory=TargetStats, repr=False)  # the registry's part for its pools
-    generation: int = 0  # goes up with every repoint
-    paused: bool = False
+    generation: int = 0  # goes up with every repoint (and every reconnect)
+    held: bool = False  # paused by the proxy: no writer in the cluster, a switchover
+    operator_paused: bool = False  # paused by the operator (`dbproxy pause`, the control API)
     # Called (no arguments) on every repoint: services drop what they learned from the old server.
     on_repoint: list[Callable[[], None]] = field(default_factory=list, repr=False)
     # Called with a reason when traffic shows the server may be gone or no longer the writer (a refused
@@ -202,24 +206,43 @@ class Target:
         owner.discard(owner.idle[0])
         return True
 
-    def pause(self) -> None:
-        """Hold new borrows until `resume` (each still waits at most the borrow timeout)."""
-        if not self.paused:
-            self.paused = True
+    @property
+    def paused(self) -> bool:
+        return self.held or self.operator_paused
+
+    def pause(self, operator: bool = False) -> None:
+        """Hold new borrows until `resume` by the same holder (each still waits at most the borrow timeout)."""
+        if operator:
+            if not self.operator_paused:
+                self.operator_paused = True
+                log.info("target %s: paused by the operator", self.name)
+        elif not self.held:
+            self.held = True
             log.info("target %s: paused", self.name)
 
-    def resume(self) -> None:
-        """Let borrows go on: waiters are served in the order they came, as backends and slots allow."""
-        if self.paused:
-            self.paused = False
+    def resume(self, operator: bool = False) -> None:
+        """Let borrows go on (once no other holder pauses the target): waiters are served in the order they came,
+        as backends and slots allow."""
+        if operator:
+            if not self.operator_paused:
+                return
+            self.operator_paused = False
+            log.info("target %s: resumed by the operator", self.name)
+        elif self.held:
+            self.held = False
             log.info("target %s: resumed", self.name)
-            self._wake_waiters()
+        else:
+            return
+        self._wake_waiters()
 
     def reconnect(self) -> None:
-        """Renew every backend connection: idle ones close now, lent-out ones when given back (a repoint to the
-        same server)."""
-        log.info("target %s: reconnecting its backend connections", self.name)
-        self.repoint(self.host, self.port)
+        """Replace every backend connection: idle ones close now, lent-out ones when they are given back (the
+        generation goes up, as for a repoint to the same server); waiters open new ones."""
+        self.generation += 1
+        log.info("target %s: reconnecting every backend connection (generation %d)", self.name, self.generation)
+        for pool in list(self.pools.values()):
+            for backend in list(pool.idle):
+                pool.discard(backend)
 
     def _wake_waiters(self) -> None:
         """Serve waiters oldest first: an idle backend of their pool, else a free slot to open one in."""

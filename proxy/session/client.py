@@ -268,6 +268,11 @@ class ClientConnection(Connection):
         self.state = State.CLOSED
         self.close()
 
+    @property
+    def at_rest(self) -> bool:
+        """Nothing of the client's runs, waits, is half-sent or is in an open transaction: it may be let go."""
+        raise NotImplementedError
+
     def send_error(self, error: ProxyError) -> None:
         raise NotImplementedError
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.errors import BackendUnavailable, ProxyError
+from proxy.errors import SHUTDOWN_TEXT, BackendUnavailable, ProxyError, ShuttingDown
 from proxy.netio import ConnectionClosed
 from proxy.pool.balance import no_eligible_instance
 from proxy.pool.mysql_backend import MySQLBackend, MySQLServerError
@@ -63,6 +63,9 @@ class MySQLBorrowing(MySQLSessionTracking):
 
     def _need_backend(self) -> None:
         """The held command needs a backend: link an idle one at once, or borrow one in a task."""
+        if self.service.draining:
+            self.fail(ShuttingDown(SHUTDOWN_TEXT), logged=True)
+            return
         pool = self.pool
         assert pool is not None
         if self.clock is not None:

@@ -327,6 +327,12 @@ class MySQLClient(MySQLFailover):
             return -1
         return pos
 
+    @property
+    def at_rest(self) -> bool:
+        backend = self.backend
+        return (not self._held and not self._partial and self._busy is None and not self._cont and not self._skip
+                and (backend is None or (backend.idle and not backend.in_transaction)))
+
     def _keep_partial(self, scan: bytes, pos: int, need: int) -> None:
         """scan[pos:] is the start of what the walk needs `need` bytes of: kept, to grow until it is whole."""
         self._partial = bytearray(memoryview(scan)[pos:])

@@ -110,6 +110,8 @@ class RemoteKiller:
 class MySQLService:
     """Everything MySQL client sessions share inside one process."""
 
+    draining = False  # the process is shutting down: no new transaction starts
+
     def __init__(self, config: Config, endpoint: Endpoint, secrets: SecretStore, server_tls: ssl.SSLContext | None,
                  stats: StatsRegistry, peer: MySQLService | None = None) -> None:
         self.config = config

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from proxy.errors import BackendError, BackendUnavailable, ProxyError
+from proxy.errors import SHUTDOWN_TEXT, BackendError, BackendUnavailable, ProxyError, ShuttingDown
 from proxy.netio import ConnectionClosed
 from proxy.pool.balance import no_eligible_instance
 from proxy.pool.pg_backend import PostgresBackend
@@ -50,6 +50,9 @@ class PgBorrow(PgSettings):
 
     def _start_work(self) -> None:
         """Get a backend for the held messages: at once when one is idle, else wait in line (no task)."""
+        if self.service.draining:
+            self.fail(ShuttingDown(SHUTDOWN_TEXT), logged=True)
+            return
         pool = self.pool
         assert pool is not None
         backend = None

@@ -26,6 +26,13 @@ class PostgresClient(PgLogin):
 
     # --- the lifecycle's PostgreSQL parts ---
 
+    @property
+    def at_rest(self) -> bool:
+        backend = self.backend
+        return (self.pending == 0 and not self.in_extended and not self._held and not self._partial
+                and self._message is None and self._acquiring is None and not self._queued
+                and (backend is None or backend.tx_status == pg.IDLE))
+
     def send_error(self, error: ProxyError) -> None:
         self.write(pg.error_response(error.sqlstate, error.message, "FATAL"))
 

@@ -48,6 +48,8 @@ class CancelTarget(Protocol):
 class PostgresService:
     """Everything PostgreSQL client sessions share inside one process."""
 
+    draining = False  # the process is shutting down: no new transaction starts
+
     def __init__(self, config: Config, endpoint: Endpoint, secrets: SecretStore, server_tls: ssl.SSLContext | None,
                  stats: StatsRegistry, peer: PostgresService | None = None) -> None:
         self.config = config

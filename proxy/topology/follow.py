@@ -216,7 +216,7 @@ class ClusterFollower:
     def _follow_writer(self, endpoint: Followed, writer: InstanceStatus | None) -> None:
         target = endpoint.target
         if writer is None:
-            if not target.paused:
+            if not target.held:
                 log.warning("endpoint %s: cluster %s has no healthy writer; new transactions wait for one",
                             endpoint.name, self.cluster)
                 target.pause()
