@@ -192,7 +192,7 @@ class Console:
         show = shows.get(what)
         if show is None:
             raise ConsoleCommandError(f"unknown admin console command {text.strip()[:200]!r} (SHOW HELP lists them)")
-        return show(await self._ask({"kind": "console-state"}))
+        return show(await self._ask({"kind": "console-state", "statements": what == "STATS"}))
 
     # --- SHOW: the workers' parts put together ---
 

@@ -115,7 +115,9 @@ class ConsoleLocal:
     def _listeners(self) -> list[Listener]:
         return [*self.server.listeners.values(), *self.server.retiring]
 
-    async def state(self, _message: channel.Message) -> channel.Message:
+    async def state(self, message: channel.Message) -> channel.Message:
+        """This process's pools, backends and clients as rows, its stats snapshot, and (when asked) its statement
+        statistics."""
         pools: list[dict[str, Any]] = []
         servers: list[dict[str, Any]] = []
         clients: list[dict[str, Any]] = []
@@ -129,7 +131,7 @@ class ConsoleLocal:
         insights = self.server.stats.insights
         return {"pid": os.getpid(), "pools": pools, "servers": servers, "clients": clients,
                 "snapshot": self.server.stats.snapshot(),
-                "statements": insights.snapshot() if insights is not None else [],
+                "statements": insights.snapshot() if insights is not None and message.get("statements") else [],
                 "paused": [listener.name for listener in self.server.listeners.values()
                            if any(target.paused for target in listener.service.group.all())]}
 
