@@ -93,6 +93,11 @@ HELP = [
 ]
 
 
+def split_commands(text: str) -> list[str]:
+    """The commands of a query string, split at `;` (the console's commands hold no quoted text); [""] if none."""
+    return [part.strip() for part in text.split(";") if part.strip()] or [""]
+
+
 def is_admin(config: Config, user: str) -> bool:
     return user in config.admin.users
 

@@ -156,6 +156,12 @@ def test_unknown_command_errors_and_session_goes_on(proxy: ProxyProcess) -> None
         assert any(row[0] == "SHOW TOP [N]" for row in cursor.fetchall())
         connection.ping()
 
+    several = mariadb(proxy, "SHOW VERSION; SHOW LISTS; SHOW NONSENSE; SHOW HELP", "-B")
+    assert "dbproxy " in several.stdout and "used_clients" in several.stdout and "SHOW TOP" not in several.stdout
+    assert "ERROR 1064 (42000)" in several.stderr
+    done = psql(proxy, "show version; show lists;")
+    assert done.returncode == 0 and "dbproxy " in done.stdout and "used_clients" in done.stdout
+
     async def extended() -> None:
         connection = await asyncpg.connect(host="127.0.0.1", port=proxy.ports["postgresql"], user="admin",
                                            password=ADMIN_PASSWORD, database="dbproxy", ssl=False)

@@ -6,7 +6,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from proxy.console import ConsoleResult, Value
+from proxy.console import Console, ConsoleResult, Value, split_commands
 from proxy.errors import ProxyError, UnknownCommand
 from proxy.netio import ConnectionClosed
 from proxy.protocol.mysql import constants as my
@@ -49,20 +49,37 @@ def _row(row: list[Value]) -> bytes:
     return b"".join(b"\xfb" if value is None else write_lenenc_str(str(value).encode()) for value in row)
 
 
-def encode_result(result: ConsoleResult, capabilities: int) -> bytes:
-    """A text result set (sequence ids from 1) of a table; an OK with the message of an action."""
+def encode_result(result: ConsoleResult, capabilities: int, seq: int = 1, more: bool = False) -> tuple[bytes, int]:
+    """A text result set of a table, an OK with the message of an action; `more`: another result follows. Returns
+    the bytes and the next sequence id."""
+    status = STATUS | (my.SERVER_MORE_RESULTS_EXISTS if more else 0)
     if not result.columns:
-        return frame(OkPacket(status_flags=STATUS, info=result.message).build(capabilities), 1)
+        return frame_many([OkPacket(status_flags=status, info=result.message).build(capabilities)], seq)
     deprecate_eof = bool(capabilities & my.CLIENT_DEPRECATE_EOF)
     metadata_follows = b"\x01" if capabilities & METADATA_OPTIONAL else b""
     packets = [write_lenenc_int(len(result.columns)) + metadata_follows]
     packets.extend(_column(name, result.rows, index, capabilities) for index, name in enumerate(result.columns))
     if not deprecate_eof:
-        packets.append(EofPacket(0, STATUS).build())
+        packets.append(EofPacket(0, status).build())
     packets.extend(_row(row) for row in result.rows)
-    packets.append(OkPacket(status_flags=STATUS, header=my.EOF_HEADER).build(capabilities) if deprecate_eof
-                   else EofPacket(0, STATUS).build())
-    return frame_many(packets, 1)[0]
+    packets.append(OkPacket(status_flags=status, header=my.EOF_HEADER).build(capabilities) if deprecate_eof
+                   else EofPacket(0, status).build())
+    return frame_many(packets, seq)
+
+
+async def _answer(client: MySQLLogin, console: Console, text: str, who: str) -> None:
+    """Each statement of a COM_QUERY in turn (several only with CLIENT_MULTI_STATEMENTS); an error ends it there."""
+    commands = split_commands(text) if client.capabilities & my.CLIENT_MULTI_STATEMENTS else [text]
+    seq = 1
+    for index, command in enumerate(commands):
+        try:
+            result = await console.execute(command, who)
+        except ProxyError as exc:
+            log.warning("admin console %s: %s [%d]", who, exc.message, exc.mysql_errno)
+            client._send_error(exc, seq)
+            return
+        data, seq = encode_result(result, client.capabilities, seq, index + 1 < len(commands))
+        client.write(data)
 
 
 async def _read_command(client: MySQLLogin) -> bytes:
@@ -88,8 +105,7 @@ async def serve_console(client: MySQLLogin) -> None:
                 return
             try:
                 if command == my.COM_QUERY:
-                    result = await console.execute(payload[1:].decode("utf-8", "replace"), who)
-                    client.write(encode_result(result, client.capabilities))
+                    await _answer(client, console, payload[1:].decode("utf-8", "replace"), who)
                 elif command == my.COM_PING:
                     client.write(frame(OkPacket(status_flags=STATUS).build(client.capabilities), 1))
                 else:

@@ -6,7 +6,7 @@ import logging
 import struct
 from typing import TYPE_CHECKING
 
-from proxy.console import ConsoleResult, Value
+from proxy.console import Console, ConsoleResult, Value, split_commands
 from proxy.errors import ProtocolViolation, ProxyError
 from proxy.netio import ConnectionClosed
 from proxy.protocol.pg import messages as pg
@@ -65,6 +65,19 @@ def encode_result(result: ConsoleResult) -> bytes:
     return b"".join(out)
 
 
+async def _answer(console: Console, text: str, who: str) -> bytes:
+    """Each command of a Query in turn; an error ends the Query there, as the server's does."""
+    replies: list[bytes] = []
+    for command in split_commands(text):
+        try:
+            replies.append(encode_result(await console.execute(command, who)))
+        except ProxyError as exc:
+            log.warning("admin console %s: %s [%s]", who, exc.message, exc.sqlstate)
+            replies.append(pg.error_response(exc.sqlstate, exc.message))
+            break
+    return b"".join(replies)
+
+
 async def serve_console(client: PgLogin) -> None:
     """Answer the console client's queries until it leaves (an extended-protocol message gets 0A000 once, until
     its Sync)."""
@@ -76,13 +89,8 @@ async def serve_console(client: PgLogin) -> None:
         while not client.closed:
             kind, body = await client.read_typed(CONSOLE_MESSAGE_LIMIT)
             if kind == ord("Q"):
-                text = body.rstrip(b"\0").decode("utf-8", "replace")
-                try:
-                    reply = encode_result(await console.execute(text, who))
-                except ProxyError as exc:
-                    log.warning("admin console %s: %s [%s]", who, exc.message, exc.sqlstate)
-                    reply = pg.error_response(exc.sqlstate, exc.message)
-                client.write(reply + pg.READY_FOR_QUERY_IDLE)
+                client.write(await _answer(console, body.rstrip(b"\0").decode("utf-8", "replace"), who)
+                             + pg.READY_FOR_QUERY_IDLE)
             elif kind == ord("X"):
                 client.close()
                 return
