@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
 from proxy.failover import AlreadyWriter, FailoverRefused, OtherWriter, PromotionError, promote_instance
 from proxy.local_commands import LocalCommands, SwitchedEndpoints
+from proxy.logs import setup_logging
 from proxy.reload import ProcessReload, Reloads
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
 from proxy.secret_commands import add_secret_commands, run_secret_command
@@ -48,26 +48,6 @@ START_ERROR_STATUS = 1  # exit status for a start that failed (a port taken, a w
 FAILOVER_FAILED_STATUS = 1
 ALREADY_WRITER_STATUS = 3
 OTHER_WRITER_STATUS = 4
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
-                 "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 async def serve(config: Config, ready_message: str | None = None, config_path: Path | None = None) -> None:

@@ -17,6 +17,7 @@ from proxy.endpoints import resolve_endpoints, writer_of
 from proxy.errors import ConfigError
 from proxy.local_commands import instance_addresses, switched_config
 from proxy.secrets import SecretStore
+from proxy.sql_logging import switch_handler
 from proxy.top_sql import top_handler
 from proxy.topology.switchover import AdminConnection, SwitchoverError, connect_admin, guarded
 
@@ -129,7 +130,11 @@ class Commands:
         return {name: self._guard(handler) for name, handler in (
             ("readmit", self.readmit), ("switchover", self.switchover), ("pause", self.pause),
             ("resume", self.resume), ("reconnect", self.reconnect), ("kill-client", self.kill_client),
-            ("top", top_handler(self.fanout)))}
+            ("top", top_handler(self.fanout)),
+            ("sql-logging", switch_handler(self.fanout, self._endpoint_known)))}
+
+    def _endpoint_known(self, name: str) -> bool:
+        return any(endpoint.name == name for endpoint in resolve_endpoints(self.config()))
 
     async def pause(self, message: channel.Message) -> channel.Message:
         """{"endpoint": NAME | None}: hold new transactions on the endpoint (every one) until resumed."""

@@ -16,6 +16,7 @@ from proxy.errors import ConnectionKilled
 from proxy.pool.pool import Target
 from proxy.server import Listener, ProxyServer
 from proxy.session.pg_client import PostgresClient
+from proxy.sql_logging import local_switch
 from proxy.top_sql import local_statements
 from proxy.topology.model import InstanceStatus
 
@@ -91,7 +92,8 @@ class LocalCommands:
         return {"readmit": self.readmit, "switchover-targets": self.targets, "switchover-prepare": self.prepare,
                 "switchover-commit": self.commit, "switchover-abort": self.abort, "stats": self.stats,
                 "view": self.view, "pause": self.pause, "resume": self.resume, "reconnect": self.reconnect,
-                "kill-client": self.kill_client, "statements": local_statements(self.server.stats)}
+                "kill-client": self.kill_client, "statements": local_statements(self.server.stats),
+                "sql-logging": local_switch(self.server.stats)}
 
     async def stats(self, _message: channel.Message) -> channel.Message:
         return {"pid": os.getpid(), "snapshot": self.server.stats.snapshot()}

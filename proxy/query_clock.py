@@ -8,6 +8,7 @@ from time import monotonic
 
 from proxy.insights import Insights, StatementStats
 from proxy.sql_digest import Digester
+from proxy.sql_logging import log_statement
 from proxy.stats import EndpointStats
 
 UNKNOWN = "(unknown)"  # a request whose statement the proxy did not see or does not name (statistics off)
@@ -24,17 +25,19 @@ class QueryClock:
     wait for a backend starts at `wait_started`: its time includes the wait, which is also counted apart."""
 
     __slots__ = ("_last", "_last_stats", "current", "database", "digest", "endpoint", "executing", "insights",
-                 "latest", "named", "pending", "stats", "user", "wait_started")
+                 "latest", "named", "peer", "pending", "stats", "user", "wait_started")
 
     def __init__(self, stats: EndpointStats, insights: Insights | None, digester: Digester, user: str,
-                 database: str) -> None:
+                 database: str, peer: str = "") -> None:
         self.stats = stats
+        self.peer = peer
         self.insights = insights
         self.digest = digester.digest if insights is not None else _unnamed
         self.user = user
         self.database = database
         self.endpoint = str(stats.labels.get("endpoint", ""))
-        self.pending: deque[tuple[str, float, float]] = deque()
+        # (statement, started, waited, its text when the client sent one: a Query, a COM_QUERY)
+        self.pending: deque[tuple[str, float, float, bytes | None]] = deque()
         self.named: dict[bytes, str] = {}  # prepared statement name (or id) -> its statement's digest
         self.current = UNKNOWN  # the statement the next Sync runs (the last parsed or bound)
         self.wait_started = 0.0  # when the client's next request began waiting for a backend (0: it is not)
@@ -54,7 +57,7 @@ class QueryClock:
         self.request(self.current if self.executing else NOT_A_STATEMENT)
         self.executing = False
 
-    def request(self, statement: str) -> None:
+    def request(self, statement: str, text: bytes | None = None) -> None:
         now = self.latest = monotonic()
         started = self.wait_started
         if started:
@@ -66,11 +69,11 @@ class QueryClock:
         pending = self.pending
         if len(pending) >= MAX_PENDING:
             pending.clear()
-        pending.append((statement, started, waited))
+        pending.append((statement, started, waited, text))
 
     def query(self, text: bytes) -> None:
         """A request of this SQL text went out."""
-        self.request(self.digest(text))
+        self.request(self.digest(text), text)
 
     def prepared(self, name: bytes, text: bytes) -> str:
         """A statement prepared under `name`: what a later execution of it counts as."""
@@ -80,14 +83,16 @@ class QueryClock:
         statement = named[name] = self.digest(text)
         return statement
 
-    def done(self, count: int, errors: int, rows: int) -> None:
+    def done(self, count: int, errors: int, rows: int, backend: object = None) -> None:
         """`count` requests got the end of their reply; `errors` and `rows` came with them (counted on the first)."""
+        if self.stats.sql_log_until:
+            self._log_sql(count, errors, rows, backend)
         pending = self.pending
         now = monotonic()
         stats = self.stats
         while count and pending:
             count -= 1
-            statement, started, waited = pending.popleft()
+            statement, started, waited, _ = pending.popleft()
             if not statement:
                 continue
             seconds = now - started
@@ -104,6 +109,22 @@ class QueryClock:
                     self._last = statement
                 entry.add(seconds, waited, rows, errors > 0)
             errors = rows = 0
+
+
+    def _log_sql(self, count: int, errors: int, rows: int, backend: object) -> None:
+        """Enhanced SQL logging: the texts of the requests answered now, with their timing (until it expires)."""
+        stats = self.stats
+        now = monotonic()
+        if now >= stats.sql_log_until:
+            stats.sql_log_until = 0.0
+            return
+        pending = self.pending
+        for index in range(min(count, len(pending))):
+            statement, started, _, text = pending[index]
+            if statement:
+                log_statement(self.peer, self.user, self.database, self.endpoint, backend,
+                              text if text is not None else statement.encode(), now - started,
+                              rows if index == 0 else 0, errors > 0 and index == 0)
 
 
 def _unnamed(_text: bytes) -> str:

@@ -61,13 +61,14 @@ class EndpointStats:
                 "logins_tls", "queries", "query_errors")
     GAUGES = ("clients_current", "pinned_now")
     HISTOGRAMS = ("query_latency", "database_latency")
-    __slots__ = ("labels", "pins", "registry", "replays", *COUNTERS, *GAUGES, *HISTOGRAMS)
+    __slots__ = ("labels", "pins", "registry", "replays", "sql_log_until", *COUNTERS, *GAUGES, *HISTOGRAMS)
 
     def __init__(self, registry: StatsRegistry, labels: dict[str, str]) -> None:
         self.registry = registry
         self.labels = labels
         self.pins: dict[str, int] = {}  # times a session was pinned, by reason
         self.replays: dict[str, int] = {}  # transactions carried to another backend, by outcome
+        self.sql_log_until = 0.0  # monotonic time enhanced SQL logging ends on this endpoint (0: off)
         self.clients_accepted = 0
         self.clients_refused = 0  # turned away at connect: max_client_connections reached
         self.clients_refused_network = 0  # closed at connect: the address is not in the endpoint's allowed_cidrs

@@ -14,4 +14,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v -i "warning" || true
-exec python3 -m pytest "$@"
+# A temporary folder of this run's own (pytest's shared /tmp/pytest-of-$USER is made private again by every
+# pytest that starts, which would lock the database servers of a run going on beside it out of their folders).
+base=$(mktemp -d "${TMPDIR:-/tmp}/dbproxy-tests.XXXXXX")
+chmod 711 "$base"
+status=0
+python3 -m pytest --basetemp="$base/run" "$@" || status=$?
+if [ "$status" -eq 0 ]; then rm -rf "$base"; else echo "test files kept in $base/run"; fi
+exit "$status"

@@ -102,6 +102,16 @@ async def get_top_sql(request: web.Request) -> web.Response:
     return answered(answer)
 
 
+async def post_sql_logging(request: web.Request) -> web.Response:
+    """{"seconds": S}: enhanced SQL logging on the endpoint for S seconds (default 600; 0 switches it off)."""
+    body = await json_body(request)
+    seconds = body.get("seconds", 600)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        raise ApiError(400, "'seconds' must be a number")
+    handlers = _context(request).commands.handlers()
+    return answered(await handlers["sql-logging"]({"endpoint": request.match_info["name"], "seconds": seconds}))
+
+
 async def get_dashboard(request: web.Request) -> web.Response:
     return web.json_response(await dashboard.dashboard_data(_context(request), request.app[HISTORY]))
 
@@ -254,4 +264,5 @@ def add_routes(app: web.Application) -> None:
                           ("endpoints", post_endpoint)):
         router.add_post(f"/v1/{path}", handler)
     router.add_patch("/v1/endpoints/{name}", patch_endpoint)
+    router.add_post("/v1/endpoints/{name}/sql-logging", post_sql_logging)
     router.add_delete("/v1/endpoints/{name}", delete_endpoint)

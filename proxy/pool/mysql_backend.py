@@ -241,7 +241,7 @@ class MySQLBackend(MySQLServerSession):
                     clock = client.clock
                     if clock is not None:
                         clock.done(1, tracker.error is not None,
-                                   tracker.rows if tracker.row_sets else tracker.affected_rows)
+                                   tracker.rows if tracker.row_sets else tracker.affected_rows, self)
                 effect = self.effect
                 if effect is not None or tracker.session_state is not None or tracker.last_insert_id:
                     self.effect = None

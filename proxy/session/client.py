@@ -74,6 +74,7 @@ class ClientConnection(Connection):
     check), `_session_closed` and `_return_after_client` (what a closed session lets go of)."""
 
     peer = "?"
+    connected_at = 0.0  # loop time the connection was accepted (0: refused at connect)
     _task: asyncio.Task[None] | None = None
     state: IntEnum = State.LOGIN
     server: ServerSettings  # the process's server settings (set by the subclass)
@@ -115,6 +116,9 @@ class ClientConnection(Connection):
             return
         stats.clients_accepted += 1
         stats.clients_current += 1
+        self.connected_at = self.loop.time()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s connected to endpoint %s", self.peer, stats.labels.get("endpoint", ""))
         self.buffer_limit = LOGIN_BUFFER_LIMIT
         if stats.registry.over_limit():
             stats.clients_refused += 1  # the login says so where the protocol lets the client read it
@@ -168,8 +172,11 @@ class ClientConnection(Connection):
         stats.logins_ok += 1
         if self.is_tls:
             stats.logins_tls += 1
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s logged in as %r to database %r (%s, tls %s)", self.peer, user, database,
+                      self.login_method or "password", self.is_tls)
         registry = stats.registry
-        self.clock = QueryClock(stats, registry.insights, registry.digester(engine), user, database)
+        self.clock = QueryClock(stats, registry.insights, registry.digester(engine), user, database, self.peer)
 
     async def _after_login(self) -> None:
         """What the login does after its timeout no longer applies (nothing unless the engine says)."""
@@ -281,6 +288,8 @@ class ClientConnection(Connection):
 
     def on_closed(self, exc: Exception | None) -> None:
         self.state = State.CLOSED
+        if log.isEnabledFor(logging.DEBUG) and self.connected_at:
+            log.debug("client %s closed after %.1f s", self.peer, self.loop.time() - self.connected_at)
         if self.refused:
             return
         self.stats.clients_current -= 1

@@ -119,7 +119,7 @@ class PgReplay(PgBorrow):
         clock = self.clock
         if clock is not None:
             replies = backend.replies
-            clock.done(count, replies.errors, replies.rows)
+            clock.done(count, replies.errors, replies.rows, backend)
             replies.errors = replies.rows = 0
         replay_log = self.replay_log
         if replay_log is None:
