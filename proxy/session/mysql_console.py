@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from proxy.console import Console, ConsoleResult, Value, split_commands
 from proxy.errors import ProxyError, UnknownCommand
@@ -12,8 +12,20 @@ from proxy.netio import ConnectionClosed
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import EofPacket, OkPacket, frame, frame_many, write_lenenc_int, write_lenenc_str
 
-if TYPE_CHECKING:
-    from proxy.session.mysql_login import MySQLLogin
+
+class ConsoleClient(Protocol):
+    """What the console needs of a MySQL client connection."""
+
+    capabilities: int
+    closed: bool
+
+    async def read_exact(self, size: int) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def _send_error(self, error: ProxyError, seq: int) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +79,7 @@ def encode_result(result: ConsoleResult, capabilities: int, seq: int = 1, more: 
     return frame_many(packets, seq)
 
 
-async def _answer(client: MySQLLogin, console: Console, text: str, who: str) -> None:
+async def _answer(client: ConsoleClient, console: Console, text: str, who: str) -> None:
     """Each statement of a COM_QUERY in turn (several only with CLIENT_MULTI_STATEMENTS); an error ends it there."""
     commands = split_commands(text) if client.capabilities & my.CLIENT_MULTI_STATEMENTS else [text]
     seq = 1
@@ -82,7 +94,7 @@ async def _answer(client: MySQLLogin, console: Console, text: str, who: str) -> 
         client.write(data)
 
 
-async def _read_command(client: MySQLLogin) -> bytes:
+async def _read_command(client: ConsoleClient) -> bytes:
     header = await client.read_exact(4)
     length = header[0] | (header[1] << 8) | (header[2] << 16)
     payload = await client.read_exact(length)
@@ -91,11 +103,9 @@ async def _read_command(client: MySQLLogin) -> bytes:
     return payload
 
 
-async def serve_console(client: MySQLLogin) -> None:
-    """Answer the console client's commands until it leaves: COM_QUERY, COM_PING, COM_QUIT; others get 1047."""
-    console = client.service.console
-    assert console is not None
-    who = f"{client.user}@{client.peer}"
+async def serve_console(client: ConsoleClient, console: Console, who: str) -> None:
+    """Answer the console client's commands until it leaves: COM_QUERY, COM_PING, COM_QUIT; others get 1047.
+    `who` names the client (user@address) in the log."""
     try:
         while not client.closed:
             payload = await _read_command(client)

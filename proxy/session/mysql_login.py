@@ -167,7 +167,9 @@ class MySQLLogin(MySQLStatementCommands):
         self._send_ok(self._seq)
         self.logged_in("mysql", self.user, self.session.database)
         log.info("client %s (user %r): admin console session %d", self.peer, self.user, self.connection_id)
-        await serve_console(self)
+        console = self.service.console
+        assert console is not None
+        await serve_console(self, console, f"{self.user}@{self.peer}")
 
     async def _login_ready(self) -> None:
         """Authenticated: a pool (and in session mode a backend), then the OK that ends the login."""

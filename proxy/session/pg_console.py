@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
 
 from proxy.console import Console, ConsoleResult, Value, split_commands
 from proxy.errors import ProtocolViolation, ProxyError
-from proxy.netio import ConnectionClosed
+from proxy.netio import Connection, ConnectionClosed
 from proxy.protocol.pg import messages as pg
-
-if TYPE_CHECKING:
-    from proxy.session.pg_login import PgLogin
 
 log = logging.getLogger(__name__)
 I16, I32 = struct.Struct("!h"), struct.Struct("!i")
@@ -78,12 +74,9 @@ async def _answer(console: Console, text: str, who: str) -> bytes:
     return b"".join(replies)
 
 
-async def serve_console(client: PgLogin) -> None:
+async def serve_console(client: Connection, console: Console, who: str) -> None:
     """Answer the console client's queries until it leaves (an extended-protocol message gets 0A000 once, until
-    its Sync)."""
-    console = client.service.console
-    assert console is not None
-    who = f"{client.session.user}@{client.peer}"
+    its Sync). `who` names the client (user@address) in the log."""
     discarding = False  # an extended-protocol batch was refused: skip to its Sync
     try:
         while not client.closed:

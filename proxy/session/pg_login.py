@@ -174,7 +174,9 @@ class PgLogin(PgForward):
 
     async def _after_login(self) -> None:
         if self.console:
-            await serve_console(self)
+            console = self.service.console
+            assert console is not None
+            await serve_console(self, console, f"{self.session.user}@{self.peer}")
 
     def _startup_session(self, params: dict[str, str]) -> dict[str, str]:
         """The user and database of the startup packet into `session`; returns the settings it requests."""
