@@ -18,6 +18,7 @@ import pymysql
 import pytest
 
 from devtools.servers import MariaDBInstance, PostgresInstance
+from leakcheck import record_output
 from support import ProxyProcess, running_proxy
 
 ADMIN_PASSWORD = "admin-secret"
@@ -42,15 +43,19 @@ def psql(proxy: ProxyProcess, *commands: str, user: str = "admin", password: str
     for command in commands:
         args += ["-c", command]
     env = dict(os.environ, PGPASSWORD=password, PGSSLMODE="disable")
-    return subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
+    record_output(f"psql console {' '.join(commands)}", done.stdout + done.stderr)
+    return done
 
 
 def mariadb(proxy: ProxyProcess, sql: str, *args: str, user: str = "admin",
             password: str = ADMIN_PASSWORD) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MYSQL")}
-    return subprocess.run(["mariadb", "--no-defaults", "--protocol=TCP", "--skip-ssl", "-h", "127.0.0.1", "-P",
+    done = subprocess.run(["mariadb", "--no-defaults", "--protocol=TCP", "--skip-ssl", "-h", "127.0.0.1", "-P",
                            str(proxy.ports["mysql"]), "-u", user, f"-p{password}", "dbproxy", *args, "-e", sql],
                           capture_output=True, text=True, timeout=30, env=env)
+    record_output(f"mariadb console {sql}", done.stdout + done.stderr)
+    return done
 
 
 def table(output: str, separator: str = "|") -> list[dict[str, str]]:
