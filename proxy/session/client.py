@@ -293,6 +293,7 @@ class ClientConnection(Connection):
         if self.refused:
             return
         self.stats.clients_current -= 1
+        self.stats.clients_closed += 1
         if self.pool is not None:
             self.pool.clients.discard(self)
         if self._task is not None and not self._task.done() and self._login_may_be_cancelled():
