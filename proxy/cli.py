@@ -22,6 +22,7 @@ from proxy.api.serve import ApiServer
 from proxy.channel import ChannelError
 from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, Commands, local_fanout
 from proxy.config import Config, load_config
+from proxy.console_local import install_console
 from proxy.control import ControlSocket, ask_control, control_socket_path
 from proxy.errors import ConfigError
 from proxy.failover import AlreadyWriter, FailoverRefused, OtherWriter, PromotionError, promote_instance
@@ -62,7 +63,9 @@ async def serve(config: Config, ready_message: str | None = None, config_path: P
         loop.add_signal_handler(sig, stop.set)
     switched = SwitchedEndpoints()
     reload = ProcessReload(server, config_path, switched)
-    fanout = local_fanout(LocalCommands(server).handlers())
+    local = LocalCommands(server).handlers()
+    fanout = local_fanout(local)
+    install_console(server, local, reload)
     commands = Commands(lambda: server.config, fanout,
                         lambda _config, plan: switched.record(plan.engine, plan.endpoints, plan.blue_name,
                                                               plan.green_name))

@@ -107,6 +107,10 @@ class ServerSettings(Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+# [server] keys a running process cannot take: a reload keeps the running value and says so.
+RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
+
+
 class ApiSettings(Strict):
     """The HTTP control API (bearer token) and the health endpoints, served by the supervisor (or the single
     process). Changes take a restart."""
@@ -179,6 +183,14 @@ class AuthSettings(Strict):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+
+class AdminSettings(Strict):
+    """The admin console: the special database `dbproxy` (alias `pgbouncer`) on every endpoint."""
+
+    users: list[str] = Field(
+        default_factory=list,
+        description="users (with a stored secret) who may log in to the admin console; empty: the console is off")
 
 
 TokenAlgorithm = Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
@@ -543,6 +555,7 @@ class Config(Strict):
     mysql: MySQLSettings = MySQLSettings()
     tokens: TokenSettings = TokenSettings()
     auth: AuthSettings = AuthSettings()
+    admin: AdminSettings = AdminSettings()
 
 
 def _describe(error: Any) -> str:

@@ -8,11 +8,11 @@ import contextlib
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from proxy import channel
+from proxy.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -56,46 +56,24 @@ class ControlSocket:
                 self.path.unlink()
 
 
-class ControlThread:
+class ControlThread(LoopThread):
     """The control socket of the supervisor, whose main thread only waits for its workers: an event loop of its own
     in a thread. `make_handlers` is called in that loop (what the handlers create belongs to it)."""
 
     def __init__(self, path: Path, make_handlers: Callable[[], Mapping[str, channel.Handler]]) -> None:
+        super().__init__("dbproxy-control")
         self.socket = ControlSocket(path)
         self._make_handlers = make_handlers
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="dbproxy-control", daemon=True)
-        self._started = threading.Event()
-        self._error: BaseException | None = None
 
     def start(self) -> None:
         """Serve in the thread; raises what stopped the socket from being served (OSError)."""
-        self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            raise self._error
+        self.start_thread()
 
-    def _run(self) -> None:
-        loop = self._loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self.socket.start(self._make_handlers()))
-        except BaseException as exc:
-            self._error = exc
-            self._started.set()
-            loop.close()
-            return
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            self.socket.close()
-            loop.close()
+    async def _begin(self) -> None:
+        await self.socket.start(self._make_handlers())
 
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
+    async def _end(self) -> None:
+        self.socket.close()
 
 
 def ask_control(path: Path, message: channel.Message, timeout: float) -> channel.Message:

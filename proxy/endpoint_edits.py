@@ -76,11 +76,7 @@ class EndpointEdits:
             raise EditRefused(f"no endpoint {name!r}", 404)
         settings = dict(engine_settings(config))[engine]
         table = settings.endpoints[name].model_dump(mode="json", exclude_unset=True)
-        for key, value in changes.items():
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value
+        _replace_keys(table, changes)
         return self._with(engine, name, table)
 
     def remove(self, config: Config, name: str) -> EndpointEdits:
@@ -104,11 +100,7 @@ class EndpointEdits:
     def change_cluster(self, config: Config, name: str, changes: EndpointTable) -> EndpointEdits:
         """The cluster `name` with the keys of `changes` replaced (null: back to the default)."""
         engine, table = self._cluster_table(config, name)
-        for key, value in changes.items():
-            if value is None:
-                table.pop(key, None)
-            else:
-                table[key] = value
+        _replace_keys(table, changes)
         return self._with_cluster(engine, name, table)
 
     def remove_cluster(self, config: Config, name: str) -> EndpointEdits:
@@ -132,11 +124,7 @@ class EndpointEdits:
         engine, table = self._cluster_table(config, cluster)
         index = _instance_index(table, cluster, label)
         entry = dict(table["instances"][index])
-        for key, value in changes.items():
-            if value is None:
-                entry.pop(key, None)
-            else:
-                entry[key] = value
+        _replace_keys(entry, changes)
         table["instances"] = [*table["instances"][:index], entry, *table["instances"][index + 1:]]
         return self._with_cluster(engine, cluster, table)
 
@@ -165,6 +153,15 @@ class EndpointEdits:
 def cluster_engine(config: Config, name: str) -> str | None:
     """The engine whose section has a cluster called `name` (None: no such cluster)."""
     return next((engine for engine, settings in engine_settings(config) if name in settings.clusters), None)
+
+
+def _replace_keys(table: EndpointTable, changes: EndpointTable) -> None:
+    """The keys of `changes` replace the table's; a key set to None goes (back to its default)."""
+    for key, value in changes.items():
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
 
 
 def _label(instance: EndpointTable) -> str:

@@ -185,5 +185,22 @@ class ConnectionKilled(ProxyError):
     mysql_sqlstate = "70100"
 
 
+class ConsoleDenied(AuthenticationFailed):
+    """A login to the admin console by a user who is not one of its admin users."""
+
+    sqlstate = "28000"  # invalid_authorization_specification
+    mysql_errno = 1044  # ER_DBACCESS_DENIED_ERROR
+    mysql_sqlstate = "42000"
+
+
+class ConsoleCommandError(ProxyError):
+    """A command the admin console does not know or cannot run; the console session stays usable."""
+
+    sqlstate = "42601"  # syntax_error
+    mysql_errno = 1064  # ER_PARSE_ERROR
+    mysql_sqlstate = "42000"
+    fatal = False
+
+
 class ConfigError(Exception):
     """The configuration file is missing, malformed or holds an unknown or invalid key."""

@@ -75,6 +75,14 @@ EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
         "shutdown_started", ("clients", "grace_seconds")),
     "shutdown: %d clients were still in a transaction after %.1f s and were closed": (
         "shutdown_cut", ("clients", "grace_seconds")),
+    # the admin console
+    "client %s (user %r): admin console session %d": ("admin_console_login", ("client", "user", "session")),
+    "admin console %s: %s [%s]": ("admin_console_error", ("admin", "reason", "sqlstate")),
+    "admin console %s: %s [%d]": ("admin_console_error", ("admin", "reason", "errno")),
+    "admin console %s: %s": ("admin_console_error", ("admin", "reason")),
+    "admin console: %s: %s %s": ("admin_console_action", ("admin", "action", "target")),
+    "admin console: %s: client %d killed": ("admin_console_kill", ("admin", "client_id")),
+    "admin console: %s asked for a reload": ("admin_console_reload", ("admin",)),
 }
 
 

@@ -30,6 +30,7 @@ ENDPOINT_METRICS = (  # (metric, kind, help, field of EndpointStats)
     ("login_timeouts", "counter", "Clients closed by the login timeout", "login_timeouts"),
     ("cancel_requests", "counter", "PostgreSQL CancelRequests received", "cancel_requests"),
     ("client_connections_tls", "counter", "Client logins that succeeded over TLS", "logins_tls"),
+    ("client_connections_closed", "counter", "Client connections that ended", "clients_closed"),
     ("query_requests", "counter", "Statements answered (a Query, an extended-query batch, a MySQL command)",
      "queries"),
     ("query_errors", "counter", "Statements answered with an error", "query_errors"),

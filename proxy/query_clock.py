@@ -25,7 +25,7 @@ class QueryClock:
     wait for a backend starts at `wait_started`: its time includes the wait, which is also counted apart."""
 
     __slots__ = ("_last", "_last_stats", "current", "database", "digest", "endpoint", "executing", "insights",
-                 "named", "peer", "pending", "stats", "user", "wait_started")
+                 "latest", "named", "peer", "pending", "stats", "user", "wait_started")
 
     def __init__(self, stats: EndpointStats, insights: Insights | None, digester: Digester, user: str,
                  database: str, peer: str = "") -> None:
@@ -42,6 +42,7 @@ class QueryClock:
         self.current = UNKNOWN  # the statement the next Sync runs (the last parsed or bound)
         self.wait_started = 0.0  # when the client's next request began waiting for a backend (0: it is not)
         self.executing = False  # an Execute was sent since the last Sync
+        self.latest = 0.0  # when the latest request went out (monotonic; 0: none yet)
         self._last = NOT_A_STATEMENT  # the statement counted last, and its statistics (most clients repeat one)
         self._last_stats: StatementStats | None = None
 
@@ -57,7 +58,7 @@ class QueryClock:
         self.executing = False
 
     def request(self, statement: str, text: bytes | None = None) -> None:
-        now = monotonic()
+        now = self.latest = monotonic()
         started = self.wait_started
         if started:
             self.wait_started = 0.0

@@ -11,7 +11,7 @@ from typing import Any
 
 from proxy import channel
 from proxy.auth.token_login import make_verifier
-from proxy.config import Config, load_config
+from proxy.config import RESTART_KEYS, Config, load_config
 from proxy.endpoint_edits import EndpointEdits
 from proxy.endpoints import Endpoint, resolve_endpoints, with_ports
 from proxy.errors import ConfigError
@@ -28,8 +28,6 @@ from proxy.stats import StatsRegistry
 
 log = logging.getLogger(__name__)
 
-# [server] keys a running process cannot take: a reload keeps the running value and says so.
-RESTART_KEYS = ("host", "workers", "metrics_port", "log_format", "pid_file")
 
 
 def prepare(path: Path | None, running: Config, ports: dict[str, int],

@@ -16,6 +16,7 @@ from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
+from proxy.console import Console
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.errors import SHUTDOWN_TEXT, ShuttingDown
 from proxy.metrics import serve_metrics
@@ -103,6 +104,7 @@ class ProxyServer:
         self.monitored: list[tuple[str, str, ClusterBase, TopologyMonitor]] = []  # (engine, name, cluster, monitor)
         self.followers: list[ClusterFollower] = self.make_followers()
         self.stats.instances = self.instance_series
+        self.console: Console | None = None  # the admin console's commands (see proxy.console_local)
         self.secrets_watch = SecretsWatch(lambda: self.config.secrets, self.use_secrets, seen)
 
     def use_secrets(self, secrets: SecretStore) -> None:
@@ -208,6 +210,7 @@ class ProxyServer:
                                    self.first_service(MySQLService))
         service.tokens = self.tokens
         service.guard = self.guard
+        service.console = getattr(self, "console", None)  # (None while the server is being made)
         if endpoint.role is EndpointRole.READ_ONLY:  # used while its causal_reads is on (a reload may turn it on)
             service.causal = CausalReads(
                 endpoint.name, lambda: self.causal_clusters.get((service.endpoint.engine, service.endpoint.cluster)),

@@ -26,6 +26,7 @@ from proxy.api.context import ApiContext
 from proxy.api.serve import ApiThread
 from proxy.commands import Commands, Fanout, SwitchoverPlan, channel_fanout
 from proxy.config import ApiSettings, Config, parse_config
+from proxy.console_local import ConsoleLocal, install_console
 from proxy.control import ControlThread, control_socket_path
 from proxy.endpoint_edits import EndpointEdits
 from proxy.endpoints import resolve_endpoints, with_ports
@@ -91,6 +92,7 @@ async def _serve_worker(config: Config, index: int, ready_fd: int) -> None:
         # Keep references: a listening server that is garbage-collected stops listening.
         handlers = _channel_handlers(server)
         server.servers.append(await channel.serve(worker_channel(index), handlers))
+        install_console(server)
     except Exception as exc:
         raise _WorkerStartFailed(describe_start_error(exc)) from exc
     stop = asyncio.Event()
@@ -137,7 +139,7 @@ def _channel_handlers(server: ProxyServer) -> dict[str, channel.Handler]:
             return {"error": "unknown", "message": "no such MySQL endpoint in this worker"}
         return await service.serve_kill(message)
 
-    return {"cancel": cancel, "kill": kill, **LocalCommands(server).handlers()}
+    return {"cancel": cancel, "kill": kill, **LocalCommands(server).handlers(), **ConsoleLocal(server).handlers()}
 
 
 def _worker_snapshot(folder: Path, index: int) -> tuple[int, Snapshot] | None:

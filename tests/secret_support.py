@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from leakcheck import register_secret
 from support import ProxyProcess
 
 _serial = itertools.count()
@@ -49,3 +50,12 @@ def wait_for_count(proxy: ProxyProcess, text: str, count: int, timeout: float = 
     while proxy.log().count(text) < count:
         assert time.monotonic() < deadline, proxy.log()[-3000:]
         time.sleep(0.05)
+
+
+def stored(proxy: ProxyProcess, entry: str) -> str:
+    """What `dbproxy secrets get` says the store holds for `entry` (registered as a secret for the leak check)."""
+    got = dbproxy("secrets", "get", "--user", entry, "-c", str(proxy.config))
+    assert got.returncode == 0, got.stderr
+    value = got.stdout.removesuffix("\n")
+    register_secret(value)  # a rotated password: never in a log (tests/leakcheck.py)
+    return value

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from leakcheck import record_output
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.servers import MariaDBInstance, PostgresInstance, free_port
+from leakcheck import record_output
 
 SECRETS = {"app": "app-secret", "bench": "bench-secret"}
 

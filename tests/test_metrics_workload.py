@@ -124,6 +124,7 @@ def test_tls_failed_logins_errors_and_pins(proxy: ProxyProcess) -> None:
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert moved("dbproxy_client_connections_tls_total", **pg) == 1
+    assert moved("dbproxy_client_connections_closed_total", **pg) >= 4  # the TLS session and the three refused
     assert moved("dbproxy_client_connections_setup_failed_auth_total", **pg) == 3
     assert moved("dbproxy_query_errors_total", **pg) == 1
     assert sum(moved("dbproxy_session_pins_total", **pg, reason=reason)

@@ -14,11 +14,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from leakcheck import register_secret
-from secret_support import dbproxy, wait_for_count
 
 from devtools.servers import PostgresInstance
 from proxy.secret_sources import read_toml
+from secret_support import dbproxy, stored, wait_for_count
 from support import ProxyProcess, running_proxy
 
 CLIENT_PASSWORD = "rot-client-pw-7Q"  # clients' password to the proxy, and the databases users' first one
@@ -116,12 +115,6 @@ def proxy_settings(secrets: dict[str, str]) -> dict[str, Any]:
         "postgresql.pool": {"max_connections": 8, "connection_borrow_timeout": 30.0, "max_connection_lifetime": 1.0},
     }
 
-
-def stored(proxy: ProxyProcess, entry: str) -> str:
-    got = dbproxy("secrets", "get", "--user", entry, "-c", str(proxy.config))
-    assert got.returncode == 0, got.stderr
-    register_secret(got.stdout.removesuffix("\n"))  # a rotated password: never in a log (tests/leakcheck.py)
-    return got.stdout.removesuffix("\n")
 
 
 @pytest.mark.parametrize("strategy", ["single", "alternating"])

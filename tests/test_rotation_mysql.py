@@ -12,12 +12,11 @@ from typing import Any
 
 import pymysql
 import pytest
-from leakcheck import register_secret
-from secret_support import dbproxy, kubelet_write, wait_for_count
 
 from devtools.servers import MariaDBInstance
 from loadtest.machine import SYSBENCH
-from support import ProxyProcess, running_proxy
+from secret_support import dbproxy, kubelet_write, stored, wait_for_count
+from support import running_proxy
 
 CLIENT_PASSWORD = "rotm-client-pw-5T"
 CLONE_PASSWORD = "rotm-clone-pw-9W"
@@ -54,12 +53,6 @@ def direct_login(server: MariaDBInstance, user: str, password: str) -> bool:
         return False
     return True
 
-
-def stored(proxy: ProxyProcess, entry: str) -> str:
-    got = dbproxy("secrets", "get", "--user", entry, "-c", str(proxy.config))
-    assert got.returncode == 0, got.stderr
-    register_secret(got.stdout.removesuffix("\n"))  # a rotated password: never in a log (tests/leakcheck.py)
-    return got.stdout.removesuffix("\n")
 
 
 @pytest.mark.parametrize("strategy", ["single", "alternating"])

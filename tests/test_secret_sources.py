@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
-from secret_support import kubelet_write
 
 from proxy.config import SecretsSettings, parse_config
 from proxy.errors import ConfigError
 from proxy.secret_sources import fingerprint, read_dir, update
 from proxy.secrets import SecretStore, retry_password
+from secret_support import kubelet_write
 
 
 def test_folder_as_kubernetes_mounts_it(tmp_path: Path) -> None:

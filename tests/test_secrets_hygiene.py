@@ -11,11 +11,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from secret_support import dbproxy, kubelet_write, wait_for_count
 
 from devtools.servers import PostgresInstance
 from proxy.config import load_config
 from proxy.secrets import SecretStore
+from secret_support import dbproxy, kubelet_write, wait_for_count
 from support import ProxyProcess, running_proxy
 
 USER, ADMIN = "hyg_user", "hyg_admin"

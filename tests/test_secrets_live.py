@@ -12,9 +12,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from secret_support import kubelet_write
 
 from devtools.servers import PostgresInstance
+from secret_support import kubelet_write
 from support import ProxyProcess, backend_connections, running_proxy
 
 USER = "live_rotated"

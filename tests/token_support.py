@@ -24,8 +24,8 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from leakcheck import register_secret
 
+from leakcheck import register_secret
 from support import ProxyProcess, write_config
 
 K8S_ISSUER = "https://kubernetes.default.svc.cluster.local"

@@ -7,7 +7,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.api import views
-from proxy.api.app import CONTEXT
+from proxy.api.http import CONTEXT
 from proxy.metrics import SnapshotCollector
 
 

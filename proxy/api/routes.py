@@ -15,8 +15,8 @@ from aiohttp import web
 
 from proxy import channel
 from proxy.api import dashboard, views
-from proxy.api.app import CONTEXT, ApiError, json_body
 from proxy.api.context import ApiContext
+from proxy.api.http import CONTEXT, ApiError, json_body
 from proxy.api.redact import redacted_config
 from proxy.commands import DEFAULT_SWITCHOVER_TIMEOUT, MAX_SWITCHOVER_TIMEOUT
 from proxy.config import NAME_PATTERN
@@ -215,17 +215,23 @@ async def _edit(context: ApiContext, what: str, make: Any) -> channel.Message:
     return answer
 
 
+def _name_and_engine(body: dict[str, Any]) -> tuple[str, str]:
+    """The new table's name and engine, taken out of the request's body (ApiError 400 when they cannot be)."""
+    name, engine = body.pop("name", None), body.pop("engine", "postgresql")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ApiError(400, "'name' is required: letters, digits and underscores, not starting with a digit")
+    if not isinstance(engine, str):
+        raise ApiError(400, "'engine' must be a string")
+    return name, engine
+
+
 def _endpoint_row(context: ApiContext, name: str, views_: list[channel.Message]) -> dict[str, Any]:
     return next((row for row in views.endpoints(context.config(), views_) if row["name"] == name), {"name": name})
 
 
 async def post_endpoint(request: web.Request) -> web.Response:
     body = await json_body(request, required=True)
-    name, engine = body.pop("name", None), body.pop("engine", "postgresql")
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ApiError(400, "'name' is required: letters, digits and underscores, not starting with a digit")
-    if not isinstance(engine, str):
-        raise ApiError(400, "'engine' must be a string")
+    name, engine = _name_and_engine(body)
     context = _context(request)
     await _edit(context, f"endpoint {name} added", lambda edits, config: edits.add(config, engine, name, body))
     return web.json_response(_endpoint_row(context, name, await views.worker_views(context.fanout)), status=201)
@@ -258,11 +264,7 @@ async def _cluster_answer(context: ApiContext, name: str, status: int = 200) -> 
 
 async def post_cluster(request: web.Request) -> web.Response:
     body = await json_body(request, required=True)
-    name, engine = body.pop("name", None), body.pop("engine", "postgresql")
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ApiError(400, "'name' is required: letters, digits and underscores, not starting with a digit")
-    if not isinstance(engine, str):
-        raise ApiError(400, "'engine' must be a string")
+    name, engine = _name_and_engine(body)
     context = _context(request)
     await _edit(context, f"cluster {name} added", lambda edits, config: edits.add_cluster(config, engine, name, body))
     return await _cluster_answer(context, name, 201)

@@ -3,9 +3,7 @@ for its workers) on an event loop of their own in a thread."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Callable
 
 from aiohttp import web
@@ -14,6 +12,7 @@ from proxy.api.app import api_app, health_app
 from proxy.api.context import ApiContext
 from proxy.api.token import read_token
 from proxy.config import ApiSettings
+from proxy.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -62,50 +61,30 @@ class ApiServer:
             await runner.cleanup()
 
 
-class ApiThread:
+class ApiThread(LoopThread):
     """The supervisor's API: an event loop of its own in a thread. `make_context` is called in that loop."""
 
     def __init__(self, settings: ApiSettings, make_context: Callable[[], ApiContext]) -> None:
+        super().__init__("dbproxy-api")
         self.settings = settings
         self._make_context = make_context
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="dbproxy-api", daemon=True)
-        self._started = threading.Event()
-        self._error: BaseException | None = None
         self._server: ApiServer | None = None
         self.ports: dict[str, int] = {}
 
     def start(self) -> dict[str, int]:
         """Listen in the thread; raises what stopped it (OSError, ConfigError)."""
-        self._thread.start()
-        self._started.wait()
-        if self._error is not None:
-            raise self._error
+        self.start_thread()
         return self.ports
 
-    async def _start(self) -> None:
+    async def _begin(self) -> None:
         self._server = ApiServer(self._make_context(), self.settings)
         self.ports = await self._server.start()
 
-    def _run(self) -> None:
-        loop = self._loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._start())
-        except BaseException as exc:
-            self._error = exc
-            self._started.set()
-            loop.close()
-            return
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            if self._server is not None:
-                loop.run_until_complete(self._server.stop())
-            loop.close()
+    async def _end(self) -> None:
+        if self._server is not None:
+            await self._server.stop()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
+        super().stop()
+        if self._error is not None:
+            raise self._error

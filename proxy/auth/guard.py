@@ -7,7 +7,7 @@ from proxy.auth.audit import AuditLog
 from proxy.auth.throttle import LoginThrottle
 from proxy.auth.tokens import TokenRejected
 from proxy.config import AuthSettings
-from proxy.errors import AuthorizationFailed, ProxyError
+from proxy.errors import AuthorizationFailed, ConsoleDenied, ProxyError
 
 
 class LoginGuard:
@@ -38,4 +38,6 @@ def failure_reason(error: ProxyError, known_user: bool) -> str:
         return "token_" + "_".join(words)
     if isinstance(error, AuthorizationFailed):
         return error.reason
+    if isinstance(error, ConsoleDenied):
+        return "console_denied"
     return "wrong_password" if known_user else "unknown_user"

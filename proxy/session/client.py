@@ -7,6 +7,7 @@ import asyncio
 import logging
 import math
 import ssl
+import time
 from enum import IntEnum
 from typing import Any
 
@@ -99,12 +100,15 @@ class ClientConnection(Connection):
     refused = False  # closed at connect: its address is not allowed (never counted as a current client)
     host = "?"  # the peer's address without its port
     session: Any  # the engine's session state: its `user` and `database` are the login's
+    connected_at = 0.0  # wall-clock time of the connect
+    console = False  # an admin console session (it never reaches a backend)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self.host = peer[0] if isinstance(peer, tuple) else self.peer
+        self.connected_at = time.time()
         stats = self.stats
         allowed = self.allowed
         if allowed is not None and isinstance(peer, tuple) and not allowed.admits(peer[0]):
@@ -289,6 +293,7 @@ class ClientConnection(Connection):
         if self.refused:
             return
         self.stats.clients_current -= 1
+        self.stats.clients_closed += 1
         if self.pool is not None:
             self.pool.clients.discard(self)
         if self._task is not None and not self._task.done() and self._login_may_be_cancelled():

@@ -135,6 +135,9 @@ class MySQLClientBase(ClientConnection):
     THROTTLED_TEXT = "Host '{1}' is blocked because of too many failed logins; try again in {0} s"
 
     async def _after_login(self) -> None:
+        if self.console:
+            await self._console_ready()
+            return
         await self._login_ready()  # may wait for a backend: the borrow timeout applies, not the login timeout
 
     def refuse_login(self, error: AuthenticationFailed) -> None:
@@ -266,6 +269,9 @@ class MySQLClientBase(ClientConnection):
     # --- what the later parts of the session define ---
 
     async def _login(self) -> None:
+        raise NotImplementedError
+
+    async def _console_ready(self) -> None:
         raise NotImplementedError
 
     async def _login_ready(self) -> None:

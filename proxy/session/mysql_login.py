@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import ssl
 from typing import Any, cast
@@ -19,7 +20,15 @@ from proxy.auth.mysql import (
 from proxy.auth.token_login import password_matches, token_mode, verify_token
 from proxy.auth.tokens import looks_like_token
 from proxy.config import ClientTLSMode, MySQLAuthMethod, TokenAuthMode
-from proxy.errors import AuthenticationFailed, AuthorizationFailed, BackendUnavailable, ProtocolViolation, ProxyError
+from proxy.console import CONSOLE_DATABASES, is_admin
+from proxy.errors import (
+    AuthenticationFailed,
+    AuthorizationFailed,
+    BackendUnavailable,
+    ConsoleDenied,
+    ProtocolViolation,
+    ProxyError,
+)
 from proxy.netio import WRITE_HIGH_WATER, WRITE_LOW_WATER, ConnectionClosed
 from proxy.pool.mysql_backend import RELAYED_CAPABILITIES, Profile
 from proxy.protocol.mysql import constants as my
@@ -33,8 +42,11 @@ from proxy.protocol.mysql.packets import (
     is_ssl_request,
 )
 from proxy.session.client import TLSHandshakeFailed
+from proxy.session.mysql_console import serve_console
 from proxy.session.mysql_lifecycle import C_LIBRARIES, State, violation
 from proxy.session.mysql_statement_commands import MySQLStatementCommands
+
+log = logging.getLogger(__name__)
 
 LOGIN_PACKET_LIMIT = 64 * 1024
 
@@ -115,6 +127,9 @@ class MySQLLogin(MySQLStatementCommands):
             raise AuthorizationFailed("Connections using insecure transport are prohibited: endpoint "
                                       f"{service.endpoint.name} requires TLS", "tls_required")
         self.session.database = (response.database or "") if response.capabilities & my.CLIENT_CONNECT_WITH_DB else ""
+        if self._console_asked():
+            await self._console_login(response)
+            return
         self.check_throttle()
         await self._authenticate(response.auth_plugin_name, response.auth_response,
                                  bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
@@ -124,6 +139,37 @@ class MySQLLogin(MySQLStatementCommands):
         self.session.autocommit = self._default_autocommit
         if unreachable is not None:
             raise service.unreachable_error(unreachable)
+
+    def _console_asked(self) -> bool:
+        """Whether the handshake names the admin console's schema (and the proxy has admin users)."""
+        service = self.service
+        return (self.session.database in CONSOLE_DATABASES and service.console is not None
+                and bool(service.config.admin.users))
+
+    async def _console_login(self, response: HandshakeResponse41) -> None:
+        """An admin user's login to the console: authenticated as any login, answered by the proxy (no backend).
+        Anyone else is refused as a failed login."""
+        service = self.service
+        user = self.user
+        self.check_throttle()
+        if not is_admin(service.config, user) or (service.secrets.get(user) is None
+                                                  and service.settings.auth_passthrough):
+            self.login_method = service.settings.auth_method.value
+            raise ConsoleDenied(f"Access denied for user '{user}'@'{self.peer.rpartition(':')[0]}' to database "
+                                f"'{self.session.database}'")
+        await self._authenticate(response.auth_plugin_name, response.auth_response,
+                                 bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
+        self.authenticated()
+        self.console = True
+
+    async def _console_ready(self) -> None:
+        """The console's login ends with an OK; then its commands are answered here."""
+        self._send_ok(self._seq)
+        self.logged_in("mysql", self.user, self.session.database)
+        log.info("client %s (user %r): admin console session %d", self.peer, self.user, self.connection_id)
+        console = self.service.console
+        assert console is not None
+        await serve_console(self, console, f"{self.user}@{self.peer}")
 
     async def _login_ready(self) -> None:
         """Authenticated: a pool (and in session mode a backend), then the OK that ends the login."""

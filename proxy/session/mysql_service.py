@@ -18,6 +18,7 @@ from proxy.auth.mysql import generate_rsa_keypair, load_private_key, public_key_
 from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
 from proxy.config import Config, MySQLAuthMethod, MySQLSettings, ServerSettings
+from proxy.console import Console
 from proxy.endpoints import Endpoint
 from proxy.errors import (
     BackendUnavailable,
@@ -141,6 +142,7 @@ class MySQLService:
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
         self.guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the server)
+        self.console: Console | None = None  # the admin console, when the process has one (set by the server)
         self.rsa_key: rsa.RSAPrivateKey | None = None
         self.rsa_public_pem = b""
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2:

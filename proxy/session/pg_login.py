@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import re
 import shlex
@@ -14,13 +15,17 @@ from proxy.auth.scram import MECHANISM, ScramKeys, ScramServer
 from proxy.auth.token_login import password_matches, token_mode, verify_token
 from proxy.auth.tokens import looks_like_token
 from proxy.config import ClientAuthMethod, ClientTLSMode, TokenAuthMode
-from proxy.errors import AuthenticationFailed, AuthorizationFailed, ProtocolViolation
+from proxy.console import CONSOLE_DATABASES, is_admin
+from proxy.errors import AuthenticationFailed, AuthorizationFailed, ConsoleDenied, ProtocolViolation
 from proxy.pool.pool import Pool
 from proxy.protocol.pg import messages as pg
 from proxy.secrets import Secret
 from proxy.session.client import LOGIN_MESSAGE_LIMIT, State
+from proxy.session.pg_console import PARAMETERS, serve_console
 from proxy.session.pg_forward import PgForward
 from proxy.session.pg_service import PostgresService
+
+log = logging.getLogger(__name__)
 
 # Startup settings a pool remembers as accepted by the server (checked once each); values are the clients' own
 # (application_name), so the set is emptied when it reaches this size.
@@ -111,6 +116,9 @@ class PgLogin(PgForward):
                                   + b"".join(pg.cstring(k) for k in unknown)))
             params = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
         requested = self._startup_session(params)
+        if self._console_asked():
+            await self._console_login()
+            return
         self.check_throttle()
         await self._authenticate()
         self.authenticated()
@@ -135,6 +143,40 @@ class PgLogin(PgForward):
         leftover = self.take_buffered()
         if leftover:
             self.data_received(leftover)
+
+    def _console_asked(self) -> bool:
+        """Whether the login names the admin console's database (and the proxy has admin users)."""
+        service = self.service
+        return (self.session.database in CONSOLE_DATABASES and service.console is not None
+                and bool(service.config.admin.users))
+
+    async def _console_login(self) -> None:
+        """An admin user's login to the console: authenticated as any login, answered by the proxy (no backend).
+        Anyone else is refused as a failed login."""
+        service = self.service
+        user = self.session.user
+        self.check_throttle()
+        if not is_admin(service.config, user) or (service.secrets.get(user) is None
+                                                  and service.settings.auth_passthrough):
+            self.login_method = service.settings.auth_method.value
+            raise ConsoleDenied(f'access to the admin console denied for user "{user}"')
+        await self._authenticate()
+        self.authenticated()
+        self.console = True
+        self.process_id, self.secret_key = service.new_key()
+        out = [pg.AUTHENTICATION_OK]
+        out.extend(pg.parameter_status(k, v) for k, v in PARAMETERS.items())
+        out.append(pg.backend_key_data(self.process_id, self.secret_key))
+        out.append(pg.READY_FOR_QUERY_IDLE)
+        self.write(b"".join(out))
+        self.logged_in("postgresql", user, self.session.database)
+        log.info("client %s (user %r): admin console session %d", self.peer, user, self.process_id)
+
+    async def _after_login(self) -> None:
+        if self.console:
+            console = self.service.console
+            assert console is not None
+            await serve_console(self, console, f"{self.session.user}@{self.peer}")
 
     def _startup_session(self, params: dict[str, str]) -> dict[str, str]:
         """The user and database of the startup packet into `session`; returns the settings it requests."""

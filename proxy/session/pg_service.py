@@ -15,6 +15,7 @@ from proxy.auth.guard import LoginGuard
 from proxy.auth.networks import allow_list
 from proxy.auth.tokens import TokenVerifier
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
+from proxy.console import Console
 from proxy.endpoints import Endpoint
 from proxy.pool.balance import TargetGroup, target_group
 from proxy.pool.pg_backend import PostgresBackend, open_backend
@@ -75,6 +76,7 @@ class PostgresService:
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
         self.guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the server)
+        self.console: Console | None = None  # the admin console, when the process has one (set by the server)
         if self.settings.auth_method is ClientAuthMethod.SCRAM_SHA_256:
             secrets.warm_up()  # first logins then cost what later ones do (no PBKDF2 on the event loop)
 
