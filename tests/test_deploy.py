@@ -358,7 +358,6 @@ def test_proxy_container_probes_and_mounts(rendered: tuple[str, list[dict[str, A
     assert ports["health"] == config["api"]["health_port"]
     assert ports["metrics"] == config["server"]["metrics_port"]
     assert {"name": "DBPROXY_HEALTH_PORT", "value": str(ports["health"])} in container["env"]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert config["api"]["host"] == "0.0.0.0", "the kubelet probes the Pod's address"
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -375,12 +374,15 @@ def test_proxy_container_probes_and_mounts(rendered: tuple[str, list[dict[str, A
     grace = config["server"]["shutdown_grace"]
     if name == "sidecar":
         assert container["restartPolicy"] == "Always", "a native sidecar: up before the app, down after it"
-        assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+        # the Pod's readiness is the application's: the sidecar only says it runs
+        assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
         app = pod["containers"][0]
         assert {"name": "PGHOST", "value": "127.0.0.1"} in app["env"]
         assert {"name": "PGPORT", "value": str(config["postgresql"]["port"])} in app["env"]
         assert config["server"]["host"] == "127.0.0.1"
     else:
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
         sleep = container["lifecycle"]["preStop"]["exec"]["command"]
         assert sleep[0] == "sleep"
         assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + grace
