@@ -3,13 +3,14 @@ and, when they are on, the statement statistics."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from time import monotonic
 
 from proxy.insights import Insights, StatementStats
 from proxy.sql_digest import Digester
 from proxy.sql_logging import log_statement
-from proxy.stats import EndpointStats
+from proxy.stats import METRIC_BOUNDS, EndpointStats
 
 UNKNOWN = "(unknown)"  # a request whose statement the proxy did not see or does not name (statistics off)
 NOT_A_STATEMENT = ""  # a request that runs nothing (a Sync after a Parse only): not counted
@@ -32,7 +33,7 @@ class QueryClock:
         self.stats = stats
         self.peer = peer
         self.insights = insights
-        self.digest = digester.digest if insights is not None else _unnamed
+        self.digest = digester.digest if insights is not None else None  # (None: statistics off, no digests)
         self.user = user
         self.database = database
         self.endpoint = str(stats.labels.get("endpoint", ""))
@@ -73,14 +74,20 @@ class QueryClock:
 
     def query(self, text: bytes) -> None:
         """A request of this SQL text went out."""
-        self.request(self.digest(text), text)
+        digest = self.digest
+        self.request(UNKNOWN if digest is None else digest(text), text)
+
+    def parsed(self, name: bytes, text: bytes) -> None:
+        """A Parse (statistics on): the statement the next Sync runs, and for a named one what it executes."""
+        self.current = self.prepared(name, text) if name else self.digest(text)  # type: ignore[misc]
 
     def prepared(self, name: bytes, text: bytes) -> str:
         """A statement prepared under `name`: what a later execution of it counts as."""
         named = self.named
         if len(named) >= MAX_NAMED:
             named.clear()
-        statement = named[name] = self.digest(text)
+        digest = self.digest
+        statement = named[name] = UNKNOWN if digest is None else digest(text)
         return statement
 
     def done(self, count: int, errors: int, rows: int, backend: object = None) -> None:
@@ -90,6 +97,7 @@ class QueryClock:
         pending = self.pending
         now = monotonic()
         stats = self.stats
+        total, database = stats.query_latency, stats.database_latency
         while count and pending:
             count -= 1
             statement, started, waited, _ = pending.popleft()
@@ -97,8 +105,10 @@ class QueryClock:
                 continue
             seconds = now - started
             stats.queries += 1
-            stats.query_latency.observe(seconds)
-            stats.database_latency.observe(seconds - waited)
+            total.counts[bisect_left(METRIC_BOUNDS, seconds)] += 1  # (Histogram.observe, inline: once per query)
+            total.total += seconds
+            database.counts[bisect_left(METRIC_BOUNDS, seconds - waited)] += 1
+            database.total += seconds - waited
             if errors:
                 stats.query_errors += 1
             if self.insights is not None:
@@ -126,6 +136,3 @@ class QueryClock:
                               text if text is not None else statement.encode(), now - started,
                               rows if index == 0 else 0, errors > 0 and index == 0)
 
-
-def _unnamed(_text: bytes) -> str:
-    return UNKNOWN

@@ -349,11 +349,8 @@ class PgForward(PgReplay):
             session_words = SESSION_WORDS.search(rest) is not None
             if session_words:
                 self._note_session_words(ext.parse_query_text(rest))
-            if clock is not None:
-                if name:
-                    clock.current = clock.prepared(name, ext.parse_query_text(rest))
-                else:
-                    clock.current = clock.digest(ext.parse_query_text(rest))
+            if clock is not None and clock.digest is not None:  # (statistics off: no statement to name)
+                clock.parsed(name, ext.parse_query_text(rest))
             if not name:
                 statements.parse_unnamed(rest, backend, session_words)
                 return None

@@ -1,0 +1,162 @@
+"""What the statement statistics cost in instructions (callgrind counts instructions, not seconds: the same for the
+same work whatever else the machine does): a one-process proxy under valgrind, counters zeroed once it is up,
+then a fixed number of pgbench and sysbench transactions, with the statistics on, off, and (with
+--baseline-commit) the code of a commit before the per-statement timing existed; instructions per transaction.
+
+Usage: python -m loadtest.insights_callgrind [--transactions 2000] [--baseline-commit REV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from devtools.servers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
+from loadtest.insights_cost import PASSWORD, USER
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def proxy_under_callgrind(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None,
+                          code: Path) -> Iterator[dict[str, int]]:
+    """A one-process proxy under callgrind (collecting from start); yields its pid and ports."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "secrets.toml").write_text(f'[users]\n{USER} = "{PASSWORD}"\n')
+    ports = {"postgresql": free_port(), "mysql": free_port()}
+    (folder / "proxy.toml").write_text(f"""[server]
+log_level = "warning"
+workers = 1
+client_login_timeout = 60.0
+{"" if insights is None else f"statement_insights = {insights}"}
+[secrets]
+file = "secrets.toml"
+[postgresql]
+port = {ports["postgresql"]}
+backend_port = {pg.port}
+[postgresql.pool]
+max_connections = 4
+[mysql]
+enabled = true
+port = {ports["mysql"]}
+backend_port = {mariadb.port}
+[mysql.pool]
+max_connections = 4
+""")
+    out = folder / "callgrind.out"
+    process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
+                                sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],
+                               stdout=subprocess.PIPE, stderr=(folder / "proxy.log").open("w"), text=True,
+                               env=dict(os.environ, PYTHONPATH=str(code)), cwd=code)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("dbproxy ready"):
+            raise RuntimeError(f"the proxy did not start: {(folder / 'proxy.log').read_text()[-2000:]}")
+        yield {"pid": process.pid, **ports}
+    finally:
+        process.terminate()
+        process.wait(120)
+
+
+def instructions(pid: int, folder: Path, work: object) -> int:
+    """Instructions the process ran during `work()` (counters zeroed before, dumped after)."""
+    subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True, timeout=60)
+    work()  # type: ignore[operator]
+    subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True, timeout=60)
+    time.sleep(0.5)
+    dumps = sorted(folder.glob("callgrind.out.*"), key=lambda path: path.stat().st_mtime)
+    text = dumps[-1].read_text(errors="replace")
+    found = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+    if found is None:
+        raise RuntimeError(f"no instruction total in {dumps[-1]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--transactions", type=int, default=2000, help="per scenario (4 clients)")
+    parser.add_argument("--baseline-commit", default="")
+    args = parser.parse_args()
+    per_client = max(1, args.transactions // 4)
+    scenarios = {
+        "pgbench -S simple": lambda ports: pgbench_count(ports["postgresql"], "simple", per_client),
+        "pgbench -S prepared": lambda ports: pgbench_count(ports["postgresql"], "prepared", per_client),
+        "sysbench point_select": lambda ports: sysbench_events(ports["mysql"], per_client * 4),
+    }
+    with tempfile.TemporaryDirectory(prefix="insights-callgrind-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        os.chmod(work, 0o711)
+        pg = start_postgres(work / "pg", users={USER: PASSWORD})
+        stack.callback(pg.stop)
+        mariadb = start_mariadb(work / "mariadb", users={USER: PASSWORD})
+        stack.callback(mariadb.stop)
+        subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER, USER],
+                       env=dict(os.environ, PGPASSWORD=PASSWORD), check=True, capture_output=True)
+        subprocess.run(["sysbench", "oltp_point_select", "--db-driver=mysql", "--mysql-host=127.0.0.1",
+                        f"--mysql-port={mariadb.port}", f"--mysql-user={USER}", f"--mysql-password={PASSWORD}",
+                        f"--mysql-db={USER}", "--tables=1", "--table-size=10000", "--mysql-ssl=off", "prepare"],
+                       check=True, capture_output=True)
+        sides: dict[str, tuple[int | None, Path]] = {"on": (5000, REPO), "off": (0, REPO)}
+        if args.baseline_commit:
+            code = work / "baseline"
+            subprocess.run(["git", "worktree", "add", "--detach", str(code), args.baseline_commit], check=True,
+                           capture_output=True, cwd=REPO)
+            stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(code)],
+                           capture_output=True, cwd=REPO)
+            sides["baseline"] = (None, code)
+        per_tx: dict[tuple[str, str], float] = {}
+        for side, (insights, code) in sides.items():
+            folder = work / side
+            with proxy_under_callgrind(folder, pg, mariadb, insights, code) as ports:
+                for name, run in scenarios.items():
+                    run(ports)  # warm: pools filled, statements prepared, caches made
+                    done: list[int] = []
+                    count = instructions(ports["pid"], folder,
+                                         lambda run=run, ports=ports, done=done: done.append(run(ports)))
+                    per_tx[(side, name)] = count / done[0]
+                    print(f"{side}: {name}: {count:,} instructions for {done[0]} transactions", file=sys.stderr,
+                          flush=True)
+        names = list(sides)
+        print("| scenario (4 clients) | " + " | ".join(f"{side}: instructions/tx" for side in names)
+              + " | on/off |" + (" on/baseline |" if "baseline" in names else ""))
+        print("|---" * (len(names) + 2 + ("baseline" in names)) + "|")
+        for name in scenarios:
+            cells = " | ".join(f"{per_tx[(side, name)]:,.0f}" for side in names)
+            ratio = f"{per_tx[('on', name)] / per_tx[('off', name)]:.3f}"
+            extra = f" {per_tx[('on', name)] / per_tx[('baseline', name)]:.3f} |" if "baseline" in names else ""
+            print(f"| {name} | {cells} | {ratio} |{extra}")
+
+
+def pgbench_count(port: int, mode: str, per_client: int) -> int:
+    out = subprocess.run(["pgbench", "-n", "-S", "-M", mode, "-c", "4", "-j", "2", "-t", str(per_client), "-h",
+                          "127.0.0.1", "-p", str(port), "-U", USER, USER], env=dict(os.environ, PGPASSWORD=PASSWORD),
+                         capture_output=True, text=True, timeout=1200)
+    found = re.search(r"actually processed: (\d+)", out.stdout)
+    if out.returncode != 0 or found is None:
+        raise RuntimeError(f"pgbench failed: {out.stderr[-1000:]}")
+    return int(found.group(1))
+
+
+def sysbench_events(port: int, events: int) -> int:
+    out = subprocess.run(["sysbench", "oltp_point_select", "--db-driver=mysql", "--mysql-host=127.0.0.1",
+                          f"--mysql-port={port}", f"--mysql-user={USER}", f"--mysql-password={PASSWORD}",
+                          f"--mysql-db={USER}", "--tables=1", "--table-size=10000", "--mysql-ssl=off",
+                          "--db-ps-mode=disable", "--threads=4", f"--events={events}", "--time=0", "run"],
+                         capture_output=True, text=True, timeout=1200)
+    found = re.search(r"transactions:\s+(\d+)", out.stdout)
+    if out.returncode != 0 or found is None:
+        raise RuntimeError(f"sysbench failed: {out.stdout[-1000:]}")
+    return int(found.group(1))
+
+
+if __name__ == "__main__":
+    main()
