@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from devtools.servers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
-from loadtest.insights_cost import PASSWORD, USER
+from devtools.servers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
+from loadtest.insights_cost import PASSWORD, USER, write_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,28 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 def proxy_under_callgrind(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None,
                           code: Path) -> Iterator[dict[str, int]]:
     """A one-process proxy under callgrind (collecting from start); yields its pid and ports."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "secrets.toml").write_text(f'[users]\n{USER} = "{PASSWORD}"\n')
-    ports = {"postgresql": free_port(), "mysql": free_port()}
-    (folder / "proxy.toml").write_text(f"""[server]
-log_level = "warning"
-workers = 1
-client_login_timeout = 60.0
-{"" if insights is None else f"statement_insights = {insights}"}
-[secrets]
-file = "secrets.toml"
-[postgresql]
-port = {ports["postgresql"]}
-backend_port = {pg.port}
-[postgresql.pool]
-max_connections = 4
-[mysql]
-enabled = true
-port = {ports["mysql"]}
-backend_port = {mariadb.port}
-[mysql.pool]
-max_connections = 4
-""")
+    ports = write_config(folder, pg, mariadb, insights, pool=4, server="client_login_timeout = 60.0")
     out = folder / "callgrind.out"
     process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
                                 sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],

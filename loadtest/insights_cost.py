@@ -28,17 +28,16 @@ from devtools.servers import MariaDBInstance, PostgresInstance, free_port, start
 USER, PASSWORD = "bench", "bench-secret"
 
 
-@contextmanager
-def proxy(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None,
-          code: Path | None = None) -> Iterator[dict[str, int]]:
-    """A one-process proxy with `statement_insights` = `insights` (None: a code that has no such key), running the
-    package in `code` (default: this one); yields its pid and ports."""
+def write_config(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None, pool: int,
+                 server: str = "") -> dict[str, int]:
+    """The proxy's config (one process, both engines, `pool` backends each) and secrets in `folder`; its ports."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "secrets.toml").write_text(f'[users]\n{USER} = "{PASSWORD}"\n')
     ports = {"postgresql": free_port(), "mysql": free_port()}
     (folder / "proxy.toml").write_text(f"""[server]
 log_level = "warning"
 workers = 1
+{server}
 {"" if insights is None else f"statement_insights = {insights}"}
 [secrets]
 file = "secrets.toml"
@@ -46,14 +45,23 @@ file = "secrets.toml"
 port = {ports["postgresql"]}
 backend_port = {pg.port}
 [postgresql.pool]
-max_connections = 10
+max_connections = {pool}
 [mysql]
 enabled = true
 port = {ports["mysql"]}
 backend_port = {mariadb.port}
 [mysql.pool]
-max_connections = 10
+max_connections = {pool}
 """)
+    return ports
+
+
+@contextmanager
+def proxy(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None,
+          code: Path | None = None) -> Iterator[dict[str, int]]:
+    """A one-process proxy with `statement_insights` = `insights` (None: a code that has no such key), running the
+    package in `code` (default: this one); yields its pid and ports."""
+    ports = write_config(folder, pg, mariadb, insights, pool=10)
     env = dict(os.environ, PYTHONPATH=str(code)) if code is not None else None
     process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],
                                stdout=subprocess.PIPE, stderr=(folder / "proxy.log").open("w"), text=True,
