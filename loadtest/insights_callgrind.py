@@ -19,10 +19,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from devtools.servers import MariaDBInstance, PostgresInstance, start_mariadb, start_postgres
-from loadtest.insights_cost import PASSWORD, USER, write_config
-
-REPO = Path(__file__).resolve().parent.parent
+from devtools.servers import MariaDBInstance, PostgresInstance
+from loadtest.insights_cost import PASSWORD, REPO, USER, checkout, start_servers, write_config
 
 
 @contextmanager
@@ -74,24 +72,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="insights-callgrind-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         os.chmod(work, 0o711)
-        pg = start_postgres(work / "pg", users={USER: PASSWORD})
-        stack.callback(pg.stop)
-        mariadb = start_mariadb(work / "mariadb", users={USER: PASSWORD})
-        stack.callback(mariadb.stop)
-        subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER, USER],
-                       env=dict(os.environ, PGPASSWORD=PASSWORD), check=True, capture_output=True)
-        subprocess.run(["sysbench", "oltp_point_select", "--db-driver=mysql", "--mysql-host=127.0.0.1",
-                        f"--mysql-port={mariadb.port}", f"--mysql-user={USER}", f"--mysql-password={PASSWORD}",
-                        f"--mysql-db={USER}", "--tables=1", "--table-size=10000", "--mysql-ssl=off", "prepare"],
-                       check=True, capture_output=True)
+        pg, mariadb = start_servers(work, stack, scale=1)
         sides: dict[str, tuple[int | None, Path]] = {"on": (5000, REPO), "off": (0, REPO)}
         if args.baseline_commit:
-            code = work / "baseline"
-            subprocess.run(["git", "worktree", "add", "--detach", str(code), args.baseline_commit], check=True,
-                           capture_output=True, cwd=REPO)
-            stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(code)],
-                           capture_output=True, cwd=REPO)
-            sides["baseline"] = (None, code)
+            sides["baseline"] = (None, checkout(work / "baseline", stack, args.baseline_commit))
         per_tx: dict[tuple[str, str], float] = {}
         for side, (insights, code) in sides.items():
             folder = work / side

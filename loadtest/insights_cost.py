@@ -26,6 +26,32 @@ import psutil
 from devtools.servers import MariaDBInstance, PostgresInstance, free_port, start_mariadb, start_postgres
 
 USER, PASSWORD = "bench", "bench-secret"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_servers(work: Path, stack: ExitStack, scale: int) -> tuple[PostgresInstance, MariaDBInstance]:
+    """A throwaway PostgreSQL with pgbench's tables (`scale`) and a MariaDB with sysbench's, both stopped by
+    `stack`."""
+    pg = start_postgres(work / "pg", users={USER: PASSWORD})
+    stack.callback(pg.stop)
+    mariadb = start_mariadb(work / "mariadb", users={USER: PASSWORD})
+    stack.callback(mariadb.stop)
+    subprocess.run(["pgbench", "-i", "-q", "-s", str(scale), "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER,
+                    USER], env=dict(os.environ, PGPASSWORD=PASSWORD), check=True, capture_output=True)
+    subprocess.run(["sysbench", "oltp_point_select", "--db-driver=mysql", "--mysql-host=127.0.0.1",
+                    f"--mysql-port={mariadb.port}", f"--mysql-user={USER}", f"--mysql-password={PASSWORD}",
+                    f"--mysql-db={USER}", "--tables=1", "--table-size=10000", "--mysql-ssl=off", "prepare"],
+                   check=True, capture_output=True)
+    return pg, mariadb
+
+
+def checkout(folder: Path, stack: ExitStack, commit: str) -> Path:
+    """The repository's code at `commit` in `folder` (a detached worktree, removed by `stack`)."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], check=True, capture_output=True,
+                   cwd=REPO)
+    stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(folder)], capture_output=True,
+                   cwd=REPO)
+    return folder
 
 
 def write_config(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None, pool: int,
@@ -116,24 +142,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="insights-cost-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         os.chmod(work, 0o711)
-        pg = start_postgres(work / "pg", users={USER: PASSWORD})
-        stack.callback(pg.stop)
-        mariadb = start_mariadb(work / "mariadb", users={USER: PASSWORD})
-        stack.callback(mariadb.stop)
-        subprocess.run(["pgbench", "-i", "-q", "-s", "5", "-h", "127.0.0.1", "-p", str(pg.port), "-U", USER, USER],
-                       env=dict(os.environ, PGPASSWORD=PASSWORD), check=True, capture_output=True)
-        subprocess.run(["sysbench", "oltp_point_select", "--db-driver=mysql", "--mysql-host=127.0.0.1",
-                        f"--mysql-port={mariadb.port}", f"--mysql-user={USER}", f"--mysql-password={PASSWORD}",
-                        f"--mysql-db={USER}", "--tables=1", "--table-size=10000", "--mysql-ssl=off", "prepare"],
-                       check=True, capture_output=True)
+        pg, mariadb = start_servers(work, stack, scale=5)
         proxies = {"on": stack.enter_context(proxy(work / "on", pg, mariadb, 5000)),
                    "off": stack.enter_context(proxy(work / "off", pg, mariadb, 0))}
         if args.baseline_commit:
-            code = work / "baseline"
-            subprocess.run(["git", "worktree", "add", "--detach", str(code), args.baseline_commit], check=True,
-                           capture_output=True, cwd=Path(__file__).resolve().parent.parent)
-            stack.callback(subprocess.run, ["git", "worktree", "remove", "--force", str(code)], capture_output=True,
-                           cwd=Path(__file__).resolve().parent.parent)
+            code = checkout(work / "baseline", stack, args.baseline_commit)
             proxies["baseline"] = stack.enter_context(proxy(work / "base", pg, mariadb, None, code))
         scenarios = {"pgbench -S simple": lambda port: pgbench(port["postgresql"], "simple", args.clients,
                                                                args.seconds),
