@@ -18,10 +18,11 @@ from proxy.protocol.pg.extended import (
     EXPECT_QUERY,
     EXPECT_SYNC,
 )
+from proxy.protocol.sql_words import WORD_BYTES
 from proxy.query_clock import UNKNOWN
 from proxy.session.client import State
 from proxy.session.pg_replay import PgReplay
-from proxy.session.pg_settings import SESSION_WORDS
+from proxy.session.pg_settings import FOLDED_SESSION_WORDS, has_session_words
 from proxy.session.pg_statements import HOLD
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,8 @@ LONG_QUERY = "(a query streamed through: too long to normalize)"
 # A Query at least this long that arrives in parts streams through (scanned for SESSION_WORDS as it passes)
 # instead of being held whole; other inspected messages are gathered in a growing buffer.
 STREAM_QUERY_MIN = 256 * 1024
-# Session words found in a streamed Query: the text lowercased, non-word bytes made spaces, then this pattern
-# (a leading literal lets the regex engine skip fast). Derived from SESSION_WORDS so the two cannot drift.
-WORD_BYTES = bytes(
-    c + 32 if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122 or c == 95) else 32 for c in range(256)
-)
-_WORDS_BODY = SESSION_WORDS.pattern.removeprefix(rb"(?i)\b")
-STREAMED_WORDS = re.compile(rb" " + _WORDS_BODY) if SESSION_WORDS.pattern != _WORDS_BODY else SESSION_WORDS
+# Session words found in a streamed Query: the same pattern as for any Query, over the folded text of each part.
+STREAMED_WORDS = FOLDED_SESSION_WORDS
 SCAN_OVERLAP = 32  # bytes of one part kept to find a word cut by the next part
 # After a read this large, the client's next read waits for the event loop's next turn, so that a client
 # streaming a huge message takes one read per turn and every other connection gets its turn in between.
@@ -328,7 +324,7 @@ class PgForward(PgReplay):
             self.pending += 1
             statements.forget_unnamed(backend)
             replacement = None
-            if SESSION_WORDS.search(body):  # DEALLOCATE is mapped; the rest noted for the read-back
+            if has_session_words(body):  # DEALLOCATE is mapped; the rest noted for the read-back
                 sql = body[:-1]
                 self._note_session_words(sql)
                 replacement = statements.deallocate_sql(sql, backend)
@@ -346,7 +342,7 @@ class PgForward(PgReplay):
         self.in_extended = True
         if kind == PARSE_BYTE:
             name, rest = ext.split_parse(body)
-            session_words = SESSION_WORDS.search(rest) is not None
+            session_words = has_session_words(rest)
             if session_words:
                 self._note_session_words(ext.parse_query_text(rest))
             if clock is not None and clock.digest is not None:  # (statistics off: no statement to name)

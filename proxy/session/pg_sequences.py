@@ -18,17 +18,18 @@ come after its first batch without a BEGIN (extended-protocol pipelines without 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
+from proxy.protocol import sql_words
 from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
 
-# Looked for in the first batch of each transaction (one pass of one pattern, any case).
-WORDS = re.compile(rb"(?i)\b(?:nextval|setval|lastval|currval|insert|copy|merge|returning|begin|start\s+transaction)\b")
+# Looked for in the first batch of each transaction (one pass of one pattern over the folded text, see
+# proxy.protocol.sql_words; `start transaction` is found with any non-word bytes between its words).
+WORDS = sql_words.spaced(rb"nextval|setval|lastval|currval|insert|copy|merge|returning|begin|start +transaction")
 READ_WORDS = frozenset({b"lastval", b"currval"})
 WRITE_WORDS = frozenset({b"nextval", b"setval", b"insert", b"copy", b"merge"})
 DISCARD_SEQUENCES = pg.query("DISCARD SEQUENCES")
@@ -45,8 +46,8 @@ class NamedStatement(Protocol):
 
 
 def _found(text: bytes | bytearray) -> set[bytes]:
-    found = WORDS.findall(text)
-    return {word.lower() for word in found} if found else set()
+    found = WORDS.findall(sql_words.folded(text))
+    return set(found) if found else set()
 
 
 def words_in(held: bytes | bytearray, statements: Mapping[Any, NamedStatement]) -> set[bytes]:

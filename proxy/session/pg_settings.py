@@ -9,6 +9,7 @@ from proxy.errors import BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
+from proxy.protocol import sql_words
 from proxy.protocol.pg import messages as pg
 from proxy.session.pg_databases import close_idle_backends, database_ddl_target
 from proxy.session.pg_service import PostgresService
@@ -18,13 +19,18 @@ from proxy.session.pg_statements import Statements
 log = logging.getLogger(__name__)
 
 # Words that may start or end session state a backend cannot carry to another client (checked in C, per query).
-SESSION_WORDS = re.compile(
-    rb"(?i)\b(?:set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
-    rb"deallocate|close|drop|rename|role|session|pg_advisory_\w*)\b"
-)
+_SESSION_ALTERNATIVES = (rb"set|reset|set_config|discard|listen|unlisten|temp|temporary|advisory|hold|load|prepare|"
+                         rb"deallocate|close|drop|rename|role|session|pg_advisory_\w*")
+SESSION_WORDS = re.compile(rb"(?i)\b(?:" + _SESSION_ALTERNATIVES + rb")\b")
+FOLDED_SESSION_WORDS = sql_words.spaced(_SESSION_ALTERNATIVES)  # the same words, in folded text (the hot path)
 VARIABLE_WORDS = frozenset({b"set", b"reset", b"set_config", b"role", b"session"})
 DISCARD_ALL = re.compile(rb"(?i)\bdiscard\s+all\b")
 LOAD = re.compile(rb"(?i)^\s*load\s")
+
+
+def has_session_words(text: bytes | bytearray) -> bool:
+    """Whether `text` holds one of SESSION_WORDS (a fast pass over its folded form)."""
+    return FOLDED_SESSION_WORDS.search(sql_words.folded(text)) is not None
 
 # Read back after a transaction that used SESSION_WORDS: settings made in the session, and state that pins.
 SESSION_STATE_QUERY = (

@@ -8,7 +8,9 @@ Engine-neutral: the engine decides when a transaction starts and ends and what m
     same for another reason); `last` is the latest piece recorded, kept even then;
   - `sent(data)`: every byte given to the client, as a running SHA-256 (`sent_digest()`) and a count
     (`sent_bytes`); hashed up to REPLY_FACTOR x `limit` bytes (past that, hashing a bulk read would cost more than
-    a replay could save: the transaction is then not replayable).
+    a replay could save: the transaction is then not replayable). The replies are hashed lazily: up to
+    UNHASHED_LIMIT bytes are kept as given (no copy) and hashed only when a digest is asked for or the limit is
+    passed, so a short transaction that ends normally is never hashed at all.
 `chunks` are the pieces recorded (an engine that records one command per piece replays them one by one),
 `messages` the same joined. `replay_check()` gives a `ReplayCheck` of what was sent so far and starts
 the digest again (the replay's replies are what the client is given from then on).
@@ -26,12 +28,15 @@ import hashlib
 EMPTY_DIGEST = hashlib.sha256().digest()
 # Reply bytes of one transaction hashed at most, per byte of `limit`.
 REPLY_FACTOR = 16
+# Reply bytes kept unhashed (references to what was given, not copies) before they are folded into the digest.
+UNHASHED_LIMIT = 64 * 1024
 
 
 class ReplayLog:
     """The client's messages of the current transaction (at most `limit` bytes) and a digest of its replies."""
 
-    __slots__ = ("_hash", "chunks", "last", "limit", "replayable", "reply_limit", "sent_bytes", "size")
+    __slots__ = ("_hash", "_unhashed", "_unhashed_bytes", "chunks", "last", "limit", "replayable", "reply_limit",
+                 "sent_bytes", "size")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -40,7 +45,9 @@ class ReplayLog:
         self.last = b""  # the latest piece recorded (kept when the transaction is too large to replay)
         self.size = 0  # bytes recorded
         self.replayable = True
-        self._hash = hashlib.sha256()
+        self._hash: hashlib._Hash | None = None  # made when the first replies are folded in
+        self._unhashed: list[bytes] = []  # replies given and not yet hashed, in order
+        self._unhashed_bytes = 0
         self.sent_bytes = 0
 
     def record(self, data: bytes) -> None:
@@ -59,15 +66,32 @@ class ReplayLog:
         self.replayable = False
         self.chunks.clear()
         self.size = 0
+        self._unhashed.clear()
+        self._unhashed_bytes = 0
 
     def sent(self, data: bytes) -> None:
-        """`data` was given to the client."""
-        self.sent_bytes += len(data)
+        """`data` was given to the client (bytes that nobody changes afterwards)."""
+        size = len(data)
+        self.sent_bytes += size
         if self.replayable:  # (never compared otherwise)
             if self.sent_bytes > self.reply_limit:
                 self.spoil()
                 return
-            self._hash.update(data)
+            self._unhashed.append(data)
+            self._unhashed_bytes += size
+            if self._unhashed_bytes > UNHASHED_LIMIT:
+                self._fold()
+
+    def _fold(self) -> hashlib._Hash:
+        """The digest so far, with the replies kept unhashed added to it."""
+        digest = self._hash
+        if digest is None:
+            digest = self._hash = hashlib.sha256()
+        for data in self._unhashed:
+            digest.update(data)
+        self._unhashed.clear()
+        self._unhashed_bytes = 0
+        return digest
 
     def reset(self) -> None:
         """The transaction ended: start empty (cheap when nothing was kept)."""
@@ -76,8 +100,7 @@ class ReplayLog:
             self.chunks.clear()
             self.size = 0
             self.replayable = True
-            self._hash = hashlib.sha256()
-            self.sent_bytes = 0
+            self.restart_sent()
 
     @property
     def empty(self) -> bool:
@@ -86,13 +109,15 @@ class ReplayLog:
 
     def replay_check(self) -> ReplayCheck:
         """A check of the bytes sent so far; the digest and count start again for the replay's replies."""
-        check = ReplayCheck(self._hash.digest(), self.sent_bytes)
+        check = ReplayCheck(self.sent_digest(), self.sent_bytes)
         self.restart_sent()
         return check
 
     def restart_sent(self) -> None:
         """The digest and count of sent bytes start again (a replay is being given to the client)."""
-        self._hash = hashlib.sha256()
+        self._hash = None
+        self._unhashed.clear()
+        self._unhashed_bytes = 0
         self.sent_bytes = 0
 
     @property
@@ -102,7 +127,7 @@ class ReplayLog:
 
     def sent_digest(self) -> bytes:
         """The SHA-256 of the bytes given to the client in the current transaction."""
-        return self._hash.digest()
+        return self._fold().digest()
 
     def __repr__(self) -> str:  # never the client's bytes: they may hold secrets
         return f"ReplayLog(recorded={self.size}, sent={self.sent_bytes}, replayable={self.replayable})"
