@@ -25,14 +25,20 @@ def _tree(process: psutil.Process) -> list[psutil.Process]:
         return [process]
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    """User + system CPU time of the process tree so far."""
-    total = 0.0
+def cpu_split(process: psutil.Process) -> tuple[float, float]:
+    """(user, system) CPU time of the process tree so far, including children it has already reaped."""
+    user = system = 0.0
     for proc in _tree(process):
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+            user += times.user + times.children_user
+            system += times.system + times.children_system
+    return user, system
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU time of the process tree so far."""
+    return sum(cpu_split(process))
 
 
 def rss_bytes(process: psutil.Process) -> int:
@@ -50,6 +56,8 @@ class ProcessUsage:
 
     cpu_seconds: float
     peak_rss_bytes: int
+    user_seconds: float = 0.0
+    system_seconds: float = 0.0
 
 
 class ProcessSampler:
@@ -58,7 +66,7 @@ class ProcessSampler:
     def __init__(self, process: psutil.Process | None, interval: float = SAMPLE_INTERVAL) -> None:
         self.process = process
         self.interval = interval
-        self._cpu_start = 0.0
+        self._cpu_start = (0.0, 0.0)
         self._peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,7 +80,7 @@ class ProcessSampler:
 
     def __enter__(self) -> Self:
         if self.process is not None:
-            self._cpu_start = cpu_seconds(self.process)
+            self._cpu_start = cpu_split(self.process)
             self._peak = rss_bytes(self.process)
             self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
             self._thread.start()
@@ -85,7 +93,9 @@ class ProcessSampler:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, rss_bytes(self.process))
-        self.usage = ProcessUsage(cpu_seconds(self.process) - self._cpu_start, self._peak)
+        user, system = cpu_split(self.process)
+        user, system = user - self._cpu_start[0], system - self._cpu_start[1]
+        self.usage = ProcessUsage(user + system, self._peak, user, system)
 
 
 class ConnectionCounter(Protocol):

@@ -115,6 +115,8 @@ class ScenarioRunner:
         self.sizes = sizes
         self.duration = duration
         self.workdir = workdir
+        #: Middlemen beyond PgBouncer and the stack's proxy whose idle pooled connections stay open meanwhile.
+        self.extra_pools = 0
         self.counters: dict[str, ConnectionCounter] = {}
         if stack.postgres is not None:
             self.counters[POSTGRESQL] = PostgresConnectionCounter(stack.postgres)
@@ -178,7 +180,7 @@ class ScenarioRunner:
             return result
         counter = self.counters.get(scenario.engine)
         # The previous run's clients must be gone; the pooled ones (PgBouncer's, the proxy's) may stay.
-        wait_for_sessions_at_most(counter, 2 * self.stack.pool_size)
+        wait_for_sessions_at_most(counter, (2 + self.extra_pools) * self.stack.pool_size)
         proxy = self.stack.proxy if target == PROXY else None
         log_start = proxy.log_size() if proxy is not None else 0
         started = time.perf_counter()
@@ -195,6 +197,8 @@ class ScenarioRunner:
         if usage.usage is not None:
             result.middleman_cpu_s = round(usage.usage.cpu_seconds, 2)
             result.middleman_peak_rss = usage.usage.peak_rss_bytes
+            result.middleman_user_s = round(usage.usage.user_seconds, 4)
+            result.middleman_sys_s = round(usage.usage.system_seconds, 4)
         result.backend_connections_max = backends.maximum if counter is not None else None
         if backends.error:
             result.extra["monitor_error"] = backends.error
