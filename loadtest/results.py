@@ -31,6 +31,9 @@ class Result:
     middleman_cpu_s: float | None = None  # user+sys of PgBouncer / the proxy over the scenario
     middleman_user_s: float | None = None  # user CPU of all the middleman's processes (None in older results)
     middleman_sys_s: float | None = None  # system CPU of all the middleman's processes
+    #: CPU µs per transaction over the steady part of a pgbench run (logins excluded); None: use the totals
+    steady_user_us: float | None = None
+    steady_sys_us: float | None = None
     middleman_peak_rss: int | None = None  # bytes
     backend_connections_max: int | None = None
     other_cpu_s: float | None = None  # CPU used meanwhile by processes outside the benchmark (noise indicator)
@@ -50,8 +53,12 @@ class Result:
         return f"failed: {self.reason}"
 
     def cpu_us_per_unit(self) -> tuple[float, float] | None:
-        """The middleman's (user, system) CPU microseconds per transaction (per MB for COPY), when measured."""
-        if not self.ok or not self.work or self.middleman_user_s is None or self.middleman_sys_s is None:
+        """The middleman's (user, system) CPU µs per transaction (per MB for COPY): steady part, else whole run."""
+        if not self.ok:
+            return None
+        if self.steady_user_us is not None and self.steady_sys_us is not None:
+            return self.steady_user_us, self.steady_sys_us
+        if not self.work or self.middleman_user_s is None or self.middleman_sys_s is None:
             return None
         return self.middleman_user_s * 1e6 / self.work, self.middleman_sys_s * 1e6 / self.work
 
