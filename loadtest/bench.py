@@ -25,9 +25,17 @@ What it does, all on 127.0.0.1 and all bounded in time:
 
    Failures (``-M prepared`` through a transaction pooler, for instance) are recorded as "failed: <reason>"
    with the tool's own error text, never hidden.
-4. Runs the idle-connection memory probe (:mod:`loadtest.idle_probe`) with 10,000 clients.
-5. Prints a markdown table (throughput, p50/p99 latency, the middleman's CPU time and peak RSS, the maximum
-   number of backend connections, proxy/PgBouncer and proxy/direct ratios) and, unless ``--no-write``,
+   For every scenario the middleman's (PgBouncer's, the proxy's: all its processes) user and system CPU time
+   is read from /proc (psutil) and divided by the transactions done: CPU microseconds per transaction, the
+   headline figure (for pgbench over the steady part of the run, the clients' logins left out).
+4. With ``--compare-workers``, runs the selected scenarios again against one proxy per worker count.
+5. Counts system calls (:mod:`loadtest.syscalls`): ``pgbench -S -M simple -c 100`` for 20,000 transactions once
+   through PgBouncer and once through the proxy, ``strace -c -f`` attached to every process of the middleman.
+6. Runs the idle-connection memory probe (:mod:`loadtest.idle_probe`) with 10,000 clients.
+7. Prints markdown tables (throughput, p50/p99 latency, the middleman's CPU time and peak RSS, the maximum
+   number of backend connections, proxy/PgBouncer and proxy/direct ratios; CPU per transaction; system calls
+   per transaction; the worker comparison) and whether the proxy ran its compiled hot path, and, unless
+   ``--no-write``,
    writes PNG plots to ``docs/perf/``, regenerates ``docs/PERFORMANCE.md`` (machine, date, command, tables and the
    Targets section with each target "met" or "NOT met"), and saves raw results to ``loadtest/results/latest.json``.
 
@@ -52,6 +60,13 @@ Options:
 ``--idle-probe COUNTS``
     Comma-separated idle client counts for the memory probe (default ``10000``; ``200`` with ``--quick``);
     ``none`` skips it.
+``--compare-workers COUNTS``
+    Comma-separated ``[server] workers`` counts, e.g. ``1,2``: the selected scenarios (``--only``) also run
+    against one proxy per count, side by side on the same data, and a "Workers" table gives throughput and CPU
+    per transaction for each count next to PgBouncer's.
+``--no-syscalls``
+    Skip the ``strace`` step (it also runs only if ``--only`` is not given or matches ``syscalls``). Without
+    strace installed the step reads "n/a" (``apt-get install strace``).
 ``--no-write``
     Print the tables only; do not touch ``docs/`` or ``loadtest/results/``.
 ``--keep-workdir``

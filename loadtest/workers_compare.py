@@ -69,6 +69,6 @@ def _run(stack: Stack, runner: ScenarioRunner, scenario: Scenario, count: int, p
         result = runner.run_one(scenario, PROXY)
         result.extra["processes"] = proxy.process_count()
     result.extra[WORKERS_KEY] = count
-    print(f"[bench] workers={count} {scenario.name:48} {result.status_text() if not result.ok else result.throughput}",
-          file=sys.stderr, flush=True)
+    summary = f"{result.throughput:,.1f} {result.unit}" if result.ok else result.status_text()
+    print(f"[bench] workers={count} {scenario.name:48} {summary}", file=sys.stderr, flush=True)
     return result
