@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import threading
 import time
@@ -15,6 +16,11 @@ from devtools.servers import MariaDBInstance, PostgresInstance
 from loadtest.targets import BENCH_USER
 
 SAMPLE_INTERVAL = 0.2
+#: Seconds left out after the first completed transaction (clients still logging in) and before the last.
+STEADY_SKIP_START = 0.5
+STEADY_SKIP_END = 0.3
+#: The shortest steady window whose CPU is used; psutil's CPU times tick every 10 ms.
+STEADY_MIN_SECONDS = 2.0
 
 
 def _tree(process: psutil.Process) -> list[psutil.Process]:
@@ -25,14 +31,20 @@ def _tree(process: psutil.Process) -> list[psutil.Process]:
         return [process]
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    """User + system CPU time of the process tree so far."""
-    total = 0.0
+def cpu_split(process: psutil.Process) -> tuple[float, float]:
+    """(user, system) CPU time of the process tree so far, including children it has already reaped."""
+    user = system = 0.0
     for proc in _tree(process):
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+            user += times.user + times.children_user
+            system += times.system + times.children_system
+    return user, system
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """User + system CPU time of the process tree so far."""
+    return sum(cpu_split(process))
 
 
 def rss_bytes(process: psutil.Process) -> int:
@@ -50,6 +62,8 @@ class ProcessUsage:
 
     cpu_seconds: float
     peak_rss_bytes: int
+    user_seconds: float = 0.0
+    system_seconds: float = 0.0
 
 
 class ProcessSampler:
@@ -58,21 +72,29 @@ class ProcessSampler:
     def __init__(self, process: psutil.Process | None, interval: float = SAMPLE_INTERVAL) -> None:
         self.process = process
         self.interval = interval
-        self._cpu_start = 0.0
+        self._cpu_start = (0.0, 0.0)
         self._peak = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.usage: ProcessUsage | None = None
+        #: (seconds since the epoch, user, system) of the tree, every interval: CPU over any window of the run
+        self.samples: list[tuple[float, float, float]] = []
+
+    def _sample_cpu(self) -> None:
+        assert self.process is not None
+        user, system = cpu_split(self.process)
+        self.samples.append((time.time(), user, system))
 
     def _run(self) -> None:
         assert self.process is not None
         while not self._stop.is_set():
             self._peak = max(self._peak, rss_bytes(self.process))
+            self._sample_cpu()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Self:
         if self.process is not None:
-            self._cpu_start = cpu_seconds(self.process)
+            self._cpu_start = cpu_split(self.process)
             self._peak = rss_bytes(self.process)
             self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
             self._thread.start()
@@ -85,7 +107,28 @@ class ProcessSampler:
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, rss_bytes(self.process))
-        self.usage = ProcessUsage(cpu_seconds(self.process) - self._cpu_start, self._peak)
+        user, system = cpu_split(self.process)
+        user, system = user - self._cpu_start[0], system - self._cpu_start[1]
+        self.usage = ProcessUsage(user + system, self._peak, user, system)
+
+    def steady_cpu_per_tx(self, completions: list[float]) -> tuple[float, float, int] | None:
+        """(user, system) CPU µs per transaction over the steady part of the run, and its transactions.
+
+        The window runs from a sample just after the first completions (all clients logged in: their
+        authentication is not a transaction's cost) to one before the last, and the transactions counted are
+        those completed between the two samples. None when the run is too short for a steady window.
+        """
+        if not completions or len(self.samples) < 3:
+            return None
+        start, end = completions[0] + STEADY_SKIP_START, completions[-1] - STEADY_SKIP_END
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < STEADY_MIN_SECONDS:
+            return None
+        first, last = inside[0], inside[-1]
+        done = bisect.bisect_right(completions, last[0]) - bisect.bisect_right(completions, first[0])
+        if done <= 0:
+            return None
+        return (last[1] - first[1]) * 1e6 / done, (last[2] - first[2]) * 1e6 / done, done
 
 
 class ConnectionCounter(Protocol):

@@ -123,6 +123,8 @@ def run_once(endpoint: Endpoint, spec: PgbenchRun, logdir: Path) -> Measurement:
     log = read_pgbench_logs(sorted(logdir.glob("pgbench.*")))
     samples = cycle_times_us(log.completions) if spec.connect_each else log.latencies_us
     result.latency = percentiles_ms(samples)
+    if not spec.connect_each:
+        result.completions = sorted(t / 1e6 for times in log.completions.values() for t in times)
     result.extra["latency_method"] = "connect+query cycle per client" if spec.connect_each else "per-transaction log"
     shutil.rmtree(logdir, ignore_errors=True)
     return result

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtest import goals
 from loadtest.goals import Lookup, Outcome
 from loadtest.idle_probe import ProbeResult
 from loadtest.results import Result
+from loadtest.syscalls import COLUMNS, SyscallCount
 from loadtest.targets import DIRECT, PGBOUNCER_TARGET, PROXY, TARGET_ORDER
 
 TARGET_LABELS = {DIRECT: "direct", PGBOUNCER_TARGET: "pgbouncer", PROXY: "proxy"}
@@ -90,11 +92,8 @@ def ratio_table(results: Sequence[Result]) -> str:
         if proxy and direct and proxy.ok and direct.ok and proxy.p50_ms is not None and direct.p50_ms is not None:
             added = f"{(proxy.p50_ms - direct.p50_ms) * 1000:+,.0f} µs"
         cpu = DASH
-        if (proxy and bouncer and proxy.ok and bouncer.ok and proxy.middleman_cpu_s and bouncer.middleman_cpu_s
-                and proxy.work and bouncer.work):
-            # CPU per unit of work, so a faster target is not penalised for doing more of it
-            per_proxy = proxy.middleman_cpu_s / proxy.work
-            per_bouncer = bouncer.middleman_cpu_s / bouncer.work
+        per_proxy, per_bouncer = goals.cpu_per_tx_us(proxy), goals.cpu_per_tx_us(bouncer)
+        if per_proxy is not None and per_bouncer:  # per unit of work: a faster target does more of it
             cpu = f"{per_proxy / per_bouncer:.2f}x"
 
         def show(ratio: float | None, why: str) -> str:
@@ -108,6 +107,79 @@ def ratio_table(results: Sequence[Result]) -> str:
         mark_direct = DISTURBED if disturbed(proxy) or disturbed(direct) else ""
         lines.append(f"| `{scenario}` | {show(vs_bouncer, why_bouncer)}{mark_bouncer if vs_bouncer else ''} "
                      f"| {show(vs_direct, why_direct)}{mark_direct if vs_direct else ''} | {added} | {cpu} |")
+    return "\n".join(lines)
+
+
+def _us(split: tuple[float, float] | None, index: int) -> str:
+    return DASH if split is None else f"{split[index]:,.1f}"
+
+
+def cpu_table(results: Sequence[Result]) -> str:
+    """Per scenario: PgBouncer's and the proxy's user and system CPU µs per transaction, and their ratio."""
+    lookup = Lookup(list(results))
+    lines = ["| scenario | PgBouncer user µs/tx | PgBouncer sys µs/tx | proxy user µs/tx | proxy sys µs/tx "
+             "| proxy/PgBouncer total |", "|---|---|---|---|---|---|"]
+    for scenario in OrderedDict.fromkeys(r.scenario for r in results):
+        bouncer_row, proxy_row = lookup.get(scenario, PGBOUNCER_TARGET), lookup.get(scenario, PROXY)
+        if bouncer_row is None and proxy_row is None:
+            continue
+        bouncer = bouncer_row.cpu_us_per_unit() if bouncer_row is not None else None
+        proxy = proxy_row.cpu_us_per_unit() if proxy_row is not None else None
+        counterpart = lookup.get(goals.bouncer_counterpart(scenario), PGBOUNCER_TARGET)
+        against = counterpart.cpu_us_per_unit() if counterpart is not None else None
+        ratio = f"{sum(proxy) / sum(against):.2f}x" if proxy and against and sum(against) > 0 else DASH
+        if ratio != DASH and counterpart is not bouncer_row:
+            ratio += " (vs PgBouncer `-M extended`)"
+        unit = " (per MB)" if proxy_row is not None and proxy_row.unit == "MB/s" else ""
+        lines.append(f"| `{scenario}`{unit} | {_us(bouncer, 0)} | {_us(bouncer, 1)} | {_us(proxy, 0)} "
+                     f"| {_us(proxy, 1)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def mysql_pg_line(results: Sequence[Result], concurrency: int) -> str:
+    """Proxy CPU per MySQL point select against per PostgreSQL select-only transaction, same concurrency."""
+    found = goals.mysql_pg_cpu(Lookup(list(results)), concurrency)
+    what = (f"Proxy CPU per sysbench `oltp_point_select` query vs per `pgbench -S -M simple` transaction "
+            f"(one SELECT each), {concurrency} clients")
+    if found is None:
+        return f"{what}: not measured."
+    mysql, pg = found
+    return f"{what}: {mysql:,.1f} µs vs {pg:,.1f} µs, {mysql / pg:.2f}x (target <= 1.2x)."
+
+
+def syscall_table(counts: Sequence[SyscallCount]) -> str:
+    """System calls per transaction of each middleman, by call."""
+    header = [label for label, _ in COLUMNS]
+    lines = ["| middleman | processes | transactions | " + " | ".join(f"{h} /tx" for h in header)
+             + " | others /tx | total /tx | status |", "|" + "---|" * (len(header) + 6)]
+    for found in counts:
+        name = TARGET_LABELS.get(found.target, found.target)
+        if not found.calls:
+            lines.append(f"| {name} | {found.processes or DASH} | {DASH} | " + " | ".join(DASH for _ in header)
+                         + f" | {DASH} | {DASH} | {_cell(found.error or 'no data')} |")
+            continue
+        cells = " | ".join(f"{found.per_transaction(names):.2f}" for _, names in COLUMNS)
+        status = f"failed: {_cell(found.error)}" if found.error else "ok"
+        lines.append(f"| {name} | {found.processes} | {found.transactions:,} | {cells} "
+                     f"| {found.others_per_transaction():.2f} | {found.total_per_transaction():.2f} | {status} |")
+    return "\n".join(lines)
+
+
+def workers_table(compared: Sequence[Result], results: Sequence[Result]) -> str:
+    """Per scenario and proxy worker count: throughput, CPU µs per transaction, and PgBouncer's from the main run."""
+    lookup = Lookup(list(results))
+    lines = ["| scenario | workers | processes | throughput | user µs/tx | sys µs/tx | total µs/tx "
+             "| PgBouncer throughput | PgBouncer total µs/tx | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in compared:
+        split = result.cpu_us_per_unit()
+        bouncer = lookup.get(goals.bouncer_counterpart(result.scenario), PGBOUNCER_TARGET)
+        bouncer_cpu = goals.cpu_per_tx_us(bouncer)
+        lines.append(
+            f"| `{result.scenario}` | {result.extra.get('workers', DASH)} | {result.extra.get('processes', DASH)} "
+            f"| {_throughput(result)} | {_us(split, 0)} | {_us(split, 1)} "
+            f"| {DASH if split is None else f'{sum(split):,.1f}'} "
+            f"| {_throughput(bouncer) if bouncer is not None else DASH} | {_num(bouncer_cpu, 1)} "
+            f"| {_cell(result.status_text())} |")
     return "\n".join(lines)
 
 
@@ -305,7 +377,8 @@ def write_plots(results: Sequence[Result], probes: Sequence[ProbeResult], outdir
 
 def performance_markdown(*, results: Sequence[Result], probes: Sequence[ProbeResult], outcomes: Sequence[Outcome],
                          extra_outcomes: Sequence[Outcome], facts: dict[str, str], meta: dict[str, Any],
-                         plots: Sequence[Path], docs_dir: Path) -> str:
+                         plots: Sequence[Path], docs_dir: Path, syscalls: Sequence[SyscallCount] = (),
+                         compared: Sequence[Result] = ()) -> str:
     met = sum(1 for o in outcomes if o.met)
     other = other_load_summary(results)
     machine = "\n".join(f"| {k} | {_cell(v)} |" for k, v in facts.items())
@@ -329,6 +402,23 @@ runs against direct, PgBouncer and the proxy one after the other), mean anything
 
 {targets_section(outcomes, extra_outcomes)}
 
+## CPU per transaction
+
+The headline figure: far less noisy than throughput on a shared machine. The middleman's (PgBouncer's, the
+proxy's: all its processes, supervisor and workers) user and system CPU time over the scenario, from /proc
+(psutil `cpu_times` of the process tree, reaped children included), divided by the transactions pgbench or
+sysbench completed (COPY: per MB). For pgbench (without `-C`) only the steady part counts: from half a second
+after the first transaction completed (the clients have logged in) to just before the last, with the
+transactions completed in that window (from pgbench's per-transaction log); shorter runs use the whole run.
+
+{cpu_table(results)}
+
+{mysql_pg_line(results, int(meta.get('mysql_pg_concurrency') or 10))}
+
+## System calls
+
+{syscall_section(syscalls, meta)}
+{workers_section(compared, results, meta)}
 ## Machine
 
 | | |
@@ -349,8 +439,9 @@ runs against direct, PgBouncer and the proxy one after the other), mean anything
   bytes / median time, MB = 10^6 bytes.
 - {meta.get('pgbouncer_version', 'PgBouncer')}: `pool_mode = transaction`, `auth_type = scram-sha-256` (plaintext
   password in the userlist), `max_client_conn = {meta['pgbouncer_max_client_conn']}`, connection logging off.
-- Proxy: `python -m proxy run`, {_proxy_processes(meta)}, `log_level = "warning"`, SCRAM-SHA-256 client auth,
-  transaction pooling. Its CPU and RSS are those of all its processes together. TLS is off for every target
+- Proxy: `python -m proxy run`, {proxy_processes(meta)}, `log_level = "warning"`, SCRAM-SHA-256 client auth,
+  transaction pooling; hot path: {meta.get('proxy_compiled', 'unknown')}. Its CPU and RSS are those of all its
+  processes together. TLS is off for every target
   (`PGSSLMODE=disable`; the proxy would otherwise negotiate TLS). The proxy runs from a copy of `proxy/` taken
   at the start of the run, so edits made meanwhile cannot mix into it.
 
@@ -382,8 +473,10 @@ running as one process (`workers = 1`) per count; RSS is read after the logins h
   the connection is made, so for `-C` the latency is instead the time between a client's consecutive
   transaction completions: connect + SCRAM login + query + disconnect. sysbench: nearest-rank over its
   `--histogram` of transaction latencies (buckets are about 2% wide). COPY has no per-query latency.
-- **Middleman CPU s**: user + system CPU time of the PgBouncer or proxy process (and any children) from the
-  start to the end of the scenario (psutil `cpu_times` delta). Its **peak RSS**: psutil sampled every 0.2 s.
+- **Middleman CPU s**: user + system CPU time of the PgBouncer or proxy process and all its children (the proxy's
+  workers; reaped children's times included) from the start to the end of the scenario (psutil `cpu_times`
+  delta); the CPU-per-transaction table shows user and system separately, divided by the transactions done.
+  Its **peak RSS**: psutil sampled every 0.2 s.
 - **Backend conns (max)**: every 0.2 s the harness lists the benchmark user's sessions in `pg_stat_activity`
   (MariaDB: `information_schema.processlist`) and attributes them by client port: a middleman's are the ones
   whose port is the local end of one of its TCP connections to the database (psutil); direct's are those of no
@@ -405,7 +498,26 @@ running as one process (`workers = 1`) per count; RSS is read after the logins h
 """
 
 
-def _proxy_processes(meta: dict[str, Any]) -> str:
+def syscall_section(syscalls: Sequence[SyscallCount], meta: dict[str, Any]) -> str:
+    if not syscalls:
+        return "Not run."
+    return (f"`{meta.get('syscall_run', 'pgbench')}` once through PgBouncer and once through the proxy, with "
+            "`strace -c -f -p PID ...` attached to every process of the middleman meanwhile (stopped with SIGINT "
+            "once pgbench has ended); calls divided by the transactions pgbench completed (the clients' logins "
+            "are included). strace slows the traced process: the counts matter here, not the time.\n\n"
+            + syscall_table(syscalls))
+
+
+def workers_section(compared: Sequence[Result], results: Sequence[Result], meta: dict[str, Any]) -> str:
+    if not compared:
+        return ""
+    return (f"\n## Workers\n\n`--compare-workers {meta.get('compare_workers', '')}`: the selected scenarios "
+            "against one proxy per `[server] workers` count (all started beside the main one, same databases and "
+            "data, each count in turn per scenario); PgBouncer's columns come from the main run.\n\n"
+            + workers_table(compared, results) + "\n")
+
+
+def proxy_processes(meta: dict[str, Any]) -> str:
     processes = int(meta.get("proxy_processes") or 0)
     chosen = meta.get("proxy_workers_option")
     how = f"`workers = {chosen}`" if chosen is not None else "its default worker count"

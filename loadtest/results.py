@@ -29,6 +29,11 @@ class Result:
     p99_ms: float | None = None
     latency_samples: int = 0
     middleman_cpu_s: float | None = None  # user+sys of PgBouncer / the proxy over the scenario
+    middleman_user_s: float | None = None  # user CPU of all the middleman's processes (None in older results)
+    middleman_sys_s: float | None = None  # system CPU of all the middleman's processes
+    #: CPU µs per transaction over the steady part of a pgbench run (logins excluded); None: use the totals
+    steady_user_us: float | None = None
+    steady_sys_us: float | None = None
     middleman_peak_rss: int | None = None  # bytes
     backend_connections_max: int | None = None
     other_cpu_s: float | None = None  # CPU used meanwhile by processes outside the benchmark (noise indicator)
@@ -47,6 +52,16 @@ class Result:
             return self.reason if self.reason.startswith("n/a") else f"n/a ({self.reason})"
         return f"failed: {self.reason}"
 
+    def cpu_us_per_unit(self) -> tuple[float, float] | None:
+        """The middleman's (user, system) CPU µs per transaction (per MB for COPY): steady part, else whole run."""
+        if not self.ok:
+            return None
+        if self.steady_user_us is not None and self.steady_sys_us is not None:
+            return self.steady_user_us, self.steady_sys_us
+        if not self.work or self.middleman_user_s is None or self.middleman_sys_s is None:
+            return None
+        return self.middleman_user_s * 1e6 / self.work, self.middleman_sys_s * 1e6 / self.work
+
 
 def save_results(path: Path, results: list[Result], meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,5 +69,7 @@ def save_results(path: Path, results: list[Result], meta: dict[str, Any]) -> Non
 
 
 def load_results(path: Path) -> tuple[list[Result], dict[str, Any]]:
+    """Results saved by this or an older version of the harness (fields added since take their defaults)."""
     data = json.loads(path.read_text())
-    return [Result(**row) for row in data["results"]], data["meta"]
+    known = set(Result.__dataclass_fields__)
+    return [Result(**{k: v for k, v in row.items() if k in known}) for row in data["results"]], data["meta"]

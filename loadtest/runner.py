@@ -22,6 +22,8 @@ class Measurement:
     latency: Percentiles | None = None
     error: str = ""  # non-empty: the run failed, and this is why (the tool's own words)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Completion times of every transaction (seconds since the epoch, sorted), where the tool logs them.
+    completions: list[float] = field(default_factory=list)
 
 
 @dataclass

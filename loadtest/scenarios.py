@@ -63,12 +63,14 @@ class Sizes:
     copy_rows: int
     copy_repeats: int
     idle_counts: tuple[int, ...]
+    syscall_clients: int = 100  # the strace step: pgbench -c
+    syscall_transactions: int = 20_000  # ... and the transactions in total (-t is this / clients)
 
 
 FULL = Sizes(clients=(10, 100, 1000), connect_clients=10, threads=(10, 100, 1000), pgbench_scale=10,
              sysbench_table_size=10_000, copy_rows=1_000_000, copy_repeats=2, idle_counts=(10_000,))
 QUICK = Sizes(clients=(4,), connect_clients=2, threads=(4,), pgbench_scale=1, sysbench_table_size=1_000,
-              copy_rows=20_000, copy_repeats=1, idle_counts=(200,))
+              copy_rows=20_000, copy_repeats=1, idle_counts=(200,), syscall_clients=10, syscall_transactions=1_000)
 
 
 def pgbench_name(mode: str, clients: int, connect_each: bool = False) -> str:
@@ -115,6 +117,8 @@ class ScenarioRunner:
         self.sizes = sizes
         self.duration = duration
         self.workdir = workdir
+        #: Middlemen beyond PgBouncer and the stack's proxy whose idle pooled connections stay open meanwhile.
+        self.extra_pools = 0
         self.counters: dict[str, ConnectionCounter] = {}
         if stack.postgres is not None:
             self.counters[POSTGRESQL] = PostgresConnectionCounter(stack.postgres)
@@ -178,7 +182,7 @@ class ScenarioRunner:
             return result
         counter = self.counters.get(scenario.engine)
         # The previous run's clients must be gone; the pooled ones (PgBouncer's, the proxy's) may stay.
-        wait_for_sessions_at_most(counter, 2 * self.stack.pool_size)
+        wait_for_sessions_at_most(counter, (2 + self.extra_pools) * self.stack.pool_size)
         proxy = self.stack.proxy if target == PROXY else None
         log_start = proxy.log_size() if proxy is not None else 0
         started = time.perf_counter()
@@ -195,6 +199,12 @@ class ScenarioRunner:
         if usage.usage is not None:
             result.middleman_cpu_s = round(usage.usage.cpu_seconds, 2)
             result.middleman_peak_rss = usage.usage.peak_rss_bytes
+            result.middleman_user_s = round(usage.usage.user_seconds, 4)
+            result.middleman_sys_s = round(usage.usage.system_seconds, 4)
+            steady = usage.steady_cpu_per_tx(measured.completions)
+            if steady is not None:
+                result.steady_user_us, result.steady_sys_us = round(steady[0], 2), round(steady[1], 2)
+                result.extra["steady_transactions"] = steady[2]
         result.backend_connections_max = backends.maximum if counter is not None else None
         if backends.error:
             result.extra["monitor_error"] = backends.error

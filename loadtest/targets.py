@@ -400,10 +400,37 @@ def snapshot_proxy_code(destination: Path) -> Path:
 
     Others may be editing proxy/ while a run takes its quarter of an hour; a proxy restarted mid-run (the idle
     probe starts a fresh one) must not pick up a half-made change, and the whole run measures one version.
+    The compiled hot path comes along: the extension modules inside ``proxy/`` and mypyc's group library, which
+    ``pip install -e .`` leaves in the repository root (``*__mypyc*.so``) and the extensions import by name.
+    Modification times are kept (``copy2``), so the copy judges a stale build exactly as the checkout would.
     """
     shutil.copytree(REPO_ROOT / "proxy", destination / "proxy", ignore=shutil.ignore_patterns("__pycache__"),
                     dirs_exist_ok=True)
+    for library in REPO_ROOT.glob("*__mypyc*.so"):
+        shutil.copy2(library, destination / library.name)
     return destination
+
+
+COMPILED_PROBE = "import proxy.compiled as c; print(c.in_use())"
+
+
+def compiled_state(code_dir: Path) -> str:
+    """Whether a proxy started from ``code_dir`` (same interpreter and environment) runs the compiled hot path."""
+    try:
+        done = subprocess.run([sys.executable, "-W", "always", "-c", COMPILED_PROBE], cwd=code_dir,
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    answer = done.stdout.strip()
+    if done.returncode != 0 or answer not in ("True", "False"):
+        return "unknown (this proxy has no proxy.compiled)" if "proxy.compiled" in done.stderr else "unknown"
+    if answer == "True":
+        return "compiled (mypyc build of the hot path)"
+    if os.environ.get("DBPROXY_COMPILED") == "0":
+        return "interpreted (DBPROXY_COMPILED=0)"
+    warning = next((line.split("RuntimeWarning:", 1)[1].strip() for line in done.stderr.splitlines()
+                    if "RuntimeWarning:" in line), "")
+    return f"interpreted ({warning})" if warning else "interpreted (no compiled build: `pip install -e .` makes one)"
 
 
 def _process_tree(pid: int) -> psutil.Process | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,53 @@ def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
                           timeout=timeout, check=False)
 
 
-def _results_rows(output: str) -> list[list[str]]:
-    """Rows of the results table (scenario, target, throughput, ...), the first table printed."""
+def _rows(output: str, heading: str, prefix: str = "| `") -> list[list[str]]:
+    """Rows of the table printed under ``## heading`` (up to the next heading) whose first cell starts so."""
     rows = []
-    section = output.split("## Results", 1)[-1].split("## Ratios", 1)[0]
+    section = output.split(f"## {heading}", 1)[-1].split("\n## ", 1)[0]
     for line in section.splitlines():
-        if line.startswith("| `"):
+        if line.startswith(prefix):
             rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
     return rows
+
+
+def _results_rows(output: str) -> list[list[str]]:
+    """Rows of the results table (scenario, target, throughput, ...), the first table printed."""
+    return _rows(output, "Results")
+
+
+def _number(cell: str) -> float:
+    match = NUMBER.fullmatch(cell)
+    assert match is not None, f"not a number: {cell!r}"
+    return float(cell.replace(",", ""))
+
+
+def _assert_cpu_per_transaction(output: str) -> None:
+    """PgBouncer's and the proxy's user and system µs per transaction, as numbers, for pgbench simple."""
+    rows = {row[0]: row for row in _rows(output, "CPU per transaction")}
+    row = next((r for name, r in rows.items() if name.startswith("`pgbench -S -M simple -c") and
+                not name.endswith("-c 1`")), None)
+    assert row is not None, output
+    bouncer_user, bouncer_sys, proxy_user, proxy_sys = (_number(cell) for cell in row[1:5])
+    assert bouncer_user + bouncer_sys > 0 and proxy_user + proxy_sys > 0, row
+    assert re.fullmatch(r"[\d.]+x", row[5]), row
+    assert re.search(r"sysbench `oltp_point_select` query vs per `pgbench -S -M simple` transaction .*: "
+                     r"[\d.,]+ µs vs [\d.,]+ µs, [\d.]+x", output), output
+
+
+def _assert_syscalls(output: str) -> None:
+    """The strace step's table: reads, writes, epoll waits, others and total per transaction for both."""
+    rows = {row[0]: row for row in _rows(output, "System calls per transaction", prefix="| ")
+            if row[0] in ("pgbouncer", "proxy")}
+    assert set(rows) == {"pgbouncer", "proxy"}, output
+    for name, row in rows.items():
+        if shutil.which("strace") is None:
+            assert "apt-get install strace" in row[-1], row
+            continue
+        assert row[-1] == "ok", row
+        reads, writes, waits, others, total = (_number(cell) for cell in row[3:8])
+        assert reads > 0 and writes > 0 and total >= reads + writes, (name, row)
+        assert waits >= 0 and others >= 0, (name, row)
 
 
 @pytest.mark.timeout(200)
@@ -41,6 +81,8 @@ def test_quick_bench_prints_a_table_for_every_target() -> None:
     assert set(throughput) == {"direct", "pgbouncer", "proxy"}, done.stdout
     for target, value in throughput.items():
         assert value > 0, f"{target} had no pgbench simple throughput:\n{done.stdout}"
+    _assert_cpu_per_transaction(done.stdout)
+    _assert_syscalls(done.stdout)
     assert "## Targets" in done.stdout
     assert "| 200 | 200 |" in done.stdout, "the idle probe row is missing"
 
