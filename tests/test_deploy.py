@@ -43,7 +43,8 @@ def stages() -> list[Stage]:
 
 
 def test_stages_build_a_wheel_and_install_it(stages: list[Stage]) -> None:
-    assert [s.base for s in stages] == ["python:3.11-slim", "python:3.11-slim"]
+    # the builder has a C compiler (the hot path is compiled); the image the proxy runs in has none
+    assert [s.base for s in stages] == ["python:3.11", "python:3.11-slim"]
     builder, final = stages
     assert builder.name == "builder"
     assert any("pip wheel" in r.arguments for r in builder.of("RUN"))
@@ -190,6 +191,7 @@ def test_the_install_commands_work_in_a_fresh_virtualenv(stages: list[Stage], tm
                 shutil.copy(REPO / source, target)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["DBPROXY_COMPILE"] = "0"  # the compiled build is what the suite's own install makes and uses; not again here
     for run in builder.of("RUN"):
         subprocess.run(_image_path(tmp_path, run.arguments), shell=True, cwd=src, env=env, check=True, timeout=150)
     assert list((tmp_path / "wheels").glob("dbproxy-*.whl"))
