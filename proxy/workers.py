@@ -439,6 +439,8 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
             if stopping:  # a signal while starting: pass it to the workers forked after it, too
                 _stop_workers(workers)
             ports: dict[str, int] = reload.ports()
+            if config.fleet.enabled:
+                ports["fleet"] = config.fleet.port  # every worker listens on it
             totals = WorkerSum()
             if metrics_port >= 0 and not stopping:
 
