@@ -281,3 +281,17 @@ def test_a_cancel_or_kill_for_an_unknown_proxy_is_dropped_with_a_log_line(fleet:
             cursor.execute(f"KILL QUERY {connection_id}")
         assert refused.value.args[0] == 1094
     fleet.proxies[0].wait_for_log(rf"fleet: KILL QUERY {connection_id} for proxy 9 dropped: no such peer known")
+
+
+def test_a_cancel_for_a_dead_peer_is_dropped_with_a_log_line(fleet: Fleet) -> None:
+    """(Last: it stops a proxy of the module's fleet.)"""
+    fleet.proxies[1].stop()
+    process_id = pg_ids.make_process_id(0, 7, 2)  # a client of the stopped proxy
+    for _ in range(2):  # once at the known address, once more after asking the peers again
+        with socket.create_connection(("127.0.0.1", fleet.proxies[0].ports["postgresql"]), timeout=5) as sock:
+            sock.sendall(cancel_request(process_id, 12345))
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+    fleet.proxies[0].wait_for_log(rf"fleet: cancel request for client {process_id} for proxy 2 dropped: .*refused")
+    fleet.proxies[0].wait_for_log(rf"fleet: cancel request for client {process_id} for proxy 2 dropped: no such "
+                                  "peer known")
