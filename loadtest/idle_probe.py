@@ -194,6 +194,7 @@ class ProbeResult:
     error: str = ""
     processes: int = 1  # proxy processes measured (a supervisor and its workers, or 1)
     tls: bool = False  # the clients logged in over TLS
+    idle_cpu: float = 0.0  # the proxy's CPU share (1.0: one core) while the clients sat idle
 
     @property
     def per_connection(self) -> float:
@@ -213,6 +214,19 @@ def _wait_quiet(process: psutil.Process, seconds: float) -> None:
     with contextlib.suppress(psutil.Error):
         while time.monotonic() < deadline and process.cpu_percent(interval=0.2) > 5.0:
             pass
+
+
+IDLE_WINDOW = 5.0  # seconds over which the proxy's CPU with idle clients is measured
+
+
+def _idle_cpu(process: psutil.Process) -> float:
+    """The share of a core the proxy used over IDLE_WINDOW seconds with every client idle."""
+    with contextlib.suppress(psutil.Error):
+        before = process.cpu_times()
+        time.sleep(IDLE_WINDOW)
+        after = process.cpu_times()
+        return ((after.user - before.user) + (after.system - before.system)) / IDLE_WINDOW
+    return 0.0
 
 
 def probe(proxy: ProxyProcess, count: int, workers: int | None = 1, tls: bool = False) -> ProbeResult:
@@ -272,6 +286,7 @@ def probe(proxy: ProxyProcess, count: int, workers: int | None = 1, tls: bool = 
                 first_error = line[4].strip()
         _wait_quiet(process, SETTLE_SECONDS)
         after = rss_bytes(process) if proxy.alive() else before
+        idle_cpu = _idle_cpu(process) if proxy.alive() else 0.0
     finally:
         for worker in clients:
             with contextlib.suppress(OSError):
@@ -288,7 +303,7 @@ def probe(proxy: ProxyProcess, count: int, workers: int | None = 1, tls: bool = 
         error = f"{connected} of {count} clients logged in; first error: {first_error or 'none reported'}"
     if not proxy.alive():
         error = f"the proxy process died during the probe; {error}"
-    return ProbeResult(count, connected, before, after, slowest, error, processes, tls)
+    return ProbeResult(count, connected, before, after, slowest, error, processes, tls, idle_cpu)
 
 
 def format_result(result: ProbeResult) -> str:
@@ -297,7 +312,7 @@ def format_result(result: ProbeResult) -> str:
     text = (f"{result.count:>7} idle clients: RSS {result.rss_before / 2**20:.1f} MiB -> "
             f"{result.rss_after / 2**20:.1f} MiB, {result.per_connection / 1024:.2f} KiB per connection, "
             f"logins took {result.login_seconds:.1f} s, {result.processes} proxy process(es)"
-            f"{', TLS' if result.tls else ''}")
+            f"{', TLS' if result.tls else ''}; idle, the proxy used {result.idle_cpu:.1%} of a core")
     return text + (f" (failed: {result.error})" if result.error else "")
 
 
