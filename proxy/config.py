@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from enum import StrEnum
@@ -202,7 +203,8 @@ class FleetSettings(Strict):
     Changes take a restart."""
 
     proxy_id: int = Field(0, ge=0, le=MAX_FLEET_PROXY_ID, description="this proxy's id in the fleet, unique "
-                          "among its peers; the client ids it hands out carry it")
+                          "among its peers; the client ids it hands out carry it; \"ordinal\": the number that "
+                          "ends the host name (a StatefulSet pod's ordinal)")
     port: int = Field(-1, ge=-1, le=65535, description="port of the fleet listener, where peers forward cancels "
                       "and KILLs; -1: no fleet (the ids and behaviour of a single proxy)")
     host: str = Field("", description="address of the fleet listener; empty: [server] host")
@@ -220,6 +222,17 @@ class FleetSettings(Strict):
     @property
     def enabled(self) -> bool:
         return self.port >= 0
+
+    @field_validator("proxy_id", mode="before")
+    @classmethod
+    def _ordinal(cls, value: object) -> object:
+        if value != "ordinal":
+            return value
+        host = socket.gethostname()
+        found = re.search(r"(\d+)$", host)
+        if found is None:
+            raise ValueError(f"\"ordinal\": the host name {host!r} does not end with a number")
+        return int(found.group(1))
 
     @model_validator(mode="after")
     def _complete(self) -> FleetSettings:

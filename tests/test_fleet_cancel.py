@@ -111,12 +111,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance,
     key_file.write_bytes(FLEET_KEY + b"\n")
     fleet_ports = [free_port() for _ in range(PROXIES)]
     peers = [f"127.0.0.1:{port}" for port in fleet_ports]
+    by_name = [f"localhost:{port}" for port in fleet_ports]  # the first proxy resolves names, as of a Service
     with contextlib.ExitStack() as stack:
         proxies = [stack.enter_context(running_proxy(
             folder / f"proxy{number}", pg_server, mariadb_server,
             server={"workers": 2 if number == 2 else 1},  # the last one also passes cancels between its workers
-            fleet={"proxy_id": number + 1, "port": fleet_ports[number], "peers": peers, "key_file": str(key_file),
-                   "discovery_interval": 5.0}))
+            fleet={"proxy_id": number + 1, "port": fleet_ports[number], "peers": by_name if number == 0 else peers,
+                   "key_file": str(key_file), "discovery_interval": 5.0}))
             for number in range(PROXIES)]
         for proxy, port in zip(proxies, fleet_ports, strict=True):
             assert proxy.ports["fleet"] == port

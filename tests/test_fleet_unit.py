@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,16 @@ def test_fleet_settings(tmp_path: Path) -> None:
         load_key(tmp_path / "missing.key")
     assert split_address("[::1]:7000") == ("::1", 7000)
     assert split_address("dbproxy-fleet.default.svc:7000") == ("dbproxy-fleet.default.svc", 7000)
+
+
+@pytest.mark.parametrize(("host", "expected"), [("dbproxy-7", 7), ("dbproxy-0", 0), ("pod12", 12),
+                                                 ("dbproxy", "does not end with a number"),
+                                                 ("dbproxy-128", "less than or equal to 127")])
+def test_proxy_id_from_the_statefulset_ordinal(monkeypatch: pytest.MonkeyPatch, host: str,
+                                               expected: int | str) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    if isinstance(expected, int):
+        assert parse_config({"fleet": {"proxy_id": "ordinal"}}).fleet.proxy_id == expected
+    else:
+        with pytest.raises(ConfigError, match=expected):
+            parse_config({"fleet": {"proxy_id": "ordinal"}})
