@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import socket
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from proxy.config import parse_config
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, TooManyClients
 from proxy.fleet.peers import split_address
-from proxy.fleet.wire import MIN_KEY_BYTES, Refused, Verifier, load_key, sign
+from proxy.fleet.wire import HEADER, MAX_MESSAGE, MIN_KEY_BYTES, Refused, Verifier, load_key, read_message, sign
 from proxy.session import mysql_ids, pg_ids
 
 KEY = b"k" * MIN_KEY_BYTES
@@ -43,6 +44,12 @@ def test_counters_wrap_past_ids_still_in_use() -> None:
     wrapped = pg_ids.make_process_id(1, pg_ids.FLEET_COUNTER_MASK + 1, 4)
     assert wrapped == pg_ids.make_process_id(1, 1, 4)
     assert mysql_ids.make_proxy_id(1, mysql_ids.FLEET_COUNTER_MASK + 1, 4) == mysql_ids.make_proxy_id(1, 1, 4)
+
+
+def test_a_worker_out_of_ids_refuses_the_client() -> None:
+    taken = {pg_ids.make_process_id(0, serial, 4) for serial in range(1, pg_ids.FLEET_COUNTER_MASK + 1)}
+    with pytest.raises(TooManyClients):
+        pg_ids.next_process_id(0, itertools.count(1), taken, 4)
 
 
 def test_a_signed_message_is_accepted_once() -> None:
@@ -77,6 +84,24 @@ def test_other_keys_stale_times_and_other_requests_are_refused() -> None:
         verifier.verify(sign(KEY, {}, 1000.0, reply_to="abc"), 1000.0, reply_to="def")
     with pytest.raises(Refused, match="not a signed message"):
         verifier.verify({"body": {}}, 1000.0)
+    with pytest.raises(Refused, match="clock skew"):  # (signed by a key holder, but no time at all)
+        verifier.verify(sign(KEY, {}, float("nan")), 1000.0)
+
+
+def test_reading_refuses_large_and_deeply_nested_messages() -> None:
+    async def read(data: bytes) -> object:
+        reader = asyncio.StreamReader()
+        reader.feed_data(data)
+        reader.feed_eof()
+        return await read_message(reader)
+
+    with pytest.raises(ValueError, match="too large"):
+        asyncio.run(read(HEADER.pack(MAX_MESSAGE + 1)))
+    nested = b"[" * 8000 + b"]" * 8000  # within the size cap, far beyond the recursion limit
+    with pytest.raises(ValueError, match="nested"):
+        asyncio.run(read(HEADER.pack(len(nested)) + nested))
+    body = b'{"body": {}}'
+    assert asyncio.run(read(HEADER.pack(len(body)) + body)) == {"body": {}}
 
 
 def test_nonces_are_forgotten_once_stale() -> None:

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import struct
 from collections import deque
@@ -77,7 +78,7 @@ class Verifier:
         if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), _mac(self._key, fields).encode()):
             raise Refused("bad signature")
         sent, nonce, body = fields["ts"], fields["nonce"], fields["body"]
-        if not isinstance(sent, int | float) or abs(now - sent) > self.max_skew:
+        if not isinstance(sent, int | float) or not math.isfinite(sent) or abs(now - sent) > self.max_skew:
             raise Refused("outside the allowed clock skew")
         if fields["reply_to"] != reply_to:
             raise Refused("answers another request")
@@ -105,7 +106,10 @@ async def read_message(reader: asyncio.StreamReader) -> Message:
     size = int(HEADER.unpack(await reader.readexactly(HEADER.size))[0])
     if size > MAX_MESSAGE:
         raise ValueError(f"message of {size} bytes is too large")
-    message = json.loads(await reader.readexactly(size))
+    try:
+        message = json.loads(await reader.readexactly(size))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(message, dict):
         raise ValueError("a message is a JSON object")
     return message

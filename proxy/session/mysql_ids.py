@@ -25,6 +25,8 @@ import itertools
 import re
 from collections.abc import Container
 
+from proxy.errors import TooManyClients
+
 PROXY_ID_BASE = 0x40000000
 WORKER_SHIFT = 24
 COUNTER_MASK = (1 << WORKER_SHIFT) - 1
@@ -65,10 +67,11 @@ def make_proxy_id(worker: int, serial: int, fleet_proxy: int | None = None) -> i
 def next_proxy_id(worker: int, counter: itertools.count[int], in_use: Container[int],
                   fleet_proxy: int | None = None) -> int:
     """A new connection id for a client of `worker`, not held by a connected client."""
-    while True:
+    for _ in range(FLEET_COUNTER_MASK if fleet_proxy is not None else COUNTER_MASK):
         candidate = make_proxy_id(worker, next(counter), fleet_proxy)
         if candidate not in in_use:
             return candidate
+    raise TooManyClients("too many clients in this worker process: every client id is taken")
 
 
 def is_proxy_id(number: int) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Container
 
+from proxy.errors import TooManyClients
+
 LOCAL_WORKER_SHIFT = 24
 LOCAL_BASE = 1 << 22
 LOCAL_COUNTER_MASK = (1 << 22) - 1
@@ -32,10 +34,11 @@ def make_process_id(worker: int, serial: int, fleet_proxy: int | None = None) ->
 def next_process_id(worker: int, counter: itertools.count[int], in_use: Container[int],
                     fleet_proxy: int | None = None) -> int:
     """A new process id for a client of `worker`, not held by a connected client."""
-    while True:
+    for _ in range(FLEET_COUNTER_MASK if fleet_proxy is not None else LOCAL_COUNTER_MASK):
         candidate = make_process_id(worker, next(counter), fleet_proxy)
         if candidate not in in_use:
             return candidate
+    raise TooManyClients("too many clients in this worker process: every client id is taken")
 
 
 def worker_of(process_id: int) -> int:
