@@ -169,6 +169,7 @@ def test_psql_ctrl_c_reaches_the_query_whichever_proxy_gets_the_cancel(fleet: Fl
 def test_asyncpg_timeouts_cancel_the_query_through_another_proxy(fleet: Fleet, pg_server: PostgresInstance) -> None:
     async def run() -> None:
         for _ in range(PROXIES):
+            forwarded = fleet.count(r"fleet: cancel request for client \d+ passed to proxy")
             first = len(fleet.pg.chosen)
             conn = await asyncpg.connect(host="127.0.0.1", port=fleet.pg.port, user="app", password="app-secret",
                                          database="app", ssl=False)
@@ -178,7 +179,10 @@ def test_asyncpg_timeouts_cancel_the_query_through_another_proxy(fleet: Fleet, p
                     await conn.fetchval("select pg_sleep(31)", timeout=0.5)
                 assert await conn.fetchval("select 41 + 1") == 42  # the connection is free again: cancelled
                 assert time.monotonic() - started < 5
-                assert fleet.pg.chosen[first] != fleet.pg.chosen[first + 1]
+                receiver = fleet.pg.chosen[first + 1]
+                assert fleet.pg.chosen[first] != receiver
+                after = fleet.count(r"fleet: cancel request for client \d+ passed to proxy")
+                assert after[receiver] == forwarded[receiver] + 1, (after, forwarded)
             finally:
                 await conn.close()
 
