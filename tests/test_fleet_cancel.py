@@ -25,7 +25,7 @@ from devtools.servers import MariaDBInstance, PostgresInstance, free_port
 from proxy.fleet.wire import encode, sign
 from proxy.protocol.pg.messages import cancel_request
 from proxy.session import mysql_ids, pg_ids
-from support import ProxyProcess, running_proxy
+from support import ProxyProcess, metric_value, running_proxy, scrape
 
 FLEET_KEY = b"fleet-key-3c5e0a9d41b7f2e8"
 PROXIES = 3
@@ -115,7 +115,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance,
     with contextlib.ExitStack() as stack:
         proxies = [stack.enter_context(running_proxy(
             folder / f"proxy{number}", pg_server, mariadb_server,
-            server={"workers": 2 if number == 2 else 1},  # the last one also passes cancels between its workers
+            server={"workers": 2 if number == 2 else 1,  # the last one also passes cancels between its workers
+                    "metrics_port": 0},
             fleet={"proxy_id": number + 1, "port": fleet_ports[number], "peers": by_name if number == 0 else peers,
                    "key_file": str(key_file), "discovery_interval": 5.0}))
             for number in range(PROXIES)]
@@ -272,6 +273,7 @@ def test_forged_stale_and_replayed_forwards_are_refused(fleet: Fleet, pg_server:
 
 def test_a_cancel_or_kill_for_an_unknown_proxy_is_dropped_with_a_log_line(fleet: Fleet) -> None:
     stranger = 9  # no proxy of the fleet has this id
+    dropped = metric_value(scrape(fleet.proxies[0]), "dbproxy_fleet_forwards_dropped_total")
     process_id = pg_ids.make_process_id(0, 5, stranger)
     with socket.create_connection(("127.0.0.1", fleet.proxies[0].ports["postgresql"]), timeout=5) as sock:
         sock.sendall(cancel_request(process_id, 12345))
@@ -286,6 +288,9 @@ def test_a_cancel_or_kill_for_an_unknown_proxy_is_dropped_with_a_log_line(fleet:
             cursor.execute(f"KILL QUERY {connection_id}")
         assert refused.value.args[0] == 1094
     fleet.proxies[0].wait_for_log(rf"fleet: KILL QUERY {connection_id} for proxy 9 dropped: no such peer known")
+    assert metric_value(scrape(fleet.proxies[0]), "dbproxy_fleet_forwards_dropped_total") == dropped + 2
+    forwarded = [metric_value(scrape(proxy), "dbproxy_fleet_forwards_total") for proxy in fleet.proxies]
+    assert forwarded == fleet.count(r"fleet: .* passed to proxy")  # what the tests before passed on, if they ran
 
 
 def test_a_cancel_for_a_dead_peer_is_dropped_with_a_log_line(fleet: Fleet) -> None:

@@ -414,7 +414,9 @@ class MySQLService:
                    "id": connection_id, "query_only": query_only}
         answer = await self.fleet.forward(owner, message, f"KILL {'QUERY ' if query_only else ''}{connection_id}")
         if answer is None:
+            self.stats.fleet_forwards_dropped += 1
             raise NoSuchThread(f"Unknown thread id: {connection_id}")
+        self.stats.fleet_forwards += 1
         _raise_kill_answer(answer)
 
     async def serve_kill(self, message: channel.Message, forwarded: bool = True) -> channel.Message:

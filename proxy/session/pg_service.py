@@ -108,7 +108,11 @@ class PostgresService:
         owner_proxy = fleet_proxy_of(process_id)
         if self.fleet is not None and owner_proxy is not None and owner_proxy != self.fleet.proxy_id:
             body = {"kind": "cancel", "process_id": process_id, "secret_key": secret_key}
-            await self.fleet.forward(owner_proxy, body, f"cancel request for client {process_id}")
+            answer = await self.fleet.forward(owner_proxy, body, f"cancel request for client {process_id}")
+            if answer is None:
+                self.stats.fleet_forwards_dropped += 1
+            else:
+                self.stats.fleet_forwards += 1
             return
         owner = worker_of(process_id)
         if owner != self.worker and run_dir() is not None and not forwarded:
