@@ -22,7 +22,7 @@ from proxy.errors import SHUTDOWN_TEXT, ShuttingDown
 from proxy.fleet.node import Fleet
 from proxy.fleet.wire import Message
 from proxy.metrics import serve_metrics
-from proxy.rundir import worker_count
+from proxy.rundir import worker_count, worker_index
 from proxy.secret_sources import fingerprint
 from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
@@ -273,7 +273,8 @@ class ProxyServer:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
         if self.fleet is not None:
-            self.ports["fleet"] = await self.fleet.start(reuse_port)
+            await self.fleet.start(listen=worker_index() == 0)
+            self.ports["fleet"] = self.config.fleet.port
         self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
         self.secrets_watch.start()
         for follower in self.followers:

@@ -348,7 +348,7 @@ class _SupervisorReload:
 
 
 def fleet_ports(config: Config) -> dict[str, int]:
-    """The fleet listener's port for the ready line (every worker listens on it), if there is a fleet."""
+    """The fleet listener's port for the ready line (worker 0 listens on it), if there is a fleet."""
     return {"fleet": config.fleet.port} if config.fleet.enabled else {}
 
 

@@ -38,13 +38,13 @@ class Fleet:
     def __repr__(self) -> str:
         return f"Fleet(proxy_id={self.proxy_id}, port={self.settings.port})"
 
-    async def start(self, reuse_port: bool) -> int:
-        """Listen for peers (on the same port in every worker) and start discovering them; the port."""
-        self.server = await asyncio.start_server(self._serve, self.host, self.settings.port,
-                                                 reuse_port=reuse_port or None)
+    async def start(self, listen: bool) -> None:
+        """Start discovering the peers; with `listen`, listen for them too (one process of the proxy does: the
+        nonces it has seen, against replays, live in that process; it passes forwards on to the owning worker)."""
+        if listen:
+            self.server = await asyncio.start_server(self._serve, self.host, self.settings.port)
+            log.info("fleet: proxy %d listening for peers on %s:%d", self.proxy_id, self.host, self.settings.port)
         self.peers.start()
-        log.info("fleet: proxy %d listening for peers on %s:%d", self.proxy_id, self.host, self.settings.port)
-        return int(self.server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         await self.peers.stop()
