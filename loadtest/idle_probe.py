@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m loadtest.idle_probe --counts 1000,10000,50000 [--pool-size 20] [--workers 1]
+    python -m loadtest.idle_probe --counts 1000,10000,50000 [--pool-size 20] [--workers 1] [--tls]
 
 It starts its own throwaway PostgreSQL and proxy (a fresh proxy process for every count), logs N clients in
 with the real PostgreSQL startup and SCRAM-SHA-256 exchange (the project's own message builders and
@@ -21,6 +21,7 @@ import contextlib
 import math
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -87,10 +88,37 @@ async def _connect(host: str, port: int, source: str | None) -> socket.socket:
     return sock
 
 
+def client_tls() -> ssl.SSLContext:
+    """TLS for the probe's clients: encrypted, the proxy's certificate not checked (it may be self-signed)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _open(host: str, port: int, source: str | None,
+                tls: ssl.SSLContext | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the proxy; with `tls`, SSLRequest first and then the TLS handshake."""
+    sock = await _connect(host, port, source)
+    if tls is None:
+        return await asyncio.open_connection(sock=sock)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_sendall(sock, pg.ssl_request())
+        if await loop.sock_recv(sock, 1) != b"S":
+            raise LoginError("the server does not offer TLS")
+        return await asyncio.open_connection(sock=sock, ssl=tls, server_hostname="")
+    except BaseException:
+        sock.close()
+        raise
+
+
 async def login(host: str, port: int, user: str, password: str, database: str,
-                source: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Open a connection and log in (SCRAM-SHA-256, md5 or cleartext); return it at ReadyForQuery."""
-    reader, writer = await asyncio.open_connection(sock=await _connect(host, port, source))
+                source: str | None = None, tls: ssl.SSLContext | None = None
+                ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection (over TLS with `tls`) and log in (SCRAM-SHA-256, md5 or cleartext, the password or a
+    token); return it at ReadyForQuery."""
+    reader, writer = await _open(host, port, source, tls)
     try:
         writer.write(pg.startup_message({"user": user, "database": database, "application_name": "idle_probe"}))
         scram: ScramClient | None = None
@@ -125,8 +153,10 @@ async def login(host: str, port: int, user: str, password: str, database: str,
         raise
 
 
-async def _hold(host: str, port: int, count: int, source: str | None) -> None:
-    """Worker body: log ``count`` clients in, report on stdout, hold them until stdin closes."""
+async def _hold(host: str, port: int, count: int, source: str | None, tls: bool = False) -> None:
+    """Worker body: log ``count`` clients in (over TLS with `tls`), report on stdout, hold them until stdin
+    closes."""
+    context = client_tls() if tls else None
     gate = asyncio.Semaphore(LOGIN_CONCURRENCY)
     held: list[asyncio.StreamWriter] = []
     errors: list[str] = []
@@ -135,7 +165,7 @@ async def _hold(host: str, port: int, count: int, source: str | None) -> None:
         async with gate:
             try:
                 _, writer = await asyncio.wait_for(
-                    login(host, port, BENCH_USER, BENCH_PASSWORD, BENCH_USER, source), LOGIN_TIMEOUT)
+                    login(host, port, BENCH_USER, BENCH_PASSWORD, BENCH_USER, source, context), LOGIN_TIMEOUT)
             except (OSError, LoginError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 return
@@ -163,6 +193,8 @@ class ProbeResult:
     login_seconds: float
     error: str = ""
     processes: int = 1  # proxy processes measured (a supervisor and its workers, or 1)
+    tls: bool = False  # the clients logged in over TLS
+    idle_cpu: float = 0.0  # the proxy's CPU share (1.0: one core) while the clients sat idle
 
     @property
     def per_connection(self) -> float:
@@ -184,7 +216,20 @@ def _wait_quiet(process: psutil.Process, seconds: float) -> None:
             pass
 
 
-def probe(proxy: ProxyProcess, count: int, workers: int | None = 1) -> ProbeResult:
+IDLE_WINDOW = 5.0  # seconds over which the proxy's CPU with idle clients is measured
+
+
+def _idle_cpu(process: psutil.Process) -> float:
+    """The share of a core the proxy used over IDLE_WINDOW seconds with every client idle."""
+    with contextlib.suppress(psutil.Error):
+        before = process.cpu_times()
+        time.sleep(IDLE_WINDOW)
+        after = process.cpu_times()
+        return ((after.user - before.user) + (after.system - before.system)) / IDLE_WINDOW
+    return 0.0
+
+
+def probe(proxy: ProxyProcess, count: int, workers: int | None = 1, tls: bool = False) -> ProbeResult:
     """Hold ``count`` idle logged-in clients on a freshly started proxy; measure its RSS before and after.
 
     The proxy runs with ``workers`` worker processes (default 1: the target is about one process). RSS is the
@@ -223,7 +268,8 @@ def probe(proxy: ProxyProcess, count: int, workers: int | None = 1) -> ProbeResu
         for index, share in enumerate(shares):
             source = f"127.0.0.{2 + index}"
             clients.append(subprocess.Popen(
-                [sys.executable, "-m", "loadtest.idle_probe", "--worker", str(port), str(share), source],
+                [sys.executable, "-m", "loadtest.idle_probe", "--worker", str(port), str(share), source,
+                 *(["--tls"] if tls else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
             ))
         for worker, share in zip(clients, shares, strict=True):
@@ -240,6 +286,7 @@ def probe(proxy: ProxyProcess, count: int, workers: int | None = 1) -> ProbeResu
                 first_error = line[4].strip()
         _wait_quiet(process, SETTLE_SECONDS)
         after = rss_bytes(process) if proxy.alive() else before
+        idle_cpu = _idle_cpu(process) if proxy.alive() else 0.0
     finally:
         for worker in clients:
             with contextlib.suppress(OSError):
@@ -256,7 +303,7 @@ def probe(proxy: ProxyProcess, count: int, workers: int | None = 1) -> ProbeResu
         error = f"{connected} of {count} clients logged in; first error: {first_error or 'none reported'}"
     if not proxy.alive():
         error = f"the proxy process died during the probe; {error}"
-    return ProbeResult(count, connected, before, after, slowest, error, processes)
+    return ProbeResult(count, connected, before, after, slowest, error, processes, tls, idle_cpu)
 
 
 def format_result(result: ProbeResult) -> str:
@@ -264,7 +311,8 @@ def format_result(result: ProbeResult) -> str:
         return f"{result.count:>7} idle clients: failed: {result.error}"
     text = (f"{result.count:>7} idle clients: RSS {result.rss_before / 2**20:.1f} MiB -> "
             f"{result.rss_after / 2**20:.1f} MiB, {result.per_connection / 1024:.2f} KiB per connection, "
-            f"logins took {result.login_seconds:.1f} s, {result.processes} proxy process(es)")
+            f"logins took {result.login_seconds:.1f} s, {result.processes} proxy process(es)"
+            f"{', TLS' if result.tls else ''}; idle, the proxy used {result.idle_cpu:.1%} of a core")
     return text + (f" (failed: {result.error})" if result.error else "")
 
 
@@ -276,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="proxy worker processes, if the proxy has that setting (default 1: one process; "
                              "0: the proxy's default, one per core)")
+    parser.add_argument("--tls", action="store_true", help="the clients log in over TLS (the proxy's default "
+                        "self-signed certificate)")
     parser.add_argument("--worker", nargs=3, metavar=("PORT", "COUNT", "SOURCE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     raise_open_files_limit()
@@ -284,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import uvloop
 
-            uvloop.run(_hold("127.0.0.1", port, count, source))
+            uvloop.run(_hold("127.0.0.1", port, count, source, args.tls))
         except ImportError:
-            asyncio.run(_hold("127.0.0.1", port, count, source))
+            asyncio.run(_hold("127.0.0.1", port, count, source, args.tls))
         return 0
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
     status = 0
@@ -294,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                                                with_pgbouncer=False) as stack:
         assert stack.proxy is not None
         for count in counts:
-            result = probe(stack.proxy, count, args.workers or None)
+            result = probe(stack.proxy, count, args.workers or None, args.tls)
             print(format_result(result), flush=True)
             status = status or (1 if result.error else 0)
     return status

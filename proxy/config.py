@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable
 from enum import StrEnum
@@ -193,6 +194,55 @@ class AdminSettings(Strict):
         description="users (with a stored secret) who may log in to the admin console; empty: the console is off")
 
 
+MAX_FLEET_PROXY_ID = 127  # seven bits of the client ids (see proxy.session.client_ids)
+PEER_ADDRESS = r"^\S+:\d{1,5}$"
+
+
+class FleetSettings(Strict):
+    """Several proxies behind one address: a CancelRequest or KILL for a client of another proxy is passed to it.
+    Changes take a restart."""
+
+    proxy_id: int = Field(0, ge=0, le=MAX_FLEET_PROXY_ID, description="this proxy's id in the fleet, unique "
+                          "among its peers; the client ids it hands out carry it; \"ordinal\": the number that "
+                          "ends the host name (a StatefulSet pod's ordinal)")
+    port: int = Field(-1, ge=-1, le=65535, description="port of the fleet listener, where peers forward cancels "
+                      "and KILLs; -1: no fleet (the ids and behaviour of a single proxy)")
+    host: str = Field("", description="address of the fleet listener; empty: [server] host")
+    peers: list[Annotated[str, StringConstraints(pattern=PEER_ADDRESS)]] = Field(
+        default_factory=list, description="host:port of the peers' fleet listeners; a name with several addresses "
+        "(a Kubernetes headless Service) names each of them; this proxy's own address may be among them")
+    key_file: Path | None = Field(None, description="a file holding the key shared by the fleet (HMAC of every "
+                                  "forward); read at start")
+    discovery_interval: float = Field(30.0, gt=0, description="seconds between resolving the peers' names and "
+                                      "asking each its proxy id")
+    forward_timeout: float = Field(2.0, gt=0, description="seconds a forward to a peer may take, connect included")
+    max_clock_skew: float = Field(30.0, gt=0, le=600, description="seconds a signed forward stays valid (its "
+                                  "nonce is remembered that long, against replays)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.port >= 0
+
+    @field_validator("proxy_id", mode="before")
+    @classmethod
+    def _ordinal(cls, value: object) -> object:
+        if value != "ordinal":
+            return value
+        host = socket.gethostname()
+        found = re.search(r"(\d+)$", host)
+        if found is None:
+            raise ValueError(f"\"ordinal\": the host name {host!r} does not end with a number")
+        return int(found.group(1))
+
+    @model_validator(mode="after")
+    def _complete(self) -> FleetSettings:
+        if self.port == 0:
+            raise ValueError("port: give a fixed port (peers list it) or -1")
+        if self.enabled and self.key_file is None:
+            raise ValueError("port is set: give key_file (every forward is signed with the fleet's key)")
+        return self
+
+
 TokenAlgorithm = Literal["ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"]
 DEFAULT_TOKEN_ALGORITHMS: list[TokenAlgorithm] = ["ES256", "RS256"]
 
@@ -296,7 +346,7 @@ def resolve_count(value: int | str, backend_max: int) -> int:
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"  # endpoint names appear as listener names ("<name> port <n>")
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-RESERVED_NAMES = frozenset({"metrics", "listeners", "api", "health"})  # other listeners of the ready line
+RESERVED_NAMES = frozenset({"metrics", "listeners", "api", "health", "fleet"})  # other listeners of the ready line
 
 
 class InstanceRole(StrEnum):
@@ -556,6 +606,7 @@ class Config(Strict):
     tokens: TokenSettings = TokenSettings()
     auth: AuthSettings = AuthSettings()
     admin: AdminSettings = AdminSettings()
+    fleet: FleetSettings = FleetSettings()
 
 
 def _describe(error: Any) -> str:
@@ -576,7 +627,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
     for section, keys in (("server", ("pid_file",)), ("api", ("token_file",)), ("tls", ("cert_file", "key_file")),
                           ("secrets", ("file", "dir", "encrypted_file", "master_key_file")),
-                          ("auth", ("audit_file",)),
+                          ("auth", ("audit_file",)), ("fleet", ("key_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),
                           ("mysql", ("backend_ca_file", "rsa_private_key_file"))):
@@ -712,7 +763,7 @@ def check_endpoints(config: Config) -> str | None:
     names: dict[str, str] = {}
     ports: dict[int, str] = {}
     for key, port in (("server.metrics_port", config.server.metrics_port), ("api.port", config.api.port),
-                      ("api.health_port", config.api.health_port)):
+                      ("api.health_port", config.api.health_port), ("fleet.port", config.fleet.port)):
         if port > 0:
             if port in ports:
                 return f"'{key}': port {port} is already taken by '{ports[port]}'"

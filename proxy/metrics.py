@@ -29,6 +29,10 @@ ENDPOINT_METRICS = (  # (metric, kind, help, field of EndpointStats)
     ("idle_client_timeouts", "counter", "Clients closed by the idle client timeout", "idle_client_timeouts"),
     ("login_timeouts", "counter", "Clients closed by the login timeout", "login_timeouts"),
     ("cancel_requests", "counter", "PostgreSQL CancelRequests received", "cancel_requests"),
+    ("fleet_forwards", "counter", "CancelRequests and KILLs passed to the peer proxy that owns the client",
+     "fleet_forwards"),
+    ("fleet_forwards_dropped", "counter", "CancelRequests and KILLs for a peer proxy that is unknown or did not "
+     "take them", "fleet_forwards_dropped"),
     ("client_connections_tls", "counter", "Client logins that succeeded over TLS", "logins_tls"),
     ("client_connections_closed", "counter", "Client connections that ended", "clients_closed"),
     ("query_requests", "counter", "Statements answered (a Query, an extended-query batch, a MySQL command)",

@@ -47,6 +47,9 @@ def prepare(path: Path | None, running: Config, ports: dict[str, int],
     if config.api != running.api:
         log.warning("reload: [api] changes only with a restart; keeping the running one")
         config = config.model_copy(update={"api": running.api})
+    if config.fleet != running.fleet:
+        log.warning("reload: [fleet] changes only with a restart; keeping the running one")
+        config = config.model_copy(update={"fleet": running.fleet})
     config = keep_ports(config, ports)
     for endpoint in resolve_endpoints(config):
         port = endpoint.settings.port

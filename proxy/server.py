@@ -19,8 +19,10 @@ from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engin
 from proxy.console import Console
 from proxy.endpoints import Endpoint, resolve_endpoints
 from proxy.errors import SHUTDOWN_TEXT, ShuttingDown
+from proxy.fleet.node import Fleet
+from proxy.fleet.wire import Message
 from proxy.metrics import serve_metrics
-from proxy.rundir import worker_count
+from proxy.rundir import worker_count, worker_index
 from proxy.secret_sources import fingerprint
 from proxy.secret_watch import SecretsWatch
 from proxy.secrets import SecretStore
@@ -93,6 +95,9 @@ class ProxyServer:
         self.stats.keep_insights(config.server.statement_insights)
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
+        self.fleet = Fleet(config.fleet, config.server.host) if config.fleet.enabled else None
+        if self.fleet is not None:
+            self.fleet.handlers = {"cancel": self._fleet_cancel, "kill": self._fleet_kill}
         for endpoint in resolve_endpoints(config):
             self.listeners[endpoint.name] = Listener(endpoint, self.make_service(endpoint))
         self.servers: list[asyncio.Server] = []  # other sockets kept open until stop (the workers' unix sockets)
@@ -210,6 +215,7 @@ class ProxyServer:
                                    self.first_service(MySQLService))
         service.tokens = self.tokens
         service.guard = self.guard
+        service.fleet = self.fleet
         service.console = getattr(self, "console", None)  # (None while the server is being made)
         if endpoint.role is EndpointRole.READ_ONLY:  # used while its causal_reads is on (a reload may turn it on)
             service.causal = CausalReads(
@@ -241,6 +247,19 @@ class ProxyServer:
         """The first MySQL endpoint's service (KILLs passed on by other workers enter here)."""
         return self.first_service(MySQLService)
 
+    async def _fleet_cancel(self, message: Message) -> Message:
+        """A peer proxy's CancelRequest for a client of this proxy (of any worker)."""
+        service = self.postgres
+        return {} if service is None else await service.serve_cancel(message, forwarded=False)
+
+    async def _fleet_kill(self, message: Message) -> Message:
+        """A peer proxy's KILL for a client of this proxy (of any worker)."""
+        listener = self.listeners.get(str(message.get("endpoint", "")))
+        service = listener.service if listener is not None else self.mysql
+        if not isinstance(service, MySQLService):
+            return {"error": "unknown", "message": "no MySQL endpoint in this proxy"}
+        return await service.serve_kill(message, forwarded=False)
+
     def services(self) -> list[Service]:
         return [listener.service for listener in [*self.listeners.values(), *self.retiring]]
 
@@ -253,6 +272,9 @@ class ProxyServer:
         if self.config.server.metrics_port >= 0:
             self.ports["metrics"] = serve_metrics(self.stats.snapshot, self.config.server.host,
                                                   self.config.server.metrics_port)
+        if self.fleet is not None:
+            await self.fleet.start(listen=worker_index() == 0)
+            self.ports["fleet"] = self.config.fleet.port
         self._janitor = asyncio.get_running_loop().create_task(self._run_janitor())
         self.secrets_watch.start()
         for follower in self.followers:
@@ -364,6 +386,8 @@ class ProxyServer:
                 listener.server.close()
         for server in self.servers:
             server.close()
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._janitor is not None:
             self._janitor.cancel()
         self.secrets_watch.stop()

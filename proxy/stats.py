@@ -58,7 +58,7 @@ class EndpointStats:
 
     COUNTERS = ("clients_accepted", "clients_refused", "clients_refused_network", "logins_ok", "logins_failed",
                 "logins_throttled", "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts",
-                "logins_tls", "queries", "query_errors", "clients_closed")
+                "logins_tls", "queries", "query_errors", "clients_closed", "fleet_forwards", "fleet_forwards_dropped")
     GAUGES = ("clients_current", "pinned_now")
     HISTOGRAMS = ("query_latency", "database_latency")
     __slots__ = ("labels", "pins", "registry", "replays", "sql_log_until", *COUNTERS, *GAUGES, *HISTOGRAMS)
@@ -81,6 +81,8 @@ class EndpointStats:
         self.login_timeouts = 0
         self.logins_tls = 0  # logins over TLS
         self.clients_closed = 0  # client connections that ended (after being accepted)
+        self.fleet_forwards = 0  # cancels and KILLs passed to the peer proxy owning the client
+        self.fleet_forwards_dropped = 0  # ... for a peer that is unknown or did not take them
         self.queries = 0  # statements answered (a Query, an extended-query batch up to Sync, a MySQL command)
         self.query_errors = 0  # ... that ended in an error
         self.clients_current = 0

@@ -347,6 +347,11 @@ class _SupervisorReload:
         return None
 
 
+def fleet_ports(config: Config) -> dict[str, int]:
+    """The fleet listener's port for the ready line (worker 0 listens on it), if there is a fleet."""
+    return {"fleet": config.fleet.port} if config.fleet.enabled else {}
+
+
 def _for_workers(config: Config) -> Config:
     """The workers' configuration: the supervisor serves the metrics and the API."""
     return config.model_copy(update={"server": config.server.model_copy(update={"metrics_port": -1}),
@@ -438,7 +443,7 @@ def run_supervisor(config: Config, count: int, ready_message: str, config_path: 
             _await_workers(workers, _ReadyLines(ready_read), count, stopping)
             if stopping:  # a signal while starting: pass it to the workers forked after it, too
                 _stop_workers(workers)
-            ports: dict[str, int] = reload.ports()
+            ports: dict[str, int] = {**reload.ports(), **fleet_ports(config)}
             totals = WorkerSum()
             if metrics_port >= 0 and not stopping:
 

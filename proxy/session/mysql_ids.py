@@ -6,9 +6,12 @@ reach in practice: PROXY_ID_BASE + (worker << 24) + a per-worker counter (1 .. 2
 KILL says what it names: a proxy id is a client of this proxy (in the worker its bits name); any other number
 is a server thread id, as SHOW PROCESSLIST shows them, acted on only if it is one of this proxy's backend
 connections (KILL QUERY: the statement that backend runs; KILL: also the client it serves is closed and the
-connection dropped), in whichever worker owns it; else 1094 Unknown thread id. SHOW PROCESSLIST and
-information_schema.PROCESSLIST are the server's: they list backend connections (Id: the server thread id, User:
-the pool's user, Host: the proxy's address, Info: the statement a client runs on it now), not the proxy's clients.
+connection dropped), in whichever worker owns it; else 1094 Unknown thread id. In a fleet ([fleet] port set) the
+ids carry the proxy too: FLEET_ID_BASE (bit 31) + (proxy << 24) + (worker << 18) + a per-worker counter
+(1 .. 2**18 - 1), so a KILL that reaches another proxy of the fleet is passed to the one owning the client.
+SHOW PROCESSLIST and information_schema.PROCESSLIST are the server's: they list backend connections (Id: the server
+thread id, User: the pool's user, Host: the proxy's address, Info: the statement a client runs on it now), not the
+proxy's clients.
 
 Session functions. CONNECTION_ID(), ROW_COUNT() and FOUND_ROWS() read per-connection values of the server. With
 backends shared between clients, the backend that runs a statement is not the one that ran the client's previous
@@ -22,10 +25,18 @@ import itertools
 import re
 from collections.abc import Container
 
+from proxy.errors import TooManyClients
+
 PROXY_ID_BASE = 0x40000000
 WORKER_SHIFT = 24
 COUNTER_MASK = (1 << WORKER_SHIFT) - 1
 PROXY_ID_END = PROXY_ID_BASE + (64 << WORKER_SHIFT)  # workers <= 64 (config)
+# The fleet's layout: bit 31, then the proxy id (7 bits), the worker (6 bits) and the counter (18 bits).
+FLEET_ID_BASE = 0x80000000
+FLEET_PROXY_SHIFT = 24
+FLEET_WORKER_SHIFT = 18
+FLEET_COUNTER_MASK = (1 << FLEET_WORKER_SHIFT) - 1
+FLEET_ID_END = 1 << 32
 
 # function flags (QueryEffect.functions)
 CONNECTION_ID, ROW_COUNT, FOUND_ROWS = 1, 2, 4
@@ -44,25 +55,40 @@ _ITEM_AFTER = re.compile(rb"\s*(?:,|;|\Z|(?:FROM|INTO|WHERE|GROUP|HAVING|ORDER|L
                          rb"|WINDOW)\b)", re.I)
 
 
-def make_proxy_id(worker: int, serial: int) -> int:
-    """The proxy connection id of a worker's `serial`-th client (the counter wraps, never reaching 0)."""
+def make_proxy_id(worker: int, serial: int, fleet_proxy: int | None = None) -> int:
+    """The proxy connection id of a worker's `serial`-th client (the counter wraps, never reaching 0); with
+    `fleet_proxy`, in the fleet's layout naming that proxy."""
+    if fleet_proxy is not None:
+        return (FLEET_ID_BASE + (fleet_proxy << FLEET_PROXY_SHIFT) + (worker << FLEET_WORKER_SHIFT)
+                + ((serial - 1) % FLEET_COUNTER_MASK) + 1)
     return PROXY_ID_BASE + (worker << WORKER_SHIFT) + ((serial - 1) % COUNTER_MASK) + 1
 
 
-def next_proxy_id(worker: int, counter: itertools.count[int], in_use: Container[int]) -> int:
+def next_proxy_id(worker: int, counter: itertools.count[int], in_use: Container[int],
+                  fleet_proxy: int | None = None) -> int:
     """A new connection id for a client of `worker`, not held by a connected client."""
-    while True:
-        candidate = make_proxy_id(worker, next(counter))
+    for _ in range(FLEET_COUNTER_MASK if fleet_proxy is not None else COUNTER_MASK):
+        candidate = make_proxy_id(worker, next(counter), fleet_proxy)
         if candidate not in in_use:
             return candidate
+    raise TooManyClients("too many clients in this worker process: every client id is taken")
 
 
 def is_proxy_id(number: int) -> bool:
-    return PROXY_ID_BASE <= number < PROXY_ID_END
+    return PROXY_ID_BASE <= number < PROXY_ID_END or FLEET_ID_BASE <= number < FLEET_ID_END
 
 
 def worker_of(proxy_id: int) -> int:
+    if proxy_id >= FLEET_ID_BASE:
+        return (proxy_id >> FLEET_WORKER_SHIFT) & 0x3F
     return (proxy_id - PROXY_ID_BASE) >> WORKER_SHIFT
+
+
+def fleet_proxy_of(proxy_id: int) -> int | None:
+    """The fleet proxy a connection id names (None: an id of the single-proxy layout)."""
+    if FLEET_ID_BASE <= proxy_id < FLEET_ID_END:
+        return (proxy_id >> FLEET_PROXY_SHIFT) & 0x7F
+    return None
 
 
 def function_flags(lowered: bytes) -> int:

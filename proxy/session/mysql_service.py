@@ -44,11 +44,12 @@ from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import HandshakeV10, frame
 from proxy.rundir import run_dir, worker_channel, worker_count, worker_index
 from proxy.secrets import SecretStore
-from proxy.session.mysql_ids import is_proxy_id, next_proxy_id, worker_of
+from proxy.session.mysql_ids import fleet_proxy_of, is_proxy_id, next_proxy_id, worker_of
 from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
 
 if TYPE_CHECKING:
+    from proxy.fleet.node import Fleet
     from proxy.session.causal import CausalReads
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,14 @@ class RemoteKiller:
     peer: str
 
 
+def _raise_kill_answer(answer: channel.Message) -> None:
+    """The KILL error another worker or proxy answered, raised here (nothing if it did the KILL)."""
+    if answer.get("error") == "denied":
+        raise KillDenied(str(answer.get("message")))
+    if answer.get("error"):
+        raise NoSuchThread(str(answer.get("message")))
+
+
 class MySQLService:
     """Everything MySQL client sessions share inside one process."""
 
@@ -130,6 +139,9 @@ class MySQLService:
         self.clients: dict[int, ServedClient] = peer.clients if peer is not None else {}
         # see mysql_ids: the proxy's ids, apart from server thread ids
         self._connection_ids: itertools.count[int] = peer._connection_ids if peer is not None else itertools.count(1)
+        # In a fleet the connection ids name this proxy (see mysql_ids); a KILL for another one is passed to it.
+        self.fleet_proxy = config.fleet.proxy_id if config.fleet.enabled else None
+        self.fleet: Fleet | None = None  # set by the server
         self.greeting: HandshakeV10 | None = None  # the backend's, learned by a probe or a login
         self._probe: asyncio.Task[HandshakeV10] | None = None
         self.session_tracking = False  # the backends report session state changes (CLIENT_SESSION_TRACK)
@@ -299,7 +311,7 @@ class MySQLService:
         return digest.digest()
 
     def new_connection_id(self) -> int:
-        return next_proxy_id(worker_index(), self._connection_ids, self.clients)
+        return next_proxy_id(worker_index(), self._connection_ids, self.clients, self.fleet_proxy)
 
     # --- KILL ---
 
@@ -309,6 +321,10 @@ class MySQLService:
         (in any worker). Anything else: 1094 Unknown thread id."""
         if not is_proxy_id(connection_id):
             await self._kill_thread(killer, connection_id, query_only, forwarded)
+            return
+        owner_proxy = fleet_proxy_of(connection_id)
+        if self.fleet is not None and owner_proxy is not None and owner_proxy != self.fleet.proxy_id:
+            await self._fleet_kill(owner_proxy, killer, connection_id, query_only)
             return
         owner = worker_of(connection_id)
         if owner != worker_index() and run_dir() is not None and not forwarded:
@@ -388,17 +404,31 @@ class MySQLService:
         except channel.ChannelError as exc:
             log.warning("KILL %d: worker %d did not answer: %s", connection_id, owner, exc)
             raise NoSuchThread(f"Unknown thread id: {connection_id}") from None
-        if answer.get("error") == "denied":
-            raise KillDenied(str(answer.get("message")))
-        if answer.get("error"):
-            raise NoSuchThread(str(answer.get("message")))
+        _raise_kill_answer(answer)
         log.info("KILL %s%d passed to worker %d", "QUERY " if query_only else "", connection_id, owner)
 
-    async def serve_kill(self, message: channel.Message) -> channel.Message:
-        """The other side of `_forward_kill`: a KILL asked on another worker, for what this one may own."""
+    async def _fleet_kill(self, owner: int, killer: Killer, connection_id: int, query_only: bool) -> None:
+        """The client is another proxy's of the fleet: pass the KILL to it, report its answer (1094 if none)."""
+        assert self.fleet is not None
+        message = {"kind": "kill", "endpoint": self.endpoint.name, "user": killer.user, "peer": killer.peer,
+                   "id": connection_id, "query_only": query_only}
+        answer = await self.fleet.forward(owner, message, f"KILL {'QUERY ' if query_only else ''}{connection_id}")
+        if answer is None:
+            self.stats.fleet_forwards_dropped += 1
+            raise NoSuchThread(f"Unknown thread id: {connection_id}")
+        self.stats.fleet_forwards += 1
+        _raise_kill_answer(answer)
+
+    async def serve_kill(self, message: channel.Message, forwarded: bool = True) -> channel.Message:
+        """The other side of `_forward_kill`: a KILL asked on another worker, for what this one may own
+        (forwarded: False, a peer proxy's forward for a client of any worker here)."""
         try:
             killer = RemoteKiller(str(message["user"]), str(message["peer"]))
-            await self.kill(killer, int(message["id"]), bool(message["query_only"]), forwarded=True)
+            connection_id = int(message["id"])
+            if not forwarded and fleet_proxy_of(connection_id) != self.fleet_proxy:  # (never passed on again)
+                log.warning("fleet: KILL %d is not for a client of this proxy; refused", connection_id)
+                return {"error": "unknown", "message": f"Unknown thread id: {connection_id}"}
+            await self.kill(killer, connection_id, bool(message["query_only"]), forwarded=forwarded)
         except KillDenied as exc:
             return {"error": "denied", "message": exc.message}
         except ProxyError as exc:

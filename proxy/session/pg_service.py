@@ -23,10 +23,12 @@ from proxy.pool.pg_deadline import send_cancel_request
 from proxy.pool.pool import Backend, Pool, Target
 from proxy.rundir import run_dir, worker_channel, worker_index
 from proxy.secrets import SecretStore
+from proxy.session.pg_ids import fleet_proxy_of, next_process_id, worker_of
 from proxy.stats import StatsRegistry
 from proxy.tls import backend_context
 
 if TYPE_CHECKING:
+    from proxy.fleet.node import Fleet
     from proxy.session.causal import CausalReads
 
 log = logging.getLogger(__name__)
@@ -69,9 +71,10 @@ class PostgresService:
         # process id -> PostgresClient (for CancelRequest), one registry for every endpoint of the process
         self.clients: dict[int, CancelTarget] = peer.clients if peer is not None else {}
         self.worker = worker_index()
-        # Above 2**22 (Linux's highest pid): never equal to a server's pid in a NotificationResponse.
-        first_id = (self.worker << 24) + (1 << 22) + 1
-        self._process_ids: itertools.count[int] = peer._process_ids if peer is not None else itertools.count(first_id)
+        self._process_ids: itertools.count[int] = peer._process_ids if peer is not None else itertools.count(1)
+        # In a fleet the process ids name this proxy (see pg_ids); a cancel for another one is passed to it.
+        self.fleet_proxy = config.fleet.proxy_id if config.fleet.enabled else None
+        self.fleet: Fleet | None = None  # set by the server
         self.make_client: Callable[[], asyncio.Protocol] | None = None  # set by the listener
         self.causal: CausalReads | None = None  # a read_only endpoint's causal-read step (set by the server)
         self.tokens: TokenVerifier | None = None  # the process's token verifier (set by the server)
@@ -96,11 +99,22 @@ class PostgresService:
 
     def new_key(self) -> tuple[int, int]:
         """A BackendKeyData pair for a client: unique process id, random secret."""
-        return next(self._process_ids) & 0x7FFFFFFF, random_source.randbits(32)
+        process_id = next_process_id(self.worker, self._process_ids, self.clients, self.fleet_proxy)
+        return process_id, random_source.randbits(32)
 
     async def cancel(self, process_id: int, secret_key: int, forwarded: bool = False) -> None:
-        """Forward a client's CancelRequest to the backend serving that client right now, if any."""
-        owner = process_id >> 24
+        """Forward a client's CancelRequest to the backend serving that client right now, if any (the client may
+        be another worker's, or another proxy's of the fleet)."""
+        owner_proxy = fleet_proxy_of(process_id)
+        if self.fleet is not None and owner_proxy is not None and owner_proxy != self.fleet.proxy_id:
+            body = {"kind": "cancel", "process_id": process_id, "secret_key": secret_key}
+            answer = await self.fleet.forward(owner_proxy, body, f"cancel request for client {process_id}")
+            if answer is None:
+                self.stats.fleet_forwards_dropped += 1
+            else:
+                self.stats.fleet_forwards += 1
+            return
+        owner = worker_of(process_id)
         if owner != self.worker and run_dir() is not None and not forwarded:
             await self._forward_cancel(owner, process_id, secret_key)
             return
@@ -125,9 +139,14 @@ class PostgresService:
             return
         log.info("cancel request for client %d passed to worker %d", process_id, owner)
 
-    async def serve_cancel(self, message: channel.Message) -> channel.Message:
-        """The other side of `_forward_cancel`: a cancel for a client of this worker."""
-        await self.cancel(int(message["process_id"]), int(message["secret_key"]), forwarded=True)
+    async def serve_cancel(self, message: channel.Message, forwarded: bool = True) -> channel.Message:
+        """The other side of `_forward_cancel`: a cancel for a client of this worker (forwarded: False, a peer
+        proxy's forward for a client of any worker here)."""
+        process_id = int(message["process_id"])
+        if not forwarded and fleet_proxy_of(process_id) != self.fleet_proxy:  # (never passed on again)
+            log.warning("fleet: a cancel request for client %d is not for this proxy; dropped", process_id)
+            return {}
+        await self.cancel(process_id, int(message["secret_key"]), forwarded=forwarded)
         return {}
 
     async def cancel_backend(self, backend: PostgresBackend) -> None:
