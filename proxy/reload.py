@@ -170,7 +170,7 @@ async def _listen(server: ProxyServer, listener: Listener, endpoint: Endpoint) -
 
 
 async def _add(server: ProxyServer, endpoint: Endpoint) -> None:
-    listener = Listener(endpoint, server.make_service(endpoint))
+    listener = Listener(endpoint, server.make_service(endpoint), cache=server.endpoint_cache(endpoint))
     server.listeners[endpoint.name] = listener
     try:
         await server.listen(listener)

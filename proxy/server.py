@@ -15,6 +15,8 @@ from typing import TypeVar
 from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
+from proxy.cache.cache import EndpointCache, QueryCache
+from proxy.cache.pg_session import CachedPostgresClient
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.console import Console
 from proxy.endpoints import Endpoint, resolve_endpoints
@@ -59,6 +61,7 @@ class Listener:
     clients: set[Client] = field(default_factory=set)
     server: asyncio.Server | None = None
     port: int = 0
+    cache: EndpointCache | None = None  # the endpoint's query result cache (None: it has none)
 
     @property
     def name(self) -> str:
@@ -67,7 +70,8 @@ class Listener:
     def make_client(self) -> Client:
         client: Client
         if isinstance(self.service, PostgresService):
-            client = PostgresClient(self.service)
+            client = (PostgresClient(self.service) if self.cache is None
+                      else CachedPostgresClient(self.service, self.cache))
         else:
             client = MySQLClient(self.service)
         self.clients.add(client)
@@ -91,10 +95,13 @@ class ProxyServer:
         self.guard = LoginGuard(config.auth)  # the same: the failed-login throttle and the audit log
         self.stats = StatsRegistry()
         self.stats.keep_insights(config.server.statement_insights)
+        # One per process (a reload keeps it: its settings take a restart).
+        self.query_cache = QueryCache(config.query_cache) if config.query_cache.enabled else None
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
         for endpoint in resolve_endpoints(config):
-            self.listeners[endpoint.name] = Listener(endpoint, self.make_service(endpoint))
+            self.listeners[endpoint.name] = Listener(endpoint, self.make_service(endpoint),
+                                                     cache=self.endpoint_cache(endpoint))
         self.servers: list[asyncio.Server] = []  # other sockets kept open until stop (the workers' unix sockets)
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
@@ -216,6 +223,12 @@ class ProxyServer:
                 endpoint.name, lambda: self.causal_clusters.get((service.endpoint.engine, service.endpoint.cluster)),
                 lambda: self._writer_service(service.endpoint.engine, service.endpoint.cluster))
         return service
+
+    def endpoint_cache(self, endpoint: Endpoint) -> EndpointCache | None:
+        """The query cache of an endpoint, when the process has one and the endpoint has rules or hints."""
+        if self.query_cache is None:
+            return None
+        return self.query_cache.endpoint(endpoint.engine, endpoint.name, endpoint.cluster, self.stats)
 
     def _writer_service(self, engine: str, cluster: str) -> Service | None:
         """The service of a read_write endpoint of the cluster (its pools serve causal reads a replica cannot)."""
@@ -370,6 +383,8 @@ class ProxyServer:
         await self._drain()
         for service in self.services():
             service.close()
+        if self.query_cache is not None:
+            await self.query_cache.close()
         for listener in self.listeners.values():
             if listener.server is not None:
                 await listener.server.wait_closed()
