@@ -100,8 +100,9 @@ class EndpointCache:
     def everything(self, database: str) -> frozenset[str]:
         return frozenset({self.scope(database) + EVERYTHING})
 
-    def bump(self, names: frozenset[str] | set[str]) -> None:
-        self.store.bump(names, self.stats)
+    def bump(self, names: frozenset[str] | set[str]) -> asyncio.Future[None] | None:
+        """Invalidate what read these tables; a future while that is on its way to Redis, None when done."""
+        return self.store.bump(names, self.stats)
 
     def lookup_now(self, plan: Plan) -> bytes | None:
         """The local store's value for `plan` (counted as a hit or a miss); notes the generations seen."""

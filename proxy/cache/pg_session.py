@@ -30,6 +30,9 @@ class CachedPostgresClient(PostgresClient):
         self._capture: tuple[Plan, PgReplyCapture] | None = None  # the replies being kept
         self._written: set[str] = set()  # tables written in the transaction in progress
         self._statement_writes: dict[bytes, frozenset[str]] = {}  # statement name -> tables it writes
+        # Replies held until Redis has the invalidations of a transaction that ended (its end not told before).
+        self._withheld: list[tuple[bytes, bool]] | None = None  # (bytes, from the backend)
+        self._invalidating = 0
 
     # --- reads: answered from the cache while no backend is linked ---
 
@@ -76,7 +79,10 @@ class CachedPostgresClient(PostgresClient):
             self._dispatch_unlinked()
 
     def _answer(self, value: bytes, length: int) -> None:
-        self.write(value + READY_IDLE)
+        if self._withheld is not None:
+            self._withheld.append((value + READY_IDLE, False))
+        else:
+            self.write(value + READY_IDLE)
         del self._held[: 1 + length]
         if self.peer_paused_us and not self._held:
             self.peer_paused_us = False
@@ -139,6 +145,9 @@ class CachedPostgresClient(PostgresClient):
                 self.cache.keep(capture[0], result)
         if self._written and out.endswith(READY_IDLE):
             self._transaction_wrote()  # before the client hears of the end of its writes
+        if self._withheld is not None:
+            self._withheld.append((out, True))
+            return
         super().deliver(out)
 
     def backend_ready(self, backend: PostgresBackend, count: int) -> None:
@@ -148,7 +157,25 @@ class CachedPostgresClient(PostgresClient):
 
     def _transaction_wrote(self) -> None:
         written, self._written = self._written, set()
-        self.cache.bump(written)
+        invalidated = self.cache.bump(written)
+        if invalidated is not None and not invalidated.done():
+            if self._withheld is None:
+                self._withheld = []
+            self._invalidating += 1
+            invalidated.add_done_callback(self._invalidated)
+
+    def _invalidated(self, _: object) -> None:
+        """Redis has a transaction's invalidations: the replies withheld meanwhile go (once none is on its way)."""
+        self._invalidating -= 1
+        if self._invalidating or self._withheld is None:
+            return
+        withheld, self._withheld = self._withheld, None
+        if not self.closed:
+            for out, replies in withheld:
+                if replies:
+                    PgForward.deliver(self, out)
+                else:
+                    self.write(out)
 
     def backend_lost(self, lost: Any, exc: Exception | None) -> None:
         self._capture = None

@@ -73,7 +73,7 @@ class LocalStore:
         return True
 
     def bump(self, names: frozenset[str] | set[str], stats: CacheStats) -> None:
-        """Tables were written: their generation moves on and the entries that read them go."""
+        """Tables were written: their generation moves on and the entries that read them go (at once: None)."""
         generations = self.generations
         for name in names:
             generations[name] = generations.get(name, 0) + 1

@@ -58,7 +58,7 @@ class RedisStore:
         self.timeout = settings.redis_timeout
         self._get = self.redis.register_script(GET)
         self._put = self.redis.register_script(PUT)
-        self._bumps: deque[tuple[tuple[str, ...], CacheStats]] = deque()
+        self._bumps: deque[tuple[tuple[str, ...], CacheStats, asyncio.Future[None]]] = deque()
         self._inflight: dict[str, int] = {}  # tables with a bump not yet acknowledged: lookups of them miss
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -94,26 +94,31 @@ class RedisStore:
             return False
         return bool(stored)
 
-    def bump(self, names: frozenset[str] | set[str], stats: CacheStats) -> None:
+    def bump(self, names: frozenset[str] | set[str], stats: CacheStats) -> asyncio.Future[None]:
         """Tables were written: their generations move on in Redis (in order, retried); until then this proxy's
-        lookups of them miss."""
+        lookups of them miss. The future is done once Redis has them (or they were given up)."""
         ordered = tuple(sorted(names))
         for name in ordered:
             self._inflight[name] = self._inflight.get(name, 0) + 1
         stats.cache_invalidations += len(ordered)
-        self._bumps.append((ordered, stats))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._bumps.append((ordered, stats, done))
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._send_bumps())
+            self._worker = loop.create_task(self._send_bumps())
         self._wake.set()
+        return done
 
     async def _send_bumps(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._bumps:
-                names, stats = self._bumps[0]
+                names, stats, done = self._bumps[0]
                 await self._send_bump(names, stats)
                 self._bumps.popleft()
+                if not done.done():
+                    done.set_result(None)
                 for name in names:
                     left = self._inflight[name] - 1
                     if left:
