@@ -16,6 +16,7 @@ from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
 from proxy.cache.cache import EndpointCache, QueryCache
+from proxy.cache.mysql_session import CachedMySQLClient
 from proxy.cache.pg_session import CachedPostgresClient
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.console import Console
@@ -73,7 +74,8 @@ class Listener:
             client = (PostgresClient(self.service) if self.cache is None
                       else CachedPostgresClient(self.service, self.cache))
         else:
-            client = MySQLClient(self.service)
+            client = (MySQLClient(self.service) if self.cache is None
+                      else CachedMySQLClient(self.service, self.cache))
         self.clients.add(client)
         client.registry = self.clients  # left at once when its socket is gone
         return client

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.cache.cache import EndpointCache, Plan
+from proxy.cache.gate import ReplyGate
 from proxy.cache.pg_replies import PgReplyCapture
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.protocol.pg import extended as ext
@@ -30,9 +31,8 @@ class CachedPostgresClient(PostgresClient):
         self._capture: tuple[Plan, PgReplyCapture] | None = None  # the replies being kept
         self._written: set[str] = set()  # tables written in the transaction in progress
         self._statement_writes: dict[bytes, frozenset[str]] = {}  # statement name -> tables it writes
-        # Replies held until Redis has the invalidations of a transaction that ended (its end not told before).
-        self._withheld: list[tuple[bytes, bool]] | None = None  # (bytes, from the backend)
-        self._invalidating = 0
+        self._gate = ReplyGate()  # replies wait while Redis takes a transaction's invalidations
+        self._gate.closed = lambda: self.closed
 
     # --- reads: answered from the cache while no backend is linked ---
 
@@ -79,9 +79,7 @@ class CachedPostgresClient(PostgresClient):
             self._dispatch_unlinked()
 
     def _answer(self, value: bytes, length: int) -> None:
-        if self._withheld is not None:
-            self._withheld.append((value + READY_IDLE, False))
-        else:
+        if not self._gate.held(value + READY_IDLE, self.write):
             self.write(value + READY_IDLE)
         del self._held[: 1 + length]
         if self.peer_paused_us and not self._held:
@@ -145,10 +143,11 @@ class CachedPostgresClient(PostgresClient):
                 self.cache.keep(capture[0], result)
         if self._written and out.endswith(READY_IDLE):
             self._transaction_wrote()  # before the client hears of the end of its writes
-        if self._withheld is not None:
-            self._withheld.append((out, True))
-            return
-        super().deliver(out)
+        if not self._gate.held(out, self._pass_on):
+            super().deliver(out)
+
+    def _pass_on(self, out: bytes) -> None:
+        PgForward.deliver(self, out)
 
     def backend_ready(self, backend: PostgresBackend, count: int) -> None:
         super().backend_ready(backend, count)
@@ -157,25 +156,7 @@ class CachedPostgresClient(PostgresClient):
 
     def _transaction_wrote(self) -> None:
         written, self._written = self._written, set()
-        invalidated = self.cache.bump(written)
-        if invalidated is not None and not invalidated.done():
-            if self._withheld is None:
-                self._withheld = []
-            self._invalidating += 1
-            invalidated.add_done_callback(self._invalidated)
-
-    def _invalidated(self, _: object) -> None:
-        """Redis has a transaction's invalidations: the replies withheld meanwhile go (once none is on its way)."""
-        self._invalidating -= 1
-        if self._invalidating or self._withheld is None:
-            return
-        withheld, self._withheld = self._withheld, None
-        if not self.closed:
-            for out, replies in withheld:
-                if replies:
-                    PgForward.deliver(self, out)
-                else:
-                    self.write(out)
+        self._gate.wait_for(self.cache.bump(written))
 
     def backend_lost(self, lost: Any, exc: Exception | None) -> None:
         self._capture = None
