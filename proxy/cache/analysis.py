@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlglot
@@ -16,6 +17,7 @@ EVERYTHING = "*"  # the table name a write of unknown extent invalidates: every 
 DIALECTS = {"postgresql": "postgres", "mysql": "mysql"}
 MEMO_SIZE = 4096
 MAX_TEXT = 64 * 1024  # longer statements are not analysed: not cacheable, and a write of unknown extent
+DIGEST_MAX = 8000  # (a digest of a longer text is cut short: such texts are remembered by their text)
 
 # Expressions whose value changes from one call to the next, or with who asks (never cached).
 VOLATILE = tuple(getattr(exp, name) for name in (
@@ -29,8 +31,9 @@ WRITES = tuple(getattr(exp, name) for name in (
 ) if hasattr(exp, name))
 NEUTRAL = tuple(getattr(exp, name) for name in ("Transaction", "Commit", "Rollback", "Set", "Use", "Show")
                 if hasattr(exp, name))
+# (EXPLAIN is not one of them: EXPLAIN ANALYZE runs its statement.)
 NEUTRAL_COMMANDS = frozenset({"SHOW", "BEGIN", "START", "SAVEPOINT", "RELEASE", "DISCARD", "RESET", "DEALLOCATE",
-                              "LISTEN", "UNLISTEN", "EXPLAIN", "DESCRIBE", "DESC"})
+                              "LISTEN", "UNLISTEN", "DESCRIBE", "DESC"})
 # Functions sqlglot does not know that read nothing of the user's tables and write none (not cacheable either).
 HARMLESS_FUNCTIONS = frozenset({"pg_sleep", "pg_backend_pid", "version", "txid_current", "pg_is_in_recovery",
                                 "set_config", "current_setting", "connection_id", "sleep", "database", "schema",
@@ -56,20 +59,25 @@ UNKNOWN_WRITE = Analysis(writes=frozenset({EVERYTHING}))
 
 
 class Analyzer:
-    """Analyses statements of one engine, remembering the latest MEMO_SIZE texts."""
+    """Analyses statements of one engine, remembering the latest MEMO_SIZE by their digest (statements that differ
+    in literals only name the same tables and functions) or, without a digest, by their text."""
 
-    def __init__(self, engine: str) -> None:
+    def __init__(self, engine: str, digest: Callable[[bytes], str] | None = None) -> None:
         self.dialect = DIALECTS[engine]
-        self._memo: OrderedDict[bytes, Analysis] = OrderedDict()
+        self.digest = digest
+        self._memo: OrderedDict[bytes | str, Analysis] = OrderedDict()
 
     def analyse(self, text: bytes) -> Analysis:
         memo = self._memo
-        found = memo.get(text)
+        key: bytes | str = text
+        if self.digest is not None and len(text) < DIGEST_MAX:
+            key = self.digest(text)
+        found = memo.get(key)
         if found is not None:
-            memo.move_to_end(text)
+            memo.move_to_end(key)
             return found
         found = self._analyse(text)
-        memo[text] = found
+        memo[key] = found
         if len(memo) > MEMO_SIZE:
             memo.popitem(last=False)
         return found

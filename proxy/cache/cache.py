@@ -37,7 +37,7 @@ class QueryCache:
         self.settings = settings
         self.store: LocalStore | RedisStore = (RedisStore(settings) if settings.store == "redis"
                                                else LocalStore(settings.max_bytes))
-        self.analyzers = {engine: Analyzer(engine) for engine in ("postgresql", "mysql")}
+        self.analyzers: dict[str, Analyzer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def endpoint(self, engine: str, name: str, cluster: str, registry: StatsRegistry) -> EndpointCache | None:
@@ -68,8 +68,8 @@ class EndpointCache:
         self.cluster = cluster
         self.store = cache.store
         self.synchronous = cache.store.synchronous
-        self.analyzer = cache.analyzers[engine]
         self.digest = registry.digester(engine).digest
+        self.analyzer = cache.analyzers.get(engine) or cache.analyzers.setdefault(engine, Analyzer(engine, self.digest))
         self.max_result = cache.settings.max_result_bytes
         self.stats: EndpointStats = registry.endpoint(engine, name, cluster)
 
