@@ -20,8 +20,12 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, mariadb_server: MariaDBInsta
         cursor.execute("DROP TABLE IF EXISTS qc_items")
         cursor.execute("CREATE TABLE qc_items (id int PRIMARY KEY, value int NOT NULL, label varchar(20))")
         cursor.execute("INSERT INTO qc_items SELECT seq, 0, CONCAT('item ', seq) FROM seq_1_to_20")
+        for row in range(10, 16):  # one table per client of the read-after-write test
+            cursor.execute(f"DROP TABLE IF EXISTS qc_row{row}")
+            cursor.execute(f"CREATE TABLE qc_row{row} (id int, value int)")
+            cursor.execute(f"INSERT INTO qc_row{row} VALUES ({row}, 0)")
     conn.close()
-    settings = {"enabled": True, "hints": True, "rules": [{"endpoint": "mysql", "regex": "FROM qc_items", "ttl": 60.0}]}
+    settings = {"enabled": True, "hints": True, "rules": [{"endpoint": "mysql", "regex": "FROM qc_(items|row)", "ttl": 60.0}]}
     with running_proxy(tmp_path_factory.mktemp("qcache-mysql"), mariadb=mariadb_server, query_cache=settings,
                        server={"metrics_port": 0}, mysql__pool={"max_connections": 3}) as running:
         yield running
@@ -109,15 +113,17 @@ def test_session_state_is_part_of_the_key(proxy: ProxyProcess) -> None:
 
 
 def test_no_stale_read_after_a_write_many_clients(proxy: ProxyProcess) -> None:
-    """6,000 read-after-write checks by 6 clients at once over 3 backends."""
+    """6,000 read-after-write checks by 6 clients at once over 3 backends (each client its own table, so that the
+    second read of each value is a hit)."""
     stale: list[str] = []
+    hits = counter(proxy, "query_cache_hits")
 
     def client(row: int) -> None:
         with connect(proxy) as conn:
             for value in range(1, 501):
-                query(conn, f"UPDATE qc_items SET value = {value} WHERE id = {row}")
+                query(conn, f"UPDATE qc_row{row} SET value = {value} WHERE id = {row}")
                 for _ in range(2):
-                    got = query(conn, f"SELECT value FROM qc_items WHERE id = {row}")
+                    got = query(conn, f"SELECT value FROM qc_row{row} WHERE id = {row}")
                     if got != ((value,),):
                         stale.append(f"row {row}: wrote {value}, read {got}")
 
@@ -127,3 +133,4 @@ def test_no_stale_read_after_a_write_many_clients(proxy: ProxyProcess) -> None:
     for thread in threads:
         thread.join()
     assert stale == []
+    assert counter(proxy, "query_cache_hits") - hits >= 2000

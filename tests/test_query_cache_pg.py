@@ -12,7 +12,7 @@ import pytest
 from devtools.servers import PostgresInstance
 from support import ProxyProcess, metric_value, running_proxy, scrape
 
-RULES = [{"endpoint": "postgresql", "regex": "FROM qc_items", "ttl": 60.0}]
+RULES = [{"endpoint": "postgresql", "regex": "FROM qc_(items|row)", "ttl": 60.0}]
 
 
 def cache_proxy(folder: Path, pg: PostgresInstance, **cache: object) -> Iterator[ProxyProcess]:
@@ -29,6 +29,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, pg_server: PostgresInstance)
         conn.execute("CREATE TABLE qc_items (id int PRIMARY KEY, value int NOT NULL)")
         conn.execute("INSERT INTO qc_items SELECT g, 0 FROM generate_series(1, 20) g")
         conn.execute("CREATE TABLE qc_other (id int)")
+        for row in range(10, 16):  # one table per client of the read-after-write test
+            conn.execute(f"DROP TABLE IF EXISTS qc_row{row}; CREATE TABLE qc_row{row} (id int, value int); "
+                         f"INSERT INTO qc_row{row} VALUES ({row}, 0)")
         conn.execute("CREATE SCHEMA qc_s; CREATE TABLE qc_s.qc_items (id int, value int); "
                      "INSERT INTO qc_s.qc_items VALUES (1, 1000)")
     with cache_proxy(tmp_path_factory.mktemp("qcache"), pg_server) as running:
@@ -115,7 +118,8 @@ def test_a_hint_caches_a_statement_no_rule_names(proxy: ProxyProcess) -> None:
 
 
 def test_no_stale_read_after_a_write_many_clients(proxy: ProxyProcess) -> None:
-    """10,000 read-after-write checks by 6 clients at once over 3 backends: every read sees the last write."""
+    """10,000 read-after-write checks by 6 clients at once over 3 backends: every read sees the last write (each
+    client its own table, so that the second read of each value is a hit)."""
     stale: list[str] = []
     checks = [0]
     hits = counter(proxy, "query_cache_hits")
@@ -124,9 +128,9 @@ def test_no_stale_read_after_a_write_many_clients(proxy: ProxyProcess) -> None:
     def client(row: int) -> None:
         with connect(proxy) as conn:
             for value in range(1, 834):
-                conn.execute(f"UPDATE qc_items SET value = {value} WHERE id = {row}")
+                conn.execute(f"UPDATE qc_row{row} SET value = {value} WHERE id = {row}")
                 for _ in range(2):
-                    got = conn.execute(f"SELECT value FROM qc_items WHERE id = {row}").fetchone()
+                    got = conn.execute(f"SELECT value FROM qc_row{row} WHERE id = {row}").fetchone()
                     if got != (value,):
                         stale.append(f"row {row}: wrote {value}, read {got}")
                 with lock:
@@ -140,3 +144,37 @@ def test_no_stale_read_after_a_write_many_clients(proxy: ProxyProcess) -> None:
     assert checks[0] >= 9996
     assert stale == []
     assert counter(proxy, "query_cache_hits") - hits >= 4000  # (the second read of each value is a hit)
+
+
+def test_readers_never_see_a_value_older_than_a_finished_write(proxy: ProxyProcess) -> None:
+    """A writer bumps a value 300 times; 4 readers (other clients, sharing 3 backends with it) never read a value
+    older than the last write that had finished when their read began."""
+    acknowledged = [0]
+    done = threading.Event()
+    stale: list[str] = []
+    reads = [0]
+
+    def writer() -> None:
+        with connect(proxy) as conn:
+            conn.execute("UPDATE qc_items SET value = 0 WHERE id = 20")
+            for value in range(1, 301):
+                conn.execute(f"UPDATE qc_items SET value = {value} WHERE id = 20")
+                acknowledged[0] = value
+        done.set()
+
+    def reader() -> None:
+        with connect(proxy) as conn:
+            while not done.is_set():
+                floor = acknowledged[0]
+                row = conn.execute("SELECT value FROM qc_items WHERE id = 20").fetchone()
+                reads[0] += 1
+                if row is None or row[0] < floor:
+                    stale.append(f"read {row} after {floor} was written")
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert reads[0] > 300
+    assert stale == []
