@@ -25,7 +25,8 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, mariadb_server: MariaDBInsta
             cursor.execute(f"CREATE TABLE qc_row{row} (id int, value int)")
             cursor.execute(f"INSERT INTO qc_row{row} VALUES ({row}, 0)")
     conn.close()
-    settings = {"enabled": True, "hints": True, "rules": [{"endpoint": "mysql", "regex": "FROM qc_(items|row)", "ttl": 60.0}]}
+    rules = [{"endpoint": "mysql", "regex": "FROM qc_(items|row)", "ttl": 60.0}]
+    settings = {"enabled": True, "hints": True, "rules": rules}
     with running_proxy(tmp_path_factory.mktemp("qcache-mysql"), mariadb=mariadb_server, query_cache=settings,
                        server={"metrics_port": 0}, mysql__pool={"max_connections": 3}) as running:
         yield running

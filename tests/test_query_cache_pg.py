@@ -178,3 +178,24 @@ def test_readers_never_see_a_value_older_than_a_finished_write(proxy: ProxyProce
         thread.join()
     assert reads[0] > 300
     assert stale == []
+
+
+def test_extended_protocol_batches_hit_and_are_invalidated(proxy: ProxyProcess) -> None:
+    """psycopg's parameterized queries (Parse/Bind/Describe/Execute/Sync, unnamed): a hit per parameter value."""
+    query = "SELECT id, value FROM qc_items WHERE id = %s"
+    hits = counter(proxy, "query_cache_hits")
+    with psycopg.connect(host="127.0.0.1", port=proxy.ports["postgresql"], user="app", password="app-secret",
+                         dbname="app", autocommit=True, prepare_threshold=None) as conn:
+        assert conn.execute(query, (3,)).fetchall() == [(3, 0)]
+        assert conn.execute(query, (3,)).fetchall() == [(3, 0)]
+        assert conn.execute(query, (4,)).fetchall() == [(4, 0)]  # another value: another key
+        assert conn.execute(query, (4,), binary=True).fetchall() == [(4, 0)]  # binary results: another key
+        assert conn.execute(query, (4,), binary=True).fetchall() == [(4, 0)]
+        assert counter(proxy, "query_cache_hits") == hits + 2
+        conn.execute("UPDATE qc_items SET value = %s WHERE id = %s", (6, 3))
+        assert conn.execute(query, (3,)).fetchall() == [(3, 6)]
+        conn.execute("UPDATE qc_items SET value = 0 WHERE id = 3")
+        assert conn.execute(query, (3,)).fetchall() == [(3, 0)]
+        cursor = conn.cursor()
+        assert cursor.execute(query, (3,)).fetchall() == [(3, 0)]  # a hit, then the session goes on
+        assert conn.execute("SELECT %s::int + 1", (1,)).fetchone() == (2,)

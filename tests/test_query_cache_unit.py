@@ -6,10 +6,12 @@ import pytest
 
 from proxy.cache.analysis import EVERYTHING, Analyzer
 from proxy.cache.keys import base_key
+from proxy.cache.pg_batch import unnamed_batch
 from proxy.cache.pg_replies import PgReplyCapture
 from proxy.cache.rules import CachePolicy
 from proxy.cache.store_local import LocalStore
 from proxy.config import CacheRule
+from proxy.protocol.pg import extended as ext
 from proxy.protocol.pg import messages as pg
 from proxy.sql_digest import Digester
 from proxy.stats import StatsRegistry
@@ -139,3 +141,30 @@ def test_local_store_lru_bytes_and_invalidation() -> None:
     store.bump({"c/db/t"}, stats)
     assert store.get("k1", names)[0] is None and stats.cache_entries == 0 and stats.cache_bytes == 0
     assert not store.put("k1", names, generations, b"x", 60, stats)  # read before the write: not stored
+
+
+def _batch(*messages: bytes) -> bytes:
+    return b"".join(messages)
+
+
+PARSE = ext.build_parse(b"", b"SELECT $1\x00\x00\x01\x00\x00\x00\x17")
+BIND = ext.build_bind(b"", b"", b"\x00\x00\x00\x01\x00\x00\x00\x011\x00\x00")
+DESCRIBE = ext.build_target(b"D", ord("P"), b"")
+EXECUTE = pg.message(b"E", b"\x00\x00\x00\x00\x00")
+SYNC = pg.message(b"S")
+
+
+def test_unnamed_batches_the_cache_answers() -> None:
+    whole = _batch(PARSE, BIND, DESCRIBE, EXECUTE, SYNC)
+    found = unnamed_batch(whole + b"Q")
+    assert found is not None and found.size == len(whole) and found.text == b"SELECT $1" and found.described
+    plain = unnamed_batch(_batch(PARSE, BIND, EXECUTE, SYNC))
+    assert plain is not None and not plain.described and plain.extra != found.extra
+    other_value = ext.build_bind(b"", b"", b"\x00\x00\x00\x01\x00\x00\x00\x012\x00\x00")
+    assert unnamed_batch(_batch(PARSE, other_value, DESCRIBE, EXECUTE, SYNC)).extra != found.extra  # type: ignore[union-attr]
+    for refused in (whole[:-1],  # not all there
+                    _batch(ext.build_parse(b"s1", b"SELECT 1\x00\x00\x00"), BIND, DESCRIBE, EXECUTE, SYNC),  # named
+                    _batch(PARSE, BIND, DESCRIBE, pg.message(b"E", b"\x00\x00\x00\x00\x0a"), SYNC),  # a row limit
+                    _batch(PARSE, BIND, DESCRIBE, EXECUTE, pg.message(b"H")),  # Flush, no Sync
+                    _batch(PARSE, SYNC)):
+        assert unnamed_batch(refused) is None

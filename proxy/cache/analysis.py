@@ -93,7 +93,7 @@ class Analyzer:
         if not trees:
             return NOTHING
         if len(trees) == 1 and isinstance(trees[0], exp.Query):
-            return _read(trees[0])
+            return _read(trees[0], self.dialect == "postgres")
         writes: set[str] = set()
         for tree in trees:
             effect = _statement(tree)
@@ -117,20 +117,22 @@ def _statement(tree: exp.Expr) -> Analysis:
         word = str(tree.this).upper()
         return NOTHING if word in NEUTRAL_COMMANDS else UNKNOWN_WRITE
     if isinstance(tree, exp.Query):
-        read = _read(tree)
+        read = _read(tree, False)
         return read if read.writes else NOTHING
     if isinstance(tree, WRITES):
         return Analysis(writes=_tables(tree) or frozenset({EVERYTHING}))
     return UNKNOWN_WRITE
 
 
-def _read(tree: exp.Expr) -> Analysis:
+def _read(tree: exp.Expr, parameters: bool) -> Analysis:
     """A query: cacheable if it only reads user tables with deterministic functions; a write if it hides one."""
     if any(True for _ in tree.find_all(*WRITES)):
         return Analysis(writes=_tables(tree) | {EVERYTHING})
     if any(True for _ in tree.find_all(exp.Lock)) or tree.args.get("locks"):
         return NOTHING
     for node in tree.find_all(*VOLATILE):
+        if parameters and type(node) is exp.Parameter:  # PostgreSQL's $1 (MySQL's @x is a user variable)
+            continue
         if isinstance(node, exp.Anonymous | exp.AnonymousAggFunc):  # a user's function may write anything
             return UNKNOWN_WRITE if str(node.name).lower() not in HARMLESS_FUNCTIONS else NOTHING
         return NOTHING

@@ -77,8 +77,10 @@ class EndpointCache:
         """Where table names live: PostgreSQL's databases apart; MySQL's schemas all one (a statement may name any)."""
         return f"{self.cluster}/{database}/" if self.engine == "postgresql" else f"{self.cluster}//"
 
-    def plan(self, text: bytes, user: str, database: str, settings: Mapping[str, object]) -> Plan | None:
-        """The plan of a statement the endpoint caches and that is cacheable at all; None otherwise."""
+    def plan(self, text: bytes, user: str, database: str, settings: Mapping[str, object],
+             extra: bytes = b"") -> Plan | None:
+        """The plan of a statement the endpoint caches and that is cacheable at all; None otherwise. `extra` is what
+        else tells its result apart (an extended-query batch's parameters and formats)."""
         ttl = self.policy.ttl(text, self.digest)
         if ttl is None:
             return None
@@ -87,7 +89,7 @@ class EndpointCache:
             return None
         scope = self.scope(database)
         names = (*sorted(scope + table for table in analysis.tables), scope + EVERYTHING)
-        return Plan(base_key(self.engine, user, database, settings, text), names, ttl)
+        return Plan(base_key(self.engine, user, database, settings, text + extra), names, ttl)
 
     def writes(self, text: bytes, database: str) -> frozenset[str]:
         """The scoped tables a statement writes (its scope's EVERYTHING when it cannot be told)."""

@@ -11,13 +11,14 @@ class PgReplyCapture:
     ReadyForQuery. Anything else (an error, a notice, a parameter change, COPY, several results), more than
     `limit` bytes, or a transaction left open, and nothing is kept."""
 
-    __slots__ = ("_buffer", "_expect", "_pos", "limit", "result")
+    __slots__ = ("_buffer", "_expect", "_pos", "_prefix", "limit", "result")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, prefix: bytes = b"", described: bool = True) -> None:
         self.limit = limit
         self._buffer = bytearray()
         self._pos = 0
-        self._expect = ROW_DESCRIPTION  # the message the walk is at: T first, then D or C, then Z
+        self._prefix = prefix  # replies expected first, in order (an extended-query batch: ParseComplete, BindComplete)
+        self._expect = ROW_DESCRIPTION if described else DATA_ROW  # then T (if described), D or C, then Z
         self.result: bytes | None = None  # the replies without their ReadyForQuery, once complete
 
     def feed(self, data: bytes) -> bool:
@@ -28,13 +29,17 @@ class PgReplyCapture:
         end = len(buffer)
         while end - pos >= 6:
             kind = buffer[pos]
-            if kind == READY_FOR_QUERY:
+            if self._prefix:
+                if kind != self._prefix[0]:
+                    return self._give_up()
+                self._prefix = self._prefix[1:]
+            elif kind == READY_FOR_QUERY:
                 if self._expect != READY_FOR_QUERY or buffer[pos + 5] != IDLE:
                     return self._give_up()
                 self.result = bytes(buffer[:pos])
                 self._buffer = bytearray()
                 return True
-            if kind == ROW_DESCRIPTION and self._expect == ROW_DESCRIPTION:
+            elif kind == ROW_DESCRIPTION and self._expect == ROW_DESCRIPTION:
                 self._expect = DATA_ROW
             elif kind == COMMAND_COMPLETE and self._expect == DATA_ROW:
                 self._expect = READY_FOR_QUERY

@@ -10,6 +10,8 @@ from typing import Any
 
 from proxy.cache.cache import EndpointCache, Plan
 from proxy.cache.gate import ReplyGate
+from proxy.cache.pg_batch import Batch as Request
+from proxy.cache.pg_batch import unnamed_batch
 from proxy.cache.pg_replies import PgReplyCapture
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.protocol.pg import extended as ext
@@ -27,7 +29,7 @@ class CachedPostgresClient(PostgresClient):
     def __init__(self, service: PostgresService, cache: EndpointCache) -> None:
         super().__init__(service)
         self.cache = cache
-        self._looked_up: tuple[bytes, Plan] | None = None  # a Query's text and its plan, looked up and missed
+        self._looked_up: tuple[Request, Plan] | None = None  # a request and its plan, looked up and missed
         self._capture: tuple[Plan, PgReplyCapture] | None = None  # the replies being kept
         self._written: set[str] = set()  # tables written in the transaction in progress
         self._statement_writes: dict[bytes, frozenset[str]] = {}  # statement name -> tables it writes
@@ -41,29 +43,39 @@ class CachedPostgresClient(PostgresClient):
             super()._dispatch_unlinked()
 
     def _answer_cached(self) -> bool:
-        """Answer the held Queries the cache has, in order; True when the rest waits for a lookup or nothing is
-        left (no backend needed for now)."""
+        """Answer the held Queries (and unnamed extended-query batches) the cache has, in order; True when the
+        rest waits for a lookup or nothing is left (no backend needed for now)."""
         held = self._held
         cache = self.cache
-        while len(held) >= 5 and held[0] == QUERY_BYTE and not (self._aborted or self._to_sync or self._dropping):
-            length = int.from_bytes(held[1:5], "big")
-            if length < 5 or len(held) < 1 + length or length > self.max_message:
+        while len(held) >= 5 and not (self._aborted or self._to_sync or self._dropping):
+            request = self._request(held)
+            if request is None:
                 return False
-            text = bytes(held[5:length])
-            plan = self._plan(text)
+            plan = self._plan(request.text, request.extra)
             if plan is None:
                 return False
             if not cache.synchronous:
-                self._acquiring = self.loop.create_task(self._look_up(text, plan, length))
+                self._acquiring = self.loop.create_task(self._look_up(request, plan))
                 return True
             value = cache.lookup_now(plan)
             if value is None:
-                self._looked_up = (text, plan)
+                self._looked_up = (request, plan)
                 return False
-            self._answer(value, length)
+            self._answer(value, request)
         return not held
 
-    async def _look_up(self, text: bytes, plan: Plan, length: int) -> None:
+    def _request(self, held: bytearray) -> Request | None:
+        """The Query or unnamed batch at the start of `held`, whole; None for anything else."""
+        if held[0] == PARSE_BYTE:
+            return unnamed_batch(held)
+        if held[0] != QUERY_BYTE:
+            return None
+        length = int.from_bytes(held[1:5], "big")
+        if length < 5 or len(held) < 1 + length or length > self.max_message:
+            return None
+        return Request(1 + length, b"", bytes(held[5:length]), b"")
+
+    async def _look_up(self, request: Request, plan: Plan) -> None:
         try:
             value = await self.cache.lookup(plan)
         finally:
@@ -71,26 +83,28 @@ class CachedPostgresClient(PostgresClient):
         if self.closed:
             return
         if value is None:
-            self._looked_up = (text, plan)
+            self._looked_up = (request, plan)
             PgForward._dispatch_unlinked(self)
             return
-        self._answer(value, length)
+        self._answer(value, request)
         if self._held:
             self._dispatch_unlinked()
 
-    def _answer(self, value: bytes, length: int) -> None:
+    def _answer(self, value: bytes, request: Request) -> None:
         if not self._gate.held(value + READY_IDLE, self.write):
             self.write(value + READY_IDLE)
-        del self._held[: 1 + length]
+        del self._held[: request.size]
+        if request.parse_rest:
+            self.statements.parse_answered(request.parse_rest)
         if self.peer_paused_us and not self._held:
             self.peer_paused_us = False
             self.transport.resume_reading()
 
-    def _plan(self, text: bytes) -> Plan | None:
+    def _plan(self, text: bytes, extra: bytes = b"") -> Plan | None:
         session = self.session
         if session.pins:
             return None
-        return self.cache.plan(text, session.user, session.database, session.settings)
+        return self.cache.plan(text, session.user, session.database, session.settings, extra)
 
     # --- what passes to the backend: reads to keep, writes to note ---
 
@@ -98,12 +112,7 @@ class CachedPostgresClient(PostgresClient):
         if kind == QUERY_BYTE:
             self._query_sent(body[:-1], backend)
         elif kind == PARSE_BYTE:
-            name, rest = ext.split_parse(body)
-            writes = self.cache.writes(ext.parse_query_text(rest), self.session.database)
-            if writes:
-                self._statement_writes[name] = writes
-            else:
-                self._statement_writes.pop(name, None)
+            self._parse_sent(body, backend)
         elif kind == BIND_BYTE:
             bound = self._statement_writes.get(ext.split_bind(body)[1])
             if bound:
@@ -112,16 +121,31 @@ class CachedPostgresClient(PostgresClient):
             self._wrote(self.cache.everything(self.session.database))
         return super()._inspect(kind, body, backend)
 
+    def _parse_sent(self, body: bytes, backend: PostgresBackend) -> None:
+        looked_up, self._looked_up = self._looked_up, None
+        name, rest = ext.split_parse(body)
+        writes = self.cache.writes(ext.parse_query_text(rest), self.session.database)
+        if writes:
+            self._statement_writes[name] = writes
+            return
+        self._statement_writes.pop(name, None)
+        if looked_up is not None and looked_up[0].parse_rest == rest and not name and self._may_keep(backend):
+            self._capture = (looked_up[1], PgReplyCapture(self.cache.max_result, b"12", looked_up[0].described))
+
+    def _may_keep(self, backend: PostgresBackend) -> bool:
+        """The replies of the request sent now are its own and outside any transaction."""
+        return not (self._capture is not None or self.pending or self.in_extended or backend.awaiting_replies
+                    or backend.tx_status != pg.IDLE)
+
     def _query_sent(self, text: bytes, backend: PostgresBackend) -> None:
         looked_up, self._looked_up = self._looked_up, None
         writes = self.cache.writes(text, self.session.database)
         if writes:
             self._wrote(writes)
             return
-        if (self._capture is not None or self.pending or self.in_extended or backend.awaiting_replies
-                or backend.tx_status != pg.IDLE):
+        if not self._may_keep(backend):
             return  # (inside a transaction, or behind other requests: never kept)
-        plan = looked_up[1] if looked_up is not None and looked_up[0] == text else None
+        plan = looked_up[1] if looked_up is not None and looked_up[0].text == text and not looked_up[0].extra else None
         if plan is None:
             plan = self._plan(text)
             if plan is None or not self.cache.synchronous:
