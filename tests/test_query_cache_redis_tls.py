@@ -71,7 +71,8 @@ def counter(proxy: ProxyProcess, name: str) -> float:
 def table(pg_server: PostgresInstance) -> None:
     with psycopg.connect(host="127.0.0.1", port=pg_server.port, user="app", password="app-secret",
                          dbname="app", autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS qct_items; CREATE TABLE qct_items (id int); INSERT INTO qct_items VALUES (1)")
+        conn.execute("DROP TABLE IF EXISTS qct_items; CREATE TABLE qct_items (id int); "
+                     "INSERT INTO qct_items VALUES (1)")
 
 
 def test_tls_and_auth(tmp_path: Path, pg_server: PostgresInstance, tls_redis: tuple[int, Path]) -> None:
