@@ -199,3 +199,14 @@ def test_extended_protocol_batches_hit_and_are_invalidated(proxy: ProxyProcess) 
         cursor = conn.cursor()
         assert cursor.execute(query, (3,)).fetchall() == [(3, 0)]  # a hit, then the session goes on
         assert conn.execute("SELECT %s::int + 1", (1,)).fetchone() == (2,)
+
+
+def test_a_temporary_table_of_the_same_name_is_never_answered_from_the_cache(proxy: ProxyProcess) -> None:
+    query = "SELECT count(*) FROM qc_items"
+    with connect(proxy) as shared, connect(proxy) as temporary:
+        assert shared.execute(query).fetchone() == (20,)
+        assert shared.execute(query).fetchone() == (20,)
+        temporary.execute("CREATE TEMP TABLE qc_items (id int)")  # pins the session: its names are its own
+        assert temporary.execute(query).fetchone() == (0,)
+        assert temporary.execute(query).fetchone() == (0,)
+        assert shared.execute(query).fetchone() == (20,)

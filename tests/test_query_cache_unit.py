@@ -168,3 +168,18 @@ def test_unnamed_batches_the_cache_answers() -> None:
                     _batch(PARSE, BIND, DESCRIBE, EXECUTE, pg.message(b"H")),  # Flush, no Sync
                     _batch(PARSE, SYNC)):
         assert unnamed_batch(refused) is None
+
+
+def test_the_local_store_needs_one_process_and_rules_one_match() -> None:
+    from pydantic import ValidationError
+
+    from proxy.config import Config
+
+    with pytest.raises(ValidationError, match="workers = 1"):
+        Config.model_validate({"query_cache": {"enabled": True}})
+    Config.model_validate({"server": {"workers": 1}, "query_cache": {"enabled": True}})
+    Config.model_validate({"query_cache": {"enabled": True, "store": "redis"}})
+    with pytest.raises(ValidationError, match="regex or digest"):
+        CacheRule(regex="a", digest="b")
+    with pytest.raises(ValidationError, match="does not compile"):
+        CacheRule(regex="(")

@@ -89,7 +89,8 @@ class CachedMySQLClient(MySQLClient):
 
     def _plan(self, text: bytes) -> Plan | None:
         session = self.session
-        if session.pins or not session.autocommit or self._hold_next:
+        pool = self.pool
+        if session.pins or not session.autocommit or self._hold_next or pool is None or pool.session_mode:
             return None
         state: dict[str, object] = {**session.settings, "\x00capabilities": self.capabilities,
                                     "\x00profile": repr(self.profile), "\x00multi": self.multi_statements}
@@ -158,7 +159,7 @@ class CachedMySQLClient(MySQLClient):
             if len(capture[1]) > self.cache.max_result:
                 self._capture = None
         backend = self.backend
-        if (self._written and backend is not None and backend.tracker.done
+        if (self._written and backend is not None and backend.tracker.done and not backend.queue
                 and not backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS):
             written, self._written = self._written, set()
             self._gate.wait_for(self.cache.bump(written))  # before the client hears of the end of its writes

@@ -101,8 +101,11 @@ class CachedPostgresClient(PostgresClient):
             self.transport.resume_reading()
 
     def _plan(self, text: bytes, extra: bytes = b"") -> Plan | None:
+        """The plan of a cacheable request of this session; None while its settings may not be those the proxy
+        knows (pinned, session pooling, a statement's changes not read back yet)."""
         session = self.session
-        if session.pins:
+        pool = self.pool
+        if session.pins or self._state_dirty or pool is None or pool.session_mode:
             return None
         return self.cache.plan(text, session.user, session.database, session.settings, extra)
 
@@ -165,8 +168,8 @@ class CachedPostgresClient(PostgresClient):
             result = capture[1].result
             if result is not None:
                 self.cache.keep(capture[0], result)
-        if self._written and out.endswith(READY_IDLE):
-            self._transaction_wrote()  # before the client hears of the end of its writes
+        if self._written and out.endswith(READY_IDLE):  # before the client hears of the end of its writes
+            self._transaction_wrote(forget=self.pending <= 1)  # (more requests out: again at the last one's end)
         if not self._gate.held(out, self._pass_on):
             super().deliver(out)
 
@@ -175,11 +178,15 @@ class CachedPostgresClient(PostgresClient):
 
     def backend_ready(self, backend: PostgresBackend, count: int) -> None:
         super().backend_ready(backend, count)
-        if self._written and backend.tx_status == pg.IDLE:
+        if self._written and self.pending <= 0 and backend.tx_status == pg.IDLE:
             self._transaction_wrote()
 
-    def _transaction_wrote(self) -> None:
-        written, self._written = self._written, set()
+    def _transaction_wrote(self, forget: bool = True) -> None:
+        """The writes noted are committed (or rolled back): what read their tables goes again (`forget`: they
+        are all done; else some may still run and this is repeated at the end of the last)."""
+        written = self._written
+        if forget:
+            self._written = set()
         self._gate.wait_for(self.cache.bump(written))
 
     def backend_lost(self, lost: Any, exc: Exception | None) -> None:
