@@ -210,3 +210,32 @@ def test_a_temporary_table_of_the_same_name_is_never_answered_from_the_cache(pro
         assert temporary.execute(query).fetchone() == (0,)
         assert temporary.execute(query).fetchone() == (0,)
         assert shared.execute(query).fetchone() == (20,)
+
+
+def test_asyncpg_prepared_writes_invalidate(proxy: ProxyProcess) -> None:
+    """asyncpg prepares its statements once (named) and executes them again and again: each execution (its Bind)
+    invalidates what read the table, simple or extended reads alike."""
+    import asyncio
+
+    import asyncpg
+
+    query = "SELECT value FROM qc_items WHERE id = 7"
+
+    async def writes(reader: psycopg.Connection) -> None:
+        conn = await asyncpg.connect(host="127.0.0.1", port=proxy.ports["postgresql"], user="app",
+                                     password="app-secret", database="app", statement_cache_size=100)
+        try:
+            update = await conn.prepare("UPDATE qc_items SET value = $1 WHERE id = 7")
+            for value in range(1, 31):
+                await update.fetch(value)
+                assert reader.execute(query).fetchone() == (value,)
+                assert reader.execute(query).fetchone() == (value,)
+                assert reader.execute("SELECT value FROM qc_items WHERE id = %s", (7,)).fetchone() == (value,)
+            await conn.execute("UPDATE qc_items SET value = 0 WHERE id = 7")
+        finally:
+            await conn.close()
+
+    hits = counter(proxy, "query_cache_hits")
+    with connect(proxy) as reader:
+        asyncio.run(writes(reader))
+    assert counter(proxy, "query_cache_hits") >= hits + 30

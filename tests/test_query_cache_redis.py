@@ -1,5 +1,5 @@
-"""The query cache in Redis, shared by two proxy processes: a result one stores the other serves, and a write
-through either invalidates for both."""
+"""The query cache in Redis, shared by two proxy processes (of each engine): a result one stores the other serves,
+and a write through either invalidates for both."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import psycopg
+import pymysql
 import pytest
 import redis
 
-from devtools.servers import PostgresInstance
+from devtools.servers import MariaDBInstance, PostgresInstance
 from support import ProxyProcess, metric_value, running_proxy, scrape
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -94,3 +95,58 @@ def test_writes_through_either_invalidate_for_both(proxies: tuple[ProxyProcess, 
     assert stale == []
     # (every write to the table invalidates every row's entry: hits come between two clients' writes)
     assert hits(proxies[0]) + hits(proxies[1]) - before >= 500
+
+
+@pytest.fixture(scope="module")
+def mysql_proxies(tmp_path_factory: pytest.TempPathFactory, mariadb_server: MariaDBInstance,
+                  prefix: str) -> Iterator[tuple[ProxyProcess, ProxyProcess]]:
+    conn = pymysql.connect(host="127.0.0.1", port=mariadb_server.port, user="app", password="app-secret",
+                           database="app", autocommit=True)
+    with conn.cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS qcr_items")
+        cursor.execute("CREATE TABLE qcr_items (id int PRIMARY KEY, value int NOT NULL)")
+        cursor.execute("INSERT INTO qcr_items SELECT seq, 0 FROM seq_1_to_20")
+    conn.close()
+    settings = {"enabled": True, "store": "redis", "redis_url": REDIS_URL, "redis_key_prefix": prefix,
+                "rules": [{"regex": "FROM qcr_items", "ttl": 60.0}]}
+    with ExitStack() as stack:
+        first, second = (stack.enter_context(running_proxy(Path(tmp_path_factory.mktemp(f"mysql{n}")),
+                                                           mariadb=mariadb_server, query_cache=settings,
+                                                           server={"metrics_port": 0},
+                                                           mysql__pool={"max_connections": 3}))
+                         for n in (1, 2))
+        yield first, second
+
+
+def test_mysql_proxies_share_results_and_invalidations(mysql_proxies: tuple[ProxyProcess, ProxyProcess]) -> None:
+    """2 clients, each writing through one proxy and reading through both: 2,000 checks, no stale read."""
+    stale: list[str] = []
+
+    def read(conn: pymysql.Connection, row: int) -> object:
+        with conn.cursor() as cursor:
+            cursor.execute(f"SELECT value FROM qcr_items WHERE id = {row}")
+            return cursor.fetchone()
+
+    def client(row: int) -> None:
+        writer_side, reader_side = mysql_proxies if row % 2 else mysql_proxies[::-1]
+        connect = {"user": "app", "password": "app-secret", "database": "app", "autocommit": True,
+                   "host": "127.0.0.1"}
+        with (pymysql.connect(port=writer_side.ports["mysql"], **connect) as writer,  # type: ignore[arg-type]
+              pymysql.connect(port=reader_side.ports["mysql"], **connect) as reader):  # type: ignore[arg-type]
+            for value in range(1, 251):
+                with writer.cursor() as cursor:
+                    cursor.execute(f"UPDATE qcr_items SET value = {value} WHERE id = {row}")
+                for conn in (reader, reader, writer, writer):
+                    got = read(conn, row)
+                    if got != (value,):
+                        stale.append(f"row {row}: wrote {value}, read {got}")
+
+    before = sum(metric_value(scrape(p), "dbproxy_query_cache_hits_total", endpoint="mysql") for p in mysql_proxies)
+    threads = [threading.Thread(target=client, args=(row,)) for row in (10, 11)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert stale == []
+    after = sum(metric_value(scrape(p), "dbproxy_query_cache_hits_total", endpoint="mysql") for p in mysql_proxies)
+    assert after - before >= 200
