@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.cache.analysis import EVERYTHING, Analyzer
+from proxy.cache.analysis import EVERYTHING, Analyzer, plain_select
 from proxy.cache.keys import base_key
 from proxy.cache.pg_batch import unnamed_batch
 from proxy.cache.pg_replies import PgReplyCapture
@@ -183,3 +183,17 @@ def test_the_local_store_needs_one_process_and_rules_one_match() -> None:
         CacheRule(regex="a", digest="b")
     with pytest.raises(ValidationError, match="does not compile"):
         CacheRule(regex="(")
+
+
+@pytest.mark.parametrize(("sql", "plain"), [
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 5;", True),
+    (b"  select * from t ; ", True),
+    (b"SELECT nextval('s')", False),
+    (b"SELECT a INTO b FROM c", False),
+    (b"SELECT 1; DELETE FROM t", False),
+    (b"WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x", False),
+    (b"/* c */ SELECT 1", False),
+    (b"UPDATE t SET a = 1", False),
+])
+def test_plain_selects_are_told_without_parsing(sql: bytes, plain: bool) -> None:
+    assert plain_select(sql) is plain

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,16 @@ HARMLESS_FUNCTIONS = frozenset({"pg_sleep", "pg_backend_pid", "version", "txid_c
                                 "current_user", "clock_timestamp", "statement_timestamp", "timeofday",
                                 "gen_random_uuid", "uuid_generate_v4", "transaction_timestamp"})
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema", "performance_schema", "mysql", "sys"})
+
+
+INTO = re.compile(rb"(?i)\binto\b")
+
+
+def plain_select(text: bytes) -> bool:
+    """A SELECT that can write nothing, told without parsing: one statement, no parenthesis (so no function call,
+    subquery or CTE), no INTO. Most point reads are; the rest are parsed."""
+    return (text.lstrip()[:6].upper() == b"SELECT" and b"(" not in text and b";" not in text.rstrip(b" \t\r\n;")
+            and INTO.search(text) is None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.cache.analysis import EVERYTHING, Analyzer
+from proxy.cache.analysis import EVERYTHING, Analyzer, plain_select
 from proxy.cache.keys import base_key
 from proxy.cache.rules import CachePolicy, endpoint_policy
 from proxy.cache.store_local import LocalStore
@@ -17,6 +17,7 @@ from proxy.config import QueryCacheSettings
 from proxy.stats import EndpointStats, StatsRegistry
 
 log = logging.getLogger(__name__)
+NO_WRITES: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -93,6 +94,8 @@ class EndpointCache:
 
     def writes(self, text: bytes, database: str) -> frozenset[str]:
         """The scoped tables a statement writes (its scope's EVERYTHING when it cannot be told)."""
+        if plain_select(text):
+            return NO_WRITES
         writes = self.analyzer.analyse(text).writes
         if not writes:
             return writes
