@@ -80,6 +80,7 @@ class CachedMySQLClient(MySQLClient):
         self._answer(value, length)
 
     def _answer(self, value: bytes, length: int) -> None:
+        self.stats.queries += 1
         self.found_rows = int.from_bytes(value[:ROWS_SIZE], "little")
         self.row_count = -1
         if not self._gate.held(value[ROWS_SIZE:], self.write):

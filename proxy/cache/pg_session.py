@@ -91,6 +91,7 @@ class CachedPostgresClient(PostgresClient):
             self._dispatch_unlinked()
 
     def _answer(self, value: bytes, request: Request) -> None:
+        self.stats.queries += 1
         if not self._gate.held(value + READY_IDLE, self.write):
             self.write(value + READY_IDLE)
         del self._held[: request.size]
