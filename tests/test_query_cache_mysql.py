@@ -135,3 +135,15 @@ def test_no_stale_read_after_a_write_many_clients(proxy: ProxyProcess) -> None:
         thread.join()
     assert stale == []
     assert counter(proxy, "query_cache_hits") - hits >= 2000
+
+
+def test_the_mariadb_client_sees_the_same_output_from_the_cache(proxy: ProxyProcess) -> None:
+    import subprocess
+
+    hits = counter(proxy, "query_cache_hits")
+    command = ["mariadb", "-h", "127.0.0.1", "-P", str(proxy.ports["mysql"]), "-u", "app", "-papp-secret",
+               "--skip-ssl", "app", "-e", "SELECT id, label, id * 1.5 AS x FROM qc_items WHERE id BETWEEN 2 AND 4"]
+    outputs = [subprocess.run(command, capture_output=True, text=True, check=True, timeout=30).stdout
+               for _ in range(2)]
+    assert outputs[0] == outputs[1] and "item 3" in outputs[0]
+    assert counter(proxy, "query_cache_hits") == hits + 1

@@ -239,3 +239,16 @@ def test_asyncpg_prepared_writes_invalidate(proxy: ProxyProcess) -> None:
     with connect(proxy) as reader:
         asyncio.run(writes(reader))
     assert counter(proxy, "query_cache_hits") >= hits + 30
+
+
+def test_psql_sees_the_same_output_from_the_cache(proxy: ProxyProcess) -> None:
+    import os
+    import subprocess
+
+    hits = counter(proxy, "query_cache_hits")
+    command = ["psql", "-h", "127.0.0.1", "-p", str(proxy.ports["postgresql"]), "-U", "app", "-d", "app", "-X",
+               "-c", "SELECT id, value, id * 1.5 AS x FROM qc_items WHERE id BETWEEN 2 AND 4 ORDER BY id"]
+    outputs = [subprocess.run(command, env=dict(os.environ, PGPASSWORD="app-secret"), capture_output=True,
+                              text=True, check=True, timeout=30).stdout for _ in range(2)]
+    assert outputs[0] == outputs[1] and "(3 rows)" in outputs[0]
+    assert counter(proxy, "query_cache_hits") == hits + 1
