@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections import deque
 from typing import Any
 
@@ -36,7 +37,8 @@ if joined ~= ARGV[2] then return 0 end
 redis.call('SET', ARGV[1] .. ':' .. joined, ARGV[3], 'PX', ARGV[4])
 return 1
 """
-BUMP_ATTEMPTS = 5
+BUMP_ATTEMPTS = 5  # (one while Redis is known to fail: a write then waits for one attempt at most)
+PAUSE_AFTER_FAILURE = 1.0  # seconds lookups and stores are skipped (misses) after Redis failed
 
 
 class RedisStore:
@@ -63,6 +65,7 @@ class RedisStore:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._failing = False
+        self._skip_until = 0.0  # monotonic time until which lookups and stores are skipped (Redis failed)
 
     def _generation_keys(self, names: tuple[str, ...]) -> list[str]:
         return [f"{self.prefix}g:{name}" for name in names]
@@ -70,7 +73,7 @@ class RedisStore:
     async def get(self, base: str, names: tuple[str, ...], stats: CacheStats) -> tuple[bytes | None, str | None]:
         """The value for `base` at the tables' generations now (None: a miss) and those generations (None: the
         result must not be stored: a bump of one of the tables is on its way, or Redis failed)."""
-        if any(name in self._inflight for name in names):
+        if any(name in self._inflight for name in names) or time.monotonic() < self._skip_until:
             return None, None
         try:
             joined, value = await asyncio.wait_for(
@@ -85,6 +88,8 @@ class RedisStore:
 
     async def put(self, base: str, names: tuple[str, ...], generations: str, value: bytes, ttl: float,
                   stats: CacheStats) -> bool:
+        if time.monotonic() < self._skip_until:
+            return False
         try:
             stored = await asyncio.wait_for(self._put(
                 keys=self._generation_keys(names),
@@ -127,7 +132,8 @@ class RedisStore:
                         del self._inflight[name]
 
     async def _send_bump(self, names: tuple[str, ...], stats: CacheStats) -> None:
-        for attempt in range(BUMP_ATTEMPTS):
+        attempts = 1 if self._failing else BUMP_ATTEMPTS
+        for attempt in range(attempts):
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for key in self._generation_keys(names):
@@ -138,11 +144,12 @@ class RedisStore:
             except (RedisError, OSError, TimeoutError) as exc:
                 self._failed(stats, "invalidation", exc)
                 await asyncio.sleep(0.05 * (attempt + 1))
-        log.error("query cache: invalidation of %s could not reach Redis after %d attempts; other proxies may serve "
-                  "their results until the entries expire", ", ".join(names), BUMP_ATTEMPTS)
+        log.error("query cache: invalidation of %s could not reach Redis after %d attempt(s); other proxies may "
+                  "serve their results until the entries expire", ", ".join(names), attempts)
 
     def _failed(self, stats: CacheStats, what: str, exc: BaseException) -> None:
         stats.cache_errors += 1
+        self._skip_until = time.monotonic() + PAUSE_AFTER_FAILURE
         if not self._failing:
             self._failing = True
             log.warning("query cache: Redis %s failed (%s); serving from the database meanwhile", what,
