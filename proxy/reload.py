@@ -173,7 +173,8 @@ async def _listen(server: ProxyServer, listener: Listener, endpoint: Endpoint) -
 
 
 async def _add(server: ProxyServer, endpoint: Endpoint) -> None:
-    listener = Listener(endpoint, server.make_service(endpoint), cache=server.endpoint_cache(endpoint))
+    service = server.make_service(endpoint)
+    listener = Listener(endpoint, service, cached=server.cached_clients(endpoint, service))
     server.listeners[endpoint.name] = listener
     try:
         await server.listen(listener)

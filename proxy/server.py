@@ -10,14 +10,11 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.auth.guard import LoginGuard
 from proxy.auth.token_login import make_verifier
-from proxy.cache.cache import EndpointCache, QueryCache
-from proxy.cache.mysql_session import CachedMySQLClient
-from proxy.cache.pg_session import CachedPostgresClient
 from proxy.config import ClientTLSMode, ClusterBase, Config, EndpointRole, engine_active, engine_settings
 from proxy.console import Console
 from proxy.endpoints import Endpoint, resolve_endpoints
@@ -43,6 +40,9 @@ from proxy.topology.pg_probe import postgres_probe
 from proxy.topology.promote import promoter
 from proxy.topology.writer_position import MariaDBWriter, PostgresWriter, WriterPosition
 
+if TYPE_CHECKING:
+    from proxy.cache.cache import QueryCache
+
 log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL = 1.0
@@ -62,7 +62,7 @@ class Listener:
     clients: set[Client] = field(default_factory=set)
     server: asyncio.Server | None = None
     port: int = 0
-    cache: EndpointCache | None = None  # the endpoint's query result cache (None: it has none)
+    cached: Callable[[], Client] | None = None  # makes the sessions of an endpoint with a query cache
 
     @property
     def name(self) -> str:
@@ -70,15 +70,24 @@ class Listener:
 
     def make_client(self) -> Client:
         client: Client
-        if isinstance(self.service, PostgresService):
-            client = (PostgresClient(self.service) if self.cache is None
-                      else CachedPostgresClient(self.service, self.cache))
+        if self.cached is not None:
+            client = self.cached()
+        elif isinstance(self.service, PostgresService):
+            client = PostgresClient(self.service)
         else:
-            client = (MySQLClient(self.service) if self.cache is None
-                      else CachedMySQLClient(self.service, self.cache))
+            client = MySQLClient(self.service)
         self.clients.add(client)
         client.registry = self.clients  # left at once when its socket is gone
         return client
+
+
+def start_query_cache(config: Config) -> QueryCache | None:
+    """The process's query cache, when [query_cache] is enabled (its modules load only then)."""
+    if not config.query_cache.enabled:
+        return None
+    from proxy.cache.cache import QueryCache
+
+    return QueryCache(config.query_cache)
 
 
 def client_tls(config: Config) -> ssl.SSLContext | None:
@@ -98,12 +107,12 @@ class ProxyServer:
         self.stats = StatsRegistry()
         self.stats.keep_insights(config.server.statement_insights)
         # One per process (a reload keeps it: its settings take a restart).
-        self.query_cache = QueryCache(config.query_cache) if config.query_cache.enabled else None
+        self.query_cache = start_query_cache(config)
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
         for endpoint in resolve_endpoints(config):
-            self.listeners[endpoint.name] = Listener(endpoint, self.make_service(endpoint),
-                                                     cache=self.endpoint_cache(endpoint))
+            service = self.make_service(endpoint)
+            self.listeners[endpoint.name] = Listener(endpoint, service, cached=self.cached_clients(endpoint, service))
         self.servers: list[asyncio.Server] = []  # other sockets kept open until stop (the workers' unix sockets)
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
@@ -226,11 +235,14 @@ class ProxyServer:
                 lambda: self._writer_service(service.endpoint.engine, service.endpoint.cluster))
         return service
 
-    def endpoint_cache(self, endpoint: Endpoint) -> EndpointCache | None:
-        """The query cache of an endpoint, when the process has one and the endpoint has rules or hints."""
+    def cached_clients(self, endpoint: Endpoint, service: Service) -> Callable[[], Client] | None:
+        """What makes the client sessions of an endpoint with a query cache (the process has one, the endpoint
+        rules or hints); None: the plain sessions."""
         if self.query_cache is None:
             return None
-        return self.query_cache.endpoint(endpoint.engine, endpoint.name, endpoint.cluster, self.stats)
+        from proxy.cache.clients import cached_clients  # (with sqlglot and redis: only when a cache is on)
+
+        return cached_clients(self.query_cache, endpoint, service, self.stats)
 
     def _writer_service(self, engine: str, cluster: str) -> Service | None:
         """The service of a read_write endpoint of the cluster (its pools serve causal reads a replica cannot)."""
