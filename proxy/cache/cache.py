@@ -74,6 +74,10 @@ class EndpointCache:
         self.max_result = cache.settings.max_result_bytes
         self.stats: EndpointStats = registry.endpoint(engine, name, cluster)
 
+    def may_cache(self, text: bytes) -> bool:
+        """A rule or a hint names `text` (whether it is cacheable is the analysis's to say)."""
+        return self.policy.ttl(text, self.digest) is not None
+
     def scope(self, database: str) -> str:
         """Where table names live: PostgreSQL's databases apart; MySQL's schemas all one (a statement may name any)."""
         return f"{self.cluster}/{database}/" if self.engine == "postgresql" else f"{self.cluster}//"

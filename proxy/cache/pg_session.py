@@ -65,15 +65,19 @@ class CachedPostgresClient(PostgresClient):
         return not held
 
     def _request(self, held: bytearray) -> Request | None:
-        """The Query or unnamed batch at the start of `held`, whole; None for anything else."""
-        if held[0] == PARSE_BYTE:
-            return unnamed_batch(held)
-        if held[0] != QUERY_BYTE:
+        """The Query or unnamed batch at the start of `held`, whole, if a rule or hint may cache it; else None."""
+        kind = held[0]
+        if kind != QUERY_BYTE and kind != PARSE_BYTE:
             return None
         length = int.from_bytes(held[1:5], "big")
         if length < 5 or len(held) < 1 + length or length > self.max_message:
             return None
-        return Request(1 + length, b"", bytes(held[5:length]), b"")
+        if kind == QUERY_BYTE:
+            text = bytes(held[5:length])
+            return Request(1 + length, b"", text, b"") if self.cache.may_cache(text) else None
+        if held[5] != 0 or not self.cache.may_cache(bytes(held[6 : held.find(b"\x00", 6, 1 + length)])):
+            return None  # (a named statement, or a text no rule names)
+        return unnamed_batch(held)
 
     async def _look_up(self, request: Request, plan: Plan) -> None:
         try:
