@@ -10,11 +10,12 @@ from collections.abc import Callable
 class ReplyGate:
     """Holds a client's outgoing bytes, in order, while invalidations are on their way; then lets them go."""
 
-    __slots__ = ("_held", "_waiting", "closed")
+    __slots__ = ("_held", "_waiting", "closed", "shut")
 
     def __init__(self) -> None:
         self._held: list[tuple[bytes, Callable[[bytes], None]]] | None = None
         self._waiting = 0
+        self.shut = False  # bytes are being held (read before calling held(): the common case costs no call)
         self.closed: Callable[[], bool] = lambda: False
 
     def wait_for(self, invalidated: asyncio.Future[None] | None) -> None:
@@ -23,6 +24,7 @@ class ReplyGate:
             return
         if self._held is None:
             self._held = []
+            self.shut = True
         self._waiting += 1
         invalidated.add_done_callback(self._done)
 
@@ -38,6 +40,7 @@ class ReplyGate:
         if self._waiting or self._held is None:
             return
         held, self._held = self._held, None
+        self.shut = False
         if not self.closed():
             for data, send in held:
                 send(data)

@@ -83,7 +83,7 @@ class CachedMySQLClient(MySQLClient):
         self.stats.queries += 1
         self.found_rows = int.from_bytes(value[:ROWS_SIZE], "little")
         self.row_count = -1
-        if not self._gate.held(value[ROWS_SIZE:], self.write):
+        if not (self._gate.shut and self._gate.held(value[ROWS_SIZE:], self.write)):
             self.write(value[ROWS_SIZE:])
         del self._held[: 4 + length]
         self._resume()
@@ -164,7 +164,7 @@ class CachedMySQLClient(MySQLClient):
                 and not backend.tracker.status_flags & my.SERVER_STATUS_IN_TRANS):
             written, self._written = self._written, set()
             self._gate.wait_for(self.cache.bump(written))  # before the client hears of the end of its writes
-        if not self._gate.held(data, self._pass_on):
+        if not (self._gate.shut and self._gate.held(data, self._pass_on)):
             self._pass_on(data)
 
     def _pass_on(self, data: bytes) -> None:

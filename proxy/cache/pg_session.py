@@ -30,6 +30,7 @@ class CachedPostgresClient(PostgresClient):
         super().__init__(service)
         self.cache = cache
         self._looked_up: tuple[Request, Plan] | None = None  # a request and its plan, looked up and missed
+        self._declined = b""  # the last Query text no rule or hint names
         self._capture: tuple[Plan, PgReplyCapture] | None = None  # the replies being kept
         self._written: set[str] = set()  # tables written in the transaction in progress
         self._statement_writes: dict[bytes, frozenset[str]] = {}  # statement name -> tables it writes
@@ -74,7 +75,10 @@ class CachedPostgresClient(PostgresClient):
             return None
         if kind == QUERY_BYTE:
             text = bytes(held[5:length])
-            return Request(1 + length, b"", text, b"") if self.cache.may_cache(text) else None
+            if self.cache.may_cache(text):
+                return Request(1 + length, b"", text, b"")
+            self._declined = text  # (not planned again when it is sent)
+            return None
         if held[5] != 0 or not self.cache.may_cache(bytes(held[6 : held.find(b"\x00", 6, 1 + length)])):
             return None  # (a named statement, or a text no rule names)
         return unnamed_batch(held)
@@ -96,7 +100,7 @@ class CachedPostgresClient(PostgresClient):
 
     def _answer(self, value: bytes, request: Request) -> None:
         self.stats.queries += 1
-        if not self._gate.held(value + READY_IDLE, self.write):
+        if not (self._gate.shut and self._gate.held(value + READY_IDLE, self.write)):
             self.write(value + READY_IDLE)
         del self._held[: request.size]
         if request.parse_rest:
@@ -155,6 +159,8 @@ class CachedPostgresClient(PostgresClient):
             return  # (inside a transaction, or behind other requests: never kept)
         plan = looked_up[1] if looked_up is not None and looked_up[0].text == text and not looked_up[0].extra else None
         if plan is None:
+            if text == self._declined:
+                return
             plan = self._plan(text)
             if plan is None or not self.cache.synchronous:
                 return
@@ -175,7 +181,7 @@ class CachedPostgresClient(PostgresClient):
                 self.cache.keep(capture[0], result)
         if self._written and out.endswith(READY_IDLE):  # before the client hears of the end of its writes
             self._transaction_wrote(forget=self.pending <= 1)  # (more requests out: again at the last one's end)
-        if not self._gate.held(out, self._pass_on):
+        if not (self._gate.shut and self._gate.held(out, self._pass_on)):
             super().deliver(out)
 
     def _pass_on(self, out: bytes) -> None:
