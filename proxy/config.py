@@ -594,6 +594,45 @@ class MySQLSettings(Strict):
     endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)
 
 
+class CacheRule(Strict):
+    """One opt-in rule of the query result cache: statements of an endpoint it matches are cached for `ttl`."""
+
+    endpoint: str = Field("*", description="endpoint name glob (the single-backend form: postgresql or mysql)")
+    regex: str | None = Field(None, description="a Python regular expression searched in the statement's text")
+    digest: str | None = Field(None, description="a statement digest, as the statement statistics show it")
+    ttl: float = Field(60.0, gt=0, le=86400, description="seconds a result is served from the cache")
+
+    @model_validator(mode="after")
+    def _one_match(self) -> CacheRule:
+        if (self.regex is None) == (self.digest is None):
+            raise ValueError("give regex or digest (one of them)")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex {self.regex!r} does not compile: {exc}") from None
+        return self
+
+
+class QueryCacheSettings(Strict):
+    """The query result cache: opt-in per endpoint by rules or by a SQL-comment hint; in-process or in Redis."""
+
+    enabled: bool = False
+    store: Literal["local", "redis"] = "local"
+    max_bytes: int = Field(64 << 20, ge=0, description="local store: bytes of results kept (least recent evicted)")
+    max_result_bytes: int = Field(1 << 20, gt=0, description="largest result (reply bytes) cached")
+    hints: bool = Field(False, description="honour /* dbproxy:cache ttl=N */ in a statement's text")
+    hint_endpoints: list[str] = Field(default_factory=lambda: ["*"], description="endpoint globs hints apply to")
+    max_hint_ttl: float = Field(3600.0, gt=0, description="a hint's ttl is capped at this many seconds")
+    rules: list[CacheRule] = Field(default_factory=list)
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS)")
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ca_file: Path | None = None
+    redis_key_prefix: str = "dbproxy:qc:"
+    redis_timeout: float = Field(0.5, gt=0, description="seconds a Redis call may take; slower: a miss")
+
+
 class Config(Strict):
     """The whole configuration."""
 
@@ -607,6 +646,15 @@ class Config(Strict):
     auth: AuthSettings = AuthSettings()
     admin: AdminSettings = AdminSettings()
     fleet: FleetSettings = FleetSettings()
+    query_cache: QueryCacheSettings = QueryCacheSettings()
+
+    @model_validator(mode="after")
+    def _local_cache_one_process(self) -> Config:
+        cache = self.query_cache
+        if cache.enabled and cache.store == "local" and self.server.workers != 1:
+            raise ValueError("query_cache.store = \"local\" is one process's: set server.workers = 1, or use "
+                             "store = \"redis\" (shared by every worker and proxy, invalidations included)")
+        return self
 
 
 def _describe(error: Any) -> str:
@@ -628,6 +676,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for section, keys in (("server", ("pid_file",)), ("api", ("token_file",)), ("tls", ("cert_file", "key_file")),
                           ("secrets", ("file", "dir", "encrypted_file", "master_key_file")),
                           ("auth", ("audit_file",)), ("fleet", ("key_file",)),
+                          ("query_cache", ("redis_ca_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),
                           ("mysql", ("backend_ca_file", "rsa_private_key_file"))):

@@ -40,6 +40,16 @@ ENDPOINT_METRICS = (  # (metric, kind, help, field of EndpointStats)
     ("query_errors", "counter", "Statements answered with an error", "query_errors"),
     ("database_connections_currently_session_pinned", "gauge", "Client sessions pinned to their backend now",
      "pinned_now"),
+    ("query_cache_hits", "counter", "Query cache lookups answered from the cache", "cache_hits"),
+    ("query_cache_misses", "counter", "Query cache lookups that went to the database", "cache_misses"),
+    ("query_cache_stores", "counter", "Results stored in the query cache", "cache_stores"),
+    ("query_cache_invalidations", "counter", "Table generations moved on by writes (their entries invalidated)",
+     "cache_invalidations"),
+    ("query_cache_evictions", "counter", "Query cache entries evicted for room (local store)", "cache_evictions"),
+    ("query_cache_errors", "counter", "Query cache calls to Redis that failed (served from the database)",
+     "cache_errors"),
+    ("query_cache_entries", "gauge", "Entries in the local query cache", "cache_entries"),
+    ("query_cache_bytes", "gauge", "Bytes held by the local query cache", "cache_bytes"),
 )
 POOL_METRICS = (  # (metric, kind, help, field of PoolStats or gauge of the pool)
     ("database_connections", "gauge", "Backend connections open", "open"),

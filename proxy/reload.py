@@ -34,8 +34,8 @@ def prepare(path: Path | None, running: Config, ports: dict[str, int],
             edit: Callable[[dict[str, Any]], None] | None = None) -> Config:
     """The configuration at `path` (changed by `edit`: the control API's endpoint edits), validated as a start
     validates it (secrets, certificates, keys, and ports free for the endpoints that would newly listen), with the
-    [server] keys that need a restart and the [api] section kept at their running values and endpoints given port
-    0 keeping the `ports` they listen on; ConfigError if it does not validate."""
+    [server] keys that need a restart and the [api] and [query_cache] sections kept at their running values and
+    endpoints given port 0 keeping the `ports` they listen on; ConfigError if it does not validate."""
     config = load_config(path, edit)
     check_startup(config)
     kept = {key: getattr(running.server, key) for key in RESTART_KEYS
@@ -50,6 +50,9 @@ def prepare(path: Path | None, running: Config, ports: dict[str, int],
     if config.fleet != running.fleet:
         log.warning("reload: [fleet] changes only with a restart; keeping the running one")
         config = config.model_copy(update={"fleet": running.fleet})
+    if config.query_cache != running.query_cache:
+        log.warning("reload: [query_cache] changes only with a restart; keeping the running one")
+        config = config.model_copy(update={"query_cache": running.query_cache})
     config = keep_ports(config, ports)
     for endpoint in resolve_endpoints(config):
         port = endpoint.settings.port
@@ -173,7 +176,8 @@ async def _listen(server: ProxyServer, listener: Listener, endpoint: Endpoint) -
 
 
 async def _add(server: ProxyServer, endpoint: Endpoint) -> None:
-    listener = Listener(endpoint, server.make_service(endpoint))
+    service = server.make_service(endpoint)
+    listener = Listener(endpoint, service, cached=server.cached_clients(endpoint, service))
     server.listeners[endpoint.name] = listener
     try:
         await server.listen(listener)

@@ -10,7 +10,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from proxy.auth.failures import flush_all as flush_failed_logins
 from proxy.auth.guard import LoginGuard
@@ -42,6 +42,9 @@ from proxy.topology.pg_probe import postgres_probe
 from proxy.topology.promote import promoter
 from proxy.topology.writer_position import MariaDBWriter, PostgresWriter, WriterPosition
 
+if TYPE_CHECKING:
+    from proxy.cache.cache import QueryCache
+
 log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL = 1.0
@@ -61,6 +64,7 @@ class Listener:
     clients: set[Client] = field(default_factory=set)
     server: asyncio.Server | None = None
     port: int = 0
+    cached: Callable[[], Client] | None = None  # makes the sessions of an endpoint with a query cache
 
     @property
     def name(self) -> str:
@@ -68,13 +72,24 @@ class Listener:
 
     def make_client(self) -> Client:
         client: Client
-        if isinstance(self.service, PostgresService):
+        if self.cached is not None:
+            client = self.cached()
+        elif isinstance(self.service, PostgresService):
             client = PostgresClient(self.service)
         else:
             client = MySQLClient(self.service)
         self.clients.add(client)
         client.registry = self.clients  # left at once when its socket is gone
         return client
+
+
+def start_query_cache(config: Config) -> QueryCache | None:
+    """The process's query cache, when [query_cache] is enabled (its modules load only then)."""
+    if not config.query_cache.enabled:
+        return None
+    from proxy.cache.cache import QueryCache
+
+    return QueryCache(config.query_cache)
 
 
 def client_tls(config: Config) -> ssl.SSLContext | None:
@@ -93,13 +108,16 @@ class ProxyServer:
         self.guard = LoginGuard(config.auth)  # the same: the failed-login throttle and the audit log
         self.stats = StatsRegistry()
         self.stats.keep_insights(config.server.statement_insights)
+        # One per process (a reload keeps it: its settings take a restart).
+        self.query_cache = start_query_cache(config)
         self.listeners: dict[str, Listener] = {}
         self.retiring: list[Listener] = []  # endpoints removed by a reload whose clients have not all left
         self.fleet = Fleet(config.fleet, config.server.host) if config.fleet.enabled else None
         if self.fleet is not None:
             self.fleet.handlers = {"cancel": self._fleet_cancel, "kill": self._fleet_kill}
         for endpoint in resolve_endpoints(config):
-            self.listeners[endpoint.name] = Listener(endpoint, self.make_service(endpoint))
+            service = self.make_service(endpoint)
+            self.listeners[endpoint.name] = Listener(endpoint, service, cached=self.cached_clients(endpoint, service))
         self.servers: list[asyncio.Server] = []  # other sockets kept open until stop (the workers' unix sockets)
         self._janitor: asyncio.Task[None] | None = None
         self.ports: dict[str, int] = {}
@@ -222,6 +240,15 @@ class ProxyServer:
                 endpoint.name, lambda: self.causal_clusters.get((service.endpoint.engine, service.endpoint.cluster)),
                 lambda: self._writer_service(service.endpoint.engine, service.endpoint.cluster))
         return service
+
+    def cached_clients(self, endpoint: Endpoint, service: Service) -> Callable[[], Client] | None:
+        """What makes the client sessions of an endpoint with a query cache (the process has one, the endpoint
+        rules or hints); None: the plain sessions."""
+        if self.query_cache is None:
+            return None
+        from proxy.cache.clients import cached_clients  # (with sqlglot and redis: only when a cache is on)
+
+        return cached_clients(self.query_cache, endpoint, service, self.stats)
 
     def _writer_service(self, engine: str, cluster: str) -> Service | None:
         """The service of a read_write endpoint of the cluster (its pools serve causal reads a replica cannot)."""
@@ -394,6 +421,8 @@ class ProxyServer:
         await self._drain()
         for service in self.services():
             service.close()
+        if self.query_cache is not None:
+            await self.query_cache.close()
         for listener in self.listeners.values():
             if listener.server is not None:
                 await listener.server.wait_closed()

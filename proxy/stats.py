@@ -58,8 +58,9 @@ class EndpointStats:
 
     COUNTERS = ("clients_accepted", "clients_refused", "clients_refused_network", "logins_ok", "logins_failed",
                 "logins_throttled", "protocol_errors", "cancel_requests", "idle_client_timeouts", "login_timeouts",
-                "logins_tls", "queries", "query_errors", "clients_closed", "fleet_forwards", "fleet_forwards_dropped")
-    GAUGES = ("clients_current", "pinned_now")
+                "logins_tls", "queries", "query_errors", "clients_closed", "fleet_forwards", "fleet_forwards_dropped",
+                "cache_hits", "cache_misses", "cache_stores", "cache_invalidations", "cache_evictions", "cache_errors")
+    GAUGES = ("clients_current", "pinned_now", "cache_entries", "cache_bytes")
     HISTOGRAMS = ("query_latency", "database_latency")
     __slots__ = ("labels", "pins", "registry", "replays", "sql_log_until", *COUNTERS, *GAUGES, *HISTOGRAMS)
 
@@ -86,7 +87,17 @@ class EndpointStats:
         self.queries = 0  # statements answered (a Query, an extended-query batch up to Sync, a MySQL command)
         self.query_errors = 0  # ... that ended in an error
         self.clients_current = 0
-        self.pinned_now = 0  # client sessions pinned to their backend now
+        self.pinned_now = 0
+        # The query result cache (proxy.cache): lookups answered from it or not, results stored, table
+        # generations bumped by writes, entries evicted for room, Redis calls that failed; what it holds now.
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.cache_stores = 0
+        self.cache_invalidations = 0
+        self.cache_evictions = 0
+        self.cache_errors = 0
+        self.cache_entries = 0
+        self.cache_bytes = 0  # client sessions pinned to their backend now
         self.query_latency = Histogram()  # from the request's arrival at the proxy to its reply's end
         self.database_latency = Histogram()  # the part of that after a backend was linked
 

@@ -186,6 +186,13 @@ class Statements:
         self.unnamed_shown = None
         backend.parse_unnamed(self, serial, EXPECT_PARSE_UNNAMED)
 
+    def parse_answered(self, rest: bytes) -> None:
+        """The client's unnamed Parse was answered by the proxy (a cached result): parsed on a backend before use."""
+        self.unnamed_serial += 1
+        self.unnamed_rest = rest
+        self.unnamed_words = False
+        self.unnamed_shown = None
+
     def unnamed_failed(self) -> None:
         """A client's unnamed Parse failed or was skipped: forget its unnamed statement (see the docstring)."""
         self.unnamed_rest = None

@@ -1,0 +1,1 @@
+"""The query result cache: rules, statement analysis, keys, stores and write invalidation."""
