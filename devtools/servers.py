@@ -232,7 +232,7 @@ def _remove_templates(owner_pid: int, root: Path) -> None:
 
 
 def _template(kind: str, make: Callable[[Path], None]) -> Path:
-    """The template data directory ``kind``, made by ``make(datadir)`` the first time this process asks for it."""
+    """The template data directory ``kind``: ``make(folder)`` fills ``folder``/data the first time this process asks."""
     global _template_root
     with _templates_lock:
         if kind in _templates and _templates[kind].exists():
