@@ -13,8 +13,9 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -216,6 +217,43 @@ def _write_certificate(cert_path: Path, key_path: Path, account: pwd.struct_pass
             os.chown(path, account.pw_uid, account.pw_gid)
 
 
+# --------------------------------------------------------------------------- templates
+# initdb and mariadb-install-db take seconds; each runs once per process into a template data directory, and every
+# new server starts from a copy of it (sparse: an empty redo log or WAL segment costs no writes).
+
+_templates: dict[str, Path] = {}
+_templates_lock = threading.Lock()
+_template_root: Path | None = None
+
+
+def _remove_templates(owner_pid: int, root: Path) -> None:
+    if os.getpid() == owner_pid:  # not in a forked child that inherited the atexit hook
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _template(kind: str, make: Callable[[Path], None]) -> Path:
+    """The template data directory ``kind``: ``make(folder)`` fills ``folder``/data the first time this process asks."""
+    global _template_root
+    with _templates_lock:
+        if kind in _templates and _templates[kind].exists():
+            return _templates[kind]
+        if _template_root is None or not _template_root.exists():
+            _template_root = Path(tempfile.mkdtemp(prefix="dbproxy-templates-"))
+            os.chmod(_template_root, 0o711)  # the postgres account must reach its template
+            atexit.register(_remove_templates, os.getpid(), _template_root)
+        folder = _template_root / kind
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o711)
+        make(folder)
+        _templates[kind] = folder / "data"
+        return _templates[kind]
+
+
+def _copy_datadir(template: Path, datadir: Path) -> None:
+    """``cp -a --sparse=always``: owner, modes and times kept, runs of zeros left as holes."""
+    _run(["cp", "-a", "--sparse=always", str(template), str(datadir)], what="copy of the template data directory")
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 
@@ -294,8 +332,9 @@ class PostgresInstance:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the server (no-op if it runs) and wait until it accepts TCP logins."""
+    def start(self, *, tcp_login: bool = True) -> None:
+        """Start the server (no-op if it runs) and wait until it accepts TCP logins (``tcp_login`` False: logins
+        over the unix socket, for a fresh copy whose superuser has no password yet)."""
         if self.running:
             return
         stale = self.datadir / "postmaster.pid"
@@ -317,20 +356,23 @@ class PostgresInstance:
                 timeout=TIMEOUT + 5,
                 log=self.log_file,
             )
-            self.wait_ready()
+            self.wait_ready(tcp_login=tcp_login)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ready(self, timeout: float = TIMEOUT) -> None:
-        """Retry ``SELECT 1`` over TCP as the superuser until it works."""
+    def wait_ready(self, timeout: float = TIMEOUT, *, tcp_login: bool = True) -> None:
+        """Retry ``SELECT 1`` over TCP as the superuser (``tcp_login`` False: over the unix socket) until it works."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not self.running:
                 break
             try:
-                self.psql("SELECT 1")
+                if tcp_login:
+                    self.psql("SELECT 1")
+                else:
+                    self.psql_local("SELECT 1")
                 return
             except DevServerError as exc:
                 last = exc
@@ -478,6 +520,31 @@ def _write_pg_conf(
     (datadir / "devserver.conf").write_text("\n".join(lines) + "\n")
 
 
+def _initdb_template(folder: Path) -> None:
+    """initdb ``folder``/data as the PostgreSQL account; its postgresql.conf includes devserver.conf.
+
+    Authentication is set per server (pg_hba.conf, devserver.conf, the superuser's password) after the copy.
+    """
+    account = _pg_os_account()
+    if account is not None:
+        _make_traversable(folder, account)
+        os.chown(folder, account.pw_uid, account.pw_gid)
+    datadir = folder / "data"
+    _run(
+        _as_pg_user(
+            [
+                _pg_bin("initdb"),
+                *("-D", str(datadir), f"--username={PG_OS_USER}", "--auth-local=trust", "--auth-host=trust"),
+                *("--encoding=UTF8", "--no-locale", "--no-sync", "--no-instructions"),
+            ]
+        ),
+        what="initdb",
+        cwd=folder,
+    )
+    with (datadir / "postgresql.conf").open("a") as fh:
+        fh.write("\ninclude = 'devserver.conf'\n")
+
+
 def start_postgres(
     basedir: Path,
     *,
@@ -486,7 +553,8 @@ def start_postgres(
     settings: dict[str, str] | None = None,
     superuser_password: str = "postgres",
 ) -> PostgresInstance:
-    """initdb a fresh cluster in a new directory under ``basedir``, start it on a free 127.0.0.1 port.
+    """A fresh cluster (a copy of this process's initdb template) in a new directory under ``basedir``, started on
+    a free 127.0.0.1 port.
 
     ``auth`` is the pg_hba method for TCP (scram-sha-256, md5, password or trust; unix socket
     is always trust); ``password_encryption`` follows it. For every ``users`` entry a LOGIN role
@@ -504,30 +572,12 @@ def start_postgres(
     _check_socket_path(socket_dir / ".s.PGSQL.65535.lock")
     socket_dir.mkdir()
     account = _pg_os_account()
-    pwfile = instance_dir / "pwfile"
-    pwfile.write_text(superuser_password + "\n")
     if account is not None:
         _make_traversable(instance_dir, account)
-        for path in (instance_dir, socket_dir, pwfile):
+        for path in (instance_dir, socket_dir):
             os.chown(path, account.pw_uid, account.pw_gid)
     os.chmod(instance_dir, 0o700)
-    os.chmod(pwfile, 0o600)
-
-    try:
-        _run(
-            _as_pg_user(
-                [
-                    _pg_bin("initdb"),
-                    *("-D", str(datadir), f"--username={PG_OS_USER}", f"--pwfile={pwfile}"),
-                    *("--auth-local=trust", f"--auth-host={auth}", "--encoding=UTF8", "--no-locale"),
-                    *("--no-sync", "--no-instructions"),
-                ]
-            ),
-            what="initdb",
-            cwd=instance_dir,
-        )
-    finally:
-        pwfile.unlink(missing_ok=True)
+    _copy_datadir(_template("postgres", _initdb_template), datadir)
 
     hba = [
         "# generated by devtools.servers",
@@ -540,8 +590,6 @@ def start_postgres(
     ]
     (datadir / "pg_hba.conf").write_text("\n".join(hba) + "\n")
     _write_certificate(datadir / "server.crt", datadir / "server.key", account)
-    with (datadir / "postgresql.conf").open("a") as fh:
-        fh.write("\ninclude = 'devserver.conf'\n")
 
     extra = dict(settings or {})
     last_error: DevServerError | None = None
@@ -560,7 +608,7 @@ def start_postgres(
             auth=auth,
         )
         try:
-            inst.start()
+            inst.start(tcp_login=False)  # the superuser gets its password below
         except DevServerError as exc:
             inst.stop()
             if "already in use" not in _log_tail(inst.log_file, 20):
@@ -959,6 +1007,25 @@ class MariaDBInstance:
         return f"mysql://{auth}@{self.host}:{self.port}/{quote(database)}"
 
 
+def _install_db_template(folder: Path) -> None:
+    """mariadb-install-db ``folder``/data (root@localhost, 127.0.0.1 and ::1 without a password; no test db).
+
+    Its own temporary folder: concurrent installs would collide on /tmp/#sql-temptable-* files.
+    """
+    tmpdir = folder / "tmp"
+    tmpdir.mkdir()
+    cmd = [
+        MARIADB_INSTALL_DB,
+        "--no-defaults",
+        f"--datadir={folder / 'data'}",
+        "--auth-root-authentication-method=normal",
+    ]
+    cmd += ["--skip-test-db", "--skip-name-resolve", f"--tmpdir={tmpdir}"]
+    if os.geteuid() == 0:
+        cmd.append("--user=root")
+    (folder / "install.log").write_text(_run(cmd, what="mariadb-install-db", cwd=folder, timeout=TIMEOUT * 2))
+
+
 def start_mariadb(
     basedir: Path,
     *,
@@ -966,7 +1033,8 @@ def start_mariadb(
     settings: dict[str, str] | None = None,
     root_password: str = "root",
 ) -> MariaDBInstance:
-    """mariadb-install-db a fresh datadir under ``basedir``, start mariadbd on a free 127.0.0.1 port.
+    """A fresh datadir (a copy of this process's mariadb-install-db template) under ``basedir``, mariadbd started on
+    a free 127.0.0.1 port.
 
     root gets ``root_password`` for localhost, 127.0.0.1, ::1 and '%'. For every ``users`` entry
     ``user@'%'`` is created (mysql_native_password) with ALL on a database of the same name
@@ -980,17 +1048,7 @@ def start_mariadb(
     datadir = instance_dir / "data"
     socket_path = instance_dir / "mysqld.sock"
     _check_socket_path(socket_path)
-    install_log = instance_dir / "install.log"
-    cmd = [
-        MARIADB_INSTALL_DB,
-        "--no-defaults",
-        f"--datadir={datadir}",
-        "--auth-root-authentication-method=normal",
-    ]
-    cmd += ["--skip-test-db", "--skip-name-resolve"]
-    if os.geteuid() == 0:
-        cmd.append("--user=root")
-    install_log.write_text(_run(cmd, what="mariadb-install-db", cwd=instance_dir, timeout=TIMEOUT * 2))
+    _copy_datadir(_template("mariadb", _install_db_template), datadir)
 
     last_error: DevServerError | None = None
     for _attempt in range(_RETRY_PORT_ATTEMPTS):

@@ -187,3 +187,16 @@ def test_mariadb_settings_and_lifecycle(tmp_path: Path) -> None:
         assert server.sql("SELECT @@max_connections") == "42"
     assert not server.running
     server.stop()
+
+
+def test_servers_are_separate_copies_of_one_template(pg_server: PostgresInstance, pg_md5_server: PostgresInstance,
+                                                     mariadb_server: MariaDBInstance, tmp_path: Path) -> None:
+    """initdb and mariadb-install-db run once per process: every server starts from a copy of that template (the
+    same cluster identity) and keeps its own roles, users and data."""
+    identity = "SELECT system_identifier FROM pg_control_system()"
+    assert pg_server.psql(identity) == pg_md5_server.psql(identity)
+    bench = "SELECT count(*) FROM pg_roles WHERE rolname = 'bench'"
+    assert (pg_server.psql(bench), pg_md5_server.psql(bench)) == ("1", "0")
+    with start_mariadb(tmp_path, users={"other": "other-secret"}) as fresh:
+        users = "SELECT group_concat(DISTINCT user ORDER BY user) FROM mysql.user WHERE user IN ('app', 'other')"
+        assert (mariadb_server.sql(users), fresh.sql(users)) == ("app", "other")
