@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-
-from proxy.api.app import api_app, health_app
 from proxy.api.context import ApiContext
 from proxy.api.token import read_token
 from proxy.config import ApiSettings
 from proxy.loop_thread import LoopThread
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class ApiServer:
 
     async def start(self) -> dict[str, int]:
         """Listen; OSError (a port taken) or ConfigError (the token file) if it cannot."""
+        from proxy.api.app import api_app, health_app  # (aiohttp: imported only by a process that serves it)
+
         settings = self.settings
         try:
             if settings.port >= 0:
@@ -48,6 +51,8 @@ class ApiServer:
         return dict(self.ports)
 
     async def _serve(self, app: web.Application, port: int) -> int:
+        from aiohttp import web
+
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self.runners.append(runner)
