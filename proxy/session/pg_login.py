@@ -281,11 +281,12 @@ class PgLogin(PgForward):
         need_backend = pool.session_mode or pool.server_generation != pool.target.generation or any(
             item not in pool.validated_settings for item in requested.items()
         )
-        if not need_backend:
+        if not need_backend and self._group_known(pool):
             self._init_wanted(pool, requested)
             return
         backend = await self._borrow(pool)
         try:
+            await self._learn_group(pool, backend)
             self._init_wanted(pool, requested)
             await self._sync_settings(backend)
         except BaseException:
