@@ -4,8 +4,12 @@ changes dynamic values at the next transaction and replaces backends for static 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
@@ -14,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import psycopg
-from psycopg import errors
+import pytest
 
 from devtools.servers import PostgresInstance
 from support import ProxyProcess, running_proxy, write_config
@@ -61,13 +65,6 @@ def test_group_defaults_overrides_and_reload(tmp_path: Path, pg_server: Postgres
                 for number, conn in enumerate(clients):
                     assert show(conn, "work_mem") == ("5MB" if number == 0 else "3MB")
                     assert show(conn, "TimeZone") == ("UTC" if number == 1 else "Asia/Tokyo")
-            with clients[2].transaction():  # the group's statement_timeout is in force
-                clients[2].execute("SET LOCAL statement_timeout = 200")
-                try:
-                    clients[2].execute("SELECT pg_sleep(1)")
-                    raise AssertionError("statement_timeout did not cancel")
-                except errors.QueryCanceled:
-                    pass
 
             def change(data: dict[str, Any]) -> None:
                 data["postgresql"]["parameter_groups"]["app"]["parameters"].update(work_mem="9MB", TimeZone="UTC")
@@ -85,25 +82,137 @@ def test_group_defaults_overrides_and_reload(tmp_path: Path, pg_server: Postgres
                 conn.close()
 
 
-async def _asyncpg_values(port: int, count: int) -> list[tuple[str, str]]:
-    async def one(number: int) -> tuple[str, str]:
+async def _asyncpg_sleeps(port: int, count: int) -> list[str]:
+    """Each client sleeps 0.5 s; the first raised its own statement_timeout, the group's is 300 ms."""
+    async def one(number: int) -> str:
         conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", password="app-secret",
                                      database="app", ssl=False)
         try:
             if number == 0:
                 await conn.execute("SET statement_timeout = '1min'")
-            await asyncio.sleep(0.05)
-            return str(await conn.fetchval("SHOW statement_timeout")), str(await conn.fetchval("SHOW work_mem"))
+            try:
+                await conn.execute("SELECT pg_sleep(0.5)")
+            except asyncpg.QueryCanceledError:
+                return "canceled " + str(await conn.fetchval("SHOW statement_timeout"))
+            return "slept " + str(await conn.fetchval("SHOW statement_timeout"))
         finally:
             await conn.close()
 
     return await asyncio.gather(*(one(number) for number in range(count)))
 
 
-def test_asyncpg_clients_see_the_group(tmp_path: Path, pg_server: PostgresInstance) -> None:
+def test_asyncpg_clients_get_the_group_statement_timeout(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    group = {"parameters": {"statement_timeout": "300ms"}}
     with running_proxy(tmp_path, pg_server, postgresql={"parameter_group": "app"},
                        postgresql__pool={"max_connections": 2},
-                       postgresql__parameter_groups__app=GROUP) as proxy:
-        values = asyncio.run(_asyncpg_values(proxy.ports["postgresql"], 8))
-        assert values[0] == ("1min", "3MB")
-        assert values[1:] == [("7s", "3MB")] * 7
+                       postgresql__parameter_groups__app=group) as proxy:
+        results = asyncio.run(_asyncpg_sleeps(proxy.ports["postgresql"], 6))
+        assert results == ["slept 1min"] + ["canceled 300ms"] * 5
+
+def _dbproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60)
+
+
+def _pids(clients: list[psycopg.Connection[Any]]) -> set[int]:
+    return {int(conn.execute("SELECT pg_backend_pid()").fetchone()[0]) for conn in clients}  # type: ignore[index]
+
+
+def test_static_parameters_reconnect_on_reload(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    group = {"static_parameters": {"lock_timeout": "2s"}, "parameters": {"work_mem": "3MB"}}
+    with running_proxy(tmp_path, pg_server, postgresql={"parameter_group": "app"},
+                       postgresql__pool={"max_connections": 2}, postgresql__parameter_groups__app=group) as proxy:
+        clients = [connect(proxy) for _ in range(4)]
+        try:
+            assert {show(conn, "lock_timeout") for conn in clients} == {"2s"}
+            clients[0].execute("SET lock_timeout = '9s'")
+            assert [show(conn, "lock_timeout") for conn in clients] == ["9s", "2s", "2s", "2s"]
+            clients[0].execute("RESET lock_timeout")  # back to the group's static value
+            assert show(clients[0], "lock_timeout") == "2s"
+            before = _pids(clients)
+
+            def change(data: dict[str, Any]) -> None:
+                data["postgresql"]["parameter_groups"]["app"]["static_parameters"]["lock_timeout"] = "3s"
+
+            reload(proxy, change)
+            assert {show(conn, "lock_timeout") for conn in clients} == {"3s"}
+            assert not _pids(clients) & before  # every backend was replaced
+            assert {show(conn, "work_mem") for conn in clients} == {"3MB"}
+            proxy.wait_for_log("static parameters changed, replacing its backend connections")
+        finally:
+            for conn in clients:
+                conn.close()
+
+
+def test_diff_and_apply_through_the_control_socket(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    group = {"static_parameters": {"lock_timeout": "2s"}, "parameters": {"work_mem": "3MB"},
+             "static_apply": "command"}
+    with running_proxy(tmp_path, pg_server, postgresql={"parameter_group": "app"},
+                       server={"pid_file": str(tmp_path / "dbproxy.pid")},
+                       postgresql__pool={"max_connections": 2}, postgresql__parameter_groups__app=group) as proxy:
+        config = str(proxy.config)
+        clients = [connect(proxy) for _ in range(4)]
+        try:
+            assert {show(conn, "work_mem") for conn in clients} == {"3MB"}
+            same = _dbproxy("control", "params", "diff", "-c", config)
+            assert same.returncode == 0 and "no differences" in same.stdout, same.stdout + same.stderr
+
+            def change(data: dict[str, Any]) -> None:
+                app = data["postgresql"]["parameter_groups"]["app"]
+                app["static_parameters"]["lock_timeout"] = "3s"
+                app["parameters"]["work_mem"] = "5MB"
+
+            reload(proxy, change)
+            diff = _dbproxy("control", "params", "diff", "-c", config)
+            assert diff.returncode == 0, diff.stderr
+            assert re.search(r"app@app group app: static lock_timeout = 3s; backends run 2s x\d; applies at "
+                             r"`dbproxy control params apply`", diff.stdout), diff.stdout
+            assert re.search(r"group app: dynamic work_mem = 5MB; backends run 3072 x\d; applies at each client's "
+                             r"next transaction", diff.stdout), diff.stdout
+            before = _pids(clients)
+            assert {show(conn, "lock_timeout") for conn in clients} == {"2s"}  # waits for `params apply`
+            assert {show(conn, "work_mem") for conn in clients} == {"5MB"}  # dynamic: at once
+            applied = _dbproxy("control", "params", "apply", "--group", "app", "-c", config)
+            assert applied.returncode == 0 and "replacing the backend connections of postgresql/" in applied.stdout, (
+                applied.stdout + applied.stderr)
+            assert {show(conn, "lock_timeout") for conn in clients} == {"3s"}
+            assert not _pids(clients) & before
+            after = _dbproxy("control", "params", "diff", "--json", "-c", config)
+            assert json.loads(after.stdout)["rows"] == [], after.stdout
+            none = _dbproxy("control", "params", "apply", "-c", config)
+            assert "no backend runs other static parameters" in none.stdout, none.stdout
+        finally:
+            for conn in clients:
+                conn.close()
+
+
+def test_bad_values_fail_cleanly(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    groups = {"postgresql__parameter_groups__app": GROUP,
+              "postgresql__parameter_groups__bad": {"users": ["bench"], "parameters": {"work_mem": "lots"}}}
+    with running_proxy(tmp_path, pg_server, postgresql={"parameter_group": "app"},
+                       postgresql__pool={"max_connections": 2}, **groups) as proxy:
+        clients = [connect(proxy) for _ in range(3)]
+        try:
+            with pytest.raises(psycopg.OperationalError, match=r'invalid value for parameter "work_mem": "lots"'):
+                psycopg.connect(host="127.0.0.1", port=proxy.ports["postgresql"], user="bench",
+                                password="bench-secret", dbname="app", sslmode="disable")
+            assert {show(conn, "work_mem") for conn in clients} == {"3MB"}  # the others go on
+
+            def bad(data: dict[str, Any]) -> None:
+                data["postgresql"]["parameter_groups"]["app"]["parameters"]["work_mem"] = "a lot"
+
+            reload(proxy, bad)
+            assert {show(conn, "work_mem") for conn in clients} == {"3MB"}  # connected clients keep their values
+            proxy.wait_for_log(r'keeps its previous parameter values: parameter group of user app: invalid value '
+                               r'for parameter "work_mem"')
+            with pytest.raises(psycopg.OperationalError, match=r'invalid value for parameter "work_mem": "a lot"'):
+                connect(proxy)
+
+            def fixed(data: dict[str, Any]) -> None:
+                data["postgresql"]["parameter_groups"]["app"]["parameters"]["work_mem"] = "6MB"
+
+            reload(proxy, fixed)
+            clients.append(connect(proxy))
+            assert {show(conn, "work_mem") for conn in clients} == {"6MB"}
+        finally:
+            for conn in clients:
+                conn.close()
