@@ -816,14 +816,13 @@ def _check_parameter_groups(engine: str, settings: EngineSettings) -> str | None
     named += [(f"{engine}.endpoints.{name}.parameter_group", part.parameter_group)
               for name, part in settings.endpoints.items()]
     for key, group in named:
-        if group is not None and engine == "mysql":
-            return f"'{key}': parameter groups are PostgreSQL's only for now"
         if group is not None and group not in groups:
             return f"'{key}': no parameter group '{group}' in [{engine}.parameter_groups]"
-    if groups and engine == "mysql":
-        return "'mysql.parameter_groups': parameter groups are PostgreSQL's only for now"
     owners: dict[str, str] = {}
     for name, group_settings in groups.items():
+        if group_settings.static_parameters and engine == "mysql":
+            return (f"'mysql.parameter_groups.{name}.static_parameters': MySQL takes no parameters at connect "
+                    "(a backend's reset would undo a SET); give them under parameters")
         for user in group_settings.users:
             if user in owners:
                 return f"'{engine}.parameter_groups.{name}.users': user '{user}' is in group '{owners[user]}' too"

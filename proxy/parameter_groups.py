@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TypeVar
 
 from proxy.config import EngineSettings, ParameterGroup, ParameterValue
+
+V = TypeVar("V")  # how an engine keeps a setting's value (PostgreSQL text, MySQL a SET body)
 
 
 def group_of(settings: EngineSettings, user: str) -> tuple[str, ParameterGroup] | None:
@@ -50,8 +53,7 @@ def static_of(settings: EngineSettings, user: str) -> dict[str, str]:
     return {name.lower(): text(value) for name, value in found[1].static_parameters.items()}
 
 
-def rebased(wanted: dict[str, str], old: Mapping[str, str], new: Mapping[str, str],
-            reported: Mapping[str, str]) -> None:
+def rebased(wanted: dict[str, V], old: Mapping[str, V], new: Mapping[str, V], reported: Mapping[str, V]) -> None:
     """A client's settings `wanted` after its group's defaults went from `old` to `new`: each setting the client
     left at the default (the old group's value, else the server's) takes the new default; its own values stay."""
     for name in old.keys() | new.keys():

@@ -23,7 +23,7 @@ def _postgres(**extra: Any) -> dict[str, Any]:
                                                 "static_parameters": {"WORK_MEM": "2"}}}}}, "both dynamic and static"),
     ({"postgresql": {"parameter_group": "nope"}}, "'postgresql.parameter_group': no parameter group 'nope'"),
     ({"postgresql": {"parameter_groups": {"a": {"users": ["u"]}, "b": {"users": ["u"]}}}}, "user 'u' is in group"),
-    ({"mysql": {"parameter_groups": {"a": {}}}}, "PostgreSQL's only for now"),
+    ({"mysql": {"parameter_groups": {"a": {"static_parameters": {"x": 1}}}}}, "MySQL takes no parameters at connect"),
     ({"postgresql": {"parameter_groups": {"g": {"static_apply": "later"}}}}, "static_apply"),
 ])
 def test_bad_parameter_groups_are_refused(data: dict[str, Any], problem: str) -> None:
