@@ -7,26 +7,30 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from proxy import channel
 from proxy.parameter_groups import dynamic_of, group_of, static_of
+from proxy.pool.mysql_backend import MySQLBackend
 from proxy.pool.pool import Pool, Target
+from proxy.session.mysql_service import MySQLService
+from proxy.session.mysql_settings import sql_literal
 from proxy.session.pg_service import PostgresService, pool_backends
 
 log = logging.getLogger(__name__)
 
 Fanout = Callable[[channel.Message, float], Awaitable[list[channel.Message]]]
+Service = PostgresService | MySQLService
 Services = Callable[[], Iterable[tuple[str, object]]]  # (endpoint name, its service) of the process
 ANSWER_TIMEOUT = 10.0
 DEFAULT = "(server default)"
 KEY = ("endpoint", "instance", "database", "user", "group", "parameter", "kind", "group_value")
 
 
-def _pools(services: Services, group: str | None) -> Iterator[tuple[str, PostgresService, Target, Pool, str]]:
+def _pools(services: Services, group: str | None) -> Iterator[tuple[str, Service, Target, Pool, str]]:
     """(endpoint, service, target, pool, group name) of every pool whose user has a parameter group (`group`)."""
     for name, service in services():
-        if not isinstance(service, PostgresService):
+        if not isinstance(service, PostgresService | MySQLService):
             continue
         for target in service.group.all():
             for pool in list(target.pools.values()):
@@ -35,12 +39,13 @@ def _pools(services: Services, group: str | None) -> Iterator[tuple[str, Postgre
                     yield name, service, target, pool, found[0]
 
 
-def _diff_rows(endpoint: str, service: PostgresService, target: Target, pool: Pool,
-               group: str) -> list[dict[str, Any]]:
+def _diff_rows(endpoint: str, service: Service, target: Target, pool: Pool, group: str) -> list[dict[str, Any]]:
     """The parameters some backend of `pool` runs with another value than its group gives."""
-    backends = pool_backends(pool)
     where = {"endpoint": endpoint, "instance": target.name, "database": pool.database, "user": pool.user,
              "group": group}
+    if isinstance(service, MySQLService):
+        return _mysql_rows(where, service, pool)
+    backends = pool_backends(pool)
     rows = []
     dynamic = dynamic_of(service.settings, pool.user, pool.server_params)
     for name, value in dynamic.items():
@@ -56,6 +61,29 @@ def _diff_rows(endpoint: str, service: PostgresService, target: Target, pool: Po
             rows.append({**where, "parameter": name, "kind": "static", "group_value": static.get(name, DEFAULT),
                          "backends": _counts(running), "applies": "at `dbproxy control params apply`"})
     return rows
+
+
+def _mysql_rows(where: dict[str, Any], service: MySQLService, pool: Pool) -> list[dict[str, Any]]:
+    """MySQL: the session variables as the proxy last gave them to each backend (SET bodies, `@@SESSION.x=v`)."""
+    generation = pool.target.generation
+    backends = [cast(MySQLBackend, backend) for backend in (*pool.idle, *pool.busy) if backend.generation == generation]
+    rows = []
+    for name, value in dynamic_of(service.settings, pool.user, {}).items():
+        name = name.lower()
+        running = [_set_value(backend.settings.get(name)) for backend in backends]
+        if any(found != _set_value(_group_body(name, value)) for found in running):
+            rows.append({**where, "parameter": name, "kind": "dynamic", "group_value": value,
+                         "backends": _counts(running), "applies": "at each client's next transaction"})
+    return rows
+
+
+def _group_body(name: str, value: str) -> bytes:
+    return b"@@SESSION." + name.encode() + b"=" + sql_literal(b"", value.encode())
+
+
+def _set_value(body: bytes | None) -> str:
+    """The value of a SET body as text (its literal), or the server's default when none was given."""
+    return DEFAULT if body is None else body.partition(b"=")[2].decode("utf-8", "replace")
 
 
 def _counts(values: list[str]) -> dict[str, int]:
@@ -77,6 +105,8 @@ def local_params(services: Services) -> dict[str, channel.Handler]:
         group = message.get("group")
         replaced: dict[str, Target] = {}
         for endpoint, service, target, pool, _name in _pools(services, None if group is None else str(group)):
+            if not isinstance(service, PostgresService):
+                continue  # (MySQL groups have no static parameters)
             wanted = static_of(service.settings, pool.user)
             if any(backend.static_params != wanted for backend in pool_backends(pool)):
                 replaced[f"{endpoint}/{target.name}"] = target

@@ -4,7 +4,10 @@ is its own, a reload reaches every client's next transaction, a refused value re
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -48,7 +51,8 @@ def test_mysql_group_defaults_overrides_reload_and_refusal(tmp_path: Path, maria
     groups = {"mysql__parameter_groups__app": GROUP,
               "mysql__parameter_groups__bad": {"users": ["bench"], "parameters": {"time_zone": "nowhere"}}}
     with running_proxy(tmp_path, mariadb=mariadb_server, mysql={"parameter_group": "app"},
-                       mysql__pool={"max_connections": 2}, **groups) as proxy:
+                       server={"pid_file": str(tmp_path / "dbproxy.pid")}, mysql__pool={"max_connections": 2},
+                       **groups) as proxy:
         clients = [connect(proxy) for _ in range(5)]  # more clients than backends
         try:
             default = ("+09:00", "STRICT_ALL_TABLES", 1048576)
@@ -64,6 +68,10 @@ def test_mysql_group_defaults_overrides_reload_and_refusal(tmp_path: Path, maria
                 assert found[2:] == [default] * 3
             clients[2].ping()
             reload(proxy, {"time_zone": "+02:00", "max_heap_table_size": 2097152})
+            diff = subprocess.run([sys.executable, "-m", "proxy", "control", "params", "diff", "-c", str(proxy.config)],
+                                  capture_output=True, text=True, timeout=60)
+            assert re.search(r"mysql/\S+ app@app group app: dynamic time_zone = \+02:00; backends run .*'\+09:00' x\d",
+                             diff.stdout), diff.stdout + diff.stderr
             found = [values(conn) for conn in clients]  # the next transaction sees the new values
             assert found[0] == ("+01:00", "STRICT_ALL_TABLES", 2097152)
             assert found[1] == ("+02:00", "ANSI_QUOTES", 2097152)
