@@ -79,6 +79,14 @@ def test_mysql_group_defaults_overrides_reload_and_refusal(tmp_path: Path, maria
             with pytest.raises(pymysql.err.MySQLError, match="Unknown or incorrect time zone: 'nowhere'"):
                 connect(proxy, "bench")
             assert [values(conn)[0] for conn in clients[2:]] == ["+02:00"] * 3  # the others go on
+            reload(proxy, {"time_zone": "Nowhere/Else"})  # refused at the next borrow: logged, the previous kept
+            for _ in range(2):
+                assert [values(conn)[0] for conn in clients[1:]] == ["+02:00"] * 4
+            proxy.wait_for_log(r"keeps its previous time_zone: the server refuses its parameter group's \(Unknown or "
+                               r"incorrect time zone: 'Nowhere/Else'\)")
+            assert values(clients[0])[0] == "+01:00"  # its own
+            reload(proxy, {"time_zone": "+03:00"})
+            assert [values(conn)[0] for conn in clients] == ["+01:00"] + ["+03:00"] * 4
         finally:
             for conn in clients:
                 conn.close()
