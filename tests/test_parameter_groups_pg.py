@@ -4,7 +4,6 @@ changes dynamic values at the next transaction and replaces backends for static 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ import psycopg
 import pytest
 
 from devtools.servers import PostgresInstance
+from proxy.control import ask_control, control_socket_path
 from support import ProxyProcess, running_proxy, write_config
 
 GROUP = {"parameters": {"statement_timeout": "7s", "work_mem": "3MB", "TimeZone": "Asia/Tokyo"}}
@@ -153,8 +153,8 @@ def test_diff_and_apply_through_the_control_socket(tmp_path: Path, pg_server: Po
         clients = [connect(proxy) for _ in range(4)]
         try:
             assert {show(conn, "work_mem") for conn in clients} == {"3MB"}
-            same = _dbproxy("control", "params", "diff", "-c", config)
-            assert same.returncode == 0 and "no differences" in same.stdout, same.stdout + same.stderr
+            socket = control_socket_path(tmp_path / "dbproxy.pid")
+            assert ask_control(socket, {"kind": "params", "action": "diff"}, 10)["rows"] == []
 
             def change(data: dict[str, Any]) -> None:
                 app = data["postgresql"]["parameter_groups"]["app"]
@@ -176,10 +176,10 @@ def test_diff_and_apply_through_the_control_socket(tmp_path: Path, pg_server: Po
                 applied.stdout + applied.stderr)
             assert {show(conn, "lock_timeout") for conn in clients} == {"3s"}
             assert not _pids(clients) & before
-            after = _dbproxy("control", "params", "diff", "--json", "-c", config)
-            assert json.loads(after.stdout)["rows"] == [], after.stdout
-            none = _dbproxy("control", "params", "apply", "-c", config)
-            assert "no backend runs other static parameters" in none.stdout, none.stdout
+            assert ask_control(socket, {"kind": "params", "action": "diff", "group": "app"}, 10)["rows"] == []
+            none = ask_control(socket, {"kind": "params", "action": "apply"}, 10)
+            assert none["replaced"] == [] and "no backend runs other static parameters" in none["message"], none
+            assert ask_control(socket, {"kind": "params", "action": "undo"}, 10)["error"] == "bad_request"
         finally:
             for conn in clients:
                 conn.close()
