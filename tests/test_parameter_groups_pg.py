@@ -216,3 +216,24 @@ def test_bad_values_fail_cleanly(tmp_path: Path, pg_server: PostgresInstance) ->
         finally:
             for conn in clients:
                 conn.close()
+
+
+def test_reload_during_a_transaction_reaches_the_next_one(tmp_path: Path, pg_server: PostgresInstance) -> None:
+    with running_proxy(tmp_path, pg_server, postgresql={"parameter_group": "app"},
+                       postgresql__pool={"max_connections": 2},
+                       postgresql__parameter_groups__app=GROUP) as proxy:
+        conn, other = connect(proxy), connect(proxy)
+        try:
+            with conn.transaction():  # its session state is read back when it ends, after the reload
+                conn.execute("SET application_name = 'mine'")
+
+                def change(data: dict[str, Any]) -> None:
+                    data["postgresql"]["parameter_groups"]["app"]["parameters"]["work_mem"] = "9MB"
+
+                reload(proxy, change)
+                assert show(conn, "work_mem") == "3MB"  # the transaction under way keeps its backend's
+            assert (show(conn, "work_mem"), show(conn, "application_name")) == ("9MB", "mine")
+            assert (show(other, "work_mem"), show(other, "application_name")) == ("9MB", "")
+        finally:
+            conn.close()
+            other.close()

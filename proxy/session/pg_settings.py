@@ -121,6 +121,11 @@ class PgSettings(PgSession):
         self._group_pending = True
         self.session.settings_id = -1  # no backend has it: the next borrow syncs
 
+    def _keep_group_pending(self) -> None:
+        """A group change waits for the client's next borrow: no backend is in its state until then."""
+        if self._group_pending:
+            self.session.settings_id = -1
+
     async def _rebase_group(self, backend: PostgresBackend) -> None:
         """The settings the client left at its group's default take the group's new values; those it set itself
         stay. Values the server refuses leave the client's settings as they were (logged)."""
@@ -149,6 +154,7 @@ class PgSettings(PgSession):
             backend = self.backend
             if backend is not None:  # the reporting backend has it already
                 backend.state_is(self.session)
+                self._keep_group_pending()
 
     async def _read_session(self, backend: PostgresBackend) -> bool:
         """After a transaction that may have changed session state: read it back into `session` (settings, pins).
@@ -172,6 +178,7 @@ class PgSettings(PgSession):
             if name not in reported and name not in FIXED_PARAMETERS:
                 wanted[name] = value
         backend.state_is(session)
+        self._keep_group_pending()
         pins = {PIN_REASONS[name] for name, count in rows if name in PIN_REASONS and count not in (None, "0")}
         self._pins_are(pins | (set(session.pins) & STICKY_PINS), backend)
         return True
