@@ -28,6 +28,7 @@ from proxy.errors import ConfigError
 from proxy.failover import AlreadyWriter, FailoverRefused, OtherWriter, PromotionError, promote_instance
 from proxy.local_commands import LocalCommands, SwitchedEndpoints
 from proxy.logs import setup_logging
+from proxy.params_commands import format_diff
 from proxy.reload import ProcessReload, Reloads
 from proxy.rundir import looks_like_dbproxy, pid_file_path, read_pid_file, remove_pid_file, write_pid_file
 from proxy.secret_commands import add_secret_commands, run_secret_command
@@ -231,7 +232,19 @@ def _parser() -> argparse.ArgumentParser:
     top_sql.add_argument("--by", choices=ORDERS, default="load", help="order (default: %(default)s: total time)")
     top_sql.add_argument("-n", "--limit", type=int, default=20, help="statements shown (default: %(default)s)")
     top_sql.add_argument("--json", action="store_true", help="print the answer as JSON")
-    for command in (readmit, switchover, top_sql, pause, resume, reconnect, kill):
+    control = sub.add_parser("control", help="the control module's commands, in the running proxy")
+    control_sub = control.add_subparsers(dest="control_command", required=True)
+    params = control_sub.add_parser("params", help="parameter groups: what backend sessions run, replacing them")
+    params_sub = params.add_subparsers(dest="params_command", required=True)
+    params_diff = params_sub.add_parser("diff", help="per backend pool, the parameters its backends run with "
+                                                     "other values than their parameter group's")
+    params_diff.add_argument("--json", action="store_true", help="print the answer as JSON")
+    params_apply = params_sub.add_parser("apply", help="replace the backend connections whose static parameters "
+                                                       "differ from their group's (idle now, lent-out when given "
+                                                       "back)")
+    for command in (params_diff, params_apply):
+        command.add_argument("--group", default=None, help="only pools of users in this parameter group")
+    for command in (readmit, switchover, top_sql, pause, resume, reconnect, kill, params_diff, params_apply):
         command.add_argument("-c", "--config", type=Path, default=None, help="TOML configuration file")
         command.add_argument("--pid-file", type=Path, default=None,
                              help="pid file of the running proxy; its control socket is beside it (default: "
@@ -255,6 +268,13 @@ def _parser() -> argparse.ArgumentParser:
     add_token_commands(sub)
     add_secret_commands(sub)
     return parser
+
+
+def _control(args: argparse.Namespace) -> None:
+    """`dbproxy control params diff|apply`."""
+    message = {"kind": "params", "action": args.params_command, "group": args.group}
+    show = (lambda answer: format_diff(answer, args.json)) if args.params_command == "diff" else None
+    send_command(args.config, args.pid_file, message, 20.0, show)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "top":
         send_command(args.config, args.pid_file, {"kind": "top", "by": args.by, "limit": args.limit}, 15.0,
                      lambda answer: format_top(answer, args.json, shutil.get_terminal_size().columns))
+        return
+    if args.command == "control":
+        _control(args)
         return
     if args.command == "failover":
         failover(args.config, args.to, args.cluster)

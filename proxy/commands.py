@@ -16,6 +16,7 @@ from proxy.config import ClusterBase, Config, EndpointRole, engine_settings, use
 from proxy.endpoints import resolve_endpoints, writer_of
 from proxy.errors import ConfigError
 from proxy.local_commands import instance_addresses, switched_config
+from proxy.params_commands import params_handler
 from proxy.secrets import SecretStore
 from proxy.sql_logging import switch_handler
 from proxy.top_sql import top_handler
@@ -130,7 +131,7 @@ class Commands:
         return {name: self._guard(handler) for name, handler in (
             ("readmit", self.readmit), ("switchover", self.switchover), ("pause", self.pause),
             ("resume", self.resume), ("reconnect", self.reconnect), ("kill-client", self.kill_client),
-            ("top", top_handler(self.fanout)),
+            ("top", top_handler(self.fanout)), ("params", params_handler(self.fanout)),
             ("sql-logging", switch_handler(self.fanout, self._endpoint_known)))}
 
     def _endpoint_known(self, name: str) -> bool:

@@ -375,6 +375,43 @@ class Instance(Strict):
         return self.name or f"{self.host}:{self.port}"
 
 
+PARAMETER_NAME = r"^[A-Za-z_][A-Za-z0-9_.]{0,62}$"  # a PostgreSQL GUC or MySQL system variable, as written
+ParameterValue = str | bool | int | float
+PARAMETER_GROUP_HELP = "the parameter group (of [<engine>.parameter_groups]) its sessions get by default"
+
+
+class ParameterGroup(Strict):
+    """Named session parameters a user's backend sessions get by default (the client's own settings win)."""
+
+    parameters: dict[str, ParameterValue] = Field(
+        default_factory=dict, description="dynamic parameters: set on a backend session when a client borrows it")
+    static_parameters: dict[str, ParameterValue] = Field(
+        default_factory=dict, description="static parameters: given when a backend connects (PostgreSQL startup "
+        "options, MySQL SET right after the login); a change replaces the backends")
+    users: list[str] = Field(default_factory=list, description="users that get this group on every endpoint of "
+                                                               "the engine (over the endpoint's and cluster's group)")
+    static_apply: Literal["reload", "command"] = Field(
+        "reload", description="when changed static parameters replace backends: at the reload (idle ones at once, "
+        "lent-out ones when given back), or at `dbproxy control params apply`")
+
+    @field_validator("parameters", "static_parameters")
+    @classmethod
+    def _check_parameters(cls, given: dict[str, ParameterValue]) -> dict[str, ParameterValue]:
+        for name, value in given.items():
+            if not re.match(PARAMETER_NAME, name):
+                raise ValueError(f"{name!r} is not a parameter name (letters, digits, _ and .)")
+            if "\x00" in str(value):
+                raise ValueError(f"the value of {name!r} holds a NUL character")
+        return given
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> ParameterGroup:
+        both = {name.lower() for name in self.parameters} & {name.lower() for name in self.static_parameters}
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))}: both dynamic and static")
+        return self
+
+
 class EndpointBase(Strict):
     """A client-facing listener on one cluster; pool and auth keys given here override the cluster's."""
 
@@ -403,6 +440,7 @@ class EndpointBase(Strict):
     require_tls: bool | None = Field(None, description="refuse plaintext logins to this endpoint")
     allowed_cidrs: list[CIDR] | None = Field(None, description=ALLOWED_CIDRS_HELP + "; default: the cluster's")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
+    parameter_group: str | None = Field(None, description=PARAMETER_GROUP_HELP + "; default: the cluster's")
 
 
 class ClusterBase(Strict):
@@ -440,6 +478,7 @@ class ClusterBase(Strict):
     allowed_cidrs: list[CIDR] | None = Field(
         None, description=ALLOWED_CIDRS_HELP + "; default for its endpoints, else the engine section's")
     pool: PoolSettings = PoolSettings()  # only the keys given apply
+    parameter_group: str | None = Field(None, description=PARAMETER_GROUP_HELP + "; default: the engine's")
 
     @property
     def promotion_grace(self) -> float:
@@ -511,6 +550,8 @@ class PostgresSettings(Strict):
     allowed_cidrs: list[CIDR] | None = Field(
         None, description=ALLOWED_CIDRS_HELP + "; default for every endpoint of the engine")
     pool: PoolSettings = PoolSettings()
+    parameter_group: str = Field("", description=PARAMETER_GROUP_HELP + "; empty: none")
+    parameter_groups: dict[Name, ParameterGroup] = Field(default_factory=dict)
     clusters: dict[Name, PostgresCluster] = Field(default_factory=dict)
     endpoints: dict[Name, PostgresEndpoint] = Field(default_factory=dict)
 
@@ -590,6 +631,8 @@ class MySQLSettings(Strict):
     allowed_cidrs: list[CIDR] | None = Field(
         None, description=ALLOWED_CIDRS_HELP + "; default for every endpoint of the engine")
     pool: MySQLPoolSettings = MySQLPoolSettings()
+    parameter_group: str = Field("", description=PARAMETER_GROUP_HELP + "; empty: none")
+    parameter_groups: dict[Name, ParameterGroup] = Field(default_factory=dict)
     clusters: dict[Name, MySQLCluster] = Field(default_factory=dict)
     endpoints: dict[Name, MySQLEndpoint] = Field(default_factory=dict)
 
@@ -764,6 +807,29 @@ def _check_engine(engine: str, settings: EngineSettings) -> str | None:
     return None
 
 
+def _check_parameter_groups(engine: str, settings: EngineSettings) -> str | None:
+    """The first parameter group that is named but not defined, or a user given to two groups."""
+    groups = settings.parameter_groups
+    named = [(f"{engine}.parameter_group", settings.parameter_group or None)]
+    named += [(f"{engine}.clusters.{name}.parameter_group", part.parameter_group)
+              for name, part in settings.clusters.items()]
+    named += [(f"{engine}.endpoints.{name}.parameter_group", part.parameter_group)
+              for name, part in settings.endpoints.items()]
+    for key, group in named:
+        if group is not None and group not in groups:
+            return f"'{key}': no parameter group '{group}' in [{engine}.parameter_groups]"
+    owners: dict[str, str] = {}
+    for name, group_settings in groups.items():
+        if group_settings.static_parameters and engine == "mysql":
+            return (f"'mysql.parameter_groups.{name}.static_parameters': MySQL takes no parameters at connect "
+                    "(a backend's reset would undo a SET); give them under parameters")
+        for user in group_settings.users:
+            if user in owners:
+                return f"'{engine}.parameter_groups.{name}.users': user '{user}' is in group '{owners[user]}' too"
+            owners[user] = name
+    return None
+
+
 def _check_causal(key: str, endpoint: EndpointBase, cluster: ClusterBase, settings: EngineSettings) -> str | None:
     """Causal reads: a read_only endpoint of a monitored cluster that has a read_write endpoint (its writer's pools
     serve a transaction whose replica does not catch up in time)."""
@@ -806,7 +872,7 @@ def _check_members(key: str, endpoint: EndpointBase, cluster: ClusterBase) -> st
 def check_endpoints(config: Config) -> str | None:
     """The first problem with the clusters and endpoints of the whole configuration, as "'key': reason"."""
     for engine, settings in engine_settings(config):
-        problem = _check_engine(engine, settings)
+        problem = _check_engine(engine, settings) or _check_parameter_groups(engine, settings)
         if problem:
             return problem
     names: dict[str, str] = {}

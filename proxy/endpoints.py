@@ -23,7 +23,7 @@ from proxy.config import (
 # Keys a cluster or an endpoint may give for its endpoints, over the engine section's (pool merges key by key).
 OVERRIDABLE = ("auth_method", "caching_sha2_full_auth", "backend_tls", "backend_ca_file", "backend_connect_timeout",
                "auth_passthrough", "auth_user", "auth_query", "auth_cache_ttl",
-               "token_auth", "token_auth_users", "require_tls", "allowed_cidrs")
+               "token_auth", "token_auth_users", "require_tls", "allowed_cidrs", "parameter_group")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from proxy import channel
 from proxy.config import Config, engine_settings, uses_clusters
 from proxy.endpoints import resolve_endpoints
 from proxy.errors import ConnectionKilled
+from proxy.params_commands import local_params
 from proxy.pool.pool import Target
 from proxy.server import Listener, ProxyServer
 from proxy.session.pg_client import PostgresClient
@@ -93,7 +94,10 @@ class LocalCommands:
                 "switchover-commit": self.commit, "switchover-abort": self.abort, "stats": self.stats,
                 "view": self.view, "pause": self.pause, "resume": self.resume, "reconnect": self.reconnect,
                 "kill-client": self.kill_client, "statements": local_statements(self.server.stats),
-                "sql-logging": local_switch(self.server.stats)}
+                "sql-logging": local_switch(self.server.stats), **local_params(self._services)}
+
+    def _services(self) -> list[tuple[str, object]]:
+        return [(listener.name, listener.service) for listener in self.server.listeners.values()]
 
     async def stats(self, _message: channel.Message) -> channel.Message:
         return {"pid": os.getpid(), "snapshot": self.server.stats.snapshot()}

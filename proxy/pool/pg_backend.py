@@ -15,6 +15,7 @@ from proxy.auth.scram import MECHANISM, ScramClient
 from proxy.config import BackendTLSMode, PostgresSettings
 from proxy.errors import BackendError, BackendUnavailable, ProtocolViolation
 from proxy.netio import ConnectionClosed
+from proxy.parameter_groups import static_of
 from proxy.pool.backend import BackendConnection, LinkedClient
 from proxy.pool.pg_deadline import internal_deadline
 from proxy.pool.pool import READ_ONLY_TROUBLE
@@ -96,6 +97,7 @@ class PostgresBackend(BackendConnection):
         self.params: dict[str, str] = {}  # current values of settings on this server session
         self.login_params: dict[str, str] = {}  # what this server reported at login (a session reset returns to it)
         self.client: PgLinkedClient | None = None
+        self.static_params: dict[str, str] = {}  # its parameter group's static parameters, given at its login
         self.settings_id = 0  # the pool's number for this session's settings (see Pool.settings_id)
         self.replies = ReplyMatcher()  # what the server's replies are for, and what the linked client gets of them
         self.expect: deque[Expectation] = self.replies.expect  # requests sent, in the order their replies will come
@@ -378,7 +380,8 @@ class PostgresBackend(BackendConnection):
         if credential is not None and password is None:
             password = credential.password
         user = credential.user if credential is not None else pool.user
-        self.write(pg.startup_message({"user": user, "database": pool.database}))
+        self.static_params = static_of(settings, pool.user)
+        self.write(pg.startup_message({**self.static_params, "user": user, "database": pool.database}))
         scram: ScramClient | None = None
         while True:
             kind, body = await self.read_typed()

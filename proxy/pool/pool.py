@@ -157,6 +157,7 @@ class Target:
             hook()
         for pool in list(self.pools.values()):
             pool.validated_settings.clear()
+            pool.group_values.clear()
             for backend in list(pool.idle):
                 pool.discard(backend)  # frees its slot: a waiter connects to the new server
 
@@ -414,6 +415,8 @@ class Pool:
         self.server_params: dict[str, str] = {}  # what the backend reported at login
         self.server_generation = -1  # the target generation whose server `server_params` come from
         self.validated_settings: set[tuple[str, str]] = set()
+        # parameter group values as the server has them (pg_settings.setting: '3MB' -> '3072'), learned once each
+        self.group_values: dict[tuple[str, str], str] = {}
         self.naming = naming if naming is not None else PoolNaming()
         # the client sessions using this pool: while there is one, the pool is kept (see Target.forget_unused_pools)
         self.clients: weakref.WeakSet[object] = weakref.WeakSet()

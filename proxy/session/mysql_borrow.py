@@ -20,14 +20,22 @@ class MySQLBorrowing(MySQLSessionTracking):
     async def _prepare_session(self) -> None:
         """Pick the pool; check the database once per pool; keep a backend from now on in session mode."""
         pool = self._use_pool(self.session.database)
-        if not pool.session_mode and pool.stats.opened:
+        self.group_defaults = self._group_settings()
+        self.session.settings.update(self.group_defaults)
+        checked = {(name, body.decode("utf-8", "surrogateescape")) for name, body in self.group_defaults.items()}
+        if not pool.session_mode and pool.stats.opened and checked <= pool.validated_settings:
             return
         backend = await self._borrow(pool)
         try:
+            self.group_refused = None
             await self._sync(backend)
         except BaseException:
             pool.discard(backend)
             raise
+        if self.group_refused is not None:  # the server's own error, to the client logging in
+            pool.release(backend)
+            raise MySQLServerError(self.group_refused)
+        pool.validated_settings.update(checked)
         if pool.session_mode:
             self._link(backend)
         else:

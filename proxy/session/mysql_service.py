@@ -30,6 +30,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.netio import ConnectionClosed
+from proxy.parameter_groups import groups_changed
 from proxy.pool.balance import TargetGroup, target_group
 from proxy.pool.mysql_backend import (
     RELAYED_CAPABILITIES,
@@ -100,6 +101,8 @@ class ServedClient(Killer, KillTarget, Protocol):
     def service(self) -> MySQLService: ...
 
     def fail(self, error: ProxyError) -> None: ...
+
+    def parameter_group_changed(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -482,3 +485,8 @@ class MySQLService:
         if self.settings.auth_method is MySQLAuthMethod.CACHING_SHA2 and (
                 self.rsa_key is None or old.rsa_private_key_file != self.settings.rsa_private_key_file):
             self._load_rsa_key()
+        if groups_changed(old, self.settings):  # clients take the new values at their next borrow
+            for client in list(self.clients.values()):
+                if client.service is self:
+                    client.parameter_group_changed()
+            log.info("reload: endpoint %s: parameter groups changed", self.endpoint.name)

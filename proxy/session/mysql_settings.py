@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from proxy.parameter_groups import dynamic_of, rebased
 from proxy.pool.mysql_backend import MySQLBackend
 from proxy.protocol.mysql import constants as my
 from proxy.protocol.mysql.packets import ErrPacket, parse_session_state, read_lenenc_str
@@ -49,6 +50,10 @@ def sql_literal(name: bytes, value: bytes) -> bytes:
 class MySQLSessionTracking(MySQLClientBase):
     """Follows what the client's commands (and the server's session-state reports) do to its session."""
 
+    group_defaults: dict[str, bytes] = {}  # its parameter group's variables (replaced, never changed in place)
+    group_previous: dict[str, bytes] = {}  # the group's variables before the last reload changed them
+    group_refused: bytes | None = None  # the server's ERR for a group variable while the client logs in
+
     def _settings_fingerprint(self) -> bytes:
         key = self._settings_key
         if key is None:
@@ -63,12 +68,44 @@ class MySQLSessionTracking(MySQLClientBase):
             self.session.pins.clear()
             self.stats.unpinned()
         self._pins_logged.clear()
-        self.session.settings = {}
+        self.group_defaults = self._group_settings()
+        self.session.settings = dict(self.group_defaults)
         self._settings_key = None
         self.session.user_variables = {}
         self.last_insert_id = self.row_count = 0  # (FOUND_ROWS() survives a reset on the server too)
         self.cursors = self.long_data = self._hold_next = 0
         self.session.autocommit = self._default_autocommit
+
+    def _group_settings(self) -> dict[str, bytes]:
+        """The client's parameter group as session variables (SET bodies), its defaults under its own SETs."""
+        values = dynamic_of(self.service.settings, self.session.user, {})
+        return {name.lower(): b"@@SESSION." + name.lower().encode() + b"=" + sql_literal(b"", value.encode())
+                for name, value in values.items()}
+
+    def parameter_group_changed(self) -> None:
+        """A reload changed the client's parameter group: the variables it left at the group's value take the new
+        one (given to the backend at its next borrow); those it set itself stay."""
+        new = self._group_settings()
+        rebased(self.session.settings, self.group_defaults, new, {})
+        self.group_previous = self.group_defaults
+        self.group_defaults = new
+        self._settings_key = None
+
+    def _group_refused(self, name: str, failure: bytes) -> bool:
+        """The server refused the group's value of `name`: after a reload the client keeps the value it had (True);
+        else it goes without it (and a login fails with the server's error)."""
+        if self.group_refused is None:
+            self.group_refused = failure
+        previous = self.group_previous.get(name)
+        if previous is not None:
+            log.error("client %s keeps its previous %s: the server refuses its parameter group's (%s)", self.peer,
+                      name, ErrPacket.parse(failure).message)
+            self.session.settings[name] = previous
+            self.group_defaults = {**self.group_defaults, name: previous}
+            self._settings_key = None
+            return True
+        self.group_defaults = {key: body for key, body in self.group_defaults.items() if key != name}
+        return False
 
     def _query_done(self, backend: MySQLBackend, effect: QueryEffect) -> None:
         """A statement with a session effect has its response: track what it set, pin or unpin."""
@@ -195,6 +232,8 @@ class MySQLSessionTracking(MySQLClientBase):
             return
         log.warning("client %s: session variable %s could not be set again on %s (%d %s); it is dropped from "
                     "the client's session", self.peer, name, backend, error.error_code, error.message)
+        if name in self.group_defaults and self._group_refused(name, failure):
+            return
         if error.error_code == ER_INCORRECT_GLOBAL_LOCAL_VAR:  # read only: never followed again on this target
             self.service.read_only_variables.add(name.encode("ascii", "replace"))
         self.session.settings.pop(name, None)

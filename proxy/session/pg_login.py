@@ -16,7 +16,7 @@ from proxy.auth.token_login import password_matches, token_mode, verify_token
 from proxy.auth.tokens import looks_like_token
 from proxy.config import ClientAuthMethod, ClientTLSMode, TokenAuthMode
 from proxy.console import CONSOLE_DATABASES, is_admin
-from proxy.errors import AuthenticationFailed, AuthorizationFailed, ConsoleDenied, ProtocolViolation
+from proxy.errors import AuthenticationFailed, AuthorizationFailed, BackendError, ConsoleDenied, ProtocolViolation
 from proxy.pool.pool import Pool
 from proxy.protocol.pg import messages as pg
 from proxy.secrets import Secret
@@ -281,10 +281,15 @@ class PgLogin(PgForward):
         need_backend = pool.session_mode or pool.server_generation != pool.target.generation or any(
             item not in pool.validated_settings for item in requested.items()
         )
-        if not need_backend:
+        if not need_backend and self._group_known(pool):
             self._init_wanted(pool, requested)
             return
         backend = await self._borrow(pool)
+        try:
+            await self._learn_group(pool, backend)
+        except BackendError:  # the server refused a group value: the login fails, the backend is fine
+            pool.release(backend)
+            raise
         try:
             self._init_wanted(pool, requested)
             await self._sync_settings(backend)

@@ -17,6 +17,7 @@ from proxy.auth.tokens import TokenVerifier
 from proxy.config import ClientAuthMethod, Config, PostgresSettings, ServerSettings
 from proxy.console import Console
 from proxy.endpoints import Endpoint
+from proxy.parameter_groups import group_of, groups_changed, static_of
 from proxy.pool.balance import TargetGroup, target_group
 from proxy.pool.pg_backend import PostgresBackend, open_backend
 from proxy.pool.pg_deadline import send_cancel_request
@@ -45,6 +46,13 @@ class CancelTarget(Protocol):
     def pending(self) -> int: ...
     @property
     def service(self) -> PostgresService: ...
+    def parameter_group_changed(self) -> None: ...
+
+
+def pool_backends(pool: Pool) -> list[PostgresBackend]:
+    """The pool's backend connections of its target's current generation (older ones are being replaced)."""
+    generation = pool.target.generation
+    return [cast(PostgresBackend, backend) for backend in (*pool.idle, *pool.busy) if backend.generation == generation]
 
 
 class PostgresService:
@@ -175,3 +183,34 @@ class PostgresService:
             self.backend_tls = backend_context(self.settings.backend_tls, self.settings.backend_ca_file)
         self.exclude_variable_sets = "exclude_variable_sets" in self.settings.session_pinning_filters
         self.allowed = allow_list(self.settings.allowed_cidrs)
+        if groups_changed(old, self.settings):
+            self._parameter_groups_changed(old)
+
+    def _parameter_groups_changed(self, old: PostgresSettings) -> None:
+        """A reload changed parameter groups: clients take the new dynamic defaults at their next borrow; backends
+        opened with other static parameters are replaced (idle ones now, lent-out ones when given back) when their
+        group says so, else at `dbproxy control params apply`."""
+        for client in list(self.clients.values()):
+            if client.service is self:
+                client.parameter_group_changed()
+        if self.static_pending(old, "reload"):
+            log.info("reload: endpoint %s: static parameters changed, replacing its backend connections",
+                     self.endpoint.name)
+            for target in self.group.all():
+                target.reconnect()
+        log.info("reload: endpoint %s: parameter groups changed", self.endpoint.name)
+
+    def static_pending(self, old: PostgresSettings | None = None, apply: str | None = None) -> bool:
+        """Whether a pool's users now get other static parameters than `old` gave (None: than its backends were
+        opened with), for groups applied at `apply` ("reload" or "command"; None: any)."""
+        for target in self.group.all():
+            for pool in target.pools.values():
+                found = group_of(self.settings, pool.user)
+                if apply is not None and (found[1].static_apply if found else "reload") != apply:
+                    continue
+                now = static_of(self.settings, pool.user)
+                if old is not None and static_of(old, pool.user) != now:
+                    return True
+                if old is None and any(backend.static_params != now for backend in pool_backends(pool)):
+                    return True
+        return False

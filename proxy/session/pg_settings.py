@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 
-from proxy.errors import BackendUnavailable, ProxyError
+from proxy.errors import BackendError, BackendUnavailable, ProxyError
 from proxy.netio import ConnectionClosed
+from proxy.parameter_groups import dynamic_of, rebased
 from proxy.pool.pg_backend import PostgresBackend
 from proxy.pool.pool import Pool
 from proxy.protocol import sql_words
@@ -53,21 +54,97 @@ FIXED_PARAMETERS = pg.READ_ONLY_PARAMETERS
 SERVER_CONFIGURED = frozenset({"default_transaction_read_only"})
 
 
+def quote(value: str) -> str:
+    """A string literal (standard_conforming_strings, as the proxy's own queries assume)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+VALUES_LIMIT = 10_000  # learned parameter group values a pool keeps (bounded; cleared when full)
+
+
+async def server_forms(backend: PostgresBackend, values: dict[str, str]) -> dict[str, str]:
+    """Each value as the server keeps it (pg_settings.setting), set for a moment in an implicit transaction that
+    ends at once; BackendError (the server's SQLSTATE) when it refuses a name or value."""
+    sets = ", ".join(f"set_config({quote(name)}, {quote(value)}, true)" for name, value in values.items())
+    names = ", ".join(quote(name.lower()) for name in values)
+    rows = await backend.simple_query(
+        f"SELECT {sets}; SELECT name, setting FROM pg_settings WHERE lower(name) IN ({names})")
+    spelled = {name.lower(): name for name in values}
+    return {spelled[str(name).lower()]: value or "" for name, value in rows[1:] if name}
+
+
 class PgSettings(PgSession):
     """Keeps `session.settings` and `session.pins` equal to what the client's session has on a direct server."""
 
     def __init__(self, service: PostgresService) -> None:
         super().__init__(service)
         self.statements = Statements(self, self.session)
+        self.group_defaults: dict[str, str] = {}  # its parameter group's dynamic values (under its own settings)
+        self._group_pending = False  # a reload changed its group: learn and take the new values at the next borrow
 
     def _init_wanted(self, pool: Pool, requested: dict[str, str]) -> None:
         session = self.session
         session.settings = {k: v for k, v in pool.server_params.items() if k not in FIXED_PARAMETERS}
+        self.group_defaults = self._group_values(pool) or {}
+        session.settings.update(self.group_defaults)
         session.settings.update(requested)
         session.settings_id = pool.settings_id(session.settings)
 
+    def _group_values(self, pool: Pool) -> dict[str, str] | None:
+        """The client's parameter group values in the server's form, None while one is not learned yet."""
+        learned = pool.group_values
+        wanted = dynamic_of(self.service.settings, self.session.user, pool.server_params)
+        if any((name, value) not in learned for name, value in wanted.items()):
+            return None
+        return {name: learned[name, value] for name, value in wanted.items()}
+
+    def _group_known(self, pool: Pool) -> bool:
+        return self._group_values(pool) is not None
+
+    async def _learn_group(self, pool: Pool, backend: PostgresBackend) -> None:
+        """Learn the server's form of the client's group values (BackendError with the server's own SQLSTATE and
+        message when it refuses one)."""
+        wanted = dynamic_of(self.service.settings, self.session.user, pool.server_params)
+        missing = {name: value for name, value in wanted.items() if (name, value) not in pool.group_values}
+        if not missing:
+            return
+        try:
+            found = await server_forms(backend, missing)
+        except BackendError as exc:
+            raise BackendError(f"parameter group of user {self.session.user}: {exc.message}", exc.sqlstate) from None
+        if len(pool.group_values) >= VALUES_LIMIT:
+            pool.group_values.clear()
+        pool.group_values.update(((name, value), found.get(name, value)) for name, value in missing.items())
+
+    def parameter_group_changed(self) -> None:
+        """A reload changed the client's parameter group: its next borrow takes the new values (see _sync_settings)."""
+        self._group_pending = True
+        self.session.settings_id = -1  # no backend has it: the next borrow syncs
+
+    def _keep_group_pending(self) -> None:
+        """A group change waits for the client's next borrow: no backend is in its state until then."""
+        if self._group_pending:
+            self.session.settings_id = -1
+
+    async def _rebase_group(self, backend: PostgresBackend) -> None:
+        """The settings the client left at its group's default take the group's new values; those it set itself
+        stay. Values the server refuses leave the client's settings as they were (logged)."""
+        self._group_pending = False
+        pool = backend.pool
+        try:
+            await self._learn_group(pool, backend)
+        except BackendError as exc:
+            log.error("client %s keeps its previous parameter values: %s", self.peer, exc.message)
+        else:
+            new = self._group_values(pool) or {}
+            rebased(self.session.settings, self.group_defaults, new, pool.server_params)
+            self.group_defaults = new
+        self.session.settings_id = pool.settings_id(self.session.settings)
+
     async def _sync_settings(self, backend: PostgresBackend) -> None:
         """Make the backend's session the client's (its settings: the difference only)."""
+        if self._group_pending:
+            await self._rebase_group(backend)
         await backend.apply_state(self.session)
 
     def server_reported(self, name: str, value: str) -> None:
@@ -77,6 +154,7 @@ class PgSettings(PgSession):
             backend = self.backend
             if backend is not None:  # the reporting backend has it already
                 backend.state_is(self.session)
+                self._keep_group_pending()
 
     async def _read_session(self, backend: PostgresBackend) -> bool:
         """After a transaction that may have changed session state: read it back into `session` (settings, pins).
@@ -100,6 +178,7 @@ class PgSettings(PgSession):
             if name not in reported and name not in FIXED_PARAMETERS:
                 wanted[name] = value
         backend.state_is(session)
+        self._keep_group_pending()
         pins = {PIN_REASONS[name] for name, count in rows if name in PIN_REASONS and count not in (None, "0")}
         self._pins_are(pins | (set(session.pins) & STICKY_PINS), backend)
         return True
