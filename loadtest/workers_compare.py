@@ -37,9 +37,9 @@ def _proxies(stack: Stack, counts: list[int]) -> Iterator[dict[int, ProxyProcess
                 started[count] = f"proxy with workers = {count} did not start: {str(exc).splitlines()[0]}"
         yield started
     finally:
-        for proxy in started.values():
-            if isinstance(proxy, ProxyProcess):
-                proxy.stop()
+        for running in started.values():
+            if isinstance(running, ProxyProcess):
+                running.stop()
 
 
 def compare(stack: Stack, runner: ScenarioRunner, scenarios: list[Scenario], counts: list[int]) -> list[Result]:
