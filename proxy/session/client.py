@@ -15,6 +15,7 @@ from proxy.auth import audit
 from proxy.auth.failures import FailedLogins
 from proxy.auth.guard import LoginGuard, failure_reason
 from proxy.auth.networks import AllowList
+from proxy.auth.throttle import Failure
 from proxy.config import ServerSettings
 from proxy.errors import (
     AuthenticationFailed,
@@ -97,6 +98,7 @@ class ClientConnection(Connection):
     registry: set[Any] | None = None
     allowed: AllowList | None = None  # the endpoint's allowed_cidrs (None: every address; set by the subclass)
     guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the subclass)
+    _lockout_probe: asyncio.Task[None] | None = None  # the login's lockout look-up in Redis (shared throttle)
     refused = False  # closed at connect: its address is not allowed (never counted as a current client)
     host = "?"  # the peer's address without its port
     session: Any  # the engine's session state: its `user` and `database` are the login's
@@ -156,7 +158,7 @@ class ClientConnection(Connection):
             log.info("client %s closed the connection during login", self.peer)
             self.close()
         except (AuthenticationFailed, AuthorizationFailed, LoginsThrottled) as exc:
-            self.login_refused(exc)
+            await self.login_refused(exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an error for this client only
@@ -188,10 +190,14 @@ class ClientConnection(Connection):
     # --- the login guard: throttle and audit (one hook for both engines, at connect and at a change of user) ---
 
     def check_throttle(self) -> None:
-        """Before any password check: LoginsThrottled if the client's address is locked out (a dict look-up)."""
+        """Before any password check: LoginsThrottled if the client's address is locked out as far as this process
+        knows (a dict look-up); with the shared throttle, the look-up in Redis starts, read in `authenticated`."""
         error = self._throttled()
         if error is not None:
             raise error
+        guard = self.guard
+        if guard is not None and guard.shared is not None and self._lockout_probe is None:
+            self._lockout_probe = guard.probe(self.host)
 
     def _throttled(self) -> LoginsThrottled | None:
         guard = self.guard
@@ -200,22 +206,31 @@ class ClientConnection(Connection):
         left = guard.throttle.locked_for(self.host)
         return LoginsThrottled(self.THROTTLED_TEXT.format(math.ceil(left), self.host)) if left else None
 
-    def authenticated(self) -> None:
+    async def authenticated(self) -> None:
         """The client proved who it is (its session may still fail to start: a backend, a setting). A login that
-        was already past `check_throttle` when its address got locked out is refused all the same, whatever its
-        answer: a burst of logins opened at once gets no more answers than the limit."""
-        self.check_throttle()
+        was already past `check_throttle` when its address got locked out (here, or in Redis: the look-up started
+        there ran during the password exchange) is refused all the same, whatever its answer: a burst of logins
+        opened at once gets no more answers than the limit."""
+        probe = self._lockout_probe
+        if probe is not None:
+            self._lockout_probe = None
+            await probe
+        error = self._throttled()
+        if error is not None:
+            raise error
         self.audit_event(audit.AUTH_SUCCESS)
 
-    def login_refused(self, error: ProxyError) -> None:
+    async def login_refused(self, error: ProxyError) -> None:
         """A login that did not pass: a failed authentication counts toward the throttle (one from an address
         locked out meanwhile is refused as throttled: its answer is not told); each is audited and sent to the
         client; the throttle's refusals are logged in summary."""
+        self._lockout_probe = None
         if isinstance(error, AuthenticationFailed):
             throttled = self._throttled()
             if throttled is None:
-                self._authentication_failed(error)
-                return
+                throttled = await self._authentication_failed(error)
+                if throttled is None:
+                    return
             error = throttled
         if isinstance(error, LoginsThrottled):
             self.stats.logins_throttled += 1
@@ -229,14 +244,21 @@ class ClientConnection(Connection):
             self.audit_event(audit.AUTH_FAILURE, error.reason)
         self.fail(error)
 
-    def _authentication_failed(self, error: AuthenticationFailed) -> None:
-        self.stats.logins_failed += 1
+    async def _authentication_failed(self, error: AuthenticationFailed) -> LoginsThrottled | None:
+        """Counted; refused and audited (None), or, if its address was locked out elsewhere meanwhile, the
+        throttle's refusal to send instead."""
         guard = self.guard
-        if guard is not None and guard.throttle.failed(self.host):
-            throttle = guard.throttle
-            log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
+        if guard is not None:
+            failure = await guard.failed(self.host)
+            if failure is Failure.LOCKED_BEFORE:
+                return self._throttled()
+            if failure is Failure.LOCKED_NOW:
+                throttle = guard.throttle
+                log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
+        self.stats.logins_failed += 1
         self.audit_event(audit.AUTH_FAILURE, failure_reason(error, self.known_user()))
         self.refuse_login(error)
+        return None
 
     def known_user(self) -> bool:
         """Whether the login's user has a stored secret (or is checked elsewhere): wrong_password, not
