@@ -100,8 +100,8 @@ class SharedThrottle:
         self._skip_until = time.monotonic() + PAUSE_AFTER_FAILURE
         if not self._failing:
             self._failing = True
-            log.warning("failed-login throttle: Redis %s failed (%s); counting failed logins in this process "
-                        "meanwhile", what, type(exc).__name__)
+            log.warning("failed-login throttle: Redis did not answer the %s (%s); counting failed logins in this "
+                        "process meanwhile", what, type(exc).__name__)
 
     def _reachable(self) -> None:
         if self._failing:
