@@ -5,6 +5,7 @@ not answer leaves each process counting on its own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,15 +17,19 @@ import psycopg
 import pymysql
 import pytest
 import redis
+import test_query_cache_redis_tls as tls_case
 
 from devtools.servers import MariaDBInstance, PostgresInstance, free_port
 from loadtest.source_logins import mysql_login, pg_login
+from proxy.auth.guard import LoginGuard
 from proxy.auth.shared_throttle import SharedThrottle
 from proxy.auth.throttle import Failure, LoginThrottle
-from proxy.config import parse_config
+from proxy.config import AuthSettings, parse_config
 from support import ProxyProcess, running_proxy
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_PASSWORD = tls_case.REDIS_PASSWORD
+tls_redis = tls_case.tls_redis  # (the fixture: a TLS-only redis-server with a password)
 LIMIT, LOCKOUT = 6, 2.0
 PG_TEXT = "too many failed logins from this address; try again in"
 
@@ -207,3 +212,47 @@ def test_the_count_expires_a_window_after_its_first_failure(prefix: str) -> None
             await shared.close()
 
     asyncio.run(run())
+
+
+def test_over_tls_with_a_password_and_with_a_wrong_one(tls_redis: tuple[int, Path],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """rediss:// with redis_ca_file and redis_password (as for the query cache): counted there; a wrong password
+    is a Redis that does not answer: counted in the process, one warning line, the password in no line."""
+    port, ca_file = tls_redis
+
+    def settings(password: str) -> AuthSettings:
+        return parse_config({"auth": {**auth("t:"), "failed_login_limit": 2, "redis_url": f"rediss://127.0.0.1:{port}/0",
+                                      "redis_password": password, "redis_ca_file": str(ca_file)}}).auth
+
+    async def run() -> None:
+        shared = SharedThrottle(settings(REDIS_PASSWORD), LoginThrottle(2, 60.0, 2.0))
+        wrong = SharedThrottle(settings("not-the-token"), LoginThrottle(2, 60.0, 2.0))
+        try:
+            assert [await shared.failed("10.0.0.2") for _ in range(2)] == [Failure.COUNTED, Failure.LOCKED_NOW]
+            assert await shared.redis.pttl("t:l:{10.0.0.2}") > 0
+            assert [await wrong.failed("10.0.0.2") for _ in range(2)] == [Failure.COUNTED, Failure.LOCKED_NOW]
+            assert wrong.local.locked_for("10.0.0.2") > 0
+        finally:
+            await shared.close()
+            await wrong.close()
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(run())
+    warnings = [r.getMessage() for r in caplog.records if "failed-login throttle" in r.getMessage()]
+    assert len(warnings) == 1 and "AuthenticationError" in warnings[0], warnings
+    assert "not-the-token" not in caplog.text and REDIS_PASSWORD not in caplog.text
+
+
+def test_a_reload_keeps_the_running_store(prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The limits apply at a reload; the store and its Redis only with a restart (a warning says so)."""
+    guard = LoginGuard(parse_config({"auth": auth(prefix)}).auth)
+    assert guard.shared is not None
+    guard.configure(parse_config({"auth": {**auth(prefix), "failed_login_limit": 3}}).auth)
+    assert guard.throttle.limit == 3 and "change only with a restart" not in caplog.text
+    guard.configure(parse_config({"auth": {**auth(prefix), "throttle_store": "local"}}).auth)
+    assert "reload: [auth] throttle_store and redis_* change only with a restart" in caplog.text
+    assert guard.shared is not None
+    asyncio.run(guard.aclose())
+    guard.close()
+    local = LoginGuard(parse_config({}).auth)
+    assert local.shared is None and local.probe("10.0.0.3") is None

@@ -250,8 +250,9 @@ class ClientConnection(Connection):
         guard = self.guard
         if guard is not None:
             failure = await guard.failed(self.host)
-            if failure is Failure.LOCKED_BEFORE:
-                return self._throttled()
+            throttled = self._throttled() if failure is Failure.LOCKED_BEFORE else None
+            if throttled is not None:  # (None: the lockout has just ended)
+                return throttled
             if failure is Failure.LOCKED_NOW:
                 throttle = guard.throttle
                 log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
