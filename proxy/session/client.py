@@ -126,6 +126,9 @@ class ClientConnection(Connection):
             stats.clients_refused += 1  # the login says so where the protocol lets the client read it
             self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
                                              f"{stats.registry.max_clients * worker_count()})")
+        guard = self.guard
+        if guard is not None and guard.shared is not None:  # (its answer comes during the login exchange)
+            self._lockout_probe = guard.probe(self.host)
         self._task = self.loop.create_task(self._login_with_timeout())
 
     def _refuse_network(self, host: str, allowed: AllowList) -> None:
@@ -191,7 +194,8 @@ class ClientConnection(Connection):
 
     def check_throttle(self) -> None:
         """Before any password check: LoginsThrottled if the client's address is locked out as far as this process
-        knows (a dict look-up); with the shared throttle, the look-up in Redis starts, read in `authenticated`."""
+        knows (a dict look-up); with the shared throttle, the look-up in Redis started at connect (or here, at a
+        change of user) is read in `authenticated`."""
         error = self._throttled()
         if error is not None:
             raise error
