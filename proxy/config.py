@@ -191,6 +191,9 @@ class AuthSettings(RedisClientSettings):
         60.0, gt=0, description="seconds a locked-out address has its logins refused before any password check")
     audit_file: Path | None = Field(
         None, description="file to append one JSON line per login outcome to (reopened at a reload); empty: none")
+    failed_login_scope: Literal["address", "user"] = Field(
+        "address", description="address: the failed logins of every user from an address count together; user: "
+        "per user and address (a wrong password of one user does not lock out the others behind a shared address)")
     throttle_store: Literal["local", "redis"] = Field(
         "local", description="local: counts per worker process; redis: shared by every worker and proxy using the "
         "same Redis (redis_* settings)")

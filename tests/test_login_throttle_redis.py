@@ -23,7 +23,7 @@ from devtools.servers import MariaDBInstance, PostgresInstance, free_port
 from loadtest.source_logins import mysql_login, pg_login
 from proxy.auth.guard import LoginGuard
 from proxy.auth.shared_throttle import SharedThrottle
-from proxy.auth.throttle import Failure, LoginThrottle
+from proxy.auth.throttle import Failure, LoginThrottle, throttle_key
 from proxy.config import AuthSettings, parse_config
 from support import ProxyProcess, running_proxy
 
@@ -257,3 +257,37 @@ def test_a_reload_keeps_the_running_store(prefix: str, caplog: pytest.LogCapture
     guard.close()
     local = LoginGuard(parse_config({}).auth)
     assert local.shared is None and local.probe("10.0.0.3") is None
+
+
+def test_per_user_scope_locks_out_one_user_of_an_address_on_both_proxies(
+        tmp_path: Path, pg_server: PostgresInstance, mariadb_server: MariaDBInstance, prefix: str) -> None:
+    """failed_login_scope = "user": one user's failures over two proxies lock that user out of the address on
+    both; another user from the same address logs in; Redis holds a hash of the user name, not the name."""
+    per_user = {**auth(prefix), "failed_login_scope": "user"}
+    with ExitStack() as stack:
+        first, second = (stack.enter_context(running_proxy(tmp_path / f"proxy{n}", pg_server, mariadb_server,
+                                                           auth=per_user)) for n in (1, 2))
+
+        async def run() -> None:
+            for n in range(LIMIT):
+                proxy = (first, second)[n % 2]
+                assert (await pg_login(proxy.ports["postgresql"], "app", None, source="127.0.0.11")).code == "28P01"
+            for proxy in (first, second):
+                refused = await pg_login(proxy.ports["postgresql"], "app", "app-secret", source="127.0.0.11")
+                assert refused.code == "28000", refused
+                assert (await mysql_login(proxy.ports["mysql"], "app", "app-secret", source="127.0.0.11",
+                                          database="app")).code == "1129"
+                assert (await pg_login(proxy.ports["postgresql"], "bench", "bench-secret", source="127.0.0.11")).ok
+                assert (await mysql_login(proxy.ports["mysql"], "bench", "bench-secret", source="127.0.0.11",
+                                          database="bench")).ok
+
+        asyncio.run(run())
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = [key.decode() for key in client.scan_iter(match=prefix + "*", count=1000)]
+        finally:
+            client.close()
+        assert keys == [f"{prefix}l:{{{throttle_key('127.0.0.11', 'app', True)}}}"], keys
+        assert "app" not in keys[0][len(prefix):]
+        logs = first.log() + second.log()
+        assert logs.count(f"client address 127.0.0.11, user 'app': {LIMIT} failed logins within 60 s") == 1

@@ -29,6 +29,7 @@ class LoginGuard:
         self.throttle = LoginThrottle(settings.failed_login_limit, settings.failed_login_window,
                                       settings.failed_login_lockout)
         self.audit = AuditLog(settings.audit_file)
+        self.per_user = settings.failed_login_scope == "user"  # counted per user and address (else per address)
         self.store = _store_settings(settings)
         self.shared: SharedThrottle | None = None
         if settings.throttle_store == "redis":
@@ -41,19 +42,20 @@ class LoginGuard:
         self.audit.reopen(settings.audit_file)
         self.throttle.configure(settings.failed_login_limit, settings.failed_login_window,
                                 settings.failed_login_lockout)
+        self.per_user = settings.failed_login_scope == "user"
         if _store_settings(settings) != self.store:
             log.warning("reload: [auth] throttle_store and redis_* change only with a restart; keeping the running "
                         "ones")
 
-    def probe(self, host: str) -> asyncio.Task[None] | None:
+    def probe(self, key: str) -> asyncio.Task[None] | None:
         """Start the shared lockout check of a login (None: there is none to wait for)."""
-        return self.shared.probe(host) if self.shared is not None else None
+        return self.shared.probe(key) if self.shared is not None else None
 
-    async def failed(self, host: str) -> Failure:
-        """A failed login from `host`: counted (in Redis with the shared store)."""
+    async def failed(self, key: str) -> Failure:
+        """A failed login (`key`: see `throttle_key`): counted (in Redis with the shared store)."""
         if self.shared is not None:
-            return await self.shared.failed(host)
-        return Failure.LOCKED_NOW if self.throttle.failed(host) else Failure.COUNTED
+            return await self.shared.failed(key)
+        return Failure.LOCKED_NOW if self.throttle.failed(key) else Failure.COUNTED
 
     def close(self) -> None:
         self.audit.close()

@@ -33,9 +33,10 @@ PAUSE_AFTER_FAILURE = 1.0  # seconds Redis is not asked after it failed (the pro
 
 
 class SharedThrottle:
-    """Counts in Redis: `{prefix}f:{address}` (a count, expiring a window after its first failure) and
-    `{prefix}l:{address}` (present while the address is locked out). Only addresses are stored, never a user name
-    or a password. What it learns goes into `local` (refusals before any password check in this process)."""
+    """Counts in Redis: `{prefix}f:{key}` (a count, expiring a window after its first failure) and
+    `{prefix}l:{key}` (present while the key is locked out), the key being the address or, per user, the address
+    and a hash of the user name (`throttle_key`): never a user name or a password. What it learns goes into
+    `local` (refusals before any password check in this process)."""
 
     def __init__(self, settings: AuthSettings, local: LoginThrottle) -> None:
         self.local = local
@@ -47,8 +48,8 @@ class SharedThrottle:
         self._failing = False
         self._skip_until = 0.0
 
-    def _keys(self, host: str) -> list[str]:
-        tag = "{" + host + "}"  # (one hash slot for both: a Redis Cluster runs the script)
+    def _keys(self, key: str) -> list[str]:
+        tag = "{" + key + "}"  # (one hash slot for both: a Redis Cluster runs the script)
         return [f"{self.prefix}f:{tag}", f"{self.prefix}l:{tag}"]
 
     def probe(self, host: str) -> asyncio.Task[None] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,6 +17,14 @@ class Failure(IntEnum):
     COUNTED = 0
     LOCKED_NOW = 1  # it reached the limit: the address is locked out from now on
     LOCKED_BEFORE = 2  # the address was already locked out (elsewhere): the login is refused as throttled
+
+
+def throttle_key(host: str, user: str, per_user: bool) -> str:
+    """What the throttle counts by: the address, or with failed_login_scope = "user" the address and a hash of the
+    user name (the name itself is kept nowhere, Redis included)."""
+    if not per_user:
+        return host
+    return f"{host}/{hashlib.sha256(user.encode()).hexdigest()[:16]}"
 
 
 class _Record:

@@ -15,7 +15,7 @@ from proxy.auth import audit
 from proxy.auth.failures import FailedLogins
 from proxy.auth.guard import LoginGuard, failure_reason
 from proxy.auth.networks import AllowList
-from proxy.auth.throttle import Failure
+from proxy.auth.throttle import Failure, throttle_key
 from proxy.config import ServerSettings
 from proxy.errors import (
     AuthenticationFailed,
@@ -47,6 +47,8 @@ throttled_logins = FailedLogins(
     "address), not logged one by one: %s")
 THROTTLED_LINE = "client %s (user %r): login refused: too many failed logins from this address (%.0f s left)"
 LOCKOUT_LINE = "client address %s: %d failed logins within %g s: its logins are refused for the next %g s"
+USER_LOCKOUT_LINE = ("client address %s, user %r: %d failed logins within %g s: that user's logins from the "
+                     "address are refused for the next %g s")
 
 # Before authentication no message may be larger than this (PostgreSQL allows 10 000 bytes for a startup packet
 # and 64 kB for an authentication token; MySQL login packets are capped at 64 kB separately).
@@ -127,7 +129,7 @@ class ClientConnection(Connection):
             self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
                                              f"{stats.registry.max_clients * worker_count()})")
         guard = self.guard
-        if guard is not None and guard.shared is not None:  # (its answer comes during the login exchange)
+        if guard is not None and guard.shared is not None and not guard.per_user:  # (answered during the login)
             self._lockout_probe = guard.probe(self.host)
         self._task = self.loop.create_task(self._login_with_timeout())
 
@@ -201,13 +203,16 @@ class ClientConnection(Connection):
             raise error
         guard = self.guard
         if guard is not None and guard.shared is not None and self._lockout_probe is None:
-            self._lockout_probe = guard.probe(self.host)
+            self._lockout_probe = guard.probe(self._throttle_key(guard))
+
+    def _throttle_key(self, guard: LoginGuard) -> str:
+        return throttle_key(self.host, self.session.user, True) if guard.per_user else self.host
 
     def _throttled(self) -> LoginsThrottled | None:
         guard = self.guard
         if guard is None:
             return None
-        left = guard.throttle.locked_for(self.host)
+        left = guard.throttle.locked_for(self._throttle_key(guard))
         return LoginsThrottled(self.THROTTLED_TEXT.format(math.ceil(left), self.host)) if left else None
 
     async def authenticated(self) -> None:
@@ -240,7 +245,8 @@ class ClientConnection(Connection):
             self.stats.logins_throttled += 1
             self.audit_event(audit.AUTH_THROTTLED)
             user = self.session.user
-            left = self.guard.throttle.locked_for(self.host) if self.guard is not None else 0.0
+            guard = self.guard
+            left = guard.throttle.locked_for(self._throttle_key(guard)) if guard is not None else 0.0
             throttled_logins.record(self.host, user, THROTTLED_LINE, self.peer, user, left)
             self.fail(error, logged=True)
             return
@@ -253,17 +259,24 @@ class ClientConnection(Connection):
         throttle's refusal to send instead."""
         guard = self.guard
         if guard is not None:
-            failure = await guard.failed(self.host)
+            failure = await guard.failed(self._throttle_key(guard))
             throttled = self._throttled() if failure is Failure.LOCKED_BEFORE else None
             if throttled is not None:  # (None: the lockout has just ended)
                 return throttled
             if failure is Failure.LOCKED_NOW:
-                throttle = guard.throttle
-                log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
+                self._log_lockout(guard)
         self.stats.logins_failed += 1
         self.audit_event(audit.AUTH_FAILURE, failure_reason(error, self.known_user()))
         self.refuse_login(error)
         return None
+
+    def _log_lockout(self, guard: LoginGuard) -> None:
+        throttle = guard.throttle
+        limits = (throttle.limit, throttle.window, throttle.lockout)
+        if guard.per_user:
+            log.warning(USER_LOCKOUT_LINE, self.host, self.session.user, *limits)
+        else:
+            log.warning(LOCKOUT_LINE, self.host, *limits)
 
     def known_user(self) -> bool:
         """Whether the login's user has a stored secret (or is checked elsewhere): wrong_password, not
