@@ -169,8 +169,20 @@ class SecretsSettings(Strict):
     __str__ = __repr__
 
 
-class AuthSettings(Strict):
-    """Login protection for every endpoint: the failed-login throttle per source address, and the audit file."""
+class RedisClientSettings(Strict):
+    """How a section reaches its Redis (or ElastiCache): URL (rediss:// for TLS), ACL user, AUTH token, CA bundle,
+    and how long a call may take."""
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS)")
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ca_file: Path | None = None
+    redis_timeout: float = Field(0.5, gt=0, description="seconds a Redis call may take")
+
+
+class AuthSettings(RedisClientSettings):
+    """Login protection for every endpoint: the failed-login throttle per source address (in this process or
+    shared in Redis), and the audit file."""
 
     failed_login_limit: int = Field(
         20, ge=0, description="failed logins from one address within failed_login_window that lock it out; 0: off")
@@ -179,6 +191,13 @@ class AuthSettings(Strict):
         60.0, gt=0, description="seconds a locked-out address has its logins refused before any password check")
     audit_file: Path | None = Field(
         None, description="file to append one JSON line per login outcome to (reopened at a reload); empty: none")
+    failed_login_scope: Literal["address", "user"] = Field(
+        "address", description="address: the failed logins of every user from an address count together; user: "
+        "per user and address (a wrong password of one user does not lock out the others behind a shared address)")
+    throttle_store: Literal["local", "redis"] = Field(
+        "local", description="local: counts per worker process; redis: shared by every worker and proxy using the "
+        "same Redis (redis_* settings)")
+    redis_key_prefix: str = "dbproxy:auth:"
 
     @field_validator("audit_file", mode="before")
     @classmethod
@@ -657,7 +676,7 @@ class CacheRule(Strict):
         return self
 
 
-class QueryCacheSettings(Strict):
+class QueryCacheSettings(RedisClientSettings):
     """The query result cache: opt-in per endpoint by rules or by a SQL-comment hint; in-process or in Redis."""
 
     enabled: bool = False
@@ -668,12 +687,7 @@ class QueryCacheSettings(Strict):
     hint_endpoints: list[str] = Field(default_factory=lambda: ["*"], description="endpoint globs hints apply to")
     max_hint_ttl: float = Field(3600.0, gt=0, description="a hint's ttl is capped at this many seconds")
     rules: list[CacheRule] = Field(default_factory=list)
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS)")
-    redis_username: str | None = None
-    redis_password: SecretStr | None = None
-    redis_ca_file: Path | None = None
     redis_key_prefix: str = "dbproxy:qc:"
-    redis_timeout: float = Field(0.5, gt=0, description="seconds a Redis call may take; slower: a miss")
 
 
 class Config(Strict):
@@ -718,7 +732,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
     for section, keys in (("server", ("pid_file",)), ("api", ("token_file",)), ("tls", ("cert_file", "key_file")),
                           ("secrets", ("file", "dir", "encrypted_file", "master_key_file")),
-                          ("auth", ("audit_file",)), ("fleet", ("key_file",)),
+                          ("auth", ("audit_file", "redis_ca_file")), ("fleet", ("key_file",)),
                           ("query_cache", ("redis_ca_file",)),
                           ("tokens", ("keys_dir", "jwks_file", "jwks_ca_file")),
                           ("postgresql", ("backend_ca_file",)),

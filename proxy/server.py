@@ -429,6 +429,7 @@ class ProxyServer:
         flush_failed_logins()
         self.close_tokens()
         self.guard.close()
+        await self.guard.aclose()
         for server in self.servers:
             await server.wait_closed()
 

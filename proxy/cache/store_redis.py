@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections import deque
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from proxy.config import QueryCacheSettings
+from proxy.redis_client import connect_redis
 from proxy.stats import EndpointStats as CacheStats
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,7 @@ class RedisStore:
     synchronous = False
 
     def __init__(self, settings: QueryCacheSettings) -> None:
-        password = settings.redis_password.get_secret_value() if settings.redis_password is not None else None
-        extra: dict[str, Any] = {}
-        if settings.redis_url.startswith("rediss://"):
-            extra["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-            if settings.redis_ca_file is not None:
-                extra["ssl_ca_certs"] = str(settings.redis_ca_file)
-        self.redis: Redis = Redis.from_url(
-            settings.redis_url, username=settings.redis_username, password=password,
-            socket_timeout=settings.redis_timeout, socket_connect_timeout=settings.redis_timeout, **extra)
+        self.redis: Redis = connect_redis(settings)
         self.prefix = settings.redis_key_prefix
         self.timeout = settings.redis_timeout
         self._get = self.redis.register_script(GET)

@@ -15,6 +15,7 @@ from proxy.auth import audit
 from proxy.auth.failures import FailedLogins
 from proxy.auth.guard import LoginGuard, failure_reason
 from proxy.auth.networks import AllowList
+from proxy.auth.throttle import Failure, throttle_key
 from proxy.config import ServerSettings
 from proxy.errors import (
     AuthenticationFailed,
@@ -46,6 +47,8 @@ throttled_logins = FailedLogins(
     "address), not logged one by one: %s")
 THROTTLED_LINE = "client %s (user %r): login refused: too many failed logins from this address (%.0f s left)"
 LOCKOUT_LINE = "client address %s: %d failed logins within %g s: its logins are refused for the next %g s"
+USER_LOCKOUT_LINE = ("client address %s, user %r: %d failed logins within %g s: that user's logins from the "
+                     "address are refused for the next %g s")
 
 # Before authentication no message may be larger than this (PostgreSQL allows 10 000 bytes for a startup packet
 # and 64 kB for an authentication token; MySQL login packets are capped at 64 kB separately).
@@ -97,6 +100,7 @@ class ClientConnection(Connection):
     registry: set[Any] | None = None
     allowed: AllowList | None = None  # the endpoint's allowed_cidrs (None: every address; set by the subclass)
     guard: LoginGuard | None = None  # the process's failed-login throttle and audit log (set by the subclass)
+    _lockout_probe: asyncio.Task[None] | None = None  # the login's lockout look-up in Redis (shared throttle)
     refused = False  # closed at connect: its address is not allowed (never counted as a current client)
     host = "?"  # the peer's address without its port
     session: Any  # the engine's session state: its `user` and `database` are the login's
@@ -124,6 +128,9 @@ class ClientConnection(Connection):
             stats.clients_refused += 1  # the login says so where the protocol lets the client read it
             self.over_limit = TooManyClients(f"sorry, too many clients already (max_client_connections "
                                              f"{stats.registry.max_clients * worker_count()})")
+        guard = self.guard
+        if guard is not None and guard.shared is not None and not guard.per_user:  # (answered during the login)
+            self._lockout_probe = guard.probe(self.host)
         self._task = self.loop.create_task(self._login_with_timeout())
 
     def _refuse_network(self, host: str, allowed: AllowList) -> None:
@@ -156,7 +163,7 @@ class ClientConnection(Connection):
             log.info("client %s closed the connection during login", self.peer)
             self.close()
         except (AuthenticationFailed, AuthorizationFailed, LoginsThrottled) as exc:
-            self.login_refused(exc)
+            await self.login_refused(exc)
         except ProxyError as exc:
             self.fail(exc)
         except Exception as exc:  # the edge: anything unexpected becomes an error for this client only
@@ -188,40 +195,58 @@ class ClientConnection(Connection):
     # --- the login guard: throttle and audit (one hook for both engines, at connect and at a change of user) ---
 
     def check_throttle(self) -> None:
-        """Before any password check: LoginsThrottled if the client's address is locked out (a dict look-up)."""
+        """Before any password check: LoginsThrottled if the client's address is locked out as far as this process
+        knows (a dict look-up); with the shared throttle, the look-up in Redis started at connect (or here, at a
+        change of user) is read in `authenticated`."""
         error = self._throttled()
         if error is not None:
             raise error
+        guard = self.guard
+        if guard is not None and guard.shared is not None and self._lockout_probe is None:
+            self._lockout_probe = guard.probe(self._throttle_key(guard))
+
+    def _throttle_key(self, guard: LoginGuard) -> str:
+        return throttle_key(self.host, self.session.user, True) if guard.per_user else self.host
 
     def _throttled(self) -> LoginsThrottled | None:
         guard = self.guard
         if guard is None:
             return None
-        left = guard.throttle.locked_for(self.host)
+        left = guard.throttle.locked_for(self._throttle_key(guard))
         return LoginsThrottled(self.THROTTLED_TEXT.format(math.ceil(left), self.host)) if left else None
 
-    def authenticated(self) -> None:
+    async def authenticated(self) -> None:
         """The client proved who it is (its session may still fail to start: a backend, a setting). A login that
-        was already past `check_throttle` when its address got locked out is refused all the same, whatever its
-        answer: a burst of logins opened at once gets no more answers than the limit."""
-        self.check_throttle()
+        was already past `check_throttle` when its address got locked out (here, or in Redis: the look-up started
+        there ran during the password exchange) is refused all the same, whatever its answer: a burst of logins
+        opened at once gets no more answers than the limit."""
+        probe = self._lockout_probe
+        if probe is not None:
+            self._lockout_probe = None
+            await probe
+        error = self._throttled()
+        if error is not None:
+            raise error
         self.audit_event(audit.AUTH_SUCCESS)
 
-    def login_refused(self, error: ProxyError) -> None:
+    async def login_refused(self, error: ProxyError) -> None:
         """A login that did not pass: a failed authentication counts toward the throttle (one from an address
         locked out meanwhile is refused as throttled: its answer is not told); each is audited and sent to the
         client; the throttle's refusals are logged in summary."""
+        self._lockout_probe = None
         if isinstance(error, AuthenticationFailed):
             throttled = self._throttled()
             if throttled is None:
-                self._authentication_failed(error)
-                return
+                throttled = await self._authentication_failed(error)
+                if throttled is None:
+                    return
             error = throttled
         if isinstance(error, LoginsThrottled):
             self.stats.logins_throttled += 1
             self.audit_event(audit.AUTH_THROTTLED)
             user = self.session.user
-            left = self.guard.throttle.locked_for(self.host) if self.guard is not None else 0.0
+            guard = self.guard
+            left = guard.throttle.locked_for(self._throttle_key(guard)) if guard is not None else 0.0
             throttled_logins.record(self.host, user, THROTTLED_LINE, self.peer, user, left)
             self.fail(error, logged=True)
             return
@@ -229,14 +254,29 @@ class ClientConnection(Connection):
             self.audit_event(audit.AUTH_FAILURE, error.reason)
         self.fail(error)
 
-    def _authentication_failed(self, error: AuthenticationFailed) -> None:
-        self.stats.logins_failed += 1
+    async def _authentication_failed(self, error: AuthenticationFailed) -> LoginsThrottled | None:
+        """Counted; refused and audited (None), or, if its address was locked out elsewhere meanwhile, the
+        throttle's refusal to send instead."""
         guard = self.guard
-        if guard is not None and guard.throttle.failed(self.host):
-            throttle = guard.throttle
-            log.warning(LOCKOUT_LINE, self.host, throttle.limit, throttle.window, throttle.lockout)
+        if guard is not None:
+            failure = await guard.failed(self._throttle_key(guard))
+            throttled = self._throttled() if failure is Failure.LOCKED_BEFORE else None
+            if throttled is not None:  # (None: the lockout has just ended)
+                return throttled
+            if failure is Failure.LOCKED_NOW:
+                self._log_lockout(guard)
+        self.stats.logins_failed += 1
         self.audit_event(audit.AUTH_FAILURE, failure_reason(error, self.known_user()))
         self.refuse_login(error)
+        return None
+
+    def _log_lockout(self, guard: LoginGuard) -> None:
+        throttle = guard.throttle
+        limits = (throttle.limit, throttle.window, throttle.lockout)
+        if guard.per_user:
+            log.warning(USER_LOCKOUT_LINE, self.host, self.session.user, *limits)
+        else:
+            log.warning(LOCKOUT_LINE, self.host, *limits)
 
     def known_user(self) -> bool:
         """Whether the login's user has a stored secret (or is checked elsewhere): wrong_password, not

@@ -133,7 +133,7 @@ class MySQLLogin(MySQLStatementCommands):
         self.check_throttle()
         await self._authenticate(response.auth_plugin_name, response.auth_response,
                                  bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
-        self.authenticated()
+        await self.authenticated()
         self.profile = Profile(self.capabilities & RELAYED_CAPABILITIES, response.charset)
         self.multi_statements = bool(self.capabilities & my.CLIENT_MULTI_STATEMENTS)
         self.session.autocommit = self._default_autocommit
@@ -159,7 +159,7 @@ class MySQLLogin(MySQLStatementCommands):
                                 f"'{self.session.database}'")
         await self._authenticate(response.auth_plugin_name, response.auth_response,
                                  bool(response.capabilities & my.CLIENT_PLUGIN_AUTH))
-        self.authenticated()
+        await self.authenticated()
         self.console = True
 
     async def _console_ready(self) -> None:
@@ -330,7 +330,7 @@ class MySQLLogin(MySQLStatementCommands):
             self.check_throttle()
             await self._authenticate(request.auth_plugin_name, request.auth_response,
                                      bool(self.capabilities & my.CLIENT_PLUGIN_AUTH))
-            self.authenticated()
+            await self.authenticated()
             if request.charset is not None:
                 self.profile = Profile(self.profile.capabilities, request.charset & 0xFF)
             await self._prepare_session()
@@ -340,7 +340,7 @@ class MySQLLogin(MySQLStatementCommands):
             return
         except ProxyError as exc:
             self._busy = None
-            self.login_refused(exc)
+            await self.login_refused(exc)
             return
         self.service.clients[self.connection_id] = self
         self._send_ok(self._seq)

@@ -121,7 +121,7 @@ class PgLogin(PgForward):
             return
         self.check_throttle()
         await self._authenticate()
-        self.authenticated()
+        await self.authenticated()
         session = self.session
         pool = self.pool = service.pool_for(session.database, session.user)
         pool.clients.add(self)  # kept while it serves a client
@@ -161,7 +161,7 @@ class PgLogin(PgForward):
             self.login_method = service.settings.auth_method.value
             raise ConsoleDenied(f'access to the admin console denied for user "{user}"')
         await self._authenticate()
-        self.authenticated()
+        await self.authenticated()
         self.console = True
         self.process_id, self.secret_key = service.new_key()
         out = [pg.AUTHENTICATION_OK]
