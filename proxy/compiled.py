@@ -51,8 +51,11 @@ def unusable_build() -> str:
     missing = [module for module, paths in builds.items() if not paths]
     if missing:
         return f"{', '.join(missing)} not compiled"
+    # The compiled code is in the group's library (`<hash>__mypyc...so` beside the package); a module's own file is a
+    # small stub that a rebuild leaves as it was. A source newer than both was edited after the last build.
+    library = max((path.stat().st_mtime for path in PACKAGE_ROOT.glob("*__mypyc.*")), default=0.0)
     stale = [module for module, paths in builds.items()
-             if source_path(module).stat().st_mtime > min(path.stat().st_mtime for path in paths)]
+             if source_path(module).stat().st_mtime > max(library, *(path.stat().st_mtime for path in paths))]
     return f"{', '.join(stale)} changed after it was compiled" if stale else ""
 
 

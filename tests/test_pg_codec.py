@@ -6,7 +6,7 @@ import base64
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.auth.md5 import check_md5_response, md5_password_hash, md5_response
@@ -41,6 +41,8 @@ def test_parse_startup_and_fields() -> None:
     body = pg.startup_message({"user": "app", "database": "db", "options": "-c a=b"})[4:]
     assert pg.parse_startup(body) == (pg.PROTOCOL_V3, {"user": "app", "database": "db", "options": "-c a=b"})
     assert pg.parse_startup(pg.ssl_request()[4:]) == (pg.SSL_REQUEST_CODE, {})
+    # no parameters at all (the protocol code alone): empty, as the interpreter's bytes slicing makes it
+    assert pg.parse_startup(b"\x00\x03\x00\x00") == (pg.PROTOCOL_V3, {})
     assert pg.parse_error_fields(pg.error_response("42P01", "missing")[5:])["C"] == "42P01"
     assert pg.parse_parameter_status(b"a\x00b\x00") == ("a", "b")
     assert pg.parse_sasl_initial_response(b"SCRAM-SHA-256\x00\x00\x00\x00\x03abc") == ("SCRAM-SHA-256", b"abc")
@@ -54,6 +56,8 @@ def test_parse_startup_rejects_malformed(body: bytes) -> None:
 
 
 @given(st.binary(max_size=200))
+@example(b"\x00\x03\x00\x00")
+@example(b"\x00")
 def test_parsers_raise_only_protocol_violations(data: bytes) -> None:
     for parse in (pg.parse_startup, pg.parse_parameter_status, pg.parse_sasl_initial_response, pg.parse_password):
         try:

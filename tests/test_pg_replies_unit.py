@@ -396,3 +396,12 @@ def test_reset_forgets_the_previous_client() -> None:
     matcher.feed(ROWS[:10])
     matcher.reset(CLIENT_PID)
     assert matcher.at_boundary and not matcher.expect
+
+
+def test_a_notification_too_short_for_a_process_id_passes_as_sent() -> None:
+    matcher = ReplyMatcher()
+    matcher.reset(CLIENT_PID)
+    matcher.server_pid = SERVER_PID
+    short = b"A\x00\x00\x00\x04"  # malformed: no process id, channel or payload
+    ready = b"Z\x00\x00\x00\x05I"
+    assert matcher.feed(short + ready) == short + ready

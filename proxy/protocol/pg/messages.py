@@ -117,7 +117,8 @@ TERMINATE = message(b"X")
 def _cstrings(body: bytes, start: int = 0) -> list[bytes]:
     if body[-1:] != b"\x00":
         raise ProtocolViolation("string field is not NUL-terminated")
-    return body[start:-1].split(b"\x00")
+    # (a slice whose start is past its end is empty: said outright, as the compiled build's bytes slicing raises)
+    return body[start:-1].split(b"\x00") if len(body) > start else [b""]
 
 
 def parse_startup(body: bytes) -> tuple[int, dict[str, str]]:

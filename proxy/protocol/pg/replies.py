@@ -154,7 +154,7 @@ class ReplyMatcher:
                     if end - pos < 9:
                         hold = pos
                         break
-                    if scan[pos + 5 : pos + 9] == self.server_pid:  # the client's own NOTIFY: its own pid
+                    if length >= 8 and scan[pos + 5 : pos + 9] == self.server_pid:  # the client's own NOTIFY
                         if pieces is None:
                             pieces = []
                         pieces.append(scan[run_start : pos + 5])
