@@ -16,7 +16,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from loadtest.insights_callgrind import instructions, pgbench_count, proxy_under_callgrind, sysbench_events
+from loadtest.insights_callgrind import count_sides, pgbench_count, sysbench_events
 from loadtest.insights_cost import REPO, checkout, start_servers
 from proxy import compiled
 
@@ -44,18 +44,8 @@ def main() -> None:
             "compiled": (REPO, {}), "interpreted": (REPO, {compiled.SWITCH: "0"})}
         if args.baseline_commit:
             sides["baseline"] = (checkout(work / "baseline", stack, args.baseline_commit), {})
-        per_tx: dict[tuple[str, str], float] = {}
-        for side, (code, env) in sides.items():
-            folder = work / side
-            with proxy_under_callgrind(folder, pg, mariadb, 0, code, env) as ports:
-                for name, run in scenarios.items():
-                    run(ports)  # warm: pools filled, statements prepared, caches made
-                    done: list[int] = []
-                    count = instructions(ports["pid"], folder,
-                                         lambda run=run, ports=ports, done=done: done.append(run(ports)))
-                    per_tx[(side, name)] = count / done[0]
-                    print(f"{side}: {name}: {count:,} instructions for {done[0]} transactions", file=sys.stderr,
-                          flush=True)
+        per_tx = count_sides(work, pg, mariadb, {side: (0, code, env) for side, (code, env) in sides.items()},
+                             scenarios)
         print_table(per_tx, list(sides), list(scenarios))
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -77,18 +77,8 @@ def main() -> None:
         sides: dict[str, tuple[int | None, Path]] = {"on": (5000, REPO), "off": (0, REPO)}
         if args.baseline_commit:
             sides["baseline"] = (None, checkout(work / "baseline", stack, args.baseline_commit))
-        per_tx: dict[tuple[str, str], float] = {}
-        for side, (insights, code) in sides.items():
-            folder = work / side
-            with proxy_under_callgrind(folder, pg, mariadb, insights, code) as ports:
-                for name, run in scenarios.items():
-                    run(ports)  # warm: pools filled, statements prepared, caches made
-                    done: list[int] = []
-                    count = instructions(ports["pid"], folder,
-                                         lambda run=run, ports=ports, done=done: done.append(run(ports)))
-                    per_tx[(side, name)] = count / done[0]
-                    print(f"{side}: {name}: {count:,} instructions for {done[0]} transactions", file=sys.stderr,
-                          flush=True)
+        counted = {side: (insights, code, {}) for side, (insights, code) in sides.items()}
+        per_tx = count_sides(work, pg, mariadb, counted, scenarios)
         names = list(sides)
         print("| scenario (4 clients) | " + " | ".join(f"{side}: instructions/tx" for side in names)
               + " | on/off |" + (" on/baseline |" if "baseline" in names else ""))
@@ -98,6 +88,29 @@ def main() -> None:
             ratio = f"{per_tx[('on', name)] / per_tx[('off', name)]:.3f}"
             extra = f" {per_tx[('on', name)] / per_tx[('baseline', name)]:.3f} |" if "baseline" in names else ""
             print(f"| {name} | {cells} | {ratio} |{extra}")
+
+
+Scenario = Callable[[dict[str, int]], int]
+
+
+def count_sides(work: Path, pg: PostgresInstance, mariadb: MariaDBInstance,
+                sides: dict[str, tuple[int | None, Path, dict[str, str]]],
+                scenarios: dict[str, Scenario]) -> dict[tuple[str, str], float]:
+    """Instructions per transaction of each scenario against each side (statement_insights, code, environment):
+    one proxy under callgrind per side, each scenario run once to warm up, then counted."""
+    per_tx: dict[tuple[str, str], float] = {}
+    for side, (insights, code, env) in sides.items():
+        folder = work / side
+        with proxy_under_callgrind(folder, pg, mariadb, insights, code, env) as ports:
+            for name, run in scenarios.items():
+                run(ports)  # warm: pools filled, statements prepared, caches made
+                done: list[int] = []
+                count = instructions(ports["pid"], folder,
+                                     lambda run=run, ports=ports, done=done: done.append(run(ports)))
+                per_tx[(side, name)] = count / done[0]
+                print(f"{side}: {name}: {count:,} instructions for {done[0]} transactions", file=sys.stderr,
+                      flush=True)
+    return per_tx
 
 
 def pgbench_count(port: int, mode: str, per_client: int) -> int:
