@@ -77,7 +77,8 @@ def main() -> None:
         sides: dict[str, tuple[int | None, Path]] = {"on": (5000, REPO), "off": (0, REPO)}
         if args.baseline_commit:
             sides["baseline"] = (None, checkout(work / "baseline", stack, args.baseline_commit))
-        counted = {side: (insights, code, {}) for side, (insights, code) in sides.items()}
+        counted: dict[str, tuple[int | None, Path, dict[str, str]]] = {
+            side: (insights, code, {}) for side, (insights, code) in sides.items()}
         per_tx = count_sides(work, pg, mariadb, counted, scenarios)
         names = list(sides)
         print("| scenario (4 clients) | " + " | ".join(f"{side}: instructions/tx" for side in names)
