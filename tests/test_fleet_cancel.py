@@ -307,8 +307,9 @@ def test_a_cancel_for_a_dead_peer_is_dropped_with_a_log_line(fleet: Fleet) -> No
     cancel()  # proxy 2 is alive: the first proxy knows where it is
     fleet.proxies[0].wait_for_log(rf"fleet: cancel request for client {process_id} passed to proxy 2")
     fleet.proxies[1].stop()
-    cancel()  # at the address known
-    fleet.proxies[0].wait_for_log(rf"fleet: cancel request for client {process_id} for proxy 2 dropped: .*refused")
+    cancel()  # at the address known (unless a round of discovery has dropped it already: dropped either way)
+    fleet.proxies[0].wait_for_log(
+        rf"fleet: cancel request for client {process_id} for proxy 2 dropped: (.*refused|no such peer known)")
     cancel()  # after asking the peers again
     fleet.proxies[0].wait_for_log(rf"fleet: cancel request for client {process_id} for proxy 2 dropped: no such "
                                   "peer known")
