@@ -25,10 +25,10 @@ from loadtest.insights_cost import PASSWORD, REPO, USER, checkout, start_servers
 
 @contextmanager
 def proxy_under_callgrind(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance, insights: int | None,
-                          code: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, int]]:
-    """A one-process proxy under callgrind (collecting from start), with `env` added to its environment; yields its
-    pid and ports."""
-    ports = write_config(folder, pg, mariadb, insights, pool=4, server="client_login_timeout = 60.0")
+                          code: Path, env: dict[str, str] | None = None, config: str = "") -> Iterator[dict[str, int]]:
+    """A one-process proxy under callgrind (collecting from start), with `env` added to its environment and `config`
+    (TOML) to its configuration; yields its pid and ports."""
+    ports = write_config(folder, pg, mariadb, insights, pool=4, server="client_login_timeout = 60.0" + config)
     out = folder / "callgrind.out"
     process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
                                 sys.executable, "-m", "proxy", "run", "-c", str(folder / "proxy.toml")],

@@ -9,40 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
-from devtools.servers import MariaDBInstance, PostgresInstance
-from loadtest.insights_callgrind import instructions, pgbench_count
-from loadtest.insights_cost import REPO, start_servers, write_config
+from loadtest.insights_callgrind import instructions, pgbench_count, proxy_under_callgrind
+from loadtest.insights_cost import REPO, start_servers
 
 CACHE = '\n[query_cache]\nenabled = true\n[[query_cache.rules]]\nregex = "^SELECT bid, count"\nttl = 30.0\n'
-
-
-@contextmanager
-def proxy_under_callgrind(folder: Path, pg: PostgresInstance, mariadb: MariaDBInstance,
-                          cache: bool) -> Iterator[dict[str, int]]:
-    """A one-process proxy under callgrind, the cache on or off; yields its pid and ports."""
-    ports = write_config(folder, pg, mariadb, None, pool=4,
-                         server="client_login_timeout = 60.0" + (CACHE if cache else ""))
-    process = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={folder / 'callgrind.out'}",
-                                "--dump-instr=no", sys.executable, "-m", "proxy", "run", "-c",
-                                str(folder / "proxy.toml")],
-                               stdout=subprocess.PIPE, stderr=(folder / "proxy.log").open("w"), text=True,
-                               env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=REPO)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("dbproxy ready"):
-            raise RuntimeError(f"the proxy did not start: {(folder / 'proxy.log').read_text()[-2000:]}")
-        yield {"pid": process.pid, **ports}
-    finally:
-        process.terminate()
-        process.wait(120)
 
 
 def main() -> None:
@@ -57,7 +32,7 @@ def main() -> None:
         per_tx: dict[str, float] = {}
         for side in ("off", "on"):
             folder = work / side
-            with proxy_under_callgrind(folder, pg, mariadb, side == "on") as ports:
+            with proxy_under_callgrind(folder, pg, mariadb, None, REPO, config=CACHE if side == "on" else "") as ports:
                 pgbench_count(ports["postgresql"], "simple", per_client)  # warm: pools filled, caches made
                 done: list[int] = []
                 count = instructions(ports["pid"], folder, lambda ports=ports, done=done: done.append(
